@@ -1,0 +1,3 @@
+from ddpmcli.cli.app import main
+
+main()
