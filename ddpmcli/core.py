@@ -6,10 +6,10 @@ Index convention (diffusers and improved-diffusion): timesteps are 0-based as th
 
 Every schedule is reduced to three float64 arrays computed in a stable form -- ``beta``,
 ``log_alpha_bar`` and ``one_minus_alpha_bar`` -- from which every other quantity follows in one
-line each (see :class:`Schedule`). Holding ``log alpha_bar`` and ``1 - alpha_bar`` separately is what
-keeps every quantity within about 1e-13 relative of an arbitrary-precision evaluation: ``1 - ab`` is
-tiny near ``t = 0`` and ``ab`` is tiny near ``t = T - 1``, and neither can be recovered from the
-other by subtraction without losing digits.
+line each (see :class:`Schedule`). Holding ``log alpha_bar`` and ``1 - alpha_bar`` separately is
+what keeps every quantity within about 1e-13 relative of an arbitrary-precision evaluation:
+``1 - ab`` is tiny near ``t = 0`` and ``ab`` is tiny near ``t = T - 1``, and neither can be
+recovered from the other by subtraction without losing digits.
 
 This module imports torch and the standard library only; it never prints and never touches files.
 """
@@ -225,8 +225,8 @@ def _exp(n: int, p: Params) -> _Parts:
 
 def _shifted_cosine(n: int, p: Params) -> _Parts:
     # Hoogeboom et al. 2023 (simple diffusion): the cosine log-SNR
-    # -2 log tan(t_min + u (t_max - t_min)), with t_min/t_max set by logsnr_max/logsnr_min, shifted by
-    # 2 log(base/resolution).
+    # -2 log tan(t_min + u (t_max - t_min)), with t_min/t_max set by logsnr_max/logsnr_min,
+    # shifted by 2 log(base/resolution).
     t_min = math.atan(math.exp(-0.5 * p["logsnr_max"]))
     t_max = math.atan(math.exp(-0.5 * p["logsnr_min"]))
     u = _grid(n)
@@ -241,8 +241,8 @@ def _vp(n: int, p: Params) -> _Parts:
 
 
 def _edm(n: int, p: Params) -> _Parts:
-    # Karras et al. 2022 sigmas (rho-spaced), ascending with t, mapped to alpha_bar = 1/(1 + sigma^2):
-    # log-SNR = -2 log sigma.
+    # Karras et al. 2022 sigmas (rho-spaced), ascending with t, mapped to
+    # alpha_bar = 1/(1 + sigma^2): log-SNR = -2 log sigma.
     lo, hi, rho = p["sigma_min"], p["sigma_max"], p["rho"]
     if not 0 < lo < hi:
         raise ScheduleParameterError(f"edm needs 0 < sigma_min < sigma_max, got {lo}, {hi}")
@@ -509,7 +509,7 @@ class Schedule:
     def posterior_mean_variance(
         self, x0: Tensor, x_t: Tensor, t: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """mu_tilde = coef_x0 x0 + coef_xt x_t, beta_tilde, and log beta_tilde (clipped at t = 0)."""
+        """mu_tilde = coef_x0 x0 + coef_xt x_t, beta_tilde, log beta_tilde (clipped at t = 0)."""
         mean = (
             self._c(self.posterior_mean_coef_x0, t, x_t) * x0
             + self._c(self.posterior_mean_coef_xt, t, x_t) * x_t
@@ -649,7 +649,8 @@ def _validate(parts: _Parts, error: type[ScheduleError], what: str) -> None:
     if ones.numel() and int(ones[0]) != len(beta) - 1:
         i = int(ones[0])
         raise error(
-            f"{what}: beta[{i}] = 1 makes alpha_bar zero before the last step (index {len(beta) - 1})"
+            f"{what}: beta[{i}] = 1 makes alpha_bar zero before the last step "
+            f"(index {len(beta) - 1})"
         )
 
 
@@ -730,7 +731,7 @@ def schedule_from_betas(betas: Sequence[float] | Tensor, *, name: str = "custom"
 def schedule_from_alpha_bars(
     alpha_bars: Sequence[float] | Tensor, *, name: str = "custom"
 ) -> Schedule:
-    """A schedule from explicit alpha_bars, strictly decreasing in [0, 1) (only the last may be 0)."""
+    """A schedule from explicit alpha_bars: strictly decreasing in [0, 1), only the last 0."""
     ab = _as_f64(alpha_bars, "alpha_bars")
     outside = (ab < 0) | (ab >= 1)
     if bool(outside.any()):
@@ -831,13 +832,12 @@ def respaced_timesteps(
     if not 1 <= n <= big_t:
         raise ScheduleParameterError(f"steps must lie in 1..{big_t} (T), got {n}")
     if spacing == "linspace":
-        kept = torch.linspace(0, big_t - 1, n, dtype=F64).round().long().tolist()
+        kept = [int(k) for k in torch.linspace(0, big_t - 1, n, dtype=F64).round().long()]
     elif spacing == "leading":
         ratio = big_t // n
         kept = [i * ratio + steps_offset for i in range(n)]
     elif spacing == "trailing":
-        ratio = big_t / n
-        kept = sorted(round(big_t - i * ratio) - 1 for i in range(n))
+        kept = sorted(round(big_t - i * big_t / n) - 1 for i in range(n))
     else:
         raise ScheduleParameterError(f"unknown spacing {spacing!r}; allowed: {', '.join(SPACINGS)}")
     kept = sorted(set(int(k) for k in kept))
@@ -882,11 +882,12 @@ def _section_timesteps(big_t: int, text: str) -> list[int]:
 
 
 def respace(schedule: Schedule, timesteps: Sequence[int]) -> Schedule:
-    """Keep only ``timesteps`` (ascending): ab'_i = ab_{t_i}, beta'_i = 1 - ab_{t_i}/ab_{t_{i-1}}."""
+    """Keep only ``timesteps``: ab'_i = ab_{t_i}, beta'_i = 1 - ab_{t_i}/ab_{t_{i-1}}."""
     kept = sorted(set(int(t) for t in timesteps))
     if not kept or kept[0] < 0 or kept[-1] >= schedule.num_steps:
         raise ScheduleParameterError(
-            f"respaced timesteps must lie in 0..{schedule.num_steps - 1}, got {kept[:1]}..{kept[-1:]}"
+            f"respaced timesteps must lie in 0..{schedule.num_steps - 1}, "
+            f"got {kept[0] if kept else None}..{kept[-1] if kept else None}"
         )
     idx = torch.tensor(kept, dtype=torch.long)
     log_ab = schedule.log_alpha_bar[idx]

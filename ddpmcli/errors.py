@@ -21,7 +21,8 @@ class ScheduleError(DdpmError):
 
 
 class ScheduleParameterError(ScheduleError, UsageError):
-    """A schedule parameter out of its allowed range (unknown kind, T < 1, beta outside (0, 1)). Exit 2."""
+    """A schedule parameter out of its allowed range (unknown kind, T < 1, beta outside (0, 1)).
+    Exit 2."""
 
     exit_code = 2
 
