@@ -875,8 +875,11 @@ def _section_timesteps(big_t: int, text: str) -> list[int]:
         size = size_per + (1 if i < extra else 0)
         if size < count:
             raise ScheduleParameterError(f"cannot take {count} steps from a section of {size}")
-        stride = 1.0 if count <= 1 else (size - 1) / (count - 1)
-        kept += [start + round(stride * j) for j in range(count)]
+        frac_stride = 1.0 if count <= 1 else (size - 1) / (count - 1)
+        position = 0.0  # accumulated, as improved-diffusion does, so rounding matches it
+        for _ in range(count):
+            kept.append(start + round(position))
+            position += frac_stride
         start += size
     return sorted(set(kept))
 
