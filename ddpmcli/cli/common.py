@@ -1,0 +1,250 @@
+"""Options shared by every command, as `Annotated` aliases, and the parsers behind them.
+
+Use them as parameter types::
+
+    def schedule(fmt: FormatOpt = "auto", columns: ColumnsOpt = None, t: TSelectOpt = None, ...):
+
+Nothing here imports torch, numpy or matplotlib.
+
+Timestep selection (`--t`) takes 0-based indices as models take them: a comma list of items, each
+an integer `499`, an inclusive range `0-999`, or a Python-style slice `start:stop[:step]` (stop
+excluded; `900:` runs to the end). Out-of-range values are usage errors naming the allowed range.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Annotated, Literal
+
+import typer
+
+from ddpmcli.errors import UsageError
+from ddpmcli.output import check_writable
+
+FormatName = Literal["auto", "table", "csv", "tsv", "json", "jsonl"]
+DeviceName = Literal["auto", "cpu", "cuda", "mps"]
+
+PLOT_SUFFIXES: tuple[str, ...] = (".png", ".svg", ".pdf")
+PLOT_DEFAULT = "@default"  # what a bare `--plot` becomes (see expand_optional_values)
+PLOT_FOLDER = Path("plots")
+
+FormatOpt = Annotated[
+    FormatName,
+    typer.Option(
+        "--format",
+        "-f",
+        help="Output format: auto (a table on a terminal, TSV when piped), table, csv, tsv, json, "
+        "jsonl. Machine formats print floats at full precision.",
+    ),
+]
+NoHeaderOpt = Annotated[
+    bool, typer.Option("--no-header", help="Omit the header line (csv/tsv only).")
+]
+ColumnsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--columns", "-c", metavar="A,B", help="Comma-separated columns to print, in order."
+    ),
+]
+TSelectOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--t",
+        metavar="T",
+        help="Rows to print, 0-based: `0,499,999`, inclusive range `0-999`, slice `0:1000:100`.",
+    ),
+]
+EveryOpt = Annotated[
+    int | None,
+    typer.Option("--every", min=1, metavar="K", help="Print every K-th row (t = 0, K, 2K, ...)."),
+]
+PlotOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--plot",
+        metavar="[PATH]",
+        help="Also write a figure (PNG, SVG or PDF by suffix; bare --plot: plots/<command>.png). "
+        "The path written goes to stderr.",
+    ),
+]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or notes.")]
+DeviceOpt = Annotated[
+    DeviceName,
+    typer.Option("--device", help="Where to run: auto (cuda, then mps, then cpu), cpu, cuda, mps."),
+]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed: same seed, same numbers.")]
+
+
+# ---------------------------------------------------------------------------------------------
+# argv preprocessing for options with an optional value
+
+
+OPTIONAL_VALUE_OPTIONS: dict[str, str] = {"--plot": PLOT_DEFAULT}
+_PATHLIKE = re.compile(r"\.[A-Za-z][A-Za-z0-9]*$")
+
+
+def _takes_value(token: str) -> bool:
+    """Whether the token after a bare `--plot` is its PATH: not an option, and it looks like a file
+    (an alphabetic suffix such as `.png`, or a folder separator). `cosine` or
+    `linear:beta_end=0.012` (a compare spec) are not paths, so `--plot` stays a bare flag there."""
+    if not token or token.startswith("-"):
+        return False
+    return bool(_PATHLIKE.search(token)) or "/" in token
+
+
+def expand_optional_values(args: Sequence[str]) -> list[str]:
+    """Rewrite argv so that `--plot` works as a flag with an optional value.
+
+    Typer's bundled click has no optional-value options, so a bare `--plot` (at the end of argv,
+    or followed by an option or by a token that is not a file path) becomes `--plot=@default`
+    before parsing. Stops at `--`.
+    """
+    out: list[str] = []
+    tokens = list(args)
+    for i, token in enumerate(tokens):
+        if token == "--":
+            out.extend(tokens[i:])
+            break
+        default = OPTIONAL_VALUE_OPTIONS.get(token)
+        if default is not None:
+            following = tokens[i + 1] if i + 1 < len(tokens) else ""
+            if not _takes_value(following):
+                out.append(f"{token}={default}")
+                continue
+        out.append(token)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# parsers
+
+
+def _parse_int(text: str, flag: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise UsageError(f"{flag}: {text!r} is not an integer") from None
+
+
+def parse_t_selection(spec: str | None, num_steps: int, *, flag: str = "--t") -> list[int]:
+    """Indices selected by a `--t` spec, in the order given (duplicates dropped), all in
+    [0, num_steps). None selects every index."""
+    allowed = f"allowed: 0..{num_steps - 1}"
+    if spec is None:
+        return list(range(num_steps))
+    picked: list[int] = []
+    seen: set[int] = set()
+
+    def check(value: int, item: str) -> int:
+        if not 0 <= value < num_steps:
+            raise UsageError(f"{flag} {value} (in {item!r}) is out of range; {allowed}")
+        return value
+
+    for raw in spec.split(","):
+        item = raw.strip()
+        if not item:
+            raise UsageError(f"{flag}: empty item in {spec!r}; {allowed}")
+        if ":" in item:
+            parts = item.split(":")
+            if len(parts) > 3:
+                raise UsageError(f"{flag}: {item!r} is not start:stop[:step]")
+            start = check(_parse_int(parts[0], flag), item) if parts[0] else 0
+            stop = _parse_int(parts[1], flag) if parts[1] else num_steps
+            if not 0 <= stop <= num_steps:
+                raise UsageError(
+                    f"{flag} stop {stop} (in {item!r}) is out of range; allowed: 0..{num_steps}"
+                )
+            step = _parse_int(parts[2], flag) if len(parts) == 3 and parts[2] else 1
+            if step < 1:
+                raise UsageError(f"{flag}: step {step} in {item!r} must be >= 1")
+            values: Iterable[int] = range(start, stop, step)
+        elif re.fullmatch(r"\d+\s*-\s*\d+", item):
+            first, last = (int(p) for p in item.split("-"))
+            check(first, item)
+            check(last, item)
+            if last < first:
+                raise UsageError(
+                    f"{flag}: range {item!r} runs backwards; write it as {last}-{first}"
+                )
+            values = range(first, last + 1)
+        else:
+            values = [check(_parse_int(item, flag), item)]
+        for value in values:
+            if value not in seen:
+                seen.add(value)
+                picked.append(value)
+    return picked
+
+
+def select_rows(spec: str | None, every: int | None, num_steps: int) -> list[int]:
+    """Indices from `--t` or `--every` (the two conflict), all of them when neither is given."""
+    reject_conflicts(("--t", spec is not None), ("--every", every is not None))
+    if every is not None:
+        if every < 1:
+            raise UsageError(f"--every {every}: must be >= 1")
+        return list(range(0, num_steps, every))
+    return parse_t_selection(spec, num_steps)
+
+
+def select_columns(
+    spec: str | None, available: Sequence[str], default: Sequence[str] | None = None
+) -> list[str]:
+    """Columns named by `--columns a,b` (in that order), each one of ``available``; None gives
+    ``default`` (or all of ``available``)."""
+    if spec is None:
+        return list(available if default is None else default)
+    names = [name.strip() for name in spec.split(",") if name.strip()]
+    if not names:
+        raise UsageError(f"--columns: no column named; allowed: {', '.join(available)}")
+    unknown = [name for name in names if name not in available]
+    if unknown:
+        raise UsageError(
+            f"--columns: unknown column {unknown[0]!r}; allowed: {', '.join(available)}"
+        )
+    return list(dict.fromkeys(names))
+
+
+def reject_conflicts(*flags: tuple[str, bool]) -> None:
+    """UsageError when more than one of the given (flag name, was given) pairs is set."""
+    given = [name for name, present in flags if present]
+    if len(given) > 1:
+        raise UsageError(f"{' and '.join(given)} cannot be used together")
+
+
+def check_format_flags(fmt: str, no_header: bool) -> None:
+    """`--no-header` only makes sense for csv/tsv (or auto, which is TSV when piped)."""
+    if no_header and fmt not in ("auto", "csv", "tsv"):
+        raise UsageError(f"--no-header applies to csv/tsv output, not --format {fmt}")
+
+
+def resolve_plot_path(value: str | None, command: str) -> Path | None:
+    """The figure path for `--plot [PATH]`, checked for suffix and writability before any work.
+
+    None (no `--plot`) gives None; a bare `--plot` gives `plots/<command>.png`.
+    """
+    if value is None:
+        return None
+    path = PLOT_FOLDER / f"{command}.png" if value in (PLOT_DEFAULT, "") else Path(value)
+    if path.suffix.lower() not in PLOT_SUFFIXES:
+        raise UsageError(
+            f"--plot {str(path)!r}: unknown figure type {path.suffix or '(no suffix)'!r}; "
+            f"allowed suffixes: {', '.join(PLOT_SUFFIXES)}"
+        )
+    return check_writable(path, what="plot")
+
+
+def parse_key_values(items: Sequence[str] | None, flag: str = "--param") -> dict[str, float]:
+    """`name=value` pairs (repeatable `--param s=0.01`) as floats."""
+    params: dict[str, float] = {}
+    for item in items or ():
+        name, sep, value = item.partition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise UsageError(f"{flag} {item!r}: expected name=value")
+        try:
+            params[name] = float(value)
+        except ValueError:
+            raise UsageError(f"{flag} {item!r}: {value!r} is not a number") from None
+    return params
