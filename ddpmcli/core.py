@@ -86,11 +86,16 @@ def _parts_from_betas(beta: Tensor) -> _Parts:
     return _Parts(beta, log_ab, -torch.expm1(log_ab))
 
 
-def _parts_from_logsnr(lam: Tensor) -> _Parts:
+def _parts_from_logsnr(lam: Tensor, step: Tensor | None = None) -> _Parts:
     """alpha_bar = sigmoid(lambda); beta_t = 1 - sigmoid(l_t)/sigmoid(l_{t-1})
-    = -sigmoid(-l_t) expm1(l_t - l_{t-1}), with l_{-1} = +inf (so beta_0 = 1 - alpha_bar_0)."""
+    = -sigmoid(-l_t) expm1(l_t - l_{t-1}), with l_{-1} = +inf (so beta_0 = 1 - alpha_bar_0).
+
+    ``step`` may give l_t - l_{t-1} for t >= 1 in a form without cancellation."""
     prev = torch.cat([torch.tensor([math.inf], dtype=F64), lam[:-1]])
-    beta = -torch.sigmoid(-lam) * torch.expm1(lam - prev)
+    diff = lam - prev
+    if step is not None:
+        diff = torch.cat([diff[:1], step])
+    beta = -torch.sigmoid(-lam) * torch.expm1(diff)
     return _Parts(beta, -_softplus(-lam), torch.sigmoid(-lam))
 
 
@@ -151,12 +156,14 @@ def _cosine(n: int, p: Params) -> _Parts:
     # f(t) = cos^2(a_t), a_t = (t/T + s)/(1 + s) pi/2.  1 - cos^2(a)/cos^2(b) =
     # sin(a + b) sin(a - b)/cos^2(b) keeps every digit of the small betas near t = 0.
     s = p["s"]
+    # With pi/2 = (1 + s) scale, the angles' distances from pi/2 are exact multiples of scale:
+    # cos(a_t) = sin((T - t)/T scale), sin(a_{t+1} + a_t) = sin((2T - 2t - 1)/T scale), so no
+    # digits are lost where a_t nears pi/2 (the last steps).
     t = torch.arange(n, dtype=F64)
     scale = math.pi / 2 / (1 + s)
-    b = (t / n + s) * scale
-    a = ((t + 1) / n + s) * scale
-    step = scale / n
-    beta = torch.sin(a + b) * math.sin(step) / torch.cos(b) ** 2
+    cos_b = torch.sin((n - t) / n * scale)
+    sin_sum = torch.sin((2 * (n - t) - 1) / n * scale)
+    beta = sin_sum * math.sin(scale / n) / cos_b**2
     return _parts_from_betas(_capped(beta, p["max_beta"]))
 
 
@@ -247,8 +254,11 @@ def _edm(n: int, p: Params) -> _Parts:
     if not 0 < lo < hi:
         raise ScheduleParameterError(f"edm needs 0 < sigma_min < sigma_max, got {lo}, {hi}")
     ramp = torch.arange(n, dtype=F64) / (n - 1)
-    sigmas = (lo ** (1 / rho) + ramp * (hi ** (1 / rho) - lo ** (1 / rho))) ** rho
-    return _parts_from_logsnr(-2 * torch.log(sigmas))
+    r_lo, r_hi = lo ** (1 / rho), hi ** (1 / rho)
+    roots = r_lo + ramp * (r_hi - r_lo)  # sigma^(1/rho), linear in t
+    # l_t - l_{t-1} = -2 rho log(r_t/r_{t-1}) = -2 rho log1p(dr/r_{t-1}): no cancellation.
+    step = -2 * rho * torch.log1p(((r_hi - r_lo) / (n - 1)) / roots[:-1])
+    return _parts_from_logsnr(-2 * rho * torch.log(roots), step)
 
 
 SCHEDULE_KINDS: dict[str, KindInfo] = {
