@@ -1,0 +1,118 @@
+"""Start-up and schedule-command speed of the `ddpm` CLI (issue 2's speed targets).
+
+Each command is run as a fresh process ``--runs`` times; the median wall time is reported next to
+its baseline and the ratio is checked against the target:
+
+- ``ddpm --help`` and shell completion within 1.5x of ``python -c "import typer"``;
+- ``ddpm schedule --kind cosine --format csv`` within 1.2x of ``python -c "import torch"``;
+- ``-T 1000000 --every 100000`` within 1.5x of ``-T 1000`` (the core is vectorised over t).
+
+Usage: python benchmarks/bench_cli.py [--runs 9] [--out benchmarks/results/cli.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+DDPM = [shutil.which("ddpm") or "ddpm"]
+PY = [sys.executable]
+
+
+def wall(cmd: list[str], runs: int, env: dict[str, str] | None = None) -> float:
+    """Median wall-clock seconds of ``cmd`` over ``runs`` runs (after one warm-up run)."""
+    full_env = {**os.environ, **(env or {})}
+    subprocess.run(cmd, capture_output=True, env=full_env, check=False)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        subprocess.run(cmd, capture_output=True, env=full_env, check=False)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=9)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/cli.json"))
+    args = parser.parse_args()
+
+    complete_env = {"_DDPM_COMPLETE": "complete_bash", "COMP_WORDS": "ddpm sch", "COMP_CWORD": "1"}
+    cases = [
+        ("ddpm --help", DDPM + ["--help"], None, PY + ["-c", "import typer"], 1.5),
+        ("shell completion", DDPM, complete_env, PY + ["-c", "import typer"], 1.5),
+        (
+            "ddpm schedule --kind cosine --format csv",
+            DDPM + ["schedule", "--kind", "cosine", "--format", "csv"],
+            None,
+            PY + ["-c", "import torch"],
+            1.2,
+        ),
+        (
+            "schedule -T 1000000 --every 100000",
+            DDPM
+            + [
+                "schedule",
+                "--kind",
+                "cosine",
+                "-T",
+                "1000000",
+                "--every",
+                "100000",
+                "--format",
+                "csv",
+            ],
+            None,
+            DDPM + ["schedule", "--kind", "cosine", "-T", "1000", "--format", "csv"],
+            1.5,
+        ),
+    ]
+    baselines: dict[str, float] = {}
+    results = []
+    print(f"{'command':42} {'median s':>9} {'baseline s':>10} {'ratio':>6} {'target':>6}")
+    for name, cmd, env, base_cmd, target in cases:
+        key = " ".join(base_cmd)
+        if key not in baselines:
+            baselines[key] = wall(base_cmd, args.runs)
+        t = wall(cmd, args.runs, env)
+        ratio = t / baselines[key]
+        ok = ratio <= target
+        results.append(
+            {
+                "command": name,
+                "median_s": t,
+                "baseline": key,
+                "baseline_s": baselines[key],
+                "ratio": ratio,
+                "target": target,
+                "ok": ok,
+            }
+        )
+        print(
+            f"{name:42} {t:9.3f} {baselines[key]:10.3f} {ratio:6.2f} {target:6.1f}"
+            f"{'' if ok else '  MISSED'}"
+        )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(
+        json.dumps(
+            {
+                "runs": args.runs,
+                "python": sys.version.split()[0],
+                "cpu_count": os.cpu_count(),
+                "results": results,
+            },
+            indent=2,
+        )
+    )
+    print(f"wrote {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
