@@ -196,9 +196,8 @@ def _sigmoid_logsnr(n: int, p: Params) -> _Parts:
     ab = _sigmoid_diff(e_, v, (1 - u) * width) / denom
     one_minus = _sigmoid_diff(v, s_, u * width) / denom
     v_prev = torch.cat([s_.reshape(1), v[:-1]])
-    beta = _sigmoid_diff(v, v_prev, torch.full_like(v, width / n)) / torch.cat(
-        [torch.ones(1, dtype=F64), ab[:-1]]
-    )
+    ab_prev = torch.cat([torch.ones(1, dtype=F64), ab[:-1]])
+    beta = _sigmoid_diff(v, v_prev, torch.full_like(v, width / n)) / denom / ab_prev
     clipped = ab < clip_min
     if bool(clipped.any()):
         ab = torch.where(clipped, torch.full_like(ab, clip_min), ab)
@@ -236,8 +235,17 @@ def _shifted_cosine(n: int, p: Params) -> _Parts:
     # shifted by 2 log(base/resolution).
     t_min = math.atan(math.exp(-0.5 * p["logsnr_max"]))
     t_max = math.atan(math.exp(-0.5 * p["logsnr_min"]))
+    width = t_max - t_min
     u = _grid(n)
-    lam = -2 * torch.log(torch.tan(t_min + u * (t_max - t_min)))
+    x = t_min + u * width
+    # Near pi/2, tan(x) = 1/tan(pi/2 - x), with pi/2 - x = atan(e^(logsnr_min/2)) + (1 - u) width
+    # formed without subtracting from pi/2.
+    y = (
+        math.atan(math.exp(0.5 * p["logsnr_min"]))
+        + (n - torch.arange(1, n + 1, dtype=F64)) / n * width
+    )
+    log_tan = torch.where(x < math.pi / 4, torch.log(torch.tan(x)), -torch.log(torch.tan(y)))
+    lam = -2 * log_tan
     lam = lam + 2 * math.log(p["base"] / p["resolution"])
     return _parts_from_logsnr(lam)
 
@@ -615,7 +623,9 @@ def _assemble(
     one = torch.ones(1, dtype=F64)
     ab_prev = torch.cat([one, ab[:-1]])
     om_prev = torch.cat([torch.zeros(1, dtype=F64), om[:-1]])
-    alpha = 1 - beta
+    # alpha = 1 - beta loses digits where beta nears 1; there alpha = ab_t/ab_{t-1} is exact.
+    ratio = torch.exp(torch.diff(log_ab, prepend=torch.zeros(1, dtype=F64)))
+    alpha = torch.where(beta < 0.5, 1 - beta, ratio)
     log_om = torch.log(om)
     post_var = beta * om_prev / om
     # The posterior variance is 0 at t = 0, so its log is clipped to the value at t = 1.
