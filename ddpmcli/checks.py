@@ -1,0 +1,223 @@
+"""Lint a schedule for known pitfalls (the library side of `ddpm check`).
+
+Each check reads the core's float64 arrays and returns findings; nothing here prints. Severity:
+``info`` (worth knowing), ``warning`` (likely to hurt samples or training), ``error`` (broken: the
+command exits 1). Timesteps are 0-based as models take them (``t = T-1`` is the last).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from ddpmcli.core import Schedule
+
+Severity = Literal["info", "warning", "error"]
+SEVERITIES: tuple[Severity, ...] = ("info", "warning", "error")
+
+# sqrt(alpha_bar_{T-1}) above this leaks visible signal into x_T (Stable Diffusion's 0.068 does;
+# Lin et al. 2024); below it the terminal SNR is reported as info only.
+SIGNAL_LEAK_THRESHOLD = 0.01
+# diffusers' and improved-diffusion's beta cap for alpha_bar-defined schedules.
+DEFAULT_BETA_CAP = 0.999
+PROBE_STEPS = 50  # inference steps used to probe a config's spacing when --steps is not given
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One line of `ddpm check`: severity, a stable code for scripts, the 0-based t it concerns
+    (a range like ``995-999`` or empty), and a sentence saying what and why."""
+
+    severity: Severity
+    code: str
+    t: str
+    message: str
+
+
+def _span(indices: Sequence[int]) -> str:
+    if not indices:
+        return ""
+    if len(indices) == 1:
+        return str(indices[0])
+    contiguous = indices[-1] - indices[0] + 1 == len(indices)
+    return f"{indices[0]}-{indices[-1]}" if contiguous else f"{indices[0]}..{indices[-1]}"
+
+
+def _model_t(schedule: Schedule, indices: Sequence[int]) -> list[int]:
+    return [int(schedule.timesteps[i]) for i in indices]
+
+
+def check_terminal_snr(schedule: Schedule) -> list[Finding]:
+    last = schedule.num_steps - 1
+    snr = float(schedule.snr[last])
+    leak = float(schedule.sqrt_alpha_bar[last])
+    t = str(int(schedule.timesteps[last]))
+    if snr == 0.0:
+        return [
+            Finding("info", "zero_terminal_snr", t, "terminal SNR is exactly 0: x_T is pure noise")
+        ]
+    message = (
+        f"terminal SNR is {snr:.6g} (sqrt(alpha_bar) = {leak:.6g}): x_T keeps a trace of x0 that "
+        "sampling from pure noise never has (Lin et al. 2024)"
+    )
+    if leak > SIGNAL_LEAK_THRESHOLD:
+        return [
+            Finding("warning", "nonzero_terminal_snr", t, message + "; see --zero-terminal-snr")
+        ]
+    return [Finding("info", "nonzero_terminal_snr", t, message)]
+
+
+def check_beta_cap(schedule: Schedule, cap: float | None) -> list[Finding]:
+    limit = DEFAULT_BETA_CAP if cap is None else cap
+    zero_terminal = float(schedule.snr[-1]) == 0.0
+    hits = [
+        i
+        for i, beta in enumerate(schedule.beta.tolist())
+        if beta >= limit and not (zero_terminal and i == schedule.num_steps - 1)
+    ]
+    if not hits:
+        return []
+    ts = _model_t(schedule, hits)
+    what = f"the cap max_beta = {limit:g}" if cap is not None else f"{limit:g} or more"
+    return [
+        Finding(
+            "warning",
+            "beta_cap",
+            _span(ts),
+            f"{len(hits)} beta(s) reach {what}: alpha_bar there is set by the cap, not the "
+            "schedule's formula",
+        )
+    ]
+
+
+def check_monotonic(schedule: Schedule) -> list[Finding]:
+    import torch
+
+    rising = torch.nonzero(torch.diff(schedule.alpha_bar) >= 0).flatten().tolist()
+    if not rising:
+        return []
+    i = int(rising[0]) + 1
+    return [
+        Finding(
+            "error",
+            "alpha_bar_not_decreasing",
+            str(int(schedule.timesteps[i])),
+            f"alpha_bar is not strictly decreasing at t = {int(schedule.timesteps[i])} "
+            f"({float(schedule.alpha_bar[i - 1])!r} -> {float(schedule.alpha_bar[i])!r})",
+        )
+    ]
+
+
+def check_respacing(schedule: Schedule, spacing: str | None, probe: bool) -> list[Finding]:
+    """A respaced schedule whose last kept timestep is not T-1 starts sampling below full noise."""
+    last_kept = int(schedule.timesteps[-1])
+    big_t = schedule.num_train_timesteps
+    if last_kept == big_t - 1:
+        return []
+    how = f"{spacing} spacing" if spacing else "this respacing"
+    steps = f"with {schedule.num_steps} steps" + (" (probed)" if probe else "")
+    return [
+        Finding(
+            "warning",
+            "respacing_skips_last_t",
+            str(last_kept),
+            f"{how} {steps} never visits t = {big_t - 1} (T-1): sampling starts at "
+            f"t = {last_kept}, with less noise than the model was trained to remove; "
+            "use --spacing trailing",
+        )
+    ]
+
+
+def check_precision(schedule: Schedule, dtype_name: str) -> list[Finding]:
+    """Values that a float32/float16 copy of the schedule loses: alpha_bar rounding to 1 (no noise
+    added at all) or to the previous t's value, and 1/sqrt(alpha_bar) overflowing."""
+    import torch
+
+    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[
+        dtype_name
+    ]
+    findings: list[Finding] = []
+    ab = schedule.alpha_bar
+    low = ab.to(dtype)
+    ones = torch.nonzero(low == 1.0).flatten().tolist()
+    if ones:
+        findings.append(
+            Finding(
+                "warning",
+                f"{dtype_name}_alpha_bar_is_1",
+                _span(_model_t(schedule, ones)),
+                f"alpha_bar rounds to 1 in {dtype_name} at {len(ones)} t: there x_t = x0, "
+                "sqrt(1 - alpha_bar) = 0, and no noise is added",
+            )
+        )
+    ties = torch.nonzero((torch.diff(low.to(torch.float64)) >= 0) & (torch.diff(ab) < 0))
+    ties_list = (ties.flatten() + 1).tolist()
+    if ties_list:
+        findings.append(
+            Finding(
+                "info",
+                f"{dtype_name}_alpha_bar_ties",
+                _span(_model_t(schedule, ties_list)),
+                f"{len(ties_list)} consecutive alpha_bar values are equal in {dtype_name}: "
+                "those timesteps cannot be told apart at that precision",
+            )
+        )
+    positive = ab > 0  # a zero alpha_bar (zero terminal SNR) overflows in any precision
+    overflow = positive & (
+        ~torch.isfinite(schedule.sqrt_recip_alpha_bar.to(dtype))
+        | ~torch.isfinite(schedule.sqrt_recipm1_alpha_bar.to(dtype))
+        | (low == 0)
+    )
+    over = torch.nonzero(overflow).flatten().tolist()
+    if over:
+        findings.append(
+            Finding(
+                "warning",
+                f"{dtype_name}_recip_overflow",
+                _span(_model_t(schedule, over)),
+                f"1/sqrt(alpha_bar) overflows (or alpha_bar underflows to 0) in {dtype_name} at "
+                f"{len(over)} t: x0 = x_t/sqrt(alpha_bar) - ... gives inf there",
+            )
+        )
+    return findings
+
+
+def check_prediction_type(schedule: Schedule, prediction_type: str) -> list[Finding]:
+    if float(schedule.snr[-1]) != 0.0 or prediction_type != "epsilon":
+        return []
+    return [
+        Finding(
+            "error",
+            "zero_snr_with_epsilon",
+            str(int(schedule.timesteps[-1])),
+            "zero terminal SNR with epsilon prediction: at t = T-1, x_t is pure noise, so "
+            "predicting the noise says nothing about x0 (x0 = (x_t - eps)/0); "
+            "use v_prediction (Lin et al. 2024)",
+        )
+    ]
+
+
+def lint_schedule(
+    schedule: Schedule,
+    *,
+    respaced: Schedule | None = None,
+    prediction_type: str = "epsilon",
+    beta_cap: float | None = None,
+    spacing: str | None = None,
+    probe_spacing: bool = False,
+    dtypes: Sequence[str] = ("float32", "float16"),
+) -> list[Finding]:
+    """Every check, in a fixed order, on the training ``schedule``; the respacing check on
+    ``respaced`` (the inference steps a sampler would take), when given."""
+    findings = [
+        *check_monotonic(schedule),
+        *check_terminal_snr(schedule),
+        *check_beta_cap(schedule, beta_cap),
+        *(check_respacing(respaced, spacing, probe_spacing) if respaced is not None else []),
+        *check_prediction_type(schedule, prediction_type),
+    ]
+    for dtype in dtypes:
+        findings += check_precision(schedule, dtype)
+    return findings

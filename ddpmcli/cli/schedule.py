@@ -1,0 +1,672 @@
+"""`ddpm schedule`, `ddpm compare`, `ddpm posterior`, `ddpm check`: schedules as rows and figures.
+
+Thin commands: parse and validate the flags, build the schedule through `ddpmcli.configs` (which
+calls the core), turn tensors into rows, hand them to `ddpmcli.output`. torch is imported only
+inside the commands, so `ddpm --help` stays fast.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from ddpmcli.cli.common import (
+    ColumnsOpt,
+    EveryOpt,
+    FormatOpt,
+    NoHeaderOpt,
+    PlotOpt,
+    QuietOpt,
+    TSelectOpt,
+    check_format_flags,
+    parse_key_values,
+    reject_conflicts,
+    resolve_plot_path,
+    select_columns,
+    select_rows,
+)
+from ddpmcli.errors import UsageError
+from ddpmcli.output import emit, note
+
+if TYPE_CHECKING:
+    from ddpmcli.configs import BuiltSchedule, ScheduleRequest
+    from ddpmcli.core import Schedule
+
+PANEL_SCHEDULE = "Schedule"
+PANEL_OUTPUT = "Output"
+
+KindOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--kind",
+        "-k",
+        help="Schedule kind from the core registry (list them with `ddpm schedule --list-kinds`), "
+        "an alias such as squaredcos_cap_v2, or custom (with --betas-file/--alpha-bars-file). "
+        "Default: linear.",
+        rich_help_panel=PANEL_SCHEDULE,
+    ),
+]
+TimestepsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--timesteps",
+        "-T",
+        help="T, the number of training timesteps (default 1000).",
+        rich_help_panel=PANEL_SCHEDULE,
+    ),
+]
+BetaStartOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--beta-start",
+        help="First beta (linear, scaled_linear, sigmoid).",
+        rich_help_panel=PANEL_SCHEDULE,
+    ),
+]
+BetaEndOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--beta-end",
+        help="Last beta (linear, scaled_linear, sigmoid).",
+        rich_help_panel=PANEL_SCHEDULE,
+    ),
+]
+MaxBetaOpt = Annotated[
+    float | None,
+    typer.Option("--max-beta", help="Beta cap (cosine, sqrt).", rich_help_panel=PANEL_SCHEDULE),
+]
+ParamOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--param",
+        "-p",
+        metavar="NAME=VALUE",
+        help="Any other constant of the kind, repeatable: --param s=0.01 (see --list-kinds).",
+        rich_help_panel=PANEL_SCHEDULE,
+    ),
+]
+FromOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--from",
+        metavar="FILE",
+        help="A diffusers scheduler_config.json (or a folder holding one).",
+        rich_help_panel=PANEL_SCHEDULE,
+    ),
+]
+BetasFileOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--betas-file",
+        metavar="FILE",
+        help="Custom betas: .npy, .txt, .csv, .tsv or .json.",
+        rich_help_panel=PANEL_SCHEDULE,
+    ),
+]
+AlphaBarsFileOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--alpha-bars-file",
+        metavar="FILE",
+        help="Custom alpha_bars (strictly decreasing): .npy, .txt, .csv, .tsv or .json.",
+        rich_help_panel=PANEL_SCHEDULE,
+    ),
+]
+ZeroSnrOpt = Annotated[
+    bool,
+    typer.Option(
+        "--zero-terminal-snr",
+        help="Rescale to zero terminal SNR (Lin et al. 2024, Alg. 1).",
+        rich_help_panel=PANEL_SCHEDULE,
+    ),
+]
+LogsnrShiftOpt = Annotated[
+    float,
+    typer.Option(
+        "--logsnr-shift",
+        help="Add this to every log-SNR (after --zero-terminal-snr).",
+        rich_help_panel=PANEL_SCHEDULE,
+    ),
+]
+StepsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--steps",
+        metavar="N",
+        help="Respace to N inference steps (with --spacing), or a section string: ddim50, "
+        "10,20,30.",
+        rich_help_panel=PANEL_SCHEDULE,
+    ),
+]
+SpacingOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--spacing",
+        help="Respacing: leading (default; a config's own), trailing, linspace.",
+        rich_help_panel=PANEL_SCHEDULE,
+    ),
+]
+StepsOffsetOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--steps-offset",
+        help="diffusers' steps_offset for leading spacing.",
+        rich_help_panel=PANEL_SCHEDULE,
+    ),
+]
+ScaleOpt = Annotated[
+    bool,
+    typer.Option(
+        "--scale-to-timesteps",
+        help="linear: scale the ends by 1000/T as improved-diffusion does (diffusers does not).",
+        rich_help_panel=PANEL_SCHEDULE,
+    ),
+]
+
+TIMESTEP_NOTE = (
+    "Timesteps are 0-based as models take them: t = 0 is one noising step, alpha_bar_prev[0] = 1, "
+    "t = T-1 the last. After --steps, t indexes the kept steps and `timestep` is the model's t."
+)
+
+
+def _request(
+    kind: str | None,
+    timesteps: int | None,
+    beta_start: float | None,
+    beta_end: float | None,
+    max_beta: float | None,
+    param: list[str] | None,
+    from_file: Path | None,
+    betas_file: Path | None,
+    alpha_bars_file: Path | None,
+    zero_terminal_snr: bool,
+    logsnr_shift: float,
+    steps: str | None,
+    spacing: str | None,
+    steps_offset: int | None,
+    scale_to_timesteps: bool,
+) -> ScheduleRequest:
+    """The schedule flags of every command, as one request for `configs.build_schedule`."""
+    from ddpmcli.configs import ScheduleRequest
+
+    params = parse_key_values(param)
+    for name, value in (("beta_start", beta_start), ("beta_end", beta_end), ("max_beta", max_beta)):
+        if value is not None:
+            if name in params:
+                raise UsageError(f"--{name.replace('_', '-')} and --param {name}=... both given")
+            params[name] = value
+    if scale_to_timesteps:
+        params["scale_to_timesteps"] = 1.0
+    return ScheduleRequest(
+        kind=kind,
+        timesteps=timesteps,
+        params=params,
+        from_file=None if from_file is None else str(from_file),
+        betas_file=None if betas_file is None else str(betas_file),
+        alpha_bars_file=None if alpha_bars_file is None else str(alpha_bars_file),
+        zero_terminal_snr=zero_terminal_snr,
+        logsnr_shift=logsnr_shift,
+        steps=steps,
+        spacing=spacing,
+        steps_offset=steps_offset,
+    )
+
+
+def _columns_of(built: BuiltSchedule) -> tuple[list[str], list[str]]:
+    """(available, default) columns of a schedule table: t, timestep (respaced), the quantities."""
+    from ddpmcli.core import QUANTITIES
+
+    default = ["t", *(["timestep"] if built.respaced else []), *QUANTITIES]
+    return ["t", "timestep", *QUANTITIES], default
+
+
+def schedule_rows(
+    schedule: Schedule,
+    indices: Sequence[int],
+    columns: Sequence[str],
+    extra: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """One row per selected index: `t` (the index), `timestep` (the model's t), quantities."""
+    import torch
+
+    idx = torch.as_tensor(list(indices), dtype=torch.long)
+    values: dict[str, list[Any]] = {
+        "t": list(indices),
+        "timestep": schedule.timesteps[idx].tolist(),
+    }
+    for name in columns:
+        if name not in values and name not in (extra or {}):
+            values[name] = schedule.quantity(name)[idx].tolist()
+    rows = []
+    for k in range(len(indices)):
+        row = dict(extra or {})
+        row.update({name: values[name][k] for name in columns if name in values})
+        rows.append(row)
+    return rows
+
+
+def _plot(figure: Any, path: Path | None, quiet: bool, *args: Any) -> None:
+    if path is None:
+        return
+    written = figure(*args, path)
+    if not quiet:
+        note(f"wrote {written}")
+
+
+# ---------------------------------------------------------------------------------------------
+# ddpm schedule
+
+
+def schedule(
+    kind: KindOpt = None,
+    timesteps: TimestepsOpt = None,
+    beta_start: BetaStartOpt = None,
+    beta_end: BetaEndOpt = None,
+    max_beta: MaxBetaOpt = None,
+    param: ParamOpt = None,
+    from_file: FromOpt = None,
+    betas_file: BetasFileOpt = None,
+    alpha_bars_file: AlphaBarsFileOpt = None,
+    zero_terminal_snr: ZeroSnrOpt = False,
+    logsnr_shift: LogsnrShiftOpt = 0.0,
+    steps: StepsOpt = None,
+    spacing: SpacingOpt = None,
+    steps_offset: StepsOffsetOpt = None,
+    scale_to_timesteps: ScaleOpt = False,
+    t: TSelectOpt = None,
+    every: EveryOpt = None,
+    columns: ColumnsOpt = None,
+    fmt: FormatOpt = "auto",
+    no_header: NoHeaderOpt = False,
+    plot: PlotOpt = None,
+    quiet: QuietOpt = False,
+    list_kinds: Annotated[
+        bool,
+        typer.Option("--list-kinds", help="List the schedule kinds, their constants, sources."),
+    ] = False,
+) -> None:
+    """Print a schedule: one row per t with beta, alpha_bar, SNR, posterior terms.
+
+    Timesteps are 0-based as models take them (t = 0 is one noising step, t = T-1 the last).
+
+    Examples:
+
+      ddpm schedule --kind cosine --every 100
+
+      ddpm schedule --kind cosine --t 999 --columns snr --format tsv --no-header
+
+      ddpm schedule --kind linear -T 500 --scale-to-timesteps --format csv > linear.csv
+
+      ddpm schedule --from scheduler_config.json --steps 50 --spacing trailing
+
+      ddpm schedule --kind scaled_linear --zero-terminal-snr --plot plots/sd_zsnr.png
+    """
+    from ddpmcli.configs import build_schedule
+
+    check_format_flags(fmt, no_header)
+    reject_conflicts(("--t", t is not None), ("--every", every is not None))
+    if list_kinds:
+        return _list_kinds(fmt, no_header)
+    plot_path = resolve_plot_path(plot, "schedule")
+    built = build_schedule(
+        _request(
+            kind,
+            timesteps,
+            beta_start,
+            beta_end,
+            max_beta,
+            param,
+            from_file,
+            betas_file,
+            alpha_bars_file,
+            zero_terminal_snr,
+            logsnr_shift,
+            steps,
+            spacing,
+            steps_offset,
+            scale_to_timesteps,
+        )
+    )
+    available, default = _columns_of(built)
+    cols = select_columns(columns, available, default)
+    rows = schedule_rows(built.schedule, select_rows(t, every, built.schedule.num_steps), cols)
+    emit(rows, cols, fmt, no_header=no_header, title=built.schedule.name)
+    from ddpmcli.plotting.schedule import plot_schedule
+
+    _plot(plot_schedule, plot_path, quiet, built.schedule)
+
+
+def _list_kinds(fmt: str, no_header: bool) -> None:
+    from ddpmcli import core
+
+    rows: list[dict[str, Any]] = []
+    for name, info in core.SCHEDULE_KINDS.items():
+        defaults = " ".join(f"{k}={v:g}" for k, v in info.defaults.items())
+        rows.append(
+            {"kind": name, "defaults": defaults, "summary": info.summary, "source": info.source}
+        )
+    for alias, target in core.SCHEDULE_ALIASES.items():
+        rows.append({"kind": alias, "defaults": "", "summary": f"alias of {target}", "source": ""})
+    rows.append(
+        {
+            "kind": "custom",
+            "defaults": "",
+            "summary": "betas or alpha_bars from --betas-file / --alpha-bars-file",
+            "source": "",
+        }
+    )
+    emit(rows, ["kind", "defaults", "summary", "source"], fmt, no_header=no_header)
+
+
+# ---------------------------------------------------------------------------------------------
+# ddpm compare
+
+
+def compare(
+    specs: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="SPEC...",
+            help="Schedules: KIND[+zsnr][:key=value,...] or a diffusers config file, e.g. cosine, "
+            "linear:beta_end=0.012,T=500, scaled_linear+zsnr, cosine:steps=50,spacing=trailing.",
+        ),
+    ],
+    t: TSelectOpt = None,
+    every: EveryOpt = None,
+    columns: ColumnsOpt = None,
+    fmt: FormatOpt = "auto",
+    no_header: NoHeaderOpt = False,
+    plot: PlotOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Compare schedules side by side: long-format rows with a `schedule` column.
+
+    Timesteps are 0-based as models take them (t = 0 is one noising step). --t and --every select
+    rows in every schedule; a t outside any schedule is an error.
+
+    Examples:
+
+      ddpm compare linear cosine scaled_linear+zsnr --every 100 --columns alpha_bar,snr
+
+      ddpm compare cosine linear:beta_end=0.012,T=500 --format csv > compare.csv
+
+      ddpm compare cosine sigmoid_logsnr laplace --plot plots/compare.png
+    """
+    from ddpmcli.configs import parse_compare_spec
+
+    check_format_flags(fmt, no_header)
+    reject_conflicts(("--t", t is not None), ("--every", every is not None))
+    plot_path = resolve_plot_path(plot, "compare")
+    parsed = [parse_compare_spec(spec) for spec in specs]
+    respaced = any(p.built.respaced for p in parsed)
+    available, default = _columns_of(parsed[0].built)
+    default = ["schedule", *(["t", "timestep"] if respaced else ["t"]), *default[1:]]
+    default = list(dict.fromkeys(default))
+    cols = select_columns(columns, ["schedule", *available], default)
+    rows: list[dict[str, Any]] = []
+    for p in parsed:
+        try:
+            indices = select_rows(t, every, p.built.schedule.num_steps)
+        except UsageError as exc:
+            raise UsageError(f"{exc} in schedule {p.label!r}") from None
+        rows += schedule_rows(p.built.schedule, indices, cols, extra={"schedule": p.label})
+    emit(rows, cols, fmt, no_header=no_header, title="compare")
+    from ddpmcli.plotting.schedule import plot_compare
+
+    _plot(plot_compare, plot_path, quiet, [(p.label, p.built.schedule) for p in parsed])
+
+
+# ---------------------------------------------------------------------------------------------
+# ddpm posterior
+
+POSTERIOR_COLUMNS: tuple[str, ...] = (
+    "t",
+    "timestep",
+    "beta",
+    "posterior_variance",
+    "variance_ratio",
+    "posterior_log_variance_clipped",
+    "posterior_mean_coef_x0",
+    "posterior_mean_coef_xt",
+    "fixed_small",
+    "fixed_large",
+    "learned_range",
+)
+
+
+def posterior(
+    kind: KindOpt = None,
+    timesteps: TimestepsOpt = None,
+    beta_start: BetaStartOpt = None,
+    beta_end: BetaEndOpt = None,
+    max_beta: MaxBetaOpt = None,
+    param: ParamOpt = None,
+    from_file: FromOpt = None,
+    betas_file: BetasFileOpt = None,
+    alpha_bars_file: AlphaBarsFileOpt = None,
+    zero_terminal_snr: ZeroSnrOpt = False,
+    logsnr_shift: LogsnrShiftOpt = 0.0,
+    steps: StepsOpt = None,
+    spacing: SpacingOpt = None,
+    steps_offset: StepsOffsetOpt = None,
+    scale_to_timesteps: ScaleOpt = False,
+    v: Annotated[
+        float,
+        typer.Option(
+            "--v",
+            min=-1.0,
+            max=1.0,
+            help="Model output v in [-1, 1] for the learned_range column (0 = midway).",
+        ),
+    ] = 0.0,
+    t: TSelectOpt = None,
+    every: EveryOpt = None,
+    columns: ColumnsOpt = None,
+    fmt: FormatOpt = "auto",
+    no_header: NoHeaderOpt = False,
+    plot: PlotOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Posterior diagnostics: beta_tilde against beta, mean coefficients, sampler variances.
+
+    Columns: posterior_variance is beta_tilde = (1 - alpha_bar_prev)/(1 - alpha_bar) beta and
+    variance_ratio = beta_tilde/beta; fixed_small, fixed_large and learned_range are the variances
+    samplers use (improved-diffusion: fixed_small is beta_tilde with its t = 0 value clipped to
+    beta_tilde[1], fixed_large is beta with beta_tilde[1] at t = 0, learned_range interpolates their
+    logs with frac = (v + 1)/2). The prior KL(q(x_T|x0) || N(0, I)) in bits/dim for unit-variance
+    data goes to stderr (stdout stays rows).
+
+    Timesteps are 0-based as models take them (t = 0 is one noising step, t = T-1 the last).
+
+    Examples:
+
+      ddpm posterior --kind linear --t 0,1,487,999
+
+      ddpm posterior --kind cosine --v 0.5 --every 100 --format csv
+
+      ddpm posterior --kind cosine --plot plots/posterior.pdf
+    """
+    from ddpmcli.configs import build_schedule
+
+    check_format_flags(fmt, no_header)
+    reject_conflicts(("--t", t is not None), ("--every", every is not None))
+    plot_path = resolve_plot_path(plot, "posterior")
+    built = build_schedule(
+        _request(
+            kind,
+            timesteps,
+            beta_start,
+            beta_end,
+            max_beta,
+            param,
+            from_file,
+            betas_file,
+            alpha_bars_file,
+            zero_terminal_snr,
+            logsnr_shift,
+            steps,
+            spacing,
+            steps_offset,
+            scale_to_timesteps,
+        )
+    )
+    sched = built.schedule
+    default = [c for c in POSTERIOR_COLUMNS if c != "timestep" or built.respaced]
+    cols = select_columns(columns, POSTERIOR_COLUMNS, default)
+    rows = posterior_rows(sched, select_rows(t, every, sched.num_steps), cols, v)
+    emit(rows, cols, fmt, no_header=no_header, title=f"{sched.name} posterior")
+    if not quiet:
+        kl = sched.prior_kl_bits_per_dim_unit_variance()
+        note(f"prior KL(q(x_T|x0) || N(0,I)) = {kl!r} bits/dim for unit-variance data")
+    from ddpmcli.plotting.schedule import plot_posterior
+
+    _plot(plot_posterior, plot_path, quiet, sched, v)
+
+
+def posterior_rows(
+    schedule: Schedule, indices: Sequence[int], columns: Sequence[str], v: float
+) -> list[dict[str, Any]]:
+    """Rows of `ddpm posterior`: core quantities plus the samplers' variances at each index."""
+    import torch
+
+    n = schedule.num_steps
+    steps = torch.arange(n)
+    like = torch.zeros(n, dtype=torch.float64)
+    var_values = torch.full((n,), float(v), dtype=torch.float64)
+    derived = {
+        "variance_ratio": schedule.posterior_variance / schedule.beta,
+        "fixed_small": torch.exp(schedule.model_log_variance("fixed_small", steps, like)),
+        "fixed_large": torch.exp(schedule.model_log_variance("fixed_large", steps, like)),
+        "learned_range": torch.exp(
+            schedule.model_log_variance("learned_range", steps, like, var_values)
+        ),
+    }
+    base = [c for c in columns if c not in derived]
+    rows = schedule_rows(schedule, indices, base)
+    idx = torch.as_tensor(list(indices), dtype=torch.long)
+    picked = {name: derived[name][idx].tolist() for name in columns if name in derived}
+    return [
+        {c: picked[c][k] if c in picked else row[c] for c in columns} for k, row in enumerate(rows)
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# ddpm check
+
+CHECK_COLUMNS: tuple[str, ...] = ("severity", "code", "t", "message")
+
+
+def check(
+    kind: KindOpt = None,
+    timesteps: TimestepsOpt = None,
+    beta_start: BetaStartOpt = None,
+    beta_end: BetaEndOpt = None,
+    max_beta: MaxBetaOpt = None,
+    param: ParamOpt = None,
+    from_file: FromOpt = None,
+    betas_file: BetasFileOpt = None,
+    alpha_bars_file: AlphaBarsFileOpt = None,
+    zero_terminal_snr: ZeroSnrOpt = False,
+    logsnr_shift: LogsnrShiftOpt = 0.0,
+    steps: StepsOpt = None,
+    spacing: SpacingOpt = None,
+    steps_offset: StepsOffsetOpt = None,
+    scale_to_timesteps: ScaleOpt = False,
+    prediction_type: Annotated[
+        str | None,
+        typer.Option(
+            "--prediction-type",
+            help="epsilon, sample or v_prediction (default: the config's, else epsilon).",
+        ),
+    ] = None,
+    fmt: FormatOpt = "auto",
+    no_header: NoHeaderOpt = False,
+) -> None:
+    """Lint a schedule or a diffusers config for known pitfalls, one finding per line.
+
+    Findings (severity info, warning or error): non-zero terminal SNR and its value, betas
+    hitting the cap, alpha_bar not strictly decreasing, a respacing that never visits t = T-1
+    (diffusers' leading; a config is probed at 50 steps), float32/float16 precision loss
+    (alpha_bar rounding to 1, 1/sqrt(alpha_bar) overflowing), zero terminal SNR with epsilon
+    prediction. Exit 1 when any finding is an error, else 0: it can gate a script.
+
+    Timesteps are 0-based as models take them (t = 0 is one noising step, t = T-1 the last).
+
+    Examples:
+
+      ddpm check --from scheduler_config.json
+
+      ddpm check --kind scaled_linear --zero-terminal-snr --prediction-type v_prediction
+
+      ddpm check --kind linear --steps 50 --spacing leading --format tsv | grep warning
+    """
+    from ddpmcli import core
+    from ddpmcli.checks import PROBE_STEPS, lint_schedule
+    from ddpmcli.configs import build_schedule
+
+    check_format_flags(fmt, no_header)
+    request = _request(
+        kind,
+        timesteps,
+        beta_start,
+        beta_end,
+        max_beta,
+        param,
+        from_file,
+        betas_file,
+        alpha_bars_file,
+        zero_terminal_snr,
+        logsnr_shift,
+        None,
+        None,
+        None,
+        scale_to_timesteps,
+    )
+    if steps is None and (spacing is not None or steps_offset is not None):
+        raise UsageError("--spacing/--steps-offset need --steps")
+    built = build_schedule(request)
+    sched, config = built.schedule, built.config
+    pred = core.canonical_prediction_type(
+        prediction_type or (config.prediction_type if config else "epsilon")
+    )
+    used_spacing = spacing or (config.timestep_spacing if config else "leading")
+    respaced = None
+    if steps is not None or config is not None:
+        offset = (
+            steps_offset if steps_offset is not None else (config.steps_offset if config else 0)
+        )
+        kept = core.respaced_timesteps(sched.num_steps, steps or PROBE_STEPS, used_spacing, offset)
+        respaced = core.respace(sched, kept)
+    findings = lint_schedule(
+        sched,
+        respaced=respaced,
+        prediction_type=pred,
+        beta_cap=_cap(sched),
+        spacing=used_spacing,
+        probe_spacing=steps is None,
+    )
+    emit([f.__dict__ for f in findings], CHECK_COLUMNS, fmt, no_header=no_header, title=sched.name)
+    if any(f.severity == "error" for f in findings):
+        raise typer.Exit(1)
+
+
+def _cap(schedule: Schedule) -> float | None:
+    """The kind's max_beta (as built), or None for kinds without a cap."""
+    from ddpmcli import core
+
+    kind = schedule.spec.get("kind")
+    info = core.SCHEDULE_KINDS.get(kind) if isinstance(kind, str) else None
+    if info is None or "max_beta" not in info.defaults:
+        return None
+    return float(schedule.spec.get("params", {}).get("max_beta", info.defaults["max_beta"]))
+
+
+def register(app: typer.Typer) -> None:
+    """Add schedule, compare, posterior and check to the `ddpm` app."""
+    app.command("schedule")(schedule)
+    app.command("compare")(compare)
+    app.command("posterior")(posterior)
+    app.command("check")(check)

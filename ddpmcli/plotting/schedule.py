@@ -1,0 +1,142 @@
+"""Schedule figures: `ddpm schedule --plot`, `ddpm compare --plot`, `ddpm posterior --plot`.
+
+The x axis is the model's timestep t (0-based; the kept steps of a respaced schedule), or t/T when
+compared schedules have different T. Values are the core's float64 arrays.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ddpmcli.plotting import paper_figure, save_figure
+
+if TYPE_CHECKING:
+    from ddpmcli.core import Schedule
+
+
+def _np(values: Any) -> Any:
+    return values.detach().cpu().numpy()
+
+
+def _positive(values: Any) -> Any:
+    """Values for a log axis: non-positive entries become NaN (not drawn) instead of warnings."""
+    import numpy as np
+
+    array = np.asarray(values, dtype=float)
+    return np.where(array > 0, array, np.nan)
+
+
+def _x(schedule: Schedule, normalise: bool) -> Any:
+    t = _np(schedule.timesteps).astype(float)
+    return t / schedule.num_train_timesteps if normalise else t
+
+
+def plot_schedule(schedule: Schedule, path: str | Path) -> Path:
+    """Four panels: alpha_bar and the sqrt terms; log-SNR; beta and beta_tilde (log axis); the
+    posterior mean coefficients."""
+    x = _x(schedule, normalise=False)
+    with paper_figure(2, 2) as (fig, ax):
+        a = ax[0, 0]
+        a.plot(x, _np(schedule.alpha_bar), label=r"$\bar\alpha_t$")
+        a.plot(x, _np(schedule.sqrt_alpha_bar), label=r"$\sqrt{\bar\alpha_t}$")
+        a.plot(x, _np(schedule.sqrt_one_minus_alpha_bar), label=r"$\sqrt{1-\bar\alpha_t}$")
+        a.set(xlabel="timestep t (0-based)", ylabel="value", title="signal and noise scales")
+        a.legend()
+        a = ax[0, 1]
+        a.plot(x, _np(schedule.log_snr), color="C3", label=r"$\log \mathrm{SNR}_t$")
+        a.set(
+            xlabel="timestep t (0-based)",
+            ylabel=r"$\log(\bar\alpha_t/(1-\bar\alpha_t))$",
+            title="log-SNR",
+        )
+        a.legend()
+        a = ax[1, 0]
+        a.plot(x, _positive(_np(schedule.beta)), label=r"$\beta_t$")
+        a.plot(
+            x,
+            _positive(_np(schedule.posterior_variance)),
+            "--",
+            label=r"$\tilde\beta_t$ (posterior variance)",
+        )
+        a.set_yscale("log")
+        a.set(
+            xlabel="timestep t (0-based)", ylabel="variance", title=r"$\beta_t$ and $\tilde\beta_t$"
+        )
+        a.legend()
+        a = ax[1, 1]
+        a.plot(x, _np(schedule.posterior_mean_coef_x0), label=r"coef. of $x_0$")
+        a.plot(x, _np(schedule.posterior_mean_coef_xt), label=r"coef. of $x_t$")
+        a.set(
+            xlabel="timestep t (0-based)",
+            ylabel="coefficient",
+            title=r"posterior mean $\tilde\mu_t$",
+        )
+        a.legend()
+        fig.suptitle(f"schedule {schedule.name} (T = {schedule.num_train_timesteps})", fontsize=9)
+        return save_figure(fig, path)
+
+
+def plot_compare(schedules: Sequence[tuple[str, Schedule]], path: str | Path) -> Path:
+    """Overlays of alpha_bar, log-SNR, beta (log axis) and beta_tilde/beta, a line per schedule."""
+    normalise = len({s.num_train_timesteps for _, s in schedules}) > 1
+    xlabel = "t / T" if normalise else "timestep t (0-based)"
+    with paper_figure(2, 2) as (fig, ax):
+        for label, schedule in schedules:
+            x = _x(schedule, normalise)
+            ax[0, 0].plot(x, _np(schedule.alpha_bar), label=label)
+            ax[0, 1].plot(x, _np(schedule.log_snr), label=label)
+            ax[1, 0].plot(x, _positive(_np(schedule.beta)), label=label)
+            ax[1, 1].plot(x, _np(schedule.posterior_variance / schedule.beta), label=label)
+        ax[0, 0].set(xlabel=xlabel, ylabel=r"$\bar\alpha_t$", title="alpha_bar")
+        ax[0, 1].set(xlabel=xlabel, ylabel=r"$\log \mathrm{SNR}_t$", title="log-SNR")
+        ax[1, 0].set(xlabel=xlabel, ylabel=r"$\beta_t$", title="beta", yscale="log")
+        ax[1, 1].set(xlabel=xlabel, ylabel=r"$\tilde\beta_t/\beta_t$", title="posterior / beta")
+        for a in ax.flat:
+            a.legend()
+        return save_figure(fig, path)
+
+
+def plot_posterior(schedule: Schedule, v: float, path: str | Path) -> Path:
+    """beta, beta_tilde and the learned_range variance for ``v`` (log axis), their ratio, and the
+    clipped log variance."""
+    import torch
+
+    x = _x(schedule, normalise=False)
+    n = schedule.num_steps
+    steps, like = torch.arange(n), torch.zeros(n, dtype=torch.float64)
+    learned = torch.exp(
+        schedule.model_log_variance("learned_range", steps, like, torch.full((n,), float(v)))
+    )
+    with paper_figure(1, 3, row_height=2.4) as (fig, ax):
+        a = ax[0, 0]
+        a.plot(x, _positive(_np(schedule.beta)), label=r"$\beta_t$ (fixed_large)")
+        a.plot(
+            x,
+            _positive(_np(schedule.posterior_variance)),
+            "--",
+            label=r"$\tilde\beta_t$ (fixed_small)",
+        )
+        a.plot(x, _positive(_np(learned)), ":", label=f"learned_range, v = {v:g}")
+        a.set(
+            xlabel="timestep t (0-based)",
+            ylabel="variance",
+            yscale="log",
+            title="reverse-process variances",
+        )
+        a.legend()
+        a = ax[0, 1]
+        a.plot(x, _np(schedule.posterior_variance / schedule.beta), color="C3")
+        a.set(xlabel="timestep t (0-based)", ylabel=r"$\tilde\beta_t/\beta_t$", title="ratio")
+        a = ax[0, 2]
+        a.plot(
+            x,
+            _np(schedule.posterior_log_variance_clipped),
+            color="C4",
+            label=r"$\log\tilde\beta_t$, $t = 0$ clipped to $t = 1$",
+        )
+        a.set(xlabel="timestep t (0-based)", ylabel="log variance", title="clipped log variance")
+        a.legend()
+        fig.suptitle(f"posterior of {schedule.name}", fontsize=9)
+        return save_figure(fig, path)
