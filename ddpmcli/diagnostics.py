@@ -17,6 +17,7 @@ step); the model is called with ``schedule.timesteps[t]`` (the identity unless r
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -36,10 +37,13 @@ __all__ = [
     "ReconstructionExamples",
     "ReconstructionResult",
     "SweepModel",
+    "ReconstructionData",
     "auto_chunk_size",
+    "default_timesteps",
     "iter_chunks",
     "pair_noise",
     "pair_seed",
+    "reconstruction_data",
     "reconstruction_sweep",
     "resolve_device",
     "resolve_dtype",
@@ -198,9 +202,16 @@ def pair_noise(
 
 
 class _Mixture(Protocol):
-    weights: Tensor  # [K]
-    means: Tensor  # [K, D]
-    stds: Tensor  # [K]
+    """An isotropic Gaussian mixture (``data.GaussianMixture`` is one)."""
+
+    @property
+    def weights(self) -> Tensor: ...  # [K]
+
+    @property
+    def means(self) -> Tensor: ...  # [K, D]
+
+    @property
+    def stds(self) -> Tensor: ...  # [K]
 
 
 @dataclass(frozen=True)
@@ -384,6 +395,88 @@ class ReconstructionResult:
     def curve(self, column: str) -> list[float]:
         """One column of the per-t rows as floats (for the plots)."""
         return [float(row[column]) for row in self.rows]
+
+
+def default_timesteps(num_steps: int, k: int = 10) -> list[int]:
+    """About ``k`` schedule indices spread evenly from 0 to ``num_steps - 1`` (both included)."""
+    if num_steps <= k:
+        return list(range(num_steps))
+    return sorted({round(i * (num_steps - 1) / (k - 1)) for i in range(k)})
+
+
+@dataclass
+class ReconstructionData:
+    """The samples a sweep reconstructs and, when asked for, their data's optimal denoiser."""
+
+    x0: Tensor
+    source: str
+    optimal: OptimalDenoiser | None
+
+
+def reconstruction_data(
+    model: Any,
+    source: str | None,
+    *,
+    n: int | None = 64,
+    seed: int = 0,
+    compare_optimal: bool = False,
+) -> ReconstructionData:
+    """The data for ``ddpm reconstruct``: ``source`` (a built-in set's name or a path to an array
+    file or image folder), else the checkpoint's reference samples; the first ``n`` of them.
+
+    With ``compare_optimal``, the optimal denoiser of the data's distribution: the closed form for
+    a Gaussian-mixture built-in set (``gmm``), the whole finite set for a file or the reference
+    samples (its posterior is over every point of the set, not only the ``n`` reconstructed).
+
+    Raises:
+        UsageError: no data (no ``source`` and no reference samples), ``n < 1``, or
+            ``compare_optimal`` on a built-in set whose distribution is neither.
+        DataError: data that cannot be read or do not fit the model.
+    """
+    from ddpmcli import data as datasets
+
+    if n is not None and n < 1:
+        raise UsageError(f"--n {n}: must be at least 1")
+    shape = tuple(int(d) for d in model.data_shape)
+    lo, hi = (float(v) for v in model.data_range)
+    optimal = None
+    if source is None:
+        refs = getattr(model, "reference_samples", None)
+        if refs is None:
+            raise UsageError(
+                "this checkpoint holds no reference samples; give --data (an .npy/.npz file, an "
+                f"image folder or a built-in set: {', '.join(datasets.BUILTIN_DATASETS)})"
+            )
+        everything = refs.detach().to("cpu", torch.float64)
+        if tuple(everything.shape[1:]) != shape:
+            raise DataError(
+                f"reference samples have shape {list(everything.shape[1:])}, the model wants "
+                f"{list(shape)}"
+            )
+        label = "reference samples"
+    elif source in datasets.BUILTIN_DATASETS and not os.path.exists(source):
+        everything = datasets.get_data(
+            source, n=n or 64, seed=seed, data_shape=shape, data_range=(lo, hi), dtype=torch.float64
+        )
+        label = source
+        if compare_optimal:
+            mixture = datasets.gaussian_mixture(source)
+            if mixture is None or (lo, hi) != datasets.BUILTIN_DATASETS[source].data_range:
+                raise UsageError(
+                    f"--compare-optimal: the built-in set {source!r} is neither a finite set nor "
+                    "a Gaussian mixture in the model's range; use gmm, a data file or the "
+                    "checkpoint's reference samples"
+                )
+            optimal = OptimalDenoiser.from_mixture(mixture)
+    else:
+        everything = datasets.get_data(
+            source, n=None, data_shape=shape, data_range=(lo, hi), dtype=torch.float64
+        )
+        label = source
+    if compare_optimal and optimal is None:
+        optimal = OptimalDenoiser.from_points(everything)
+    x0 = everything if n is None else everything[:n]
+    return ReconstructionData(x0=x0, source=label, optimal=optimal)
 
 
 def _spread(values: Sequence[int], k: int) -> list[int]:

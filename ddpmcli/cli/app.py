@@ -31,6 +31,7 @@ EXIT_INTERRUPTED = 130
 # One line per command group (module ddpmcli/cli/<name>.py with register(app)), in help order.
 COMMAND_GROUPS: tuple[str, ...] = (
     "schedule",  # schedule, compare, posterior, check
+    "reconstruct",  # reconstruct
     # helpers: add your group here, one line each, e.g. "checkpoint", "reconstruct", "sample",
 )
 

@@ -1,0 +1,177 @@
+"""`ddpm reconstruct CKPT`: noise data to x_t, let the checkpoint predict, rebuild x0, per t.
+
+Thin: parse and validate the flags, load the checkpoint and data, call
+`diagnostics.reconstruction_sweep`, hand the rows to `ddpmcli.output`. torch is imported only
+inside the command, so `ddpm --help` stays fast.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Literal
+
+import typer
+
+from ddpmcli.cli.common import (
+    ColumnsOpt,
+    DeviceOpt,
+    EveryOpt,
+    FormatOpt,
+    NoHeaderOpt,
+    PlotOpt,
+    QuietOpt,
+    SeedOpt,
+    TSelectOpt,
+    check_format_flags,
+    reject_conflicts,
+    resolve_plot_path,
+    select_columns,
+    select_rows,
+)
+from ddpmcli.errors import UsageError
+from ddpmcli.output import ProgressHandle, emit, note, progress
+
+PANEL_META = "Metadata (TorchScript / export programs without ddpm.json)"
+
+
+def _shape(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(int(part) for part in text.replace("x", ",").split(","))
+    except ValueError:
+        raise UsageError(f"--data-shape {text!r}: want D or C,H,W (integers)") from None
+
+
+def _advancer(bar: ProgressHandle) -> Callable[[int, int], None]:
+    """A sweep's ``callback(done, total)`` as increments of the progress bar."""
+    seen = [0]
+
+    def advance(done: int, total: int) -> None:
+        bar.advance(done - seen[0])
+        seen[0] = done
+
+    return advance
+
+
+def reconstruct(
+    checkpoint: Annotated[
+        Path, typer.Argument(metavar="CKPT", help="Native .pt, TorchScript, .pt2 or diffusers dir.")
+    ],
+    data: Annotated[
+        str | None,
+        typer.Option(
+            "--data",
+            help="An .npy/.npz file, an image folder or a built-in set (moons, swiss_roll, gmm, "
+            "shapes). Default: the checkpoint's reference samples.",
+        ),
+    ] = None,
+    n: Annotated[int, typer.Option("--n", min=1, help="Samples to reconstruct.")] = 64,
+    seed: SeedOpt = 0,
+    t: TSelectOpt = None,
+    every: EveryOpt = None,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(
+            "--batch-size", min=1, help="(sample, t) pairs per model call; default: auto."
+        ),
+    ] = None,
+    device: DeviceOpt = "cpu",
+    dtype: Annotated[
+        Literal["float32", "bfloat16", "float16"],
+        typer.Option("--dtype", help="Dtype the model runs in (the sweep's own math is float64)."),
+    ] = "float32",
+    clip: Annotated[
+        bool, typer.Option("--clip/--no-clip", help="Clip x0_hat to the data range before mse.")
+    ] = True,
+    per_sample: Annotated[
+        bool, typer.Option("--per-sample", help="One row per (t, sample) instead of per t.")
+    ] = False,
+    compare_optimal: Annotated[
+        bool,
+        typer.Option(
+            "--compare-optimal",
+            help="Also the error of the exact Bayes-optimal denoiser: for a finite set (a file, "
+            "the reference samples; posterior over all its points) or a Gaussian mixture (gmm).",
+        ),
+    ] = False,
+    columns: ColumnsOpt = None,
+    fmt: FormatOpt = "auto",
+    no_header: NoHeaderOpt = False,
+    plot: PlotOpt = None,
+    quiet: QuietOpt = False,
+    kind: Annotated[
+        str | None,
+        typer.Option("--kind", help="Training schedule kind.", rich_help_panel=PANEL_META),
+    ] = None,
+    timesteps: Annotated[
+        int | None,
+        typer.Option("--timesteps", "-T", help="Training T (1000).", rich_help_panel=PANEL_META),
+    ] = None,
+    prediction_type: Annotated[
+        str | None,
+        typer.Option(
+            "--prediction-type", help="epsilon | sample | v_prediction.", rich_help_panel=PANEL_META
+        ),
+    ] = None,
+    data_shape: Annotated[
+        str | None,
+        typer.Option(
+            "--data-shape", metavar="D|C,H,W", help="Sample shape.", rich_help_panel=PANEL_META
+        ),
+    ] = None,
+) -> None:
+    """Reconstruct x0 from x_t at each t: mse, psnr, eps_mse, clip_fraction per noise level.
+
+    For each sample and t: x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps (eps seeded per pair: same
+    seed, same numbers, whatever --batch-size or --device), then x0_hat from the model's output by
+    its prediction type. Timesteps are 0-based as models take them (t = 0 is one noising step);
+    default: 10 t spread from 0 to T-1.
+
+    Examples:
+
+      ddpm reconstruct ckpt.pt --data moons --n 256 --every 100
+
+      ddpm reconstruct ckpt.pt --data gmm --compare-optimal --plot plots/gmm.png
+
+      ddpm reconstruct model.pt2 --kind cosine --prediction-type v --data-shape 2 --data moons
+    """
+    from ddpmcli.checkpoints import load_checkpoint
+    from ddpmcli.diagnostics import default_timesteps, reconstruction_data, reconstruction_sweep
+
+    check_format_flags(fmt, no_header)
+    reject_conflicts(("--t", t is not None), ("--every", every is not None))
+    plot_path = resolve_plot_path(plot, "reconstruct")
+    model = load_checkpoint(
+        checkpoint, kind=kind, timesteps=timesteps, prediction_type=prediction_type,
+        data_shape=_shape(data_shape),
+    )  # fmt: skip
+    steps = model.schedule.num_steps
+    indices = (
+        default_timesteps(steps) if t is None and every is None else select_rows(t, every, steps)
+    )
+    picked = reconstruction_data(model, data, n=n, seed=seed, compare_optimal=compare_optimal)
+    with progress(len(indices) * picked.x0.shape[0], "reconstructing", quiet) as bar:
+        result = reconstruction_sweep(
+            model, picked.x0, indices, batch_size=batch_size, seed=seed, device=device,
+            dtype=dtype, clip=clip, per_sample=per_sample, compare_optimal=picked.optimal,
+            callback=_advancer(bar),
+        )  # fmt: skip
+    available = result.sample_columns if per_sample else result.columns
+    rows = result.sample_rows if per_sample and result.sample_rows is not None else result.rows
+    cols = select_columns(columns, available)
+    emit(rows, cols, fmt, no_header=no_header, title=f"reconstruct {checkpoint.name}")
+    if plot_path is not None:
+        from ddpmcli.plotting.reconstruct import plot_reconstruction
+
+        written = plot_reconstruction(
+            result, plot_path, title=f"{checkpoint.name} on {picked.source}"
+        )
+        if not quiet:
+            note(f"wrote {written}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add `ddpm reconstruct` to the app."""
+    app.command("reconstruct")(reconstruct)
