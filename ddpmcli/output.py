@@ -45,8 +45,16 @@ Row = Mapping[str, Any]
 
 def _plain(value: Any) -> Any:
     """A numpy/torch scalar (anything with ``.item()``) as the Python number it holds."""
-    if isinstance(value, str | int | float | bool) or value is None:
+    if value is None or type(value) in (str, int, float, bool):
         return value
+    if isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, float):  # np.float64 subclasses float but reprs as np.float64(...)
+        return float(value)
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, str):
+        return str(value)
     item = getattr(value, "item", None)
     if callable(item):
         try:
@@ -302,10 +310,15 @@ def check_writable(path: str | os.PathLike[str], *, what: str = "output file") -
         raise UsageError(
             f"cannot write {what} {str(target)!r}: {str(existing)!r} is not a directory"
         )
-    if not os.access(existing, os.W_OK | os.X_OK):
+    # Probe by creating a file: os.access says yes to root on read-only or virtual filesystems.
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
         raise UsageError(
-            f"cannot write {what} {str(target)!r}: folder {str(existing)!r} is not writable"
-        )
+            f"cannot write {what} {str(target)!r}: folder {str(existing)!r} is not writable "
+            f"({exc.strerror or exc})"
+        ) from None
     if target.exists() and not os.access(target, os.W_OK):
         raise UsageError(f"cannot write {what} {str(target)!r}: file is not writable")
     return target

@@ -1,0 +1,203 @@
+"""The output layer: exact text per format, full-precision floats, inf/nan, atomic writes."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ddpmcli.errors import DdpmError, UsageError
+from ddpmcli.output import (
+    atomic_write,
+    atomic_write_text,
+    check_writable,
+    emit,
+    format_machine,
+    format_table_value,
+    progress,
+    resolve_format,
+    warn,
+)
+
+ROWS = [
+    {"t": 0, "beta": 0.0001, "snr": math.inf, "name": "a"},
+    {"t": 1, "beta": 0.0097916123456789, "snr": math.nan, "name": "b,c"},
+]
+COLS = ["t", "beta", "snr", "name"]
+
+
+def render(fmt: str, rows=ROWS, cols=COLS, **kwargs) -> str:
+    out = io.StringIO()
+    emit(rows, cols, fmt, stream=out, **kwargs)
+    return out.getvalue()
+
+
+def test_csv_exact() -> None:
+    assert render("csv") == 't,beta,snr,name\n0,0.0001,inf,a\n1,0.0097916123456789,nan,"b,c"\n'
+
+
+def test_tsv_exact_and_no_header() -> None:
+    assert (
+        render("tsv") == "t\tbeta\tsnr\tname\n0\t0.0001\tinf\ta\n1\t0.0097916123456789\tnan\tb,c\n"
+    )
+    assert render("tsv", no_header=True) == "0\t0.0001\tinf\ta\n1\t0.0097916123456789\tnan\tb,c\n"
+    assert render("csv", no_header=True).startswith("0,0.0001,")
+
+
+def test_json_is_valid_with_null_for_non_finite() -> None:
+    text = render("json")
+    data = json.loads(text)  # strict: would fail on NaN/Infinity literals
+    assert data == [
+        {"t": 0, "beta": 0.0001, "snr": None, "name": "a"},
+        {"t": 1, "beta": 0.0097916123456789, "snr": None, "name": "b,c"},
+    ]
+    assert "NaN" not in text and "Infinity" not in text
+
+
+def test_jsonl_exact() -> None:
+    assert render("jsonl") == (
+        '{"t": 0, "beta": 0.0001, "snr": null, "name": "a"}\n'
+        '{"t": 1, "beta": 0.0097916123456789, "snr": null, "name": "b,c"}\n'
+    )
+
+
+def test_empty_outputs() -> None:
+    assert render("json", rows=[]) == "[]\n"
+    assert render("jsonl", rows=[]) == ""
+    assert render("csv", rows=[]) == "t,beta,snr,name\n"
+
+
+def test_table_rounds_and_right_aligns_numbers() -> None:
+    text = render("table", title="demo")
+    lines = text.splitlines()
+    assert lines[0].strip() == "demo"
+    header = lines[1]
+    assert header.split() == COLS
+    first, second = lines[3], lines[4]
+    assert "0.00979161" in second and "0.0097916123456789" not in text
+    assert "inf" in first and "nan" in second
+    # right-aligned numbers end in the same column
+    assert first.index("0.0001") + len("0.0001") == second.index("0.00979161") + len("0.00979161")
+    assert all(line == line.rstrip() for line in lines)
+
+
+def test_auto_is_tsv_when_not_a_terminal() -> None:
+    assert resolve_format("auto", io.StringIO()) == "tsv"
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    assert resolve_format("auto", Tty()) == "table"
+    with pytest.raises(UsageError, match="allowed"):
+        resolve_format("xml")
+
+
+def test_value_formatting() -> None:
+    assert format_machine(True) == "true"
+    assert format_machine(None) == ""
+    assert format_machine(-math.inf) == "-inf"
+    assert format_table_value(1234567.891) == "1.23457e+06"
+    assert format_table_value(-math.inf) == "-inf"
+
+
+def test_numpy_and_torch_scalars_print_as_numbers() -> None:
+    import numpy as np
+    import torch
+
+    rows = [{"a": np.float64(0.1), "b": torch.tensor(0.25, dtype=torch.float64), "c": np.int64(3)}]
+    assert render("csv", rows=rows, cols=["a", "b", "c"]) == "a,b,c\n0.1,0.25,3\n"
+    assert json.loads(render("json", rows=rows, cols=["a", "b", "c"])) == [
+        {"a": 0.1, "b": 0.25, "c": 3}
+    ]
+
+
+@given(st.floats(allow_nan=True, allow_infinity=True))
+def test_machine_floats_round_trip_exactly(value: float) -> None:
+    text = render("csv", rows=[{"x": value}], cols=["x"], no_header=True)
+    back = float(next(csv.reader(io.StringIO(text)))[0])
+    assert (math.isnan(value) and math.isnan(back)) or back == value
+
+
+@given(st.floats(allow_nan=False, allow_infinity=False))
+def test_json_floats_round_trip_exactly(value: float) -> None:
+    assert json.loads(render("json", rows=[{"x": value}], cols=["x"]))[0]["x"] == value
+
+
+def test_warn_goes_to_stderr(capsys: pytest.CaptureFixture[str]) -> None:
+    warn("careful [not markup]")
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "Warning: careful [not markup]" in captured.err
+
+
+def test_progress_is_silent_off_a_terminal(capsys: pytest.CaptureFixture[str]) -> None:
+    with progress(3, "work") as bar:
+        for _ in range(3):
+            bar.advance()
+    with progress(3, "work", quiet=True) as bar:
+        bar.advance(2)
+    assert capsys.readouterr() == ("", "")
+
+
+def test_atomic_write_replaces_and_keeps_permissions(tmp_path: Path) -> None:
+    target = tmp_path / "sub" / "out.txt"
+    atomic_write_text(target, "one")
+    atomic_write_text(target, "two")
+    assert target.read_text() == "two"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert sorted(p.name for p in target.parent.iterdir()) == ["out.txt"]
+
+
+def test_atomic_write_failure_leaves_nothing_behind(tmp_path: Path) -> None:
+    target = tmp_path / "out.png"
+    target.write_text("old")
+
+    def half_then_fail(tmp: Path) -> None:
+        tmp.write_text("half")
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        atomic_write(target, half_then_fail)
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.png"]
+
+    def interrupted(tmp: Path) -> None:
+        tmp.write_text("half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(tmp_path / "new.png", interrupted)
+    assert [p.name for p in tmp_path.iterdir()] == ["out.png"]
+
+
+def test_atomic_write_reports_os_errors(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(DdpmError, match="cannot write"):
+        atomic_write_text(blocker / "x.txt", "data")
+
+
+def test_check_writable(tmp_path: Path) -> None:
+    assert (
+        check_writable(tmp_path / "new" / "deeper" / "x.png")
+        == tmp_path / "new" / "deeper" / "x.png"
+    )
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(UsageError, match="not a directory"):
+        check_writable(blocker / "x.png")
+    with pytest.raises(UsageError, match="is a directory"):
+        check_writable(tmp_path)
+    with pytest.raises(UsageError, match="not writable"):
+        check_writable("/proc/ddpm-test.png")
+    assert not (tmp_path / "new").exists()  # checking creates nothing
