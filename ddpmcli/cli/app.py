@@ -32,6 +32,7 @@ EXIT_INTERRUPTED = 130
 COMMAND_GROUPS: tuple[str, ...] = (
     "schedule",  # schedule, compare, posterior, check
     "reconstruct",  # reconstruct
+    "sample",  # sample, nll
     # helpers: add your group here, one line each, e.g. "checkpoint", "reconstruct", "sample",
 )
 

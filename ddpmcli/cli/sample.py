@@ -1,0 +1,502 @@
+"""`ddpm sample CKPT` and `ddpm nll CKPT`: watch a sampler step by step; the bound term by term.
+
+Thin: parse and validate the flags (every path checked before any work), load the checkpoint, call
+`ddpmcli.sampling`, hand the rows to `ddpmcli.output`. torch, numpy and matplotlib are imported
+only inside the commands, so `ddpm --help` stays fast.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+import typer
+
+from ddpmcli.cli.common import (
+    ColumnsOpt,
+    DeviceOpt,
+    EveryOpt,
+    FormatOpt,
+    NoHeaderOpt,
+    PlotOpt,
+    QuietOpt,
+    SeedOpt,
+    TSelectOpt,
+    check_format_flags,
+    reject_conflicts,
+    resolve_plot_path,
+    select_columns,
+    select_rows,
+)
+from ddpmcli.errors import UsageError
+from ddpmcli.output import check_writable, emit, note, progress
+
+if TYPE_CHECKING:
+    from ddpmcli.checkpoints import LoadedModel
+
+PANEL_SAMPLER = "Sampler"
+PANEL_META = "Metadata (TorchScript / export programs without ddpm.json)"
+SAVE_SUFFIXES = (".npz", ".png")
+SUMMARY_COLUMNS = (
+    "sampler",
+    "variance",
+    "eta",
+    "steps",
+    "n",
+    "seed",
+    "sample_mean",
+    "sample_std",
+    "energy_distance",
+    "sliced_w2",
+)
+
+CheckpointArg = Annotated[
+    Path, typer.Argument(metavar="CKPT", help="Native .pt, TorchScript, .pt2 or diffusers dir.")
+]
+VarianceOpt = Annotated[
+    Literal["fixed_small", "fixed_large", "learned_range"],
+    typer.Option(
+        "--variance",
+        help="Reverse-process variance: fixed_small (beta_tilde), fixed_large (beta; beta_tilde_1 "
+        "at t = 0, improved-diffusion), learned_range (the model's variance channel).",
+        rich_help_panel=PANEL_SAMPLER,
+    ),
+]
+BatchOpt = Annotated[
+    int | None, typer.Option("--batch-size", help="Samples per model call (default: all).")
+]
+DtypeOpt = Annotated[
+    Literal["float32", "bfloat16", "float16", "float64"],
+    typer.Option("--dtype", help="Dtype the model runs in (schedule math stays float64)."),
+]
+KindOpt = Annotated[
+    str | None, typer.Option("--kind", help="Training schedule kind.", rich_help_panel=PANEL_META)
+]
+TimestepsOpt = Annotated[
+    int | None,
+    typer.Option("--timesteps", "-T", help="Training T (1000).", rich_help_panel=PANEL_META),
+]
+PredOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--prediction-type", help="epsilon | sample | v_prediction.", rich_help_panel=PANEL_META
+    ),
+]
+ShapeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--data-shape", metavar="D|C,H,W", help="Sample shape.", rich_help_panel=PANEL_META
+    ),
+]
+
+
+def _shape(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(int(part) for part in text.replace("x", ",").split(","))
+    except ValueError:
+        raise UsageError(f"--data-shape {text!r}: want D or C,H,W (integers)") from None
+
+
+def _load(
+    checkpoint: Path,
+    device: str,
+    dtype: str,
+    kind: str | None,
+    timesteps: int | None,
+    prediction_type: str | None,
+    data_shape: str | None,
+) -> LoadedModel:
+    from ddpmcli.checkpoints import load_checkpoint
+    from ddpmcli.diagnostics import resolve_device, resolve_dtype
+
+    return load_checkpoint(
+        checkpoint, kind=kind, timesteps=timesteps, prediction_type=prediction_type,
+        data_shape=_shape(data_shape), device=resolve_device(device), dtype=resolve_dtype(dtype),
+    )  # fmt: skip
+
+
+def _check_save(save: Path | None) -> Path | None:
+    if save is None:
+        return None
+    if save.suffix.lower() not in SAVE_SUFFIXES:
+        raise UsageError(
+            f"--save {str(save)!r}: unknown file type {save.suffix or '(no suffix)'!r}; "
+            f"allowed: {', '.join(SAVE_SUFFIXES)} (.png for image data)"
+        )
+    return check_writable(save, what="--save file")
+
+
+def sample(
+    checkpoint: CheckpointArg,
+    sampler: Annotated[
+        Literal["ddpm", "ddim"],
+        typer.Option(
+            "--sampler",
+            help="ddpm: ancestral (Ho et al. 2020, Alg. 2); ddim: Song et al. 2021 with --eta.",
+            rich_help_panel=PANEL_SAMPLER,
+        ),
+    ] = "ddpm",
+    variance: VarianceOpt = "fixed_small",
+    eta: Annotated[
+        float,
+        typer.Option(
+            "--eta",
+            help="DDIM noise scale, >= 0 (0: deterministic; 1: ancestral with fixed_small).",
+            rich_help_panel=PANEL_SAMPLER,
+        ),
+    ] = 0.0,
+    steps: Annotated[
+        str | None,
+        typer.Option(
+            "--steps",
+            metavar="N",
+            help="Respace to N steps (1..T) with --spacing, or a section string (ddim50, "
+            "10,20,30). Default: all T.",
+            rich_help_panel=PANEL_SAMPLER,
+        ),
+    ] = None,
+    spacing: Annotated[
+        Literal["leading", "trailing", "linspace"],
+        typer.Option("--spacing", help="How N steps are spread.", rich_help_panel=PANEL_SAMPLER),
+    ] = "leading",
+    clip: Annotated[
+        bool,
+        typer.Option(
+            "--clip/--no-clip",
+            help="Clip x0_hat to the data range before each step.",
+            rich_help_panel=PANEL_SAMPLER,
+        ),
+    ] = True,
+    dynamic_threshold: Annotated[
+        bool,
+        typer.Option(
+            "--dynamic-threshold",
+            help="Dynamic thresholding of x0_hat (Saharia et al. 2022) instead of --clip.",
+            rich_help_panel=PANEL_SAMPLER,
+        ),
+    ] = False,
+    percentile: Annotated[
+        float,
+        typer.Option(
+            "--percentile",
+            help="Percentile of |x0_hat| for --dynamic-threshold.",
+            rich_help_panel=PANEL_SAMPLER,
+        ),
+    ] = 0.995,
+    n: Annotated[int, typer.Option("--n", help="Number of samples.")] = 64,
+    seed: SeedOpt = 0,
+    batch_size: BatchOpt = None,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
+    save: Annotated[
+        Path | None,
+        typer.Option(
+            "--save",
+            metavar="PATH",
+            help=".npz of the samples (key 'samples'), or a .png grid (image data). Checked "
+            "before sampling.",
+        ),
+    ] = None,
+    trajectory_every: Annotated[
+        int | None,
+        typer.Option(
+            "--trajectory-every", metavar="K", help="Keep x0_hat every K steps for --plot."
+        ),
+    ] = None,
+    reference: Annotated[
+        str | None,
+        typer.Option(
+            "--reference",
+            help="Points to measure the samples against (a data file or built-in set); default: "
+            "the checkpoint's reference samples.",
+        ),
+    ] = None,
+    summary: Annotated[
+        bool,
+        typer.Option(
+            "--summary", help="Print one summary row (with the distances) instead of per-step rows."
+        ),
+    ] = False,
+    columns: ColumnsOpt = None,
+    fmt: FormatOpt = "auto",
+    no_header: NoHeaderOpt = False,
+    plot: PlotOpt = None,
+    quiet: QuietOpt = False,
+    kind: KindOpt = None,
+    timesteps: TimestepsOpt = None,
+    prediction_type: PredOpt = None,
+    data_shape: ShapeOpt = None,
+) -> None:
+    """Sample from a checkpoint and show every step: one row per step.
+
+    Columns: step (0 = noisiest), t (the model timestep, 0-based), variance (of the noise the step
+    adds; 0 at the last step), xt_std and xt_std_expected = sqrt(ab_t var(data) + 1 - ab_t)
+    (var(data) from the checkpoint's reference samples, else assumed 1), x0_min/x0_max/x0_std of
+    the raw x0_hat, clip_fraction (share of raw x0_hat outside the data range), update_norm (mean
+    ||x_{t-1} - x_t||). Same seed, same samples, whatever --batch-size. For vector data with
+    reference points, the energy distance and sliced W2 of the samples to them go to stderr
+    (or stdout with --summary). NaN/Inf in x_t stops the run: the rows so far are printed, exit 1.
+
+    Examples:
+
+      ddpm sample ckpt.pt --n 512 --steps 100 --plot plots/sample.png
+
+      ddpm sample ckpt.pt --sampler ddim --eta 0 --steps 50 --summary
+
+      ddpm sample ckpt.pt --variance fixed_large --save samples.npz --trajectory-every 100 --plot
+    """
+    import torch
+
+    from ddpmcli.sampling import (
+        NonFiniteSampleError,
+        SampleSettings,
+        check_sample_settings,
+        respaced_schedule,
+    )
+    from ddpmcli.sampling import (
+        sample as run_sample,
+    )
+
+    check_format_flags(fmt, no_header)
+    reject_conflicts(("--summary", summary), ("--columns", columns is not None))
+    if n < 1:
+        raise UsageError(f"--n must be at least 1, got {n}")
+    if batch_size is not None and batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
+    plot_path = resolve_plot_path(plot, "sample")
+    save_path = _check_save(save)
+    model = _load(checkpoint, device, dtype, kind, timesteps, prediction_type, data_shape)
+    settings = SampleSettings(
+        sampler=sampler, variance=variance, eta=eta, clip=clip,
+        dynamic_threshold=percentile if dynamic_threshold else None,
+        data_range=model.data_range, trajectory_every=trajectory_every,
+        trajectory_samples=8 if len(model.data_shape) > 1 else min(n, 2000),
+    )  # fmt: skip
+    check_sample_settings(settings, learned_variance=model.learned_variance)
+    if save_path is not None and save_path.suffix.lower() == ".png" and len(model.data_shape) != 3:
+        raise UsageError(f"--save {str(save_path)!r}: a .png grid needs image data; use .npz")
+    schedule = respaced_schedule(model.schedule, steps, spacing)
+    refs = _reference(model, reference, seed)
+    data_variance = float(refs.double().var(correction=0)) if refs is not None else 1.0
+    if refs is None and not quiet:
+        note("xt_std_expected assumes var(data) = 1 (no reference samples)")
+    rows: list[dict[str, Any]] = []
+    title = f"sample {checkpoint.name} ({sampler}, {schedule.num_steps} steps)"
+    cols = select_columns(columns, _step_columns())
+    try:
+        with progress(n * schedule.num_steps, "sampling", quiet) as bar:
+            run = run_sample(
+                model.predict, schedule, model.prediction_type, model.data_shape, n=n,
+                settings=settings, seed=seed, batch_size=batch_size, device=model.device,
+                model_dtype=model.dtype, data_variance=data_variance, progress=bar.advance,
+            )  # fmt: skip
+    except NonFiniteSampleError as exc:
+        if not summary:
+            emit(exc.rows, cols, fmt, no_header=no_header, title=title)
+        raise
+    rows = run.rows
+    distances = _distances(run.samples, refs, model.data_shape, seed)
+    if summary:
+        emit([_summary_row(settings, schedule.num_steps, n, seed, run.samples, distances)],
+             list(SUMMARY_COLUMNS), fmt, no_header=no_header, title=title)  # fmt: skip
+    else:
+        emit(rows, cols, fmt, no_header=no_header, title=title)
+        if distances and not quiet:
+            note(", ".join(f"{k} {v:.6g}" for k, v in distances.items()) + " (to the reference)")
+    if save_path is not None:
+        _save_samples(save_path, run.samples, model, schedule.name, quiet)
+    if plot_path is not None:
+        from ddpmcli.plotting.sample import plot_sampling
+
+        written = plot_sampling(
+            run, plot_path, data_range=model.data_range,
+            reference=None if refs is None else refs.to(torch.float32),
+            distances=distances, title=title,
+        )  # fmt: skip
+        if not quiet:
+            note(f"wrote {written}")
+
+
+def _step_columns() -> list[str]:
+    from ddpmcli.sampling import STEP_COLUMNS
+
+    return list(STEP_COLUMNS)
+
+
+def _reference(model: LoadedModel, source: str | None, seed: int) -> Any:
+    if source is None:
+        return model.reference_samples
+    from ddpmcli.data import get_data
+
+    return get_data(
+        source, n=None if Path(source).exists() else 2000, seed=seed,
+        data_shape=model.data_shape, data_range=model.data_range,
+    )  # fmt: skip
+
+
+def _distances(samples: Any, refs: Any, data_shape: tuple[int, ...], seed: int) -> dict[str, float]:
+    if refs is None or len(data_shape) != 1 or samples.shape[0] < 2 or refs.shape[0] < 2:
+        return {}
+    from ddpmcli.sampling import cloud_distances
+
+    return cloud_distances(samples, refs, seed=seed)
+
+
+def _summary_row(
+    settings: Any, steps: int, n: int, seed: int, samples: Any, distances: dict[str, float]
+) -> dict[str, Any]:
+    return {
+        "sampler": settings.sampler,
+        "variance": settings.variance if settings.sampler == "ddpm" else None,
+        "eta": settings.eta if settings.sampler == "ddim" else None,
+        "steps": steps,
+        "n": n,
+        "seed": seed,
+        "sample_mean": float(samples.double().mean()),
+        "sample_std": float(samples.double().std(correction=0)),
+        "energy_distance": distances.get("energy_distance"),
+        "sliced_w2": distances.get("sliced_w2"),
+    }
+
+
+def _save_samples(path: Path, samples: Any, model: LoadedModel, schedule: str, quiet: bool) -> None:
+    from ddpmcli.output import atomic_write
+
+    if path.suffix.lower() == ".png":
+        from ddpmcli.plotting.sample import save_image_grid
+
+        written = save_image_grid(samples, path, model.data_range)
+    else:
+        import numpy as np
+
+        arr = samples.numpy()
+        lo, hi = model.data_range
+        written = atomic_write(
+            path,
+            lambda tmp: np.savez(
+                tmp, samples=arr, data_range=np.array([lo, hi]), schedule=np.array(schedule)
+            ),
+        )
+    if not quiet:
+        note(f"wrote {written}")
+
+
+def nll(
+    checkpoint: CheckpointArg,
+    data: Annotated[
+        str | None,
+        typer.Option(
+            "--data",
+            help="An .npy/.npz file, an image folder or a built-in set (moons, swiss_roll, gmm, "
+            "shapes). Default: the checkpoint's reference samples.",
+        ),
+    ] = None,
+    n: Annotated[int, typer.Option("--n", help="Samples to evaluate.")] = 64,
+    seed: SeedOpt = 0,
+    t: TSelectOpt = None,
+    every: EveryOpt = None,
+    t_random: Annotated[
+        int | None,
+        typer.Option(
+            "--t-random",
+            metavar="K",
+            help="Evaluate K timesteps: t = 0 and one drawn uniformly from each of K-1 equal "
+            "strata (seeded): an unbiased estimate of the total.",
+        ),
+    ] = None,
+    variance: VarianceOpt = "fixed_small",
+    decoder: Annotated[
+        Literal["auto", "discretized", "continuous"],
+        typer.Option(
+            "--decoder",
+            help="Decoder term at t = 0: discretized (8-bit data, bins of 2/255 on the data range; "
+            "auto for images) or continuous (a Gaussian density for real-valued data: its "
+            "bits/dim can be negative and do not compare with discrete ones; auto for vectors).",
+        ),
+    ] = "auto",
+    clip: Annotated[
+        bool, typer.Option("--clip/--no-clip", help="Clip x0_hat to the data range.")
+    ] = False,
+    batch_size: Annotated[
+        int | None,
+        typer.Option("--batch-size", help="(sample, t) pairs per model call; default: auto."),
+    ] = None,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
+    columns: ColumnsOpt = None,
+    fmt: FormatOpt = "auto",
+    no_header: NoHeaderOpt = False,
+    quiet: QuietOpt = False,
+    kind: KindOpt = None,
+    timesteps: TimestepsOpt = None,
+    prediction_type: PredOpt = None,
+    data_shape: ShapeOpt = None,
+) -> None:
+    """The variational bound of a checkpoint on data, term by term, in bits/dim.
+
+    Rows: for each t (0-based) the KL between the true posterior q(x_{t-1}|x_t, x0) and the
+    model's p(x_{t-1}|x_t) with --variance (term kl), at t = 0 the decoder -log p(x0|x_1) (term
+    decoder_discretized or decoder_continuous), then the prior KL(q(x_{T-1}|x0) || N(0, I)), then
+    the total. Each is a mean over samples, with its standard error; x0_mse and eps_mse per t.
+    Every t evaluated: the bound itself (term total). A subset (--t, --every, --t-random): the
+    total is an importance-weighted estimate (term total_estimate; weight = how many t each
+    evaluated t stands for), unbiased for --t-random, a stratified quadrature for a fixed subset;
+    t = 0 is always evaluated. Streams (sample, t) pairs in chunks: memory does not grow with T.
+
+    Examples:
+
+      ddpm nll ckpt.pt --data moons --n 256
+
+      ddpm nll ckpt.pt --n 64 --t-random 50 --format json
+    """
+    from ddpmcli.diagnostics import auto_chunk_size, reconstruction_data
+    from ddpmcli.sampling import BOUND_COLUMNS, random_strata, variational_bound
+
+    check_format_flags(fmt, no_header)
+    reject_conflicts(
+        ("--t", t is not None), ("--every", every is not None), ("--t-random", t_random is not None)
+    )
+    if batch_size is not None and batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
+    cols = select_columns(columns, list(BOUND_COLUMNS))
+    model = _load(checkpoint, device, dtype, kind, timesteps, prediction_type, data_shape)
+    num = model.schedule.num_steps
+    weights = None
+    indices: list[int] | None = None
+    if t_random is not None:
+        indices, weights = random_strata(num, t_random, seed)
+    elif t is not None or every is not None:
+        indices = select_rows(t, every, num)
+    picked = reconstruction_data(model, data, n=n, seed=seed)
+    x0 = picked.x0
+    dec = decoder if decoder != "auto" else ("discretized" if x0.ndim == 4 else "continuous")
+    count = (num if indices is None else len(set(indices) | {0})) * x0.shape[0]
+    per_item = int(x0[0].numel())
+    chunk = batch_size or auto_chunk_size(per_item, count, device=model.device)
+    with progress(count, "bound", quiet) as bar:
+        result = variational_bound(
+            model.predict, model.schedule, model.prediction_type, x0, t_indices=indices,
+            weights=weights, variance=variance, learned_variance=model.learned_variance,
+            decoder=dec, clip=clip, data_range=model.data_range, seed=seed, batch_size=chunk,
+            device=model.device, model_dtype=model.dtype, progress=bar.advance,
+        )  # fmt: skip
+    emit(result.rows, cols, fmt, no_header=no_header, title=f"nll {checkpoint.name}")
+    if not quiet and result.total_bpd is not None:
+        what = "estimated bound (importance-weighted)" if result.estimate else "bound"
+        kind_text = (
+            "discretised 8-bit decoder"
+            if dec == "discretized"
+            else "continuous Gaussian density decoder (real-valued data)"
+        )
+        note(
+            f"{what}: {result.total_bpd:.6g} ± {result.total_stderr or 0:.2g} bits/dim on "
+            f"{x0.shape[0]} samples of {picked.source}; {kind_text}"
+        )
+
+
+def register(app: typer.Typer) -> None:
+    """Add `ddpm sample` and `ddpm nll` to the app."""
+    app.command("sample")(sample)
+    app.command("nll")(nll)
