@@ -1,0 +1,500 @@
+"""`ddpm reconstruct`: the reconstruction sweep, the Bayes-optimal denoiser and the command.
+
+The oracle: a fake model that knows the noise of every (sample, t) pair returns the true target of
+its prediction type; the sweep must then rebuild x0 exactly up to rounding:
+
+- float64: |x0_hat - x0| <= 1e-10 at every t, including t = T-1 where 1/sqrt(alpha_bar) ~ 1e4;
+- float32 (the model's output rounded to float32, the sweep's own arithmetic float64):
+  |x0_hat - x0| <= 4 u (|x_t|/sqrt(ab) + sqrt(1/ab - 1)|eps|) + 1e-12 elementwise, u = 2^-24 the
+  unit roundoff. The right side bounds the rounding error of every prediction type: for epsilon
+  it is sqrt(1/ab - 1)|eps| u (the rounded eps, amplified by 1/sqrt(ab)); for v it is
+  sqrt(1 - ab)|v| u <= (sqrt(1/ab - 1)|eps| + |x0|) u, and |x0| <= |x_t|/sqrt(ab) +
+  sqrt(1/ab - 1)|eps| by the triangle inequality; for sample it is |x0| u. The factor 4 leaves
+  room for the float64 operations and for a fused implementation.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor
+
+from ddpmcli import core
+from ddpmcli.diagnostics import (
+    OptimalDenoiser,
+    auto_chunk_size,
+    iter_chunks,
+    pair_noise,
+    reconstruction_sweep,
+    resolve_device,
+    resolve_dtype,
+)
+from ddpmcli.errors import DataError, DdpmError, SamplingError, UsageError
+
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+
+
+class OracleModel:
+    """Returns the true target for x_t: it finds which sample made x_t by re-drawing each
+    sample's noise at t (the sweep's noise depends on (seed, sample, t) only)."""
+
+    def __init__(
+        self, schedule: core.Schedule, x0: Tensor, prediction_type: str, seed: int
+    ) -> None:
+        self.schedule = schedule
+        self.prediction_type = prediction_type
+        self.data_range = (-1.0, 1.0)
+        self.data_shape = tuple(x0.shape[1:])
+        self.x0 = x0.to(torch.float64)
+        self.seed = seed
+        self.dtype = torch.float32
+        self.calls = 0
+
+    def to(self, device: Any = None, dtype: torch.dtype | None = None) -> OracleModel:
+        self.dtype = dtype or self.dtype
+        return self
+
+    def predict(self, x_t: Tensor, t: Tensor) -> tuple[Tensor, None]:
+        self.calls += 1
+        n = self.x0.shape[0]
+        out = []
+        for row, step in zip(x_t.to(torch.float64), t.tolist(), strict=True):
+            idx = torch.full((n,), step, dtype=torch.long)
+            noise = pair_noise(self.seed, list(range(n)), [step] * n, self.data_shape)
+            candidates = self.schedule.q_sample(self.x0, idx, noise)
+            i = int(((candidates - row) ** 2).flatten(1).sum(1).argmin())
+            x0, eps, one = self.x0[i : i + 1], noise[i : i + 1], idx[:1]
+            if self.prediction_type == "epsilon":
+                target = eps
+            elif self.prediction_type == "sample":
+                target = x0
+            else:
+                target = self.schedule.v_target(x0, eps, one)
+            out.append(target)
+        return torch.cat(out).to(self.dtype), None
+
+
+class ShrinkModel:
+    """A fake x0-predictor: x0_hat = c * x_t (deterministic per row, any batch size)."""
+
+    def __init__(self, schedule: core.Schedule, data_shape: tuple[int, ...], c: float = 0.5):
+        self.schedule = schedule
+        self.prediction_type = "sample"
+        self.data_range = (-1.0, 1.0)
+        self.data_shape = data_shape
+        self.c = c
+
+    def to(self, device: Any = None, dtype: torch.dtype | None = None) -> ShrinkModel:
+        return self
+
+    def predict(self, x_t: Tensor, t: Tensor) -> tuple[Tensor, None]:
+        return self.c * x_t, None
+
+
+def _data(n: int = 6, shape: tuple[int, ...] = (3,), seed: int = 1) -> Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.rand((n, *shape), generator=gen, dtype=torch.float64) * 1.8 - 0.9).clamp(-1, 1)
+
+
+def _all_x0_hat(result: Any) -> Tensor:
+    return result.examples.x0_hat  # [len(t), n, *shape] with example_samples=n
+
+
+# ---------------------------------------------------------------------------------------------
+# the oracle
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+def test_oracle_float64_reconstructs_x0_to_1e_10(kind: str, prediction_type: str) -> None:
+    sched = core.make_schedule(kind, 1000)
+    x0 = _data()
+    ts = [0, 1, 250, 500, 900, 998, 999]
+    model = OracleModel(sched, x0, prediction_type, seed=3)
+    res = reconstruction_sweep(
+        model, x0, ts, seed=3, dtype=torch.float64, clip=False, batch_size=5,
+        example_samples=x0.shape[0], example_timesteps=len(ts),
+    )  # fmt: skip
+    err = (_all_x0_hat(res) - x0[None]).abs()
+    assert float(err.max()) <= 1e-10
+    assert all(row["mse"] <= 1e-20 for row in res.rows)
+    assert all(row["eps_mse"] <= 1e-12 for row in res.rows if row["t"] < 999 or kind == "linear")
+    assert all(row["clip_fraction"] == 0.0 for row in res.rows)
+
+
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+def test_oracle_float32_within_stated_rounding_bound(prediction_type: str) -> None:
+    sched = core.make_schedule("linear", 1000)
+    x0 = _data(n=5, shape=(4,))
+    ts = [0, 10, 300, 700, 999]
+    seed = 11
+    model = OracleModel(sched, x0, prediction_type, seed=seed)
+    res = reconstruction_sweep(
+        model, x0, ts, seed=seed, dtype="float32", clip=False,
+        example_samples=x0.shape[0], example_timesteps=len(ts),
+    )  # fmt: skip
+    n = x0.shape[0]
+    u = 2.0**-24
+    worst = 0.0
+    for j, t in enumerate(ts):
+        idx = torch.full((n,), t, dtype=torch.long)
+        eps = pair_noise(seed, list(range(n)), [t] * n, (4,))
+        x_t = sched.q_sample(x0, idx, eps)
+        ab = float(sched.alpha_bar[t])
+        bound = 4 * u * (x_t.abs() / math.sqrt(ab) + math.sqrt(1 / ab - 1) * eps.abs()) + 1e-12
+        err = (res.examples.x0_hat[j] - x0).abs()
+        assert bool((err <= bound).all()), (t, float((err / bound).max()))
+        worst = max(worst, float((err / bound).max()))
+    # the bound is not vacuous: float32 rounding shows (except for x0-prediction at exact zeros)
+    assert worst > 1e-3
+
+
+def test_same_seed_same_numbers_and_seed_matters() -> None:
+    sched = core.make_schedule("cosine", 100)
+    x0 = _data(n=7, shape=(1, 4, 4))
+    model = ShrinkModel(sched, (1, 4, 4))
+    ts = [0, 30, 60, 99]
+    a = reconstruction_sweep(model, x0, ts, seed=5, per_sample=True)
+    b = reconstruction_sweep(model, x0, ts, seed=5, per_sample=True)
+    c = reconstruction_sweep(model, x0, ts, seed=6)
+    assert a.rows == b.rows and a.sample_rows == b.sample_rows
+    assert a.rows != c.rows
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 7, 28, None])
+def test_batch_size_does_not_change_the_numbers(batch_size: int | None) -> None:
+    sched = core.make_schedule("linear", 200)
+    x0 = _data(n=7, shape=(2,))
+    model = ShrinkModel(sched, (2,), c=0.8)
+    ts = [0, 50, 120, 199]
+    ref = reconstruction_sweep(model, x0, ts, seed=2, batch_size=4, per_sample=True)
+    got = reconstruction_sweep(model, x0, ts, seed=2, batch_size=batch_size, per_sample=True)
+    # per-sample numbers are bit-identical; aggregates differ only in float64 summation order
+    assert got.sample_rows == ref.sample_rows
+    for r, g in zip(ref.rows, got.rows, strict=True):
+        for col in ref.columns:
+            assert g[col] == pytest.approx(r[col], rel=1e-13, abs=1e-300)
+
+
+def test_noise_of_a_pair_depends_on_seed_sample_t_only() -> None:
+    # the single t=500 row equals the t=500 row of a longer sweep
+    sched = core.make_schedule("linear", 1000)
+    x0 = _data(n=4, shape=(3,))
+    model = ShrinkModel(sched, (3,))
+    one = reconstruction_sweep(model, x0, [500], seed=9, batch_size=3)
+    many = reconstruction_sweep(model, x0, [0, 500, 999], seed=9, batch_size=5)
+    assert one.rows[0]["mse"] == pytest.approx(many.rows[1]["mse"], rel=1e-14)
+    a = pair_noise(1, [0, 1, 2], [5, 5, 5], (3,))
+    b = pair_noise(1, [2, 0], [5, 5], (3,))
+    assert torch.equal(a[2], b[0]) and torch.equal(a[0], b[1])
+    assert not torch.equal(a[0], a[1])
+    assert abs(float(pair_noise(0, list(range(200)), [7] * 200, (50,)).std()) - 1) < 0.02
+
+
+def test_columns_psnr_clip_fraction_and_examples() -> None:
+    sched = core.make_schedule("linear", 1000)
+    x0 = _data(n=5, shape=(1, 4, 4))
+    model = ShrinkModel(sched, (1, 4, 4), c=3.0)  # overshoots the data range
+    res = reconstruction_sweep(model, x0, list(range(0, 1000, 50)), seed=0, clip=True)
+    assert res.columns == ["t", "alpha_bar", "snr", "mse", "psnr", "eps_mse", "clip_fraction"]
+    for row in res.rows:
+        assert row["alpha_bar"] == float(sched.alpha_bar[row["t"]])
+        assert row["psnr"] == pytest.approx(10 * math.log10(4.0 / row["mse"]))
+        assert 0.0 <= row["clip_fraction"] <= 1.0
+    assert res.rows[-1]["clip_fraction"] > 0.5
+    ex = res.examples
+    assert ex.x0_hat.shape == (10, 5, 1, 4, 4) and ex.x_t.shape == ex.x0_hat.shape
+    assert ex.t[0] == 0 and ex.t[-1] == 950
+    assert float(ex.x0_hat.abs().max()) <= 1.0  # clipped
+    noclip = reconstruction_sweep(model, x0, [950], seed=0, clip=False)
+    clipped = reconstruction_sweep(model, x0, [950], seed=0, clip=True)
+    assert noclip.rows[0]["mse"] > clipped.rows[0]["mse"]
+    assert noclip.rows[0]["clip_fraction"] == clipped.rows[0]["clip_fraction"]
+
+
+def test_progress_callback_and_memory_is_per_chunk() -> None:
+    sched = core.make_schedule("linear", 100)
+    x0 = _data(n=6, shape=(2,))
+    calls: list[tuple[int, int]] = []
+    res = reconstruction_sweep(
+        ShrinkModel(sched, (2,)), x0, list(range(100)), batch_size=64,
+        callback=lambda done, total: calls.append((done, total)),
+    )  # fmt: skip
+    assert calls[-1] == (600, 600) and len(calls) == math.ceil(600 / 64)
+    assert res.batch_size == 64 and res.sample_rows is None
+
+
+def test_nan_from_the_model_is_one_error() -> None:
+    sched = core.make_schedule("linear", 50)
+    model = ShrinkModel(sched, (2,), c=float("nan"))
+    with pytest.raises(SamplingError, match="NaN/Inf"):
+        reconstruction_sweep(model, _data(n=3, shape=(2,)), [0, 49])
+
+
+def test_bad_inputs_raise_domain_errors() -> None:
+    sched = core.make_schedule("linear", 50)
+    model = ShrinkModel(sched, (2,))
+    x0 = _data(n=3, shape=(2,))
+    with pytest.raises(UsageError, match="out of range"):
+        reconstruction_sweep(model, x0, [50])
+    with pytest.raises(UsageError):
+        reconstruction_sweep(model, x0, [])
+    with pytest.raises(DataError, match="shape"):
+        reconstruction_sweep(model, _data(n=3, shape=(3,)), [0])
+    with pytest.raises(UsageError):
+        reconstruction_sweep(model, x0, [0], batch_size=0)
+    with pytest.raises(UsageError, match="unknown device"):
+        resolve_device("tpu")
+    with pytest.raises(UsageError, match="unknown dtype"):
+        resolve_dtype("int8")
+    if not torch.cuda.is_available():
+        with pytest.raises(DdpmError, match="CUDA is not available"):
+            resolve_device("cuda")
+    assert resolve_device("cpu") == torch.device("cpu")
+
+
+def test_chunk_helpers() -> None:
+    assert list(iter_chunks(5, 2)) == [(0, 2), (2, 4), (4, 5)]
+    assert auto_chunk_size(2, 10) == 10
+    assert auto_chunk_size(2, 10**6) == 4096
+    small = auto_chunk_size(3 * 64 * 64, 10**6)
+    assert 1 <= small < 4096
+    assert auto_chunk_size(10**9, 5) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# the Bayes-optimal denoiser
+
+
+def test_optimal_denoiser_single_gaussian_is_the_wiener_filter() -> None:
+    sched = core.make_schedule("linear", 1000)
+    var = 0.3**2
+    mix = type("M", (), {})()
+    mix.weights = torch.tensor([1.0], dtype=torch.float64)
+    mix.means = torch.zeros(1, 2, dtype=torch.float64)
+    mix.stds = torch.tensor([0.3], dtype=torch.float64)
+    opt = OptimalDenoiser.from_mixture(mix)
+    x_t = torch.randn(5, 2, dtype=torch.float64)
+    for t in (0, 400, 999):
+        idx = torch.full((5,), t, dtype=torch.long)
+        ab = float(sched.alpha_bar[t])
+        want = math.sqrt(ab) * var / (ab * var + 1 - ab) * x_t
+        assert torch.allclose(opt.predict_x0(x_t, idx, sched), want, rtol=1e-12, atol=1e-15)
+
+
+def test_optimal_mixture_matches_monte_carlo_point_cloud() -> None:
+    from ddpmcli.data import builtin_dataset, gaussian_mixture
+
+    sched = core.make_schedule("linear", 1000)
+    mix = gaussian_mixture("gmm")
+    assert mix is not None
+    exact = OptimalDenoiser.from_mixture(mix)
+    cloud = OptimalDenoiser.from_points(
+        builtin_dataset("gmm", 50_000, seed=4, dtype=torch.float64)
+    )
+    gen = torch.Generator().manual_seed(0)
+    for t in (300, 600, 999):
+        x0 = builtin_dataset("gmm", 200, seed=8, dtype=torch.float64)
+        idx = torch.full((200,), t, dtype=torch.long)
+        x_t = sched.q_sample(x0, idx, torch.randn(200, 2, generator=gen, dtype=torch.float64))
+        diff = exact.predict_x0(x_t, idx, sched) - cloud.predict_x0(x_t, idx, sched)
+        assert float(diff.abs().max()) < 0.03, t
+
+
+def test_optimal_mse_matches_closed_form_bayes_error() -> None:
+    # N(0, s^2 I) data: the Bayes error per value is s^2 (1 - ab) / (ab s^2 + 1 - ab)
+    sched = core.make_schedule("linear", 1000)
+    s = 0.5
+    x0 = s * torch.randn(3000, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    mix = type("M", (), {})()
+    mix.weights, mix.means = torch.ones(1), torch.zeros(1, 2)
+    mix.stds = torch.tensor([s])
+    res = reconstruction_sweep(
+        ShrinkModel(sched, (2,), c=0.0), x0, [50, 200, 500, 999], seed=0, clip=False,
+        compare_optimal=OptimalDenoiser.from_mixture(mix),
+    )  # fmt: skip
+    for row in res.rows:
+        ab = row["alpha_bar"]
+        want = s**2 * (1 - ab) / (ab * s**2 + 1 - ab)
+        assert row["optimal_mse"] == pytest.approx(want, rel=0.06)
+        assert row["optimal_mse"] <= row["mse"]
+    assert res.columns[-2:] == ["optimal_mse", "optimal_eps_mse"]
+
+
+def test_optimal_denoiser_of_a_finite_set_memorises_at_low_noise() -> None:
+    sched = core.make_schedule("linear", 1000)
+    x0 = _data(n=20, shape=(1, 3, 3))
+    res = reconstruction_sweep(
+        ShrinkModel(sched, (1, 3, 3)), x0, [0, 999], clip=False,
+        compare_optimal=OptimalDenoiser.from_points(x0),
+    )  # fmt: skip
+    assert res.rows[0]["optimal_mse"] < 1e-12
+    centred = float(((x0 - x0.mean(0)) ** 2).mean())
+    assert res.rows[1]["optimal_mse"] == pytest.approx(centred, rel=0.05)
+
+
+# ---------------------------------------------------------------------------------------------
+# the command, end to end, on checkpoints made here
+
+AGG = "t,alpha_bar,snr,mse,psnr,eps_mse,clip_fraction"
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A trained 2-D model (gmm, 80 steps of a small MLP), an untrained image model with
+    reference samples, and a TorchScript program without metadata."""
+    from ddpmcli import models
+    from ddpmcli.checkpoints import save_native_checkpoint, save_torchscript
+    from ddpmcli.data import builtin_dataset
+    from ddpmcli.training import train_denoiser
+
+    root = tmp_path_factory.mktemp("ckpts")
+    sched = core.make_schedule("linear", 1000)
+    data = builtin_dataset("gmm", 2000, seed=0)
+    trained = train_denoiser(
+        data, sched, steps=80, batch_size=64, lr=3e-3, seed=0,
+        hparams={"hidden": 48, "num_blocks": 1, "time_dim": 32},
+    )  # fmt: skip
+    gmm = save_native_checkpoint(
+        root / "gmm.pt", trained.model, architecture=trained.architecture,
+        hparams=trained.hparams, schedule=sched, prediction_type="epsilon", data_shape=(2,),
+    )  # fmt: skip
+    torch.manual_seed(0)
+    params = {**models.default_hparams("unet", (1, 8, 8)), "base_channels": 8, "time_dim": 16}
+    unet = models.build_model("unet", params)
+    refs = builtin_dataset("shapes", 12, seed=1)[:, :, ::2, ::2]
+    images = save_native_checkpoint(
+        root / "img.pt", unet, architecture="unet", hparams=params,
+        schedule=core.make_schedule("cosine", 100), prediction_type="v_prediction",
+        data_shape=(1, 8, 8), reference_samples=refs,
+    )  # fmt: skip
+    script = save_torchscript(trained.model, root / "prog.pt")
+    return {"gmm": str(gmm), "img": str(images), "script": str(script), "root": root}
+
+
+def _one_error_line(result: Any, code: int, needle: str) -> None:
+    assert result.exit_code == code, (result.exit_code, result.stderr)
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    assert needle in lines[0], lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_csv_tsv_exact_columns_and_rows(cli: Any, ckpts: dict[str, Any]) -> None:
+    args = ("reconstruct", ckpts["gmm"], "--data", "gmm", "--n", "16", "--t", "0,500,999")
+    res = cli(*args, "--format", "csv")
+    assert res.exit_code == 0 and res.stderr == ""
+    lines = res.stdout.splitlines()
+    assert lines[0] == AGG and len(lines) == 4
+    assert [line.split(",")[0] for line in lines[1:]] == ["0", "500", "999"]
+    assert float(lines[1].split(",")[1]) == float(core.make_schedule("linear", 1000).alpha_bar[0])
+    tsv = cli(*args, "--format", "tsv", "--no-header").stdout.splitlines()
+    assert [row.split("\t") for row in tsv] == [row.split(",") for row in lines[1:]]
+    picked = cli(*args, "-f", "csv", "--columns", "t,psnr").stdout.splitlines()
+    assert picked[0] == "t,psnr" and picked[1] == f"0,{lines[1].split(',')[4]}"
+
+
+def test_cli_json_jsonl_table(cli: Any, ckpts: dict[str, Any]) -> None:
+    import json
+
+    args = ("reconstruct", ckpts["gmm"], "--data", "gmm", "--n", "8", "--t", "0,999")
+    rows = json.loads(cli(*args, "-f", "json").stdout)
+    assert [list(r) for r in rows] == [AGG.split(",")] * 2
+    jl = [json.loads(line) for line in cli(*args, "-f", "jsonl").stdout.splitlines()]
+    assert jl == rows
+    table = cli(*args, "-f", "table").stdout
+    assert "clip_fraction" in table and "999" in table
+
+
+def test_cli_default_t_spread_per_sample_and_seed(cli: Any, ckpts: dict[str, Any]) -> None:
+    base = ("reconstruct", ckpts["gmm"], "--data", "gmm", "--n", "4", "-f", "csv")
+    ts = [line.split(",")[0] for line in cli(*base).stdout.splitlines()[1:]]
+    assert ts == ["0", "111", "222", "333", "444", "555", "666", "777", "888", "999"]
+    per = cli(*base, "--t", "3,7", "--per-sample").stdout.splitlines()
+    assert per[0] == "t,sample,alpha_bar,snr,mse,psnr,eps_mse,clip_fraction"
+    assert [line.split(",")[:2] for line in per[1:]] == [
+        ["3", "0"], ["3", "1"], ["3", "2"], ["3", "3"],
+        ["7", "0"], ["7", "1"], ["7", "2"], ["7", "3"],
+    ]  # fmt: skip
+    # a real network's float32 GEMMs round differently per batch size (kernel choice): the same
+    # noise and x_t, numbers equal to float32 rounding (the fake models above: bit-identical)
+    again = cli(*base, "--t", "3,7", "--per-sample", "--batch-size", "3").stdout.splitlines()
+    for a, b in zip(again[1:], per[1:], strict=True):
+        assert [float(v) for v in a.split(",")] == pytest.approx(
+            [float(v) for v in b.split(",")], rel=1e-5
+        )
+    other = cli(*base, "--t", "3,7", "--per-sample", "--seed", "1").stdout.splitlines()
+    assert other[1] != per[1]
+
+
+def test_cli_optimal_denoiser_beats_the_trained_model(cli: Any, ckpts: dict[str, Any]) -> None:
+    import json
+
+    res = cli(
+        "reconstruct", ckpts["gmm"], "--data", "gmm", "--n", "400", "--seed", "3",
+        "--compare-optimal", "--no-clip", "--every", "100", "-f", "json",
+    )  # fmt: skip
+    assert res.exit_code == 0, res.stderr
+    rows = json.loads(res.stdout)
+    assert list(rows[0])[-2:] == ["optimal_mse", "optimal_eps_mse"]
+    for row in rows:
+        # Bayes-optimal on the same x_t: better up to the Monte Carlo noise of 400 samples
+        assert row["optimal_mse"] <= row["mse"] * 1.02 + 1e-9, row
+    assert sum(r["optimal_mse"] for r in rows) < 0.9 * sum(r["mse"] for r in rows)
+
+
+def test_cli_image_model_reference_samples_and_plot(cli: Any, ckpts: dict[str, Any]) -> None:
+    plot = ckpts["root"] / "figs" / "img.png"
+    res = cli("reconstruct", ckpts["img"], "--n", "5", "--plot", str(plot), "-f", "csv")
+    assert res.exit_code == 0, res.stderr
+    assert res.stdout.splitlines()[0] == AGG and len(res.stdout.splitlines()) == 11
+    assert plot.stat().st_size > 10_000 and "wrote" in res.stderr
+    quiet = cli("reconstruct", ckpts["img"], "--t", "0", "--plot", str(plot), "-q", "-f", "csv")
+    assert quiet.exit_code == 0 and quiet.stderr == ""
+    svg = ckpts["root"] / "gmm.svg"
+    two_d = cli("reconstruct", ckpts["gmm"], "--data", "gmm", "--n", "50", "--t", "0,500",
+                "--compare-optimal", "--plot", str(svg), "-q", "-f", "csv")  # fmt: skip
+    assert two_d.exit_code == 0 and svg.read_text().startswith("<?xml")
+
+
+def test_cli_torchscript_with_metadata_flags(cli: Any, ckpts: dict[str, Any]) -> None:
+    args = ("reconstruct", ckpts["script"], "--data", "gmm", "--n", "8", "--t", "0,999")
+    missing = cli(*args, "-f", "csv")
+    assert missing.exit_code != 0 and missing.stderr.startswith("Error: ")
+    res = cli(
+        *args, "--kind", "linear", "--prediction-type", "eps", "--data-shape", "2", "-f", "csv"
+    )
+    assert res.exit_code == 0, res.stderr
+    native = cli("reconstruct", ckpts["gmm"], *args[2:], "-f", "csv")
+    assert res.stdout == native.stdout
+
+
+def test_cli_bad_inputs_one_error_line(cli: Any, ckpts: dict[str, Any], tmp_path: Any) -> None:
+    import numpy as np
+
+    gmm = ckpts["gmm"]
+    _one_error_line(cli("reconstruct", str(tmp_path / "nope.pt"), "--data", "gmm"), 1, "not found")
+    wrong = tmp_path / "wrong.npy"
+    np.save(wrong, np.zeros((5, 3), dtype=np.float32))
+    _one_error_line(cli("reconstruct", gmm, "--data", str(wrong)), 1, "shape")
+    _one_error_line(cli("reconstruct", gmm, "--data", "gmm", "--device", "tpu"), 2, "tpu")
+    _one_error_line(cli("reconstruct", gmm, "--data", "gmm", "--t", "1000"), 2, "out of range")
+    _one_error_line(
+        cli("reconstruct", gmm, "--data", "gmm", "--t", "1", "--every", "5"), 2, "together"
+    )
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("x")
+    bad_plot = str(blocker / "plot.png")
+    _one_error_line(cli("reconstruct", gmm, "--data", "gmm", "--plot", bad_plot), 2, "plot")
+    _one_error_line(cli("reconstruct", gmm), 2, "--data")  # no reference samples
+    _one_error_line(
+        cli("reconstruct", gmm, "--data", "moons", "--compare-optimal"), 2, "--compare-optimal"
+    )
+    _one_error_line(cli("reconstruct", gmm, "--data", "gmm", "--n", "0"), 2, "--n")
+    _one_error_line(cli("reconstruct", gmm, "--data", "gmm", "--data-shape", "a,b"), 2, "shape")
+    if not torch.cuda.is_available():
+        _one_error_line(cli("reconstruct", gmm, "--data", "gmm", "--device", "cuda"), 1, "CUDA")
