@@ -573,7 +573,7 @@ def test_debug_shows_the_traceback() -> None:
 
 def test_broken_pipe_is_quiet() -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ddpmcli", "schedule", "-T", "200000", "--format", "csv"],
+        [sys.executable, "-m", "ddpmcli", "schedule", "-T", "20000", "--format", "csv"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
