@@ -16,6 +16,7 @@ step); the model is called with ``schedule.timesteps[t]`` (the identity unless r
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -43,6 +44,7 @@ __all__ = [
     "iter_chunks",
     "pair_noise",
     "pair_seed",
+    "noise_block_length",
     "reconstruction_data",
     "reconstruction_sweep",
     "resolve_device",
@@ -167,9 +169,18 @@ def _splitmix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
-def pair_seed(seed: int, sample: int, t: int) -> int:
-    """The generator seed of the noise of ``(sample, t)``: a hash of all three, in [0, 2^64)."""
-    return _splitmix64(_splitmix64(_splitmix64(seed & _MASK64) ^ sample) ^ t)
+def pair_seed(seed: int, sample: int, block: int) -> int:
+    """The generator seed of one noise block of ``sample``: a hash of all three, in [0, 2^64)."""
+    return _splitmix64(_splitmix64(_splitmix64(seed & _MASK64) ^ sample) ^ block)
+
+
+NOISE_BLOCK_VALUES = 16384  # values drawn per generator call (amortises the per-call overhead)
+
+
+def noise_block_length(numel: int) -> int:
+    """How many consecutive timesteps of one sample share a generator: up to 64, fewer for large
+    samples, so that one block holds about :data:`NOISE_BLOCK_VALUES` values."""
+    return max(1, min(64, NOISE_BLOCK_VALUES // max(1, numel)))
 
 
 def pair_noise(
@@ -179,20 +190,43 @@ def pair_noise(
     shape: Sequence[int],
     *,
     pin_memory: bool = False,
+    pool: ThreadPoolExecutor | None = None,
+    workers: int = 1,
 ) -> Tensor:
-    """Standard normal noise ``[len(samples), *shape]``, float64 on CPU, one draw per pair.
+    """Standard normal noise ``[len(samples), *shape]``, float64 on CPU, for the pairs
+    ``(samples[j], ts[j])``.
 
-    The noise of pair ``(samples[j], ts[j])`` comes from its own generator seeded by
-    :func:`pair_seed`, so it depends on ``(seed, sample, t)`` only: not on the batch size, the
-    device, the order of the pairs or which other timesteps are asked for. Generating it on the
-    CPU in float64 keeps it identical across devices and model dtypes.
+    The noise of ``(sample, t)`` is row ``t mod L`` of a ``[L, numel]`` block drawn by a
+    generator seeded with ``pair_seed(seed, sample, t // L)``, ``L = noise_block_length(numel)``:
+    it depends on ``(seed, sample, t)`` and the sample shape only, not on the batch size, the
+    device, the order of the pairs or which other timesteps are asked for. Drawing on the CPU in
+    float64 keeps it identical across devices and model dtypes. With ``pool``, the blocks are
+    split into ``workers`` parts drawn on its threads (torch releases the GIL while it draws).
     """
+    numel = math.prod(shape)
+    length = noise_block_length(numel)
     out = torch.empty((len(samples), *shape), dtype=torch.float64, pin_memory=pin_memory)
-    gen = torch.Generator()
-    flat = out.view(len(samples), -1)
+    flat = out.view(len(samples), numel)
+    groups: dict[tuple[int, int], list[int]] = {}
     for j, (s, t) in enumerate(zip(samples, ts, strict=True)):
-        gen.manual_seed(pair_seed(seed, int(s), int(t)))
-        torch.randn(flat.shape[1], generator=gen, dtype=torch.float64, out=flat[j])
+        groups.setdefault((int(s), int(t) // length), []).append(j)
+    keys = list(groups)
+
+    def fill(part: Sequence[tuple[int, int]]) -> None:
+        gen = torch.Generator()
+        for s, b in part:
+            gen.manual_seed(pair_seed(seed, s, b))
+            block = torch.randn((length, numel), generator=gen, dtype=torch.float64)
+            rows = groups[(s, b)]
+            offsets = torch.tensor([int(ts[j]) - b * length for j in rows])
+            flat[torch.tensor(rows)] = block[offsets]
+
+    if pool is None or workers <= 1 or len(keys) < 2:
+        fill(keys)
+    else:
+        step = math.ceil(len(keys) / workers)
+        for future in [pool.submit(fill, keys[i : i + step]) for i in range(0, len(keys), step)]:
+            future.result()
     return out
 
 
@@ -575,6 +609,7 @@ def reconstruction_sweep(
     chunk = min(chunk, total)
 
     net = model.to(dev, mdtype)
+    schedule = _schedule_on(schedule, dev, wdt)
     optimal = None if compare_optimal is None else compare_optimal.to(dev, wdt)
     x0_dev = x0.detach().to(wdt).to(dev)
     ts_cpu = torch.tensor(ts, dtype=torch.long)
@@ -662,8 +697,8 @@ def reconstruction_sweep(
         )
     scale = 1.0 / (n * 1.0)
     peak = (hi - lo) ** 2
-    alpha_bar = schedule.alpha_bar[ts_cpu]
-    snr = schedule.snr[ts_cpu]
+    alpha_bar = model.schedule.alpha_bar[ts_cpu]  # the float64 originals, on the CPU
+    snr = model.schedule.snr[ts_cpu]
     columns = list(AGGREGATE_COLUMNS) + (list(OPTIMAL_COLUMNS) if optimal is not None else [])
     rows: list[dict[str, Any]] = []
     for j, t in enumerate(ts):
@@ -728,6 +763,17 @@ def reconstruction_sweep(
     )
 
 
+def _schedule_on(schedule: Schedule, device: torch.device, dtype: torch.dtype) -> Schedule:
+    """The same schedule with its float64 arrays already on ``device`` in ``dtype``, so that the
+    core's per-call ``extract`` casts are no-ops (on CUDA each would be a blocking copy)."""
+    moved: dict[str, Any] = {
+        f.name: value.to(dtype=dtype).to(device=device)
+        for f in dataclasses.fields(schedule)
+        if isinstance(value := getattr(schedule, f.name), Tensor) and value.is_floating_point()
+    }
+    return dataclasses.replace(schedule, **moved)
+
+
 def _psnr(mse: float, peak: float) -> float:
     """10 log10(peak / mse) in dB; +inf for a perfect reconstruction."""
     return math.inf if mse <= 0 else 10.0 * math.log10(peak / mse)
@@ -738,9 +784,10 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 class _NoiseStream:
-    """The noise of each chunk, in order. On an accelerator the next chunk's noise is drawn on a
-    worker thread (into pinned memory) while the device runs the current one, so the per-pair
-    CPU generators stay off the critical path; on the CPU it is drawn inline."""
+    """The noise of each chunk, in order. On an accelerator the next chunk's noise is drawn while
+    the device runs the current one (a prefetch thread, the blocks spread over a few more, into
+    pinned memory), so the CPU generators stay off the critical path; on the CPU it is drawn
+    inline, leaving the cores to the model."""
 
     def __init__(
         self,
@@ -755,15 +802,22 @@ class _NoiseStream:
         self._seed, self._n, self._ts, self._shape = seed, n, ts.tolist(), shape
         self.ranges = list(iter_chunks(total, chunk))
         self._pin = device.type == "cuda"
-        self._pool = ThreadPoolExecutor(max_workers=1) if device.type != "cpu" else None
+        accelerated = device.type != "cpu"
+        self._prefetch = ThreadPoolExecutor(max_workers=1) if accelerated else None
+        workers = max(1, min(8, (os.cpu_count() or 1) // 2))
+        self._workers = ThreadPoolExecutor(max_workers=workers) if accelerated else None
+        self._n_workers = workers
 
     def _draw(self, start: int, stop: int) -> Tensor:
         samples = [p % self._n for p in range(start, stop)]
         steps = [self._ts[p // self._n] for p in range(start, stop)]
-        return pair_noise(self._seed, samples, steps, self._shape, pin_memory=self._pin)
+        return pair_noise(
+            self._seed, samples, steps, self._shape, pin_memory=self._pin,
+            pool=self._workers, workers=self._n_workers,
+        )  # fmt: skip
 
     def __iter__(self) -> Iterator[Tensor]:
-        if self._pool is None:
+        if self._prefetch is None:
             for start, stop in self.ranges:
                 yield self._draw(start, stop)
             return
@@ -771,9 +825,10 @@ class _NoiseStream:
         for i, (start, stop) in enumerate(self.ranges):
             current = pending.result() if pending is not None else self._draw(start, stop)
             if i + 1 < len(self.ranges):
-                pending = self._pool.submit(self._draw, *self.ranges[i + 1])
+                pending = self._prefetch.submit(self._draw, *self.ranges[i + 1])
             yield current
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+        for pool in (self._prefetch, self._workers):
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)

@@ -192,6 +192,14 @@ def test_noise_of_a_pair_depends_on_seed_sample_t_only() -> None:
     assert torch.equal(a[2], b[0]) and torch.equal(a[0], b[1])
     assert not torch.equal(a[0], a[1])
     assert abs(float(pair_noise(0, list(range(200)), [7] * 200, (50,)).std()) - 1) < 0.02
+    # drawn on worker threads (the accelerator path): the same numbers
+    from concurrent.futures import ThreadPoolExecutor
+
+    samples, steps = [i % 5 for i in range(300)], [i // 5 * 3 for i in range(300)]
+    with ThreadPoolExecutor(3) as pool:
+        threaded = pair_noise(4, samples, steps, (1, 8, 8), pool=pool, workers=3)
+    assert torch.equal(threaded, pair_noise(4, samples, steps, (1, 8, 8)))
+    assert not torch.equal(threaded[0], threaded[5])  # t = 0 and t = 3 of sample 0 differ
 
 
 def test_columns_psnr_clip_fraction_and_examples() -> None:
