@@ -1,0 +1,311 @@
+"""`ddpm sample`: the sampling loop (exactness on Gaussian data, seeds, DDIM, clipping, NaN) and the
+command end to end on checkpoints made here."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor
+
+from ddpmcli import core
+from ddpmcli.errors import UsageError
+from ddpmcli.sampling import (
+    STEP_COLUMNS,
+    NonFiniteSampleError,
+    SampleSettings,
+    check_sample_settings,
+    dynamic_threshold,
+    energy_distance,
+    respaced_schedule,
+    sample,
+    sliced_wasserstein,
+)
+
+MU, S = 0.5, 0.7  # the Gaussian data N(MU, S^2 I) of the exactness tests
+
+
+def gaussian_denoiser(
+    schedule: core.Schedule, mu: float = MU, s: float = S, var_value: float | None = None
+) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor | None]]:
+    """The exact E[x0 | x_t] for x0 ~ N(mu, s^2 I), as a "sample"-prediction model:
+    x_t ~ N(sqrt(ab) mu, ab s^2 + 1 - ab), so E[x0|x_t] = mu + sqrt(ab) s^2 (x_t - sqrt(ab) mu)
+    / (ab s^2 + 1 - ab) (Gaussian conditioning). Indexed by *model* timestep."""
+    ab_all = schedule.alpha_bar
+
+    def predict(x: Tensor, t: Tensor) -> tuple[Tensor, Tensor | None]:
+        ab = ab_all[t].to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+        x0 = mu + ab.sqrt() * s * s / (ab * s * s + 1 - ab) * (x - ab.sqrt() * mu)
+        v = None if var_value is None else torch.full_like(x, var_value)
+        return x0, v
+
+    return predict
+
+
+@pytest.fixture(scope="module")
+def sched500() -> core.Schedule:
+    # improved-diffusion's 1000/T scaling keeps alpha_bar_T ~ 4e-5 at T = 500
+    return core.make_schedule("linear", 500, scale_to_timesteps=True)
+
+
+@pytest.mark.parametrize("variance", ["fixed_small", "fixed_large"])
+def test_exact_denoiser_samples_have_the_data_moments(
+    sched500: core.Schedule, variance: str
+) -> None:
+    # 4000 x 2 draws: the Monte Carlo sd of the mean is S/sqrt(8000) = 0.008 and of the std
+    # S/sqrt(16000) = 0.0055. Tolerances: 0.035 for the mean (> 4 sd) and 3% of S (0.021, ~4 sd)
+    # for the std, which also covers the sampler's own bias at T = 500 (fixed_small
+    # under-disperses by about 1%, fixed_large over-disperses by less: both omit or overstate
+    # the c0^2 Var[x0|x_t] part of the true reverse variance).
+    run = sample(
+        gaussian_denoiser(sched500), sched500, "sample", (2,), n=4000, seed=1,
+        settings=SampleSettings(variance=variance, clip=False), model_dtype=torch.float64,
+        data_variance=S**2,
+    )  # fmt: skip
+    x = run.samples.double()
+    assert abs(float(x.mean()) - MU) < 0.035
+    assert abs(float(x.std()) - S) < 0.03 * S
+    # the std of x_t follows sqrt(ab var + 1 - ab) all the way (pooled over dims: var = S^2)
+    worst = max(abs(r["xt_std"] - r["xt_std_expected"]) for r in run.rows)
+    assert worst < 0.03
+    assert [r["step"] for r in run.rows] == list(range(500))
+    assert run.rows[0]["t"] == 499 and run.rows[-1]["t"] == 0
+    assert run.rows[-1]["variance"] == 0.0  # no noise is added at the last step
+
+
+def toy_sched() -> core.Schedule:
+    return core.make_schedule("linear", 100)
+
+
+def run_small(**kw: object) -> Tensor:
+    sched = respaced_schedule(toy_sched(), kw.pop("steps", 20), "leading")  # type: ignore[arg-type]
+    settings = kw.pop("settings", SampleSettings(clip=False))
+    run = sample(
+        gaussian_denoiser(toy_sched(), var_value=kw.pop("var_value", None)),  # type: ignore[arg-type]
+        sched, "sample", (3,), settings=settings, **kw,  # type: ignore[arg-type]
+    )  # fmt: skip
+    return run.samples
+
+
+def test_same_seed_same_samples_whatever_the_batch_size() -> None:
+    a = run_small(n=10, seed=3)
+    b = run_small(n=10, seed=3, batch_size=3)
+    c = run_small(n=10, seed=4)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_ddim_eta0_is_deterministic_and_eta1_is_ancestral_fixed_small() -> None:
+    ddim0 = SampleSettings(sampler="ddim", eta=0.0, clip=False)
+    assert torch.equal(
+        run_small(n=6, seed=0, settings=ddim0), run_small(n=6, seed=0, settings=ddim0)
+    )
+    # eta = 1: sigma^2 = beta_tilde of the (respaced) schedule, exactly the ancestral fixed_small
+    ddim1 = run_small(n=6, seed=5, settings=SampleSettings(sampler="ddim", eta=1.0, clip=False))
+    ddpm = run_small(n=6, seed=5, settings=SampleSettings(variance="fixed_small", clip=False))
+    torch.testing.assert_close(ddim1, ddpm, rtol=1e-5, atol=1e-6)
+
+
+def test_ddim_eta0_step_is_the_deterministic_map_of_x_T() -> None:
+    # with eta = 0 the only randomness is x_T: one step on a 1-step schedule is x0_hat(x_T)
+    sched = respaced_schedule(toy_sched(), 1, "trailing")
+    run = sample(
+        gaussian_denoiser(toy_sched()), sched, "sample", (3,), n=4, seed=2,
+        settings=SampleSettings(sampler="ddim", clip=False),
+    )  # fmt: skip
+    x_t = torch.randn((4, 3), generator=torch.Generator().manual_seed(2))
+    expect, _ = gaussian_denoiser(toy_sched())(x_t, torch.full((4,), 99))
+    torch.testing.assert_close(run.samples, expect)
+
+
+def test_learned_range_endpoints_are_the_fixed_variances() -> None:
+    large = run_small(n=5, seed=1, settings=SampleSettings(variance="fixed_large", clip=False))
+    small = run_small(n=5, seed=1, settings=SampleSettings(variance="fixed_small", clip=False))
+    lr = SampleSettings(variance="learned_range", clip=False)
+    torch.testing.assert_close(run_small(n=5, seed=1, settings=lr, var_value=1.0), large)
+    torch.testing.assert_close(run_small(n=5, seed=1, settings=lr, var_value=-1.0), small)
+
+
+def test_clipping_and_dynamic_thresholding() -> None:
+    def far(x: Tensor, t: Tensor) -> tuple[Tensor, None]:
+        return torch.full_like(x, 5.0), None
+
+    sched = respaced_schedule(toy_sched(), 5, "leading")
+    run = sample(far, sched, "sample", (4,), n=3, settings=SampleSettings(clip=True))
+    assert all(r["clip_fraction"] == 1.0 and r["x0_max"] == 5.0 for r in run.rows)
+    assert float(run.samples.abs().max()) <= 1.0 + 1e-6  # the last step returns clipped x0_hat
+    x0 = torch.tensor([[0.5, -0.2, 0.1, 0.3], [4.0, -2.0, 1.0, 0.0]])
+    out = dynamic_threshold(x0, 0.995)
+    torch.testing.assert_close(out[0], x0[0])  # s = max(quantile, 1) = 1: in range, untouched
+    s = float(torch.quantile(x0[1].abs(), 0.995))
+    torch.testing.assert_close(out[1], x0[1].clamp(-s, s) / s)
+    assert float(out.abs().max()) <= 1.0
+
+
+def test_nan_mid_run_stops_with_the_step_and_keeps_rows() -> None:
+    def breaks(x: Tensor, t: Tensor) -> tuple[Tensor, None]:
+        return (torch.full_like(x, math.nan) if int(t[0]) < 40 else torch.zeros_like(x)), None
+
+    sched = respaced_schedule(toy_sched(), 10, "leading")  # t = 90, 80, ..., 0
+    with pytest.raises(NonFiniteSampleError, match=r"step 6 of 10 \(t = 30\)") as info:
+        sample(breaks, sched, "sample", (2,), n=4, settings=SampleSettings(clip=False))
+    assert [r["t"] for r in info.value.rows] == [90, 80, 70, 60, 50, 40, 30]
+    assert math.isnan(info.value.rows[-1]["update_norm"])
+    assert info.value.step == 6 and info.value.t == 30
+
+
+def test_trajectory_every_k() -> None:
+    sched = respaced_schedule(toy_sched(), 10, "leading")
+    run = sample(
+        gaussian_denoiser(toy_sched()), sched, "sample", (2,), n=5,
+        settings=SampleSettings(trajectory_every=4, trajectory_samples=3),
+    )  # fmt: skip
+    assert [f.step for f in run.trajectory] == [0, 4, 8, 9]
+    assert [f.t for f in run.trajectory] == [90, 50, 10, 0]
+    assert run.trajectory[0].x0.shape == (3, 2)
+
+
+def test_bad_settings_and_steps() -> None:
+    with pytest.raises(UsageError, match="variance channel"):
+        check_sample_settings(SampleSettings(variance="learned_range"), learned_variance=False)
+    with pytest.raises(UsageError, match="eta"):
+        check_sample_settings(SampleSettings(sampler="ddim", eta=-0.1), learned_variance=False)
+    with pytest.raises(UsageError, match="more than the model's T = 100"):
+        respaced_schedule(toy_sched(), 101)
+    with pytest.raises(UsageError, match="at least 1"):
+        respaced_schedule(toy_sched(), "0")
+    assert respaced_schedule(toy_sched(), "ddim10").timesteps.tolist() == list(range(0, 100, 10))
+
+
+def test_distances_separate_clouds() -> None:
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(800, 2, generator=gen), torch.randn(800, 2, generator=gen)
+    shifted = b + torch.tensor([1.0, 0.0])
+    assert abs(energy_distance(a, b)) < 0.02
+    assert energy_distance(a, shifted) > 0.3
+    # W2 between N(0, I) and its shift by d is |d|; sliced: |d| sqrt(E cos^2) = 1/sqrt(2) in 2-D
+    assert sliced_wasserstein(a, shifted) == pytest.approx(1 / math.sqrt(2), abs=0.08)
+    assert sliced_wasserstein(a, b) < 0.25  # two draws of 800: the tails alone give ~0.13
+
+
+# ---------------------------------------------------------------------------------------------
+# the command
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from ddpmcli import models
+    from ddpmcli.checkpoints import save_native_checkpoint
+
+    root = tmp_path_factory.mktemp("ckpts")
+    torch.manual_seed(0)
+    sched = core.make_schedule("linear", 50)
+    refs = torch.randn(300, 2, generator=torch.Generator().manual_seed(0)) * 0.5
+    out: dict[str, Path] = {}
+    hp = models.default_hparams("mlp", (2,))
+    out["mlp"] = save_native_checkpoint(
+        root / "mlp.pt", models.build_model("mlp", hp), architecture="mlp", hparams=hp,
+        schedule=sched, prediction_type="epsilon", data_shape=(2,), reference_samples=refs,
+    )  # fmt: skip
+    net = models.build_model("mlp", hp)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.fill_(math.nan)
+    out["nan"] = save_native_checkpoint(
+        root / "nan.pt", net, architecture="mlp", hparams=hp, schedule=sched,
+        prediction_type="epsilon", data_shape=(2,),
+    )  # fmt: skip
+    hp_img = {**models.default_hparams("unet", (1, 8, 8)), "base_channels": 8, "time_dim": 16}
+    out["unet"] = save_native_checkpoint(
+        root / "unet.pt", models.build_model("unet", hp_img), architecture="unet",
+        hparams=hp_img, schedule=sched, prediction_type="epsilon", data_shape=(1, 8, 8),
+    )  # fmt: skip
+    return out
+
+
+def test_cli_csv_rows_and_columns(cli, ckpts) -> None:  # type: ignore[no-untyped-def]
+    result = cli("sample", str(ckpts["mlp"]), "--n", "16", "--steps", "5", "-f", "csv", "-q")
+    assert result.exit_code == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == ",".join(STEP_COLUMNS)
+    assert [line.split(",")[1] for line in lines[1:]] == ["40", "30", "20", "10", "0"]
+    assert result.stderr == ""
+
+
+def test_cli_json_and_summary(cli, ckpts) -> None:  # type: ignore[no-untyped-def]
+    args = ("sample", str(ckpts["mlp"]), "--n", "64", "--steps", "4", "--seed", "7")
+    rows = json.loads(cli(*args, "-f", "json", "-q").stdout)
+    again = json.loads(cli(*args, "--batch-size", "5", "-f", "json", "-q").stdout)
+    # the noise does not depend on the batch size; the network's float32 matmuls may, in the
+    # last bits (a batch of 5 and of 64 take different kernels)
+    for r1, r2 in zip(rows, again, strict=True):
+        assert r1 == pytest.approx(r2, rel=1e-5, abs=1e-6)
+    assert list(rows[0]) == list(STEP_COLUMNS)
+    result = cli(*args, "--sampler", "ddim", "--summary", "-f", "jsonl")
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["sampler"] == "ddim" and summary["steps"] == 4 and summary["n"] == 64
+    assert summary["energy_distance"] is not None and summary["sliced_w2"] > 0
+    one = cli(*args, "-f", "tsv")
+    assert "energy_distance" in one.stderr and "energy_distance" not in one.stdout
+
+
+def test_cli_save_npz_png_and_plot(cli, ckpts, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    npz, fig = tmp_path / "s.npz", tmp_path / "fig.png"
+    result = cli(
+        "sample", str(ckpts["mlp"]), "--n", "12", "--steps", "3", "--save", str(npz),
+        "--plot", str(fig), "--trajectory-every", "1", "-f", "csv",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    assert np.load(npz)["samples"].shape == (12, 2)
+    assert fig.stat().st_size > 0 and f"wrote {fig}" in result.stderr
+    grid, fig2 = tmp_path / "grid.png", tmp_path / "u.png"
+    result = cli(
+        "sample", str(ckpts["unet"]), "--n", "4", "--steps", "2", "--save", str(grid),
+        "--plot", str(fig2), "--trajectory-every", "1", "-f", "csv", "-q",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    assert grid.read_bytes()[:4] == b"\x89PNG" and fig2.exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--variance", "learned_range"], "needs a model with a variance channel"),
+        (["--steps", "51"], "more than the model's T = 50"),
+        (["--steps", "0"], "--steps must be at least 1"),
+        (["--sampler", "ddim", "--eta", "-0.5"], "--eta must be a finite number >= 0"),
+        (["--eta", "0.5"], "--eta applies to --sampler ddim only"),
+        (["--save", "out.txt"], "unknown file type '.txt'"),
+        (["--save", "s.png"], "a .png grid needs image data"),
+        (["--dynamic-threshold", "--percentile", "1.5"], "percentile must lie in (0, 1)"),
+    ],
+)
+def test_cli_bad_input_is_one_usage_line(cli, ckpts, args, message) -> None:  # type: ignore[no-untyped-def]
+    result = cli("sample", str(ckpts["mlp"]), "--n", "2", *args, "-f", "csv")
+    assert result.exit_code == 2
+    assert result.stdout == ""
+    assert result.stderr.startswith("Error: ") and message in result.stderr
+    assert result.stderr.count("\n") == 1
+
+
+def test_cli_unwritable_save_fails_before_sampling(cli, ckpts, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    result = cli("sample", str(ckpts["mlp"]), "--save", str(blocker / "s.npz"), "-f", "csv")
+    assert result.exit_code == 2 and result.stdout == ""
+    assert "is not a directory" in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_cli_nan_keeps_rows_and_exits_1(cli, ckpts) -> None:  # type: ignore[no-untyped-def]
+    result = cli("sample", str(ckpts["nan"]), "--n", "3", "--steps", "5", "-f", "csv", "-q")
+    assert result.exit_code == 1
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("step,t,") and len(lines) == 2  # the step where it appeared
+    assert lines[1].startswith("0,40,")
+    assert result.stderr.startswith("Error: x_t became NaN/Inf at step 0 of 5 (t = 40)")
