@@ -1,0 +1,199 @@
+"""Train the built-in networks (``ddpm train``): the DDPM objective, any schedule and prediction.
+
+Loss (Ho et al. 2020 eq. 14, "L_simple"): ``|| target - model(x_t, t) ||^2`` with ``t`` uniform over
+the schedule's indices and the target the prediction type's: the noise ``eps``, the data ``x0``, or
+``v = sqrt(ab) eps - sqrt(1 - ab) x0`` (Salimans & Ho 2022). With a learned variance, the
+improved-diffusion hybrid (Nichol & Dhariwal 2021, section 3.1): ``L_simple + lambda L_vlb`` with
+lambda = 0.001 (so ``L_t * T/1000`` per sampled t) and the mean's gradient stopped in ``L_vlb``, so
+the v channel learns the variance and L_simple alone drives the mean.
+
+Everything numeric (q_sample, targets, posterior, KL) comes from :mod:`ddpmcli.core`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ddpmcli import core, models
+from ddpmcli.errors import DdpmError, UsageError
+
+__all__ = ["TrainResult", "default_architecture", "train_denoiser", "training_target", "vlb_term"]
+
+VLB_WEIGHT = 0.001  # improved-diffusion's lambda for the hybrid objective
+
+
+@dataclass
+class TrainResult:
+    """A trained network (its EMA weights when EMA was on) and how training went."""
+
+    model: nn.Module
+    architecture: str
+    hparams: dict[str, Any]
+    steps: int
+    final_loss: float  # mean loss over the last 10% of steps
+    seconds: float
+    losses: list[float] = field(repr=False, default_factory=list)
+
+
+def default_architecture(data_shape: tuple[int, ...]) -> str:
+    """``mlp`` for vectors ``(D,)``, ``unet`` for images ``(C, H, W)``."""
+    if len(data_shape) == 1:
+        return "mlp"
+    if len(data_shape) == 3:
+        return "unet"
+    raise UsageError(
+        f"data of shape {list(data_shape)} is neither vectors (D) nor images (C, H, W)"
+    )
+
+
+def training_target(
+    schedule: core.Schedule, x0: Tensor, noise: Tensor, t: Tensor, prediction_type: str
+) -> Tensor:
+    """What the network learns to output at index ``t``: eps, x0 or v."""
+    kind = core.canonical_prediction_type(prediction_type)
+    if kind == "epsilon":
+        return noise
+    if kind == "sample":
+        return x0
+    return schedule.v_target(x0, noise, t)
+
+
+def vlb_term(
+    schedule: core.Schedule,
+    x0: Tensor,
+    x_t: Tensor,
+    t: Tensor,
+    prediction: Tensor,
+    var_values: Tensor,
+    prediction_type: str,
+) -> Tensor:
+    """L_t per sample, in bits per dimension: KL(q(x_{t-1}|x_t,x0) || p(x_{t-1}|x_t)) for t > 0, the
+    decoder's negative log-likelihood of x0 (a Gaussian density) at t = 0 (Ho et al. 2020 eq. 5).
+
+    ``prediction`` should be detached by the caller to train only the variance (improved-diffusion).
+    """
+    true_mean, _, true_log_var = schedule.posterior_mean_variance(x0, x_t, t)
+    x0_hat = schedule.predict_x0(prediction, x_t, t, prediction_type)
+    model_mean, _, _ = schedule.posterior_mean_variance(x0_hat, x_t, t)
+    model_log_var = schedule.model_log_variance("learned_range", t, x_t, var_values)
+    kl = core.normal_kl(true_mean, true_log_var, model_mean, model_log_var)
+    nll = -core.continuous_gaussian_log_likelihood(x0, model_mean, 0.5 * model_log_var)
+    dims = tuple(range(1, x0.ndim))
+    per_sample = torch.where(t == 0, nll.mean(dim=dims), kl.mean(dim=dims))
+    return per_sample / math.log(2.0)
+
+
+def train_denoiser(
+    data: Tensor,
+    schedule: core.Schedule,
+    *,
+    prediction_type: str = "epsilon",
+    learned_variance: bool = False,
+    architecture: str | None = None,
+    hparams: Mapping[str, Any] | None = None,
+    steps: int = 2000,
+    batch_size: int = 256,
+    lr: float = 1e-3,
+    seed: int = 0,
+    ema_decay: float | None = 0.999,
+    grad_clip: float = 1.0,
+    device: str | torch.device = "cpu",
+    callback: Callable[[int, float], None] | None = None,
+) -> TrainResult:
+    """Train a built-in network on ``data`` ``[N, *shape]`` for ``steps`` Adam steps.
+
+    Args:
+        data: training samples in the model's range.
+        schedule: the noise schedule (its ``timesteps`` are what the model is fed).
+        prediction_type: epsilon | sample | v_prediction (aliases eps, x0, v).
+        learned_variance: also learn the variance interpolation v (hybrid loss).
+        architecture, hparams: the network (default by data shape) and hyper-parameter overrides.
+        steps, batch_size, lr: optimisation; learning rate decays by cosine to 10% at the end.
+        seed: fixes initialisation, batches, timesteps and noise: same seed, same weights.
+        ema_decay: exponential moving average of the weights (warmed up as (1+n)/(10+n)); None: off.
+        callback: ``callback(step, loss)`` after every step (a progress bar).
+    """
+    pred = core.canonical_prediction_type(prediction_type)
+    if steps < 1 or batch_size < 1:
+        raise UsageError("--steps and --batch-size must be at least 1")
+    if not lr > 0:
+        raise UsageError(f"--lr {lr}: must be positive")
+    if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
+        raise UsageError(f"--ema {ema_decay}: decay must lie in [0, 1)")
+    data_shape = tuple(int(d) for d in data.shape[1:])
+    arch = architecture or default_architecture(data_shape)
+    params = models.default_hparams(arch, data_shape, learned_variance=learned_variance)
+    params.update(hparams or {})
+    dev = torch.device(device)
+
+    torch.manual_seed(seed)
+    model = models.build_model(arch, params).to(dev)
+    ema = copy.deepcopy(model).eval() if ema_decay is not None else None
+    if ema is not None:
+        ema.requires_grad_(False)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda n: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(n, steps) / steps))
+    )
+    gen = torch.Generator().manual_seed(seed)
+    data = data.to(torch.float32)
+    n_data = data.shape[0]
+    model_t = schedule.timesteps
+    losses: list[float] = []
+    start = time.perf_counter()
+    model.train()
+    for step in range(steps):
+        idx = torch.randint(0, n_data, (batch_size,), generator=gen)
+        t = torch.randint(0, schedule.num_steps, (batch_size,), generator=gen)
+        noise = torch.randn((batch_size, *data_shape), generator=gen)
+        x0 = data[idx]
+        x0, t, noise = x0.to(dev), t.to(dev), noise.to(dev)
+        x_t = schedule.q_sample(x0, t, noise)
+        out = model(x_t, model_t.to(dev)[t])
+        if learned_variance:
+            prediction, var_values = out.chunk(2, dim=1)
+        else:
+            prediction, var_values = out, None
+        target = training_target(schedule, x0, noise, t, pred)
+        loss = ((prediction - target) ** 2).mean()
+        if var_values is not None:
+            vb = vlb_term(schedule, x0, x_t, t, prediction.detach(), var_values, pred)
+            loss = loss + (VLB_WEIGHT * schedule.num_steps) * vb.mean()
+        if not torch.isfinite(loss):
+            raise DdpmError(
+                f"training diverged at step {step + 1} (loss is {loss.item()}); lower --lr"
+            )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        opt.step()
+        sched.step()
+        if ema is not None and ema_decay is not None:
+            decay = min(ema_decay, (1 + step) / (10 + step))
+            with torch.no_grad():
+                for p_ema, p in zip(ema.parameters(), model.parameters(), strict=True):
+                    p_ema.lerp_(p, 1.0 - decay)
+        value = float(loss.detach())
+        losses.append(value)
+        if callback is not None:
+            callback(step + 1, value)
+    final = model if ema is None else ema
+    final.eval()
+    tail = losses[-max(1, steps // 10) :]
+    return TrainResult(
+        model=final.to("cpu"),
+        architecture=arch,
+        hparams=params,
+        steps=steps,
+        final_loss=sum(tail) / len(tail),
+        seconds=time.perf_counter() - start,
+        losses=losses,
+    )
