@@ -600,7 +600,7 @@ class Schedule:
 
     def prior_kl_bits_per_dim_unit_variance(self) -> float:
         """E KL(q(x_T|x0) || N(0,1)) per dim for data with E x0^2 = 1: -log(1 - ab_T)/(2 ln 2)."""
-        return float(-torch.log(self.one_minus_alpha_bar[-1]) / (2 * math.log(2.0)))
+        return float(-torch.log(self.one_minus_alpha_bar[-1]) / (2 * math.log(2.0))) + 0.0
 
 
 def extract(values: Tensor, t: Tensor, ndim: int, *, like: Tensor | None = None) -> Tensor:
@@ -626,10 +626,15 @@ def _assemble(
     # alpha = 1 - beta loses digits where beta nears 1; there alpha = ab_t/ab_{t-1} is exact.
     ratio = torch.exp(torch.diff(log_ab, prepend=torch.zeros(1, dtype=F64)))
     alpha = torch.where(beta < 0.5, 1 - beta, ratio)
-    log_om = torch.log(om)
+    # log(1 - ab) from ab itself where ab is small: log(om) would keep only om's absolute digits.
+    log_om = torch.where(ab < 0.5, torch.log1p(-ab), torch.log(om))
+    log_om_prev = torch.cat([torch.full((1,), -math.inf, dtype=F64), log_om[:-1]])
     post_var = beta * om_prev / om
-    # The posterior variance is 0 at t = 0, so its log is clipped to the value at t = 1.
-    clipped = torch.cat([post_var[1:2], post_var[1:]]) if len(beta) > 1 else beta
+    # The posterior variance is 0 at t = 0, so its log is clipped to the value at t = 1. Summing
+    # logs keeps its digits where 1 - ab_prev is within ulps of 1 (the zero-SNR step).
+    log_post_var = torch.log(beta) + log_om_prev - log_om
+    # (A one-step schedule has no t = 1; it keeps log beta, as fixed_large does.)
+    clipped = torch.cat([log_post_var[1:2], log_post_var[1:]]) if len(beta) > 1 else torch.log(beta)
     return Schedule(
         name=name,
         spec=spec,
@@ -648,7 +653,7 @@ def _assemble(
         log_snr=log_ab - log_om,
         sigma=torch.exp(0.5 * (log_om - log_ab)),
         posterior_variance=post_var,
-        posterior_log_variance_clipped=torch.log(clipped),
+        posterior_log_variance_clipped=clipped,
         posterior_mean_coef_x0=torch.sqrt(ab_prev) * beta / om,
         posterior_mean_coef_xt=torch.sqrt(alpha) * om_prev / om,
         sqrt_recip_alpha_bar=torch.exp(-0.5 * log_ab),
@@ -803,6 +808,7 @@ def rescale_zero_terminal_snr(schedule: Schedule) -> Schedule:
     one_minus_s = schedule.one_minus_alpha_bar / (1 + s)
     one_minus_s_new = (s0 * one_minus_s - s_last * one_minus_s[0]) / span
     om = one_minus_s_new * (1 + s_new)
+    om[-1] = 1.0  # alpha_bar_{T-1} = 0 exactly; rounding must not leave 1 - ab a few ulps off 1
     log_ab = 2 * torch.log(s_new)
     s_prev = torch.cat([torch.ones(1, dtype=F64), s_new[:-1]])
     beta_new = k * d * (s_prev + s_new) / s_prev**2
@@ -916,6 +922,7 @@ def respace(schedule: Schedule, timesteps: Sequence[int]) -> Schedule:
     log_ab = schedule.log_alpha_bar[idx]
     om = schedule.one_minus_alpha_bar[idx]
     parts = _Parts(_betas_from_log_alpha_bar(log_ab, om), log_ab, om)
+    _validate(parts, ScheduleParameterError, f"respacing of {schedule.name}")
     return _assemble(
         f"{schedule.name}@{len(kept)}",
         _with_transform(schedule, ["respace", kept]),

@@ -287,7 +287,8 @@ def errors(name: str, got: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, np.
         scale = np.abs(ref)
     with np.errstate(divide="ignore", invalid="ignore"):
         err = np.abs(got - ref) / scale
-    zero = ref == 0
+    # a zero reference must be hit exactly, except where the absolute floor above applies
+    zero = (ref == 0) & (name not in ZERO_CROSSING)
     err = np.where(zero, np.where(got == 0, 0.0, np.inf), err)
     return err[finite], finite
 
@@ -316,31 +317,9 @@ def _case(kind: str, n: int = T, transforms: tuple = (), **params) -> tuple:
 
 
 # ---- known misses of the core, each one exact case (xfail strict, so a fix is noticed) ----
-# At the last step of a zero-terminal-SNR schedule beta = 1 and 1 - ab = 1, so beta_tilde =
-# 1 - ab_prev with ab_prev ~ 1e-9: the core takes log() of that rounded number, an error of
-# ~1e-16/ab_prev relative in a result ~ -ab_prev, although log1p(-ab_prev) is well conditioned.
-# Measured at t = T - 1 (reported to the lead; remove an entry when the core is fixed):
-_LOG_VAR_MISS = (
-    "core: posterior_log_variance_clipped[T-1] = log(1 - ab_prev) loses digits where beta = 1 "
-    "(relative error {}); log1p(-ab_prev) is exact"
-)
-KNOWN_MISSES: dict[str, str] = {
-    f"{kind}-zsnr-posterior_log_variance_clipped": _LOG_VAR_MISS.format(err)
-    for kind, err in [
-        ("linear", "1.4e-8"),
-        ("scaled_linear", "7.3e-10"),
-        ("cosine", "1.5e-10"),
-        ("sigmoid", "3.9e-8"),
-        ("exp", "1.1e-7"),
-        ("shifted_cosine", "2.7e-10"),
-        ("vp", "1.4e-8"),
-        ("edm", "7.9e-9"),
-    ]
-}
-KNOWN_MISSES["linear+zsnr-shift-posterior_log_variance_clipped"] = _LOG_VAR_MISS.format("1.6e-9")
-KNOWN_MISSES["betas-posterior_log_variance_clipped"] = _LOG_VAR_MISS.format(
-    "1.0 (ab_prev ~ 1e-20 rounds 1 - ab_prev to 1, log to 0)"
-)
+# (none at present: the zero-SNR log posterior variance misses were fixed in the core by summing
+# log beta + log1p(-ab_prev) - log(1 - ab))
+KNOWN_MISSES: dict[str, str] = {}
 
 
 def _param(*values, id: str):  # noqa: A002

@@ -135,9 +135,6 @@ def schedules(draw, respace: bool | None = None, zsnr: bool | None = None) -> Dr
         respace = draw(st.booleans())
     if respace:
         kept = draw(kept_steps(n))
-        # Known core bug, pinned by test_respace_to_the_zero_snr_step_alone (strict xfail): with
-        # zero terminal SNR, respace(s, [T-1]) gives beta = 1 - ab_{T-1} computed as 1 +- ulps.
-        assume(not (zsnr and kept == [n - 1]))
         s = core.respace(s, kept)
     return Drawn(s)
 
@@ -181,11 +178,6 @@ def test_beta_in_unit_interval(d: Drawn) -> None:
     assert bool((alpha >= 0).all()) and bool((alpha < 1).all())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core: rescale_zero_terminal_snr leaves one_minus_alpha_bar[T-1] = 1 +- a few ulp "
-    "(cosine: 1.0000000000000007) while alpha_bar[T-1] = 0, so respace(s, [T-1]) has beta > 1",
-)
 def test_respace_to_the_zero_snr_step_alone() -> None:
     s = core.make_schedule("cosine", zero_terminal_snr=True)
     assert s.one_minus_alpha_bar[-1].item() == 1.0
@@ -382,20 +374,13 @@ def test_ddim_eta_one_is_the_ancestral_posterior(d: Drawn, seed: int) -> None:
     mean, _, _ = s.posterior_mean_variance(x0, x_t, t)
     scale = 1 + x0.abs() + x_t.abs()
     ok = (step0 - mean).abs() <= 1e-10 * scale
-    # Known core bug at a zero-SNR last step, pinned by test_ddim_eta_one_at_the_zero_snr_step
-    rows = s.alpha_bar > 0
-    assert bool(ok[rows].all())
+    assert bool(ok.all())
     # eta = 0: deterministic, the noise is ignored
     assert torch.equal(
         s.ddim_step(x_t, t, x0, eps, 0.0, z), s.ddim_step(x_t, t, x0, eps, 0.0, torch.zeros_like(z))
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core: at the last step of cosine+zsnr one_minus_alpha_bar = 1.0000000000000007, so "
-    "ddim_step(eta=1) keeps sqrt(1 - ab_prev - beta_tilde) ~ 2.6e-8 of eps where it must be 0",
-)
 def test_ddim_eta_one_at_the_zero_snr_step() -> None:
     s = core.make_schedule("cosine", zero_terminal_snr=True)
     t = torch.tensor([999])
