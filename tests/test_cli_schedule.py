@@ -326,6 +326,17 @@ def test_quiet_plot_says_nothing(cli, tmp_path: Path) -> None:
 # compare, posterior, check
 
 
+def test_compare_keeps_its_key_columns_under_columns(cli) -> None:
+    out = ok(
+        cli("compare", "linear", "cosine", "--t", "999", "--columns", "alpha_bar", "-f", "csv")
+    )
+    assert out == (
+        "schedule,t,alpha_bar\n"
+        f"linear,999,{float(core.make_schedule('linear').alpha_bar[999])!r}\n"
+        f"cosine,999,{float(core.make_schedule('cosine').alpha_bar[999])!r}\n"
+    )
+
+
 def test_compare_long_format(cli) -> None:
     out = ok(
         cli(

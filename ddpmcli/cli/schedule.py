@@ -384,6 +384,7 @@ def compare(
 ) -> None:
     """Compare schedules side by side: long-format rows with a `schedule` column.
 
+    The key columns (schedule, t, and timestep when respaced) always lead; --columns picks the rest.
     Timesteps are 0-based as models take them (t = 0 is one noising step). --t and --every select
     rows in every schedule; a t outside any schedule is an error.
 
@@ -405,7 +406,9 @@ def compare(
     available, default = _columns_of(parsed[0].built)
     default = ["schedule", *(["t", "timestep"] if respaced else ["t"]), *default[1:]]
     default = list(dict.fromkeys(default))
-    cols = select_columns(columns, ["schedule", *available], default)
+    keys = default[: default.index("t") + (2 if respaced else 1)]  # schedule, t (, timestep)
+    # long format: the key columns always lead, so rows stay attributable under --columns
+    cols = list(dict.fromkeys([*keys, *select_columns(columns, ["schedule", *available], default)]))
     rows: list[dict[str, Any]] = []
     for p in parsed:
         try:
