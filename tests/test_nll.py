@@ -1,0 +1,239 @@
+"""`ddpm nll`: the variational-bound terms against their closed form for Gaussian data with the
+exact optimal denoiser, the subset estimate, streaming, and the command end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor
+
+from ddpmcli import core
+from ddpmcli.errors import UsageError
+from ddpmcli.sampling import (
+    BOUND_COLUMNS,
+    bound_strata,
+    random_strata,
+    variational_bound,
+)
+
+MU, S, D = 0.5, 0.7, 2
+LN2 = math.log(2.0)
+
+
+def gaussian_denoiser(schedule: core.Schedule):  # type: ignore[no-untyped-def]
+    """Exact E[x0 | x_t] for x0 ~ N(MU, S^2 I) (see tests/test_sample.py)."""
+    ab_all = schedule.alpha_bar
+
+    def predict(x: Tensor, t: Tensor) -> tuple[Tensor, None]:
+        ab = ab_all[t].to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+        return MU + ab.sqrt() * S * S / (ab * S * S + 1 - ab) * (x - ab.sqrt() * MU), None
+
+    return predict
+
+
+def closed_form_terms(betas: np.ndarray, variance: str) -> tuple[np.ndarray, float]:
+    """Expected per-t terms (bits/dim) of the bound for x0 ~ N(MU, S^2 I) and the exact denoiser,
+    derived here from the betas alone (numpy float64, not the core):
+
+    q(x_{t-1}|x_t, x0) = N(c0 x0 + ct x_t, bt), p = N(c0 x0_hat + ct x_t, sig2), so
+    KL = 1/2 [log(sig2/bt) + bt/sig2 - 1 + c0^2 (x0 - x0_hat)^2 / sig2], and with
+    x0_hat = E[x0|x_t], E (x0 - x0_hat)^2 = Var[x0 | x_t] = S^2 (1 - ab)/(ab S^2 + 1 - ab).
+    t = 0: c0 = 1, ct = 0, so -log N(x0; x0_hat, sig2) has expectation
+    1/2 log(2 pi sig2) + Var[x0|x_0]/(2 sig2). Prior: KL(N(sqrt(ab_T) x0, 1 - ab_T) || N(0, 1))
+    = 1/2 [-log(1 - ab_T) + (1 - ab_T) - 1 + ab_T E x0^2], E x0^2 = MU^2 + S^2.
+    sig2: fixed_small bt (bt_1 at t = 0), fixed_large beta (bt_1 at t = 0).
+    """
+    ab = np.cumprod(1 - betas)
+    ab_prev = np.concatenate([[1.0], ab[:-1]])
+    bt = betas * (1 - ab_prev) / (1 - ab)
+    c0 = np.sqrt(ab_prev) * betas / (1 - ab)
+    post = S**2 * (1 - ab) / (ab * S**2 + 1 - ab)
+    sig2 = bt.copy() if variance == "fixed_small" else betas.copy()
+    sig2[0] = bt[1]
+    bt_safe = np.where(bt > 0, bt, 1.0)  # bt_0 = 0: that term is replaced below
+    terms = 0.5 * (np.log(sig2 / bt_safe) + bt_safe / sig2 - 1 + c0**2 * post / sig2)
+    terms[0] = 0.5 * math.log(2 * math.pi * sig2[0]) + post[0] / (2 * sig2[0])
+    prior = 0.5 * (-math.log(1 - ab[-1]) + (1 - ab[-1]) - 1 + ab[-1] * (MU**2 + S**2))
+    return terms / LN2, prior / LN2
+
+
+@pytest.fixture(scope="module")
+def sched() -> core.Schedule:
+    return core.make_schedule("linear", 40, beta_end=0.25)
+
+
+@pytest.fixture(scope="module")
+def x0() -> Tensor:
+    return MU + S * torch.randn(
+        3000, D, generator=torch.Generator().manual_seed(1), dtype=torch.float64
+    )
+
+
+@pytest.mark.parametrize("variance", ["fixed_small", "fixed_large"])
+def test_terms_match_the_gaussian_closed_form(sched, x0, variance) -> None:  # type: ignore[no-untyped-def]
+    result = variational_bound(
+        gaussian_denoiser(sched), sched, "sample", x0, variance=variance, batch_size=4096
+    )
+    expect, prior = closed_form_terms(sched.beta.numpy(), variance)
+    per_t = result.rows[: sched.num_steps]
+    assert [r["term"] for r in per_t] == ["decoder_continuous"] + ["kl"] * (sched.num_steps - 1)
+    # Monte Carlo over 2000 samples: each term within 5 of its standard errors (plus rounding)
+    for row, want in zip(per_t, expect, strict=True):
+        assert abs(row["bits_per_dim"] - want) < 5 * row["stderr"] + 1e-9, (row, want)
+    prior_row, total_row = result.rows[-2], result.rows[-1]
+    assert prior_row["term"] == "prior" and total_row["term"] == "total"
+    assert abs(prior_row["bits_per_dim"] - prior) < 5 * prior_row["stderr"]
+    exact_total = float(expect.sum()) + prior
+    assert abs(total_row["bits_per_dim"] - exact_total) < 5 * total_row["stderr"]
+    assert not result.estimate
+    # x0_mse is the posterior variance of x0 given x_t
+    ab = np.cumprod(1 - sched.beta.numpy())
+    post = S**2 * (1 - ab) / (ab * S**2 + 1 - ab)
+    for row, want in zip(per_t, post, strict=True):
+        assert row["x0_mse"] == pytest.approx(want, rel=0.1)
+
+
+def test_numbers_do_not_depend_on_the_batch_size(sched, x0) -> None:  # type: ignore[no-untyped-def]
+    seen: list[int] = []
+    model = gaussian_denoiser(sched)
+
+    def counting(x: Tensor, t: Tensor) -> tuple[Tensor, None]:
+        seen.append(x.shape[0])
+        return model(x, t)
+
+    a = variational_bound(counting, sched, "sample", x0[:50], batch_size=37)
+    b = variational_bound(model, sched, "sample", x0[:50], batch_size=2000)
+    assert max(seen) <= 37  # streamed: never more than one chunk of pairs in flight
+    for ra, rb in zip(a.rows, b.rows, strict=True):
+        assert ra == pytest.approx(rb, rel=1e-12, abs=1e-15)
+
+
+def test_subset_estimate_weights(sched, x0) -> None:  # type: ignore[no-untyped-def]
+    weights = bound_strata(40, [0, 5, 20, 39])
+    assert weights == {0: 1, 5: 12, 20: 17, 39: 10}  # 1..12, 13..29, 30..39
+    assert sum(weights.values()) == 40
+    result = variational_bound(
+        gaussian_denoiser(sched), sched, "sample", x0[:200], t_indices=[5, 20, 39]
+    )
+    assert [r["t"] for r in result.rows[:4]] == [0, 5, 20, 39]  # t = 0 always evaluated
+    assert result.estimate and result.rows[-1]["term"] == "total_estimate"
+    want = (
+        sum(r["weight"] * r["bits_per_dim"] for r in result.rows[:4])
+        + result.rows[4]["bits_per_dim"]
+    )
+    assert result.total_bpd == pytest.approx(want, rel=1e-9)
+
+
+def test_random_strata_are_unbiased() -> None:
+    # E over the draw of sum_j w_j L_{t_j} equals sum_t L_t exactly: check by averaging
+    # over many seeds for an arbitrary positive L (5 sd of the mean of 3000 draws).
+    terms = np.exp(-np.arange(30) / 4.0) + 0.1
+    draws = []
+    for seed in range(3000):
+        picks, weights = random_strata(30, 6, seed)
+        assert picks[0] == 0 and sum(weights.values()) == 30
+        draws.append(sum(weights[i] * terms[i] for i in picks))
+    values = np.array(draws)
+    assert abs(values.mean() - terms.sum()) < 5 * values.std() / math.sqrt(len(values))
+    with pytest.raises(UsageError):
+        random_strata(30, 1)
+
+
+def test_learned_range_needs_a_channel(sched, x0) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(UsageError, match="variance channel"):
+        variational_bound(
+            gaussian_denoiser(sched), sched, "sample", x0[:4], variance="learned_range"
+        )
+
+
+def test_discretized_decoder_on_8bit_data() -> None:
+    # A perfect x0 predictor (handed x0 through the closure) on 8-bit data: at t = 0 the model's
+    # mean is x0 itself (c_xt = 0 there), its std sqrt(beta_tilde_1), so the decoder term is the
+    # normal mass of the bin [x0 - 1/255, x0 + 1/255] (one side unbounded at 0 and 255):
+    # -log2(2 Phi(h) - 1) inside, -log2(Phi(h)) at the edges, h = (1/255)/std.
+    sched = core.make_schedule("linear", 10)
+    levels = torch.randint(0, 256, (16, 3, 4, 4), generator=torch.Generator().manual_seed(0))
+    levels[0, 0, 0, :2] = torch.tensor([0, 255])
+    data = levels.double() / 127.5 - 1
+
+    def oracle(x: Tensor, t: Tensor) -> tuple[Tensor, None]:
+        return data[: x.shape[0]].to(x.dtype), None
+
+    result = variational_bound(
+        oracle, sched, "sample", data, t_indices=[0], decoder="discretized", batch_size=16,
+        model_dtype=torch.float64,
+    )  # fmt: skip
+    row = result.rows[0]
+    assert row["term"] == "decoder_discretized"
+    betas = sched.beta.numpy()
+    ab = np.cumprod(1 - betas)
+    std = math.sqrt(betas[1] * (1 - ab[0]) / (1 - ab[1]))
+    h = (1 / 255) / std
+    phi = 0.5 * (1 + math.erf(h / math.sqrt(2)))
+    edges = int(((levels == 0) | (levels == 255)).sum())
+    want = (edges * -math.log2(phi) + (levels.numel() - edges) * -math.log2(2 * phi - 1)) / (
+        levels.numel()
+    )
+    assert row["bits_per_dim"] == pytest.approx(want, rel=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------
+# the command
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from ddpmcli import models
+    from ddpmcli.checkpoints import save_native_checkpoint
+
+    torch.manual_seed(0)
+    hp = models.default_hparams("mlp", (2,))
+    refs = torch.randn(100, 2, generator=torch.Generator().manual_seed(0)) * 0.5
+    return save_native_checkpoint(
+        tmp_path_factory.mktemp("nll") / "mlp.pt", models.build_model("mlp", hp),
+        architecture="mlp", hparams=hp, schedule=core.make_schedule("linear", 20),
+        prediction_type="epsilon", data_shape=(2,), reference_samples=refs,
+    )  # fmt: skip
+
+
+def test_cli_rows_formats_and_note(cli, ckpt) -> None:  # type: ignore[no-untyped-def]
+    result = cli("nll", str(ckpt), "--n", "16", "-f", "csv")
+    assert result.exit_code == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == ",".join(BOUND_COLUMNS)
+    assert len(lines) == 1 + 20 + 2
+    assert lines[1].startswith("0,decoder_continuous,")
+    assert lines[-1].startswith(",total,")
+    assert "continuous Gaussian density" in result.stderr and "bound:" in result.stderr
+    rows = json.loads(cli("nll", str(ckpt), "--n", "16", "--batch-size", "7", "-f", "json").stdout)
+    assert rows[-1]["term"] == "total" and rows[-1]["t"] is None
+    assert rows[-2]["term"] == "prior" and rows[-2]["t"] == 19
+
+
+def test_cli_subsets_are_estimates(cli, ckpt) -> None:  # type: ignore[no-untyped-def]
+    fixed = cli("nll", str(ckpt), "--n", "8", "--every", "5", "-f", "jsonl", "-q")
+    rows = [json.loads(line) for line in fixed.stdout.splitlines()]
+    assert [r["t"] for r in rows[:-2]] == [0, 5, 10, 15]
+    assert rows[-1]["term"] == "total_estimate" and fixed.stderr == ""
+    rand = cli("nll", str(ckpt), "--n", "8", "--t-random", "4", "-f", "jsonl")
+    assert rand.exit_code == 0 and "estimated bound (importance-weighted)" in rand.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--variance", "learned_range"], "needs a model with a variance channel"),
+        (["--t", "3", "--every", "2"], "cannot be used together"),
+        (["--t-random", "1"], "--t-random needs 2..20"),
+        (["--t", "20"], "out of range"),
+    ],
+)
+def test_cli_bad_input(cli, ckpt, args, message) -> None:  # type: ignore[no-untyped-def]
+    result = cli("nll", str(ckpt), "--n", "4", *args, "-f", "csv")
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr.startswith("Error: ") and message in result.stderr
