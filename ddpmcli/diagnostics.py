@@ -174,7 +174,7 @@ def pair_seed(seed: int, sample: int, block: int) -> int:
     return _splitmix64(_splitmix64(_splitmix64(seed & _MASK64) ^ sample) ^ block)
 
 
-NOISE_BLOCK_VALUES = 16384  # values drawn per generator call (amortises the per-call overhead)
+NOISE_BLOCK_VALUES = 1024  # values per generator call: amortises its ~5 us overhead, little waste
 
 
 def noise_block_length(numel: int) -> int:
@@ -213,6 +213,12 @@ def pair_noise(
     keys = list(groups)
 
     def fill(part: Sequence[tuple[int, int]]) -> None:
+        # inference mode is per thread: enter it here too, so a worker may write into ``out``
+        # whether it was made inside inference mode (a sweep's first chunk) or outside
+        with torch.inference_mode():
+            _fill(part)
+
+    def _fill(part: Sequence[tuple[int, int]]) -> None:
         gen = torch.Generator()
         for s, b in part:
             gen.manual_seed(pair_seed(seed, s, b))
@@ -633,9 +639,13 @@ def reconstruction_sweep(
     k = example_samples if example_samples is not None else (min(n, 2000) if numel <= 16 else 8)
     k = max(0, min(k, n))
     ex_pos = _spread(ts, example_timesteps)
-    ex_of_ti = torch.full((n_t,), -1, dtype=torch.long)
-    ex_of_ti[torch.tensor(ex_pos, dtype=torch.long)] = torch.arange(len(ex_pos))
-    ex_xt = torch.zeros((len(ex_pos), k, *shape), dtype=wdt, device=dev)
+    # everything indexed on the device, so the loop never waits for it (a host-to-device copy
+    # without non_blocking would): pairs that are not examples are written to a spare last slot
+    n_ex = len(ex_pos)
+    ex_of_ti = torch.full((n_t,), n_ex, dtype=torch.long)
+    ex_of_ti[torch.tensor(ex_pos, dtype=torch.long)] = torch.arange(n_ex)
+    ex_of_ti = ex_of_ti.to(dev)
+    ex_xt = torch.zeros((n_ex + 1, k + 1, *shape), dtype=wdt, device=dev)
     ex_x0hat = torch.zeros_like(ex_xt)
 
     noise_source = _NoiseStream(seed, n, ts_cpu, shape, chunk, total, dev)
@@ -643,9 +653,8 @@ def reconstruction_sweep(
     try:
         with torch.inference_mode():
             for (start, stop), noise_cpu in zip(noise_source.ranges, noise_source, strict=True):
-                pairs = torch.arange(start, stop)
-                ti_cpu, si_cpu = pairs // n, pairs % n
-                ti, si = ti_cpu.to(dev), si_cpu.to(dev)
+                pairs = torch.arange(start, stop, device=dev)
+                ti, si = pairs // n, pairs % n
                 t_idx = ts_dev[ti]
                 noise = noise_cpu.to(dev, non_blocking=True).to(wdt)
                 x0c = x0_dev[si]
@@ -675,13 +684,11 @@ def reconstruction_sweep(
                     if per_sample:
                         per[name][start:stop] = values
                 if k:
-                    ex_cpu = ex_of_ti[ti_cpu]
-                    keep = torch.nonzero((ex_cpu >= 0) & (si_cpu < k)).flatten()
-                    if keep.numel():
-                        rows_dev, cols_dev = ex_cpu[keep].to(dev), si_cpu[keep].to(dev)
-                        keep_dev = keep.to(dev)
-                        ex_xt[rows_dev, cols_dev] = x_t[keep_dev]
-                        ex_x0hat[rows_dev, cols_dev] = x0_hat[keep_dev]
+                    ex_rows = ex_of_ti[ti]
+                    ex_cols = torch.where(ex_rows < n_ex, si.clamp(max=k), k)
+                    ex_rows = torch.where(ex_cols < k, ex_rows, n_ex)
+                    ex_xt[ex_rows, ex_cols] = x_t
+                    ex_x0hat[ex_rows, ex_cols] = x0_hat
                 if callback is not None:
                     callback(stop, total)
     finally:
@@ -743,8 +750,8 @@ def reconstruction_sweep(
     examples = ReconstructionExamples(
         t=[ts[p] for p in ex_pos],
         x0=x0[:k].detach().to("cpu", torch.float64),
-        x_t=ex_xt.to("cpu", torch.float64),
-        x0_hat=ex_x0hat.to("cpu", torch.float64),
+        x_t=ex_xt[:n_ex, :k].to("cpu", torch.float64),
+        x0_hat=ex_x0hat[:n_ex, :k].to("cpu", torch.float64),
     )
     return ReconstructionResult(
         columns=columns,

@@ -196,7 +196,7 @@ def test_noise_of_a_pair_depends_on_seed_sample_t_only() -> None:
     from concurrent.futures import ThreadPoolExecutor
 
     samples, steps = [i % 5 for i in range(300)], [i // 5 * 3 for i in range(300)]
-    with ThreadPoolExecutor(3) as pool:
+    with ThreadPoolExecutor(3) as pool, torch.inference_mode():
         threaded = pair_noise(4, samples, steps, (1, 8, 8), pool=pool, workers=3)
     assert torch.equal(threaded, pair_noise(4, samples, steps, (1, 8, 8)))
     assert not torch.equal(threaded[0], threaded[5])  # t = 0 and t = 3 of sample 0 differ
