@@ -5,7 +5,9 @@ Every loop here calls the core for its formulas (q_sample, predict_x0, predict_e
 and reports progress through ``callback(n_done, n_total)`` so the caller owns the UI.
 
 Shared helpers (used by every loop in this file): :func:`resolve_device`, :func:`resolve_dtype`,
-:func:`work_dtype`, :func:`auto_chunk_size`, :func:`iter_chunks`, :func:`pair_noise`.
+:func:`work_dtype`, :func:`auto_chunk_size`, :func:`iter_chunks`, the seeded noise of
+:func:`sample_noise` (one noise per sample, the reconstruction sweep's) and :func:`pair_noise`
+(one per (sample, t) pair, the variational bound's).
 
 Reconstruction (``ddpm reconstruct``): :func:`reconstruction_sweep` and the Bayes-optimal
 denoiser :class:`OptimalDenoiser` it compares against.
@@ -20,7 +22,6 @@ import dataclasses
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -49,6 +50,8 @@ __all__ = [
     "reconstruction_sweep",
     "resolve_device",
     "resolve_dtype",
+    "sample_noise",
+    "sample_noise_rows",
     "work_dtype",
 ]
 
@@ -184,56 +187,64 @@ def noise_block_length(numel: int) -> int:
 
 
 def pair_noise(
-    seed: int,
-    samples: Sequence[int],
-    ts: Sequence[int],
-    shape: Sequence[int],
-    *,
-    pin_memory: bool = False,
-    pool: ThreadPoolExecutor | None = None,
-    workers: int = 1,
+    seed: int, samples: Sequence[int], ts: Sequence[int], shape: Sequence[int]
 ) -> Tensor:
-    """Standard normal noise ``[len(samples), *shape]``, float64 on CPU, for the pairs
-    ``(samples[j], ts[j])``.
+    """Standard normal noise ``[len(samples), *shape]``, float64 on CPU, one draw per pair
+    ``(samples[j], ts[j])`` (the variational bound of ``ddpm nll`` uses it; the reconstruction
+    sweep uses :func:`sample_noise`).
 
     The noise of ``(sample, t)`` is row ``t mod L`` of a ``[L, numel]`` block drawn by a
     generator seeded with ``pair_seed(seed, sample, t // L)``, ``L = noise_block_length(numel)``:
     it depends on ``(seed, sample, t)`` and the sample shape only, not on the batch size, the
-    device, the order of the pairs or which other timesteps are asked for. Drawing on the CPU in
-    float64 keeps it identical across devices and model dtypes. With ``pool``, the blocks are
-    split into ``workers`` parts drawn on its threads (torch releases the GIL while it draws).
+    device, the order of the pairs or which other timesteps are asked for.
     """
     numel = math.prod(shape)
     length = noise_block_length(numel)
-    out = torch.empty((len(samples), *shape), dtype=torch.float64, pin_memory=pin_memory)
+    out = torch.empty((len(samples), *shape), dtype=torch.float64)
     flat = out.view(len(samples), numel)
     groups: dict[tuple[int, int], list[int]] = {}
     for j, (s, t) in enumerate(zip(samples, ts, strict=True)):
         groups.setdefault((int(s), int(t) // length), []).append(j)
-    keys = list(groups)
-
-    def fill(part: Sequence[tuple[int, int]]) -> None:
-        # inference mode is per thread: enter it here too, so a worker may write into ``out``
-        # whether it was made inside inference mode (a sweep's first chunk) or outside
-        with torch.inference_mode():
-            _fill(part)
-
-    def _fill(part: Sequence[tuple[int, int]]) -> None:
-        gen = torch.Generator()
-        for s, b in part:
-            gen.manual_seed(pair_seed(seed, s, b))
-            block = torch.randn((length, numel), generator=gen, dtype=torch.float64)
-            rows = groups[(s, b)]
-            offsets = torch.tensor([int(ts[j]) - b * length for j in rows])
-            flat[torch.tensor(rows)] = block[offsets]
-
-    if pool is None or workers <= 1 or len(keys) < 2:
-        fill(keys)
-    else:
-        step = math.ceil(len(keys) / workers)
-        for future in [pool.submit(fill, keys[i : i + step]) for i in range(0, len(keys), step)]:
-            future.result()
+    gen = torch.Generator()
+    for (s, b), rows in groups.items():
+        gen.manual_seed(pair_seed(seed, s, b))
+        block = torch.randn((length, numel), generator=gen, dtype=torch.float64)
+        offsets = torch.tensor([int(ts[j]) - b * length for j in rows])
+        flat[torch.tensor(rows)] = block[offsets]
     return out
+
+
+SAMPLE_NOISE_VALUES = 1 << 16  # values per generator call of sample_noise
+_NOISE_TAG = 0x5EED5A4D1E5  # keeps sample_noise's generator seeds apart from pair_seed's
+
+
+def sample_noise_rows(numel: int) -> int:
+    """How many consecutive samples share one generator in :func:`sample_noise`: about
+    :data:`SAMPLE_NOISE_VALUES` values a block, between 1 and 256 samples."""
+    return max(1, min(256, SAMPLE_NOISE_VALUES // max(1, numel)))
+
+
+def sample_noise(seed: int, start: int, stop: int, shape: Sequence[int]) -> Tensor:
+    """One standard normal noise tensor per sample, ``[stop - start, *shape]``, float64 on CPU:
+    the noise ``eps_i`` of samples ``start .. stop - 1``.
+
+    Sample ``i``'s noise is row ``i mod L`` of a ``[L, numel]`` block drawn by a generator
+    seeded with a SplitMix64 hash of ``(seed, i // L)``, ``L = sample_noise_rows(numel)``: it
+    depends on ``(seed, i)`` and the sample shape only (not on how many samples are drawn, the
+    batch size or the device). ``ddpm reconstruct`` noises sample ``i`` with this same ``eps_i``
+    at every t (common random numbers across t).
+    """
+    numel = math.prod(shape)
+    rows = sample_noise_rows(numel)
+    out = torch.empty((stop - start, numel), dtype=torch.float64)
+    gen = torch.Generator()
+    first = start // rows
+    for block in range(first, -(-stop // rows) if stop > start else first):
+        gen.manual_seed(_splitmix64(_splitmix64(seed & _MASK64) ^ _NOISE_TAG ^ block))
+        drawn = torch.randn((rows, numel), generator=gen, dtype=torch.float64)
+        lo, hi = max(start, block * rows), min(stop, (block + 1) * rows)
+        out[lo - start : hi - start] = drawn[lo - block * rows : hi - block * rows]
+    return out.view(stop - start, *shape)
 
 
 # =============================================================================================
@@ -526,6 +537,10 @@ def _spread(values: Sequence[int], k: int) -> list[int]:
     return sorted({round(i * (len(values) - 1) / (k - 1)) for i in range(k)})
 
 
+SWEEP_DATA_BUDGET = 256 * 2**20
+"""Bytes of x0 and noise a sweep keeps on the device at once; more samples are swept in groups."""
+
+
 def reconstruction_sweep(
     model: SweepModel,
     x0: Tensor,
@@ -544,9 +559,17 @@ def reconstruction_sweep(
 ) -> ReconstructionResult:
     """Noise ``x0`` to ``x_t`` at each timestep, let the model predict, rebuild x0, measure.
 
-    For every pair ``(sample i, t)``: ``eps ~ N(0, I)`` (seeded per pair, see :func:`pair_noise`),
-    ``x_t = q_sample(x0_i, t, eps)``; the model's output gives ``x0_hat = predict_x0(...)`` and
-    ``eps_hat = predict_eps(...)`` (the core's formulas, one for every prediction type). Per t:
+    Noise (common random numbers across t): sample ``i`` gets ONE noise tensor
+    ``eps_i ~ N(0, I)`` (:func:`sample_noise`, a function of ``(seed, i)`` only) and is noised
+    with it at every t, ``x_t = q_sample(x0_i, t, eps_i) = sqrt(ab_t) x0_i + sqrt(1 - ab_t)
+    eps_i``. Each t still sees independent noise across samples, so every per-t statistic is
+    unbiased; the estimates at different t are correlated (the curves are smoother than with
+    fresh noise per t, their errors move together), and the figure shows the same noise at
+    growing levels. The numbers depend on ``seed`` and the data only: not on ``batch_size``
+    (up to float rounding of the sums), the device, or which other timesteps are selected.
+
+    The model's output gives ``x0_hat = predict_x0(...)`` and ``eps_hat = predict_eps(...)``
+    (the core's formulas, one for every prediction type). Per t:
 
     - ``mse``: mean of ``(x0_hat - x0)^2`` over samples and values (``x0_hat`` clipped to the data
       range first when ``clip``); ``psnr = 10 log10((hi - lo)^2 / mse)``;
@@ -556,17 +579,20 @@ def reconstruction_sweep(
     - with ``compare_optimal``: ``optimal_mse``/``optimal_eps_mse`` of the Bayes-optimal
       denoiser on the same ``x_t`` (never clipped).
 
-    Pairs stream through the model in chunks of ``batch_size`` (t-major order), under
-    ``torch.inference_mode()``; aggregates are float64 running sums, so peak memory grows with the
-    chunk, not with ``n x len(timesteps)``. The sweep's own arithmetic is float64 (float32 on MPS);
-    only the model's input and output are in ``dtype``.
+    x0 and the noise are moved to the device once (in groups of samples when they exceed
+    :data:`SWEEP_DATA_BUDGET`); the (t, sample) pairs stream through the model in chunks of
+    ``batch_size`` (t-major order) that index them on the device, under
+    ``torch.inference_mode()``, with no host-device synchronisation inside the loop; the running
+    sums stay on the device and are read once at the end, so peak memory grows with the chunk,
+    not with ``n x len(timesteps)``. The sweep's own arithmetic is float64 (float32 on MPS); only
+    the model's input and output are in ``dtype``.
 
     Args:
         model: a :class:`SweepModel` (``checkpoints.LoadedModel``); moved with ``.to``.
         x0: data ``[n, *data_shape]`` in the model's range.
         timesteps: schedule indices in ``[0, num_steps)``, in the order of the rows.
         batch_size: pairs per model call; None picks one with :func:`auto_chunk_size`.
-        seed: fixes the noise; the numbers do not depend on ``batch_size`` or ``device``.
+        seed: fixes the noise (see above).
         device, dtype: where and in which dtype the model runs.
         clip: clip ``x0_hat`` to the data range before measuring ``mse``.
         per_sample: also return one row per (t, sample).
@@ -578,7 +604,7 @@ def reconstruction_sweep(
     Raises:
         UsageError: an empty or out-of-range timestep list, a bad batch size (exit 2).
         DataError: data that do not fit the model.
-        SamplingError: the model returned NaN or Inf.
+        SamplingError: the model returned NaN or Inf (seen as a non-finite ``eps_mse``).
     """
     schedule = model.schedule
     num_steps = schedule.num_steps
@@ -596,162 +622,129 @@ def reconstruction_sweep(
         raise DataError(f"data samples have shape {list(shape)}, the model wants {list(want)}")
     if batch_size is not None and batch_size < 1:
         raise UsageError(f"--batch-size {batch_size}: must be at least 1")
-    if compare_optimal is not None and compare_optimal.dim != math.prod(shape):
+    numel = math.prod(shape)
+    if compare_optimal is not None and compare_optimal.dim != numel:
         raise DataError(
             f"the optimal denoiser's data have {compare_optimal.dim} values per sample, "
-            f"the data {math.prod(shape)}"
+            f"the data {numel}"
         )
 
     dev = resolve_device(device)
     mdtype = resolve_dtype(dtype)
     wdt = work_dtype(dev)
     pred_type = canonical_prediction_type(model.prediction_type)
-    lo, hi = (float(v) for v in model.data_range)
+    data_lo, data_hi = (float(v) for v in model.data_range)
     n, n_t = int(x0.shape[0]), len(ts)
     total = n * n_t
     chunk = batch_size or auto_chunk_size(
-        math.prod(shape), total, device=dev, bytes_per_element=mdtype.itemsize
+        numel, total, device=dev, bytes_per_element=mdtype.itemsize
     )
     chunk = min(chunk, total)
+    # samples whose x0 and noise sit on the device at once: all of them unless they are large
+    group = max(1, min(n, SWEEP_DATA_BUDGET // (2 * numel * wdt.itemsize)))
 
     net = model.to(dev, mdtype)
-    schedule = _schedule_on(schedule, dev, wdt)
+    # position j of `sched` is timestep ts[j]: chunks index it with their positions directly
+    sched = _schedule_at(schedule, ts, dev, wdt)
     optimal = None if compare_optimal is None else compare_optimal.to(dev, wdt)
-    x0_dev = x0.detach().to(wdt).to(dev)
-    ts_cpu = torch.tensor(ts, dtype=torch.long)
-    ts_dev = ts_cpu.to(dev)
-    model_ts = schedule.timesteps.to(torch.long).to(dev)
 
-    # running sums per timestep (float64 on the device; read back once at the end)
-    sums = {
-        name: torch.zeros(n_t, dtype=wdt, device=dev)
-        for name in ("mse", "eps_mse", "clip", "optimal_mse", "optimal_eps_mse", "nonfinite")
-    }
-    per: dict[str, Tensor] = {}
-    if per_sample:
-        per = {
-            name: torch.zeros(n_t * n, dtype=wdt, device=dev)
-            for name in ("mse", "eps_mse", "clip", "optimal_mse", "optimal_eps_mse")
-        }
+    # per-pair metrics, summed over values (divided by numel at the end), in these columns
+    n_metrics = 5 if optimal is not None else 3  # mse, eps_mse, clip (, optimal_mse, _eps_mse)
+    sums = torch.zeros((n_t, n_metrics), dtype=wdt, device=dev)
+    per = torch.zeros((total, n_metrics), dtype=wdt, device=dev) if per_sample else None
 
     # examples for the figure: the first k samples at a spread of the timesteps
-    numel = math.prod(shape)
     k = example_samples if example_samples is not None else (min(n, 2000) if numel <= 16 else 8)
     k = max(0, min(k, n))
     ex_pos = _spread(ts, example_timesteps)
-    # everything indexed on the device, so the loop never waits for it (a host-to-device copy
-    # without non_blocking would): pairs that are not examples are written to a spare last slot
-    n_ex = len(ex_pos)
-    ex_of_ti = torch.full((n_t,), n_ex, dtype=torch.long)
-    ex_of_ti[torch.tensor(ex_pos, dtype=torch.long)] = torch.arange(n_ex)
-    ex_of_ti = ex_of_ti.to(dev)
-    ex_xt = torch.zeros((n_ex + 1, k + 1, *shape), dtype=wdt, device=dev)
+    ex_xt = torch.zeros((len(ex_pos), k, *shape), dtype=wdt, device=dev)
     ex_x0hat = torch.zeros_like(ex_xt)
 
-    noise_source = _NoiseStream(seed, n, ts_cpu, shape, chunk, total, dev)
-    dims = tuple(range(1, x0.ndim))
-    try:
-        with torch.inference_mode():
-            for (start, stop), noise_cpu in zip(noise_source.ranges, noise_source, strict=True):
-                pairs = torch.arange(start, stop, device=dev)
-                ti, si = pairs // n, pairs % n
-                t_idx = ts_dev[ti]
-                noise = noise_cpu.to(dev, non_blocking=True).to(wdt)
-                x0c = x0_dev[si]
-                x_t = schedule.q_sample(x0c, t_idx, noise)
-                out, _ = net.predict(x_t.to(mdtype), model_ts[t_idx])
+    done = 0
+    with torch.inference_mode():
+        for g0 in range(0, n, group):
+            size = min(n, g0 + group) - g0
+            x0_g = x0[g0 : g0 + size].detach().to(wdt).to(dev)
+            eps_g = sample_noise(seed, g0, g0 + size, shape).to(wdt).to(dev)
+            n_ex = max(0, min(k, g0 + size) - g0)  # example samples in this group
+            # pair p of the group is (position p // size, sample g0 + p % size)
+            for a, b in iter_chunks(size * n_t, chunk):
+                pairs = torch.arange(a, b, device=dev)
+                ti = pairs // size
+                si = pairs - ti * size
+                x0c, eps = x0_g[si], eps_g[si]
+                x_t = sched.q_sample(x0c, ti, eps)
+                out, _ = net.predict(x_t.to(mdtype), sched.timesteps[ti])
                 out = out.to(wdt)
-                sums["nonfinite"].index_add_(
-                    0, ti, (~torch.isfinite(out)).flatten(1).sum(1).to(wdt)
-                )
-                x0_hat = schedule.predict_x0(out, x_t, t_idx, pred_type)
-                eps_hat = schedule.predict_eps(out, x_t, t_idx, pred_type)
-                outside = ((x0_hat < lo) | (x0_hat > hi)).to(wdt).mean(dim=dims)
+                x0_hat = sched.predict_x0(out, x_t, ti, pred_type)
+                eps_hat = sched.predict_eps(out, x_t, ti, pred_type)
+                clamped = x0_hat.clamp(data_lo, data_hi)
+                outside = (clamped != x0_hat).flatten(1).sum(1, dtype=wdt)
                 if clip:
-                    x0_hat = x0_hat.clamp(lo, hi)
-                metrics = {
-                    "mse": ((x0_hat - x0c) ** 2).mean(dim=dims),
-                    "eps_mse": ((eps_hat - noise) ** 2).mean(dim=dims),
-                    "clip": outside,
-                }
+                    x0_hat = clamped
+                metrics = [_sq_sum(x0_hat, x0c), _sq_sum(eps_hat, eps), outside]
                 if optimal is not None:
-                    x0_opt = optimal.predict_x0(x_t, t_idx, schedule)
-                    eps_opt = schedule.eps_from_x0(x_t, t_idx, x0_opt)
-                    metrics["optimal_mse"] = ((x0_opt - x0c) ** 2).mean(dim=dims)
-                    metrics["optimal_eps_mse"] = ((eps_opt - noise) ** 2).mean(dim=dims)
-                for name, values in metrics.items():
-                    sums[name].index_add_(0, ti, values)
-                    if per_sample:
-                        per[name][start:stop] = values
-                if k:
-                    ex_rows = ex_of_ti[ti]
-                    ex_cols = torch.where(ex_rows < n_ex, si.clamp(max=k), k)
-                    ex_rows = torch.where(ex_cols < k, ex_rows, n_ex)
-                    ex_xt[ex_rows, ex_cols] = x_t
-                    ex_x0hat[ex_rows, ex_cols] = x0_hat
+                    x0_opt = optimal.predict_x0(x_t, ti, sched)
+                    metrics.append(_sq_sum(x0_opt, x0c))
+                    metrics.append(_sq_sum(sched.eps_from_x0(x_t, ti, x0_opt), eps))
+                values = torch.stack(metrics, dim=1)
+                sums.index_add_(0, ti, values)
+                if per is not None:
+                    if size == n:
+                        per[a:b] = values
+                    else:
+                        per.index_copy_(0, ti * n + si + g0, values)
+                for e, j in enumerate(ex_pos if n_ex else ()):
+                    # the example pairs (position j, samples g0 .. g0 + n_ex) in this chunk
+                    lo_p, hi_p = max(a, j * size), min(b, j * size + n_ex)
+                    if lo_p < hi_p:
+                        dst = slice(g0 + lo_p - j * size, g0 + hi_p - j * size)
+                        ex_xt[e, dst] = x_t[lo_p - a : hi_p - a]
+                        ex_x0hat[e, dst] = x0_hat[lo_p - a : hi_p - a]
+                done += b - a
                 if callback is not None:
-                    callback(stop, total)
-    finally:
-        noise_source.close()
+                    callback(done, total)
 
-    got = {name: values.to("cpu", torch.float64) for name, values in sums.items()}
-    nonfinite = got.pop("nonfinite")
-    if bool((nonfinite > 0).any()):
-        first = int(torch.nonzero(nonfinite > 0)[0, 0])
+    got = sums.to("cpu", torch.float64) / numel  # per-t sums over samples of per-pair means
+    # finite float64 sums of squares of a finite float32/16 output: non-finite means NaN/Inf
+    broken = ~torch.isfinite(got[:, 1])
+    if bool(broken.any()):
+        first = int(torch.nonzero(broken)[0, 0])
         raise SamplingError(
-            f"the model returned {int(nonfinite.sum())} NaN/Inf value(s), first at t={ts[first]} "
-            f"(dtype {_dtype_name(mdtype)}; try --dtype float32)"
+            f"the model returned NaN/Inf at {int(broken.sum())} of {n_t} timestep(s), first at "
+            f"t={ts[first]} (dtype {_dtype_name(mdtype)}; try --dtype float32)"
         )
-    scale = 1.0 / (n * 1.0)
-    peak = (hi - lo) ** 2
-    alpha_bar = model.schedule.alpha_bar[ts_cpu]  # the float64 originals, on the CPU
-    snr = model.schedule.snr[ts_cpu]
+    peak = (data_hi - data_lo) ** 2
+    ts_cpu = torch.tensor(ts, dtype=torch.long)
+    alpha_bar = schedule.alpha_bar[ts_cpu].tolist()  # the float64 originals
+    snr = schedule.snr[ts_cpu].tolist()
+    names = ["mse", "eps_mse", "clip_fraction", *(OPTIMAL_COLUMNS if optimal is not None else ())]
     columns = list(AGGREGATE_COLUMNS) + (list(OPTIMAL_COLUMNS) if optimal is not None else [])
     rows: list[dict[str, Any]] = []
-    for j, t in enumerate(ts):
-        mse = float(got["mse"][j]) * scale
-        row: dict[str, Any] = {
-            "t": t,
-            "alpha_bar": float(alpha_bar[j]),
-            "snr": float(snr[j]),
-            "mse": mse,
-            "psnr": _psnr(mse, peak),
-            "eps_mse": float(got["eps_mse"][j]) * scale,
-            "clip_fraction": float(got["clip"][j]) * scale,
-        }
-        if optimal is not None:
-            row["optimal_mse"] = float(got["optimal_mse"][j]) * scale
-            row["optimal_eps_mse"] = float(got["optimal_eps_mse"][j]) * scale
-        rows.append(row)
+    for j, (t, mean) in enumerate(zip(ts, (got / n).tolist(), strict=True)):
+        row: dict[str, Any] = {"t": t, "alpha_bar": alpha_bar[j], "snr": snr[j]}
+        row.update(zip(names, mean, strict=True))
+        row["psnr"] = _psnr(row["mse"], peak)
+        rows.append({c: row[c] for c in columns})
 
     sample_columns = ["t", "sample", *columns[1:]]
     sample_rows = None
-    if per_sample:
-        flat = {name: values.to("cpu", torch.float64).tolist() for name, values in per.items()}
+    if per is not None:
+        flat = (per.to("cpu", torch.float64) / numel).tolist()
         sample_rows = []
-        for p in range(total):
+        for p, values in enumerate(flat):
             j, i = divmod(p, n)
-            mse = flat["mse"][p]
-            srow: dict[str, Any] = {
-                "t": ts[j],
-                "sample": i,
-                "alpha_bar": rows[j]["alpha_bar"],
-                "snr": rows[j]["snr"],
-                "mse": mse,
-                "psnr": _psnr(mse, peak),
-                "eps_mse": flat["eps_mse"][p],
-                "clip_fraction": flat["clip"][p],
-            }
-            if optimal is not None:
-                srow["optimal_mse"] = flat["optimal_mse"][p]
-                srow["optimal_eps_mse"] = flat["optimal_eps_mse"][p]
-            sample_rows.append(srow)
+            srow: dict[str, Any] = {"t": ts[j], "sample": i, "alpha_bar": alpha_bar[j]}
+            srow["snr"] = snr[j]
+            srow.update(zip(names, values, strict=True))
+            srow["psnr"] = _psnr(srow["mse"], peak)
+            sample_rows.append({c: srow[c] for c in sample_columns})
 
     examples = ReconstructionExamples(
         t=[ts[p] for p in ex_pos],
         x0=x0[:k].detach().to("cpu", torch.float64),
-        x_t=ex_xt[:n_ex, :k].to("cpu", torch.float64),
-        x0_hat=ex_x0hat[:n_ex, :k].to("cpu", torch.float64),
+        x_t=ex_xt.to("cpu", torch.float64),
+        x0_hat=ex_x0hat.to("cpu", torch.float64),
     )
     return ReconstructionResult(
         columns=columns,
@@ -763,22 +756,35 @@ def reconstruction_sweep(
         n_samples=n,
         batch_size=chunk,
         prediction_type=pred_type,
-        data_range=(lo, hi),
+        data_range=(data_lo, data_hi),
         clip=clip,
         device=str(dev),
         dtype=_dtype_name(mdtype),
     )
 
 
-def _schedule_on(schedule: Schedule, device: torch.device, dtype: torch.dtype) -> Schedule:
-    """The same schedule with its float64 arrays already on ``device`` in ``dtype``, so that the
-    core's per-call ``extract`` casts are no-ops (on CUDA each would be a blocking copy)."""
-    moved: dict[str, Any] = {
-        f.name: value.to(dtype=dtype).to(device=device)
-        for f in dataclasses.fields(schedule)
-        if isinstance(value := getattr(schedule, f.name), Tensor) and value.is_floating_point()
-    }
-    return dataclasses.replace(schedule, **moved)
+def _sq_sum(a: Tensor, b: Tensor) -> Tensor:
+    """``sum((a - b)^2)`` over all but the first dimension."""
+    d = a - b
+    return (d * d).flatten(1).sum(1)
+
+
+def _schedule_at(
+    schedule: Schedule, ts: Sequence[int], device: torch.device, dtype: torch.dtype
+) -> Schedule:
+    """The schedule's arrays at the timesteps ``ts`` (position ``j`` holds ``ts[j]``), already on
+    ``device`` with the float arrays in ``dtype``: the core's per-call ``extract`` casts are then
+    no-ops (on CUDA each would be a blocking copy) and no gather maps positions to timesteps."""
+    idx = torch.tensor(ts, dtype=torch.long)
+    picked: dict[str, Any] = {}
+    for f in dataclasses.fields(schedule):
+        value = getattr(schedule, f.name)
+        if isinstance(value, Tensor):
+            value = value[idx]
+            if value.is_floating_point():
+                value = value.to(dtype=dtype)
+            picked[f.name] = value.to(device=device)
+    return dataclasses.replace(schedule, **picked)
 
 
 def _psnr(mse: float, peak: float) -> float:
@@ -788,54 +794,3 @@ def _psnr(mse: float, peak: float) -> float:
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-class _NoiseStream:
-    """The noise of each chunk, in order. On an accelerator the next chunk's noise is drawn while
-    the device runs the current one (a prefetch thread, the blocks spread over a few more, into
-    pinned memory), so the CPU generators stay off the critical path; on the CPU it is drawn
-    inline, leaving the cores to the model."""
-
-    def __init__(
-        self,
-        seed: int,
-        n: int,
-        ts: Tensor,
-        shape: tuple[int, ...],
-        chunk: int,
-        total: int,
-        device: torch.device,
-    ) -> None:
-        self._seed, self._n, self._ts, self._shape = seed, n, ts.tolist(), shape
-        self.ranges = list(iter_chunks(total, chunk))
-        self._pin = device.type == "cuda"
-        accelerated = device.type != "cpu"
-        self._prefetch = ThreadPoolExecutor(max_workers=1) if accelerated else None
-        workers = max(1, min(8, (os.cpu_count() or 1) // 2))
-        self._workers = ThreadPoolExecutor(max_workers=workers) if accelerated else None
-        self._n_workers = workers
-
-    def _draw(self, start: int, stop: int) -> Tensor:
-        samples = [p % self._n for p in range(start, stop)]
-        steps = [self._ts[p // self._n] for p in range(start, stop)]
-        return pair_noise(
-            self._seed, samples, steps, self._shape, pin_memory=self._pin,
-            pool=self._workers, workers=self._n_workers,
-        )  # fmt: skip
-
-    def __iter__(self) -> Iterator[Tensor]:
-        if self._prefetch is None:
-            for start, stop in self.ranges:
-                yield self._draw(start, stop)
-            return
-        pending: Future[Tensor] | None = None
-        for i, (start, stop) in enumerate(self.ranges):
-            current = pending.result() if pending is not None else self._draw(start, stop)
-            if i + 1 < len(self.ranges):
-                pending = self._prefetch.submit(self._draw, *self.ranges[i + 1])
-            yield current
-
-    def close(self) -> None:
-        for pool in (self._prefetch, self._workers):
-            if pool is not None:
-                pool.shutdown(wait=True, cancel_futures=True)

@@ -1,7 +1,10 @@
 """`ddpm reconstruct`: the reconstruction sweep, the Bayes-optimal denoiser and the command.
 
-The oracle: a fake model that knows the noise of every (sample, t) pair returns the true target of
-its prediction type; the sweep must then rebuild x0 exactly up to rounding:
+Noise convention (common random numbers across t): sample i is noised with one
+eps_i = sample_noise(seed, ...)[i] at every t.
+
+The oracle: a fake model that knows every sample's noise returns the true target of its
+prediction type; the sweep must then rebuild x0 exactly up to rounding:
 
 - float64: |x0_hat - x0| <= 1e-10 at every t, including t = T-1 where 1/sqrt(alpha_bar) ~ 1e4;
 - float32 (the model's output rounded to float32, the sweep's own arithmetic float64):
@@ -31,6 +34,8 @@ from ddpmcli.diagnostics import (
     reconstruction_sweep,
     resolve_device,
     resolve_dtype,
+    sample_noise,
+    sample_noise_rows,
 )
 from ddpmcli.errors import DataError, DdpmError, SamplingError, UsageError
 
@@ -38,8 +43,8 @@ PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 
 
 class OracleModel:
-    """Returns the true target for x_t: it finds which sample made x_t by re-drawing each
-    sample's noise at t (the sweep's noise depends on (seed, sample, t) only)."""
+    """Returns the true target for x_t: it finds which sample made x_t by re-drawing every
+    sample's noise (the sweep's noise of sample i is eps_i at every t, a function of (seed, i))."""
 
     def __init__(
         self, schedule: core.Schedule, x0: Tensor, prediction_type: str, seed: int
@@ -49,7 +54,7 @@ class OracleModel:
         self.data_range = (-1.0, 1.0)
         self.data_shape = tuple(x0.shape[1:])
         self.x0 = x0.to(torch.float64)
-        self.seed = seed
+        self.noise = sample_noise(seed, 0, x0.shape[0], self.data_shape)
         self.dtype = torch.float32
         self.calls = 0
 
@@ -63,7 +68,7 @@ class OracleModel:
         out = []
         for row, step in zip(x_t.to(torch.float64), t.tolist(), strict=True):
             idx = torch.full((n,), step, dtype=torch.long)
-            noise = pair_noise(self.seed, list(range(n)), [step] * n, self.data_shape)
+            noise = self.noise
             candidates = self.schedule.q_sample(self.x0, idx, noise)
             i = int(((candidates - row) ** 2).flatten(1).sum(1).argmin())
             x0, eps, one = self.x0[i : i + 1], noise[i : i + 1], idx[:1]
@@ -141,7 +146,7 @@ def test_oracle_float32_within_stated_rounding_bound(prediction_type: str) -> No
     worst = 0.0
     for j, t in enumerate(ts):
         idx = torch.full((n,), t, dtype=torch.long)
-        eps = pair_noise(seed, list(range(n)), [t] * n, (4,))
+        eps = sample_noise(seed, 0, n, (4,))
         x_t = sched.q_sample(x0, idx, eps)
         ab = float(sched.alpha_bar[t])
         bound = 4 * u * (x_t.abs() / math.sqrt(ab) + math.sqrt(1 / ab - 1) * eps.abs()) + 1e-12
@@ -179,27 +184,84 @@ def test_batch_size_does_not_change_the_numbers(batch_size: int | None) -> None:
             assert g[col] == pytest.approx(r[col], rel=1e-13, abs=1e-300)
 
 
-def test_noise_of_a_pair_depends_on_seed_sample_t_only() -> None:
-    # the single t=500 row equals the t=500 row of a longer sweep
+def test_noise_of_a_sample_is_the_same_at_every_t_and_depends_on_seed_and_i_only() -> None:
+    sched = core.make_schedule("cosine", 1000)
+    x0 = _data(n=6, shape=(1, 3, 3))
+    ts = [0, 1, 250, 600, 998]
+    res = reconstruction_sweep(
+        ShrinkModel(sched, (1, 3, 3)), x0, ts, seed=4, batch_size=7,
+        example_samples=6, example_timesteps=len(ts),
+    )  # fmt: skip
+    # the noise each x_t was made with: eps = (x_t - sqrt(ab) x0) / sqrt(1 - ab)
+    for e, t in enumerate(res.examples.t):
+        x_t = res.examples.x_t[e]
+        s, s1 = float(sched.sqrt_alpha_bar[t]), float(sched.sqrt_one_minus_alpha_bar[t])
+        eps = (x_t - s * x0) / s1
+        # float64 rounding of x_t and of this inversion (a few ulp of 1 + |x_t|), amplified by
+        # 1/sqrt(1 - ab) (156 at t = 0): measured at most 1.6 ulp x 1/s1
+        tol = 4 * 2.0**-52 * (1 + float(x_t.abs().max())) / s1
+        assert torch.allclose(eps, sample_noise(4, 0, 6, (1, 3, 3)), rtol=0, atol=tol), t
+    # eps_i depends on (seed, i) only: not on how many samples are drawn or where a draw starts
+    shape = (1, 64, 64)  # 4096 values: 16 samples a generator block, so draws cross blocks
+    assert sample_noise_rows(4096) == 16
+    full = sample_noise(3, 0, 40, shape)
+    assert torch.equal(sample_noise(3, 0, 5, shape), full[:5])
+    assert torch.equal(sample_noise(3, 13, 37, shape), full[13:37])
+    assert torch.equal(sample_noise(3, 39, 40, shape), full[39:])
+    assert not torch.equal(full[0], full[1]) and not torch.equal(full[15], full[16])
+    assert not torch.equal(sample_noise(4, 0, 5, shape), full[:5])
+    assert abs(float(full.std()) - 1) < 0.01 and abs(float(full.mean())) < 0.01
+    assert sample_noise(0, 0, 0, (2,)).shape == (0, 2)
+
+
+def test_a_subset_of_t_gives_the_rows_of_the_full_sweep() -> None:
     sched = core.make_schedule("linear", 1000)
-    x0 = _data(n=4, shape=(3,))
+    x0 = _data(n=5, shape=(3,))
     model = ShrinkModel(sched, (3,))
-    one = reconstruction_sweep(model, x0, [500], seed=9, batch_size=3)
-    many = reconstruction_sweep(model, x0, [0, 500, 999], seed=9, batch_size=5)
-    assert one.rows[0]["mse"] == pytest.approx(many.rows[1]["mse"], rel=1e-14)
+    full = reconstruction_sweep(model, x0, [999, 0, 500, 250], seed=9, per_sample=True)
+    for subset, positions in (([500], [2]), ([0, 999], [1, 0]), ([250, 999], [3, 0])):
+        part = reconstruction_sweep(model, x0, subset, seed=9, batch_size=3, per_sample=True)
+        assert part.rows == [full.rows[p] for p in positions]
+        assert part.sample_rows == [
+            row for p in positions for row in full.sample_rows[5 * p : 5 * p + 5]
+        ]
+    # more samples: the first five keep their noise, so their per-sample rows do not change
+    more = reconstruction_sweep(model, _data(n=9, shape=(3,)), [500], seed=9, per_sample=True)
+    assert _data(n=9, shape=(3,))[:5].equal(x0)
+    assert more.sample_rows[:5] == full.sample_rows[10:15]
+
+
+def test_samples_swept_in_groups_give_the_same_numbers(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ddpmcli import diagnostics
+
+    sched = core.make_schedule("linear", 100)
+    x0 = _data(n=7, shape=(2, 2))
+    model = ShrinkModel(sched, (2, 2), c=1.7)
+    ts = [0, 40, 99]
+    kwargs: dict[str, Any] = {"seed": 1, "per_sample": True, "example_samples": 5}
+    ref = reconstruction_sweep(model, x0, ts, **kwargs)
+    # x0 + eps of 3 samples in float64: 2 x 3 x 4 x 8 bytes; groups of 3, 3 and 1 samples
+    monkeypatch.setattr(diagnostics, "SWEEP_DATA_BUDGET", 2 * 3 * 4 * 8)
+    calls: list[int] = []
+    got = reconstruction_sweep(model, x0, ts, batch_size=4, callback=lambda d, _: calls.append(d),
+                               **kwargs)  # fmt: skip
+    assert calls == [4, 8, 9, 13, 17, 18, 21]  # 9 + 9 + 3 pairs in chunks of up to 4
+    assert got.sample_rows == ref.sample_rows
+    assert torch.equal(got.examples.x_t, ref.examples.x_t)
+    assert torch.equal(got.examples.x0_hat, ref.examples.x0_hat)
+    for r, g in zip(ref.rows, got.rows, strict=True):
+        assert g == pytest.approx(r, rel=1e-13)
+
+
+def test_pair_noise_depends_on_seed_sample_t_only() -> None:
+    # the per-pair noise of the variational bound (ddpm nll)
     a = pair_noise(1, [0, 1, 2], [5, 5, 5], (3,))
     b = pair_noise(1, [2, 0], [5, 5], (3,))
     assert torch.equal(a[2], b[0]) and torch.equal(a[0], b[1])
     assert not torch.equal(a[0], a[1])
+    c = pair_noise(1, [0, 0], [5, 6], (3,))
+    assert torch.equal(c[0], a[0]) and not torch.equal(c[0], c[1])
     assert abs(float(pair_noise(0, list(range(200)), [7] * 200, (50,)).std()) - 1) < 0.02
-    # drawn on worker threads (the accelerator path): the same numbers
-    from concurrent.futures import ThreadPoolExecutor
-
-    samples, steps = [i % 5 for i in range(300)], [i // 5 * 3 for i in range(300)]
-    with ThreadPoolExecutor(3) as pool, torch.inference_mode():
-        threaded = pair_noise(4, samples, steps, (1, 8, 8), pool=pool, workers=3)
-    assert torch.equal(threaded, pair_noise(4, samples, steps, (1, 8, 8)))
-    assert not torch.equal(threaded[0], threaded[5])  # t = 0 and t = 3 of sample 0 differ
 
 
 def test_columns_psnr_clip_fraction_and_examples() -> None:
@@ -300,9 +362,7 @@ def test_optimal_mixture_matches_monte_carlo_point_cloud() -> None:
     mix = gaussian_mixture("gmm")
     assert mix is not None
     exact = OptimalDenoiser.from_mixture(mix)
-    cloud = OptimalDenoiser.from_points(
-        builtin_dataset("gmm", 50_000, seed=4, dtype=torch.float64)
-    )
+    cloud = OptimalDenoiser.from_points(builtin_dataset("gmm", 50_000, seed=4, dtype=torch.float64))
     gen = torch.Generator().manual_seed(0)
     for t in (300, 600, 999):
         x0 = builtin_dataset("gmm", 200, seed=8, dtype=torch.float64)

@@ -124,10 +124,12 @@ def reconstruct(
 ) -> None:
     """Reconstruct x0 from x_t at each t: mse, psnr, eps_mse, clip_fraction per noise level.
 
-    For each sample and t: x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps (eps seeded per pair: same
-    seed, same numbers, whatever --batch-size or --device), then x0_hat from the model's output by
-    its prediction type. Timesteps are 0-based as models take them (t = 0 is one noising step);
-    default: 10 t spread from 0 to T-1.
+    For each sample and t: x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps, then x0_hat from the
+    model's output by its prediction type. Each sample gets one noise eps, drawn from --seed and
+    its index, and keeps it at every t (per-t numbers unbiased, curves across t correlated; same
+    seed, same numbers up to float rounding, whatever --batch-size, --device or the other --t).
+    Timesteps are 0-based as models take them (t = 0 is one noising step); default: 10 t spread
+    from 0 to T-1.
 
     Examples:
 
