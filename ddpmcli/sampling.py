@@ -170,18 +170,42 @@ def respaced_schedule(
     return core.respace(schedule, kept)
 
 
-def _schedule_on(schedule: core.Schedule, device: torch.device) -> core.Schedule:
-    """The schedule with its float64 arrays moved to ``device`` once, so that ``core.extract`` does
-    no host-to-device copy (a stream synchronisation on CUDA) at every step. MPS has no float64:
-    there the arrays stay on the CPU and ``extract`` casts before it moves."""
-    if device.type in ("cpu", "mps"):
-        return schedule
-    moved = {
-        f.name: getattr(schedule, f.name).to(device)
-        for f in dataclasses.fields(schedule)
-        if isinstance(getattr(schedule, f.name), Tensor)
-    }
+def _schedule_on(
+    schedule: core.Schedule, device: torch.device, dtype: torch.dtype
+) -> core.Schedule:
+    """The schedule with its arrays cast to ``dtype`` and moved to ``device`` once, up front.
+
+    ``core.extract`` casts to the data's dtype and moves to its device at every lookup; doing both
+    once gives the same numbers (the cast happens before use either way) without two small
+    kernels per lookup and, on CUDA, without a host-to-device copy (a stream synchronisation) at
+    every step. The cast happens on the CPU, before the move (MPS has no float64)."""
+    moved: dict[str, Any] = {}
+    for f in dataclasses.fields(schedule):
+        value = getattr(schedule, f.name)
+        if isinstance(value, Tensor):
+            moved[f.name] = (value if not value.is_floating_point() else value.to(dtype)).to(device)
     return dataclasses.replace(schedule, **moved)
+
+
+def ddim_sampler(settings: SampleSettings) -> bool:
+    return settings.sampler == "ddim"
+
+
+def _step_variances(schedule: core.Schedule, settings: SampleSettings) -> list[float]:
+    """The variance of the noise each index's step adds, for the fixed choices (host side, float64,
+    through the core): eta^2 beta_tilde for DDIM, else exp(model_log_variance); 0 at index 0,
+    where no noise is added. NaN for learned_range (measured per step instead)."""
+    num = schedule.num_steps
+    idx = torch.arange(num)
+    like = torch.zeros(num, dtype=torch.float64)
+    if ddim_sampler(settings):
+        var = settings.eta**2 * schedule.posterior_variance
+    elif settings.variance == "learned_range":
+        var = torch.full((num,), math.nan, dtype=torch.float64)
+    else:
+        var = torch.exp(schedule.model_log_variance(settings.variance, idx, like))
+    var[0] = 0.0
+    return [float(v) for v in var]
 
 
 def _generator(device: torch.device, seed: int) -> torch.Generator:
@@ -313,11 +337,13 @@ def sample(
         raise UsageError(f"--batch-size must be at least 1, got {batch}")
     dev = torch.device(device)
     state_dtype = torch.float64 if model_dtype == torch.float64 else torch.float32
-    sched = _schedule_on(schedule, dev)
+    sched = _schedule_on(schedule, dev, state_dtype)
     gen = _generator(dev, seed)
+    learned = not ddim_sampler(settings) and settings.variance == "learned_range"
+    fixed_variance = _step_variances(schedule, settings)
     shape = (n, *(int(s) for s in data_shape))
     lo, hi = settings.data_range
-    ddim = settings.sampler == "ddim"
+    ddim = ddim_sampler(settings)
     num = schedule.num_steps
     alpha_bar = schedule.alpha_bar.tolist()
     timesteps = schedule.timesteps.tolist()
@@ -336,19 +362,21 @@ def sample(
         row = {
             "step": step,
             "t": t_model,
-            "variance": values[0],
-            "xt_std": values[1],
+            "variance": values[6] if learned else fixed_variance[i],
+            "xt_std": values[0],
             "xt_std_expected": math.sqrt(alpha_bar[i] * data_variance + 1 - alpha_bar[i]),
-            "x0_min": values[2],
-            "x0_max": values[3],
-            "x0_std": values[4],
-            "clip_fraction": values[5],
-            "update_norm": values[6],
+            "x0_min": values[1],
+            "x0_max": values[2],
+            "x0_std": values[3],
+            "clip_fraction": values[4],
+            "update_norm": values[5],
         }
         run.rows.append(row)
         if callback is not None:
             callback(row)
-        if values[7] < 0.5:
+        # x_t was finite (checked one step earlier), so a non-finite mean update norm means a
+        # NaN/Inf in x_{t-1}: the check costs nothing beyond the statistics themselves.
+        if not math.isfinite(values[5]):
             raise NonFiniteSampleError(
                 f"x_t became NaN/Inf at step {step} of {num} (t = {t_model}); stopped there "
                 f"({len(run.rows)} rows kept). Try --dtype float32, --clip, or fewer --steps",
@@ -359,23 +387,21 @@ def sample(
 
     with torch.inference_mode():
         x = _randn(shape, gen, dev, state_dtype)
+        index = torch.arange(num, device=dev)
         for step, i in enumerate(range(num - 1, -1, -1)):
-            t_idx = torch.full((n,), i, dtype=torch.long, device=dev)
+            t_idx = index[i].expand(n)  # a view: no kernel, and the core only gathers with it
             t_model = torch.full((n,), timesteps[i], dtype=torch.long, device=dev)
             needs_noise = i > 0 and (not ddim or settings.eta > 0)
             noise = _randn(shape, gen, dev, state_dtype) if needs_noise else None
-            x_next = torch.empty_like(x)
-            x0_raw = torch.empty_like(x)
             keep_frame = every is not None and (step % every == 0 or i == 0)
-            frame: list[Tensor] = []
-            var_sum = torch.zeros((), dtype=torch.float64, device=dev)
+            raws, nexts, frame, var_sums = [], [], [], []
             for start in range(0, n, batch):
                 sl = slice(start, min(start + batch, n))
                 xb, tb = x[sl], t_idx[sl]
                 out, var_values = predict(xb.to(model_dtype), t_model[sl])
                 out = out.to(state_dtype)
                 x0 = sched.predict_x0(out, xb, tb, kind)
-                x0_raw[sl] = x0
+                raws.append(x0)
                 if settings.dynamic_threshold is not None:
                     x0c = dynamic_threshold(x0, settings.dynamic_threshold, (lo, hi))
                 elif settings.clip:
@@ -392,32 +418,36 @@ def sample(
                         eps = sched.predict_eps(out, xb, tb, kind)
                     else:
                         eps = sched.eps_from_x0(xb, tb, x0c)
-                    x_next[sl] = sched.ddim_step(xb, tb, x0c, eps, settings.eta, zb)
+                    nexts.append(sched.ddim_step(xb, tb, x0c, eps, settings.eta, zb))
                 else:
                     vv = None if var_values is None else var_values.to(state_dtype)
                     log_var = sched.model_log_variance(settings.variance, tb, xb, vv)
-                    x_next[sl] = sched.ancestral_step(xb, tb, x0c, log_var, zb)
-                    if i > 0:
-                        var_sum = var_sum + torch.exp(log_var.double()).sum()
+                    nexts.append(sched.ancestral_step(xb, tb, x0c, log_var, zb))
+                    if learned and i > 0:
+                        var_sums.append(torch.exp(log_var).sum(dtype=torch.float64))
                 if progress is not None:
                     progress(sl.stop - sl.start)
-            if ddim:
-                variance = settings.eta**2 * float(schedule.posterior_variance[i]) if i > 0 else 0.0
-                var_t = torch.tensor(variance, dtype=torch.float64, device=dev)
-            else:
-                var_t = var_sum / x.numel()
-            stats = torch.stack(
-                [
-                    var_t,
-                    x.double().std(correction=0),
-                    x0_raw.min().double(),
-                    x0_raw.max().double(),
-                    x0_raw.double().std(correction=0),
-                    ((x0_raw < lo) | (x0_raw > hi)).double().mean(),
-                    (x_next - x).flatten(1).double().norm(dim=1).mean(),
-                    torch.isfinite(x_next).all().double(),
-                ]
-            )
+            x0_raw = raws[0] if len(raws) == 1 else torch.cat(raws)
+            x_next = nexts[0] if len(nexts) == 1 else torch.cat(nexts)
+            # One small stack of reductions per step, read back one step later (see finish):
+            # each statistic is one or two kernels on the whole batch, in the state's dtype
+            # (float32 sums are pairwise: ~1e-7 relative, plenty for diagnostics).
+            lo_hi = torch.aminmax(x0_raw)
+            parts = [
+                torch.std(x, correction=0),
+                lo_hi.min,
+                lo_hi.max,
+                torch.std(x0_raw, correction=0),
+                torch.ne(x0_raw.clamp(lo, hi), x0_raw).mean(dtype=state_dtype),
+                torch.linalg.vector_norm((x_next - x).flatten(1), dim=1).mean(),
+            ]
+            if learned:
+                if var_sums:
+                    total = var_sums[0] if len(var_sums) == 1 else torch.stack(var_sums).sum()
+                    parts.append((total / x.numel()).to(state_dtype))
+                else:  # index 0: no noise is added
+                    parts.append(torch.zeros_like(parts[0]))
+            stats = torch.stack(parts)
             if keep_frame:
                 run.trajectory.append(TrajectoryFrame(step, timesteps[i], torch.cat(frame)))
             # Finish the previous step's row now, after this step's work is queued: on CUDA the
@@ -607,7 +637,7 @@ def variational_bound(
     w = weights if weights is not None else bound_strata(num, selected)
     dev = torch.device(device)
     state_dtype = work_dtype(dev)  # the bound's own arithmetic: float64 except on MPS
-    sched = _schedule_on(schedule, dev)
+    sched = _schedule_on(schedule, dev, state_dtype)
     n = int(x0.shape[0])
     if n < 1:
         raise UsageError("no data to evaluate the bound on")
