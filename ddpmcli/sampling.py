@@ -655,15 +655,17 @@ def variational_bound(
         for start in range(0, total_pairs, batch_size):
             stop = min(start + batch_size, total_pairs)
             pairs = torch.arange(start, stop, device=dev)
-            j_idx, s_idx = pairs // n, pairs % n
+            # sample-major: a sample's timesteps are consecutive, so pair_noise draws each of its
+            # noise blocks (several consecutive t of one sample) once per chunk
+            s_idx, j_idx = pairs // k, pairs % k
             tb = sel[j_idx]
             xb = data[s_idx]
             # the same noise as `ddpm reconstruct` draws for (seed, sample, t): one generator
             # per pair, so nothing depends on the batch size or the device.
             eps = pair_noise(
                 seed,
-                [p % n for p in range(start, stop)],
-                [selected[p // n] for p in range(start, stop)],
+                [p // k for p in range(start, stop)],
+                [selected[p % k] for p in range(start, stop)],
                 tuple(data.shape[1:]),
             ).to(dtype=state_dtype, device=dev)
             x_t = sched.q_sample(xb, tb, eps)

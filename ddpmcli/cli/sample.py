@@ -439,7 +439,9 @@ def nll(
     Rows: for each t (0-based) the KL between the true posterior q(x_{t-1}|x_t, x0) and the
     model's p(x_{t-1}|x_t) with --variance (term kl), at t = 0 the decoder -log p(x0|x_1) (term
     decoder_discretized or decoder_continuous), then the prior KL(q(x_{T-1}|x0) || N(0, I)), then
-    the total. Each is a mean over samples, with its standard error; x0_mse and eps_mse per t.
+    the total. Each is a mean over samples, with its standard error over samples (for an estimate,
+    not counting the spread from the choice of t); x0_mse and eps_mse per t. x_t uses the noise
+    of (seed, sample, t): same seed, same numbers, whatever --batch-size or --device.
     Every t evaluated: the bound itself (term total). A subset (--t, --every, --t-random): the
     total is an importance-weighted estimate (term total_estimate; weight = how many t each
     evaluated t stands for), unbiased for --t-random, a stratified quadrature for a fixed subset;
