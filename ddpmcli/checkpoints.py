@@ -372,6 +372,13 @@ def _check_output_shape(loaded: LoadedModel, where: str) -> None:
             f"({_one_line(exc)}); pass the right --data-shape"
         ) from None
     want = list(x.shape)
+    if (
+        loaded.info.get("learned_variance_inferred")
+        and isinstance(out, Tensor)
+        and list(out.shape) == [want[0], 2 * want[1], *want[2:]]
+    ):
+        # no metadata said either way: twice the channels can only be (prediction, v)
+        loaded.learned_variance = True
     if loaded.learned_variance:
         want[1] *= 2
     if not isinstance(out, Tensor) or list(out.shape) != want:
@@ -477,8 +484,19 @@ def _load_native(p: Path, given: _Meta) -> LoadedModel:
         raise CheckpointError(f"{where}: hparams must be a dict")
     try:
         module = models.build_model(arch, hparams)
+        fitted = models.default_hparams(arch, shape)
     except CheckpointError as exc:
         raise CheckpointError(f"{where}: {exc}") from None
+    clash = {
+        k: v
+        for k, v in fitted.items()
+        if k in hparams and k != "learned_variance" and hparams[k] is not None and hparams[k] != v
+    }
+    if clash:
+        held = ", ".join(f"{k}={hparams[k]}" for k in clash)
+        raise CheckpointError(
+            f"{where}: data shape {list(shape)} does not fit the {arch} network ({held})"
+        )
     state = obj["state_dict"]
     if not isinstance(state, Mapping):
         raise CheckpointError(f"{where}: state_dict must be a dict of tensors")
@@ -587,8 +605,11 @@ def _plain(value: Any) -> Any:
         return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
-    if isinstance(value, (str, int, float, bool, Tensor)) or value is None:
+    if isinstance(value, Tensor) or value is None:
         return value
+    for kind in (bool, int, float, str):  # plain builtins only (torch.__version__ is a subclass)
+        if isinstance(value, kind):
+            return kind(value)
     return str(value)
 
 
@@ -638,6 +659,7 @@ def _load_torchscript(p: Path, given: _Meta) -> LoadedModel:
     schedule, pred, learned, shape, rng = _finish(meta, where, flags_hint=True)
     info = {
         "format": "torchscript",
+        "learned_variance_inferred": meta.learned_variance is None,
         "architecture": getattr(module, "original_name", "TorchScript"),
         "parameters": sum(t.numel() for t in module.parameters()),
     }
@@ -677,6 +699,7 @@ def _load_exported(p: Path, given: _Meta) -> LoadedModel:
 
     info = {
         "format": "export",
+        "learned_variance_inferred": meta.learned_variance is None,
         "architecture": "torch.export program",
         "parameters": sum(t.numel() for t in program.state_dict.values()),
     }

@@ -85,7 +85,7 @@ class MLPDenoiser(nn.Module):
 
     Args:
         data_dim: length D of each sample vector.
-        hidden: width of the residual stream (default 128).
+        hidden: width of the residual stream (default 64).
         num_blocks: residual blocks (default 3).
         time_dim: sinusoidal embedding size (default 64).
         learned_variance: output ``[B, 2D]`` (prediction, v) instead of ``[B, D]``.
@@ -94,7 +94,7 @@ class MLPDenoiser(nn.Module):
     def __init__(
         self,
         data_dim: int = 2,
-        hidden: int = 128,
+        hidden: int = 64,
         num_blocks: int = 3,
         time_dim: int = 64,
         learned_variance: bool = False,

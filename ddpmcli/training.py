@@ -28,6 +28,9 @@ from ddpmcli.errors import DdpmError, UsageError
 __all__ = ["TrainResult", "default_architecture", "train_denoiser", "training_target", "vlb_term"]
 
 VLB_WEIGHT = 0.001  # improved-diffusion's lambda for the hybrid objective
+# Defaults that train a 2-D moons MLP to a good denoiser in 2000 steps (~15 s on one CPU core).
+DEFAULT_BATCH: dict[str, int] = {"mlp": 1024, "unet": 64}
+DEFAULT_LR: dict[str, float] = {"mlp": 3e-3, "unet": 1e-3}
 
 
 @dataclass
@@ -38,6 +41,8 @@ class TrainResult:
     architecture: str
     hparams: dict[str, Any]
     steps: int
+    batch_size: int
+    lr: float
     final_loss: float  # mean loss over the last 10% of steps
     seconds: float
     losses: list[float] = field(repr=False, default_factory=list)
@@ -100,12 +105,13 @@ def train_denoiser(
     architecture: str | None = None,
     hparams: Mapping[str, Any] | None = None,
     steps: int = 2000,
-    batch_size: int = 256,
-    lr: float = 1e-3,
+    batch_size: int | None = None,
+    lr: float | None = None,
     seed: int = 0,
     ema_decay: float | None = 0.999,
     grad_clip: float = 1.0,
     device: str | torch.device = "cpu",
+    threads: int | None = None,
     callback: Callable[[int, float], None] | None = None,
 ) -> TrainResult:
     """Train a built-in network on ``data`` ``[N, *shape]`` for ``steps`` Adam steps.
@@ -116,24 +122,60 @@ def train_denoiser(
         prediction_type: epsilon | sample | v_prediction (aliases eps, x0, v).
         learned_variance: also learn the variance interpolation v (hybrid loss).
         architecture, hparams: the network (default by data shape) and hyper-parameter overrides.
-        steps, batch_size, lr: optimisation; learning rate decays by cosine to 10% at the end.
+        steps, batch_size, lr: Adam steps, batch (default: mlp 1024, unet 64) and learning rate
+            (default: mlp 3e-3, unet 1e-3), decayed by a cosine to 10% at the end.
         seed: fixes initialisation, batches, timesteps and noise: same seed, same weights.
         ema_decay: exponential moving average of the weights (warmed up as (1+n)/(10+n)); None: off.
+        threads: CPU threads while training; default 1 for the MLP on CPU (its matmuls are too
+            small to split, and OpenMP's spin-waiting makes a busy machine 10x slower), torch's
+            own setting otherwise.
         callback: ``callback(step, loss)`` after every step (a progress bar).
     """
     pred = core.canonical_prediction_type(prediction_type)
+    data_shape = tuple(int(d) for d in data.shape[1:])
+    arch = architecture or default_architecture(data_shape)
+    batch_size = DEFAULT_BATCH[arch] if batch_size is None else batch_size
+    lr = DEFAULT_LR[arch] if lr is None else lr
     if steps < 1 or batch_size < 1:
         raise UsageError("--steps and --batch-size must be at least 1")
     if not lr > 0:
         raise UsageError(f"--lr {lr}: must be positive")
     if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
         raise UsageError(f"--ema {ema_decay}: decay must lie in [0, 1)")
-    data_shape = tuple(int(d) for d in data.shape[1:])
-    arch = architecture or default_architecture(data_shape)
     params = models.default_hparams(arch, data_shape, learned_variance=learned_variance)
     params.update(hparams or {})
     dev = torch.device(device)
+    if threads is None and dev.type == "cpu" and arch == "mlp":
+        threads = 1
+    saved_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _train(
+            data, schedule, pred, learned_variance, arch, params, steps, batch_size, lr, seed,
+            ema_decay, grad_clip, dev, callback,
+        )  # fmt: skip
+    finally:
+        torch.set_num_threads(saved_threads)
 
+
+def _train(
+    data: Tensor,
+    schedule: core.Schedule,
+    pred: str,
+    learned_variance: bool,
+    arch: str,
+    params: dict[str, Any],
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    ema_decay: float | None,
+    grad_clip: float,
+    dev: torch.device,
+    callback: Callable[[int, float], None] | None,
+) -> TrainResult:
+    data_shape = tuple(int(d) for d in data.shape[1:])
     torch.manual_seed(seed)
     model = models.build_model(arch, params).to(dev)
     ema = copy.deepcopy(model).eval() if ema_decay is not None else None
@@ -193,6 +235,8 @@ def train_denoiser(
         architecture=arch,
         hparams=params,
         steps=steps,
+        batch_size=batch_size,
+        lr=lr,
         final_loss=sum(tail) / len(tail),
         seconds=time.perf_counter() - start,
         losses=losses,

@@ -15,8 +15,11 @@ CASES = [("mlp", (2,)), ("mlp", (5,)), ("unet", (1, 8, 8)), ("unet", (3, 7, 6))]
 
 def _small(arch: str, shape: tuple[int, ...], learned: bool) -> torch.nn.Module:
     hp = models.default_hparams(arch, shape, learned_variance=learned)
-    hp.update({"hidden": 16, "num_blocks": 1, "time_dim": 8} if arch == "mlp" else
-              {"base_channels": 8, "time_dim": 16, "groups": 4})
+    hp.update(
+        {"hidden": 16, "num_blocks": 1, "time_dim": 8}
+        if arch == "mlp"
+        else {"base_channels": 8, "time_dim": 16, "groups": 4}
+    )
     torch.manual_seed(0)
     return models.build_model(arch, hp).eval()
 

@@ -33,6 +33,7 @@ COMMAND_GROUPS: tuple[str, ...] = (
     "schedule",  # schedule, compare, posterior, check
     "reconstruct",  # reconstruct
     "sample",  # sample, nll
+    "checkpoint",  # info, train
     # helpers: add your group here, one line each, e.g. "checkpoint", "reconstruct", "sample",
 )
 

@@ -1,0 +1,406 @@
+"""`ddpm info CKPT` and `ddpm train`: what a checkpoint holds; make a native one to diagnose.
+
+Thin: parse and validate the flags, call `ddpmcli.checkpoints` / `ddpmcli.training`, hand rows to
+`ddpmcli.output`. torch is imported only inside the commands, so `ddpm --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+import typer
+
+from ddpmcli.cli.common import (
+    ColumnsOpt,
+    DeviceOpt,
+    FormatOpt,
+    NoHeaderOpt,
+    QuietOpt,
+    SeedOpt,
+    check_format_flags,
+    select_columns,
+)
+from ddpmcli.cli.schedule import (
+    AlphaBarsFileOpt,
+    BetaEndOpt,
+    BetasFileOpt,
+    BetaStartOpt,
+    FromOpt,
+    KindOpt,
+    LogsnrShiftOpt,
+    MaxBetaOpt,
+    ParamOpt,
+    ScaleOpt,
+    TimestepsOpt,
+    ZeroSnrOpt,
+    _request,
+)
+from ddpmcli.errors import UsageError
+from ddpmcli.output import check_writable, emit, note, stderr_console
+
+if TYPE_CHECKING:
+    from ddpmcli.checkpoints import LoadedModel
+
+PANEL_META = "Metadata (TorchScript / export programs without ddpm.json)"
+PANEL_TRAIN = "Training"
+
+INFO_COLUMNS = (
+    "path",
+    "format",
+    "architecture",
+    "parameters",
+    "schedule",
+    "kind",
+    "timesteps",
+    "terminal_snr",
+    "terminal_alpha_bar",
+    "prediction_type",
+    "learned_variance",
+    "data_shape",
+    "data_min",
+    "data_max",
+    "reference_samples",
+    "file_size",
+    "train_steps",
+    "train_loss",
+)
+
+CheckpointArg = Annotated[
+    Path, typer.Argument(metavar="CKPT", help="Native .pt, TorchScript .pt, .pt2 or diffusers dir.")
+]
+MetaKindOpt = Annotated[
+    str | None, typer.Option("--kind", help="Training schedule kind.", rich_help_panel=PANEL_META)
+]
+MetaTimestepsOpt = Annotated[
+    int | None,
+    typer.Option("--timesteps", "-T", help="Training T (1000).", rich_help_panel=PANEL_META),
+]
+PredOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--prediction-type", help="epsilon | sample | v_prediction.", rich_help_panel=PANEL_META
+    ),
+]
+ShapeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--data-shape", metavar="D|C,H,W", help="Sample shape.", rich_help_panel=PANEL_META
+    ),
+]
+LearnedOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--learned-variance/--fixed-variance",
+        help="Whether the output carries a variance channel (default: inferred).",
+        rich_help_panel=PANEL_META,
+    ),
+]
+
+
+def _shape(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(int(part) for part in text.replace("x", ",").split(","))
+    except ValueError:
+        raise UsageError(f"--data-shape {text!r}: want D or C,H,W (integers)") from None
+
+
+def info_row(model: LoadedModel) -> dict[str, Any]:
+    """One row of `ddpm info` for a loaded checkpoint."""
+    sched = model.schedule
+    training = model.info.get("training") or {}
+    refs = model.reference_samples
+    return {
+        "path": model.info.get("path"),
+        "format": model.info.get("format"),
+        "architecture": model.info.get("architecture"),
+        "parameters": model.info.get("parameters"),
+        "schedule": sched.name,
+        "kind": sched.spec.get("kind", sched.name),
+        "timesteps": sched.num_train_timesteps,
+        "terminal_snr": float(sched.snr[-1]),
+        "terminal_alpha_bar": float(sched.alpha_bar[-1]),
+        "prediction_type": model.prediction_type,
+        "learned_variance": model.learned_variance,
+        "data_shape": "x".join(str(d) for d in model.data_shape),
+        "data_min": model.data_range[0],
+        "data_max": model.data_range[1],
+        "reference_samples": 0 if refs is None else int(refs.shape[0]),
+        "file_size": model.info.get("file_size"),
+        "train_steps": training.get("steps"),
+        "train_loss": training.get("final_loss"),
+    }
+
+
+def info(
+    checkpoints: Annotated[
+        list[Path],
+        typer.Argument(
+            metavar="CKPT...", help="Native .pt, TorchScript .pt, .pt2 or diffusers dir."
+        ),
+    ],
+    columns: ColumnsOpt = None,
+    fmt: FormatOpt = "auto",
+    no_header: NoHeaderOpt = False,
+    kind: MetaKindOpt = None,
+    timesteps: MetaTimestepsOpt = None,
+    prediction_type: PredOpt = None,
+    data_shape: ShapeOpt = None,
+    learned_variance: LearnedOpt = None,
+) -> None:
+    """What a checkpoint holds: format, network and size, schedule (kind, T, terminal SNR),
+    prediction type, data shape and range, file size. One row per checkpoint.
+
+    A table shows one checkpoint as field/value lines; csv/tsv/json/jsonl give one record each.
+
+    Examples:
+
+      ddpm info ckpt.pt
+
+      ddpm info ckpt.pt --format json
+
+      ddpm info model.pt2 --kind cosine --prediction-type v --data-shape 2
+    """
+    from ddpmcli.checkpoints import load_checkpoint
+    from ddpmcli.output import resolve_format
+
+    check_format_flags(fmt, no_header)
+    cols = select_columns(columns, INFO_COLUMNS)
+    rows = [
+        info_row(
+            load_checkpoint(
+                path,
+                kind=kind,
+                timesteps=timesteps,
+                prediction_type=prediction_type,
+                data_shape=_shape(data_shape),
+                learned_variance=learned_variance,
+            )  # fmt: skip
+        )
+        for path in checkpoints
+    ]
+    if resolve_format(fmt) == "table" and len(rows) == 1:
+        vertical = [{"field": c, "value": rows[0][c]} for c in cols]
+        emit(vertical, ["field", "value"], "table", title=f"info {checkpoints[0].name}")
+        return
+    emit(rows, cols, fmt, no_header=no_header, title="info")
+
+
+@contextlib.contextmanager
+def _loss_progress(total: int, quiet: bool) -> Iterator[Callable[[int, float], None]]:
+    """A rich bar on stderr with the running loss; silent when piped or --quiet."""
+    if quiet or not sys.stderr.isatty():
+        yield lambda step, loss: None
+        return
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    bar = Progress(
+        TextColumn("training"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=stderr_console(),
+        transient=True,
+    )
+    with bar:
+        task = bar.add_task("training", total=total, loss="-")
+        smoothed = [float("nan")]
+
+        def update(step: int, loss: float) -> None:
+            prev = smoothed[0]
+            smoothed[0] = loss if prev != prev else 0.98 * prev + 0.02 * loss
+            bar.update(task, completed=step, loss=f"{smoothed[0]:.4f}")
+
+        yield update
+
+
+def train(
+    data: Annotated[
+        str,
+        typer.Option(
+            "--data",
+            metavar="NAME|PATH",
+            help="A built-in set (moons, swiss_roll, gmm, shapes) or a .npy/.npz file or image "
+            "folder (values mapped to [-1, 1]; uint8 from 0-255).",
+        ),
+    ] = "moons",
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Where to write the native checkpoint.")
+    ] = Path("ckpt.pt"),
+    n: Annotated[
+        int | None,
+        typer.Option("--n", min=1, help="Training samples drawn from a built-in set (10000)."),
+    ] = None,
+    data_shape: Annotated[
+        str | None,
+        typer.Option("--data-shape", metavar="D|C,H,W", help="Resize/check file data to it."),
+    ] = None,
+    prediction_type: Annotated[
+        str,
+        typer.Option("--prediction-type", help="What the network predicts: epsilon, sample, v."),
+    ] = "epsilon",
+    learned_variance: Annotated[
+        bool,
+        typer.Option(
+            "--learned-variance",
+            help="Also learn the variance (improved-diffusion hybrid loss, 2x output channels).",
+        ),
+    ] = False,
+    architecture: Annotated[
+        Literal["auto", "mlp", "unet"],
+        typer.Option("--architecture", help="Network: auto (mlp for vectors, unet for images)."),
+    ] = "auto",
+    width: Annotated[
+        int | None,
+        typer.Option("--width", min=1, help="MLP hidden width (128) / UNet base channels (32)."),
+    ] = None,
+    steps: Annotated[
+        int, typer.Option("--steps", min=1, help="Optimiser steps.", rich_help_panel=PANEL_TRAIN)
+    ] = 2000,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(
+            "--batch-size",
+            min=1,
+            help="Batch size (vectors 1024, images 64).",
+            rich_help_panel=PANEL_TRAIN,
+        ),
+    ] = None,
+    lr: Annotated[
+        float | None,
+        typer.Option(
+            "--lr",
+            help="Adam learning rate, cosine decay to 10% (mlp 3e-3, unet 1e-3).",
+            rich_help_panel=PANEL_TRAIN,
+        ),
+    ] = None,
+    ema: Annotated[
+        float,
+        typer.Option(
+            "--ema",
+            metavar="DECAY",
+            help="EMA decay of the saved weights; 0: off.",
+            rich_help_panel=PANEL_TRAIN,
+        ),
+    ] = 0.995,
+    references: Annotated[
+        int | None,
+        typer.Option(
+            "--references",
+            min=0,
+            help="Held-out reference samples stored in the checkpoint (512; images 64).",
+        ),
+    ] = None,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "cpu",
+    quiet: QuietOpt = False,
+    kind: KindOpt = None,
+    timesteps: TimestepsOpt = None,
+    beta_start: BetaStartOpt = None,
+    beta_end: BetaEndOpt = None,
+    max_beta: MaxBetaOpt = None,
+    param: ParamOpt = None,
+    from_file: FromOpt = None,
+    betas_file: BetasFileOpt = None,
+    alpha_bars_file: AlphaBarsFileOpt = None,
+    zero_terminal_snr: ZeroSnrOpt = False,
+    logsnr_shift: LogsnrShiftOpt = 0.0,
+    scale_to_timesteps: ScaleOpt = False,
+) -> None:
+    """Train a built-in network (an MLP for vectors, a small UNet for images); save a checkpoint.
+
+    Loss: MSE to the prediction type's target (eps, x0 or v) at t uniform over the schedule; with
+    --learned-variance the improved-diffusion hybrid L_simple + 0.001 L_vlb. Any schedule kind and
+    its options, as for `ddpm schedule`. Same seed, same weights. The checkpoint is written
+    atomically; a progress bar with the loss shows on a terminal.
+
+    Examples:
+
+      ddpm train --data moons --steps 2000 --out ckpt.pt
+
+      ddpm train --data shapes --kind cosine --prediction-type v --steps 500 --out shapes.pt
+    """
+    import torch
+
+    from ddpmcli import data as datasets
+    from ddpmcli.checkpoints import save_native_checkpoint
+    from ddpmcli.configs import build_schedule
+    from ddpmcli.diagnostics import resolve_device
+    from ddpmcli.training import default_architecture, train_denoiser
+
+    check_writable(out, what="checkpoint")
+    if not 0.0 <= ema < 1.0:
+        raise UsageError(f"--ema {ema}: decay must lie in [0, 1) (0 turns EMA off)")
+    request = _request(
+        kind, timesteps, beta_start, beta_end, max_beta, param, from_file, betas_file,
+        alpha_bars_file, zero_terminal_snr, logsnr_shift, None, None, None, scale_to_timesteps,
+    )  # fmt: skip
+    schedule = build_schedule(request).schedule
+    shape = _shape(data_shape)
+    builtin = datasets.BUILTIN_DATASETS.get(data) if not Path(data).exists() else None
+    if builtin is not None:
+        x = datasets.get_data(data, n=n or 10000, seed=seed, data_shape=shape)
+        refs_n = (
+            references if references is not None else (512 if len(builtin.data_shape) == 1 else 64)
+        )
+        refs = datasets.builtin_dataset(data, refs_n, seed + 1) if refs_n else None
+        data_range = builtin.data_range
+    else:
+        if n is not None:
+            raise UsageError("--n draws from a built-in set; a file is used whole")
+        x = datasets.load_data(data, shape)
+        refs_n = references if references is not None else (512 if x.ndim == 2 else 64)
+        refs = x[:refs_n] if refs_n else None
+        data_range = (-1.0, 1.0)
+    data_shape_t = tuple(int(d) for d in x.shape[1:])
+    arch = default_architecture(data_shape_t) if architecture == "auto" else architecture
+    hparams = {} if width is None else {"hidden" if arch == "mlp" else "base_channels": width}
+    with _loss_progress(steps, quiet) as callback:
+        result = train_denoiser(
+            x, schedule, prediction_type=prediction_type, learned_variance=learned_variance,
+            architecture=arch, hparams=hparams, steps=steps, batch_size=batch_size, lr=lr,
+            seed=seed, ema_decay=ema or None, device=resolve_device(device), callback=callback,
+        )  # fmt: skip
+    training = {
+        "data": data,
+        "n": int(x.shape[0]),
+        "steps": steps,
+        "batch_size": result.batch_size,
+        "lr": result.lr,
+        "ema": ema,
+        "seed": seed,
+        "final_loss": result.final_loss,
+        "seconds": result.seconds,
+        "torch": torch.__version__,
+    }
+    save_native_checkpoint(
+        out, result.model, architecture=result.architecture, hparams=result.hparams,
+        schedule=schedule, prediction_type=prediction_type, data_shape=data_shape_t,
+        learned_variance=learned_variance, data_range=data_range, reference_samples=refs,
+        training=training,
+    )  # fmt: skip
+    if not quiet:
+        note(
+            f"wrote {out} ({result.architecture}, {steps} steps in {result.seconds:.1f} s, "
+            f"final loss {result.final_loss:.4g})"
+        )
+
+
+def register(app: typer.Typer) -> None:
+    """Add `ddpm info` and `ddpm train` to the app."""
+    app.command("info")(info)
+    app.command("train")(train)
