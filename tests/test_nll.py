@@ -22,6 +22,18 @@ from ddpmcli.sampling import (
 )
 
 MU, S, D = 0.5, 0.7, 2
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():  # type: ignore[no-untyped-def]
+    """These tensors are tiny: one thread is as fast, and on a busy machine OpenMP threads that
+    wait on each other make each small op take milliseconds (40 s instead of 1 s here)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 LN2 = math.log(2.0)
 
 

@@ -30,6 +30,16 @@ from ddpmcli.sampling import (
 MU, S = 0.5, 0.7  # the Gaussian data N(MU, S^2 I) of the exactness tests
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():  # type: ignore[no-untyped-def]
+    """These tensors are tiny: one thread is as fast, and on a busy machine OpenMP threads that
+    wait on each other make each small op take milliseconds (40 s instead of 1 s here)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def gaussian_denoiser(
     schedule: core.Schedule, mu: float = MU, s: float = S, var_value: float | None = None
 ) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor | None]]:
