@@ -67,7 +67,7 @@ BatchOpt = Annotated[
 ]
 DtypeOpt = Annotated[
     Literal["float32", "bfloat16", "float16", "float64"],
-    typer.Option("--dtype", help="Dtype the model runs in (schedule math stays float64)."),
+    typer.Option("--dtype", help="Dtype the model runs in (the schedule is float64 until used)."),
 ]
 KindOpt = Annotated[
     str | None, typer.Option("--kind", help="Training schedule kind.", rich_help_panel=PANEL_META)
@@ -235,9 +235,11 @@ def sample(
     adds; 0 at the last step), xt_std and xt_std_expected = sqrt(ab_t var(data) + 1 - ab_t)
     (var(data) from the checkpoint's reference samples, else assumed 1), x0_min/x0_max/x0_std of
     the raw x0_hat, clip_fraction (share of raw x0_hat outside the data range), update_norm (mean
-    ||x_{t-1} - x_t||). Same seed, same samples, whatever --batch-size. For vector data with
-    reference points, the energy distance and sliced W2 of the samples to them go to stderr
-    (or stdout with --summary). NaN/Inf in x_t stops the run: the rows so far are printed, exit 1.
+    ||x_{t-1} - x_t||). Same seed, same samples: the noise does not depend on --batch-size. The
+    sampler's state is float32 (float64 with --dtype float64); only the model sees --dtype. For
+    vector data with reference points, the energy distance and sliced W2 of the samples to them
+    go to stderr (or stdout with --summary). NaN/Inf in x_t stops the run: the rows so far are
+    printed, exit 1.
 
     Examples:
 
