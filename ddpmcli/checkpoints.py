@@ -442,9 +442,14 @@ def _safe_torch_load(source: Path | io.BytesIO, where: str) -> Any:
                 "from a checkpoint)"
             ) from None
         raise CheckpointError(
-            f"{where}: not a torch checkpoint (unreadable or unsupported pickle content)"
+            f"{where}: not a torch checkpoint (unreadable, truncated or unsupported content)"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError) as exc:
+    except Exception as exc:  # the safe unpickler raises many types on garbage (IndexError, ...)
+        if isinstance(source, Path) and not zipfile.is_zipfile(source):
+            # not torch's zip container: an old-style pickle, or not a checkpoint at all
+            raise CheckpointError(
+                f"{where}: not a torch checkpoint (unreadable, truncated or unsupported content)"
+            ) from None
         raise CheckpointError(
             f"{where}: truncated or corrupt checkpoint ({_one_line(exc)[:120]})"
         ) from None

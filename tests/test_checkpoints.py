@@ -164,7 +164,7 @@ def _bad_files(tmp: Path) -> dict[str, tuple[Path, str]]:
     _native(tmp / "good.pt")
     blob = (tmp / "good.pt").read_bytes()
     (tmp / "trunc.pt").write_bytes(blob[: len(blob) // 2])
-    (tmp / "rand.pt").write_bytes(os.urandom(2048))
+    (tmp / "rand.pt").write_bytes(bytes(reversed(range(256))) * 8)
     (tmp / "empty.pt").write_bytes(b"")
     torch.save({"weights": torch.zeros(2)}, tmp / "plain.pt")
     torch.save([1, 2, 3], tmp / "list.pt")

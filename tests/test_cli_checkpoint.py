@@ -115,7 +115,7 @@ def test_info_torchscript_needs_flags(cli: Cli, trained: Path, tmp_path: Path) -
 def test_info_bad_files_one_line_exit_1(cli: Cli, trained: Path, tmp_path: Path) -> None:
     blob = trained.read_bytes()
     (tmp_path / "trunc.pt").write_bytes(blob[: len(blob) // 3])
-    (tmp_path / "rand.pt").write_bytes(os.urandom(999))
+    (tmp_path / "rand.pt").write_bytes(bytes(range(256)) * 4)
     torch.save({"w": torch.zeros(1)}, tmp_path / "plain.pt")
     good = torch.load(trained, weights_only=True)
     torch.save({**good, "state_dict": {"w": torch.zeros(1)}}, tmp_path / "keys.pt")
