@@ -305,3 +305,13 @@ def test_builtin_reference_samples_fit(tmp_path: Path) -> None:
     _native(tmp_path / "c.pt", reference_samples=refs)
     loaded = checkpoints.load_checkpoint(tmp_path / "c.pt")
     assert loaded.reference_samples is not None and loaded.reference_samples.shape == (6, 2)
+
+
+def test_learned_variance_inferred_without_metadata(tmp_path: Path) -> None:
+    model, _, _ = _model((2,), learned=True)
+    checkpoints.save_torchscript(model, tmp_path / "s.pt")
+    loaded = checkpoints.load_checkpoint(
+        tmp_path / "s.pt", kind="linear", timesteps=50, prediction_type="eps", data_shape=(2,)
+    )
+    assert loaded.learned_variance
+    _same_predictions(loaded, model)
