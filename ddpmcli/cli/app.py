@@ -10,6 +10,7 @@ Exit codes: 0 success, 1 domain or runtime error, 2 usage error, 130 interrupted
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import sys
 import traceback
@@ -173,8 +174,26 @@ def _root(
     """See a DDPM noise schedule, its posterior, and what a checkpoint does at every noise level."""
 
 
+def reflow_help(doc: str) -> str:
+    """A command docstring as help text: lines of a prose paragraph joined into one (rich keeps
+    a docstring's line breaks, which then wrap badly at the terminal's width); indented
+    paragraphs (examples) kept line by line."""
+    paragraphs = inspect.cleandoc(doc).split("\n\n")
+    out = []
+    for para in paragraphs:
+        lines = para.splitlines()
+        if any(line.startswith((" ", "- ", "* ")) for line in lines):
+            out.append(para)
+        else:
+            out.append(" ".join(line.strip() for line in lines))
+    return "\n\n".join(out)
+
+
 for _group in COMMAND_GROUPS:
     importlib.import_module(f"ddpmcli.cli.{_group}").register(app)
+for _info in app.registered_commands:
+    if _info.help is None and _info.callback is not None and _info.callback.__doc__:
+        _info.help = reflow_help(_info.callback.__doc__)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
