@@ -7,6 +7,10 @@
     the memory allocated before the sweep.
 (b) overhead: the full sweep (noise, q_sample, model, x0/eps reconstruction, metrics) against the
     model's own forward passes alone on the same chunks (same shapes, same t); target < 5%.
+    Each timing is the best of ``--repeats`` runs, the two interleaved (robust to a busy machine).
+    Also the sweep's own cost alone, measured directly: the same sweep with an identity "model"
+    whose forward pass costs nothing (``own_cost_s``; ``own_cost_pct`` of the forward passes), a
+    figure that load on a shared machine barely moves.
 (c) against the loop a user writes with diffusers on the same UNet: for each t,
     ``DDPMScheduler.add_noise``, the forward pass, ``scheduler.step(...).pred_original_sample`` and
     the mse, batch = the n samples (``step`` takes one t at a time). Skipped without diffusers.
@@ -170,6 +174,34 @@ def sweep_time(model: LoadedModel, x0: torch.Tensor, ts: list[int], chunk: int |
     return time.perf_counter() - start
 
 
+class IdentityModel:
+    """A model whose forward pass costs nothing (returns x_t): the sweep around it is all that is
+    timed."""
+
+    def __init__(self, model: LoadedModel) -> None:
+        self.schedule = model.schedule
+        self.prediction_type = model.prediction_type
+        self.data_range = model.data_range
+        self.data_shape = model.data_shape
+
+    def to(self, device: Any = None, dtype: Any = None) -> IdentityModel:
+        return self
+
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return x_t, None
+
+
+def own_cost(model: LoadedModel, x0: torch.Tensor, ts: list[int], chunk: int | None) -> float:
+    """Seconds of the sweep around a free model (its own work: noise, indexing, formulas, sums)."""
+    sync(model.device)
+    start = time.perf_counter()
+    reconstruction_sweep(
+        IdentityModel(model), x0, ts, batch_size=chunk, device=model.device, seed=0
+    )
+    sync(model.device)
+    return time.perf_counter() - start
+
+
 def diffusers_loop(model: LoadedModel, x0: torch.Tensor, ts: list[int]) -> float | None:
     """The loop a user writes with diffusers: per t, add_noise, forward, step(...).x0, mse."""
     try:
@@ -178,7 +210,7 @@ def diffusers_loop(model: LoadedModel, x0: torch.Tensor, ts: list[int]) -> float
     except ImportError:
         return None
     dlogging.set_verbosity_error()
-    sched = DDPMScheduler(
+    sched: Any = DDPMScheduler(
         num_train_timesteps=model.schedule.num_steps,
         beta_schedule="linear",
         beta_start=1e-4,
@@ -227,16 +259,20 @@ def speed(args: argparse.Namespace, ckpt: Path) -> dict[str, Any]:
         for _ in range(args.repeats):  # interleaved, best of each: robust to a busy machine
             fwd.append(forward_only(model, args.n, ts, chunk))
             full.append(sweep_time(model, x0, ts, chunk))
+        own = min(own_cost(model, x0, ts, chunk) for _ in range(max(3, args.repeats)))
         row = {
             "chunk": chunk,
             "forward_only_s": min(fwd),
             "sweep_s": min(full),
             "overhead_pct": 100 * (min(full) / min(fwd) - 1),
+            "own_cost_s": own,
+            "own_cost_pct": 100 * own / min(fwd),
         }
         rows.append(row)
         print(
             f"  speed   chunk {chunk:5d}: forward only {row['forward_only_s']:7.2f} s, sweep "
-            f"{row['sweep_s']:7.2f} s, overhead {row['overhead_pct']:+.1f}%",
+            f"{row['sweep_s']:7.2f} s, overhead {row['overhead_pct']:+.1f}%; the sweep's own "
+            f"work {own:.3f} s ({row['own_cost_pct']:.1f}% of the forward passes)",
             flush=True,
         )
     out["overhead"] = rows
@@ -270,6 +306,8 @@ def main() -> None:
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--no-diffusers", action="store_true")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "reconstruct.json")
+    parser.add_argument("--note", default=None, help="conditions of the run, kept in the JSON")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--_child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._child:
@@ -281,6 +319,8 @@ def main() -> None:
     args.base_channels = args.base_channels or (32 if gpu else 16)
     args.t_stride = args.t_stride or (1 if gpu else 8)
     args.repeats = args.repeats or (3 if gpu else 2)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dev = resolve_device(args.device)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu x{os.cpu_count()}"
     print(
@@ -304,13 +344,19 @@ def main() -> None:
             "T": args.timesteps,
             "t_stride_for_timings": args.t_stride,
             "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            "repeats": args.repeats,
+            "cpu_threads": torch.get_num_threads(),
         }
+        if args.note:
+            result["note"] = args.note
         if not args.skip_memory:
             result["memory"] = memory(args, ckpt)
         result["speed"] = speed(args, ckpt)
     existing: dict[str, Any] = {}
     if args.out.exists():
         existing = json.loads(args.out.read_text())
+    if args.skip_memory and "memory" in existing.get(dev.type, {}):
+        result["memory"] = existing[dev.type]["memory"]  # keep the last memory figures
     existing[dev.type] = result
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(existing, indent=2) + "\n")

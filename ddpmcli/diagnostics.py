@@ -670,8 +670,7 @@ def reconstruction_sweep(
             # pair p of the group is (position p // size, sample g0 + p % size)
             for a, b in iter_chunks(size * n_t, chunk):
                 pairs = torch.arange(a, b, device=dev)
-                ti = pairs // size
-                si = pairs - ti * size
+                ti, si = pairs // size, pairs % size
                 x0c, eps = x0_g[si], eps_g[si]
                 x_t = sched.q_sample(x0c, ti, eps)
                 out, _ = net.predict(x_t.to(mdtype), sched.timesteps[ti])
