@@ -965,14 +965,12 @@ def schedule_from_spec(spec: Mapping[str, Any]) -> Schedule:
 
 
 def normal_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor, logvar2: Tensor) -> Tensor:
-    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) elementwise, in nats."""
-    return 0.5 * (
-        -1.0
-        + logvar2
-        - logvar1
-        + torch.exp(logvar1 - logvar2)
-        + (mean1 - mean2) ** 2 * torch.exp(-logvar2)
-    )
+    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) elementwise, in nats.
+
+    0.5 (e^d - 1 - d + (mean1 - mean2)^2 e^-logvar2) with d = logvar1 - logvar2: expm1 keeps the
+    digits of nearly equal variances (and gives exactly 0 for equal distributions)."""
+    d = logvar1 - logvar2
+    return 0.5 * (torch.expm1(d) - d + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
 
 
 def discretized_gaussian_log_likelihood(x: Tensor, means: Tensor, log_scales: Tensor) -> Tensor:
