@@ -13,7 +13,8 @@
     figure that load on a shared machine barely moves.
 (c) against the loop a user writes with diffusers on the same UNet: for each t,
     ``DDPMScheduler.add_noise``, the forward pass, ``scheduler.step(...).pred_original_sample`` and
-    the mse, batch = the n samples (``step`` takes one t at a time). Skipped without diffusers.
+    the mse, batch = the n samples (``step`` takes one t at a time), timed in the same repeats as
+    the forward passes and the sweep at chunk n (the same batches). Skipped without diffusers.
 
 Untrained weights: speed and memory do not depend on them. The UNet, image size and the timestep
 stride default to what 2 CPU cores finish in a few minutes (8x8 images, base 16 channels, every 8th
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import subprocess
@@ -253,12 +255,16 @@ def speed(args: argparse.Namespace, ckpt: Path) -> dict[str, Any]:
     reconstruction_sweep(model, x0[:4], ts[:2], device=dev)  # warm-up
     forward_only(model, 4, ts[:2], 8)
     out: dict[str, Any] = {"pairs": pairs, "timesteps_evaluated": len(ts), "auto_chunk": auto}
+    with_diffusers = not args.no_diffusers and diffusers_loop(model, x0, ts[:2]) is not None
+    loops: list[float] = []
     rows = []
     for chunk in (args.n, auto):
         fwd, full = [], []
         for _ in range(args.repeats):  # interleaved, best of each: robust to a busy machine
             fwd.append(forward_only(model, args.n, ts, chunk))
             full.append(sweep_time(model, x0, ts, chunk))
+            if with_diffusers and chunk == args.n:  # side by side with the same batches
+                loops.append(diffusers_loop(model, x0, ts) or math.inf)
         own = min(own_cost(model, x0, ts, chunk) for _ in range(max(3, args.repeats)))
         row = {
             "chunk": chunk,
@@ -276,10 +282,7 @@ def speed(args: argparse.Namespace, ckpt: Path) -> dict[str, Any]:
             flush=True,
         )
     out["overhead"] = rows
-    loop = None
-    if not args.no_diffusers and diffusers_loop(model, x0, ts[:2]) is not None:  # warm-up
-        times = [diffusers_loop(model, x0, ts) for _ in range(args.repeats)]
-        loop = None if times[0] is None else min(t for t in times if t is not None)
+    loop = min(loops) if loops else None
     out["diffusers_loop_s"] = loop
     if loop is None:
         print("  diffusers not installed: (c) skipped", flush=True)
