@@ -113,7 +113,9 @@ def run_guarded(call: Any) -> int:
         return EXIT_INTERRUPTED
     except typer.TyperException as exc:  # click's UsageError, BadParameter, FileError, ...
         if type(exc).__name__ == "NoArgsIsHelpError":
-            return EXIT_USAGE  # the help text has already been printed
+            # the help text, on stderr: bare `ddpm` is a usage error
+            sys.stderr.write(exc.format_message().rstrip("\n") + "\n")
+            return EXIT_USAGE
         if _debug():
             traceback.print_exc()
         _error_line(_usage_message(exc))
@@ -140,9 +142,11 @@ app = typer.Typer(
     name="ddpm",
     cls=DdpmGroup,
     no_args_is_help=True,
-    rich_markup_mode="rich",
+    rich_markup_mode=None,
     pretty_exceptions_enable=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
+    # Plain click help: rendering it with rich costs ~0.1 s of imports, and `ddpm --help` must stay
+    # within 1.5x of `import typer` (benchmarks/bench_cli.py).
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120},
     help=(
         "See a DDPM noise schedule, its posterior, and what a checkpoint does at every noise "
         "level.\n\n"
