@@ -599,9 +599,10 @@ def variational_bound(
     (``discretized``: 8-bit data, bins of width 2/255 on [-1, 1], Ho et al. 2020 eq. 13;
     ``continuous``: the Gaussian *density*, for real-valued data); the prior term
     KL(q(x_{N-1} | x0) || N(0, I)). Each is averaged over dimensions, divided by ln 2 and averaged
-    over samples; x_t is drawn once per (sample, t) with the noise ``ddpm reconstruct`` uses
-    (:func:`ddpmcli.diagnostics.pair_noise`), so the numbers do not depend on ``batch_size`` or
-    the device. The arithmetic is float64 (float32 on MPS); only the model sees ``model_dtype``.
+    over samples; x_t is drawn with independent noise for every (sample, t) pair
+    (:func:`ddpmcli.diagnostics.pair_noise`; unlike ``ddpm reconstruct``, which keeps one noise
+    per sample across t, so that the terms summed into the bound are independent), and the
+    numbers do not depend on ``batch_size`` or the device. The arithmetic is float64 (float32 on MPS); only the model sees ``model_dtype``.
     Also the MSE of x0_hat and of the model's eps per t.
 
     Args:
@@ -660,8 +661,8 @@ def variational_bound(
             s_idx, j_idx = pairs // k, pairs % k
             tb = sel[j_idx]
             xb = data[s_idx]
-            # the same noise as `ddpm reconstruct` draws for (seed, sample, t): one generator
-            # per pair, so nothing depends on the batch size or the device.
+            # independent noise for each (seed, sample, t) pair: nothing depends on the batch size
+            # or the device.
             eps = pair_noise(
                 seed,
                 [p // k for p in range(start, stop)],
