@@ -602,7 +602,8 @@ def variational_bound(
     over samples; x_t is drawn with independent noise for every (sample, t) pair
     (:func:`ddpmcli.diagnostics.pair_noise`; unlike ``ddpm reconstruct``, which keeps one noise
     per sample across t, so that the terms summed into the bound are independent), and the
-    numbers do not depend on ``batch_size`` or the device. The arithmetic is float64 (float32 on MPS); only the model sees ``model_dtype``.
+    numbers do not depend on ``batch_size`` or the device. The arithmetic is float64 (float32 on
+    MPS); only the model sees ``model_dtype``.
     Also the MSE of x0_hat and of the model's eps per t.
 
     Args:
