@@ -528,13 +528,17 @@ class Schedule:
         self, x0: Tensor, x_t: Tensor, t: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
         """mu_tilde = coef_x0 x0 + coef_xt x_t, beta_tilde, log beta_tilde (clipped at t = 0)."""
-        mean = (
-            self._c(self.posterior_mean_coef_x0, t, x_t) * x0
-            + self._c(self.posterior_mean_coef_xt, t, x_t) * x_t
-        )
+        mean = self.posterior_mean(x0, x_t, t)
         var = self._c(self.posterior_variance, t, x_t).expand_as(x_t)
         log_var = self._c(self.posterior_log_variance_clipped, t, x_t).expand_as(x_t)
         return mean, var, log_var
+
+    def posterior_mean(self, x0: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        """mu_tilde = coef_x0 x0 + coef_xt x_t alone (Ho et al. 2020 eq. 7)."""
+        return (
+            self._c(self.posterior_mean_coef_x0, t, x_t) * x0
+            + self._c(self.posterior_mean_coef_xt, t, x_t) * x_t
+        )
 
     def model_log_variance(
         self, variance_type: str, t: Tensor, like: Tensor, var_values: Tensor | None = None
@@ -571,7 +575,7 @@ class Schedule:
         self, x_t: Tensor, t: Tensor, x0: Tensor, log_var: Tensor, noise: Tensor
     ) -> Tensor:
         """x_{t-1} = mu_tilde(x_t, x0_hat) + exp(log_var/2) z, with no noise at t = 0."""
-        mean, _, _ = self.posterior_mean_variance(x0, x_t, t)
+        mean = self.posterior_mean(x0, x_t, t)
         nonzero = (t != 0).to(x_t.dtype).reshape(-1, *([1] * (x_t.ndim - 1)))
         return mean + nonzero * torch.exp(0.5 * log_var) * noise
 

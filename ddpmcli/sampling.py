@@ -678,7 +678,7 @@ def variational_bound(
                 x0_hat = x0_hat.clamp(lo, hi)
             eps_hat = sched.predict_eps(out, x_t, tb, kind)
             vv = None if var_values is None else var_values.to(state_dtype)
-            model_mean, _, _ = sched.posterior_mean_variance(x0_hat, x_t, tb)
+            model_mean = sched.posterior_mean(x0_hat, x_t, tb)
             model_log_var = sched.model_log_variance(variance, tb, x_t, vv)
             true_mean, _, true_log_var = sched.posterior_mean_variance(xb, x_t, tb)
             term = _flat_mean(core.normal_kl(true_mean, true_log_var, model_mean, model_log_var))
