@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from rowcheck import assert_row_close
 from torch import Tensor
 
 from ddpmcli import core
@@ -254,7 +255,7 @@ def test_cli_json_and_summary(cli, ckpts) -> None:  # type: ignore[no-untyped-de
     # the noise does not depend on the batch size; the network's float32 matmuls may, in the
     # last bits (a batch of 5 and of 64 take different kernels)
     for r1, r2 in zip(rows, again, strict=True):
-        assert r1 == pytest.approx(r2, rel=1e-5, abs=1e-6)
+        assert_row_close(r1, r2, rel=1e-5, abs=1e-6)
     assert list(rows[0]) == list(STEP_COLUMNS)
     result = cli(*args, "--sampler", "ddim", "--summary", "-f", "jsonl")
     assert result.exit_code == 0, result.stderr
