@@ -18,10 +18,17 @@ from ddpmcli.cli.common import (
     ColumnsOpt,
     DeviceOpt,
     FormatOpt,
+    LearnedOpt,
+    MetaKindOpt,
+    MetaTimestepsOpt,
     NoHeaderOpt,
+    PredOpt,
     QuietOpt,
     SeedOpt,
+    ShapeOpt,
     check_format_flags,
+    loader_options,
+    parse_shape,
     select_columns,
 )
 from ddpmcli.cli.schedule import (
@@ -45,7 +52,6 @@ from ddpmcli.output import check_writable, emit, note, stderr_console
 if TYPE_CHECKING:
     from ddpmcli.checkpoints import LoadedModel
 
-PANEL_META = "Metadata (TorchScript / export programs without ddpm.json)"
 PANEL_TRAIN = "Training"
 
 INFO_COLUMNS = (
@@ -68,46 +74,6 @@ INFO_COLUMNS = (
     "train_steps",
     "train_loss",
 )
-
-CheckpointArg = Annotated[
-    Path, typer.Argument(metavar="CKPT", help="Native .pt, TorchScript .pt, .pt2 or diffusers dir.")
-]
-MetaKindOpt = Annotated[
-    str | None, typer.Option("--kind", help="Training schedule kind.", rich_help_panel=PANEL_META)
-]
-MetaTimestepsOpt = Annotated[
-    int | None,
-    typer.Option("--timesteps", "-T", help="Training T (1000).", rich_help_panel=PANEL_META),
-]
-PredOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--prediction-type", help="epsilon | sample | v_prediction.", rich_help_panel=PANEL_META
-    ),
-]
-ShapeOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--data-shape", metavar="D|C,H,W", help="Sample shape.", rich_help_panel=PANEL_META
-    ),
-]
-LearnedOpt = Annotated[
-    bool | None,
-    typer.Option(
-        "--learned-variance/--fixed-variance",
-        help="Whether the output carries a variance channel (default: inferred).",
-        rich_help_panel=PANEL_META,
-    ),
-]
-
-
-def _shape(text: str | None) -> tuple[int, ...] | None:
-    if text is None:
-        return None
-    try:
-        return tuple(int(part) for part in text.replace("x", ",").split(","))
-    except ValueError:
-        raise UsageError(f"--data-shape {text!r}: want D or C,H,W (integers)") from None
 
 
 def info_row(model: LoadedModel) -> dict[str, Any]:
@@ -171,19 +137,8 @@ def info(
 
     check_format_flags(fmt, no_header)
     cols = select_columns(columns, INFO_COLUMNS)
-    rows = [
-        info_row(
-            load_checkpoint(
-                path,
-                kind=kind,
-                timesteps=timesteps,
-                prediction_type=prediction_type,
-                data_shape=_shape(data_shape),
-                learned_variance=learned_variance,
-            )  # fmt: skip
-        )
-        for path in checkpoints
-    ]
+    options = loader_options(kind, timesteps, prediction_type, data_shape, learned_variance)
+    rows = [info_row(load_checkpoint(path, **options)) for path in checkpoints]
     if resolve_format(fmt) == "table" and len(rows) == 1:
         vertical = [{"field": c, "value": rows[0][c]} for c in cols]
         emit(vertical, ["field", "value"], "table", title=f"info {checkpoints[0].name}")
@@ -350,7 +305,7 @@ def train(
         alpha_bars_file, zero_terminal_snr, logsnr_shift, None, None, None, scale_to_timesteps,
     )  # fmt: skip
     schedule = build_schedule(request).schedule
-    shape = _shape(data_shape)
+    shape = parse_shape(data_shape)
     builtin = datasets.BUILTIN_DATASETS.get(data) if not Path(data).exists() else None
     if builtin is not None:
         x = datasets.get_data(data, n=n or 10000, seed=seed, data_shape=shape)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import typer
 
@@ -75,6 +75,40 @@ DeviceOpt = Annotated[
     typer.Option("--device", help="Where to run: auto (cuda, then mps, then cpu), cpu, cuda, mps."),
 ]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed: same seed, same numbers.")]
+
+# Checkpoint metadata: what a TorchScript / torch.export file without ddpm.json cannot tell itself.
+PANEL_META = "Metadata (TorchScript / export programs without ddpm.json)"
+
+CheckpointArg = Annotated[
+    Path, typer.Argument(metavar="CKPT", help="Native .pt, TorchScript .pt, .pt2 or diffusers dir.")
+]
+MetaKindOpt = Annotated[
+    str | None, typer.Option("--kind", help="Training schedule kind.", rich_help_panel=PANEL_META)
+]
+MetaTimestepsOpt = Annotated[
+    int | None,
+    typer.Option("--timesteps", "-T", help="Training T (1000).", rich_help_panel=PANEL_META),
+]
+PredOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--prediction-type", help="epsilon | sample | v_prediction.", rich_help_panel=PANEL_META
+    ),
+]
+ShapeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--data-shape", metavar="D|C,H,W", help="Sample shape.", rich_help_panel=PANEL_META
+    ),
+]
+LearnedOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--learned-variance/--fixed-variance",
+        help="Whether the output carries a variance channel (default: inferred).",
+        rich_help_panel=PANEL_META,
+    ),
+]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,6 +238,34 @@ def select_columns(
             f"--columns: unknown column {unknown[0]!r}; allowed: {', '.join(available)}"
         )
     return list(dict.fromkeys(names))
+
+
+def parse_shape(text: str | None) -> tuple[int, ...] | None:
+    """A `--data-shape` value, `D` or `C,H,W` (`x` also separates), as a tuple; None stays None."""
+    if text is None:
+        return None
+    try:
+        return tuple(int(part) for part in text.replace("x", ",").split(","))
+    except ValueError:
+        raise UsageError(f"--data-shape {text!r}: want D or C,H,W (integers)") from None
+
+
+def loader_options(
+    kind: str | None,
+    timesteps: int | None,
+    prediction_type: str | None,
+    data_shape: str | None,
+    learned_variance: bool | None = None,
+) -> dict[str, Any]:
+    """The metadata flags (--kind, -T, --prediction-type, --data-shape, --learned-variance) as
+    keyword arguments for `checkpoints.load_checkpoint`; None leaves a field to the checkpoint."""
+    return {
+        "kind": kind,
+        "timesteps": timesteps,
+        "prediction_type": prediction_type,
+        "data_shape": parse_shape(data_shape),
+        "learned_variance": learned_variance,
+    }
 
 
 def reject_conflicts(*flags: tuple[str, bool]) -> None:

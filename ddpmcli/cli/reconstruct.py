@@ -8,40 +8,33 @@ inside the command, so `ddpm --help` stays fast.
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 from typing import Annotated, Literal
 
 import typer
 
 from ddpmcli.cli.common import (
+    CheckpointArg,
     ColumnsOpt,
     DeviceOpt,
     EveryOpt,
     FormatOpt,
+    MetaKindOpt,
+    MetaTimestepsOpt,
     NoHeaderOpt,
     PlotOpt,
+    PredOpt,
     QuietOpt,
     SeedOpt,
+    ShapeOpt,
     TSelectOpt,
     check_format_flags,
+    loader_options,
     reject_conflicts,
     resolve_plot_path,
     select_columns,
     select_rows,
 )
-from ddpmcli.errors import UsageError
 from ddpmcli.output import ProgressHandle, emit, note, progress
-
-PANEL_META = "Metadata (TorchScript / export programs without ddpm.json)"
-
-
-def _shape(text: str | None) -> tuple[int, ...] | None:
-    if text is None:
-        return None
-    try:
-        return tuple(int(part) for part in text.replace("x", ",").split(","))
-    except ValueError:
-        raise UsageError(f"--data-shape {text!r}: want D or C,H,W (integers)") from None
 
 
 def _advancer(bar: ProgressHandle) -> Callable[[int, int], None]:
@@ -56,9 +49,7 @@ def _advancer(bar: ProgressHandle) -> Callable[[int, int], None]:
 
 
 def reconstruct(
-    checkpoint: Annotated[
-        Path, typer.Argument(metavar="CKPT", help="Native .pt, TorchScript, .pt2 or diffusers dir.")
-    ],
+    checkpoint: CheckpointArg,
     data: Annotated[
         str | None,
         typer.Option(
@@ -101,26 +92,10 @@ def reconstruct(
     no_header: NoHeaderOpt = False,
     plot: PlotOpt = None,
     quiet: QuietOpt = False,
-    kind: Annotated[
-        str | None,
-        typer.Option("--kind", help="Training schedule kind.", rich_help_panel=PANEL_META),
-    ] = None,
-    timesteps: Annotated[
-        int | None,
-        typer.Option("--timesteps", "-T", help="Training T (1000).", rich_help_panel=PANEL_META),
-    ] = None,
-    prediction_type: Annotated[
-        str | None,
-        typer.Option(
-            "--prediction-type", help="epsilon | sample | v_prediction.", rich_help_panel=PANEL_META
-        ),
-    ] = None,
-    data_shape: Annotated[
-        str | None,
-        typer.Option(
-            "--data-shape", metavar="D|C,H,W", help="Sample shape.", rich_help_panel=PANEL_META
-        ),
-    ] = None,
+    kind: MetaKindOpt = None,
+    timesteps: MetaTimestepsOpt = None,
+    prediction_type: PredOpt = None,
+    data_shape: ShapeOpt = None,
 ) -> None:
     """Reconstruct x0 from x_t at each t: mse, psnr, eps_mse, clip_fraction per noise level.
 
@@ -146,9 +121,8 @@ def reconstruct(
     reject_conflicts(("--t", t is not None), ("--every", every is not None))
     plot_path = resolve_plot_path(plot, "reconstruct")
     model = load_checkpoint(
-        checkpoint, kind=kind, timesteps=timesteps, prediction_type=prediction_type,
-        data_shape=_shape(data_shape),
-    )  # fmt: skip
+        checkpoint, **loader_options(kind, timesteps, prediction_type, data_shape)
+    )
     steps = model.schedule.num_steps
     indices = (
         default_timesteps(steps) if t is None and every is None else select_rows(t, every, steps)

@@ -13,16 +13,22 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 import typer
 
 from ddpmcli.cli.common import (
+    CheckpointArg,
     ColumnsOpt,
     DeviceOpt,
     EveryOpt,
     FormatOpt,
+    MetaKindOpt,
+    MetaTimestepsOpt,
     NoHeaderOpt,
     PlotOpt,
+    PredOpt,
     QuietOpt,
     SeedOpt,
+    ShapeOpt,
     TSelectOpt,
     check_format_flags,
+    loader_options,
     reject_conflicts,
     resolve_plot_path,
     select_columns,
@@ -35,7 +41,6 @@ if TYPE_CHECKING:
     from ddpmcli.checkpoints import LoadedModel
 
 PANEL_SAMPLER = "Sampler"
-PANEL_META = "Metadata (TorchScript / export programs without ddpm.json)"
 SAVE_SUFFIXES = (".npz", ".png")
 SUMMARY_COLUMNS = (
     "sampler",
@@ -50,9 +55,6 @@ SUMMARY_COLUMNS = (
     "sliced_w2",
 )
 
-CheckpointArg = Annotated[
-    Path, typer.Argument(metavar="CKPT", help="Native .pt, TorchScript, .pt2 or diffusers dir.")
-]
 VarianceOpt = Annotated[
     Literal["fixed_small", "fixed_large", "learned_range"],
     typer.Option(
@@ -69,34 +71,6 @@ DtypeOpt = Annotated[
     Literal["float32", "bfloat16", "float16", "float64"],
     typer.Option("--dtype", help="Dtype the model runs in (the schedule is float64 until used)."),
 ]
-KindOpt = Annotated[
-    str | None, typer.Option("--kind", help="Training schedule kind.", rich_help_panel=PANEL_META)
-]
-TimestepsOpt = Annotated[
-    int | None,
-    typer.Option("--timesteps", "-T", help="Training T (1000).", rich_help_panel=PANEL_META),
-]
-PredOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--prediction-type", help="epsilon | sample | v_prediction.", rich_help_panel=PANEL_META
-    ),
-]
-ShapeOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--data-shape", metavar="D|C,H,W", help="Sample shape.", rich_help_panel=PANEL_META
-    ),
-]
-
-
-def _shape(text: str | None) -> tuple[int, ...] | None:
-    if text is None:
-        return None
-    try:
-        return tuple(int(part) for part in text.replace("x", ",").split(","))
-    except ValueError:
-        raise UsageError(f"--data-shape {text!r}: want D or C,H,W (integers)") from None
 
 
 def _load(
@@ -112,8 +86,8 @@ def _load(
     from ddpmcli.diagnostics import resolve_device, resolve_dtype
 
     return load_checkpoint(
-        checkpoint, kind=kind, timesteps=timesteps, prediction_type=prediction_type,
-        data_shape=_shape(data_shape), device=resolve_device(device), dtype=resolve_dtype(dtype),
+        checkpoint, **loader_options(kind, timesteps, prediction_type, data_shape),
+        device=resolve_device(device), dtype=resolve_dtype(dtype),
     )  # fmt: skip
 
 
@@ -224,8 +198,8 @@ def sample(
     no_header: NoHeaderOpt = False,
     plot: PlotOpt = None,
     quiet: QuietOpt = False,
-    kind: KindOpt = None,
-    timesteps: TimestepsOpt = None,
+    kind: MetaKindOpt = None,
+    timesteps: MetaTimestepsOpt = None,
     prediction_type: PredOpt = None,
     data_shape: ShapeOpt = None,
 ) -> None:
@@ -431,8 +405,8 @@ def nll(
     fmt: FormatOpt = "auto",
     no_header: NoHeaderOpt = False,
     quiet: QuietOpt = False,
-    kind: KindOpt = None,
-    timesteps: TimestepsOpt = None,
+    kind: MetaKindOpt = None,
+    timesteps: MetaTimestepsOpt = None,
     prediction_type: PredOpt = None,
     data_shape: ShapeOpt = None,
 ) -> None:
