@@ -44,7 +44,7 @@ from ddpmcli.cli.schedule import (
     ScaleOpt,
     TimestepsOpt,
     ZeroSnrOpt,
-    _request,
+    schedule_request,
 )
 from ddpmcli.errors import UsageError
 from ddpmcli.output import check_writable, emit, note, stderr_console
@@ -300,9 +300,11 @@ def train(
     check_writable(out, what="checkpoint")
     if not 0.0 <= ema < 1.0:
         raise UsageError(f"--ema {ema}: decay must lie in [0, 1) (0 turns EMA off)")
-    request = _request(
-        kind, timesteps, beta_start, beta_end, max_beta, param, from_file, betas_file,
-        alpha_bars_file, zero_terminal_snr, logsnr_shift, None, None, None, scale_to_timesteps,
+    request = schedule_request(
+        kind=kind, timesteps=timesteps, beta_start=beta_start, beta_end=beta_end,
+        max_beta=max_beta, param=param, from_file=from_file, betas_file=betas_file,
+        alpha_bars_file=alpha_bars_file, zero_terminal_snr=zero_terminal_snr,
+        logsnr_shift=logsnr_shift, scale_to_timesteps=scale_to_timesteps,
     )  # fmt: skip
     schedule = build_schedule(request).schedule
     shape = parse_shape(data_shape)

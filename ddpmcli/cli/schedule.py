@@ -172,24 +172,29 @@ TIMESTEP_NOTE = (
 )
 
 
-def _request(
-    kind: str | None,
-    timesteps: int | None,
-    beta_start: float | None,
-    beta_end: float | None,
-    max_beta: float | None,
-    param: list[str] | None,
-    from_file: Path | None,
-    betas_file: Path | None,
-    alpha_bars_file: Path | None,
-    zero_terminal_snr: bool,
-    logsnr_shift: float,
-    steps: str | None,
-    spacing: str | None,
-    steps_offset: int | None,
-    scale_to_timesteps: bool,
+def schedule_request(
+    *,
+    kind: str | None = None,
+    timesteps: int | None = None,
+    beta_start: float | None = None,
+    beta_end: float | None = None,
+    max_beta: float | None = None,
+    param: list[str] | None = None,
+    from_file: Path | None = None,
+    betas_file: Path | None = None,
+    alpha_bars_file: Path | None = None,
+    zero_terminal_snr: bool = False,
+    logsnr_shift: float = 0.0,
+    steps: str | None = None,
+    spacing: str | None = None,
+    steps_offset: int | None = None,
+    scale_to_timesteps: bool = False,
 ) -> ScheduleRequest:
-    """The schedule flags of every command, as one request for `configs.build_schedule`."""
+    """The schedule flags of every command, as one request for `configs.build_schedule`.
+
+    Keyword-only, named after the command parameters, so a call passes each flag by name; the
+    defaults are the flags' own, so a command without --steps (check, train) simply omits it.
+    """
     from ddpmcli.configs import ScheduleRequest
 
     params = parse_key_values(param)
@@ -311,25 +316,14 @@ def schedule(
     if list_kinds:
         return _list_kinds(fmt, no_header)
     plot_path = resolve_plot_path(plot, "schedule")
-    built = build_schedule(
-        _request(
-            kind,
-            timesteps,
-            beta_start,
-            beta_end,
-            max_beta,
-            param,
-            from_file,
-            betas_file,
-            alpha_bars_file,
-            zero_terminal_snr,
-            logsnr_shift,
-            steps,
-            spacing,
-            steps_offset,
-            scale_to_timesteps,
-        )
-    )
+    request = schedule_request(
+        kind=kind, timesteps=timesteps, beta_start=beta_start, beta_end=beta_end,
+        max_beta=max_beta, param=param, from_file=from_file, betas_file=betas_file,
+        alpha_bars_file=alpha_bars_file, zero_terminal_snr=zero_terminal_snr,
+        logsnr_shift=logsnr_shift, steps=steps, spacing=spacing, steps_offset=steps_offset,
+        scale_to_timesteps=scale_to_timesteps,
+    )  # fmt: skip
+    built = build_schedule(request)
     available, default = _columns_of(built)
     cols = select_columns(columns, available, default)
     rows = schedule_rows(built.schedule, select_rows(t, every, built.schedule.num_steps), cols)
@@ -497,25 +491,14 @@ def posterior(
     check_format_flags(fmt, no_header)
     reject_conflicts(("--t", t is not None), ("--every", every is not None))
     plot_path = resolve_plot_path(plot, "posterior")
-    built = build_schedule(
-        _request(
-            kind,
-            timesteps,
-            beta_start,
-            beta_end,
-            max_beta,
-            param,
-            from_file,
-            betas_file,
-            alpha_bars_file,
-            zero_terminal_snr,
-            logsnr_shift,
-            steps,
-            spacing,
-            steps_offset,
-            scale_to_timesteps,
-        )
-    )
+    request = schedule_request(
+        kind=kind, timesteps=timesteps, beta_start=beta_start, beta_end=beta_end,
+        max_beta=max_beta, param=param, from_file=from_file, betas_file=betas_file,
+        alpha_bars_file=alpha_bars_file, zero_terminal_snr=zero_terminal_snr,
+        logsnr_shift=logsnr_shift, steps=steps, spacing=spacing, steps_offset=steps_offset,
+        scale_to_timesteps=scale_to_timesteps,
+    )  # fmt: skip
+    built = build_schedule(request)
     sched = built.schedule
     default = [c for c in POSTERIOR_COLUMNS if c != "timestep" or built.respaced]
     cols = select_columns(columns, POSTERIOR_COLUMNS, default)
@@ -611,23 +594,13 @@ def check(
     from ddpmcli.configs import build_schedule
 
     check_format_flags(fmt, no_header)
-    request = _request(
-        kind,
-        timesteps,
-        beta_start,
-        beta_end,
-        max_beta,
-        param,
-        from_file,
-        betas_file,
-        alpha_bars_file,
-        zero_terminal_snr,
-        logsnr_shift,
-        None,
-        None,
-        None,
-        scale_to_timesteps,
-    )
+    # --steps/--spacing/--steps-offset are probed below, not built into the schedule
+    request = schedule_request(
+        kind=kind, timesteps=timesteps, beta_start=beta_start, beta_end=beta_end,
+        max_beta=max_beta, param=param, from_file=from_file, betas_file=betas_file,
+        alpha_bars_file=alpha_bars_file, zero_terminal_snr=zero_terminal_snr,
+        logsnr_shift=logsnr_shift, scale_to_timesteps=scale_to_timesteps,
+    )  # fmt: skip
     if steps is None and (spacing is not None or steps_offset is not None):
         raise UsageError("--spacing/--steps-offset need --steps")
     built = build_schedule(request)
