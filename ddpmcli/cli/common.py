@@ -101,6 +101,14 @@ ShapeOpt = Annotated[
         "--data-shape", metavar="D|C,H,W", help="Sample shape.", rich_help_panel=PANEL_META
     ),
 ]
+EvalDataOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--data",
+        help="An .npy/.npz file, an image folder or a built-in set (moons, swiss_roll, gmm, "
+        "shapes). Default: the checkpoint's reference samples.",
+    ),
+]
 LearnedOpt = Annotated[
     bool | None,
     typer.Option(

@@ -16,6 +16,7 @@ from ddpmcli.cli.common import (
     CheckpointArg,
     ColumnsOpt,
     DeviceOpt,
+    EvalDataOpt,
     EveryOpt,
     FormatOpt,
     MetaKindOpt,
@@ -50,14 +51,7 @@ def _advancer(bar: ProgressHandle) -> Callable[[int, int], None]:
 
 def reconstruct(
     checkpoint: CheckpointArg,
-    data: Annotated[
-        str | None,
-        typer.Option(
-            "--data",
-            help="An .npy/.npz file, an image folder or a built-in set (moons, swiss_roll, gmm, "
-            "shapes). Default: the checkpoint's reference samples.",
-        ),
-    ] = None,
+    data: EvalDataOpt = None,
     n: Annotated[int, typer.Option("--n", min=1, help="Samples to reconstruct.")] = 64,
     seed: SeedOpt = 0,
     t: TSelectOpt = None,

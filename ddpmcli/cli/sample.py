@@ -16,6 +16,7 @@ from ddpmcli.cli.common import (
     CheckpointArg,
     ColumnsOpt,
     DeviceOpt,
+    EvalDataOpt,
     EveryOpt,
     FormatOpt,
     MetaKindOpt,
@@ -361,14 +362,7 @@ def _save_samples(path: Path, samples: Any, model: LoadedModel, schedule: str, q
 
 def nll(
     checkpoint: CheckpointArg,
-    data: Annotated[
-        str | None,
-        typer.Option(
-            "--data",
-            help="An .npy/.npz file, an image folder or a built-in set (moons, swiss_roll, gmm, "
-            "shapes). Default: the checkpoint's reference samples.",
-        ),
-    ] = None,
+    data: EvalDataOpt = None,
     n: Annotated[int, typer.Option("--n", help="Samples to evaluate.")] = 64,
     seed: SeedOpt = 0,
     t: TSelectOpt = None,
