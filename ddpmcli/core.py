@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
@@ -440,6 +440,32 @@ class Schedule:
     @property
     def num_steps(self) -> int:
         return int(self.beta.shape[0])
+
+    def _map_arrays(self, fn: Callable[[Tensor], Tensor]) -> Schedule:
+        arrays = {f.name: getattr(self, f.name) for f in fields(self)}
+        moved: dict[str, Any] = {k: fn(v) for k, v in arrays.items() if isinstance(v, Tensor)}
+        return replace(self, **moved)
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Schedule:
+        """The same schedule with every array on ``device``, the float ones cast to ``dtype``.
+
+        The cast happens first, on the arrays' own device (MPS has no float64). Doing this once
+        before a loop turns :func:`extract`'s per-call cast and copy into no-ops."""
+
+        def move(v: Tensor) -> Tensor:
+            if dtype is not None and v.is_floating_point():
+                v = v.to(dtype=dtype)
+            return v.to(device=device)
+
+        return self._map_arrays(move)
+
+    def take(self, indices: Sequence[int]) -> Schedule:
+        """A lookup table of the arrays at ``indices``: position ``j`` holds index ``indices[j]``.
+
+        For loops that only visit those indices (``extract`` with positions); the result is not a
+        schedule in its own right (``alpha_bar_prev`` no longer follows ``alpha_bar``)."""
+        idx = torch.tensor(list(indices), dtype=torch.long)
+        return self._map_arrays(lambda v: v[idx.to(v.device)])
 
     def quantity(self, name: str) -> Tensor:
         """One of :data:`QUANTITIES` by name."""

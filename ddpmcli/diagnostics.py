@@ -18,7 +18,6 @@ step); the model is called with ``schedule.timesteps[t]`` (the identity unless r
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -645,7 +644,7 @@ def reconstruction_sweep(
 
     net = model.to(dev, mdtype)
     # position j of `sched` is timestep ts[j]: chunks index it with their positions directly
-    sched = _schedule_at(schedule, ts, dev, wdt)
+    sched = schedule.take(ts).to(dev, wdt)
     optimal = None if compare_optimal is None else compare_optimal.to(dev, wdt)
 
     # per-pair metrics, summed over values (divided by numel at the end), in these columns
@@ -766,24 +765,6 @@ def _sq_sum(a: Tensor, b: Tensor) -> Tensor:
     """``sum((a - b)^2)`` over all but the first dimension."""
     d = a - b
     return (d * d).flatten(1).sum(1)
-
-
-def _schedule_at(
-    schedule: Schedule, ts: Sequence[int], device: torch.device, dtype: torch.dtype
-) -> Schedule:
-    """The schedule's arrays at the timesteps ``ts`` (position ``j`` holds ``ts[j]``), already on
-    ``device`` with the float arrays in ``dtype``: the core's per-call ``extract`` casts are then
-    no-ops (on CUDA each would be a blocking copy) and no gather maps positions to timesteps."""
-    idx = torch.tensor(ts, dtype=torch.long)
-    picked: dict[str, Any] = {}
-    for f in dataclasses.fields(schedule):
-        value = getattr(schedule, f.name)
-        if isinstance(value, Tensor):
-            value = value[idx]
-            if value.is_floating_point():
-                value = value.to(dtype=dtype)
-            picked[f.name] = value.to(device=device)
-    return dataclasses.replace(schedule, **picked)
 
 
 def _psnr(mse: float, peak: float) -> float:

@@ -535,3 +535,19 @@ def test_continuous_likelihood_closed_form(x: float, mean: float, log_scale: flo
         sd = mp.exp(mpf(log_scale))
         want = -((mpf(x) - mpf(mean)) ** 2) / (2 * sd**2) - mp.log(sd) - mp.log(2 * mp.pi) / 2
     assert abs(got - float(want)) <= 1e-12 * max(1.0, abs(float(want)))
+
+
+@SETTINGS
+@given(schedules(), st.data())
+def test_take_and_to_are_the_lookups_extract_would_make(d: Drawn, data: st.DataObject) -> None:
+    s = d.s
+    ts = data.draw(st.lists(st.integers(0, s.num_steps - 1), min_size=1, max_size=20))
+    table = s.take(ts).to("cpu", torch.float32)
+    like = torch.zeros(len(ts), 3, dtype=torch.float32)
+    pos, idx = torch.arange(len(ts)), torch.tensor(ts)
+    for name in core.QUANTITIES:
+        got = core.extract(table.quantity(name), pos, 2, like=like)
+        want = core.extract(s.quantity(name), idx, 2, like=like)
+        assert torch.equal(got, want), name
+    assert torch.equal(table.timesteps, s.timesteps[idx])
+    assert s.to("cpu").alpha_bar.dtype == torch.float64  # no dtype: arrays keep float64
