@@ -236,9 +236,14 @@ class ProgressHandle(Protocol):
 
     def advance(self, n: int = 1) -> None: ...
 
+    def update(self, completed: int | None = None, **fields: str) -> None: ...
+
 
 class _NullProgress:
     def advance(self, n: int = 1) -> None:
+        return None
+
+    def update(self, completed: int | None = None, **fields: str) -> None:
         return None
 
 
@@ -250,9 +255,17 @@ class _RichProgress:
     def advance(self, n: int = 1) -> None:
         self._bar.advance(self._task, n)
 
+    def update(self, completed: int | None = None, **fields: str) -> None:
+        self._bar.update(self._task, completed=completed, **fields)
+
 
 @contextlib.contextmanager
-def progress(total: int | None, description: str, quiet: bool = False) -> Iterator[ProgressHandle]:
+def progress(
+    total: int | None,
+    description: str,
+    quiet: bool = False,
+    fields: Mapping[str, str] | None = None,
+) -> Iterator[ProgressHandle]:
     """A progress bar on stderr, silent when stderr is not a terminal or ``quiet`` is set.
 
     Usage::
@@ -262,7 +275,8 @@ def progress(total: int | None, description: str, quiet: bool = False) -> Iterat
                 ...
                 bar.advance()
 
-    ``bar.advance`` also fits as a ``callback=`` for library loops.
+    ``bar.advance`` also fits as a ``callback=`` for library loops. ``fields`` adds live values
+    after the counts (``fields={"loss": "-"}``, then ``bar.update(completed=k, loss="0.13")``).
     """
     if quiet or not sys.stderr.isatty():
         yield _NullProgress()
@@ -280,13 +294,15 @@ def progress(total: int | None, description: str, quiet: bool = False) -> Iterat
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
+        *(TextColumn(f"{name} {{task.fields[{name}]}}") for name in fields or {}),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=stderr_console(),
         transient=True,
     )
     with bar:
-        task = bar.add_task(description, total=total)
+        live: dict[str, Any] = dict(fields or {})
+        task = bar.add_task(description, total=total, **live)
         yield _RichProgress(bar, task)
 
 

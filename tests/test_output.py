@@ -147,6 +147,40 @@ def test_progress_is_silent_off_a_terminal(capsys: pytest.CaptureFixture[str]) -
     assert capsys.readouterr() == ("", "")
 
 
+def test_progress_shows_live_fields_on_a_terminal() -> None:
+    """On a real terminal (a pty) the bar shows the extra fields it was given, updated live."""
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    code = (
+        "from ddpmcli.output import progress\n"
+        "with progress(4, 'training', fields={'loss': '-'}) as bar:\n"
+        "    for k in range(1, 5):\n"
+        "        bar.update(completed=k, loss=f'{1 / k:.4f}')\n"
+    )
+    leader, follower = pty.openpty()
+    done = subprocess.run(
+        [sys.executable, "-c", code], stdin=follower, stdout=follower, stderr=follower,
+        env={**os.environ, "COLUMNS": "120", "TERM": "xterm"}, timeout=60, check=False,
+    )  # fmt: skip
+    os.close(follower)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(leader)
+    assert done.returncode == 0
+    text = out.decode(errors="replace")
+    assert "training" in text and "loss 0.2500" in text
+
+
 def test_atomic_write_replaces_and_keeps_permissions(tmp_path: Path) -> None:
     target = tmp_path / "sub" / "out.txt"
     atomic_write_text(target, "one")

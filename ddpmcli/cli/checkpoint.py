@@ -6,9 +6,7 @@ Thin: parse and validate the flags, call `ddpmcli.checkpoints` / `ddpmcli.traini
 
 from __future__ import annotations
 
-import contextlib
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -47,7 +45,7 @@ from ddpmcli.cli.schedule import (
     schedule_request,
 )
 from ddpmcli.errors import UsageError
-from ddpmcli.output import check_writable, emit, note, stderr_console
+from ddpmcli.output import ProgressHandle, check_writable, emit, note, progress
 
 if TYPE_CHECKING:
     from ddpmcli.checkpoints import LoadedModel
@@ -146,41 +144,16 @@ def info(
     emit(rows, cols, fmt, no_header=no_header, title="info")
 
 
-@contextlib.contextmanager
-def _loss_progress(total: int, quiet: bool) -> Iterator[Callable[[int, float], None]]:
-    """A rich bar on stderr with the running loss; silent when piped or --quiet."""
-    if quiet or not sys.stderr.isatty():
-        yield lambda step, loss: None
-        return
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+def _smoothed_loss(bar: ProgressHandle) -> Callable[[int, float], None]:
+    """A training callback showing an exponential moving average of the loss on ``bar``."""
+    smoothed = [float("nan")]
 
-    bar = Progress(
-        TextColumn("training"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=stderr_console(),
-        transient=True,
-    )
-    with bar:
-        task = bar.add_task("training", total=total, loss="-")
-        smoothed = [float("nan")]
+    def update(step: int, loss: float) -> None:
+        prev = smoothed[0]
+        smoothed[0] = loss if prev != prev else 0.98 * prev + 0.02 * loss
+        bar.update(completed=step, loss=f"{smoothed[0]:.4f}")
 
-        def update(step: int, loss: float) -> None:
-            prev = smoothed[0]
-            smoothed[0] = loss if prev != prev else 0.98 * prev + 0.02 * loss
-            bar.update(task, completed=step, loss=f"{smoothed[0]:.4f}")
-
-        yield update
+    return update
 
 
 def train(
@@ -326,7 +299,8 @@ def train(
     data_shape_t = tuple(int(d) for d in x.shape[1:])
     arch = default_architecture(data_shape_t) if architecture == "auto" else architecture
     hparams = {} if width is None else {"hidden" if arch == "mlp" else "base_channels": width}
-    with _loss_progress(steps, quiet) as callback:
+    with progress(steps, "training", quiet, fields={"loss": "-"}) as bar:
+        callback = _smoothed_loss(bar)
         result = train_denoiser(
             x, schedule, prediction_type=prediction_type, learned_variance=learned_variance,
             architecture=arch, hparams=hparams, steps=steps, batch_size=batch_size, lr=lr,
