@@ -1,0 +1,188 @@
+"""Hostile sizes and files: every size is checked before it is allocated, every file we read is a
+regular file of bounded size, and each failure is one `Error:` line naming the option or file."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ddpmcli import limits
+from ddpmcli.errors import DataError, ScheduleError, UsageError
+
+# ---------------------------------------------------------------------------------------------
+# ddpmcli.limits itself
+
+
+def test_available_memory_is_positive_and_below_physical() -> None:
+    free = limits.available_memory()
+    physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    assert 0 < free < physical
+
+
+def test_available_memory_follows_rlimit_as() -> None:
+    code = (
+        "import resource; from ddpmcli import limits\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (3 * 1024**3, resource.RLIM_INFINITY))\n"
+        "print(limits.available_memory())\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert 0 < int(out) < 3 * 1024**3 * limits.MEMORY_MARGIN
+
+
+def test_check_allocation() -> None:
+    limits.check_allocation(1024, "--n 4")
+    with pytest.raises(UsageError, match=r"^--n 9 needs ~8\.0e\+06 GiB|^--n 9 needs ~\d"):
+        limits.check_allocation(2**63, "--n 9")
+    with pytest.raises(DataError, match=r"^cfg\.json: sample_size needs ~.* GiB, more than the "):
+        limits.check_allocation(2**63, "cfg.json: sample_size", error=DataError)
+
+
+@pytest.mark.parametrize(
+    ("value", "kwargs", "message"),
+    [
+        (0, {}, "--n must be at least 1, got 0"),
+        (-3, {"minimum": 0}, "--n must be at least 0, got -3"),
+        (11, {"maximum": 10}, "--n must be between 1 and 10, got 11"),
+        (True, {}, "--n must be an integer at least 1, got True"),
+        (2.5, {}, "--n must be an integer at least 1, got 2.5"),
+    ],
+)
+def test_check_count_one_message_style(value: object, kwargs: dict, message: str) -> None:
+    with pytest.raises(UsageError) as info:
+        limits.check_count(value, "--n", **kwargs)  # type: ignore[arg-type]
+    assert str(info.value) == message
+    assert info.value.exit_code == 2
+
+
+def test_check_count_passes_values_in_range() -> None:
+    assert limits.check_count(1, "--n") == 1
+    assert limits.check_count(10, "--n", maximum=10) == 10
+    assert limits.check_count(0, "--every", minimum=0) == 0
+
+
+def test_check_timesteps() -> None:
+    assert limits.check_timesteps(1, "-T/--timesteps") == 1
+    assert limits.check_timesteps(1000, "-T/--timesteps") == 1000
+    with pytest.raises(UsageError, match=r"^-T/--timesteps must be between 1 and 10000000, got 0$"):
+        limits.check_timesteps(0, "-T/--timesteps")
+    with pytest.raises(ScheduleError, match=r"^c\.json: num_train_timesteps must be between"):
+        limits.check_timesteps(10**9, "c.json: num_train_timesteps", error=ScheduleError)
+    with pytest.raises(UsageError, match=r"^-T/--timesteps = 10 needs ~.* GiB, more than"):
+        limits.check_timesteps(10, "-T/--timesteps", bytes_per_t=2**62)
+
+
+def test_check_regular_file_refuses_without_opening(tmp_path: Path) -> None:
+    fifo = tmp_path / "pipe.json"
+    os.mkfifo(fifo)
+    link = tmp_path / "zero.json"
+    link.symlink_to("/dev/zero")
+    plain = tmp_path / "ok.json"
+    plain.write_text("{}")
+    assert limits.check_regular_file(plain, "config") == plain
+    with pytest.raises(DataError, match=r"pipe\.json: config is a FIFO, not a regular file$"):
+        limits.check_regular_file(fifo, "config")
+    with pytest.raises(DataError, match=r"zero\.json: config is a character device, not a"):
+        limits.check_regular_file(link, "config")
+    with pytest.raises(DataError, match=r": config is a folder, not a regular file$"):
+        limits.check_regular_file(tmp_path, "config")
+    with pytest.raises(UsageError, match=r"nothere\.json: no such config$"):
+        limits.check_regular_file(tmp_path / "nothere.json", "config", error=UsageError)
+
+
+def test_read_bytes_limit(tmp_path: Path) -> None:
+    f = tmp_path / "f.bin"
+    f.write_bytes(b"x" * 100)
+    assert limits.read_bytes(f, "sidecar", limit=100) == b"x" * 100
+    with pytest.raises(DataError, match=r"f\.bin: sidecar is larger than the 99 bytes limit$"):
+        limits.read_bytes(f, "sidecar", limit=99)
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("[" * 100_000 + "]" * 100_000, "nests deeper than 64 levels"),
+        ('{"a":' * 65 + "1" + "}" * 65, "nests deeper than 64 levels"),
+        ("[" + "7" * 5000 + "]", "an integer with 5000 digits (at most 64)"),
+        ("-" + "7" * 65, "an integer with 65 digits"),
+        ("1." + "0" * 5000, "a number 5002 characters long"),
+        ("{", "not valid JSON (line 1, column 2"),
+        (b"\xff\xfe[]", "not UTF-8 text"),
+    ],
+)
+def test_parse_json_limits(text: str | bytes, fragment: str) -> None:
+    start = time.monotonic()
+    with pytest.raises(DataError) as info:
+        limits.parse_json(text, "cfg.json")
+    assert str(info.value).startswith("cfg.json: ")
+    assert fragment in str(info.value)
+    assert time.monotonic() - start < 1.0
+
+
+def test_parse_json_accepts_ordinary_documents() -> None:
+    doc = {"a": [1, 2.5, None, "x", {"b": [[[]]]}], "n": 10**60}
+    assert limits.parse_json(json.dumps(doc), "x") == doc
+    assert limits.parse_json("[" * 64 + "]" * 64, "x") is not None
+
+
+def test_read_json_size_fifo_and_dev_zero(tmp_path: Path) -> None:
+    big = tmp_path / "big.json"
+    with open(big, "wb") as fh:  # sparse: 1 GB claimed without writing it
+        fh.truncate(10**9)
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo)
+    zero = tmp_path / "zero.json"
+    zero.symlink_to("/dev/zero")
+    start = time.monotonic()
+    with pytest.raises(DataError, match=r"big\.json: config is larger than the 32 MiB limit$"):
+        limits.read_json(big, "config")
+    with pytest.raises(DataError, match=r"fifo\.json: config is a FIFO"):
+        limits.read_json(fifo, "config")
+    with pytest.raises(DataError, match=r"zero\.json: config is a character device"):
+        limits.read_json(zero, "config")
+    assert time.monotonic() - start < 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers for the CLI cases: a real subprocess under a memory cap
+
+
+MEMORY_CAP = 4 * 1024**3
+
+
+def _cap_memory() -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_CAP, MEMORY_CAP))
+
+
+def ddpm_capped(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """`python -m ddpmcli ARGS` in a child limited to 4 GiB of address space, so a regression
+    that allocates a huge array fails the test instead of taking the machine down."""
+    env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
+    env.pop("DDPM_DEBUG", None)
+    return subprocess.run(
+        [sys.executable, "-m", "ddpmcli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        preexec_fn=_cap_memory,
+        env=env,
+    )
+
+
+def assert_one_error(result: subprocess.CompletedProcess[str], code: int, *fragments: str) -> None:
+    """Exit code, empty stdout, exactly one `Error:` line holding every fragment, no bug hint."""
+    assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
+    assert result.stdout == ""
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], (fragment, errors[0])
+    assert "DDPM_DEBUG" not in result.stderr
