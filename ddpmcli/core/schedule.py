@@ -1,0 +1,431 @@
+"""The :class:`Schedule`: every per-t array of a discrete DDPM schedule as a stored float64 field,
+the one broadcast helper :func:`extract`, and the schedules built from a kind or explicit arrays.
+
+Index convention (diffusers and improved-diffusion): timesteps are 0-based as the models take them.
+``t = 0`` is one noising step, ``alpha_bar_prev[0] = 1``; the paper's step is ``t + 1``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ddpmcli.core.kinds import (
+    F64,
+    SCHEDULE_KINDS,
+    VARIANCE_TYPES,
+    Params,
+    _betas_from_log_alpha_bar,
+    _check_param,
+    _Parts,
+    _parts_from_betas,
+    canonical_prediction_type,
+)
+from ddpmcli.core.likelihood import normal_kl
+from ddpmcli.errors import ScheduleError, ScheduleParameterError
+
+QUANTITIES: tuple[str, ...] = (
+    "beta",
+    "alpha",
+    "alpha_bar",
+    "alpha_bar_prev",
+    "sqrt_alpha_bar",
+    "sqrt_one_minus_alpha_bar",
+    "snr",
+    "log_snr",
+    "sigma",
+    "posterior_variance",
+    "posterior_log_variance_clipped",
+    "posterior_mean_coef_x0",
+    "posterior_mean_coef_xt",
+    "sqrt_recip_alpha_bar",
+    "sqrt_recipm1_alpha_bar",
+)
+
+
+def _tensor_field() -> Any:
+    return field(repr=False, compare=False)
+
+
+@dataclass(frozen=True, eq=False)
+class Schedule:
+    """A discrete DDPM schedule: 1-D float64 tensors computed once, named after their formulas.
+
+    Index ``i`` runs over ``0 .. num_steps - 1``; the model is called with ``timesteps[i]`` (the
+    identity unless respaced). ``t = 0`` is one noising step and ``alpha_bar_prev[0] = 1``.
+    ``posterior_log_variance_clipped`` replaces the log of ``posterior_variance[0] = 0`` by the log
+    of ``posterior_variance[1]`` (improved-diffusion's convention).
+    """
+
+    name: str
+    spec: dict[str, Any] = field(repr=False)
+    num_train_timesteps: int
+    timesteps: Tensor = _tensor_field()
+    beta: Tensor = _tensor_field()
+    alpha: Tensor = _tensor_field()
+    alpha_bar: Tensor = _tensor_field()
+    alpha_bar_prev: Tensor = _tensor_field()
+    one_minus_alpha_bar: Tensor = _tensor_field()
+    one_minus_alpha_bar_prev: Tensor = _tensor_field()
+    log_alpha_bar: Tensor = _tensor_field()
+    sqrt_alpha_bar: Tensor = _tensor_field()
+    sqrt_one_minus_alpha_bar: Tensor = _tensor_field()
+    snr: Tensor = _tensor_field()
+    log_snr: Tensor = _tensor_field()
+    sigma: Tensor = _tensor_field()
+    posterior_variance: Tensor = _tensor_field()
+    posterior_log_variance_clipped: Tensor = _tensor_field()
+    posterior_mean_coef_x0: Tensor = _tensor_field()
+    posterior_mean_coef_xt: Tensor = _tensor_field()
+    sqrt_recip_alpha_bar: Tensor = _tensor_field()
+    sqrt_recipm1_alpha_bar: Tensor = _tensor_field()
+    log_beta: Tensor = _tensor_field()
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.beta.shape[0])
+
+    def _map_arrays(self, fn: Callable[[Tensor], Tensor]) -> Schedule:
+        arrays = {f.name: getattr(self, f.name) for f in fields(self)}
+        moved: dict[str, Any] = {k: fn(v) for k, v in arrays.items() if isinstance(v, Tensor)}
+        return replace(self, **moved)
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Schedule:
+        """The same schedule with every array on ``device``, the float ones cast to ``dtype``.
+
+        The cast happens first, on the arrays' own device (MPS has no float64). Doing this once
+        before a loop turns :func:`extract`'s per-call cast and copy into no-ops."""
+
+        def move(v: Tensor) -> Tensor:
+            if dtype is not None and v.is_floating_point():
+                v = v.to(dtype=dtype)
+            return v.to(device=device)
+
+        return self._map_arrays(move)
+
+    def take(self, indices: Sequence[int]) -> Schedule:
+        """A lookup table of the arrays at ``indices``: position ``j`` holds index ``indices[j]``.
+
+        For loops that only visit those indices (``extract`` with positions); the result is not a
+        schedule in its own right (``alpha_bar_prev`` no longer follows ``alpha_bar``)."""
+        idx = torch.tensor(list(indices), dtype=torch.long)
+        return self._map_arrays(lambda v: v[idx.to(v.device)])
+
+    def quantity(self, name: str) -> Tensor:
+        """One of :data:`QUANTITIES` by name."""
+        if name not in QUANTITIES:
+            raise ScheduleParameterError(
+                f"unknown quantity {name!r}; allowed: {', '.join(QUANTITIES)}"
+            )
+        value: Tensor = getattr(self, name)
+        return value
+
+    def table(self, names: Sequence[str] | None = None) -> dict[str, Tensor]:
+        """``{name: float64 tensor (N,)}`` for the given quantities (all by default)."""
+        return {n: self.quantity(n) for n in (names or QUANTITIES)}
+
+    # ---- forward process and conversions (Ho et al. 2020 eq. 4, 15; Salimans & Ho 2022 for v) ----
+
+    def _c(self, values: Tensor, t: Tensor, like: Tensor) -> Tensor:
+        return extract(values, t, like.ndim, like=like)
+
+    def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        """x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps. Shapes (B, ...); t int64 (B,) indices."""
+        return (
+            self._c(self.sqrt_alpha_bar, t, x0) * x0
+            + self._c(self.sqrt_one_minus_alpha_bar, t, x0) * noise
+        )
+
+    def x0_from_eps(self, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+        """x0 = x_t/sqrt(ab_t) - sqrt(1/ab_t - 1) eps (Ho et al. 2020 eq. 15)."""
+        return (
+            self._c(self.sqrt_recip_alpha_bar, t, x_t) * x_t
+            - self._c(self.sqrt_recipm1_alpha_bar, t, x_t) * eps
+        )
+
+    def eps_from_x0(self, x_t: Tensor, t: Tensor, x0: Tensor) -> Tensor:
+        """eps = (x_t - sqrt(ab_t) x0)/sqrt(1 - ab_t); finite also where ab_t = 0."""
+        return (x_t - self._c(self.sqrt_alpha_bar, t, x_t) * x0) / self._c(
+            self.sqrt_one_minus_alpha_bar, t, x_t
+        )
+
+    def x0_from_v(self, x_t: Tensor, t: Tensor, v: Tensor) -> Tensor:
+        """x0 = sqrt(ab_t) x_t - sqrt(1 - ab_t) v."""
+        return (
+            self._c(self.sqrt_alpha_bar, t, x_t) * x_t
+            - self._c(self.sqrt_one_minus_alpha_bar, t, x_t) * v
+        )
+
+    def eps_from_v(self, x_t: Tensor, t: Tensor, v: Tensor) -> Tensor:
+        """eps = sqrt(1 - ab_t) x_t + sqrt(ab_t) v."""
+        return (
+            self._c(self.sqrt_one_minus_alpha_bar, t, x_t) * x_t
+            + self._c(self.sqrt_alpha_bar, t, x_t) * v
+        )
+
+    def v_target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        """v = sqrt(ab_t) eps - sqrt(1 - ab_t) x0."""
+        return (
+            self._c(self.sqrt_alpha_bar, t, x0) * noise
+            - self._c(self.sqrt_one_minus_alpha_bar, t, x0) * x0
+        )
+
+    def predict_x0(
+        self, model_output: Tensor, x_t: Tensor, t: Tensor, prediction_type: str
+    ) -> Tensor:
+        """x0_hat from a model output of the given prediction type."""
+        kind = canonical_prediction_type(prediction_type)
+        if kind == "epsilon":
+            return self.x0_from_eps(x_t, t, model_output)
+        if kind == "v_prediction":
+            return self.x0_from_v(x_t, t, model_output)
+        return model_output
+
+    def predict_eps(
+        self, model_output: Tensor, x_t: Tensor, t: Tensor, prediction_type: str
+    ) -> Tensor:
+        """eps_hat from a model output of the given prediction type."""
+        kind = canonical_prediction_type(prediction_type)
+        if kind == "epsilon":
+            return model_output
+        if kind == "v_prediction":
+            return self.eps_from_v(x_t, t, model_output)
+        return self.eps_from_x0(x_t, t, model_output)
+
+    # ---- posterior q(x_{t-1} | x_t, x0) = N(mu_tilde, beta_tilde I) (Ho et al. 2020 eq. 6-7) ----
+
+    def posterior_mean_variance(
+        self, x0: Tensor, x_t: Tensor, t: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """mu_tilde = coef_x0 x0 + coef_xt x_t, beta_tilde, log beta_tilde (clipped at t = 0)."""
+        mean = self.posterior_mean(x0, x_t, t)
+        var = self._c(self.posterior_variance, t, x_t).expand_as(x_t)
+        log_var = self._c(self.posterior_log_variance_clipped, t, x_t).expand_as(x_t)
+        return mean, var, log_var
+
+    def posterior_mean(self, x0: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        """mu_tilde = coef_x0 x0 + coef_xt x_t alone (Ho et al. 2020 eq. 7)."""
+        return (
+            self._c(self.posterior_mean_coef_x0, t, x_t) * x0
+            + self._c(self.posterior_mean_coef_xt, t, x_t) * x_t
+        )
+
+    def model_log_variance(
+        self, variance_type: str, t: Tensor, like: Tensor, var_values: Tensor | None = None
+    ) -> Tensor:
+        """log of the reverse-process variance a sampler uses, shaped like ``like``.
+
+        fixed_small: log beta_tilde (clipped); fixed_large: log beta, with beta_tilde_1 at t = 0
+        (improved-diffusion); learned_range: frac log beta + (1 - frac) log beta_tilde with
+        frac = (v + 1)/2 for the model's v in [-1, 1] (Nichol & Dhariwal 2021 eq. 15).
+        """
+        if variance_type == "fixed_small":
+            return self._c(self.posterior_log_variance_clipped, t, like).expand_as(like)
+        if variance_type == "fixed_large":
+            return self._c(self.fixed_large_log_variance, t, like).expand_as(like)
+        if variance_type == "learned_range":
+            if var_values is None:
+                raise ScheduleParameterError("learned_range needs the model's variance values")
+            frac = (var_values + 1) / 2
+            min_log = self._c(self.posterior_log_variance_clipped, t, like)
+            max_log = self._c(self.log_beta, t, like)
+            return frac * max_log + (1 - frac) * min_log
+        raise ScheduleParameterError(
+            f"unknown variance type {variance_type!r}; allowed: {', '.join(VARIANCE_TYPES)}"
+        )
+
+    @property
+    def fixed_large_log_variance(self) -> Tensor:
+        """log beta with log beta_tilde_1 at index 0 (improved-diffusion's fixed_large)."""
+        if self.num_steps < 2:
+            return self.log_beta
+        return torch.cat([torch.log(self.posterior_variance[1:2]), self.log_beta[1:]])
+
+    def ancestral_step(
+        self, x_t: Tensor, t: Tensor, x0: Tensor, log_var: Tensor, noise: Tensor
+    ) -> Tensor:
+        """x_{t-1} = mu_tilde(x_t, x0_hat) + exp(log_var/2) z, with no noise at t = 0."""
+        mean = self.posterior_mean(x0, x_t, t)
+        nonzero = (t != 0).to(x_t.dtype).reshape(-1, *([1] * (x_t.ndim - 1)))
+        return mean + nonzero * torch.exp(0.5 * log_var) * noise
+
+    def ddim_step(
+        self, x_t: Tensor, t: Tensor, x0: Tensor, eps: Tensor, eta: float, noise: Tensor
+    ) -> Tensor:
+        """x_{t-1} = sqrt(ab_prev) x0 + sqrt(1 - ab_prev - s^2) eps + s z (Song et al. 2021 eq. 12),
+        s^2 = eta^2 (1 - ab_prev)/(1 - ab) (1 - ab/ab_prev) = eta^2 beta_tilde on this schedule."""
+        var = eta**2 * self._c(self.posterior_variance, t, x_t)
+        direction = torch.sqrt(
+            torch.clamp(self._c(self.one_minus_alpha_bar_prev, t, x_t) - var, min=0)
+        )
+        return (
+            self._c(self.alpha_bar_prev, t, x_t).sqrt() * x0 + direction * eps + var.sqrt() * noise
+        )
+
+    # ---- terms of the variational bound ----
+
+    def prior_kl(self, x0: Tensor) -> Tensor:
+        """KL(q(x_T | x0) || N(0, I)) elementwise, in nats."""
+        last = torch.full((x0.shape[0],), self.num_steps - 1, dtype=torch.long, device=x0.device)
+        mean = self._c(self.sqrt_alpha_bar, last, x0) * x0
+        log_var = torch.log(self._c(self.one_minus_alpha_bar, last, x0))
+        zero = torch.zeros_like(mean)
+        return normal_kl(mean, log_var.expand_as(mean), zero, zero)
+
+    def prior_kl_bits_per_dim_unit_variance(self) -> float:
+        """E KL(q(x_T|x0) || N(0,1)) per dim for data with E x0^2 = 1: -log(1 - ab_T)/(2 ln 2)."""
+        return float(-torch.log(self.one_minus_alpha_bar[-1]) / (2 * math.log(2.0))) + 0.0
+
+
+def extract(values: Tensor, t: Tensor, ndim: int, *, like: Tensor | None = None) -> Tensor:
+    """``values[t]`` shaped ``(B, 1, ..., 1)`` with ``ndim`` dims, cast to ``like``'s dtype/device.
+
+    The cast happens before the move, on the array's own device (MPS has no float64)."""
+    if like is not None:
+        values = values.to(dtype=like.dtype).to(device=like.device)
+        t = t.to(device=like.device)
+    else:
+        values = values.to(device=t.device)
+    return values[t].reshape(t.shape[0], *([1] * (ndim - 1)))
+
+
+def _assemble(
+    name: str, spec: dict[str, Any], parts: _Parts, timesteps: Tensor, num_train: int
+) -> Schedule:
+    beta, log_ab, om = parts.beta, parts.log_alpha_bar, parts.one_minus_alpha_bar
+    ab = torch.exp(log_ab)
+    one = torch.ones(1, dtype=F64)
+    ab_prev = torch.cat([one, ab[:-1]])
+    om_prev = torch.cat([torch.zeros(1, dtype=F64), om[:-1]])
+    # alpha = 1 - beta loses digits where beta nears 1; there alpha = ab_t/ab_{t-1} is exact.
+    ratio = torch.exp(torch.diff(log_ab, prepend=torch.zeros(1, dtype=F64)))
+    alpha = torch.where(beta < 0.5, 1 - beta, ratio)
+    # log(1 - ab) from ab itself where ab is small: log(om) would keep only om's absolute digits.
+    log_om = torch.where(ab < 0.5, torch.log1p(-ab), torch.log(om))
+    log_om_prev = torch.cat([torch.full((1,), -math.inf, dtype=F64), log_om[:-1]])
+    post_var = beta * om_prev / om
+    # The posterior variance is 0 at t = 0, so its log is clipped to the value at t = 1. Summing
+    # logs keeps its digits where 1 - ab_prev is within ulps of 1 (the zero-SNR step).
+    log_post_var = torch.log(beta) + log_om_prev - log_om
+    # (A one-step schedule has no t = 1; it keeps log beta, as fixed_large does.)
+    clipped = torch.cat([log_post_var[1:2], log_post_var[1:]]) if len(beta) > 1 else torch.log(beta)
+    return Schedule(
+        name=name,
+        spec=spec,
+        num_train_timesteps=num_train,
+        timesteps=timesteps,
+        beta=beta,
+        alpha=alpha,
+        alpha_bar=ab,
+        alpha_bar_prev=ab_prev,
+        one_minus_alpha_bar=om,
+        one_minus_alpha_bar_prev=om_prev,
+        log_alpha_bar=log_ab,
+        sqrt_alpha_bar=torch.exp(0.5 * log_ab),
+        sqrt_one_minus_alpha_bar=torch.sqrt(om),
+        snr=ab / om,
+        log_snr=log_ab - log_om,
+        sigma=torch.exp(0.5 * (log_om - log_ab)),
+        posterior_variance=post_var,
+        posterior_log_variance_clipped=clipped,
+        posterior_mean_coef_x0=torch.sqrt(ab_prev) * beta / om,
+        posterior_mean_coef_xt=torch.sqrt(alpha) * om_prev / om,
+        sqrt_recip_alpha_bar=torch.exp(-0.5 * log_ab),
+        sqrt_recipm1_alpha_bar=torch.exp(0.5 * (log_om - log_ab)),
+        log_beta=torch.log(beta),
+    )
+
+
+def _validate(parts: _Parts, error: type[ScheduleError], what: str) -> None:
+    beta, log_ab, om = parts.beta, parts.log_alpha_bar, parts.one_minus_alpha_bar
+    if beta.numel() == 0:
+        raise error(f"{what}: empty schedule")
+    bad = ~torch.isfinite(beta) | (beta <= 0) | (beta > 1) | torch.isnan(log_ab) | torch.isnan(om)
+    if bool(bad.any()):
+        i = int(torch.nonzero(bad)[0])
+        raise error(f"{what}: beta[{i}] = {float(beta[i])!r} is outside (0, 1]")
+    ones = torch.nonzero(beta >= 1)
+    if ones.numel() and int(ones[0]) != len(beta) - 1:
+        i = int(ones[0])
+        raise error(
+            f"{what}: beta[{i}] = 1 makes alpha_bar zero before the last step "
+            f"(index {len(beta) - 1})"
+        )
+
+
+def _base_schedule(kind: str, timesteps: int, params: Params) -> Schedule:
+    info = SCHEDULE_KINDS[kind]
+    if isinstance(timesteps, bool) or not isinstance(timesteps, int):
+        raise ScheduleParameterError(f"timesteps must be an integer, got {timesteps!r}")
+    if timesteps < info.min_timesteps:
+        raise ScheduleParameterError(
+            f"{kind} needs at least {info.min_timesteps} timesteps, got T = {timesteps}"
+        )
+    merged: dict[str, float] = dict(info.defaults)
+    for name, value in params.items():
+        if name not in info.defaults:
+            allowed = ", ".join(info.defaults) or "none"
+            raise ScheduleParameterError(
+                f"unknown parameter {name!r} for schedule {kind!r}; allowed: {allowed}"
+            )
+        merged[name] = float(value)
+    for name, value in merged.items():
+        _check_param(kind, name, value)
+    parts = info.build(timesteps, merged)
+    _validate(parts, ScheduleParameterError, f"schedule {kind} with {merged}")
+    changed = {k: v for k, v in merged.items() if v != info.defaults[k]}
+    spec: dict[str, Any] = {"kind": kind, "timesteps": timesteps, "params": changed}
+    ident = torch.arange(timesteps, dtype=torch.long)
+    return _assemble(kind, spec, parts, ident, timesteps)
+
+
+def _as_f64(values: Sequence[float] | Tensor, what: str) -> Tensor:
+    try:
+        tensor = torch.as_tensor(values, dtype=F64).flatten()
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ScheduleError(f"{what}: not a list of numbers ({exc})") from None
+    if tensor.numel() == 0:
+        raise ScheduleError(f"{what}: empty")
+    bad = ~torch.isfinite(tensor)
+    if bool(bad.any()):
+        i = int(torch.nonzero(bad)[0])
+        raise ScheduleError(f"{what}: value at index {i} is {float(tensor[i])!r} (must be finite)")
+    return tensor
+
+
+def schedule_from_betas(betas: Sequence[float] | Tensor, *, name: str = "custom") -> Schedule:
+    """A schedule from explicit betas in (0, 1] (only the last may be 1)."""
+    beta = _as_f64(betas, "betas")
+    parts = _parts_from_betas(beta)
+    _validate(parts, ScheduleError, "betas")
+    spec: dict[str, Any] = {"kind": "custom", "betas": beta.tolist()}
+    return _assemble(name, spec, parts, torch.arange(len(beta)), len(beta))
+
+
+def schedule_from_alpha_bars(
+    alpha_bars: Sequence[float] | Tensor, *, name: str = "custom"
+) -> Schedule:
+    """A schedule from explicit alpha_bars: strictly decreasing in [0, 1), only the last 0."""
+    ab = _as_f64(alpha_bars, "alpha_bars")
+    outside = (ab < 0) | (ab >= 1)
+    if bool(outside.any()):
+        i = int(torch.nonzero(outside)[0])
+        raise ScheduleError(f"alpha_bars: value at index {i} is {float(ab[i])!r}, outside [0, 1)")
+    rising = torch.diff(ab) >= 0
+    if bool(rising.any()):
+        i = int(torch.nonzero(rising)[0]) + 1
+        raise ScheduleError(
+            f"alpha_bars: not strictly decreasing at index {i} "
+            f"({float(ab[i - 1])!r} -> {float(ab[i])!r})"
+        )
+    log_ab = torch.log(ab)
+    om = 1 - ab  # exact: ab is given data, and 1 - ab is exact for ab >= 0.5 (Sterbenz)
+    parts = _Parts(_betas_from_log_alpha_bar(log_ab, om), log_ab, om)
+    _validate(parts, ScheduleError, "alpha_bars")
+    spec: dict[str, Any] = {"kind": "custom", "alpha_bars": ab.tolist()}
+    return _assemble(name, spec, parts, torch.arange(len(ab)), len(ab))
