@@ -3,17 +3,28 @@ without importing torch). Each error carries the exit code the CLI turns it into
 
 from __future__ import annotations
 
+import enum
+
+
+class ExitStatus(enum.IntEnum):
+    """The exit codes of `ddpm`, documented in the README and `ddpm --help`."""
+
+    OK = 0
+    ERROR = 1  # a domain or runtime error: bad checkpoint, NaN from the model, unwritable output
+    USAGE = 2  # a bad flag or value
+    INTERRUPTED = 130  # Ctrl-C (SIGINT), as shells report 128 + 2
+
 
 class DdpmError(Exception):
     """A domain or runtime error: bad checkpoint, NaN from the model, unreadable file. Exit 1."""
 
-    exit_code: int = 1
+    exit_code: int = ExitStatus.ERROR
 
 
 class UsageError(DdpmError):
     """A bad flag or value given on the command line. Exit 2."""
 
-    exit_code = 2
+    exit_code = ExitStatus.USAGE
 
 
 class ScheduleError(DdpmError):
@@ -24,7 +35,7 @@ class ScheduleParameterError(ScheduleError, UsageError):
     """A schedule parameter out of its allowed range (unknown kind, T < 1, beta outside (0, 1)).
     Exit 2."""
 
-    exit_code = 2
+    exit_code = ExitStatus.USAGE
 
 
 class CheckpointError(DdpmError):
@@ -37,3 +48,13 @@ class DataError(DdpmError):
 
 class SamplingError(DdpmError):
     """A sampling or evaluation run that failed (NaN/Inf appeared, impossible options)."""
+
+
+class OutputError(DdpmError):
+    """stdout cannot be written (closed, full, an I/O error). Exit 1."""
+
+
+class Interrupted(BaseException):
+    """Ctrl-C, raised by the CLI's SIGINT handler. A BaseException that is not KeyboardInterrupt,
+    so that neither `except Exception` nor click's own KeyboardInterrupt handler can swallow it
+    before `main()` turns it into `Error: interrupted` and exit 130."""

@@ -20,23 +20,68 @@ import csv
 import io
 import json
 import math
-import os
 import sys
-import tempfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from pathlib import Path
+import unicodedata
+from collections.abc import Iterator, Mapping, Sequence
 from typing import IO, TYPE_CHECKING, Any, Protocol
 
-from ddpmcli.errors import DdpmError, UsageError
+from ddpmcli.errors import OutputError, UsageError
+from ddpmcli.files import atomic_write, atomic_write_text, check_writable
+
+# re-exported for callers that still import them from here (new code: ddpmcli.files)
+__all__ = [
+    "FORMATS",
+    "atomic_write",
+    "atomic_write_text",
+    "check_writable",
+    "emit",
+    "escape_control",
+    "note",
+    "progress",
+    "resolve_format",
+    "stderr_console",
+    "warn",
+]
 
 if TYPE_CHECKING:
     from rich.console import Console
 
 FORMATS: tuple[str, ...] = ("auto", "table", "csv", "tsv", "json", "jsonl")
-MACHINE_FORMATS: tuple[str, ...] = ("csv", "tsv", "json", "jsonl")
 TABLE_SIGNIFICANT_DIGITS = 6
 
 Row = Mapping[str, Any]
+
+
+# ---------------------------------------------------------------------------------------------
+# terminal safety
+
+# Characters that move the cursor, retitle or clear the terminal, or reorder text: C0 and C1
+# controls, DEL, line/paragraph separators and the bidirectional overrides ("Trojan source").
+_BIDI = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200e\u200f")
+_SHORT = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
+
+
+def _unsafe(ch: str) -> bool:
+    return ch in _BIDI or unicodedata.category(ch) in ("Cc", "Zl", "Zp")
+
+
+def escape_control(text: str) -> str:
+    """``text`` with every control character written as a visible escape (``\\x1b``, ``\\n``,
+    ``\\u202e``), so that a path or a checkpoint's metadata can never drive the terminal or break
+    a csv/tsv row. Everything else, backslashes included, is left as it is."""
+    if text.isprintable():
+        return text
+    out = []
+    for ch in text:
+        if not _unsafe(ch):
+            out.append(ch)
+        elif ch in _SHORT:
+            out.append(_SHORT[ch])
+        elif ord(ch) < 0x100:
+            out.append(f"\\x{ord(ch):02x}")
+        else:
+            out.append(f"\\u{ord(ch):04x}")
+    return "".join(out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -73,7 +118,7 @@ def format_machine(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, float):
         return repr(value)  # 'inf', '-inf', 'nan' for the non-finite ones
-    return str(value)
+    return escape_control(str(value))
 
 
 def _json_value(value: Any) -> Any:
@@ -98,7 +143,7 @@ def format_table_value(value: Any) -> str:
         if math.isinf(value):
             return "inf" if value > 0 else "-inf"
         return f"{value:.{TABLE_SIGNIFICANT_DIGITS}g}"
-    return str(value)
+    return escape_control(str(value))
 
 
 def _is_number(value: Any) -> bool:
@@ -119,22 +164,31 @@ def stderr_console() -> Console:
     if _stderr_console is None or _stderr_console.file is not sys.stderr:
         from rich.console import Console
 
-        _stderr_console = Console(stderr=True, highlight=False, soft_wrap=True)
+        # emoji=False: a ``:name:`` in a path is text, not an emoji code.
+        _stderr_console = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
     return _stderr_console
 
 
-def warn(message: str) -> None:
-    """Print ``Warning: message`` on stderr (never stdout)."""
-    from rich.markup import escape
+def _print_stderr(prefix: Any, message: str) -> None:
+    from rich.text import Text
 
-    stderr_console().print(f"[yellow]Warning:[/yellow] {escape(message)}")
+    text = Text.assemble(prefix, escape_control(str(message)))  # Text: no markup is interpreted
+    try:
+        stderr_console().print(text)
+    except (OSError, ValueError):
+        pass  # stderr closed or full: a note is not worth failing the command for
+
+
+def warn(message: str) -> None:
+    """Print ``Warning: message`` on stderr (never stdout); control characters escaped, markup
+    shown literally."""
+    _print_stderr(("Warning: ", "yellow"), message)
 
 
 def note(message: str) -> None:
-    """Print an informational line on stderr (e.g. the path of a written figure)."""
-    from rich.markup import escape
-
-    stderr_console().print(escape(message))
+    """Print an informational line on stderr (e.g. the path of a written figure); control
+    characters escaped, markup shown literally."""
+    _print_stderr("", message)
 
 
 def resolve_format(fmt: str, stream: IO[str] | None = None) -> str:
@@ -173,6 +227,24 @@ def emit(
     """
     out = sys.stdout if stream is None else stream
     fmt = resolve_format(fmt, out)
+    try:
+        _emit(rows, columns, fmt, out, no_header=no_header, title=title)
+        out.flush()
+    except BrokenPipeError:
+        raise  # the reader went away: main() exits quietly
+    except OSError as exc:  # closed stdout, /dev/full, EIO
+        raise OutputError(f"cannot write output: {exc.strerror or exc}") from None
+
+
+def _emit(
+    rows: Sequence[Row],
+    columns: Sequence[str],
+    fmt: str,
+    out: IO[str],
+    *,
+    no_header: bool,
+    title: str | None,
+) -> None:
     if fmt == "table":
         _emit_table(rows, columns, out, title=title)
     elif fmt in ("csv", "tsv"):
@@ -187,7 +259,6 @@ def emit(
         for row in rows:
             out.write(json.dumps({c: _json_value(row.get(c)) for c in columns}, allow_nan=False))
             out.write("\n")
-    out.flush()
 
 
 def _emit_delimited(
@@ -196,7 +267,7 @@ def _emit_delimited(
     buffer = io.StringIO()
     writer = csv.writer(buffer, delimiter=delimiter, lineterminator="\n")
     if not no_header:
-        writer.writerow(columns)
+        writer.writerow([escape_control(c) for c in columns])
     for row in rows:
         writer.writerow([format_machine(row.get(c)) for c in columns])
     out.write(buffer.getvalue())
@@ -208,22 +279,34 @@ def _emit_table(
     from rich import box
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     isatty = getattr(out, "isatty", None)
     terminal = bool(callable(isatty) and isatty())
     # Off a terminal (`--format table` into a file) nothing limits the width: let the table take
     # its natural width instead of rich's 80-column default folding the numbers.
-    table = Table(title=title, box=box.SIMPLE_HEAD, header_style="bold", show_edge=False)
+    # Every cell, header and the title is a rich Text, never a markup string: data such as
+    # `m[red].pt` prints as it is and `[/]` cannot crash the table.
+    table = Table(
+        title=Text(escape_control(title)) if title else None,
+        box=box.SIMPLE_HEAD,
+        header_style="bold",
+        show_edge=False,
+    )
     for column in columns:
         numeric = any(_is_number(row.get(column)) for row in rows)
-        table.add_column(column, justify="right" if numeric else "left", overflow="fold")
+        table.add_column(
+            Text(escape_control(column)), justify="right" if numeric else "left", overflow="fold"
+        )
     for row in rows:
-        table.add_row(*(format_table_value(row.get(c)) for c in columns))
+        table.add_row(*(Text(format_table_value(row.get(c))) for c in columns))
     if terminal:
-        Console(file=out, highlight=False).print(table)
+        Console(file=out, highlight=False, markup=False, emoji=False).print(table)
         return
     buffer = io.StringIO()
-    Console(file=buffer, width=100_000, highlight=False, color_system=None).print(table)
+    Console(
+        file=buffer, width=100_000, highlight=False, color_system=None, markup=False, emoji=False
+    ).print(table)
     out.write("".join(line.rstrip() + "\n" for line in buffer.getvalue().splitlines()))
 
 
@@ -304,86 +387,3 @@ def progress(
         live: dict[str, Any] = dict(fields or {})
         task = bar.add_task(description, total=total, **live)
         yield _RichProgress(bar, task)
-
-
-# ---------------------------------------------------------------------------------------------
-# files
-
-
-def check_writable(path: str | os.PathLike[str], *, what: str = "output file") -> Path:
-    """Raise UsageError unless ``path`` can be written (its folder exists or can be created and is
-    writable, and the path is not a folder). Call it before any work, so a bad path fails fast."""
-    target = Path(path)
-    if target.is_dir():
-        raise UsageError(f"{what} {str(target)!r} is a directory; give a file path")
-    parent = target.parent if str(target.parent) else Path(".")
-    existing = parent
-    while not existing.exists():
-        if existing.parent == existing:
-            break
-        existing = existing.parent
-    if not existing.is_dir():
-        raise UsageError(
-            f"cannot write {what} {str(target)!r}: {str(existing)!r} is not a directory"
-        )
-    # Probe by creating a file: os.access says yes to root on read-only or virtual filesystems.
-    try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as exc:
-        raise UsageError(
-            f"cannot write {what} {str(target)!r}: folder {str(existing)!r} is not writable "
-            f"({exc.strerror or exc})"
-        ) from None
-    if target.exists() and not os.access(target, os.W_OK):
-        raise UsageError(f"cannot write {what} {str(target)!r}: file is not writable")
-    return target
-
-
-def atomic_write(
-    path: str | os.PathLike[str],
-    write_fn: Callable[[Path], object],
-    *,
-    make_parents: bool = True,
-) -> Path:
-    """Write a file atomically: ``write_fn(tmp)`` writes a temporary file in the same folder (same
-    suffix, so suffix-sniffing writers like ``savefig``/``np.save`` behave), then ``os.replace``
-    moves it to ``path``. On any failure (even Ctrl-C) the temporary file is removed and ``path`` is
-    left untouched.
-
-    Returns the final path. An OSError while writing becomes a DdpmError naming the path.
-    """
-    target = Path(path)
-    folder = target.parent if str(target.parent) else Path(".")
-    try:
-        if make_parents:
-            folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=f".{target.name}.", suffix=target.suffix)
-    except OSError as exc:
-        raise DdpmError(f"cannot write {str(target)!r}: {exc.strerror or exc}") from exc
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write_fn(tmp)
-        # mkstemp creates 0600; give the file the permissions a plain open() would have.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, target)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        if isinstance(exc, OSError) and not isinstance(exc, BrokenPipeError):
-            raise DdpmError(f"cannot write {str(target)!r}: {exc.strerror or exc}") from exc
-        raise
-    return target
-
-
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
-    """Atomically write ``text`` (UTF-8) to ``path``."""
-    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-
-
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
-    """Atomically write ``data`` to ``path``."""
-    return atomic_write(path, lambda tmp: tmp.write_bytes(data))

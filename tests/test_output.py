@@ -183,7 +183,7 @@ def test_progress_shows_live_fields_on_a_terminal() -> None:
 
 def test_atomic_write_replaces_and_keeps_permissions(tmp_path: Path) -> None:
     target = tmp_path / "sub" / "out.txt"
-    atomic_write_text(target, "one")
+    atomic_write_text(target, "one", make_parents=True)
     atomic_write_text(target, "two")
     assert target.read_text() == "two"
     umask = os.umask(0)
@@ -223,9 +223,11 @@ def test_atomic_write_reports_os_errors(tmp_path: Path) -> None:
 
 def test_check_writable(tmp_path: Path) -> None:
     assert (
-        check_writable(tmp_path / "new" / "deeper" / "x.png")
+        check_writable(tmp_path / "new" / "deeper" / "x.png", create_parents=True)
         == tmp_path / "new" / "deeper" / "x.png"
     )
+    with pytest.raises(UsageError, match="folder .* does not exist"):
+        check_writable(tmp_path / "new" / "deeper" / "x.png")
     blocker = tmp_path / "file"
     blocker.write_text("")
     with pytest.raises(UsageError, match="not a directory"):

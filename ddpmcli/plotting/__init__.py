@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ddpmcli.errors import UsageError
-from ddpmcli.output import atomic_write
+from ddpmcli.files import atomic_write
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -77,4 +77,4 @@ def save_figure(fig: Figure, path: str | Path) -> Path:
             f"allowed: {', '.join(FIGURE_SUFFIXES)}"
         )
     with pyplot().rc_context(PAPER_STYLE):
-        return atomic_write(target, lambda tmp: fig.savefig(tmp, format=fmt))
+        return atomic_write(target, lambda tmp: fig.savefig(tmp, format=fmt), make_parents=True)

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ddpmcli.output import atomic_write
+from ddpmcli.files import atomic_write
 from ddpmcli.plotting import FULL_WIDTH_IN, pyplot, save_figure
 
 if TYPE_CHECKING:

@@ -1,0 +1,193 @@
+"""Checked, atomic writes of output files (standard library only, so loaders and savers can use it
+without importing the output layer).
+
+The rules, the same for every output option (`--out`, `--save`, `--plot`) and every writer:
+- the whole path is checked before any work (`check_writable`): its folder exists and is writable,
+  its name (and the temporary name written first) fits the filesystem's limits, and an existing
+  output is a regular file: a directory, FIFO, socket or device is refused, never replaced;
+- a missing parent folder is a usage error (as `cp` and `torch.save` do), except where the caller
+  owns the folder (the default `plots/`) and asks for it to be created;
+- writing through a symlink writes the link's target and keeps the link;
+- the file is written to a temporary name in the same folder whose suffix is the output's suffix in
+  lower case (numpy appends `.npz`/`.npy` to any other name), then moved over the output in one
+  `os.replace`; on any failure, Ctrl-C included, the temporary file is removed and the output is
+  left as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import stat
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from ddpmcli.errors import DdpmError, UsageError
+
+# The temporary name: short and fixed in length, so that any output name the filesystem accepts
+# also has a temporary name it accepts (a `.{name}.XXXX` temporary name made 250-character names
+# fail after the work).
+_TMP_PREFIX = ".ddpm-"
+_TMP_RANDOM_CHARS = 12
+_DEFAULT_NAME_MAX = 255
+_DEFAULT_PATH_MAX = 4096
+
+
+def _limit(folder: Path, name: str, default: int) -> int:
+    try:
+        return int(os.pathconf(folder, name))
+    except (OSError, ValueError, AttributeError):
+        return default
+
+
+def _tmp_name(target: Path) -> str:
+    return f"{_TMP_PREFIX}{secrets.token_hex(_TMP_RANDOM_CHARS // 2)}.tmp{target.suffix.lower()}"
+
+
+def _real_target(path: Path) -> Path:
+    """The file a write to ``path`` lands in: the final target of a symlink (dangling or not)."""
+    if path.is_symlink():
+        return Path(os.path.realpath(path))
+    return path
+
+
+def _describe_kind(mode: int) -> str | None:
+    """None for a regular file, else what the non-regular file is."""
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "not a regular file"
+
+
+def _check_existing(shown: str, real: Path, what: str) -> None:
+    try:
+        mode = os.stat(real).st_mode  # never opens it: a FIFO would block
+    except (FileNotFoundError, NotADirectoryError):
+        return  # the folder check names the problem
+    except OSError as exc:
+        raise UsageError(f"cannot write {what} {shown!r}: {exc.strerror or exc}") from None
+    kind = _describe_kind(mode)
+    if kind == "a directory":
+        raise UsageError(f"{what} {shown!r} is a directory; give a file path")
+    if kind is not None:
+        raise UsageError(f"cannot write {what} {shown!r}: it is {kind}, not a regular file")
+
+
+def check_writable(
+    path: str | os.PathLike[str], *, what: str = "output file", create_parents: bool = False
+) -> Path:
+    """Raise UsageError unless ``path`` can be written; call it before any work.
+
+    Checks the name lengths (the output's and its temporary name's), that the folder exists (or,
+    with ``create_parents``, that the nearest existing ancestor is a writable folder), that the
+    folder is writable, and that an existing output (followed through symlinks) is a regular file.
+    Creates nothing. Returns ``path`` as a Path (the name the user gave, links not resolved).
+    """
+    target = Path(path)
+    shown = str(target)
+    if not target.name or target.name in (".", ".."):
+        raise UsageError(f"{what} {shown!r} is a directory; give a file path")
+    real = _real_target(target)
+    _check_existing(shown, real, what)
+    folder = real.parent if str(real.parent) else Path(".")
+    existing = folder
+    while not existing.exists():
+        if not create_parents:
+            raise UsageError(
+                f"cannot write {what} {shown!r}: folder {str(folder)!r} does not exist"
+            )
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"cannot write {what} {shown!r}: {str(existing)!r} is not a directory")
+    name_max = _limit(existing, "PC_NAME_MAX", _DEFAULT_NAME_MAX)
+    name_bytes = len(os.fsencode(real.name))
+    if name_bytes > name_max:  # the temporary name is short and fixed, so the output's decides
+        raise UsageError(
+            f"cannot write {what} {shown!r}: file name is {name_bytes} bytes, longer than the "
+            f"{name_max} this filesystem allows"
+        )
+    path_max = _limit(existing, "PC_PATH_MAX", _DEFAULT_PATH_MAX)
+    if len(os.fsencode(os.path.abspath(folder / _tmp_name(real)))) >= path_max:
+        raise UsageError(f"cannot write {what} {shown!r}: path is longer than {path_max} bytes")
+    for part in (folder / real.name).parts[:-1]:
+        if len(os.fsencode(part)) > name_max:
+            raise UsageError(f"cannot write {what} {shown!r}: a folder name is too long")
+    # Probe by creating a file: os.access says yes to root on read-only or virtual filesystems.
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise UsageError(
+            f"cannot write {what} {shown!r}: folder {str(existing)!r} is not writable "
+            f"({exc.strerror or exc})"
+        ) from None
+    if real.exists() and not os.access(real, os.W_OK):
+        raise UsageError(f"cannot write {what} {shown!r}: file is not writable")
+    return target
+
+
+def atomic_write(
+    path: str | os.PathLike[str],
+    write_fn: Callable[[Path], object],
+    *,
+    make_parents: bool = False,
+) -> Path:
+    """Write a file atomically: ``write_fn(tmp)`` writes a temporary file in the output's folder
+    (suffix: the output's, lower-cased, so suffix-sniffing writers such as ``np.savez`` write
+    exactly ``tmp``), then ``os.replace`` moves it over the output. A symlink is followed: its
+    target is written and the link kept. An existing non-regular output is refused before
+    ``write_fn`` runs. On any failure (even Ctrl-C) the temporary file is removed and the output
+    is left untouched. ``make_parents`` creates a missing folder (for folders the tool owns).
+
+    Returns ``path`` as given. An OSError while writing becomes a DdpmError naming the path.
+    """
+    target = Path(path)
+    shown = str(target)
+    real = _real_target(target)
+    _check_existing(shown, real, "output file")
+    folder = real.parent if str(real.parent) else Path(".")
+    tmp = folder / _tmp_name(real)
+    try:
+        if make_parents:
+            folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as exc:
+        raise DdpmError(f"cannot write {shown!r}: {exc.strerror or exc}") from exc
+    os.close(fd)
+    try:
+        write_fn(tmp)
+        # the file was created 0600; give it the permissions a plain open() would have.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, real)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if isinstance(exc, OSError) and not isinstance(exc, BrokenPipeError):
+            raise DdpmError(f"cannot write {shown!r}: {exc.strerror or exc}") from exc
+        raise
+    return target
+
+
+def atomic_write_text(
+    path: str | os.PathLike[str], text: str, *, make_parents: bool = False
+) -> Path:
+    """Atomically write ``text`` (UTF-8) to ``path``."""
+    return atomic_write(
+        path, lambda tmp: tmp.write_text(text, encoding="utf-8"), make_parents=make_parents
+    )
+
+
+__all__ = ["atomic_write", "atomic_write_text", "check_writable"]
