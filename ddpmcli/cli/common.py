@@ -21,7 +21,7 @@ from typing import Annotated, Any, Literal
 import typer
 
 from ddpmcli.errors import UsageError
-from ddpmcli.output import check_writable
+from ddpmcli.files import check_writable
 
 FormatName = Literal["auto", "table", "csv", "tsv", "json", "jsonl"]
 DeviceName = Literal["auto", "cpu", "cuda", "mps"]
@@ -302,7 +302,8 @@ def resolve_plot_path(value: str | None, command: str) -> Path | None:
             f"--plot {str(path)!r}: unknown figure type {path.suffix or '(no suffix)'!r}; "
             f"allowed suffixes: {', '.join(PLOT_SUFFIXES)}"
         )
-    return check_writable(path, what="plot")
+    # the default folder plots/ is ours to create; a folder the user names must exist
+    return check_writable(path, what="plot", create_parents=value in (PLOT_DEFAULT, ""))
 
 
 def parse_key_values(items: Sequence[str] | None, flag: str = "--param") -> dict[str, float]:
