@@ -7,6 +7,7 @@ Index convention (diffusers and improved-diffusion): timesteps are 0-based as th
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, replace
@@ -52,6 +53,11 @@ def _tensor_field() -> Any:
     return field(repr=False, compare=False)
 
 
+def _scalar_field() -> Any:
+    # A 0-d tensor of the whole schedule (not per t): to() casts and moves it, take() keeps it.
+    return field(repr=False, compare=False, metadata={"per_t": False})
+
+
 @dataclass(frozen=True, eq=False)
 class Schedule:
     """A discrete DDPM schedule: 1-D float64 tensors computed once, named after their formulas.
@@ -60,6 +66,12 @@ class Schedule:
     identity unless respaced). ``t = 0`` is one noising step and ``alpha_bar_prev[0] = 1``.
     ``posterior_log_variance_clipped`` replaces the log of ``posterior_variance[0] = 0`` by the log
     of ``posterior_variance[1]`` (improved-diffusion's convention).
+
+    Every per-t quantity is a stored 1-D field, never a property recomputed per call, so that
+    :meth:`take` and :meth:`to` map all of them (:func:`per_t_fields` lists them). ``index`` is the
+    position of each entry in this schedule (``arange(num_steps)`` until :meth:`take` picks some),
+    so that "no noise at the first step" holds on a taken table too. The ``prior_*`` fields are
+    0-d: the values at the schedule's last step, for the prior term, whatever :meth:`take` keeps.
     """
 
     name: str
@@ -85,14 +97,19 @@ class Schedule:
     sqrt_recip_alpha_bar: Tensor = _tensor_field()
     sqrt_recipm1_alpha_bar: Tensor = _tensor_field()
     log_beta: Tensor = _tensor_field()
+    fixed_large_log_variance: Tensor = _tensor_field()
+    variance_ratio: Tensor = _tensor_field()
+    index: Tensor = _tensor_field()
+    prior_sqrt_alpha_bar: Tensor = _scalar_field()
+    prior_one_minus_alpha_bar: Tensor = _scalar_field()
 
     @property
     def num_steps(self) -> int:
         return int(self.beta.shape[0])
 
-    def _map_arrays(self, fn: Callable[[Tensor], Tensor]) -> Schedule:
-        arrays = {f.name: getattr(self, f.name) for f in fields(self)}
-        moved: dict[str, Any] = {k: fn(v) for k, v in arrays.items() if isinstance(v, Tensor)}
+    def _map_arrays(self, fn: Callable[[Tensor], Tensor], *, per_t_only: bool = False) -> Schedule:
+        names = per_t_fields() if per_t_only else tensor_fields()
+        moved: dict[str, Any] = {name: fn(getattr(self, name)) for name in names}
         return replace(self, **moved)
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Schedule:
@@ -114,7 +131,7 @@ class Schedule:
         For loops that only visit those indices (``extract`` with positions); the result is not a
         schedule in its own right (``alpha_bar_prev`` no longer follows ``alpha_bar``)."""
         idx = torch.tensor(list(indices), dtype=torch.long)
-        return self._map_arrays(lambda v: v[idx.to(v.device)])
+        return self._map_arrays(lambda v: v[idx.to(v.device)], per_t_only=True)
 
     def quantity(self, name: str) -> Tensor:
         """One of :data:`QUANTITIES` by name."""
@@ -124,10 +141,6 @@ class Schedule:
             )
         value: Tensor = getattr(self, name)
         return value
-
-    def table(self, names: Sequence[str] | None = None) -> dict[str, Tensor]:
-        """``{name: float64 tensor (N,)}`` for the given quantities (all by default)."""
-        return {n: self.quantity(n) for n in (names or QUANTITIES)}
 
     # ---- forward process and conversions (Ho et al. 2020 eq. 4, 15; Salimans & Ho 2022 for v) ----
 
@@ -218,48 +231,76 @@ class Schedule:
     def model_log_variance(
         self, variance_type: str, t: Tensor, like: Tensor, var_values: Tensor | None = None
     ) -> Tensor:
-        """log of the reverse-process variance a sampler uses, shaped like ``like``.
+        """log of the reverse-process variance a sampler uses at ``t``, shaped like ``like``.
 
-        fixed_small: log beta_tilde (clipped); fixed_large: log beta, with beta_tilde_1 at t = 0
-        (improved-diffusion); learned_range: frac log beta + (1 - frac) log beta_tilde with
-        frac = (v + 1)/2 for the model's v in [-1, 1] (Nichol & Dhariwal 2021 eq. 15).
+        The per-sample form of :meth:`sampler_log_variance` (same choices); ``var_values`` is the
+        model's v, shaped like ``like``, for learned_range.
         """
-        if variance_type == "fixed_small":
-            return self._c(self.posterior_log_variance_clipped, t, like).expand_as(like)
-        if variance_type == "fixed_large":
-            return self._c(self.fixed_large_log_variance, t, like).expand_as(like)
         if variance_type == "learned_range":
             if var_values is None:
                 raise ScheduleParameterError("learned_range needs the model's variance values")
-            frac = (var_values + 1) / 2
-            min_log = self._c(self.posterior_log_variance_clipped, t, like)
-            max_log = self._c(self.log_beta, t, like)
-            return frac * max_log + (1 - frac) * min_log
+            return _learned_range(
+                var_values,
+                self._c(self.log_beta, t, like),
+                self._c(self.posterior_log_variance_clipped, t, like),
+            )
+        return self._c(self._fixed_log_variance(variance_type), t, like).expand_as(like)
+
+    def sampler_log_variance(self, variance_type: str, v: Tensor | None = None) -> Tensor:
+        """log of the reverse-process variance for every index: a (N,) table in this schedule's
+        dtype, for loops and tables that need it per step rather than per sample.
+
+        fixed_small: log beta_tilde (clipped at index 0 to log beta_tilde_1); fixed_large: log beta,
+        with log beta_tilde_1 at index 0 (improved-diffusion); learned_range:
+        frac log beta + (1 - frac) log beta_tilde, frac = (v + 1)/2 for the model's v in [-1, 1]
+        (Nichol & Dhariwal 2021 eq. 15), ``v`` broadcasting against (N,).
+        No step adds noise at index 0 (:meth:`ancestral_step`); the table still holds its value.
+        """
+        if variance_type == "learned_range":
+            if v is None:
+                raise ScheduleParameterError("learned_range needs the model's variance values")
+            v = v.to(dtype=self.log_beta.dtype, device=self.log_beta.device)
+            return _learned_range(v, self.log_beta, self.posterior_log_variance_clipped)
+        return self._fixed_log_variance(variance_type)
+
+    def _fixed_log_variance(self, variance_type: str) -> Tensor:
+        if variance_type == "fixed_small":
+            return self.posterior_log_variance_clipped
+        if variance_type == "fixed_large":
+            return self.fixed_large_log_variance
         raise ScheduleParameterError(
             f"unknown variance type {variance_type!r}; allowed: {', '.join(VARIANCE_TYPES)}"
         )
 
-    @property
-    def fixed_large_log_variance(self) -> Tensor:
-        """log beta with log beta_tilde_1 at index 0 (improved-diffusion's fixed_large)."""
-        if self.num_steps < 2:
-            return self.log_beta
-        return torch.cat([torch.log(self.posterior_variance[1:2]), self.log_beta[1:]])
+    def ddim_variance(self, eta: float) -> Tensor:
+        """sigma^2 of the DDIM step for every index, a (N,) table (Song et al. 2021 eq. 16):
+        eta^2 (1 - ab_prev)/(1 - ab) (1 - ab/ab_prev) = eta^2 beta_tilde on this schedule."""
+        if not math.isfinite(eta) or eta < 0:
+            raise ScheduleParameterError(f"eta must be finite and >= 0, got {eta}")
+        return eta**2 * self.posterior_variance
+
+    def expected_xt_std(self, data_variance: float = 1.0) -> Tensor:
+        """The std of x_t = sqrt(ab) x0 + sqrt(1 - ab) eps for data of variance ``data_variance``
+        (independent of eps): sqrt(ab var + 1 - ab) for every index, a (N,) table."""
+        # Written as ab var + 1 - ab (not with one_minus_alpha_bar) so that the numbers equal the
+        # ones `ddpm sample` has always printed, bit for bit; the difference is ~1e-16 absolute.
+        return torch.sqrt(self.alpha_bar * data_variance + 1 - self.alpha_bar)
 
     def ancestral_step(
         self, x_t: Tensor, t: Tensor, x0: Tensor, log_var: Tensor, noise: Tensor
     ) -> Tensor:
-        """x_{t-1} = mu_tilde(x_t, x0_hat) + exp(log_var/2) z, with no noise at t = 0."""
+        """x_{t-1} = mu_tilde(x_t, x0_hat) + exp(log_var/2) z, with no noise at index 0."""
         mean = self.posterior_mean(x0, x_t, t)
-        nonzero = (t != 0).to(x_t.dtype).reshape(-1, *([1] * (x_t.ndim - 1)))
+        # by `index`, not by `t` itself: on a taken table position 0 need not be index 0
+        nonzero = (extract(self.index, t, x_t.ndim) != 0).to(dtype=x_t.dtype, device=x_t.device)
         return mean + nonzero * torch.exp(0.5 * log_var) * noise
 
     def ddim_step(
         self, x_t: Tensor, t: Tensor, x0: Tensor, eps: Tensor, eta: float, noise: Tensor
     ) -> Tensor:
         """x_{t-1} = sqrt(ab_prev) x0 + sqrt(1 - ab_prev - s^2) eps + s z (Song et al. 2021 eq. 12),
-        s^2 = eta^2 (1 - ab_prev)/(1 - ab) (1 - ab/ab_prev) = eta^2 beta_tilde on this schedule."""
-        var = eta**2 * self._c(self.posterior_variance, t, x_t)
+        s^2 = :meth:`ddim_variance` (eta)."""
+        var = self._c(self.ddim_variance(eta), t, x_t)
         direction = torch.sqrt(
             torch.clamp(self._c(self.one_minus_alpha_bar_prev, t, x_t) - var, min=0)
         )
@@ -271,15 +312,39 @@ class Schedule:
 
     def prior_kl(self, x0: Tensor) -> Tensor:
         """KL(q(x_T | x0) || N(0, I)) elementwise, in nats."""
-        last = torch.full((x0.shape[0],), self.num_steps - 1, dtype=torch.long, device=x0.device)
-        mean = self._c(self.sqrt_alpha_bar, last, x0) * x0
-        log_var = torch.log(self._c(self.one_minus_alpha_bar, last, x0))
+        # the stored values of the last step, so a taken table gives the same prior
+        mean = _cast(self.prior_sqrt_alpha_bar, x0) * x0
+        log_var = torch.log(_cast(self.prior_one_minus_alpha_bar, x0))
         zero = torch.zeros_like(mean)
         return normal_kl(mean, log_var.expand_as(mean), zero, zero)
 
     def prior_kl_bits_per_dim_unit_variance(self) -> float:
         """E KL(q(x_T|x0) || N(0,1)) per dim for data with E x0^2 = 1: -log(1 - ab_T)/(2 ln 2)."""
-        return float(-torch.log(self.one_minus_alpha_bar[-1]) / (2 * math.log(2.0))) + 0.0
+        return float(-torch.log(self.prior_one_minus_alpha_bar) / (2 * math.log(2.0))) + 0.0
+
+
+@functools.cache
+def tensor_fields() -> tuple[str, ...]:
+    """The names of every tensor field of :class:`Schedule` (what :meth:`Schedule.to` maps)."""
+    return tuple(f.name for f in fields(Schedule) if f.type in ("Tensor", Tensor))
+
+
+@functools.cache
+def per_t_fields() -> tuple[str, ...]:
+    """The names of the per-t (1-D) fields of :class:`Schedule`: what :meth:`Schedule.take` maps."""
+    scalar = {f.name for f in fields(Schedule) if f.metadata.get("per_t", True) is False}
+    return tuple(name for name in tensor_fields() if name not in scalar)
+
+
+def _learned_range(v: Tensor, log_beta: Tensor, log_beta_tilde: Tensor) -> Tensor:
+    # Nichol & Dhariwal 2021 eq. 15: interpolate the logs with frac = (v + 1)/2.
+    frac = (v + 1) / 2
+    return frac * log_beta + (1 - frac) * log_beta_tilde
+
+
+def _cast(value: Tensor, like: Tensor) -> Tensor:
+    # the cast before the move, as in extract (MPS has no float64)
+    return value.to(dtype=like.dtype).to(device=like.device)
 
 
 def extract(values: Tensor, t: Tensor, ndim: int, *, like: Tensor | None = None) -> Tensor:
@@ -314,6 +379,10 @@ def _assemble(
     log_post_var = torch.log(beta) + log_om_prev - log_om
     # (A one-step schedule has no t = 1; it keeps log beta, as fixed_large does.)
     clipped = torch.cat([log_post_var[1:2], log_post_var[1:]]) if len(beta) > 1 else torch.log(beta)
+    log_beta = torch.log(beta)
+    # fixed_large: log beta, with log beta_tilde_1 at index 0 (improved-diffusion), as log of the
+    # stored beta_tilde_1 exactly as it always was computed
+    fixed_large = torch.cat([torch.log(post_var[1:2]), log_beta[1:]]) if len(beta) > 1 else log_beta
     return Schedule(
         name=name,
         spec=spec,
@@ -337,7 +406,12 @@ def _assemble(
         posterior_mean_coef_xt=torch.sqrt(alpha) * om_prev / om,
         sqrt_recip_alpha_bar=torch.exp(-0.5 * log_ab),
         sqrt_recipm1_alpha_bar=torch.exp(0.5 * (log_om - log_ab)),
-        log_beta=torch.log(beta),
+        log_beta=log_beta,
+        fixed_large_log_variance=fixed_large,
+        variance_ratio=post_var / beta,
+        index=torch.arange(len(beta), dtype=torch.long),
+        prior_sqrt_alpha_bar=torch.exp(0.5 * log_ab[-1]),
+        prior_one_minus_alpha_bar=om[-1].clone(),
     )
 
 
