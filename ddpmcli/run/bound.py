@@ -1,0 +1,373 @@
+"""The variational bound on -log p(x0) term by term (Ho et al. 2020 eq. 5; improved-diffusion's
+``calc_bpd_loop``), streamed over (sample, t) pairs in chunks, memory flat in T.
+
+The same shape as the sampler: :func:`vb_terms` is the step (one formula, also used by training's
+hybrid loss), :func:`variational_bound` the loop, emitting one
+:class:`~ddpmcli.run.events.Event` per chunk to its observers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ddpmcli import core
+from ddpmcli.run.events import (
+    Event,
+    NonFiniteError,
+    Observer,
+    ParameterError,
+    call_model,
+    check_data_finite,
+    notify,
+)
+from ddpmcli.run.noise import pair_noise
+from ddpmcli.run.runtime import work_dtype
+
+__all__ = [
+    "BOUND_COLUMNS",
+    "DECODERS",
+    "BoundResult",
+    "bound_strata",
+    "random_strata",
+    "variational_bound",
+    "vb_terms",
+]
+
+PredictFn = Callable[[Tensor, Tensor], tuple[Tensor, "Tensor | None"]]
+
+DECODERS: tuple[str, ...] = ("discretized", "continuous")
+BOUND_COLUMNS: tuple[str, ...] = (
+    "t",
+    "term",
+    "bits_per_dim",
+    "stderr",
+    "weight",
+    "x0_mse",
+    "eps_mse",
+)
+_LN2 = math.log(2.0)
+
+
+def vb_terms(
+    schedule: core.Schedule,
+    x0: Tensor,
+    x_t: Tensor,
+    t: Tensor,
+    model_mean: Tensor,
+    model_log_var: Tensor,
+    *,
+    decoder: str = "continuous",
+    data_range: tuple[float, float] = (-1.0, 1.0),
+) -> Tensor:
+    """L_t per sample in bits/dim (improved-diffusion's ``_vb_terms_bpd``).
+
+    For t > 0: KL(q(x_{t-1} | x_t, x0) || N(model_mean, exp(model_log_var))), averaged over
+    dimensions; at t = 0 the decoder's -log p(x0 | x_1): ``discretized`` (8-bit data, bins of
+    width 2/255 on [-1, 1], Ho et al. 2020 eq. 13, with the data range mapped there) or
+    ``continuous`` (the Gaussian density, for real-valued data).
+    """
+    true_mean, _, true_log_var = schedule.posterior_mean_variance(x0, x_t, t)
+    term = _flat_mean(core.normal_kl(true_mean, true_log_var, model_mean, model_log_var))
+    first = t == 0
+    if bool(first.any()):
+        log_scale = 0.5 * model_log_var
+        if decoder == "discretized":
+            # the bins are defined on [-1, 1]: map the data range there (probabilities of bins
+            # do not change under the affine map).
+            lo, hi = data_range
+            center, half = (lo + hi) / 2, (hi - lo) / 2
+            ll = core.discretized_gaussian_log_likelihood(
+                (x0 - center) / half, (model_mean - center) / half, log_scale - math.log(half)
+            )
+        else:
+            ll = core.continuous_gaussian_log_likelihood(x0, model_mean, log_scale)
+        term = torch.where(first, -_flat_mean(ll), term)
+    return term / _LN2
+
+
+def _flat_mean(x: Tensor) -> Tensor:
+    return x.flatten(1).mean(dim=1)
+
+
+@dataclass
+class BoundResult:
+    """What :func:`variational_bound` returns.
+
+    ``rows``: one per evaluated t (ascending), then ``prior``, then ``total`` (every t evaluated:
+    the bound itself, as a Monte Carlo mean over samples) or ``total_estimate`` (a subset of t,
+    importance-weighted: see :func:`bound_strata`). ``total_bpd`` and ``total_stderr`` repeat the
+    last row's numbers.
+    """
+
+    rows: list[dict[str, Any]]
+    total_bpd: float | None
+    total_stderr: float | None
+    estimate: bool
+    decoder: str
+    per_sample_total: Tensor | None = None
+
+
+def bound_strata(num_steps: int, selected: Sequence[int]) -> dict[int, int]:
+    """Importance weights for estimating the sum of the KL terms over t = 1..N-1 from a subset.
+
+    The indices 1..N-1 are split into contiguous strata, one around each selected index > 0
+    (boundaries half way between neighbours); each selected t gets its stratum's size as weight,
+    so sum_j w_j L_{t_j} estimates sum_t L_t. The estimate is unbiased when each t_j is drawn
+    uniformly from its stratum (:func:`random_strata` does that); for a fixed subset it is a
+    quadrature estimate. t = 0 (the decoder term) always has weight 1: it is never estimated.
+    """
+    picks = sorted({int(i) for i in selected if int(i) > 0})
+    weights: dict[int, int] = {0: 1} if 0 in {int(i) for i in selected} else {}
+    lower = 1
+    for k, i in enumerate(picks):
+        upper = (i + picks[k + 1]) // 2 if k + 1 < len(picks) else num_steps - 1
+        weights[i] = upper - lower + 1
+        lower = upper + 1
+    return weights
+
+
+def random_strata(num_steps: int, count: int, seed: int = 0) -> tuple[list[int], dict[int, int]]:
+    """``count`` indices and their weights for an unbiased estimate of the bound: index 0 (the
+    decoder term, weight 1) and one index drawn uniformly from each of ``count - 1`` equal
+    contiguous strata of 1..N-1 (seeded), weighted by its stratum's size. Then
+    E[sum_j w_j L_{t_j}] = sum_t L_t exactly."""
+    if count < 2 or count > num_steps:
+        raise ParameterError(f"{{t_random}} needs 2..{num_steps} timesteps (T), got {count}")
+    gen = torch.Generator().manual_seed(int(seed))
+    edges = torch.linspace(1, num_steps, count, dtype=torch.float64).round().long().tolist()
+    picks, weights = [0], {0: 1}
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        i = int(torch.randint(lo, hi, (1,), generator=gen))
+        picks.append(i)
+        weights[i] = hi - lo
+    return picks, weights
+
+
+@dataclass(frozen=True)
+class _BoundSetup:
+    """What every chunk of one bound run shares (tensors on the device)."""
+
+    predict: PredictFn
+    sched: core.Schedule  # on the device, in the bound's dtype
+    kind: str
+    data: Tensor  # [n, *shape]
+    selected: list[int]
+    sel: Tensor  # the selected indices, on the device
+    variance: str
+    decoder: str
+    clip: bool
+    data_range: tuple[float, float]
+    seed: int
+    model_dtype: torch.dtype
+    model_ts: list[int]  # the model timestep of each index (host side)
+
+
+def _chunk_terms(setup: _BoundSetup, start: int, stop: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The pairs ``start .. stop - 1`` (sample-major): ``(s_idx, j_idx, [4, B] stats)`` with
+    the term, its square, the x0_hat MSE and the eps_hat MSE of each pair."""
+    sched, data, k = setup.sched, setup.data, len(setup.selected)
+    dev, dtype = data.device, data.dtype
+    pairs = torch.arange(start, stop, device=dev)
+    # sample-major: a sample's timesteps are consecutive, so pair_noise draws each of its noise
+    # blocks (several consecutive t of one sample) once per chunk
+    s_idx, j_idx = pairs // k, pairs % k
+    tb, xb = setup.sel[j_idx], data[s_idx]
+    # independent noise for each (seed, sample, t) pair: nothing depends on the batch size or
+    # the device
+    eps = pair_noise(
+        setup.seed,
+        [p // k for p in range(start, stop)],
+        [setup.selected[p % k] for p in range(start, stop)],
+        tuple(data.shape[1:]),
+    ).to(dtype=dtype, device=dev)
+    x_t = sched.q_sample(xb, tb, eps)
+    t_model = sched.timesteps[tb]
+    ts = sorted({setup.selected[p % k] for p in range(start, stop)})
+    where = (setup.model_ts[ts[0]], setup.model_ts[ts[-1]])
+    out, var_values = call_model(setup.predict, x_t.to(setup.model_dtype), t_model, t=where)
+    out = out.to(dtype)
+    x0_hat = sched.predict_x0(out, x_t, tb, setup.kind)
+    if setup.clip:
+        x0_hat = x0_hat.clamp(*setup.data_range)
+    eps_hat = sched.predict_eps(out, x_t, tb, setup.kind)
+    vv = None if var_values is None else var_values.to(dtype)
+    model_mean = sched.posterior_mean(x0_hat, x_t, tb)
+    model_log_var = sched.model_log_variance(setup.variance, tb, x_t, vv)
+    term = vb_terms(
+        sched, xb, x_t, tb, model_mean, model_log_var,
+        decoder=setup.decoder, data_range=setup.data_range,
+    )  # fmt: skip
+    stats = [term, term**2, _flat_mean((x0_hat - xb) ** 2), _flat_mean((eps_hat - eps) ** 2)]
+    return s_idx, j_idx, torch.stack(stats)
+
+
+def _check_bound_args(
+    variance: str, learned_variance: bool, decoder: str, batch_size: int, n: int
+) -> None:
+    if variance not in core.VARIANCE_TYPES:
+        raise ParameterError(
+            f"{{variance}} {variance!r} is unknown; allowed: {', '.join(core.VARIANCE_TYPES)}"
+        )
+    if variance == "learned_range" and not learned_variance:
+        raise ParameterError(
+            "{variance} learned_range needs a model with a variance channel; this checkpoint "
+            "predicts no variance (use fixed_small or fixed_large)"
+        )
+    if decoder not in DECODERS:
+        raise ParameterError(f"{{decoder}} {decoder!r} is unknown; allowed: {', '.join(DECODERS)}")
+    if batch_size < 1:
+        raise ParameterError(f"{{batch_size}} must be at least 1, got {batch_size}")
+    if n < 1:
+        raise ParameterError("no data to evaluate the bound on")
+
+
+def variational_bound(
+    predict: PredictFn,
+    schedule: core.Schedule,
+    prediction_type: str,
+    x0: Tensor,
+    *,
+    t_indices: Sequence[int] | None = None,
+    weights: dict[int, int] | None = None,
+    variance: str = "fixed_small",
+    learned_variance: bool = False,
+    decoder: str = "continuous",
+    clip: bool = False,
+    data_range: tuple[float, float] = (-1.0, 1.0),
+    seed: int = 0,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    model_dtype: torch.dtype = torch.float32,
+    observers: Sequence[Observer] = (),
+) -> BoundResult:
+    """The terms of the variational bound on -log p(x0), per t, in bits/dim.
+
+    For index i > 0: KL(q(x_{i-1} | x_i, x0) || p(x_{i-1} | x_i)) with the model's mean
+    mu_tilde(x_i, x0_hat) and the chosen ``variance``; at i = 0 the decoder term -log p(x0 | x_1)
+    (:func:`vb_terms`); the prior term KL(q(x_{N-1} | x0) || N(0, I)). Each is averaged over
+    dimensions, divided by ln 2 and averaged over samples; x_t is drawn with independent noise
+    for every (sample, t) pair (:func:`ddpmcli.run.noise.pair_noise`; unlike ``ddpm
+    reconstruct``, which keeps one noise per sample across t, so that the terms summed into the
+    bound are independent), and the numbers do not depend on ``batch_size`` or the device. The
+    arithmetic is float64 (float32 on MPS); only the model sees ``model_dtype``.
+    Also the MSE of x0_hat and of the model's eps per t.
+
+    Args:
+        x0: data [n, *data_shape] (in the model's range).
+        t_indices: the indices to evaluate (default all: the exact bound). A subset gives an
+            estimate of the total weighted by ``weights`` (default :func:`bound_strata`), and t = 0
+            is added when missing.
+        batch_size: (sample, t) pairs per model call; memory grows with it, not with T.
+        observers: called with an :class:`Event` after every chunk (``done`` counts pairs).
+
+    Raises:
+        ParameterError: learned_range without a variance channel, an unknown decoder.
+        DataError: data with NaN/Inf, or not finite in ``model_dtype``.
+        NonFiniteError: a term came out NaN/Inf; ``rows`` holds the finite terms and the prior.
+        ModelFailure: the model raised (naming the timesteps of the chunk).
+    """
+    n = int(x0.shape[0])
+    _check_bound_args(variance, learned_variance, decoder, batch_size, n)
+    check_data_finite(x0, model_dtype)
+    num = schedule.num_steps
+    selected = list(range(num)) if t_indices is None else sorted({int(i) for i in t_indices} | {0})
+    w = weights if weights is not None else bound_strata(num, selected)
+    dev = torch.device(device)
+    state_dtype = work_dtype(dev)  # the bound's own arithmetic: float64 except on MPS
+    setup = _BoundSetup(
+        predict, schedule.to(dev, state_dtype), core.canonical_prediction_type(prediction_type),
+        x0.to(device=dev, dtype=state_dtype), selected,
+        torch.tensor(selected, dtype=torch.long, device=dev), variance, decoder, clip,
+        data_range, seed, model_dtype, schedule.timesteps.tolist(),
+    )  # fmt: skip
+    k = len(selected)
+    weight_vec = torch.tensor([float(w.get(i, 0)) for i in selected], dtype=torch.float64)
+    weight_dev = weight_vec.to(dev)
+    sums = torch.zeros(4, k, dtype=torch.float64, device=dev)  # term, term^2, x0 mse, eps mse
+    per_sample = torch.zeros(n, dtype=torch.float64, device=dev)
+    with torch.inference_mode():
+        for start in range(0, k * n, batch_size):
+            stop = min(start + batch_size, k * n)
+            s_idx, j_idx, stacked = _chunk_terms(setup, start, stop)
+            sums.index_add_(1, j_idx, stacked)
+            per_sample.index_add_(0, s_idx, weight_dev[j_idx] * stacked[0])
+            notify(observers, Event("bound", stop, k * n))
+        prior = torch.cat(
+            [
+                _flat_mean(setup.sched.prior_kl(setup.data[a : a + batch_size])) / _LN2
+                for a in range(0, n, batch_size)
+            ]
+        )
+    return _bound_result(setup, sums.cpu(), prior.cpu(), per_sample.cpu(), weight_vec, n)
+
+
+def _bound_result(
+    setup: _BoundSetup, sums: Tensor, prior: Tensor, per_sample: Tensor, weight_vec: Tensor, n: int
+) -> BoundResult:
+    """The rows of a bound run; a :class:`NonFiniteError` carrying the finite ones when some
+    term is NaN/Inf."""
+    num, selected, timesteps = setup.sched.num_steps, setup.selected, setup.model_ts
+    rows: list[dict[str, Any]] = []
+    bad: list[int] = []
+    for j, i in enumerate(selected):
+        mean = float(sums[0, j] / n)
+        if not math.isfinite(mean):
+            bad.append(timesteps[i])
+            continue
+        var = max(float(sums[1, j] / n) - mean**2, 0.0)
+        rows.append(
+            {
+                "t": timesteps[i],
+                "term": f"decoder_{setup.decoder}" if i == 0 else "kl",
+                "bits_per_dim": mean,
+                "stderr": math.sqrt(var / n) if n > 1 else None,
+                "weight": float(weight_vec[j]),
+                "x0_mse": float(sums[2, j] / n),
+                "eps_mse": float(sums[3, j] / n),
+            }
+        )
+    rows.append(_summary_row("prior", prior, timesteps[num - 1]))
+    if bad:
+        raise NonFiniteError(
+            f"the bound's term is NaN/Inf at {len(bad)} of {len(selected)} timestep(s), first "
+            f"at t = {bad[0]} (the model returned NaN/Inf there; try the float32 dtype)",
+            rows,
+            None,
+            bad[0],
+        )
+    estimate = len(selected) < num
+    totals = per_sample + prior
+    covered = sum(weight_vec.tolist()) == num  # every index 0..N-1 is represented
+    total_bpd: float | None = None
+    total_stderr: float | None = None
+    if covered:
+        row = _summary_row("total_estimate" if estimate else "total", totals, None)
+        rows.append(row)
+        total_bpd, total_stderr = row["bits_per_dim"], row["stderr"]
+    return BoundResult(
+        rows=rows,
+        total_bpd=total_bpd,
+        total_stderr=total_stderr,
+        estimate=estimate,
+        decoder=setup.decoder,
+        per_sample_total=totals if covered else None,
+    )
+
+
+def _summary_row(term: str, values: Tensor, t: int | None) -> dict[str, Any]:
+    n = values.shape[0]
+    return {
+        "t": t,
+        "term": term,
+        "bits_per_dim": float(values.mean()),
+        "stderr": float(values.std(correction=1) / math.sqrt(n)) if n > 1 else None,
+        "weight": 1.0,
+        "x0_mse": None,
+        "eps_mse": None,
+    }

@@ -1,0 +1,197 @@
+"""The one event shape every loop reports through, the observers built on it, and run failures.
+
+Every loop in :mod:`ddpmcli.run` (and :func:`ddpmcli.training.train_denoiser`) takes
+``observers``: callables ``(Event) -> None``. A loop emits an :class:`Event` after each unit of
+work (a sampling step, a chunk of (sample, t) pairs, a training step); observers measure, keep
+frames, check for NaN or drive a progress bar, so the loops themselves only step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from ddpmcli.errors import DataError, DdpmError, SamplingError, UsageError
+
+__all__ = [
+    "Event",
+    "ModelFailure",
+    "NonFiniteError",
+    "Observer",
+    "ParameterError",
+    "RunError",
+    "call_model",
+    "check_data_finite",
+    "notify",
+    "progress_observer",
+]
+
+
+@dataclass(frozen=True)
+class Event:
+    """What a loop reports after each unit of work.
+
+    Attributes:
+        loop: which loop: ``sample``, ``bound``, ``sweep`` or ``train``.
+        done: units of work done so far (model evaluations or training steps), of ``total``.
+        total: units of work in the whole run.
+        step: the loop's step (sampling: 0 = the noisiest; training: 1-based), if it has one.
+        t: the model timesteps this unit covered, ``(first, last)`` (equal for one t), if any.
+        tensors: the step's state for observers that measure it (sampling: ``x`` = x_t,
+            ``x_next``, ``x0_raw`` (before clipping), ``x0`` (as used), ``variance`` (the mean
+            variance of the noise the step added, a 0-d tensor, or absent)).
+        values: host numbers (training: ``loss``, ``loss_smoothed``).
+        row: a finished result row, when this event carries one.
+    """
+
+    loop: str
+    done: int
+    total: int
+    step: int | None = None
+    t: tuple[int, int] | None = None
+    tensors: Mapping[str, Tensor] = field(default_factory=dict)
+    values: Mapping[str, float] = field(default_factory=dict)
+    row: dict[str, Any] | None = None
+
+
+Observer = Callable[[Event], None]
+
+
+def notify(observers: Iterable[Observer], event: Event) -> None:
+    """Hand ``event`` to every observer, in order."""
+    for observe in observers:
+        observe(event)
+
+
+class _Bar(Protocol):
+    def update(self, completed: int | None = None, **fields: str) -> None: ...
+
+
+def progress_observer(bar: _Bar, fields: Mapping[str, str] | None = None) -> Observer:
+    """An observer moving ``bar`` (``output.progress``'s handle) to each event's ``done``.
+
+    ``fields`` maps a bar field to the event value it shows (``{"loss": "loss_smoothed"}``).
+    Row events (``row`` set, no new work) leave the bar alone.
+    """
+    shown = dict(fields or {})
+
+    def observe(event: Event) -> None:
+        if event.row is not None:
+            return
+        extra = {k: f"{event.values[v]:.4f}" for k, v in shown.items() if v in event.values}
+        bar.update(completed=event.done, **extra)
+
+    return observe
+
+
+class RunError(SamplingError):
+    """A run that stopped early. ``rows`` holds the rows it finished (print them before the
+    error); ``step`` and ``t`` say where it stopped (None where the loop has no such index)."""
+
+    def __init__(
+        self,
+        message: str,
+        rows: Sequence[dict[str, Any]] = (),
+        step: int | None = None,
+        t: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.rows = list(rows)
+        self.step = step
+        self.t = t
+
+
+class NonFiniteError(RunError):
+    """The model's output (or the state built from it) became NaN or Inf."""
+
+
+class ModelFailure(RunError):
+    """The model raised an exception of its own."""
+
+
+def where_text(step: int | None, t: tuple[int, int] | None) -> str:
+    """``step 3 (t = 960)``, ``t = 10``, ``t = 10..20``: where a unit of work ran."""
+    parts = []
+    if t is not None:
+        parts.append(f"t = {t[0]}" if t[0] == t[1] else f"t = {t[0]}..{t[1]}")
+    if step is not None:
+        return f"step {step}" + (f" ({parts[0]})" if parts else "")
+    return parts[0] if parts else "start"
+
+
+def _one_line(exc: BaseException) -> str:
+    """The last non-empty line of an exception's message (TorchScript errors carry a whole
+    interpreter traceback; its last line is the original error), with its type if missing."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = lines[-1] if lines else ""
+    return text if ":" in text.split(" ", 1)[0] else f"{type(exc).__name__}: {text}".rstrip(": ")
+
+
+def call_model(
+    predict: Callable[[Tensor, Tensor], tuple[Tensor, Tensor | None]],
+    x_t: Tensor,
+    t_model: Tensor,
+    *,
+    step: int | None = None,
+    t: tuple[int, int] | None = None,
+    rows: Sequence[dict[str, Any]] = (),
+) -> tuple[Tensor, Tensor | None]:
+    """``predict(x_t, t_model)``; an exception of the model's own becomes one
+    :class:`ModelFailure` line naming where it happened (our own errors pass unchanged)."""
+    try:
+        return predict(x_t, t_model)
+    except DdpmError:
+        raise
+    except Exception as exc:
+        where = where_text(step, t)
+        raise ModelFailure(
+            f"the model failed at {where}: {_one_line(exc)}",
+            rows,
+            step,
+            None if t is None else t[0],
+        ) from exc
+
+
+def check_data_finite(x0: Tensor, model_dtype: torch.dtype, what: str = "the data") -> None:
+    """Raise :class:`DataError` when ``x0`` holds NaN/Inf, or values that overflow the model's
+    dtype (a data problem: the model never saw a finite input)."""
+    if x0.is_floating_point() and not bool(torch.isfinite(x0).all()):
+        bad = int((~torch.isfinite(x0)).sum())
+        raise DataError(f"{what}: {bad} value(s) are NaN or Inf")
+    if model_dtype.is_floating_point and not bool(torch.isfinite(x0.to(model_dtype)).all()):
+        big = float(x0.abs().max())
+        name = str(model_dtype).removeprefix("torch.")
+        raise DataError(
+            f"{what}: values up to {big:.4g} are not finite in the model's dtype {name} "
+            f"(largest {torch.finfo(model_dtype).max:.4g})"
+        )
+
+
+class ParameterError(UsageError):
+    """A bad value of a named library parameter (exit 2).
+
+    ``template`` names parameters as ``{name}`` fields; the library's message shows them as
+    written (``eta must be ...``), and the CLI re-renders it with its flags (``--eta must be
+    ...``) through :meth:`render`.
+    """
+
+    def __init__(self, template: str) -> None:
+        self.template = template
+        super().__init__(self.render(lambda name: name))
+
+    def render(self, name: Callable[[str], str]) -> str:
+        """The message with each ``{parameter}`` shown as ``name(parameter)``."""
+        return self.template.format_map(_Names(name))
+
+
+class _Names(dict[str, str]):
+    def __init__(self, name: Callable[[str], str]) -> None:
+        super().__init__()
+        self._name = name
+
+    def __missing__(self, key: str) -> str:
+        return self._name(key)
