@@ -11,7 +11,8 @@ Modules, each importing torch and the standard library only (never printing, nev
   :func:`extract`;
 - :mod:`~ddpmcli.core.transforms`: zero terminal SNR, log-SNR shift, respacing, and
   :func:`make_schedule` / :func:`schedule_from_spec` that apply them;
-- :mod:`~ddpmcli.core.likelihood`: the Gaussian KL and the decoders of x0.
+- :mod:`~ddpmcli.core.likelihood`: the Gaussian KL, the decoders of x0 and :func:`vb_terms`;
+- :mod:`~ddpmcli.core.thresholding`: :func:`dynamic_threshold` of a predicted x0.
 
 ``from ddpmcli import core`` keeps every name it has always had.
 """
@@ -32,9 +33,11 @@ from ddpmcli.core.kinds import (
     canonical_prediction_type,
 )
 from ddpmcli.core.likelihood import (
+    DECODERS,
     continuous_gaussian_log_likelihood,
     discretized_gaussian_log_likelihood,
     normal_kl,
+    vb_terms,
 )
 from ddpmcli.core.schedule import (
     QUANTITIES,
@@ -43,6 +46,7 @@ from ddpmcli.core.schedule import (
     schedule_from_alpha_bars,
     schedule_from_betas,
 )
+from ddpmcli.core.thresholding import DEFAULT_THRESHOLD_PERCENTILE, dynamic_threshold
 from ddpmcli.core.transforms import (
     make_schedule,
     rescale_zero_terminal_snr,
@@ -53,6 +57,8 @@ from ddpmcli.core.transforms import (
 )
 
 __all__ = [
+    "DECODERS",
+    "DEFAULT_THRESHOLD_PERCENTILE",
     "F64",
     "PREDICTION_ALIASES",
     "PREDICTION_TYPES",
@@ -68,6 +74,7 @@ __all__ = [
     "canonical_prediction_type",
     "continuous_gaussian_log_likelihood",
     "discretized_gaussian_log_likelihood",
+    "dynamic_threshold",
     "extract",
     "make_schedule",
     "normal_kl",
@@ -78,4 +85,5 @@ __all__ = [
     "schedule_from_betas",
     "schedule_from_spec",
     "shift_logsnr",
+    "vb_terms",
 ]

@@ -7,9 +7,18 @@ Imports torch and the standard library only.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+from ddpmcli.errors import ScheduleParameterError
+
+if TYPE_CHECKING:
+    from ddpmcli.core.schedule import Schedule
+
+DECODERS: tuple[str, ...] = ("discretized", "continuous")
+_LN2 = math.log(2.0)
 
 
 def normal_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor, logvar2: Tensor) -> Tensor:
@@ -49,3 +58,57 @@ def continuous_gaussian_log_likelihood(x: Tensor, means: Tensor, log_scales: Ten
     """log N(x; mean, e^(2 log_scale)) elementwise, in nats (a density, for real-valued data)."""
     z = (x - means) * torch.exp(-log_scales)
     return -0.5 * z**2 - log_scales - 0.5 * math.log(2 * math.pi)
+
+
+def vb_terms(
+    schedule: Schedule,
+    x0: Tensor,
+    x_t: Tensor,
+    t: Tensor,
+    model_mean: Tensor,
+    model_log_variance: Tensor,
+    *,
+    decoder: str = "continuous",
+    data_range: tuple[float, float] = (-1.0, 1.0),
+    bits: bool = True,
+) -> Tensor:
+    """The term L_t of the variational bound per sample, averaged over dimensions (Ho et al. 2020
+    eq. 5; improved-diffusion's ``_vb_terms_bpd``), for training and evaluation alike.
+
+    For index t > 0: KL(q(x_{t-1} | x_t, x0) || N(model_mean, e^model_log_variance)); at t = 0 the
+    decoder's negative log-likelihood -log p(x0 | x_1) with that mean and variance:
+    ``continuous``, the Gaussian density (real-valued data); ``discretized``, 8-bit data in bins of
+    width 2/255 on [-1, 1] (eq. 13), ``data_range`` mapped onto [-1, 1] first (the bins' masses do
+    not change under the affine map).
+
+    Args:
+        schedule: gives the true posterior at ``t`` (indices into it, int64 (B,)).
+        x0, x_t, model_mean, model_log_variance: (B, ...), one dtype; the model's mean is
+            mu_tilde(x_t, x0_hat), its log variance from ``Schedule.model_log_variance``.
+        decoder: one of :data:`DECODERS` (default ``continuous``).
+        bits: divide by ln 2 (bits per dimension, the default), else nats.
+
+    Returns:
+        (B,) in the inputs' dtype.
+    """
+    if decoder not in DECODERS:
+        raise ScheduleParameterError(f"unknown decoder {decoder!r}; allowed: {', '.join(DECODERS)}")
+    true_mean, _, true_log_var = schedule.posterior_mean_variance(x0, x_t, t)
+    term = _flat_mean(normal_kl(true_mean, true_log_var, model_mean, model_log_variance))
+    first = t == 0
+    if bool(first.any()):  # the decoder only where some sample sits at index 0
+        log_scale = 0.5 * model_log_variance
+        if decoder == "discretized":
+            lo, hi = data_range
+            center, half = (lo + hi) / 2, (hi - lo) / 2
+            ll = discretized_gaussian_log_likelihood(
+                (x0 - center) / half, (model_mean - center) / half, log_scale - math.log(half)
+            )
+        else:
+            ll = continuous_gaussian_log_likelihood(x0, model_mean, log_scale)
+        term = torch.where(first.to(term.device), -_flat_mean(ll), term)
+    return term / _LN2 if bits else term
+
+
+def _flat_mean(x: Tensor) -> Tensor:
+    return x.flatten(1).mean(dim=1)
