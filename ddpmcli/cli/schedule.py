@@ -518,17 +518,12 @@ def posterior_rows(
     """Rows of `ddpm posterior`: core quantities plus the samplers' variances at each index."""
     import torch
 
-    n = schedule.num_steps
-    steps = torch.arange(n)
-    like = torch.zeros(n, dtype=torch.float64)
-    var_values = torch.full((n,), float(v), dtype=torch.float64)
+    var_values = torch.full((schedule.num_steps,), float(v), dtype=torch.float64)
     derived = {
-        "variance_ratio": schedule.posterior_variance / schedule.beta,
-        "fixed_small": torch.exp(schedule.model_log_variance("fixed_small", steps, like)),
-        "fixed_large": torch.exp(schedule.model_log_variance("fixed_large", steps, like)),
-        "learned_range": torch.exp(
-            schedule.model_log_variance("learned_range", steps, like, var_values)
-        ),
+        "variance_ratio": schedule.variance_ratio,
+        "fixed_small": torch.exp(schedule.sampler_log_variance("fixed_small")),
+        "fixed_large": torch.exp(schedule.sampler_log_variance("fixed_large")),
+        "learned_range": torch.exp(schedule.sampler_log_variance("learned_range", var_values)),
     }
     base = [c for c in columns if c not in derived]
     rows = schedule_rows(schedule, indices, base)
