@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from ddpmcli import core, models
 from ddpmcli.errors import DdpmError, UsageError
+from ddpmcli.run.events import Event, Observer, notify
 
 __all__ = ["TrainResult", "default_architecture", "train_denoiser", "training_target", "vlb_term"]
 
@@ -85,15 +86,10 @@ def vlb_term(
 
     ``prediction`` should be detached by the caller to train only the variance (improved-diffusion).
     """
-    true_mean, _, true_log_var = schedule.posterior_mean_variance(x0, x_t, t)
     x0_hat = schedule.predict_x0(prediction, x_t, t, prediction_type)
-    model_mean, _, _ = schedule.posterior_mean_variance(x0_hat, x_t, t)
+    model_mean = schedule.posterior_mean(x0_hat, x_t, t)
     model_log_var = schedule.model_log_variance("learned_range", t, x_t, var_values)
-    kl = core.normal_kl(true_mean, true_log_var, model_mean, model_log_var)
-    nll = -core.continuous_gaussian_log_likelihood(x0, model_mean, 0.5 * model_log_var)
-    dims = tuple(range(1, x0.ndim))
-    per_sample = torch.where(t == 0, nll.mean(dim=dims), kl.mean(dim=dims))
-    return per_sample / math.log(2.0)
+    return core.vb_terms(schedule, x0, x_t, t, model_mean, model_log_var)
 
 
 def train_denoiser(
@@ -112,7 +108,7 @@ def train_denoiser(
     grad_clip: float = 1.0,
     device: str | torch.device = "cpu",
     threads: int | None = None,
-    callback: Callable[[int, float], None] | None = None,
+    observers: Sequence[Observer] = (),
 ) -> TrainResult:
     """Train a built-in network on ``data`` ``[N, *shape]`` for ``steps`` Adam steps.
 
@@ -129,7 +125,9 @@ def train_denoiser(
         threads: CPU threads while training; default 1 for the MLP on CPU (its matmuls are too
             small to split, and OpenMP's spin-waiting makes a busy machine 10x slower), torch's
             own setting otherwise.
-        callback: ``callback(step, loss)`` after every step (a progress bar).
+        observers: called with an :class:`~ddpmcli.run.events.Event` after every step
+            (``loop`` ``train``, ``done`` = the step, ``values``: ``loss`` and ``loss_smoothed``,
+            an exponential moving average with weight 0.02).
     """
     pred = core.canonical_prediction_type(prediction_type)
     data_shape = tuple(int(d) for d in data.shape[1:])
@@ -153,7 +151,7 @@ def train_denoiser(
     try:
         return _train(
             data, schedule, pred, learned_variance, arch, params, steps, batch_size, lr, seed,
-            ema_decay, grad_clip, dev, callback,
+            ema_decay, grad_clip, dev, observers,
         )  # fmt: skip
     finally:
         torch.set_num_threads(saved_threads)
@@ -173,7 +171,7 @@ def _train(
     ema_decay: float | None,
     grad_clip: float,
     dev: torch.device,
-    callback: Callable[[int, float], None] | None,
+    observers: Sequence[Observer],
 ) -> TrainResult:
     data_shape = tuple(int(d) for d in data.shape[1:])
     torch.manual_seed(seed)
@@ -190,6 +188,7 @@ def _train(
     n_data = data.shape[0]
     model_t = schedule.timesteps
     losses: list[float] = []
+    smoothed = math.nan
     start = time.perf_counter()
     model.train()
     for step in range(steps):
@@ -225,8 +224,9 @@ def _train(
                     p_ema.lerp_(p, 1.0 - decay)
         value = float(loss.detach())
         losses.append(value)
-        if callback is not None:
-            callback(step + 1, value)
+        smoothed = value if step == 0 else 0.98 * smoothed + 0.02 * value
+        values = {"loss": value, "loss_smoothed": smoothed}
+        notify(observers, Event("train", step + 1, steps, step=step + 1, values=values))
     final = model if ema is None else ema
     final.eval()
     tail = losses[-max(1, steps // 10) :]

@@ -1,8 +1,8 @@
 """The variational bound on -log p(x0) term by term (Ho et al. 2020 eq. 5; improved-diffusion's
 ``calc_bpd_loop``), streamed over (sample, t) pairs in chunks, memory flat in T.
 
-The same shape as the sampler: :func:`vb_terms` is the step (one formula, also used by training's
-hybrid loss), :func:`variational_bound` the loop, emitting one
+The same shape as the sampler: :func:`ddpmcli.core.vb_terms` is the step (one formula, also used
+by training's hybrid loss), :func:`variational_bound` the loop, emitting one
 :class:`~ddpmcli.run.events.Event` per chunk to its observers.
 """
 
@@ -36,12 +36,11 @@ __all__ = [
     "bound_strata",
     "random_strata",
     "variational_bound",
-    "vb_terms",
 ]
 
 PredictFn = Callable[[Tensor, Tensor], tuple[Tensor, "Tensor | None"]]
 
-DECODERS: tuple[str, ...] = ("discretized", "continuous")
+DECODERS: tuple[str, ...] = core.DECODERS
 BOUND_COLUMNS: tuple[str, ...] = (
     "t",
     "term",
@@ -52,43 +51,6 @@ BOUND_COLUMNS: tuple[str, ...] = (
     "eps_mse",
 )
 _LN2 = math.log(2.0)
-
-
-def vb_terms(
-    schedule: core.Schedule,
-    x0: Tensor,
-    x_t: Tensor,
-    t: Tensor,
-    model_mean: Tensor,
-    model_log_var: Tensor,
-    *,
-    decoder: str = "continuous",
-    data_range: tuple[float, float] = (-1.0, 1.0),
-) -> Tensor:
-    """L_t per sample in bits/dim (improved-diffusion's ``_vb_terms_bpd``).
-
-    For t > 0: KL(q(x_{t-1} | x_t, x0) || N(model_mean, exp(model_log_var))), averaged over
-    dimensions; at t = 0 the decoder's -log p(x0 | x_1): ``discretized`` (8-bit data, bins of
-    width 2/255 on [-1, 1], Ho et al. 2020 eq. 13, with the data range mapped there) or
-    ``continuous`` (the Gaussian density, for real-valued data).
-    """
-    true_mean, _, true_log_var = schedule.posterior_mean_variance(x0, x_t, t)
-    term = _flat_mean(core.normal_kl(true_mean, true_log_var, model_mean, model_log_var))
-    first = t == 0
-    if bool(first.any()):
-        log_scale = 0.5 * model_log_var
-        if decoder == "discretized":
-            # the bins are defined on [-1, 1]: map the data range there (probabilities of bins
-            # do not change under the affine map).
-            lo, hi = data_range
-            center, half = (lo + hi) / 2, (hi - lo) / 2
-            ll = core.discretized_gaussian_log_likelihood(
-                (x0 - center) / half, (model_mean - center) / half, log_scale - math.log(half)
-            )
-        else:
-            ll = core.continuous_gaussian_log_likelihood(x0, model_mean, log_scale)
-        term = torch.where(first, -_flat_mean(ll), term)
-    return term / _LN2
 
 
 def _flat_mean(x: Tensor) -> Tensor:
@@ -199,7 +161,7 @@ def _chunk_terms(setup: _BoundSetup, start: int, stop: int) -> tuple[Tensor, Ten
     vv = None if var_values is None else var_values.to(dtype)
     model_mean = sched.posterior_mean(x0_hat, x_t, tb)
     model_log_var = sched.model_log_variance(setup.variance, tb, x_t, vv)
-    term = vb_terms(
+    term = core.vb_terms(
         sched, xb, x_t, tb, model_mean, model_log_var,
         decoder=setup.decoder, data_range=setup.data_range,
     )  # fmt: skip
@@ -250,12 +212,12 @@ def variational_bound(
 
     For index i > 0: KL(q(x_{i-1} | x_i, x0) || p(x_{i-1} | x_i)) with the model's mean
     mu_tilde(x_i, x0_hat) and the chosen ``variance``; at i = 0 the decoder term -log p(x0 | x_1)
-    (:func:`vb_terms`); the prior term KL(q(x_{N-1} | x0) || N(0, I)). Each is averaged over
-    dimensions, divided by ln 2 and averaged over samples; x_t is drawn with independent noise
-    for every (sample, t) pair (:func:`ddpmcli.run.noise.pair_noise`; unlike ``ddpm
-    reconstruct``, which keeps one noise per sample across t, so that the terms summed into the
-    bound are independent), and the numbers do not depend on ``batch_size`` or the device. The
-    arithmetic is float64 (float32 on MPS); only the model sees ``model_dtype``.
+    (:func:`ddpmcli.core.vb_terms`); the prior term KL(q(x_{N-1} | x0) || N(0, I)). Each is
+    averaged over dimensions, divided by ln 2 and averaged over samples; x_t is drawn with
+    independent noise for every (sample, t) pair (:func:`ddpmcli.run.noise.pair_noise`; unlike
+    ``ddpm reconstruct``, which keeps one noise per sample across t, so that the terms summed
+    into the bound are independent), and the numbers do not depend on ``batch_size`` or the
+    device. The arithmetic is float64 (float32 on MPS); only the model sees ``model_dtype``.
     Also the MSE of x0_hat and of the model's eps per t.
 
     Args:

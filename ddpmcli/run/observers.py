@@ -81,7 +81,8 @@ class StepStatistics:
         data_range: tuple[float, float],
         observers: Sequence[Observer] = (),
     ) -> None:
-        self.alpha_bar = schedule.alpha_bar.tolist()
+        self.expected_std = schedule.expected_xt_std(data_variance).tolist()
+        self.num_steps = schedule.num_steps
         self.variances = variances
         self.data_variance = data_variance
         self.data_range = data_range
@@ -120,14 +121,13 @@ class StepStatistics:
         event, stats = self._pending
         self._pending = None
         values = stats.tolist()
-        i = len(self.alpha_bar) - 1 - int(event.step or 0)
-        ab = self.alpha_bar[i]
+        i = self.num_steps - 1 - int(event.step or 0)
         row = {
             "step": event.step,
             "t": event.t[0] if event.t is not None else None,
             "variance": values[6] if self.variances is None else self.variances[i],
             "xt_std": values[0],
-            "xt_std_expected": math.sqrt(ab * self.data_variance + 1 - ab),
+            "xt_std_expected": self.expected_std[i],
             "x0_min": values[1],
             "x0_max": values[2],
             "x0_std": values[3],

@@ -65,7 +65,8 @@ __all__ = [
 
 PredictFn = Callable[[Tensor, Tensor], tuple[Tensor, "Tensor | None"]]
 
-DEFAULT_THRESHOLD_PERCENTILE = 0.995  # Saharia et al. 2022 (Imagen), section 2.3
+DEFAULT_THRESHOLD_PERCENTILE = core.DEFAULT_THRESHOLD_PERCENTILE
+dynamic_threshold = core.dynamic_threshold
 
 
 @dataclass(frozen=True)
@@ -174,13 +175,10 @@ def sampler_names() -> tuple[str, ...]:
 
 
 def _fixed_variances(schedule: core.Schedule, variance: str) -> list[float]:
-    """exp(log variance) per index of a fixed ancestral variance (float64, host side)."""
-    if variance == "fixed_large":
-        log_var = schedule.fixed_large_log_variance
-    else:
-        log_var = schedule.posterior_log_variance_clipped
-    var = torch.exp(log_var.to(torch.float64))
-    var[0] = 0.0  # no noise is added at index 0
+    """exp(log variance) per index of a fixed ancestral variance (host side); 0 at index 0,
+    where no noise is added."""
+    var = torch.exp(schedule.sampler_log_variance(variance).to(torch.float64))
+    var[0] = 0.0
     return [float(v) for v in var]
 
 
@@ -191,9 +189,8 @@ def _ancestral_variances(schedule: core.Schedule, settings: SampleSettings) -> l
 
 
 def _ddim_variances(schedule: core.Schedule, settings: SampleSettings) -> list[float]:
-    # sigma^2 = eta^2 beta_tilde on the schedule DDIM runs (Song et al. 2021 eq. 16)
-    var = settings.eta**2 * schedule.posterior_variance.to(torch.float64)
-    var[0] = 0.0
+    var = schedule.ddim_variance(settings.eta).to(torch.float64)  # Song et al. 2021 eq. 16
+    var[0] = 0.0  # no noise is added at index 0
     return [float(v) for v in var]
 
 
@@ -282,30 +279,10 @@ def respaced_schedule(
     return core.respace(schedule, kept)
 
 
-def dynamic_threshold(
-    x0: Tensor,
-    percentile: float = DEFAULT_THRESHOLD_PERCENTILE,
-    data_range: tuple[float, float] = (-1.0, 1.0),
-) -> Tensor:
-    """Dynamic thresholding (Saharia et al. 2022, section 2.3), per sample.
-
-    With x0 mapped to [-1, 1] by the data range, s = max(quantile(|x0|, p), 1); x0 is clamped to
-    [-s, s] and divided by s, then mapped back. s >= 1 leaves samples already in range untouched.
-    """
-    lo, hi = data_range
-    center, half = (lo + hi) / 2, (hi - lo) / 2
-    z = (x0 - center) / half
-    flat = z.abs().flatten(1)
-    s = torch.quantile(flat.float(), percentile, dim=1).clamp(min=1.0).to(z.dtype)
-    s = s.reshape(-1, *([1] * (z.ndim - 1)))
-    z = torch.maximum(torch.minimum(z, s), -s) / s
-    return z * half + center
-
-
 def _limit_x0(x0: Tensor, settings: SampleSettings) -> Tensor:
     """x0_hat as the step uses it: thresholded, clipped, or ``x0`` itself (the same object)."""
     if settings.dynamic_threshold is not None:
-        return dynamic_threshold(x0, settings.dynamic_threshold, settings.data_range)
+        return core.dynamic_threshold(x0, settings.dynamic_threshold, settings.data_range)
     if settings.clip:
         return x0.clamp(*settings.data_range)
     return x0
