@@ -106,7 +106,7 @@ def test_torchscript_with_extra_file(tmp_path: Path, learned: bool) -> None:
     model, _, _ = _model(shape, learned)
     meta = checkpoints.checkpoint_metadata(SCHEDULE, "epsilon", shape, learned_variance=learned)
     checkpoints.save_torchscript(model, tmp_path / "s.pt", meta)
-    loaded = checkpoints.load_checkpoint(tmp_path / "s.pt")
+    loaded = checkpoints.load_checkpoint(tmp_path / "s.pt", trust_program=True)
     assert loaded.info["format"] == "torchscript"
     assert loaded.schedule.num_steps == 50 and loaded.learned_variance is learned
     _same_predictions(loaded, model)
@@ -116,15 +116,23 @@ def test_torchscript_metadata_from_sidecar_and_flags(tmp_path: Path) -> None:
     model, _, _ = _model()
     checkpoints.save_torchscript(model, tmp_path / "s.pt")
     with pytest.raises(CheckpointError, match="pass --kind .*--prediction-type, --data-shape"):
-        checkpoints.load_checkpoint(tmp_path / "s.pt")
+        checkpoints.load_checkpoint(tmp_path / "s.pt", trust_program=True)
     loaded = checkpoints.load_checkpoint(
-        tmp_path / "s.pt", kind="linear", timesteps=50, prediction_type="x0", data_shape=(2,)
+        tmp_path / "s.pt",
+        kind="linear",
+        timesteps=50,
+        prediction_type="x0",
+        data_shape=(2,),
+        trust_program=True,
     )
     assert loaded.prediction_type == "sample" and loaded.schedule.name.startswith("linear")
     _same_predictions(loaded, model)
     meta = checkpoints.checkpoint_metadata(SCHEDULE, "v", (2,))
     (tmp_path / "s.pt.ddpm.json").write_text(json.dumps(meta))
-    assert checkpoints.load_checkpoint(tmp_path / "s.pt").prediction_type == "v_prediction"
+    assert (
+        checkpoints.load_checkpoint(tmp_path / "s.pt", trust_program=True).prediction_type
+        == "v_prediction"
+    )
 
 
 @pytest.mark.parametrize("dynamic", [True, False])
@@ -211,7 +219,11 @@ def test_corrupt_torchscript_zip(tmp_path: Path) -> None:
             out.writestr(name, b"junk" if name.endswith("data.pkl") else zf.read(name))
     with pytest.raises(CheckpointError, match="corrupt TorchScript"):
         checkpoints.load_checkpoint(
-            tmp_path / "bad.pt", kind="linear", prediction_type="eps", data_shape=(2,)
+            tmp_path / "bad.pt",
+            kind="linear",
+            prediction_type="eps",
+            data_shape=(2,),
+            trust_program=True,
         )
 
 
@@ -221,7 +233,7 @@ def test_learned_variance_hint(tmp_path: Path) -> None:
         model, tmp_path / "s.pt", checkpoints.checkpoint_metadata(SCHEDULE, "eps", (2,))
     )
     with pytest.raises(CheckpointError, match="pass --learned-variance"):
-        checkpoints.load_checkpoint(tmp_path / "s.pt")
+        checkpoints.load_checkpoint(tmp_path / "s.pt", trust_program=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,7 +323,12 @@ def test_learned_variance_inferred_without_metadata(tmp_path: Path) -> None:
     model, _, _ = _model((2,), learned=True)
     checkpoints.save_torchscript(model, tmp_path / "s.pt")
     loaded = checkpoints.load_checkpoint(
-        tmp_path / "s.pt", kind="linear", timesteps=50, prediction_type="eps", data_shape=(2,)
+        tmp_path / "s.pt",
+        kind="linear",
+        timesteps=50,
+        prediction_type="eps",
+        data_shape=(2,),
+        trust_program=True,
     )
     assert loaded.learned_variance
     _same_predictions(loaded, model)

@@ -26,7 +26,10 @@ RUNS: dict[str, tuple[str, ...]] = {
 
 def _rows(cli: Callable[..., Result], ckpt: Path, run: str, *extra: str) -> list[dict[str, Any]]:
     args = RUNS[run]
-    result = cli(args[0], str(ckpt), *args[1:], *extra, "--format", "json", "--quiet")
+    # every format loads with the same flags; TorchScript needs the trust flag (others ignore it)
+    result = cli(
+        args[0], str(ckpt), *args[1:], *extra, "--format", "json", "--quiet", "--trust-program"
+    )
     assert result.exit_code == 0, result.stderr
     rows = json.loads(result.stdout)
     assert rows, f"{run} printed no rows"

@@ -24,6 +24,7 @@ from ddpmcli.cli.common import (
     QuietOpt,
     SeedOpt,
     ShapeOpt,
+    TrustOpt,
     check_format_flags,
     loader_options,
     parse_shape,
@@ -116,6 +117,7 @@ def info(
     prediction_type: PredOpt = None,
     data_shape: ShapeOpt = None,
     learned_variance: LearnedOpt = None,
+    trust_program: TrustOpt = False,
 ) -> None:
     """What a checkpoint holds: format, network and size, schedule (kind, T, terminal SNR),
     prediction type, data shape and range, file size. One row per checkpoint.
@@ -135,8 +137,11 @@ def info(
 
     check_format_flags(fmt, no_header)
     cols = select_columns(columns, INFO_COLUMNS)
-    options = loader_options(kind, timesteps, prediction_type, data_shape, learned_variance)
-    rows = [info_row(load_checkpoint(path, **options)) for path in checkpoints]
+    options = loader_options(
+        kind, timesteps, prediction_type, data_shape, learned_variance, trust_program
+    )
+    # never runs the model: metadata, parameter counts and shapes from the file itself
+    rows = [info_row(load_checkpoint(path, **options, inspect_only=True)) for path in checkpoints]
     if resolve_format(fmt) == "table" and len(rows) == 1:
         vertical = [{"field": c, "value": rows[0][c]} for c in cols]
         emit(vertical, ["field", "value"], "table", title=f"info {checkpoints[0].name}")

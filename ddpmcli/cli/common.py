@@ -117,6 +117,14 @@ LearnedOpt = Annotated[
         rich_help_panel=PANEL_META,
     ),
 ]
+TrustOpt = Annotated[
+    bool,
+    typer.Option(
+        "--trust-program",
+        help="Load TorchScript checkpoints, which run their own code when loaded: only for files "
+        "you trust (also DDPM_TRUST_PROGRAM=1).",
+    ),
+]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,15 +272,18 @@ def loader_options(
     prediction_type: str | None,
     data_shape: str | None,
     learned_variance: bool | None = None,
+    trust_program: bool = False,
 ) -> dict[str, Any]:
-    """The metadata flags (--kind, -T, --prediction-type, --data-shape, --learned-variance) as
-    keyword arguments for `checkpoints.load_checkpoint`; None leaves a field to the checkpoint."""
+    """The metadata flags (--kind, -T, --prediction-type, --data-shape, --learned-variance) and
+    --trust-program as keyword arguments for `checkpoints.load_checkpoint`; None leaves a field to
+    the checkpoint (and trust to DDPM_TRUST_PROGRAM)."""
     return {
         "kind": kind,
         "timesteps": timesteps,
         "prediction_type": prediction_type,
         "data_shape": parse_shape(data_shape),
         "learned_variance": learned_variance,
+        "trust_program": True if trust_program else None,
     }
 
 

@@ -27,6 +27,7 @@ from ddpmcli.cli.common import (
     QuietOpt,
     SeedOpt,
     ShapeOpt,
+    TrustOpt,
     TSelectOpt,
     check_format_flags,
     loader_options,
@@ -90,6 +91,7 @@ def reconstruct(
     timesteps: MetaTimestepsOpt = None,
     prediction_type: PredOpt = None,
     data_shape: ShapeOpt = None,
+    trust_program: TrustOpt = False,
 ) -> None:
     """Reconstruct x0 from x_t at each t: mse, psnr, eps_mse, clip_fraction per noise level.
 
@@ -115,7 +117,8 @@ def reconstruct(
     reject_conflicts(("--t", t is not None), ("--every", every is not None))
     plot_path = resolve_plot_path(plot, "reconstruct")
     model = load_checkpoint(
-        checkpoint, **loader_options(kind, timesteps, prediction_type, data_shape)
+        checkpoint,
+        **loader_options(kind, timesteps, prediction_type, data_shape, trust_program=trust_program),
     )
     steps = model.schedule.num_steps
     indices = (

@@ -27,6 +27,7 @@ from ddpmcli.cli.common import (
     QuietOpt,
     SeedOpt,
     ShapeOpt,
+    TrustOpt,
     TSelectOpt,
     check_format_flags,
     loader_options,
@@ -82,12 +83,14 @@ def _load(
     timesteps: int | None,
     prediction_type: str | None,
     data_shape: str | None,
+    trust_program: bool = False,
 ) -> LoadedModel:
     from ddpmcli.checkpoints import load_checkpoint
     from ddpmcli.diagnostics import resolve_device, resolve_dtype
 
     return load_checkpoint(
-        checkpoint, **loader_options(kind, timesteps, prediction_type, data_shape),
+        checkpoint,
+        **loader_options(kind, timesteps, prediction_type, data_shape, trust_program=trust_program),
         device=resolve_device(device), dtype=resolve_dtype(dtype),
     )  # fmt: skip
 
@@ -203,6 +206,7 @@ def sample(
     timesteps: MetaTimestepsOpt = None,
     prediction_type: PredOpt = None,
     data_shape: ShapeOpt = None,
+    trust_program: TrustOpt = False,
 ) -> None:
     """Sample from a checkpoint and show every step: one row per step.
 
@@ -244,7 +248,9 @@ def sample(
         raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
     plot_path = resolve_plot_path(plot, "sample")
     save_path = _check_save(save)
-    model = _load(checkpoint, device, dtype, kind, timesteps, prediction_type, data_shape)
+    model = _load(
+        checkpoint, device, dtype, kind, timesteps, prediction_type, data_shape, trust_program
+    )
     settings = SampleSettings(
         sampler=sampler, variance=variance, eta=eta, clip=clip,
         dynamic_threshold=percentile if dynamic_threshold else None,
@@ -403,6 +409,7 @@ def nll(
     timesteps: MetaTimestepsOpt = None,
     prediction_type: PredOpt = None,
     data_shape: ShapeOpt = None,
+    trust_program: TrustOpt = False,
 ) -> None:
     """The variational bound of a checkpoint on data, term by term, in bits/dim.
 
@@ -433,7 +440,9 @@ def nll(
     if batch_size is not None and batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
     cols = select_columns(columns, list(BOUND_COLUMNS))
-    model = _load(checkpoint, device, dtype, kind, timesteps, prediction_type, data_shape)
+    model = _load(
+        checkpoint, device, dtype, kind, timesteps, prediction_type, data_shape, trust_program
+    )
     num = model.schedule.num_steps
     weights = None
     indices: list[int] | None = None

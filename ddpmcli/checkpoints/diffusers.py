@@ -1,0 +1,283 @@
+"""diffusers pipeline or unet folders (``unet/``, ``scheduler/``), with the optional extra.
+
+Files are read as a hostile source: every JSON with size and nesting limits, weight files must be
+regular files inside the unet folder, and the config fields that decide an allocation
+(``sample_size``, channels, blocks) are checked before the network is built. Weights are read with
+safetensors or ``torch.load(weights_only=True)``, offline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import warnings
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from ddpmcli import core, limits, models
+from ddpmcli.checkpoints.loaded import LoadedModel, load_state
+from ddpmcli.checkpoints.meta import _finish, _merge, _Meta, check_data_shape
+from ddpmcli.checkpoints.unpickler import one_line, safe_torch_load
+from ddpmcli.errors import CheckpointError, DdpmError
+
+DIFFUSERS_HINT = "pip install 'ddpmcli[diffusers]'"
+MAX_CHANNELS = 1 << 14
+
+
+_WEIGHT_NAMES = (
+    "diffusion_pytorch_model.safetensors",
+    "diffusion_pytorch_model.bin",
+    "diffusion_pytorch_model.fp16.safetensors",
+    "diffusion_pytorch_model.fp16.bin",
+)
+
+
+def _diffusers_layout(p: Path) -> tuple[Path, Path | None]:
+    """(unet folder, scheduler_config.json or None) of a pipeline or bare unet folder."""
+    if (p / "unet" / "config.json").is_file():
+        unet_dir = p / "unet"
+    elif (p / "config.json").is_file():
+        unet_dir = p
+    else:
+        raise CheckpointError(
+            f"{p}: not a diffusers folder (no unet/config.json or config.json); a folder must be a "
+            "diffusers pipeline or unet"
+        )
+    candidates = [
+        p / "scheduler" / "scheduler_config.json",
+        p / "scheduler_config.json",
+        unet_dir.parent / "scheduler" / "scheduler_config.json",
+    ]
+    return unet_dir, next((c for c in candidates if c.is_file()), None)
+
+
+@contextlib.contextmanager
+def _offline_quiet() -> Iterator[None]:
+    """No network, no log noise, no progress bars while diffusers is in use."""
+    saved = {
+        k: os.environ.get(k)
+        for k in ("HF_HUB_OFFLINE", "DIFFUSERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS")
+    }
+    os.environ.update(
+        HF_HUB_OFFLINE="1", DIFFUSERS_VERBOSITY="error", HF_HUB_DISABLE_PROGRESS_BARS="1"
+    )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _import_diffusers() -> Any:
+    try:
+        with _offline_quiet():
+            import diffusers
+            from diffusers.utils import logging as dlogging
+    except ImportError:
+        raise CheckpointError(
+            f"loading a diffusers folder needs the optional extra: {DIFFUSERS_HINT}"
+        ) from None
+    dlogging.set_verbosity_error()
+    dlogging.disable_progress_bar()
+    logging.getLogger("diffusers").setLevel(logging.ERROR)
+    return diffusers
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    raw = limits.read_json(path, "diffusers config", error=CheckpointError)
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: must hold a JSON object")
+    return raw
+
+
+def _weight_file(unet_dir: Path, name: Any) -> Path:
+    """A weight file named by an index: a plain name inside the unet folder, a regular file."""
+    text = str(name)
+    if not text or "/" in text or "\\" in text or text in (".", ".."):
+        raise CheckpointError(f"{unet_dir}: weight index names {text!r}, not a file in the folder")
+    return limits.check_regular_file(unet_dir / text, "weights file", error=CheckpointError)
+
+
+def _read_diffusers_weights(unet_dir: Path) -> dict[str, Tensor]:
+    index = [
+        unet_dir / f"diffusion_pytorch_model.{ext}.index.json" for ext in ("safetensors", "bin")
+    ]
+    files: list[Path] = []
+    for idx in index:
+        if idx.is_file():
+            weight_map = _read_json(idx).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{idx}: weight_map must be a JSON object")
+            names = sorted({str(v) for v in weight_map.values()})
+            files = [_weight_file(unet_dir, n) for n in names]
+            break
+    else:
+        first = next((unet_dir / n for n in _WEIGHT_NAMES if (unet_dir / n).is_file()), None)
+        if first is None:
+            raise CheckpointError(
+                f"{unet_dir}: no weights (diffusion_pytorch_model.safetensors or .bin) "
+                "in the unet folder"
+            )
+        files = [first]
+    state: dict[str, Tensor] = {}
+    for f in files:
+        if f.suffix == ".safetensors":
+            try:
+                from safetensors.torch import load_file
+            except ImportError:
+                raise CheckpointError(
+                    f"reading {f.name} needs safetensors: {DIFFUSERS_HINT}"
+                ) from None
+            try:
+                state.update(load_file(str(f), device="cpu"))
+            except Exception as exc:  # safetensors raises its own SafetensorError
+                raise CheckpointError(
+                    f"{f}: truncated or corrupt safetensors file ({one_line(exc)})"
+                ) from None
+        else:
+            loaded = safe_torch_load(f, str(f))
+            if not isinstance(loaded, Mapping):
+                raise CheckpointError(f"{f}: not a state dict")
+            state.update(loaded)
+    return state
+
+
+def load_diffusers(p: Path, given: _Meta) -> LoadedModel:
+    where = str(p)
+    unet_dir, scheduler_file = _diffusers_layout(p)
+    diffusers = _import_diffusers()
+    config = _read_json(unet_dir / "config.json")
+    _check_unet_sizes(config, unet_dir / "config.json")
+    class_name = str(config.get("_class_name", "UNet2DModel"))
+    if class_name != "UNet2DModel":
+        raise CheckpointError(
+            f"{where}: diffusers model {class_name} is not supported "
+            "(only the unconditional UNet2DModel)"
+        )
+    if config.get("class_embed_type") or config.get("num_class_embeds"):
+        raise CheckpointError(f"{where}: class-conditional UNet2DModel is not supported")
+    with _offline_quiet():
+        try:
+            unet = diffusers.UNet2DModel.from_config(config)
+        except Exception as exc:
+            raise CheckpointError(
+                f"{unet_dir / 'config.json'}: bad UNet2DModel config ({one_line(exc)})"
+            ) from None
+        state = _read_diffusers_weights(unet_dir)
+        load_state(unet, state, where)
+    unet.eval()
+
+    file_meta = _Meta()
+    if scheduler_file is not None:
+        file_meta = _diffusers_scheduler_meta(scheduler_file)
+    in_ch = int(unet.config.in_channels)
+    out_ch = int(unet.config.out_channels)
+    size = unet.config.sample_size
+    h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    file_meta.data_shape = (in_ch, h, w)
+    file_meta.learned_variance = out_ch == 2 * in_ch
+    file_meta.data_range = (-1.0, 1.0)
+    meta = _merge(file_meta, given)
+    schedule, pred, learned, shape, rng = _finish(meta, where, flags_hint=True)
+    info = {
+        "format": "diffusers",
+        "architecture": class_name,
+        "parameters": models.count_parameters(unet),
+        "diffusers_version": getattr(diffusers, "__version__", "?"),
+        "scheduler_config": None if scheduler_file is None else str(scheduler_file),
+        **{f"scheduler_{k}": v for k, v in file_meta.extra.items()},
+    }
+    return LoadedModel(
+        denoiser=_DiffusersDenoiser(unet),
+        schedule=schedule,
+        prediction_type=pred,
+        learned_variance=learned,
+        data_shape=shape,
+        data_range=rng,
+        reference_samples=None,
+        info=info,
+        _mover=lambda d, dt: _DiffusersDenoiser(unet.to(device=d, dtype=dt)),
+    )
+
+
+class _DiffusersDenoiser:
+    """``unet(x_t, t).sample`` as a plain callable."""
+
+    def __init__(self, unet: Any) -> None:
+        self.unet = unet
+
+    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
+        out: Tensor = self.unet(x, t, return_dict=False)[0]
+        return out
+
+
+def _diffusers_scheduler_meta(path: Path) -> _Meta:
+    """Schedule and prediction type from a scheduler_config.json (read by ddpmcli.configs)."""
+    from ddpmcli import configs  # lazily: only diffusers folders need it
+
+    try:
+        config = configs.load_scheduler_config(path)
+    except DdpmError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+    return _Meta(
+        schedule=config.schedule,
+        prediction_type=core.canonical_prediction_type(config.prediction_type),
+        extra={
+            "variance_type": config.variance_type,
+            "clip_sample": config.clip_sample,
+            "timestep_spacing": config.timestep_spacing,
+            "steps_offset": config.steps_offset,
+        },
+    )
+
+
+def _check_unet_sizes(config: Mapping[str, Any], where: Path) -> None:
+    """The config fields that decide an allocation, checked before the network is built."""
+
+    def count(name: str, default: int, maximum: int) -> int:
+        value = config.get(name, default)
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= maximum:
+            raise CheckpointError(
+                f"{where}: {name} must be an integer in 1..{maximum}, got {value!r}"
+            )
+        return value
+
+    in_ch = count("in_channels", 3, MAX_CHANNELS)
+    count("out_channels", 3, MAX_CHANNELS)
+    layers = count("layers_per_block", 2, 64)
+    size = config.get("sample_size")
+    sizes: list[Any] = list(size) if isinstance(size, (list, tuple)) else [size]
+    if (
+        size is None
+        or len(sizes) not in (1, 2)
+        or not all(isinstance(s, int) and not isinstance(s, bool) and 1 <= s for s in sizes)
+    ):
+        raise CheckpointError(f"{where}: sample_size must be a positive integer, got {size!r}")
+    h, w = int(sizes[0]), int(sizes[-1])
+    check_data_shape((in_ch, h, w), f"{where}: sample_size", CheckpointError)
+    blocks = config.get("block_out_channels", (64,))
+    if (
+        not isinstance(blocks, (list, tuple))
+        or not blocks
+        or len(blocks) > 16
+        or not all(
+            isinstance(c, int) and not isinstance(c, bool) and 1 <= c <= MAX_CHANNELS
+            for c in blocks
+        )
+    ):
+        raise CheckpointError(
+            f"{where}: block_out_channels must be 1 to 16 integers in 1..{MAX_CHANNELS}"
+        )
+    # about two 3x3 convolutions per layer, down and up: a bound on the weights it allocates
+    weights = sum(2 * 9 * c * c * (2 * layers + 1) for c in blocks)
+    what = f"{where}: the UNet2DModel it describes"
+    limits.check_allocation(weights * 4, what, error=CheckpointError)

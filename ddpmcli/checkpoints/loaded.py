@@ -1,0 +1,149 @@
+"""The loaded model every format becomes, and the steps every loader shares: fitting a state
+dict, moving a module, and the load-time output check."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ddpmcli import core
+from ddpmcli.checkpoints.guard import model_call
+from ddpmcli.checkpoints.unpickler import one_line
+from ddpmcli.errors import CheckpointError
+
+Denoiser = Callable[[Tensor, Tensor], Tensor]
+_Mover = Callable[[torch.device, "torch.dtype | None"], Denoiser]
+CHECK_BATCH = 2  # the load-time check runs this many distinct rows: a batch-1 model shows
+
+
+@dataclass
+class LoadedModel:
+    """A checkpoint in any format, as the diagnostics use it.
+
+    ``denoiser(x_t, t)`` takes ``x_t`` ``[B, *data_shape]`` and ``t`` int64 ``[B]`` *model*
+    timesteps (for a respaced schedule, ``schedule.timesteps[i]``) and returns the raw output: the
+    prediction
+    (``prediction_type``), with the variance values ``v`` appended along dim 1 when
+    ``learned_variance``. ``schedule`` is the training schedule, float64.
+    """
+
+    denoiser: Denoiser
+    schedule: core.Schedule
+    prediction_type: str
+    learned_variance: bool
+    data_shape: tuple[int, ...]
+    data_range: tuple[float, float]
+    reference_samples: Tensor | None
+    info: dict[str, Any]
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype = torch.float32
+    _mover: _Mover | None = field(default=None, repr=False)
+
+    def predict(self, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor | None]:
+        """``(prediction, v)``: the model output split along dim 1; ``v`` is None unless learned.
+
+        ``v`` is improved-diffusion's variance interpolation value (nominally in [-1, 1]) for
+        ``core.Schedule.model_log_variance("learned_range", ...)``.
+        """
+        with model_call():
+            out = self.denoiser(x_t, t.to(device=x_t.device, dtype=torch.long))
+        if not self.learned_variance:
+            return out, None
+        channels = out.shape[1] // 2
+        return out[:, :channels], out[:, channels:]
+
+    def to(
+        self, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> LoadedModel:
+        """The same model on ``device`` in ``dtype`` (a new object; the schedule stays float64)."""
+        dev = self.device if device is None else torch.device(device)
+        if self._mover is None:
+            raise CheckpointError("this model cannot be moved (no mover)")
+        denoiser = self._mover(dev, dtype)
+        return dataclasses.replace(
+            self, denoiser=denoiser, device=dev, dtype=self.dtype if dtype is None else dtype
+        )
+
+
+def load_state(module: nn.Module, state: Mapping[str, Any], where: str) -> None:
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[0]!r})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]!r})")
+        raise CheckpointError(
+            f"{where}: state dict does not match the architecture: {', '.join(parts)} keys"
+        )
+    for key, value in state.items():
+        if not isinstance(value, Tensor) or value.shape != own[key].shape:
+            got = list(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            raise CheckpointError(
+                f"{where}: state dict does not match the architecture: {key!r} has shape {got}, "
+                f"the model wants {list(own[key].shape)}"
+            )
+    module.load_state_dict(dict(state), strict=True)
+
+
+def module_mover(module: nn.Module) -> _Mover:
+    def move(device: torch.device, dtype: torch.dtype | None) -> Denoiser:
+        moved = module.to(device=device) if dtype is None else module.to(device=device, dtype=dtype)
+        return moved
+
+    return move
+
+
+def check_output_shape(loaded: LoadedModel, where: str) -> None:
+    """One forward pass on a batch of distinct rows (different x and t): the output must be
+    ``[B, C, ...]`` (or ``[B, 2C, ...]`` with a learned variance), so a model that ignores the
+    batch, or fails on the data shape, is one CheckpointError line."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn((CHECK_BATCH, *loaded.data_shape), generator=gen)
+    x = x.to(device=loaded.device, dtype=loaded.dtype)
+    last = max(loaded.schedule.num_train_timesteps - 1, 0)
+    t = torch.linspace(0, last, CHECK_BATCH).round().to(device=loaded.device, dtype=torch.long)
+    try:
+        with torch.inference_mode(), model_call():
+            out = loaded.denoiser(x, t)
+    except Exception as exc:  # the model's own error: shape mismatch inside it, most likely
+        raise CheckpointError(
+            f"{where}: the model fails on inputs of data shape {list(loaded.data_shape)} "
+            f"({one_line(exc)}); pass the right --data-shape"
+        ) from None
+    want = list(x.shape)
+    if (
+        loaded.info.get("learned_variance_inferred")
+        and isinstance(out, Tensor)
+        and list(out.shape) == [want[0], 2 * want[1], *want[2:]]
+    ):
+        # no metadata said either way: twice the channels can only be (prediction, v)
+        loaded.learned_variance = True
+    if loaded.learned_variance:
+        want[1] *= 2
+    if not isinstance(out, Tensor) or list(out.shape) != want:
+        raise CheckpointError(_shape_mismatch(loaded, out, x, want, where))
+
+
+def _shape_mismatch(loaded: LoadedModel, out: Any, x: Tensor, want: list[int], where: str) -> str:
+    got = list(out.shape) if isinstance(out, Tensor) else type(out).__name__
+    hint = ""
+    if isinstance(out, Tensor) and out.ndim >= 1 and out.shape[0] != x.shape[0]:
+        hint = (
+            f" (it returned {out.shape[0]} rows for a batch of {x.shape[0]}: "
+            "the model ignores the batch)"
+        )
+    elif isinstance(out, Tensor) and out.ndim == len(want) and out.shape[2:] == x.shape[2:]:
+        if out.shape[1] == 2 * x.shape[1] and not loaded.learned_variance:
+            hint = " (twice the channels: pass --learned-variance)"
+    return (
+        f"{where}: model output shape {got} does not match data shape "
+        f"{list(loaded.data_shape)} (expected {want}){hint}"
+    )
