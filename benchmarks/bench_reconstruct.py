@@ -44,7 +44,7 @@ import torch
 
 from ddpmcli import core, models
 from ddpmcli.checkpoints import LoadedModel, load_checkpoint, save_native_checkpoint
-from ddpmcli.diagnostics import (
+from ddpmcli.run import (
     auto_chunk_size,
     iter_chunks,
     reconstruction_sweep,

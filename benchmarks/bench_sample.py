@@ -1,6 +1,6 @@
 """Speed of `ddpm sample`'s loop (issue 4's targets) on a diffusers UNet2DModel.
 
-(a) overhead: the whole sampling loop of :func:`ddpmcli.sampling.sample` (noise, x0_hat, clipping,
+(a) overhead: the whole sampling loop of :func:`ddpmcli.run.sample` (noise, x0_hat, clipping,
     posterior step, the per-step diagnostics row) against the model's own forward passes alone
     (the same UNet, batch and timesteps, called directly); target < 5% per step. Also the loop
     alone, with a model that costs nothing: its own work as a fraction of the forward passes,
@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from ddpmcli.checkpoints import load_checkpoint
-from ddpmcli.sampling import SampleSettings, respaced_schedule, sample
+from ddpmcli.run import SampleSettings, respaced_schedule, sample
 
 
 def _sync(device: torch.device) -> None:

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ddpmcli import core
 from ddpmcli.errors import UsageError
-from ddpmcli.sampling import (
+from ddpmcli.run import (
     BOUND_COLUMNS,
     bound_strata,
     random_strata,

@@ -27,7 +27,8 @@ from rowcheck import assert_row_close
 from torch import Tensor
 
 from ddpmcli import core
-from ddpmcli.diagnostics import (
+from ddpmcli.errors import DataError, DdpmError, SamplingError, UsageError
+from ddpmcli.run import (
     OptimalDenoiser,
     auto_chunk_size,
     iter_chunks,
@@ -38,7 +39,6 @@ from ddpmcli.diagnostics import (
     sample_noise,
     sample_noise_rows,
 )
-from ddpmcli.errors import DataError, DdpmError, SamplingError, UsageError
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 
@@ -233,7 +233,7 @@ def test_a_subset_of_t_gives_the_rows_of_the_full_sweep() -> None:
 
 
 def test_samples_swept_in_groups_give_the_same_numbers(monkeypatch: pytest.MonkeyPatch) -> None:
-    from ddpmcli import diagnostics
+    from ddpmcli.run import sweep
 
     sched = core.make_schedule("linear", 100)
     x0 = _data(n=7, shape=(2, 2))
@@ -242,10 +242,11 @@ def test_samples_swept_in_groups_give_the_same_numbers(monkeypatch: pytest.Monke
     kwargs: dict[str, Any] = {"seed": 1, "per_sample": True, "example_samples": 5}
     ref = reconstruction_sweep(model, x0, ts, **kwargs)
     # x0 + eps of 3 samples in float64: 2 x 3 x 4 x 8 bytes; groups of 3, 3 and 1 samples
-    monkeypatch.setattr(diagnostics, "SWEEP_DATA_BUDGET", 2 * 3 * 4 * 8)
+    monkeypatch.setattr(sweep, "SWEEP_DATA_BUDGET", 2 * 3 * 4 * 8)
     calls: list[int] = []
-    got = reconstruction_sweep(model, x0, ts, batch_size=4, callback=lambda d, _: calls.append(d),
-                               **kwargs)  # fmt: skip
+    got = reconstruction_sweep(
+        model, x0, ts, batch_size=4, observers=[lambda e: calls.append(e.done)], **kwargs
+    )
     assert calls == [4, 8, 9, 13, 17, 18, 21]  # 9 + 9 + 3 pairs in chunks of up to 4
     assert got.sample_rows == ref.sample_rows
     assert torch.equal(got.examples.x_t, ref.examples.x_t)
@@ -292,7 +293,7 @@ def test_progress_callback_and_memory_is_per_chunk() -> None:
     calls: list[tuple[int, int]] = []
     res = reconstruction_sweep(
         ShrinkModel(sched, (2,)), x0, list(range(100)), batch_size=64,
-        callback=lambda done, total: calls.append((done, total)),
+        observers=[lambda e: calls.append((e.done, e.total))],
     )  # fmt: skip
     assert calls[-1] == (600, 600) and len(calls) == math.ceil(600 / 64)
     assert res.batch_size == 64 and res.sample_rows is None
@@ -518,6 +519,7 @@ def test_cli_optimal_denoiser_beats_the_trained_model(cli: Any, ckpts: dict[str,
 
 def test_cli_image_model_reference_samples_and_plot(cli: Any, ckpts: dict[str, Any]) -> None:
     plot = ckpts["root"] / "figs" / "img.png"
+    plot.parent.mkdir(exist_ok=True)  # a missing plot folder is a usage error (issue 7)
     res = cli("reconstruct", ckpts["img"], "--n", "5", "--plot", str(plot), "-f", "csv")
     assert res.exit_code == 0, res.stderr
     assert res.stdout.splitlines()[0] == AGG and len(res.stdout.splitlines()) == 11
@@ -531,7 +533,8 @@ def test_cli_image_model_reference_samples_and_plot(cli: Any, ckpts: dict[str, A
 
 
 def test_cli_torchscript_with_metadata_flags(cli: Any, ckpts: dict[str, Any]) -> None:
-    args = ("reconstruct", ckpts["script"], "--data", "gmm", "--n", "8", "--t", "0,999")
+    args = ("reconstruct", ckpts["script"], "--data", "gmm", "--n", "8", "--t", "0,999",
+            "--trust-program")  # fmt: skip
     missing = cli(*args, "-f", "csv")
     assert missing.exit_code != 0 and missing.stderr.startswith("Error: ")
     res = cli(

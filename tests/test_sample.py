@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ddpmcli import core
 from ddpmcli.errors import UsageError
-from ddpmcli.sampling import (
+from ddpmcli.run import (
     STEP_COLUMNS,
     NonFiniteSampleError,
     SampleSettings,

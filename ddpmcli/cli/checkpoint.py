@@ -6,7 +6,6 @@ Thin: parse and validate the flags, call `ddpmcli.checkpoints` / `ddpmcli.traini
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -46,7 +45,7 @@ from ddpmcli.cli.schedule import (
     schedule_request,
 )
 from ddpmcli.errors import UsageError
-from ddpmcli.output import ProgressHandle, check_writable, emit, note, progress
+from ddpmcli.output import check_writable, emit, note, progress
 
 if TYPE_CHECKING:
     from ddpmcli.checkpoints import LoadedModel
@@ -147,18 +146,6 @@ def info(
         emit(vertical, ["field", "value"], "table", title=f"info {checkpoints[0].name}")
         return
     emit(rows, cols, fmt, no_header=no_header, title="info")
-
-
-def _smoothed_loss(bar: ProgressHandle) -> Callable[[int, float], None]:
-    """A training callback showing an exponential moving average of the loss on ``bar``."""
-    smoothed = [float("nan")]
-
-    def update(step: int, loss: float) -> None:
-        prev = smoothed[0]
-        smoothed[0] = loss if prev != prev else 0.98 * prev + 0.02 * loss
-        bar.update(completed=step, loss=f"{smoothed[0]:.4f}")
-
-    return update
 
 
 def train(
@@ -272,7 +259,7 @@ def train(
     from ddpmcli import data as datasets
     from ddpmcli.checkpoints import save_native_checkpoint
     from ddpmcli.configs import build_schedule
-    from ddpmcli.diagnostics import resolve_device
+    from ddpmcli.run import progress_observer, resolve_device
     from ddpmcli.training import default_architecture, train_denoiser
 
     check_writable(out, what="checkpoint")
@@ -305,11 +292,11 @@ def train(
     arch = default_architecture(data_shape_t) if architecture == "auto" else architecture
     hparams = {} if width is None else {"hidden" if arch == "mlp" else "base_channels": width}
     with progress(steps, "training", quiet, fields={"loss": "-"}) as bar:
-        callback = _smoothed_loss(bar)
+        shown = progress_observer(bar, {"loss": "loss_smoothed"})
         result = train_denoiser(
             x, schedule, prediction_type=prediction_type, learned_variance=learned_variance,
             architecture=arch, hparams=hparams, steps=steps, batch_size=batch_size, lr=lr,
-            seed=seed, ema_decay=ema or None, device=resolve_device(device), callback=callback,
+            seed=seed, ema_decay=ema or None, device=resolve_device(device), observers=[shown],
         )  # fmt: skip
     training = {
         "data": data,

@@ -13,8 +13,9 @@ excluded; `900:` runs to the end). Out-of-range values are usage errors naming t
 
 from __future__ import annotations
 
+import contextlib
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -330,3 +331,19 @@ def parse_key_values(items: Sequence[str] | None, flag: str = "--param") -> dict
         except ValueError:
             raise UsageError(f"{flag} {item!r}: {value!r} is not a number") from None
     return params
+
+
+def flag_name(parameter: str) -> str:
+    """The CLI flag of a library parameter: ``batch_size`` -> ``--batch-size``."""
+    return "--" + parameter.replace("_", "-")
+
+
+@contextlib.contextmanager
+def as_flags() -> Iterator[None]:
+    """Re-raise library errors that name parameters (``run.ParameterError``) naming our flags."""
+    from ddpmcli.run.events import ParameterError
+
+    try:
+        yield
+    except ParameterError as exc:
+        raise UsageError(exc.render(flag_name)) from None

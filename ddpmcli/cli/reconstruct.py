@@ -1,13 +1,12 @@
 """`ddpm reconstruct CKPT`: noise data to x_t, let the checkpoint predict, rebuild x0, per t.
 
 Thin: parse and validate the flags, load the checkpoint and data, call
-`diagnostics.reconstruction_sweep`, hand the rows to `ddpmcli.output`. torch is imported only
+`run.reconstruction_sweep`, hand the rows to `ddpmcli.output`. torch is imported only
 inside the command, so `ddpm --help` stays fast.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Annotated, Literal
 
 import typer
@@ -29,6 +28,7 @@ from ddpmcli.cli.common import (
     ShapeOpt,
     TrustOpt,
     TSelectOpt,
+    as_flags,
     check_format_flags,
     loader_options,
     reject_conflicts,
@@ -36,18 +36,7 @@ from ddpmcli.cli.common import (
     select_columns,
     select_rows,
 )
-from ddpmcli.output import ProgressHandle, emit, note, progress
-
-
-def _advancer(bar: ProgressHandle) -> Callable[[int, int], None]:
-    """A sweep's ``callback(done, total)`` as increments of the progress bar."""
-    seen = [0]
-
-    def advance(done: int, total: int) -> None:
-        bar.advance(done - seen[0])
-        seen[0] = done
-
-    return advance
+from ddpmcli.output import emit, note, progress
 
 
 def reconstruct(
@@ -111,7 +100,13 @@ def reconstruct(
       ddpm reconstruct model.pt2 --kind cosine --prediction-type v --data-shape 2 --data moons
     """
     from ddpmcli.checkpoints import load_checkpoint
-    from ddpmcli.diagnostics import default_timesteps, reconstruction_data, reconstruction_sweep
+    from ddpmcli.run import (
+        RunError,
+        default_timesteps,
+        progress_observer,
+        reconstruction_data,
+        reconstruction_sweep,
+    )
 
     check_format_flags(fmt, no_header)
     reject_conflicts(("--t", t is not None), ("--every", every is not None))
@@ -124,17 +119,25 @@ def reconstruct(
     indices = (
         default_timesteps(steps) if t is None and every is None else select_rows(t, every, steps)
     )
-    picked = reconstruction_data(model, data, n=n, seed=seed, compare_optimal=compare_optimal)
-    with progress(len(indices) * picked.x0.shape[0], "reconstructing", quiet) as bar:
-        result = reconstruction_sweep(
-            model, picked.x0, indices, batch_size=batch_size, seed=seed, device=device,
-            dtype=dtype, clip=clip, per_sample=per_sample, compare_optimal=picked.optimal,
-            callback=_advancer(bar),
-        )  # fmt: skip
-    available = result.sample_columns if per_sample else result.columns
-    rows = result.sample_rows if per_sample and result.sample_rows is not None else result.rows
+    with as_flags():
+        picked = reconstruction_data(model, data, n=n, seed=seed, compare_optimal=compare_optimal)
+    title = f"reconstruct {checkpoint.name}"
+    available = list(_columns(per_sample, picked.optimal is not None))
     cols = select_columns(columns, available)
-    emit(rows, cols, fmt, no_header=no_header, title=f"reconstruct {checkpoint.name}")
+    try:
+        total = len(indices) * picked.x0.shape[0]
+        with progress(total, "reconstructing", quiet) as bar, as_flags():
+            result = reconstruction_sweep(
+                model, picked.x0, indices, batch_size=batch_size, seed=seed, device=device,
+                dtype=dtype, clip=clip, per_sample=per_sample, compare_optimal=picked.optimal,
+                observers=[progress_observer(bar)],
+            )  # fmt: skip
+    except RunError as exc:  # the rows of every finite t, then the first bad t
+        if exc.rows:
+            emit(exc.rows, cols, fmt, no_header=no_header, title=title)
+        raise
+    rows = result.sample_rows if per_sample and result.sample_rows is not None else result.rows
+    emit(rows, cols, fmt, no_header=no_header, title=title)
     if plot_path is not None:
         from ddpmcli.plotting.reconstruct import plot_reconstruction
 
@@ -143,6 +146,14 @@ def reconstruct(
         )
         if not quiet:
             note(f"wrote {written}")
+
+
+def _columns(per_sample: bool, optimal: bool) -> tuple[str, ...]:
+    """The columns a sweep's rows hold (``ReconstructionResult.columns``/``sample_columns``)."""
+    from ddpmcli.run import AGGREGATE_COLUMNS, OPTIMAL_COLUMNS
+
+    columns = AGGREGATE_COLUMNS + (OPTIMAL_COLUMNS if optimal else ())
+    return ("t", "sample", *columns[1:]) if per_sample else columns
 
 
 def register(app: typer.Typer) -> None:

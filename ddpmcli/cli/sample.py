@@ -1,7 +1,7 @@
 """`ddpm sample CKPT` and `ddpm nll CKPT`: watch a sampler step by step; the bound term by term.
 
 Thin: parse and validate the flags (every path checked before any work), load the checkpoint, call
-`ddpmcli.sampling`, hand the rows to `ddpmcli.output`. torch, numpy and matplotlib are imported
+`ddpmcli.run`, hand the rows to `ddpmcli.output`. torch, numpy and matplotlib are imported
 only inside the commands, so `ddpm --help` stays fast.
 """
 
@@ -29,6 +29,7 @@ from ddpmcli.cli.common import (
     ShapeOpt,
     TrustOpt,
     TSelectOpt,
+    as_flags,
     check_format_flags,
     loader_options,
     reject_conflicts,
@@ -86,7 +87,7 @@ def _load(
     trust_program: bool = False,
 ) -> LoadedModel:
     from ddpmcli.checkpoints import load_checkpoint
-    from ddpmcli.diagnostics import resolve_device, resolve_dtype
+    from ddpmcli.run import resolve_device, resolve_dtype
 
     return load_checkpoint(
         checkpoint,
@@ -230,15 +231,14 @@ def sample(
     """
     import torch
 
-    from ddpmcli.sampling import (
-        NonFiniteSampleError,
+    from ddpmcli.run import (
+        RunError,
         SampleSettings,
         check_sample_settings,
+        progress_observer,
         respaced_schedule,
     )
-    from ddpmcli.sampling import (
-        sample as run_sample,
-    )
+    from ddpmcli.run import sample as run_sample
 
     check_format_flags(fmt, no_header)
     reject_conflicts(("--summary", summary), ("--columns", columns is not None))
@@ -257,15 +257,15 @@ def sample(
         data_range=model.data_range, trajectory_every=trajectory_every,
         trajectory_samples=8 if len(model.data_shape) > 1 else min(n, 2000),
     )  # fmt: skip
-    check_sample_settings(settings, learned_variance=model.learned_variance)
+    with as_flags():
+        check_sample_settings(settings, learned_variance=model.learned_variance)
+        schedule = respaced_schedule(model.schedule, steps, spacing)
     if save_path is not None and save_path.suffix.lower() == ".png" and len(model.data_shape) != 3:
         raise UsageError(f"--save {str(save_path)!r}: a .png grid needs image data; use .npz")
-    schedule = respaced_schedule(model.schedule, steps, spacing)
     refs = _reference(model, reference, seed)
     data_variance = float(refs.double().var(correction=0)) if refs is not None else 1.0
     if refs is None and not quiet:
         note("xt_std_expected assumes var(data) = 1 (no reference samples)")
-    rows: list[dict[str, Any]] = []
     title = f"sample {checkpoint.name} ({sampler}, {schedule.num_steps} steps)"
     cols = select_columns(columns, _step_columns())
     try:
@@ -273,19 +273,19 @@ def sample(
             run = run_sample(
                 model.predict, schedule, model.prediction_type, model.data_shape, n=n,
                 settings=settings, seed=seed, batch_size=batch_size, device=model.device,
-                model_dtype=model.dtype, data_variance=data_variance, progress=bar.advance,
+                model_dtype=model.dtype, data_variance=data_variance,
+                observers=[progress_observer(bar)],
             )  # fmt: skip
-    except NonFiniteSampleError as exc:
-        if not summary:
+    except RunError as exc:  # NaN/Inf or the model's own failure: the rows so far, then the error
+        if not summary and exc.rows:
             emit(exc.rows, cols, fmt, no_header=no_header, title=title)
         raise
-    rows = run.rows
     distances = _distances(run.samples, refs, model.data_shape, seed)
     if summary:
         emit([_summary_row(settings, schedule.num_steps, n, seed, run.samples, distances)],
              list(SUMMARY_COLUMNS), fmt, no_header=no_header, title=title)  # fmt: skip
     else:
-        emit(rows, cols, fmt, no_header=no_header, title=title)
+        emit(run.rows, cols, fmt, no_header=no_header, title=title)
         if distances and not quiet:
             note(", ".join(f"{k} {v:.6g}" for k, v in distances.items()) + " (to the reference)")
     if save_path is not None:
@@ -303,7 +303,7 @@ def sample(
 
 
 def _step_columns() -> list[str]:
-    from ddpmcli.sampling import STEP_COLUMNS
+    from ddpmcli.run import STEP_COLUMNS
 
     return list(STEP_COLUMNS)
 
@@ -322,7 +322,7 @@ def _reference(model: LoadedModel, source: str | None, seed: int) -> Any:
 def _distances(samples: Any, refs: Any, data_shape: tuple[int, ...], seed: int) -> dict[str, float]:
     if refs is None or len(data_shape) != 1 or samples.shape[0] < 2 or refs.shape[0] < 2:
         return {}
-    from ddpmcli.sampling import cloud_distances
+    from ddpmcli.run import cloud_distances
 
     return cloud_distances(samples, refs, seed=seed)
 
@@ -430,8 +430,15 @@ def nll(
 
       ddpm nll ckpt.pt --n 64 --t-random 50 --format json
     """
-    from ddpmcli.diagnostics import auto_chunk_size, reconstruction_data
-    from ddpmcli.sampling import BOUND_COLUMNS, random_strata, variational_bound
+    from ddpmcli.run import (
+        BOUND_COLUMNS,
+        RunError,
+        auto_chunk_size,
+        progress_observer,
+        random_strata,
+        reconstruction_data,
+        variational_bound,
+    )
 
     check_format_flags(fmt, no_header)
     reject_conflicts(
@@ -447,22 +454,29 @@ def nll(
     weights = None
     indices: list[int] | None = None
     if t_random is not None:
-        indices, weights = random_strata(num, t_random, seed)
+        with as_flags():
+            indices, weights = random_strata(num, t_random, seed)
     elif t is not None or every is not None:
         indices = select_rows(t, every, num)
-    picked = reconstruction_data(model, data, n=n, seed=seed)
+    with as_flags():
+        picked = reconstruction_data(model, data, n=n, seed=seed)
     x0 = picked.x0
     dec = decoder if decoder != "auto" else ("discretized" if x0.ndim == 4 else "continuous")
     count = (num if indices is None else len(set(indices) | {0})) * x0.shape[0]
     per_item = int(x0[0].numel())
     chunk = batch_size or auto_chunk_size(per_item, count, device=model.device)
-    with progress(count, "bound", quiet) as bar:
-        result = variational_bound(
-            model.predict, model.schedule, model.prediction_type, x0, t_indices=indices,
-            weights=weights, variance=variance, learned_variance=model.learned_variance,
-            decoder=dec, clip=clip, data_range=model.data_range, seed=seed, batch_size=chunk,
-            device=model.device, model_dtype=model.dtype, progress=bar.advance,
-        )  # fmt: skip
+    try:
+        with progress(count, "bound", quiet) as bar, as_flags():
+            result = variational_bound(
+                model.predict, model.schedule, model.prediction_type, x0, t_indices=indices,
+                weights=weights, variance=variance, learned_variance=model.learned_variance,
+                decoder=dec, clip=clip, data_range=model.data_range, seed=seed, batch_size=chunk,
+                device=model.device, model_dtype=model.dtype, observers=[progress_observer(bar)],
+            )  # fmt: skip
+    except RunError as exc:  # the finite terms so far, then the error
+        if exc.rows:
+            emit(exc.rows, cols, fmt, no_header=no_header, title=f"nll {checkpoint.name}")
+        raise
     emit(result.rows, cols, fmt, no_header=no_header, title=f"nll {checkpoint.name}")
     if not quiet and result.total_bpd is not None:
         what = "estimated bound (importance-weighted)" if result.estimate else "bound"

@@ -5,7 +5,7 @@
 - always: the error curves (mse, eps_mse and the optimal denoiser's) against t and against log-SNR.
 
 Images are shown with the data range mapped to [0, 1] (x_t clipped to it: at high noise it is mostly
-out of range). The numbers come from a :class:`~ddpmcli.diagnostics.ReconstructionResult`.
+out of range). The numbers come from a :class:`~ddpmcli.run.ReconstructionResult`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from ddpmcli.plotting import paper_figure, save_figure
 
 if TYPE_CHECKING:
-    from ddpmcli.diagnostics import ReconstructionResult
+    from ddpmcli.run import ReconstructionResult
 
 GRID_SAMPLES = 6  # samples (pairs of rows) in the image grid
 SCATTER_PANELS = 4  # timesteps in the 2-D scatter row

@@ -13,7 +13,7 @@ from ddpmcli.plotting import FULL_WIDTH_IN, pyplot, save_figure
 if TYPE_CHECKING:
     from torch import Tensor
 
-    from ddpmcli.sampling import SampleRun, TrajectoryFrame
+    from ddpmcli.run import SampleRun, TrajectoryFrame
 
 MAX_FRAMES = 8
 MAX_IMAGE_ROWS = 4
@@ -44,7 +44,7 @@ def _pick(count: int, k: int) -> list[int]:
 
 
 def _frames(run: SampleRun) -> list[TrajectoryFrame]:
-    from ddpmcli.sampling import TrajectoryFrame
+    from ddpmcli.run import TrajectoryFrame
 
     if run.trajectory:
         return [run.trajectory[i] for i in _pick(len(run.trajectory), MAX_FRAMES)]
