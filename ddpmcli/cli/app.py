@@ -1,206 +1,135 @@
-"""The typer app `ddpm` and `main()`, the one error boundary of the command line.
+"""`main()`, the console-script entry point of `ddpm`: signal and stream guards around the typer
+app (`ddpmcli/cli/root.py`, imported only once the guards are in place, so Ctrl-C during the
+start-up imports is handled too).
 
-Every command group is a module `ddpmcli/cli/<group>.py` exposing `register(app: typer.Typer)`;
-`COMMAND_GROUPS` below lists them, one line each. Modules import torch/numpy/matplotlib lazily,
-inside their commands, so `ddpm --help` and shell completion stay fast.
+Standard library only at the top: this module is what the `ddpm` script imports first.
 
-Exit codes: 0 success, 1 domain or runtime error, 2 usage error, 130 interrupted (Ctrl-C).
+What the shell sees (exit statuses in `ddpmcli.errors.ExitStatus`):
+- Ctrl-C at any moment: `Error: interrupted` on stderr, exit 130; never a traceback.
+- stdout closed (`ddpm schedule >&-`) or full (`>/dev/full`): one `Error: cannot write output: ...`
+  line, exit 1.
+- stderr closed: messages are dropped, the exit status is unchanged.
+- a broken pipe (`ddpm schedule | head -1`): exit 0 and no message, for every format.
 """
 
 from __future__ import annotations
 
-import importlib
-import inspect
+import contextlib
+import io
 import os
+import signal
 import sys
-import traceback
 from collections.abc import Sequence
-from typing import Annotated, Any
+from types import FrameType
+from typing import Any
 
-import typer
-from typer.core import TyperGroup
+from ddpmcli.errors import ExitStatus, Interrupted
 
-from ddpmcli import __version__
-from ddpmcli.cli.common import expand_optional_values
-from ddpmcli.errors import DdpmError
-
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
-
-# One line per command group (module ddpmcli/cli/<name>.py with register(app)), in help order.
-COMMAND_GROUPS: tuple[str, ...] = (
-    "schedule",  # schedule, compare, posterior, check
-    "reconstruct",  # reconstruct
-    "sample",  # sample, nll
-    "checkpoint",  # info, train
-    # helpers: add your group here, one line each, e.g. "checkpoint", "reconstruct", "sample",
-)
+_UNSAFE_CONTROL = {i: f"\\x{i:02x}" for i in (*range(0x20), 0x7F, *range(0x80, 0xA0))}
 
 
-def _debug() -> bool:
-    return os.environ.get("DDPM_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
-
-
-def _error_line(message: str) -> None:
-    """One `Error: ...` line on stderr, as plain text (no rich markup in messages)."""
-    text = " ".join(str(message).split()) or "unknown error"
+def error_line(message: str) -> None:
+    """One `Error: ...` line on stderr, as plain text: whitespace runs folded to one space,
+    control characters escaped, no markup; a closed or full stderr is ignored."""
+    text = " ".join(str(message).split()).translate(_UNSAFE_CONTROL) or "unknown error"
     try:
         sys.stderr.write(f"Error: {text}\n")
         sys.stderr.flush()
-    except (BrokenPipeError, ValueError):
-        pass
-
-
-def _quiet_broken_stdout() -> None:
-    """stdout's reader went away (`ddpm schedule | head`): point stdout at devnull so the final
-    flush at interpreter exit does not raise a second BrokenPipeError."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
     except (OSError, ValueError, AttributeError):
         pass
 
 
-def _usage_message(exc: typer.TyperException) -> str:
-    message = exc.format_message()
-    ctx = getattr(exc, "ctx", None)
-    if ctx is not None:
-        message = f"{message} (see '{ctx.command_path} --help')"
-    return message
-
-
-class DdpmGroup(TyperGroup):
-    """The root group: runs click in non-standalone mode and turns every failure into one line."""
-
-    def main(
-        self,
-        args: Sequence[str] | None = None,
-        prog_name: str | None = None,
-        complete_var: str | None = None,
-        standalone_mode: bool = True,
-        windows_expand_args: bool = True,
-        **extra: Any,
-    ) -> Any:
-        argv = expand_optional_values(sys.argv[1:] if args is None else args)
-        code = run_guarded(
-            lambda: super(DdpmGroup, self).main(
-                args=argv,
-                prog_name=prog_name,
-                complete_var=complete_var,
-                standalone_mode=False,
-                windows_expand_args=windows_expand_args,
-                **extra,
-            )
-        )
-        if standalone_mode:
-            sys.exit(code)
-        return code
-
-
-def run_guarded(call: Any) -> int:
-    """Run ``call()`` (click in non-standalone mode) and map its outcome to an exit code."""
+def quiet_stdout() -> None:
+    """Point fd 1 at /dev/null (after a broken pipe or a failed write) so that the final flush at
+    interpreter exit cannot raise a second error."""
     try:
-        rv = call()
-    except DdpmError as exc:
-        if _debug():
-            traceback.print_exc()
-        _error_line(str(exc))
-        return int(getattr(exc, "exit_code", EXIT_ERROR))
-    except typer.Abort:
-        _error_line("aborted")
-        return EXIT_INTERRUPTED
-    except typer.TyperException as exc:  # click's UsageError, BadParameter, FileError, ...
-        if type(exc).__name__ == "NoArgsIsHelpError":
-            # the help text, on stderr: bare `ddpm` is a usage error
-            sys.stderr.write(exc.format_message().rstrip("\n") + "\n")
-            return EXIT_USAGE
-        if _debug():
-            traceback.print_exc()
-        _error_line(_usage_message(exc))
-        return int(getattr(exc, "exit_code", EXIT_USAGE))
-    except KeyboardInterrupt:
-        _error_line("interrupted")
-        return EXIT_INTERRUPTED
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.close(devnull)
+    except OSError:
+        pass
+
+
+def _on_sigint(signum: int, frame: FrameType | None) -> None:
+    raise Interrupted
+
+
+def _guard_std_fds() -> None:
+    """Give closed standard fds a stand-in, so a file opened later never lands on fd 1 and
+    receives our output: fd 0 and fd 2 read and write /dev/null (a closed stderr drops messages);
+    fd 1 is /dev/null opened read-only, so a write to it fails and is reported as one line."""
+    for fd, flags in ((0, os.O_RDONLY), (1, os.O_RDONLY), (2, os.O_WRONLY)):
+        try:
+            os.fstat(fd)
+        except OSError:
+            try:
+                stand_in = os.open(os.devnull, flags)
+            except OSError:
+                continue
+            if stand_in != fd:
+                os.dup2(stand_in, fd)
+                os.close(stand_in)
+    if sys.stdout is None:
+        sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), write_through=False)
+    if sys.stderr is None:
+        sys.stderr = io.TextIOWrapper(
+            io.FileIO(2, "w", closefd=False), errors="backslashreplace", write_through=True
+        )
+
+
+def _finish_stdout(code: int) -> int:
+    """Flush stdout here, where a failure can still become one line and the right status."""
+    try:
+        if sys.stdout is not None:
+            sys.stdout.flush()
     except BrokenPipeError:
-        _quiet_broken_stdout()
-        return EXIT_ERROR
-    except SystemExit:
-        raise
-    except Exception as exc:  # a bug: still one line, traceback on request
-        if _debug():
-            traceback.print_exc()
-        _error_line(f"{type(exc).__name__}: {exc} (set DDPM_DEBUG=1 for the traceback)")
-        return EXIT_ERROR
-    if isinstance(rv, int) and not isinstance(rv, bool):
-        return rv  # click returns the code of a typer.Exit / ctx.exit in non-standalone mode
-    return EXIT_OK
+        quiet_stdout()
+    except (OSError, ValueError) as exc:
+        quiet_stdout()
+        if code == ExitStatus.OK:
+            error_line(f"cannot write output: {getattr(exc, 'strerror', None) or exc}")
+            return ExitStatus.ERROR
+    return code
 
 
-app = typer.Typer(
-    name="ddpm",
-    cls=DdpmGroup,
-    no_args_is_help=True,
-    rich_markup_mode=None,
-    pretty_exceptions_enable=False,
-    # Plain click help: rendering it with rich costs ~0.1 s of imports, and `ddpm --help` must stay
-    # within 1.5x of `import typer` (benchmarks/bench_cli.py).
-    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120},
-    help=(
-        "See a DDPM noise schedule, its posterior, and what a checkpoint does at every noise "
-        "level.\n\n"
-        "Timesteps are 0-based as models take them: t = 0 is one noising step, t = T-1 the "
-        "last.\n\n"
-        "Exit codes: 0 ok, 1 error, 2 usage error, 130 interrupted. DDPM_DEBUG=1 shows tracebacks."
-    ),
-)
+def run_main(argv: Sequence[str] | None = None) -> int:
+    """Run `ddpm` under the signal and stream guards; return its exit status."""
+    previous: Any = None
+    # SIGINT ignored (`nohup`, a background job of a script) stays ignored; not the main thread:
+    # signals are left alone.
+    with contextlib.suppress(ValueError):
+        if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+            previous = signal.signal(signal.SIGINT, _on_sigint)
+    try:
+        _guard_std_fds()
+        from ddpmcli.cli.root import run
 
-
-def _version_callback(value: bool) -> None:
-    if value:
-        sys.stdout.write(f"ddpm {__version__}\n")
-        raise typer.Exit(0)
-
-
-@app.callback()
-def _root(
-    version: Annotated[
-        bool,
-        typer.Option(
-            "--version",
-            help="Print the version and exit.",
-            callback=_version_callback,
-            is_eager=True,
-        ),
-    ] = False,
-) -> None:
-    """See a DDPM noise schedule, its posterior, and what a checkpoint does at every noise level."""
-
-
-def reflow_help(doc: str) -> str:
-    """A command docstring as help text: lines of a prose paragraph joined into one (rich keeps
-    a docstring's line breaks, which then wrap badly at the terminal's width); indented
-    paragraphs (examples) kept line by line."""
-    paragraphs = inspect.cleandoc(doc).split("\n\n")
-    out = []
-    for para in paragraphs:
-        lines = para.splitlines()
-        if any(line.startswith((" ", "- ", "* ")) for line in lines):
-            out.append(para)
-        else:
-            out.append(" ".join(line.strip() for line in lines))
-    return "\n\n".join(out)
-
-
-for _group in COMMAND_GROUPS:
-    importlib.import_module(f"ddpmcli.cli.{_group}").register(app)
-for _info in app.registered_commands:
-    if _info.help is None and _info.callback is not None and _info.callback.__doc__:
-        _info.help = reflow_help(_info.callback.__doc__)
+        code = run(argv)
+        code = _finish_stdout(code)
+    except (Interrupted, KeyboardInterrupt):
+        error_line("interrupted")
+        code = ExitStatus.INTERRUPTED
+    finally:
+        if previous is not None:
+            with contextlib.suppress(ValueError, Interrupted):
+                signal.signal(signal.SIGINT, previous)
+    return int(code)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Console-script entry point: run `ddpm` and exit with its code."""
-    command = typer.main.get_command(app)
-    command.main(args=argv, prog_name="ddpm")
+    """Console-script entry point: run `ddpm` and exit with its status."""
+    try:
+        code = run_main(argv)
+    except (Interrupted, KeyboardInterrupt):  # between the handler's install and the try
+        error_line("interrupted")
+        code = ExitStatus.INTERRUPTED
+    sys.exit(code)
+
+
+def __getattr__(name: str) -> Any:
+    # `from ddpmcli.cli.app import app` keeps working; the typer app is built on first use.
+    if name in ("app", "reflow_help", "run_guarded", "DdpmGroup", "COMMAND_GROUPS"):
+        from ddpmcli.cli import root
+
+        return getattr(root, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

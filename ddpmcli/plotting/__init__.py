@@ -67,6 +67,14 @@ def paper_figure(
             plt.close(fig)
 
 
+def literal(text: str) -> str:
+    """``text`` (a file or schedule name) shown as it is in a title or legend: a ``$`` would start
+    matplotlib's mathtext, so it is escaped; control characters are escaped as in the terminal."""
+    from ddpmcli.output import escape_control
+
+    return escape_control(str(text)).replace("$", r"\$")
+
+
 def save_figure(fig: Figure, path: str | Path) -> Path:
     """Save ``fig`` atomically, the format taken from the suffix (.png, .svg, .pdf)."""
     target = Path(path)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ddpmcli.plotting import paper_figure, save_figure
+from ddpmcli.plotting import literal, paper_figure, save_figure
 
 if TYPE_CHECKING:
     from ddpmcli.run import ReconstructionResult
@@ -57,7 +57,7 @@ def plot_reconstruction(result: ReconstructionResult, path: str | Path, title: s
 
 def _finish(fig: Any, result: ReconstructionResult, path: str | Path, title: str) -> Path:
     clip = "clipped" if result.clip else "not clipped"
-    head = f"{title}: " if title else ""
+    head = f"{literal(title)}: " if title else ""
     fig.suptitle(
         f"{head}{result.prediction_type} model, {result.n_samples} samples, x0_hat {clip}",
         fontsize=9,

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ddpmcli.files import atomic_write
-from ddpmcli.plotting import FULL_WIDTH_IN, pyplot, save_figure
+from ddpmcli.plotting import FULL_WIDTH_IN, literal, pyplot, save_figure
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -95,7 +95,7 @@ def plot_sampling(
                 ax.set_ylim(lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo))
                 ax.set_aspect("equal")
         _stat_panels(fig, outer[1].subgridspec(2, 2), run.rows)
-        head = title
+        head = literal(title)
         if distances:
             head += " | " + ", ".join(f"{k} {v:.4g}" for k, v in distances.items())
         if head:

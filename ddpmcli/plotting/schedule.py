@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ddpmcli.plotting import paper_figure, save_figure
+from ddpmcli.plotting import literal, paper_figure, save_figure
 
 if TYPE_CHECKING:
     from ddpmcli.core import Schedule
@@ -74,7 +74,8 @@ def plot_schedule(schedule: Schedule, path: str | Path) -> Path:
             title=r"posterior mean $\tilde\mu_t$",
         )
         a.legend()
-        fig.suptitle(f"schedule {schedule.name} (T = {schedule.num_train_timesteps})", fontsize=9)
+        name, steps = literal(schedule.name), schedule.num_train_timesteps
+        fig.suptitle(f"schedule {name} (T = {steps})", fontsize=9)
         return save_figure(fig, path)
 
 
@@ -85,10 +86,10 @@ def plot_compare(schedules: Sequence[tuple[str, Schedule]], path: str | Path) ->
     with paper_figure(2, 2) as (fig, ax):
         for label, schedule in schedules:
             x = _x(schedule, normalise)
-            ax[0, 0].plot(x, _np(schedule.alpha_bar), label=label)
-            ax[0, 1].plot(x, _np(schedule.log_snr), label=label)
-            ax[1, 0].plot(x, _positive(_np(schedule.beta)), label=label)
-            ax[1, 1].plot(x, _np(schedule.posterior_variance / schedule.beta), label=label)
+            ax[0, 0].plot(x, _np(schedule.alpha_bar), label=literal(label))
+            ax[0, 1].plot(x, _np(schedule.log_snr), label=literal(label))
+            ax[1, 0].plot(x, _positive(_np(schedule.beta)), label=literal(label))
+            ax[1, 1].plot(x, _np(schedule.posterior_variance / schedule.beta), label=literal(label))
         ax[0, 0].set(xlabel=xlabel, ylabel=r"$\bar\alpha_t$", title="alpha_bar")
         ax[0, 1].set(xlabel=xlabel, ylabel=r"$\log \mathrm{SNR}_t$", title="log-SNR")
         ax[1, 0].set(xlabel=xlabel, ylabel=r"$\beta_t$", title="beta", yscale="log")
@@ -138,5 +139,5 @@ def plot_posterior(schedule: Schedule, v: float, path: str | Path) -> Path:
         )
         a.set(xlabel="timestep t (0-based)", ylabel="log variance", title="clipped log variance")
         a.legend()
-        fig.suptitle(f"posterior of {schedule.name}", fontsize=9)
+        fig.suptitle(f"posterior of {literal(schedule.name)}", fontsize=9)
         return save_figure(fig, path)
