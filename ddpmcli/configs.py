@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from ddpmcli import limits
 from ddpmcli.errors import DdpmError, ScheduleError, ScheduleParameterError, UsageError
 
 if TYPE_CHECKING:
@@ -55,6 +55,8 @@ DIFFUSERS_DEFAULTS: dict[str, Any] = {
 }
 CONFIG_NAMES: tuple[str, ...] = ("scheduler_config.json", "scheduler/scheduler_config.json")
 CUSTOM_SUFFIXES: tuple[str, ...] = (".npy", ".txt", ".csv", ".tsv", ".json")
+MAX_SCHEDULE_FILE_BYTES: int = 64 * 1024**2
+"""Size limit of a custom schedule file (text, table or .npy): 64 MiB."""
 
 What = Literal["betas", "alpha_bars"]
 
@@ -65,6 +67,8 @@ class SchedulerConfig:
 
     ``schedule`` has T = ``num_train_timesteps`` steps, 0-based as the model takes them.
     ``raw`` keeps every key of the file (e.g. ``_class_name``, ``thresholding``) untouched.
+    ``declared_timesteps`` is the file's own ``num_train_timesteps``, which differs from
+    ``num_train_timesteps`` when ``trained_betas`` has another length (``ddpm check`` reports it).
     """
 
     path: Path
@@ -80,6 +84,7 @@ class SchedulerConfig:
     variance_type: str
     class_name: str | None
     raw: Mapping[str, Any] = field(repr=False)
+    declared_timesteps: int | None = None
 
     def respaced(self, steps: int | str, spacing: str | None = None) -> Schedule:
         """The schedule respaced to ``steps`` inference steps with this config's spacing and
@@ -105,24 +110,11 @@ def find_scheduler_config(path: str | Path) -> Path:
             if (p / name).is_file():
                 return p / name
         raise ScheduleError(f"{p}: no {' or '.join(CONFIG_NAMES)} in this folder")
-    if not p.exists():
-        raise ScheduleError(f"{p}: no such file")
-    return p
+    return limits.check_regular_file(p, "scheduler config", error=ScheduleError)
 
 
 def _read_json(path: Path) -> Any:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ScheduleError(
-            f"{path}: cannot read ({getattr(exc, 'strerror', None) or exc})"
-        ) from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ScheduleError(
-            f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})"
-        ) from None
+    return limits.read_json(path, "scheduler config", error=ScheduleError)
 
 
 def _typed(raw: Mapping[str, Any], key: str, kind: type | tuple[type, ...], path: Path) -> Any:
@@ -158,6 +150,7 @@ def load_scheduler_config(path: str | Path) -> SchedulerConfig:
         raise ScheduleError(f"{file}: expected a JSON object of scheduler settings")
 
     big_t = _typed(raw, "num_train_timesteps", int, file)
+    limits.check_timesteps(big_t, f"{file}: num_train_timesteps", error=ScheduleError)
     beta_schedule = _typed(raw, "beta_schedule", str, file)
     zsnr = _typed(raw, "rescale_betas_zero_snr", bool, file)
     trained = raw.get("trained_betas")
@@ -165,6 +158,11 @@ def load_scheduler_config(path: str | Path) -> SchedulerConfig:
         if trained is not None:
             if not isinstance(trained, list):
                 raise ScheduleError(f"{file}: trained_betas should be a list of numbers")
+            if not trained:
+                raise ScheduleError(f"{file}: trained_betas is empty")
+            limits.check_timesteps(
+                len(trained), f"{file}: trained_betas length", error=ScheduleError
+            )
             schedule = core.schedule_from_betas(trained, name="trained_betas")
         else:
             if beta_schedule not in DIFFUSERS_BETA_SCHEDULES:
@@ -213,6 +211,7 @@ def load_scheduler_config(path: str | Path) -> SchedulerConfig:
         variance_type=str(raw.get("variance_type") or DIFFUSERS_DEFAULTS["variance_type"]),
         class_name=class_name if isinstance(class_name, str) else None,
         raw=dict(raw),
+        declared_timesteps=big_t,
     )
 
 
@@ -314,6 +313,38 @@ def _numbers_from_json(data: Any, path: Path, what: What) -> list[float]:
     return values
 
 
+def _numbers_from_npy(path: Path) -> list[float]:
+    """The numbers of a 1-D numeric .npy file, its header checked against the file size before
+    any array is allocated (a header may claim 10^12 rows)."""
+    import numpy as np
+
+    data = limits.read_bytes(
+        path, "schedule file", limit=MAX_SCHEDULE_FILE_BYTES, error=ScheduleError
+    )
+    stream = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(stream)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(stream)
+        elif version in ((2, 0), (3, 0)):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(stream)
+        else:
+            raise ValueError(f"unsupported .npy version {version}")
+    except (ValueError, TypeError, SyntaxError) as exc:
+        raise ScheduleError(f"{path}: not a readable .npy array ({exc})") from None
+    if len(shape) != 1 or dtype.kind not in "fiu" or dtype.hasobject:
+        raise ScheduleError(f"{path}: expected a 1-D numeric array, got shape {shape} {dtype}")
+    payload = len(data) - stream.tell()
+    if shape[0] * dtype.itemsize != payload:
+        raise ScheduleError(
+            f"{path}: header claims shape {shape} of {dtype} ({shape[0] * dtype.itemsize} bytes) "
+            f"but the file holds {payload} bytes of data"
+        )
+    limits.check_timesteps(shape[0], f"{path}: array length", error=ScheduleError)
+    array = np.frombuffer(data, dtype=dtype, count=shape[0], offset=stream.tell())
+    return [float(x) for x in array.tolist()]
+
+
 def read_numbers(path: str | Path, what: What = "betas") -> list[float]:
     """The numbers of a custom schedule file: .npy (1-D), .txt (one per line, `#` comments),
     .csv/.tsv (one column, or a header naming the column), .json (a list, or {"betas": [...]})."""
@@ -324,30 +355,16 @@ def read_numbers(path: str | Path, what: What = "betas") -> list[float]:
             f"{p}: unsupported file type {suffix or '(no suffix)'!r}; "
             f"allowed: {', '.join(CUSTOM_SUFFIXES)}"
         )
-    if not p.is_file():
-        raise ScheduleError(f"{p}: no such file")
+    limits.check_regular_file(p, "schedule file", error=ScheduleError)
     if suffix == ".npy":
-        import numpy as np
-
-        try:
-            array = np.load(p, allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise ScheduleError(f"{p}: not a readable .npy array ({exc})") from None
-        if array.ndim != 1 or array.dtype.kind not in "fiu":
-            raise ScheduleError(
-                f"{p}: expected a 1-D numeric array, got shape {array.shape} {array.dtype}"
-            )
-        return [float(x) for x in array.tolist()]
-    try:
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ScheduleError(f"{p}: cannot read ({getattr(exc, 'strerror', None) or exc})") from None
+        return _numbers_from_npy(p)
+    data = limits.read_bytes(p, "schedule file", limit=MAX_SCHEDULE_FILE_BYTES, error=ScheduleError)
     if suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ScheduleError(f"{p}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
-        return _numbers_from_json(data, p, what)
+        return _numbers_from_json(limits.parse_json(data, str(p), error=ScheduleError), p, what)
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ScheduleError(f"{p}: not UTF-8 text (byte {exc.start})") from None
     if suffix == ".txt":
         return _numbers_from_text(text, p)
     return _numbers_from_table(text, p, what, "," if suffix == ".csv" else "\t")
@@ -366,6 +383,7 @@ def load_custom_schedule(path: str | Path, what: What = "betas") -> Schedule:
     values = read_numbers(path, what)
     if not values:
         raise ScheduleError(f"{path}: no numbers in file")
+    limits.check_timesteps(len(values), f"{path}: number of {what}", error=ScheduleError)
     for i, value in enumerate(values):
         if not math.isfinite(value):
             raise ScheduleError(
@@ -460,6 +478,7 @@ def build_schedule(request: ScheduleRequest) -> BuiltSchedule:
         schedule = load_custom_schedule(request.alpha_bars_file, "alpha_bars")
     else:
         timesteps = 1000 if request.timesteps is None else request.timesteps
+        limits.check_timesteps(timesteps, "-T/--timesteps")
         schedule = core.make_schedule(
             kind or "linear", timesteps, zero_terminal_snr=False, logsnr_shift=0.0, **request.params
         )

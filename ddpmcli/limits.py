@@ -189,7 +189,7 @@ def check_regular_file(
     try:
         st = os.stat(p)
     except FileNotFoundError:
-        raise error(f"{p}: no such {what}") from None
+        raise error(f"{p}: no such file") from None
     except OSError as exc:
         raise error(f"{p}: cannot read {what} ({exc.strerror or exc})") from None
     if not stat.S_ISREG(st.st_mode):

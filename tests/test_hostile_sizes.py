@@ -94,7 +94,7 @@ def test_check_regular_file_refuses_without_opening(tmp_path: Path) -> None:
         limits.check_regular_file(link, "config")
     with pytest.raises(DataError, match=r": config is a folder, not a regular file$"):
         limits.check_regular_file(tmp_path, "config")
-    with pytest.raises(UsageError, match=r"nothere\.json: no such config$"):
+    with pytest.raises(UsageError, match=r"nothere\.json: no such file$"):
         limits.check_regular_file(tmp_path / "nothere.json", "config", error=UsageError)
 
 
