@@ -25,6 +25,11 @@ DEFAULT_BETA_CAP = 0.999
 PROBE_STEPS = 50  # inference steps used to probe a config's spacing when --steps is not given
 
 
+def probe_steps(num_steps: int) -> int:
+    """Inference steps for the spacing probe: PROBE_STEPS, or T itself when T is smaller."""
+    return min(PROBE_STEPS, num_steps)
+
+
 @dataclass(frozen=True)
 class Finding:
     """One line of `ddpm check`: severity, a stable code for scripts, the 0-based t it concerns
@@ -199,6 +204,23 @@ def check_prediction_type(schedule: Schedule, prediction_type: str) -> list[Find
     ]
 
 
+def check_declared_timesteps(schedule: Schedule, declared: int | None) -> list[Finding]:
+    """A config whose ``trained_betas`` length differs from its ``num_train_timesteps``: diffusers
+    builds its timesteps from the one and indexes the other, so sampling breaks or skips steps."""
+    if declared is None or declared == schedule.num_steps:
+        return []
+    return [
+        Finding(
+            "error",
+            "trained_betas_length",
+            "",
+            f"trained_betas has {schedule.num_steps} values but num_train_timesteps is "
+            f"{declared}: diffusers indexes one with the other (the schedule here uses the "
+            f"{schedule.num_steps} betas)",
+        )
+    ]
+
+
 def lint_schedule(
     schedule: Schedule,
     *,
@@ -208,10 +230,13 @@ def lint_schedule(
     spacing: str | None = None,
     probe_spacing: bool = False,
     dtypes: Sequence[str] = ("float32", "float16"),
+    declared_timesteps: int | None = None,
 ) -> list[Finding]:
     """Every check, in a fixed order, on the training ``schedule``; the respacing check on
-    ``respaced`` (the inference steps a sampler would take), when given."""
+    ``respaced`` (the inference steps a sampler would take), when given; ``declared_timesteps``
+    is a config's ``num_train_timesteps``, checked against the schedule's length."""
     findings = [
+        *check_declared_timesteps(schedule, declared_timesteps),
         *check_monotonic(schedule),
         *check_terminal_snr(schedule),
         *check_beta_cap(schedule, beta_cap),

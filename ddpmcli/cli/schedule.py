@@ -585,7 +585,7 @@ def check(
       ddpm check --kind linear --steps 50 --spacing leading --format tsv | grep warning
     """
     from ddpmcli import core
-    from ddpmcli.checks import PROBE_STEPS, lint_schedule
+    from ddpmcli.checks import lint_schedule, probe_steps
     from ddpmcli.configs import build_schedule
 
     check_format_flags(fmt, no_header)
@@ -609,7 +609,8 @@ def check(
         offset = (
             steps_offset if steps_offset is not None else (config.steps_offset if config else 0)
         )
-        kept = core.respaced_timesteps(sched.num_steps, steps or PROBE_STEPS, used_spacing, offset)
+        probe = steps or probe_steps(sched.num_steps)
+        kept = core.respaced_timesteps(sched.num_steps, probe, used_spacing, offset)
         respaced = core.respace(sched, kept)
     findings = lint_schedule(
         sched,
@@ -618,6 +619,7 @@ def check(
         beta_cap=_cap(sched),
         spacing=used_spacing,
         probe_spacing=steps is None,
+        declared_timesteps=config.declared_timesteps if config else None,
     )
     emit([f.__dict__ for f in findings], CHECK_COLUMNS, fmt, no_header=no_header, title=sched.name)
     if any(f.severity == "error" for f in findings):
