@@ -250,3 +250,53 @@ def test_cli_bad_input(cli, ckpt, args, message) -> None:  # type: ignore[no-unt
     result = cli("nll", str(ckpt), "--n", "4", *args, "-f", "csv")
     assert result.exit_code == 2 and result.stdout == ""
     assert result.stderr.startswith("Error: ") and message in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# failures mid-run (issue 7)
+
+
+def test_cli_nan_term_keeps_the_finite_rows_and_exits_1(cli, hostile_programs) -> None:  # type: ignore[no-untyped-def]
+    from conftest import HOSTILE_FLAGS
+
+    result = cli("nll", hostile_programs["nan"], *HOSTILE_FLAGS, "--data", "moons", "--n", "4",
+                 "-f", "csv")  # fmt: skip
+    assert result.exit_code == 1
+    lines = result.stdout.splitlines()
+    assert lines[0] == ",".join(BOUND_COLUMNS)
+    ts = [line.split(",")[0] for line in lines[1:]]
+    assert ts == [str(t) for t in range(20) if t != 10] + ["19"]  # every finite t, the prior
+    assert lines[-1].split(",")[1] == "prior" and "nan" not in result.stdout
+    assert result.stderr.startswith(
+        "Error: the bound's term is NaN/Inf at 1 of 20 timestep(s), first at t = 10"
+    )
+    assert result.stderr.count("\n") == 1
+
+
+def test_cli_model_exception_is_one_line_naming_t(cli, hostile_programs) -> None:  # type: ignore[no-untyped-def]
+    from conftest import HOSTILE_FLAGS
+
+    result = cli("nll", hostile_programs["raise"], *HOSTILE_FLAGS, "--data", "moons", "--n", "4",
+                 "--batch-size", "1", "-f", "csv")  # fmt: skip
+    assert result.exit_code == 1 and result.stdout == ""
+    assert result.stderr == "Error: the model failed at t = 10: RuntimeError: boom at ten\n"
+
+
+def test_library_names_parameters_and_the_cli_names_flags(cli, ckpt) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(UsageError, match=r"^t_random needs 2\.\.20"):
+        random_strata(20, 1)
+    result = cli("nll", str(ckpt), "--t-random", "1", "-f", "csv")
+    assert result.exit_code == 2 and result.stderr.startswith("Error: --t-random needs 2..20")
+
+
+def test_nonfinite_data_is_a_data_error() -> None:
+    from ddpmcli.errors import DataError
+
+    sched = core.make_schedule("linear", 20)
+    x0 = torch.tensor([[1e6, 0.0]], dtype=torch.float64)
+
+    def predict(x: Tensor, t: Tensor) -> tuple[Tensor, None]:
+        return torch.zeros_like(x), None
+
+    with pytest.raises(DataError, match="not finite in the model's dtype float16"):
+        variational_bound(predict, sched, "epsilon", x0, model_dtype=torch.float16)

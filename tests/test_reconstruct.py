@@ -570,3 +570,41 @@ def test_cli_bad_inputs_one_error_line(cli: Any, ckpts: dict[str, Any], tmp_path
     _one_error_line(cli("reconstruct", gmm, "--data", "gmm", "--data-shape", "a,b"), 2, "shape")
     if not torch.cuda.is_available():
         _one_error_line(cli("reconstruct", gmm, "--data", "gmm", "--device", "cuda"), 1, "CUDA")
+
+
+# ---------------------------------------------------------------------------------------------
+# failures mid-run (issue 7): finite rows kept, the bad t named, data problems named as such
+
+
+def test_data_not_finite_in_the_model_dtype_is_a_data_error() -> None:
+    sched = core.make_schedule("linear", 100)
+    model = ShrinkModel(sched, (2,))
+    big = torch.tensor([[1e6, 0.0], [0.5, 0.1]], dtype=torch.float64)  # beyond float16's 65504
+    with pytest.raises(DataError, match="not finite in the model's dtype float16"):
+        reconstruction_sweep(model, big, [0], dtype="float16")
+    nan = torch.tensor([[math.nan, 0.0]], dtype=torch.float64)
+    with pytest.raises(DataError, match="1 value"):
+        reconstruction_sweep(model, nan, [0])
+
+
+def test_cli_nan_at_one_t_keeps_the_other_rows(cli: Any, hostile_programs: dict[str, str]) -> None:
+    from conftest import HOSTILE_FLAGS
+
+    args = ("reconstruct", hostile_programs["nan"], *HOSTILE_FLAGS, "--data", "moons")
+    res = cli(*args, "--n", "8", "--t", "0,5,10,15", "-f", "csv")
+    assert res.exit_code == 1
+    lines = res.stdout.splitlines()
+    assert lines[0] == AGG and [line.split(",")[0] for line in lines[1:]] == ["0", "5", "15"]
+    assert res.stderr.startswith(
+        "Error: the model returned NaN/Inf at 1 of 4 timestep(s), first at t = 10"
+    )
+    assert res.stderr.count("\n") == 1
+
+
+def test_cli_model_exception_names_t(cli: Any, hostile_programs: dict[str, str]) -> None:
+    from conftest import HOSTILE_FLAGS
+
+    args = ("reconstruct", hostile_programs["raise"], *HOSTILE_FLAGS, "--data", "moons")
+    res = cli(*args, "--n", "8", "--batch-size", "8", "--t", "0,5,10,15", "-f", "csv")
+    assert res.exit_code == 1 and res.stdout == ""
+    assert res.stderr == "Error: the model failed at t = 10: RuntimeError: boom at ten\n"

@@ -320,3 +320,115 @@ def test_cli_nan_keeps_rows_and_exits_1(cli, ckpts) -> None:  # type: ignore[no-
     assert lines[0].startswith("step,t,") and len(lines) == 2  # the step where it appeared
     assert lines[1].startswith("0,40,")
     assert result.stderr.startswith("Error: x_t became NaN/Inf at step 0 of 5 (t = 40)")
+
+
+# ---------------------------------------------------------------------------------------------
+# one event shape, registered samplers, failures mid-run (issues 7 and 11)
+
+
+def test_every_loop_reports_one_event_shape() -> None:
+    from ddpmcli.data import builtin_dataset
+    from ddpmcli.run import Event, reconstruction_sweep, variational_bound
+    from ddpmcli.training import train_denoiser
+
+    events: list[Event] = []
+    sched = toy_sched()
+    predict = gaussian_denoiser(sched)
+    sample(predict, respaced_schedule(sched, 4), "sample", (2,), n=3, observers=[events.append])
+    x0 = torch.randn(3, 2, generator=torch.Generator().manual_seed(0)) * 0.5
+    variational_bound(predict, sched, "sample", x0, t_indices=[0, 50], batch_size=2,
+                      observers=[events.append])  # fmt: skip
+
+    class Wrapped:
+        schedule, prediction_type, data_range, data_shape = sched, "sample", (-1.0, 1.0), (2,)
+
+        def predict(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor | None]:
+            return predict(x, t)
+
+        def to(self, device: object = None, dtype: object = None) -> Wrapped:
+            return self
+
+    reconstruction_sweep(Wrapped(), x0, [0, 99], batch_size=4, observers=[events.append])
+    train_denoiser(builtin_dataset("moons", 64, seed=0), sched, steps=3, batch_size=8,
+                   hparams={"hidden": 8, "num_blocks": 1, "time_dim": 8},
+                   observers=[events.append])  # fmt: skip
+    assert all(type(e) is Event for e in events)
+    by_loop: dict[str, list[Event]] = {}
+    for e in events:
+        by_loop.setdefault(e.loop, []).append(e)
+    assert set(by_loop) == {"sample", "bound", "sweep", "train"}
+    work = {k: [e for e in v if e.row is None] for k, v in by_loop.items()}
+    assert [(e.done, e.total) for e in work["sample"]] == [(3, 12), (6, 12), (9, 12), (12, 12)]
+    assert [e.t for e in work["sample"]] == [(75, 75), (50, 50), (25, 25), (0, 0)]
+    assert [r.row["step"] for r in by_loop["sample"] if r.row is not None] == [0, 1, 2, 3]
+    assert [(e.done, e.total) for e in work["bound"]] == [(2, 6), (4, 6), (6, 6)]
+    assert [(e.done, e.total, e.t) for e in work["sweep"]] == [(4, 6, (0, 99)), (6, 6, (99, 99))]
+    assert [(e.step, e.done, e.total) for e in work["train"]] == [(1, 1, 3), (2, 2, 3), (3, 3, 3)]
+    assert set(work["train"][0].values) == {"loss", "loss_smoothed"}
+
+
+def test_a_third_sampler_is_one_registered_function() -> None:
+    from ddpmcli.run import StepContext, register_sampler, sampler_names
+    from ddpmcli.run import samplers as samplers_module
+
+    @register_sampler("test_ancestral")
+    def step(ctx: StepContext) -> tuple[Tensor, Tensor | None]:
+        log_var = ctx.schedule.model_log_variance("fixed_small", ctx.t, ctx.x)
+        return ctx.schedule.ancestral_step(ctx.x, ctx.t, ctx.x0, log_var, ctx.noise), log_var
+
+    try:
+        assert "test_ancestral" in sampler_names()
+        sched = respaced_schedule(toy_sched(), 10)
+        predict = gaussian_denoiser(toy_sched())
+        mine = sample(predict, sched, "sample", (2,), n=6, seed=4,
+                      settings=SampleSettings(sampler="test_ancestral"))  # fmt: skip
+        ddpm = sample(predict, sched, "sample", (2,), n=6, seed=4)
+        assert torch.equal(mine.samples, ddpm.samples)  # the same step, noise and loop
+        # the variance column is measured from the log_var the step returns
+        for a, b in zip(mine.rows, ddpm.rows, strict=True):
+            assert a["variance"] == pytest.approx(b["variance"], rel=1e-6)
+            assert a["update_norm"] == b["update_norm"]
+    finally:
+        samplers_module._REGISTRY.pop("test_ancestral", None)
+    with pytest.raises(UsageError, match="sampler 'test_ancestral' is unknown"):
+        check_sample_settings(SampleSettings(sampler="test_ancestral"), learned_variance=False)
+
+
+def test_model_exception_names_the_step_and_keeps_rows() -> None:
+    from ddpmcli.run import ModelFailure
+
+    def breaks(x: Tensor, t: Tensor) -> tuple[Tensor, None]:
+        if int(t[0]) == 30:
+            raise ValueError("line one\nthe real reason")
+        return torch.zeros_like(x), None
+
+    sched = respaced_schedule(toy_sched(), 10, "leading")  # t = 90, 80, ..., 0
+    with pytest.raises(ModelFailure) as info:
+        sample(breaks, sched, "sample", (2,), n=4)
+    assert str(info.value) == "the model failed at step 6 (t = 30): ValueError: the real reason"
+    assert [r["t"] for r in info.value.rows] == [90, 80, 70, 60, 50, 40]
+    assert info.value.step == 6 and info.value.t == 30
+
+
+def test_cli_model_nan_mid_run_keeps_rows(cli, hostile_programs) -> None:  # type: ignore[no-untyped-def]
+    from conftest import HOSTILE_FLAGS
+
+    result = cli("sample", hostile_programs["nan"], *HOSTILE_FLAGS, "--n", "3", "-f", "csv", "-q")
+    assert result.exit_code == 1
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("step,t,") and len(lines) == 1 + 10  # steps 0..9 (t = 19..10)
+    assert lines[-1].startswith("9,10,")
+    assert result.stderr.startswith("Error: x_t became NaN/Inf at step 9 of 20 (t = 10)")
+    assert result.stderr.count("\n") == 1
+
+
+def test_cli_model_exception_is_one_line_with_the_step(cli, hostile_programs) -> None:  # type: ignore[no-untyped-def]
+    from conftest import HOSTILE_FLAGS
+
+    result = cli("sample", hostile_programs["raise"], *HOSTILE_FLAGS, "--n", "3", "-f", "csv", "-q")
+    assert result.exit_code == 1
+    lines = result.stdout.splitlines()
+    assert len(lines) == 1 + 9 and lines[-1].startswith("8,11,")  # the steps before it
+    assert result.stderr == (
+        "Error: the model failed at step 9 (t = 10): RuntimeError: boom at ten\n"
+    )

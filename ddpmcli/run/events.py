@@ -127,7 +127,7 @@ def _one_line(exc: BaseException) -> str:
     """The last non-empty line of an exception's message (TorchScript errors carry a whole
     interpreter traceback; its last line is the original error), with its type if missing."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    text = lines[-1] if lines else ""
+    text = (lines[-1] if lines else "").removeprefix("builtins.")  # TorchScript's spelling
     return text if ":" in text.split(" ", 1)[0] else f"{type(exc).__name__}: {text}".rstrip(": ")
 
 
