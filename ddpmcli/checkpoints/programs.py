@@ -132,7 +132,7 @@ def _inspect_torchscript(p: Path, given: _Meta) -> LoadedModel:
     for stub in iter_tensors(tree):
         key = stub.storage.key if stub.storage is not None else f"anon{id(stub)}"
         stubs[key] = max(stubs.get(key, 0), stub.numel)
-    name = getattr(tree, "name", "TorchScript")
+    name = getattr(tree, "stub_name", "TorchScript")
     return LoadedModel(
         denoiser=_not_loaded,
         schedule=schedule,

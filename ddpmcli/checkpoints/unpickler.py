@@ -17,7 +17,7 @@ import warnings
 import zipfile
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -77,30 +77,22 @@ class TensorStub:
         return n
 
 
-@dataclass
 class ObjectStub:
-    """An instance of a TorchScript class, kept as its name and (inert) state."""
+    """An instance of a TorchScript class, kept as its class name and (inert) state.
 
-    name: str
-    state: Any = None
-    args: tuple[Any, ...] = ()
+    Pickle's NEWOBJ needs a real class, so each name gets a subclass (:func:`_class_stub`)."""
+
+    stub_name = "object"
+
+    def __init__(self, *args: Any) -> None:  # REDUCE: keep the arguments, run nothing
+        self.args = args
 
     def __setstate__(self, state: Any) -> None:  # BUILD: keep the state, run nothing
         self.state = state
 
 
-@dataclass
-class _ClassStub:
-    """What ``find_class`` returns for a TorchScript class: NEWOBJ/REDUCE give an ObjectStub."""
-
-    name: str
-    instances: list[ObjectStub] = field(default_factory=list)
-
-    def __call__(self, *args: Any) -> ObjectStub:
-        return ObjectStub(self.name, args=args)
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
-        return super().__new__(cls)
+def _class_stub(name: str) -> type[ObjectStub]:
+    return type("ObjectStub", (ObjectStub,), {"stub_name": name})
 
 
 def _tensor_v2(storage: Any, offset: Any, size: Any, *rest: Any) -> TensorStub:
@@ -156,7 +148,7 @@ class _Restricted(pickle.Unpickler):
         if self.allow_programs and module == "torch.jit._pickle" and name in _TORCHSCRIPT_HELPERS:
             return _TORCHSCRIPT_HELPERS[name]
         if self.allow_programs and (module == "__torch__" or module.startswith("__torch__.")):
-            return _ClassStub(f"{module}.{name}")
+            return _class_stub(f"{module}.{name}")
         raise RefusedGlobal(f"{module}.{name}")
 
     def persistent_load(self, pid: Any) -> Any:
@@ -231,7 +223,7 @@ def iter_tensors(tree: Any) -> Iterator[TensorStub]:
         elif isinstance(node, (list, tuple, set, frozenset)):
             stack.extend(node)
         elif isinstance(node, ObjectStub):
-            stack.extend([node.state, *node.args])
+            stack.extend([getattr(node, "state", None), *getattr(node, "args", ())])
 
 
 def safe_torch_load(source: Path | io.BytesIO, where: str) -> Any:
