@@ -38,6 +38,10 @@ SCHEDULE_BYTES_PER_T: int = 512
 of the Schedule plus the temporaries of their stable forms (~220 B/t measured; 512 leaves a
 margin)."""
 
+ROW_BYTES: int = 2048
+"""Estimate of the bytes one printed row (a dict of ~16 floats, then its formatted text) takes
+until it is written: ~1.7 KiB measured for `ddpm schedule`."""
+
 MEMORY_MARGIN: float = 0.8
 """Fraction of the free memory one allocation may take, leaving room for the rest of the run."""
 

@@ -231,12 +231,19 @@ def parse_t_selection(spec: str | None, num_steps: int, *, flag: str = "--t") ->
 
 def select_rows(spec: str | None, every: int | None, num_steps: int) -> list[int]:
     """Indices from `--t` or `--every` (the two conflict), all of them when neither is given."""
+    from ddpmcli import limits
+
     reject_conflicts(("--t", spec is not None), ("--every", every is not None))
     if every is not None:
-        if every < 1:
-            raise UsageError(f"--every {every}: must be >= 1")
-        return list(range(0, num_steps, every))
-    return parse_t_selection(spec, num_steps)
+        limits.check_count(every, "--every")
+        rows: Sequence[int] = range(0, num_steps, every)
+    else:
+        rows = range(num_steps) if spec is None else parse_t_selection(spec, num_steps)
+    try:
+        limits.check_allocation(len(rows) * limits.ROW_BYTES, f"printing {len(rows)} rows")
+    except UsageError as exc:
+        raise UsageError(f"{exc}; select fewer with --t or --every") from None
+    return list(rows)
 
 
 def select_columns(
