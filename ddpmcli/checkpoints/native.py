@@ -24,7 +24,7 @@ from ddpmcli.checkpoints.meta import (
 )
 from ddpmcli.checkpoints.unpickler import safe_torch_load
 from ddpmcli.errors import CheckpointError
-from ddpmcli.output import atomic_write
+from ddpmcli.files import atomic_write
 
 
 def load_native(p: Path, given: _Meta) -> LoadedModel:

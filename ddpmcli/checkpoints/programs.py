@@ -43,7 +43,7 @@ from ddpmcli.checkpoints.unpickler import (
     scan_torch_save,
 )
 from ddpmcli.errors import CheckpointError
-from ddpmcli.output import atomic_write
+from ddpmcli.files import atomic_write
 
 TRUST_ENV = "DDPM_TRUST_PROGRAM"
 TRUST_HINT = (
