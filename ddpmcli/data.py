@@ -13,11 +13,13 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from ddpmcli import limits
 from ddpmcli.errors import DataError
 
 __all__ = [
@@ -237,6 +239,8 @@ def load_data(
     p = Path(path)
     if not p.exists():
         raise DataError(f"data not found: {p}")
+    if not p.is_dir():
+        limits.check_regular_file(p, "data file")
     if p.is_dir():
         arr = _read_image_folder(p, data_shape)
     elif p.suffix.lower() in (".npy", ".npz"):
@@ -251,29 +255,71 @@ def load_data(
     return _to_range(arr, data_range, p, dtype)
 
 
+# bytes per element from file to tensor: the file's own dtype, then float64, then the model dtype
+_BYTES_PER_ELEMENT_EXTRA = 8 + 8 + 4
+MAX_IMAGE_PIXELS: int = 1 << 24
+"""Most pixels accepted per image (4096 x 4096), checked from the header before decoding."""
+
+
+def _checked_header(stream: Any, size: int, where: str) -> tuple[tuple[int, ...], np.dtype]:
+    """Read an .npy header and check it against the ``size`` bytes it came with: a header may
+    claim any shape, so shape x itemsize must be exactly what follows it, and fit in memory."""
+    try:
+        version = np.lib.format.read_magic(stream)
+        if version == (1, 0):
+            shape, _fortran, dtype = np.lib.format.read_array_header_1_0(stream)
+        elif version in ((2, 0), (3, 0)):
+            shape, _fortran, dtype = np.lib.format.read_array_header_2_0(stream)
+        else:
+            raise ValueError(f"unsupported .npy version {version}")
+    except (ValueError, TypeError, SyntaxError, EOFError) as exc:
+        raise DataError(f"{where}: cannot read array file ({_first_line(exc)})") from None
+    if dtype.hasobject or dtype.kind not in "uif":
+        raise DataError(f"{where}: array of dtype {dtype} is not numeric")
+    count = math.prod(shape)
+    if count * dtype.itemsize != size - stream.tell():
+        raise DataError(
+            f"{where}: header claims shape {tuple(shape)} of {dtype} "
+            f"({count * dtype.itemsize} bytes) but {size - stream.tell()} bytes follow it"
+        )
+    limits.check_allocation(
+        count * (dtype.itemsize + _BYTES_PER_ELEMENT_EXTRA), f"{where}: array", error=DataError
+    )
+    return tuple(shape), dtype
+
+
 def _read_array(p: Path) -> np.ndarray:
     try:
-        loaded = np.load(p, allow_pickle=False)
+        if p.suffix.lower() == ".npz" or zipfile.is_zipfile(p):
+            return _read_npz(p)
+        with open(p, "rb") as fh:
+            _checked_header(fh, os.fstat(fh.fileno()).st_size, str(p))
+            fh.seek(0)
+            arr = np.lib.format.read_array(fh, allow_pickle=False)
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
         raise DataError(f"{p}: cannot read array file ({_first_line(exc)})") from None
-    if isinstance(loaded, np.lib.npyio.NpzFile):
-        with loaded:
-            names = list(loaded.files)
-            if not names:
-                raise DataError(f"{p}: the .npz archive holds no arrays")
-            # the conventional key first (improved-diffusion writes arr_0; many use x / samples)
-            key = next(
-                (k for k in ("x", "samples", "images", "data", "arr_0") if k in names), names[0]
-            )
+    return np.asarray(arr)
+
+
+def _read_npz(p: Path) -> np.ndarray:
+    """One array of an .npz archive, its member's header checked against the member's declared
+    uncompressed size (and that against memory) before anything is decompressed past it."""
+    with zipfile.ZipFile(p) as archive:
+        names = [n[: -len(".npy")] for n in archive.namelist() if n.endswith(".npy")]
+        if not names:
+            raise DataError(f"{p}: the .npz archive holds no arrays")
+        # the conventional key first (improved-diffusion writes arr_0; many use x / samples)
+        key = next((k for k in ("x", "samples", "images", "data", "arr_0") if k in names), names[0])
+        info = archive.getinfo(key + ".npy")
+        where = f"{p}: array {key!r}"
+        with archive.open(info) as member:
+            _checked_header(member, info.file_size, where)
+        with archive.open(info) as member:
             try:
-                arr = loaded[key]
+                arr = np.lib.format.read_array(member, allow_pickle=False)
             except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
-                raise DataError(f"{p}: cannot read array {key!r} ({_first_line(exc)})") from None
-    else:
-        arr = loaded
-    if arr.dtype.kind not in "uif":
-        raise DataError(f"{p}: array of dtype {arr.dtype} is not numeric")
-    return arr
+                raise DataError(f"{where}: cannot read ({_first_line(exc)})") from None
+    return np.asarray(arr)
 
 
 def _arrange(arr: np.ndarray, data_shape: tuple[int, ...] | None, p: Path) -> np.ndarray:
@@ -319,18 +365,29 @@ def _read_images(files: list[Path], data_shape: tuple[int, ...] | None) -> np.nd
     out = []
     for f in files:
         try:
+            limits.check_regular_file(f, "image")
             with Image.open(f) as im:
+                if im.width * im.height > MAX_IMAGE_PIXELS:
+                    raise DataError(
+                        f"{f}: image is {im.width} x {im.height} pixels, more than the "
+                        f"{MAX_IMAGE_PIXELS} allowed per image"
+                    )
                 if data_shape is None:
                     channels = 1 if im.mode in ("L", "1", "I", "F") else 3
                     data_shape = (channels, im.height, im.width)
                 c, h, w = data_shape
+                limits.check_allocation(
+                    len(files) * c * h * w * (1 + _BYTES_PER_ELEMENT_EXTRA),
+                    f"{len(files)} images of {c} x {h} x {w}",
+                    error=DataError,
+                )
                 if c not in (1, 3):
                     raise DataError(f"{f}: cannot make {c}-channel images (1 or 3)")
                 rgb = im.convert("L" if c == 1 else "RGB")
                 if rgb.size != (w, h):
                     rgb = rgb.resize((w, h), Image.Resampling.BILINEAR)
                 a = np.asarray(rgb, dtype=np.uint8)
-        except (OSError, UnidentifiedImageError) as exc:
+        except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
             raise DataError(f"{f}: cannot read image ({_first_line(exc)})") from None
         out.append(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
     return np.stack(out)
