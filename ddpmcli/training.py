@@ -157,6 +157,31 @@ def train_denoiser(
         torch.set_num_threads(saved_threads)
 
 
+def _loss(
+    model: nn.Module,
+    schedule: core.Schedule,
+    model_t: Tensor,
+    x0: Tensor,
+    t: Tensor,
+    noise: Tensor,
+    pred: str,
+    learned_variance: bool,
+) -> Tensor:
+    """L_simple of one batch, plus lambda L_vlb (mean gradient stopped) with a learned variance."""
+    x_t = schedule.q_sample(x0, t, noise)
+    out = model(x_t, model_t[t])
+    if learned_variance:
+        prediction, var_values = out.chunk(2, dim=1)
+    else:
+        prediction, var_values = out, None
+    target = training_target(schedule, x0, noise, t, pred)
+    loss = ((prediction - target) ** 2).mean()
+    if var_values is not None:
+        vb = vlb_term(schedule, x0, x_t, t, prediction.detach(), var_values, pred)
+        loss = loss + (VLB_WEIGHT * schedule.num_steps) * vb.mean()
+    return loss
+
+
 def _train(
     data: Tensor,
     schedule: core.Schedule,
@@ -197,17 +222,7 @@ def _train(
         noise = torch.randn((batch_size, *data_shape), generator=gen)
         x0 = data[idx]
         x0, t, noise = x0.to(dev), t.to(dev), noise.to(dev)
-        x_t = schedule.q_sample(x0, t, noise)
-        out = model(x_t, model_t.to(dev)[t])
-        if learned_variance:
-            prediction, var_values = out.chunk(2, dim=1)
-        else:
-            prediction, var_values = out, None
-        target = training_target(schedule, x0, noise, t, pred)
-        loss = ((prediction - target) ** 2).mean()
-        if var_values is not None:
-            vb = vlb_term(schedule, x0, x_t, t, prediction.detach(), var_values, pred)
-            loss = loss + (VLB_WEIGHT * schedule.num_steps) * vb.mean()
+        loss = _loss(model, schedule, model_t.to(dev), x0, t, noise, pred, learned_variance)
         if not torch.isfinite(loss):
             raise DdpmError(
                 f"training diverged at step {step + 1} (loss is {loss.item()}); lower --lr"

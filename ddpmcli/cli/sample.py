@@ -229,8 +229,6 @@ def sample(
 
       ddpm sample ckpt.pt --variance fixed_large --save samples.npz --trajectory-every 100 --plot
     """
-    import torch
-
     from ddpmcli.run import (
         RunError,
         SampleSettings,
@@ -262,10 +260,7 @@ def sample(
         schedule = respaced_schedule(model.schedule, steps, spacing)
     if save_path is not None and save_path.suffix.lower() == ".png" and len(model.data_shape) != 3:
         raise UsageError(f"--save {str(save_path)!r}: a .png grid needs image data; use .npz")
-    refs = _reference(model, reference, seed)
-    data_variance = float(refs.double().var(correction=0)) if refs is not None else 1.0
-    if refs is None and not quiet:
-        note("xt_std_expected assumes var(data) = 1 (no reference samples)")
+    refs, data_variance = _reference_variance(model, reference, seed, quiet)
     title = f"sample {checkpoint.name} ({sampler}, {schedule.num_steps} steps)"
     cols = select_columns(columns, _step_columns())
     try:
@@ -291,21 +286,42 @@ def sample(
     if save_path is not None:
         _save_samples(save_path, run.samples, model, schedule.name, quiet)
     if plot_path is not None:
-        from ddpmcli.plotting.sample import plot_sampling
+        _plot(run, plot_path, model, refs, distances, title, quiet)
 
-        written = plot_sampling(
-            run, plot_path, data_range=model.data_range,
-            reference=None if refs is None else refs.to(torch.float32),
-            distances=distances, title=title,
-        )  # fmt: skip
-        if not quiet:
-            note(f"wrote {written}")
+
+def _plot(
+    run: Any, path: Path, model: LoadedModel, refs: Any, distances: dict[str, float], title: str,
+    quiet: bool,
+) -> None:  # fmt: skip
+    import torch
+
+    from ddpmcli.plotting.sample import plot_sampling
+
+    written = plot_sampling(
+        run, path, data_range=model.data_range,
+        reference=None if refs is None else refs.to(torch.float32), distances=distances,
+        title=title,
+    )  # fmt: skip
+    if not quiet:
+        note(f"wrote {written}")
 
 
 def _step_columns() -> list[str]:
     from ddpmcli.run import STEP_COLUMNS
 
     return list(STEP_COLUMNS)
+
+
+def _reference_variance(
+    model: LoadedModel, source: str | None, seed: int, quiet: bool
+) -> tuple[Any, float]:
+    """The reference points (or None) and var(data) for xt_std_expected (1 without them)."""
+    refs = _reference(model, source, seed)
+    if refs is None:
+        if not quiet:
+            note("xt_std_expected assumes var(data) = 1 (no reference samples)")
+        return None, 1.0
+    return refs, float(refs.double().var(correction=0))
 
 
 def _reference(model: LoadedModel, source: str | None, seed: int) -> Any:
