@@ -221,6 +221,33 @@ def get_data(
     return x if n is None else x[:n]
 
 
+def check_training_sizes(
+    sample_shape: tuple[int, ...],
+    *,
+    n: int | None,
+    batch_size: int | None,
+    references: int | None,
+    width: int | None,
+) -> None:
+    """Refuse ``ddpm train`` sizes the machine cannot hold, before anything is allocated: data and
+    reference sets (float64 while loaded, then float32), one batch with its activations, and the
+    network's weights with their gradients, Adam moments and EMA copy. UsageError naming the
+    flag."""
+    per_sample = math.prod(sample_shape) * (8 + 4)
+    hidden = width or 128
+    for flag, count in (("--n", n), ("--references", references)):
+        if count is not None:
+            limits.check_allocation(count * per_sample, f"{flag} {count}")
+    if batch_size is not None:
+        activations = 32 * hidden * 4  # ~32 layers' worth of hidden activations per sample
+        limits.check_allocation(
+            batch_size * (per_sample + activations), f"--batch-size {batch_size}"
+        )
+    if width is not None:
+        # the UNet's widest layers are 4 * width channels with 3 x 3 kernels; 5 copies each
+        limits.check_allocation(width * width * 16 * 9 * 4 * 5 * 8, f"--width {width}")
+
+
 def load_data(
     path: str | os.PathLike[str],
     data_shape: tuple[int, ...] | None = None,

@@ -274,6 +274,10 @@ def train(
     schedule = build_schedule(request).schedule
     shape = parse_shape(data_shape)
     builtin = datasets.BUILTIN_DATASETS.get(data) if not Path(data).exists() else None
+    datasets.check_training_sizes(
+        builtin.data_shape if builtin else (shape or (1,)),
+        n=n, batch_size=batch_size, references=references, width=width,
+    )  # fmt: skip
     if builtin is not None:
         x = datasets.get_data(data, n=n or 10000, seed=seed, data_shape=shape)
         refs_n = (
