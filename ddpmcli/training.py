@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from ddpmcli import core, models
 from ddpmcli.errors import DdpmError, UsageError
-from ddpmcli.run.events import Event, Observer, notify
+from ddpmcli.run.events import Event, Observer, ParameterError, notify
 
 __all__ = ["TrainResult", "default_architecture", "train_denoiser", "training_target", "vlb_term"]
 
@@ -135,11 +135,11 @@ def train_denoiser(
     batch_size = DEFAULT_BATCH[arch] if batch_size is None else batch_size
     lr = DEFAULT_LR[arch] if lr is None else lr
     if steps < 1 or batch_size < 1:
-        raise UsageError("--steps and --batch-size must be at least 1")
+        raise ParameterError("{steps} and {batch_size} must be at least 1")
     if not lr > 0:
-        raise UsageError(f"--lr {lr}: must be positive")
+        raise ParameterError(f"{{lr}} {lr}: must be positive")
     if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
-        raise UsageError(f"--ema {ema_decay}: decay must lie in [0, 1)")
+        raise ParameterError(f"{{ema_decay}} {ema_decay}: decay must lie in [0, 1)")
     params = models.default_hparams(arch, data_shape, learned_variance=learned_variance)
     params.update(hparams or {})
     dev = torch.device(device)
@@ -225,7 +225,8 @@ def _train(
         loss = _loss(model, schedule, model_t.to(dev), x0, t, noise, pred, learned_variance)
         if not torch.isfinite(loss):
             raise DdpmError(
-                f"training diverged at step {step + 1} (loss is {loss.item()}); lower --lr"
+                f"training diverged at step {step + 1} (loss is {loss.item()}); "
+                "lower the learning rate"
             )
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -24,6 +24,7 @@ from ddpmcli.cli.common import (
     SeedOpt,
     ShapeOpt,
     TrustOpt,
+    as_flags,
     check_format_flags,
     loader_options,
     parse_shape,
@@ -295,7 +296,8 @@ def train(
     data_shape_t = tuple(int(d) for d in x.shape[1:])
     arch = default_architecture(data_shape_t) if architecture == "auto" else architecture
     hparams = {} if width is None else {"hidden" if arch == "mlp" else "base_channels": width}
-    with progress(steps, "training", quiet, fields={"loss": "-"}) as bar:
+    bar_fields = {"loss": "-"}
+    with progress(steps, "training", quiet, fields=bar_fields) as bar, as_flags(ema_decay="--ema"):
         shown = progress_observer(bar, {"loss": "loss_smoothed"})
         result = train_denoiser(
             x, schedule, prediction_type=prediction_type, learned_variance=learned_variance,

@@ -346,11 +346,12 @@ def flag_name(parameter: str) -> str:
 
 
 @contextlib.contextmanager
-def as_flags() -> Iterator[None]:
-    """Re-raise library errors that name parameters (``run.ParameterError``) naming our flags."""
+def as_flags(**flags: str) -> Iterator[None]:
+    """Re-raise library errors that name parameters (``run.ParameterError``) naming our flags:
+    ``flags`` maps a parameter to its flag where the two differ (``source="--data"``)."""
     from ddpmcli.run.events import ParameterError
 
     try:
         yield
     except ParameterError as exc:
-        raise UsageError(exc.render(flag_name)) from None
+        raise UsageError(exc.render(lambda p: flags.get(p) or flag_name(p))) from None

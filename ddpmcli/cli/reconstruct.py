@@ -119,7 +119,7 @@ def reconstruct(
     indices = (
         default_timesteps(steps) if t is None and every is None else select_rows(t, every, steps)
     )
-    with as_flags():
+    with as_flags(source="--data"):
         picked = reconstruction_data(model, data, n=n, seed=seed, compare_optimal=compare_optimal)
     title = f"reconstruct {checkpoint.name}"
     available = list(_columns(per_sample, picked.optimal is not None))

@@ -474,7 +474,7 @@ def nll(
             indices, weights = random_strata(num, t_random, seed)
     elif t is not None or every is not None:
         indices = select_rows(t, every, num)
-    with as_flags():
+    with as_flags(source="--data"):
         picked = reconstruction_data(model, data, n=n, seed=seed)
     x0 = picked.x0
     dec = decoder if decoder != "auto" else ("discretized" if x0.ndim == 4 else "continuous")

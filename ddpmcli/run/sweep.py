@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ddpmcli.core import Schedule, canonical_prediction_type
-from ddpmcli.errors import DataError, UsageError
+from ddpmcli.errors import DataError
 from ddpmcli.run.events import (
     Event,
     NonFiniteError,
@@ -166,9 +166,9 @@ def reconstruction_data(
     if source is None:
         refs = getattr(model, "reference_samples", None)
         if refs is None:
-            raise UsageError(
-                "this checkpoint holds no reference samples; give --data (an .npy/.npz file, an "
-                f"image folder or a built-in set: {', '.join(datasets.BUILTIN_DATASETS)})"
+            raise ParameterError(
+                "this checkpoint holds no reference samples; give {source} (an .npy/.npz file, "
+                f"an image folder or a built-in set: {', '.join(datasets.BUILTIN_DATASETS)})"
             )
         everything = refs.detach().to("cpu", torch.float64)
         if tuple(everything.shape[1:]) != shape:
@@ -185,8 +185,8 @@ def reconstruction_data(
         if compare_optimal:
             mixture = datasets.gaussian_mixture(source)
             if mixture is None or (lo, hi) != datasets.BUILTIN_DATASETS[source].data_range:
-                raise UsageError(
-                    f"--compare-optimal: the built-in set {source!r} is neither a finite set nor "
+                raise ParameterError(
+                    f"{{compare_optimal}}: the built-in set {source!r} is neither a finite set nor "
                     "a Gaussian mixture in the model's range; use gmm, a data file or the "
                     "checkpoint's reference samples"
                 )
