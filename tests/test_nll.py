@@ -300,3 +300,12 @@ def test_nonfinite_data_is_a_data_error() -> None:
 
     with pytest.raises(DataError, match="not finite in the model's dtype float16"):
         variational_bound(predict, sched, "epsilon", x0, model_dtype=torch.float16)
+
+
+def test_cli_data_overflowing_the_model_dtype_is_named_as_data(cli, ckpt, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    big = tmp_path / "big.npy"
+    np.save(big, np.array([[1e6, 0.0], [0.1, 0.2]]))
+    result = cli("nll", str(ckpt), "--data", str(big), "--dtype", "float16", "-f", "csv")
+    assert result.exit_code == 1 and result.stdout == ""
+    assert result.stderr.startswith("Error: the data: values up to 1e+06 are not finite in ")
+    assert "model's dtype float16" in result.stderr and result.stderr.count("\n") == 1
