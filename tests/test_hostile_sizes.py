@@ -3,12 +3,14 @@ regular file of bounded size, and each failure is one `Error:` line naming the o
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import resource
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -162,7 +164,9 @@ def _cap_memory() -> None:
     resource.setrlimit(resource.RLIMIT_AS, (MEMORY_CAP, MEMORY_CAP))
 
 
-def ddpm_capped(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def ddpm_capped(
+    *args: str, cwd: Path | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
     """`python -m ddpmcli ARGS` in a child limited to 4 GiB of address space, so a regression
     that allocates a huge array fails the test instead of taking the machine down."""
     env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
@@ -174,6 +178,7 @@ def ddpm_capped(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[
         timeout=timeout,
         preexec_fn=_cap_memory,
         env=env,
+        cwd=cwd,
     )
 
 
@@ -186,3 +191,112 @@ def assert_one_error(result: subprocess.CompletedProcess[str], code: int, *fragm
     for fragment in fragments:
         assert fragment in errors[0], (fragment, errors[0])
     assert "DDPM_DEBUG" not in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# hostile files and sizes through the real command line, under the memory cap
+
+
+def _npy_header(shape: tuple[int, ...], descr: str = "<f4") -> bytes:
+    import numpy as np
+
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        buffer, {"descr": descr, "fortran_order": False, "shape": shape}
+    )
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def hostile(tmp_path: Path) -> Path:
+    """A folder of hostile files: lying headers, bombs, FIFOs and /dev/zero links."""
+    from PIL import Image
+
+    (tmp_path / "liar.npy").write_bytes(_npy_header((10**12,), "<f8") + b"\0" * 80)
+    (tmp_path / "liar2d.npy").write_bytes(_npy_header((10**12, 2)) + b"\0" * 64)
+    # a zip bomb: a member whose header and declared size agree on 4 GB of zeros (~4 MB packed)
+    with zipfile.ZipFile(tmp_path / "bomb.npz", "w", zipfile.ZIP_DEFLATED) as archive:
+        with archive.open("x.npy", "w", force_zip64=True) as member:
+            header = _npy_header((10**6, 1000))
+            member.write(header)
+            zeros = b"\0" * (1 << 22)
+            for _ in range(4 * 10**9 // len(zeros)):
+                member.write(zeros)
+            member.write(b"\0" * (4 * 10**9 % len(zeros)))
+    (tmp_path / "pngs").mkdir()
+    Image.new("L", (5000, 5000)).save(tmp_path / "pngs" / "big.png")
+    (tmp_path / "bigT.json").write_text(json.dumps({"num_train_timesteps": 10**9}))
+    (tmp_path / "digits.json").write_text('{"num_train_timesteps": ' + "9" * 5000 + "}")
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    with open(tmp_path / "huge.json", "wb") as fh:
+        fh.truncate(10**9)
+    os.mkfifo(tmp_path / "fifo.json")
+    os.mkfifo(tmp_path / "fifo.npy")
+    (tmp_path / "zero.json").symlink_to("/dev/zero")
+    (tmp_path / "zero.npy").symlink_to("/dev/zero")
+    return tmp_path
+
+
+CASES = [
+    # (args, exit code, fragments of the one Error: line)
+    (["schedule", "-T", "1000000000000"], 2, ["-T/--timesteps", "1000000000000"]),
+    (["posterior", "-T", "100000000"], 2, ["-T/--timesteps"]),
+    (["schedule", "-T", "3000000", "-f", "csv"], 2, ["printing 3000000 rows", "--every"]),
+    (["compare", "linear:T=1000000000000", "cosine"], 2, ["linear:T=1000000000000"]),
+    (["schedule", "--from", "bigT.json"], 1, ["bigT.json: num_train_timesteps"]),
+    (["schedule", "--from", "digits.json"], 1, ["digits.json", "5000 digits"]),
+    (["check", "--from", "deep.json"], 1, ["deep.json", "nests deeper"]),
+    (["schedule", "--from", "huge.json"], 1, ["huge.json", "32 MiB limit"]),
+    (["schedule", "--from", "fifo.json"], 1, ["fifo.json", "FIFO"]),
+    (["schedule", "--from", "zero.json"], 1, ["zero.json", "character device"]),
+    (["schedule", "--betas-file", "liar.npy"], 1, ["liar.npy", "header claims shape"]),
+    (["schedule", "--betas-file", "zero.npy"], 1, ["zero.npy", "character device"]),
+    (["train", "--data", "liar2d.npy", "-o", "o.pt"], 1, ["liar2d.npy", "header claims"]),
+    (["train", "--data", "bomb.npz", "-o", "o.pt"], 1, ["bomb.npz: array 'x'", "GiB"]),
+    (["train", "--data", "pngs", "-o", "o.pt"], 1, ["big.png", "5000 x 5000 pixels"]),
+    (["train", "--data", "fifo.npy", "-o", "o.pt"], 1, ["fifo.npy", "FIFO"]),
+    (["train", "--n", "1000000000", "-o", "o.pt"], 2, ["--n 1000000000 needs"]),
+    (["train", "--batch-size", "1000000000", "-o", "o.pt"], 2, ["--batch-size 1000000000"]),
+    (["train", "--width", "1000000", "-o", "o.pt"], 2, ["--width 1000000 needs"]),
+    (["train", "--references", "1000000000", "-o", "o.pt"], 2, ["--references 1000000000"]),
+]
+
+
+@pytest.mark.parametrize(("args", "code", "fragments"), CASES, ids=lambda v: str(v)[:40])
+def test_hostile_input_is_one_error_line(
+    hostile: Path, args: list[str], code: int, fragments: list[str]
+) -> None:
+    start = time.monotonic()
+    result = ddpm_capped(*args, cwd=hostile)
+    assert_one_error(result, code, *fragments)
+    assert not (hostile / "o.pt").exists()
+    # start-up (torch import) takes ~2 s on a loaded 2-core machine; the check itself < 1 s
+    assert time.monotonic() - start < 15
+
+
+# ---------------------------------------------------------------------------------------------
+# ddpm check for any T, and a trained_betas length mismatch as a finding
+
+
+@pytest.mark.parametrize("big_t", [1, 2, 20, 49])
+def test_check_config_with_small_t(cli, tmp_path: Path, big_t: int) -> None:  # type: ignore[no-untyped-def]
+    cfg = tmp_path / "scheduler_config.json"
+    cfg.write_text(json.dumps({"num_train_timesteps": big_t}))
+    result = cli("check", "--from", str(cfg), "-f", "csv")
+    assert result.exit_code in (0, 1), result.stderr
+    assert "Error:" not in result.stderr
+    assert result.stdout.startswith("severity,code,t,message\n")
+
+
+@pytest.mark.parametrize("length", [5, 15])
+def test_check_reports_trained_betas_length_mismatch(cli, tmp_path: Path, length: int) -> None:  # type: ignore[no-untyped-def]
+    cfg = tmp_path / "scheduler_config.json"
+    cfg.write_text(json.dumps({"num_train_timesteps": 10, "trained_betas": [0.01] * length}))
+    result = cli("check", "--from", str(cfg), "-f", "csv")
+    assert result.exit_code == 1
+    assert "Error:" not in result.stderr
+    lines = [line for line in result.stdout.splitlines() if "trained_betas_length" in line]
+    assert lines == [
+        f"error,trained_betas_length,,trained_betas has {length} values but num_train_timesteps "
+        f"is 10: diffusers indexes one with the other (the schedule here uses the {length} betas)"
+    ]
