@@ -232,7 +232,7 @@ def test_custom_files_and_from_config(cli, tmp_path: Path) -> None:
     ("args", "code", "fragments"),
     [
         (["schedule", "--kind", "nope"], 2, ["'nope'", "allowed", "cosine"]),
-        (["schedule", "-T", "0"], 2, ["T = 0"]),
+        (["schedule", "-T", "0"], 2, ["-T/--timesteps must be between 1 and 10000000, got 0"]),
         (["schedule", "--beta-start", "1.5"], 2, ["beta_start=1.5", "(0, 1)"]),
         (["schedule", "--beta-end", "0"], 2, ["beta_end=0", "(0, 1)"]),
         (["schedule", "--kind", "cosine", "--beta-start", "0.1"], 2, ["beta_start", "allowed"]),

@@ -207,10 +207,12 @@ def _npy_header(shape: tuple[int, ...], descr: str = "<f4") -> bytes:
     return buffer.getvalue()
 
 
-@pytest.fixture
-def hostile(tmp_path: Path) -> Path:
-    """A folder of hostile files: lying headers, bombs, FIFOs and /dev/zero links."""
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder of hostile files: lying headers, bombs, FIFOs and /dev/zero links (built once)."""
     from PIL import Image
+
+    tmp_path = tmp_path_factory.mktemp("hostile")
 
     (tmp_path / "liar.npy").write_bytes(_npy_header((10**12,), "<f8") + b"\0" * 80)
     (tmp_path / "liar2d.npy").write_bytes(_npy_header((10**12, 2)) + b"\0" * 64)
