@@ -5,7 +5,9 @@ Shared by every loop in :mod:`ddpmcli.run` (and the CLI's ``--device``/``--dtype
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import math
+import os
+from collections.abc import Iterator, Mapping
 
 import torch
 
@@ -14,6 +16,11 @@ from ddpmcli.errors import DdpmError, UsageError
 __all__ = [
     "DEVICES",
     "DTYPES",
+    "SMALL_MODEL_WORK",
+    "apply_threads",
+    "default_threads",
+    "model_work",
+    "usable_cores",
     "auto_chunk_size",
     "dtype_name",
     "iter_chunks",
@@ -138,3 +145,113 @@ def spread(count: int, k: int) -> list[int]:
 def dtype_name(dtype: torch.dtype) -> str:
     """``torch.float16`` -> ``float16``."""
     return str(dtype).removeprefix("torch.")
+
+
+# =============================================================================================
+# CPU threads
+# =============================================================================================
+
+SMALL_MODEL_WORK = 2_000_000
+"""Multiply-adds per item below which a model runs fastest on one CPU thread: its matrices are
+too small to split, and a second thread only adds synchronisation (and loses badly when another
+process is busy on a core). Measured by benchmarks/bench_threads.py (the 2-D MLP is ~70k)."""
+
+
+def usable_cores(
+    affinity: set[int] | None = None,
+    cpu_max: str | None = None,
+    cfs: tuple[str, str] | None = None,
+) -> int:
+    """The cores this process may actually use: its CPU affinity, capped by the cgroup's CPU
+    quota (v2 ``cpu.max`` ``"QUOTA PERIOD"`` or ``"max PERIOD"``; v1 ``cpu.cfs_quota_us`` and
+    ``cpu.cfs_period_us``), rounded up. The arguments replace what is read from the system."""
+    if affinity is None:
+        try:
+            affinity = os.sched_getaffinity(0)
+        except (AttributeError, OSError):  # not Linux
+            affinity = set(range(os.cpu_count() or 1))
+    cores = max(1, len(affinity))
+    if cpu_max is None and cfs is None:
+        cpu_max = _read_text("/sys/fs/cgroup/cpu.max")
+        if cpu_max is None:
+            quota = _read_text("/sys/fs/cgroup/cpu/cpu.cfs_quota_us")
+            period = _read_text("/sys/fs/cgroup/cpu/cpu.cfs_period_us")
+            cfs = (quota, period) if quota is not None and period is not None else None
+    limit = _quota(cpu_max.split()[:2] if cpu_max else None) if cpu_max else None
+    if limit is None and cfs is not None:
+        limit = _quota(list(cfs))
+    return max(1, min(cores, limit)) if limit is not None else cores
+
+
+def _quota(parts: list[str] | None) -> int | None:
+    """``ceil(quota / period)`` of a cgroup quota; None when unlimited or unreadable."""
+    if not parts or len(parts) != 2:
+        return None
+    quota_text, period_text = (p.strip() for p in parts)
+    try:
+        quota, period = int(quota_text), int(period_text)
+    except ValueError:  # "max": no quota
+        return None
+    if quota <= 0 or period <= 0:  # v1 writes -1 for no quota
+        return None
+    return max(1, math.ceil(quota / period))
+
+
+def _read_text(path: str) -> str | None:
+    try:
+        with open(path, encoding="ascii") as f:
+            return f.read(256).strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def default_threads(
+    work_per_item: int | None,
+    *,
+    local_world: int = 1,
+    environ: Mapping[str, str] | None = None,
+    cores: int | None = None,
+) -> int:
+    """The CPU thread count a command uses when ``--threads`` is not given.
+
+    ``OMP_NUM_THREADS`` (a positive integer) wins; then one thread for a small model
+    (``work_per_item`` multiply-adds below :data:`SMALL_MODEL_WORK`); otherwise the usable cores
+    (:func:`usable_cores`) divided among the ``local_world`` processes of this machine (torchrun's
+    ``LOCAL_WORLD_SIZE``), at least one.
+    """
+    env = os.environ if environ is None else environ
+    text = env.get("OMP_NUM_THREADS", "").strip()
+    if text.isdigit() and int(text) > 0:
+        return int(text)
+    if work_per_item is not None and work_per_item < SMALL_MODEL_WORK:
+        return 1
+    total = usable_cores() if cores is None else cores
+    return max(1, total // max(1, local_world))
+
+
+def model_work(module: object, numel_per_item: int) -> int | None:
+    """A rough count of multiply-adds per item: the parameter count for a model whose input is a
+    short vector (an MLP applies every weight once per item), ``parameters x values`` bounded by
+    the convolutions' reuse otherwise. None when the model's parameters cannot be read (a
+    program): then it is taken as large."""
+    params = getattr(module, "parameters", None)
+    if params is None:
+        return None
+    try:
+        count = sum(int(p.numel()) for p in params())
+    except (TypeError, RuntimeError):
+        return None
+    if count == 0:
+        return None
+    return count if numel_per_item <= 64 else count * max(1, numel_per_item // 64)
+
+
+def apply_threads(threads: int | None) -> int:
+    """Set torch's intra-op threads to ``threads`` (the CLI's ``--threads``); returns the count
+    in force. The library never calls this itself: a thread count set by the user through
+    ``torch.set_num_threads`` stays as it is."""
+    if threads is not None:
+        if threads < 1:
+            raise UsageError(f"--threads {threads}: must be at least 1")
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
