@@ -53,6 +53,14 @@ def _real_target(path: Path) -> Path:
     return path
 
 
+def _nearest_folder(path: Path) -> Path:
+    folder = path.parent if str(path.parent) else Path(".")
+    with contextlib.suppress(OSError):
+        while not folder.is_dir() and folder.parent != folder:
+            folder = folder.parent
+    return folder
+
+
 def _describe_kind(mode: int) -> str | None:
     """None for a regular file, else what the non-regular file is."""
     if stat.S_ISREG(mode):
@@ -96,7 +104,19 @@ def check_writable(
     shown = str(target)
     if not target.name or target.name in (".", ".."):
         raise UsageError(f"{what} {shown!r} is a directory; give a file path")
-    real = _real_target(target)
+    name_max = _limit(_nearest_folder(target), "PC_NAME_MAX", _DEFAULT_NAME_MAX)
+    name_bytes = len(os.fsencode(target.name))
+    if name_bytes > name_max:  # the temporary name is short and fixed, so the output's decides
+        raise UsageError(
+            f"cannot write {what} {shown!r}: file name is {name_bytes} bytes, longer than the "
+            f"{name_max} this filesystem allows"
+        )
+    if any(len(os.fsencode(part)) > name_max for part in target.parts[:-1]):
+        raise UsageError(f"cannot write {what} {shown!r}: a folder name is too long")
+    try:
+        real = _real_target(target)
+    except OSError as exc:
+        raise UsageError(f"cannot write {what} {shown!r}: {exc.strerror or exc}") from None
     _check_existing(shown, real, what)
     folder = real.parent if str(real.parent) else Path(".")
     existing = folder
@@ -110,19 +130,9 @@ def check_writable(
         existing = existing.parent
     if not existing.is_dir():
         raise UsageError(f"cannot write {what} {shown!r}: {str(existing)!r} is not a directory")
-    name_max = _limit(existing, "PC_NAME_MAX", _DEFAULT_NAME_MAX)
-    name_bytes = len(os.fsencode(real.name))
-    if name_bytes > name_max:  # the temporary name is short and fixed, so the output's decides
-        raise UsageError(
-            f"cannot write {what} {shown!r}: file name is {name_bytes} bytes, longer than the "
-            f"{name_max} this filesystem allows"
-        )
     path_max = _limit(existing, "PC_PATH_MAX", _DEFAULT_PATH_MAX)
     if len(os.fsencode(os.path.abspath(folder / _tmp_name(real)))) >= path_max:
         raise UsageError(f"cannot write {what} {shown!r}: path is longer than {path_max} bytes")
-    for part in (folder / real.name).parts[:-1]:
-        if len(os.fsencode(part)) > name_max:
-            raise UsageError(f"cannot write {what} {shown!r}: a folder name is too long")
     # Probe by creating a file: os.access says yes to root on read-only or virtual filesystems.
     try:
         with tempfile.TemporaryFile(dir=existing):

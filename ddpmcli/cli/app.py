@@ -14,23 +14,54 @@ What the shell sees (exit statuses in `ddpmcli.errors.ExitStatus`):
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 import signal
 import sys
-from collections.abc import Sequence
-from types import FrameType
-from typing import Any
 
-from ddpmcli.errors import ExitStatus, Interrupted
+
+def _interrupted_at_start_up(signum: int, frame: object) -> None:
+    # Nothing to clean up yet, and an exception here would escape the script's own import as a
+    # traceback: say it in one line and leave.
+    try:
+        os.write(2, b"Error: interrupted\n")
+    finally:
+        os._exit(130)
+
+
+# Installed first, only in the `ddpm` process itself (never in a program that imports us): Ctrl-C
+# during the start-up imports. `run_main` replaces it once it can clean up.
+if sys.argv and (
+    os.path.basename(sys.argv[0]) == "ddpm"
+    or sys.argv[0].endswith(os.path.join("ddpmcli", "__main__.py"))
+):
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _interrupted_at_start_up)
+
+import contextlib  # noqa: E402
+import io  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+from types import FrameType  # noqa: E402
+from typing import Any  # noqa: E402
+
+from ddpmcli.errors import ExitStatus, Interrupted  # noqa: E402
 
 _UNSAFE_CONTROL = {i: f"\\x{i:02x}" for i in (*range(0x20), 0x7F, *range(0x80, 0xA0))}
 
 
+# Set by the SIGINT handler. A handler's exception can be swallowed where Python ignores
+# exceptions (a __del__, a weakref or GC callback, a library's broad except): the flag still says
+# the run was interrupted, and wins over whatever error the swallowing caused.
+_sigint = {"seen": False, "reported": False}
+
+
 def error_line(message: str) -> None:
     """One `Error: ...` line on stderr, as plain text: whitespace runs folded to one space,
-    control characters escaped, no markup; a closed or full stderr is ignored."""
+    control characters escaped, no markup; a closed or full stderr is ignored. After Ctrl-C only
+    `Error: interrupted` is printed, once."""
+    if _sigint["seen"]:
+        if message != "interrupted" or _sigint["reported"]:
+            return
+        _sigint["reported"] = True
     text = " ".join(str(message).split()).translate(_UNSAFE_CONTROL) or "unknown error"
     try:
         sys.stderr.write(f"Error: {text}\n")
@@ -51,7 +82,16 @@ def quiet_stdout() -> None:
 
 
 def _on_sigint(signum: int, frame: FrameType | None) -> None:
+    _sigint["seen"] = True
     raise Interrupted
+
+
+def _unraisable(hook: Any) -> Any:
+    def quiet(info: Any) -> None:
+        if not isinstance(info.exc_value, Interrupted):
+            hook(info)  # the flag reports an Interrupted that was swallowed here
+
+    return quiet
 
 
 def _guard_std_fds() -> None:
@@ -95,24 +135,30 @@ def _finish_stdout(code: int) -> int:
 def run_main(argv: Sequence[str] | None = None) -> int:
     """Run `ddpm` under the signal and stream guards; return its exit status."""
     previous: Any = None
+    _sigint.update(seen=False, reported=False)
     # SIGINT ignored (`nohup`, a background job of a script) stays ignored; not the main thread:
     # signals are left alone.
     with contextlib.suppress(ValueError):
         if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
             previous = signal.signal(signal.SIGINT, _on_sigint)
+    hook = sys.unraisablehook
+    sys.unraisablehook = _unraisable(hook)
+    code: int = ExitStatus.ERROR
     try:
         _guard_std_fds()
         from ddpmcli.cli.root import run
 
-        code = run(argv)
-        code = _finish_stdout(code)
+        code = _finish_stdout(run(argv))
     except (Interrupted, KeyboardInterrupt):
-        error_line("interrupted")
-        code = ExitStatus.INTERRUPTED
+        _sigint["seen"] = True
     finally:
         if previous is not None:
             with contextlib.suppress(ValueError, Interrupted):
                 signal.signal(signal.SIGINT, previous)
+        sys.unraisablehook = hook
+    if _sigint["seen"]:
+        error_line("interrupted")
+        code = ExitStatus.INTERRUPTED
     return int(code)
 
 
