@@ -76,6 +76,19 @@ DeviceOpt = Annotated[
     typer.Option("--device", help="Where to run: auto (cuda, then mps, then cpu), cpu, cuda, mps."),
 ]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed: same seed, same numbers.")]
+ThreadsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--threads",
+        min=1,
+        help="CPU threads for torch; default: OMP_NUM_THREADS if set, 1 for small models (the "
+        "2-D MLP), else the cores this process may use (affinity, cgroup quota) divided among "
+        "torchrun's processes on this machine.",
+    ),
+]
+NUM_SAMPLES_FLAGS = ("--n", "--num-samples", "-n")
+"""The sample-count flags: ``--num-samples`` and ``-n`` pass through launchers (torchrun rejects
+``--n`` as an abbreviation of its own options)."""
 
 # Checkpoint metadata: what a TorchScript / torch.export file without ddpm.json cannot tell itself.
 PANEL_META = "Metadata (TorchScript / export programs without ddpm.json)"
@@ -355,3 +368,30 @@ def as_flags(**flags: str) -> Iterator[None]:
         yield
     except ParameterError as exc:
         raise UsageError(exc.render(lambda p: flags.get(p) or flag_name(p))) from None
+
+
+def join_ranks(device: str) -> tuple[Any, str]:
+    """Under torchrun (``WORLD_SIZE > 1``): join the process group and give this rank's device
+    (``cuda`` becomes ``cuda:LOCAL_RANK``). One process: ``device`` unchanged, nothing imported
+    beyond :mod:`ddpmcli.run.distributed`."""
+    from ddpmcli.run.distributed import current
+    from ddpmcli.run.runtime import resolve_device
+
+    ranks = current()
+    if not ranks.active:
+        return ranks, device
+    return ranks, str(ranks.device(resolve_device(device)))
+
+
+def use_threads(threads: int | None, model: Any, ranks: Any) -> int:
+    """Set torch's CPU threads: ``--threads``, else the default for this model and machine
+    (:func:`ddpmcli.run.runtime.default_threads`). Returns the count in force."""
+    from ddpmcli.run.runtime import apply_threads, default_threads, model_work
+
+    if threads is None:
+        numel = 1
+        for d in getattr(model, "data_shape", ()):
+            numel *= int(d)
+        work = model_work(getattr(model, "denoiser", model), numel)
+        threads = default_threads(work, local_world=ranks.local_world)
+    return apply_threads(threads)

@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 import typer
 
 from ddpmcli.cli.common import (
+    NUM_SAMPLES_FLAGS,
     CheckpointArg,
     ColumnsOpt,
     DeviceOpt,
@@ -26,15 +27,18 @@ from ddpmcli.cli.common import (
     QuietOpt,
     SeedOpt,
     ShapeOpt,
+    ThreadsOpt,
     TrustOpt,
     TSelectOpt,
     as_flags,
     check_format_flags,
+    join_ranks,
     loader_options,
     reject_conflicts,
     resolve_plot_path,
     select_columns,
     select_rows,
+    use_threads,
 )
 from ddpmcli.output import emit, note, progress
 
@@ -42,7 +46,7 @@ from ddpmcli.output import emit, note, progress
 def reconstruct(
     checkpoint: CheckpointArg,
     data: EvalDataOpt = None,
-    n: Annotated[int, typer.Option("--n", min=1, help="Samples to reconstruct.")] = 64,
+    n: Annotated[int, typer.Option(*NUM_SAMPLES_FLAGS, min=1, help="Samples to reconstruct.")] = 64,
     seed: SeedOpt = 0,
     t: TSelectOpt = None,
     every: EveryOpt = None,
@@ -81,6 +85,7 @@ def reconstruct(
     prediction_type: PredOpt = None,
     data_shape: ShapeOpt = None,
     trust_program: TrustOpt = False,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Reconstruct x0 from x_t at each t: mse, psnr, eps_mse, clip_fraction per noise level.
 
@@ -111,10 +116,12 @@ def reconstruct(
     check_format_flags(fmt, no_header)
     reject_conflicts(("--t", t is not None), ("--every", every is not None))
     plot_path = resolve_plot_path(plot, "reconstruct")
+    ranks, run_device = join_ranks(device)
     model = load_checkpoint(
         checkpoint,
         **loader_options(kind, timesteps, prediction_type, data_shape, trust_program=trust_program),
     )
+    use_threads(threads, model, ranks)
     steps = model.schedule.num_steps
     indices = (
         default_timesteps(steps) if t is None and every is None else select_rows(t, every, steps)
@@ -128,9 +135,9 @@ def reconstruct(
         total = len(indices) * picked.x0.shape[0]
         with progress(total, "reconstructing", quiet) as bar, as_flags():
             result = reconstruction_sweep(
-                model, picked.x0, indices, batch_size=batch_size, seed=seed, device=device,
+                model, picked.x0, indices, batch_size=batch_size, seed=seed, device=run_device,
                 dtype=dtype, clip=clip, per_sample=per_sample, compare_optimal=picked.optimal,
-                observers=[progress_observer(bar)],
+                observers=[progress_observer(bar)], ranks=ranks,
             )  # fmt: skip
     except RunError as exc:  # the rows of every finite t, then the first bad t
         if exc.rows:
@@ -138,7 +145,7 @@ def reconstruct(
         raise
     rows = result.sample_rows if per_sample and result.sample_rows is not None else result.rows
     emit(rows, cols, fmt, no_header=no_header, title=title)
-    if plot_path is not None:
+    if plot_path is not None and ranks.is_main:
         from ddpmcli.plotting.reconstruct import plot_reconstruction
 
         written = plot_reconstruction(

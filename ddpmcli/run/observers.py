@@ -20,6 +20,7 @@ from ddpmcli.run.events import Event, NonFiniteError, Observer, notify
 __all__ = [
     "STEP_COLUMNS",
     "NonFiniteSampleError",
+    "StepMoments",
     "StepStatistics",
     "TrajectoryFrame",
     "TrajectoryRecorder",
@@ -93,7 +94,12 @@ class StepStatistics:
     def __call__(self, event: Event) -> None:
         if event.step is None or "x_next" not in event.tensors:
             return
-        stats = self._reduce(event.tensors)
+        self.add(event, self._reduce(event.tensors))
+
+    def add(self, event: Event, stats: Tensor) -> None:
+        """Queue the statistics of ``event``'s step (the layout of ``_reduce``: std of x_t, min,
+        max and std of x0_raw, clip fraction, mean update norm[, variance]), finishing the
+        previous row."""
         self.flush()
         self._pending = (event, stats)
 
@@ -137,6 +143,60 @@ class StepStatistics:
         self.rows.append(row)
         notify(self.observers, Event(event.loop, event.done, event.total, event.step, event.t,
                                      row=row))  # fmt: skip
+
+
+class StepMoments:
+    """Each step's partial moments over this rank's samples (float64), added over ranks by
+    :meth:`reduce` into the statistics :class:`StepStatistics` turns into rows: one process's
+    numbers, up to the float rounding of the sums (std from the summed first and second
+    moments)."""
+
+    def __init__(self, data_range: tuple[float, float], *, measure: bool) -> None:
+        self.data_range = data_range
+        self.measure = measure
+        self.events: list[Event] = []
+        self.sums: list[Tensor] = []  # per step: sum, sum^2 of x and of x0_raw, clipped, norms,
+        self.extremes: list[Tensor] = []  # variance sum, values, samples; -min and max of x0_raw
+
+    def add(self, event: Event, tensors: Any) -> None:
+        """Record ``event``'s step (``tensors`` empty when this rank has no samples)."""
+        self.events.append(event)
+        f64 = torch.float64
+        if not tensors:
+            self.sums.append(torch.zeros(9, dtype=f64))
+            self.extremes.append(torch.full((2,), -math.inf, dtype=f64))
+            return
+        x, x_next, x0 = tensors["x"], tensors["x_next"], tensors["x0_raw"]
+        clipped = torch.ne(x0.clamp(*self.data_range), x0).sum(dtype=f64)
+        norms = torch.linalg.vector_norm((x_next - x).flatten(1).to(f64), dim=1).sum()
+        zero = torch.zeros((), dtype=f64, device=x.device)
+        var = tensors["variance"].to(f64) * x.numel() if self.measure else zero
+        parts = [x.sum(dtype=f64), x.to(f64).square().sum(), x0.sum(dtype=f64),
+                 x0.to(f64).square().sum(), clipped, norms, var]  # fmt: skip
+        count = torch.tensor([x.numel(), x.shape[0]], dtype=f64, device=x.device)
+        self.sums.append(torch.cat([torch.stack(parts), count]).cpu())
+        lo_hi = torch.aminmax(x0)
+        self.extremes.append(torch.stack([-lo_hi.min, lo_hi.max]).to("cpu", f64))
+
+    def reduce(self, ranks: Any) -> list[tuple[Event, Tensor]]:
+        """Every step's event with its statistics over all ranks (``ranks``: a
+        :class:`~ddpmcli.run.distributed.Ranks`), in step order."""
+        if not self.events:
+            return []
+        sums = ranks.sum(torch.stack(self.sums))
+        extremes = torch.stack(ranks.gather(torch.stack(self.extremes))).amax(dim=0)
+        values, samples = sums[:, 7], sums[:, 8]
+
+        def std(total: Tensor, squares: Tensor) -> Tensor:
+            mean = total / values
+            return (squares / values - mean * mean).clamp_min(0).sqrt()
+
+        stats = [std(sums[:, 0], sums[:, 1]), -extremes[:, 0], extremes[:, 1]]
+        stats += [std(sums[:, 2], sums[:, 3]), sums[:, 4] / values, sums[:, 5] / samples]
+        if self.measure:
+            stats.append(sums[:, 6] / values)
+        table = torch.stack(stats, dim=1)
+        return list(zip(self.events, table, strict=True))
 
 
 def finite_check(rows: list[dict[str, Any]], num_steps: int) -> Observer:

@@ -217,11 +217,15 @@ def default_threads(
     ``OMP_NUM_THREADS`` (a positive integer) wins; then one thread for a small model
     (``work_per_item`` multiply-adds below :data:`SMALL_MODEL_WORK`); otherwise the usable cores
     (:func:`usable_cores`) divided among the ``local_world`` processes of this machine (torchrun's
-    ``LOCAL_WORLD_SIZE``), at least one.
+    ``LOCAL_WORLD_SIZE``), at least one. torchrun sets ``OMP_NUM_THREADS=1`` for its workers when
+    the user did not set it (and says so); that value, seen in a torchrun worker
+    (``TORCHELASTIC_RUN_ID`` set) with several local processes, counts as unset: pass
+    ``--threads 1`` to mean it.
     """
     env = os.environ if environ is None else environ
     text = env.get("OMP_NUM_THREADS", "").strip()
-    if text.isdigit() and int(text) > 0:
+    launcher_default = text == "1" and local_world > 1 and bool(env.get("TORCHELASTIC_RUN_ID"))
+    if text.isdigit() and int(text) > 0 and not launcher_default:
         return int(text)
     if work_per_item is not None and work_per_item < SMALL_MODEL_WORK:
         return 1

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from ddpmcli import core
+from ddpmcli.run.distributed import Ranks
 from ddpmcli.run.events import (
     Event,
     ModelFailure,
@@ -36,6 +37,7 @@ from ddpmcli.run.noise import generator, randn
 from ddpmcli.run.observers import (
     STEP_COLUMNS,
     NonFiniteSampleError,
+    StepMoments,
     StepStatistics,
     TrajectoryFrame,
     TrajectoryRecorder,
@@ -375,6 +377,7 @@ def sample(
     model_dtype: torch.dtype = torch.float32,
     data_variance: float = 1.0,
     observers: Sequence[Observer] = (),
+    ranks: Ranks | None = None,
 ) -> SampleRun:
     """Draw ``n`` samples by running ``schedule`` from its last index down to 0.
 
@@ -394,6 +397,10 @@ def sample(
             sqrt(ab_t var + 1 - ab_t) (1 for data assumed of unit variance).
         observers: called with every step's :class:`Event` (``done`` counts model evaluations)
             and with every finished row (an event with ``row`` set), in step order.
+        ranks: a distributed run (:func:`ddpmcli.run.distributed.current`): this rank steps its
+            share of the samples (the noise is still drawn for all ``n`` and sliced, so every
+            sample is the single-process one); rows are built from statistics added over ranks at
+            the end, and every rank returns all samples. None: one process.
 
     Each row: ``step`` (0 = the first, noisiest step), ``t`` (model timestep), ``variance`` (the
     variance of the noise added by the step, mean over elements; 0 where none is added),
@@ -433,6 +440,8 @@ def sample(
         recorder = TrajectoryRecorder(settings.trajectory_every, keep)
         watchers.append(recorder)
     watchers.extend(observers)
+    if ranks is not None and ranks.active:
+        return _run_ranks(ranks, loop, stats, recorder, watchers, n, data_shape, seed, schedule)
     return _run(loop, stats, recorder, watchers, n, data_shape, seed, data_variance, schedule)
 
 
@@ -475,3 +484,60 @@ def _run(
         schedule_name=schedule.name,
         data_variance=float(data_variance),
     )
+
+
+def _run_ranks(
+    ranks: Ranks,
+    loop: _Loop,
+    stats: StepStatistics,
+    recorder: TrajectoryRecorder | None,
+    watchers: list[Observer],
+    n: int,
+    data_shape: Sequence[int],
+    seed: int,
+    schedule: core.Schedule,
+) -> SampleRun:
+    """:func:`_run` over ranks: rank r steps samples ``ranks.share(n)`` with the slices of the
+    noise every rank draws for all ``n``; each step's statistics are partial moments, added over
+    ranks once at the end, where the rows, the NaN check, the trajectory and the samples are
+    assembled in sample order."""
+    num = schedule.num_steps
+    timesteps = schedule.timesteps.tolist()
+    dev, dtype = loop.sched.alpha_bar.device, loop.sched.alpha_bar.dtype
+    gen = generator(dev, seed)
+    shape = (n, *(int(s) for s in data_shape))
+    lo, hi = ranks.share(n)
+    uses_noise = loop.sampler.uses_noise(loop.settings)
+    moments = StepMoments(stats.data_range, measure=stats.variances is None)
+    own = [w for w in watchers if w is not stats]  # rows come at the end, from every rank
+    failure: Exception | None = None
+    x = torch.empty(0)
+    try:
+        with torch.inference_mode():
+            x = randn(shape, gen, dev, dtype)[lo:hi]
+            for step, i in enumerate(range(num - 1, -1, -1)):
+                noise = randn(shape, gen, dev, dtype)[lo:hi] if i > 0 and uses_noise else None
+                tensors = _one_step(loop, x, i, timesteps[i], step, noise) if hi > lo else {}
+                t = (timesteps[i], timesteps[i])
+                moments.add(Event("sample", n * (step + 1), n * num, step, t), tensors)
+                done = ranks.progress((hi - lo) * (step + 1), n * num)
+                notify(own, Event("sample", done, n * num, step, t, tensors))
+                x = tensors.get("x_next", x)
+    except Exception as exc:  # the other ranks must hear of it before the sums are added
+        failure = exc
+    ranks.settle(failure)
+    for event, values in moments.reduce(ranks):
+        stats.add(event, values)
+    stats.flush()
+    parts = ranks.gather(x.float().cpu())
+    frames = recorder.frames if recorder is not None else []
+    if recorder is not None:
+        every_rank = ranks.gather([f.x0 for f in frames])
+        frames = [
+            TrajectoryFrame(f.step, f.t, torch.cat([r[k] for r in every_rank if k < len(r)]))
+            for k, f in enumerate(frames)
+        ]
+    return SampleRun(
+        samples=torch.cat(parts), rows=stats.rows, trajectory=frames,
+        schedule_name=schedule.name, data_variance=stats.data_variance,
+    )  # fmt: skip

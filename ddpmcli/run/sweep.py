@@ -21,6 +21,7 @@ from torch import Tensor
 
 from ddpmcli.core import Schedule, canonical_prediction_type
 from ddpmcli.errors import DataError
+from ddpmcli.run.distributed import Ranks
 from ddpmcli.run.events import (
     Event,
     NonFiniteError,
@@ -319,6 +320,7 @@ def reconstruction_sweep(
     observers: Sequence[Observer] = (),
     example_samples: int | None = None,
     example_timesteps: int = 10,
+    ranks: Ranks | None = None,
 ) -> ReconstructionResult:
     """Noise ``x0`` to ``x_t`` at each timestep, let the model predict, rebuild x0, measure.
 
@@ -364,6 +366,9 @@ def reconstruction_sweep(
             pairs; ``t`` the first and last timestep of the chunk).
         example_samples: samples kept for the figure (default 8 for images, up to 2000 for
             vectors of up to 16 values); example_timesteps: at most that many t, spread.
+        ranks: a distributed run (:func:`ddpmcli.run.distributed.current`): this rank sweeps its
+            share of the samples and the sums are added over ranks; every rank returns the whole
+            result. None: one process.
 
     Raises:
         ParameterError: an empty or out-of-range timestep list, a bad batch size (exit 2).
@@ -382,17 +387,29 @@ def reconstruction_sweep(
     )  # fmt: skip
     n, shape, wdt = run.n, tuple(int(d) for d in x0.shape[1:]), run.sums.dtype
     total, done = n * len(ts), 0
-    with torch.inference_mode():
-        for g0 in range(0, n, group):
-            size = min(n, g0 + group) - g0
-            x0_g = x0[g0 : g0 + size].detach().to(wdt).to(dev)
-            eps_g = sample_noise(seed, g0, g0 + size, shape).to(wdt).to(dev)
-            for a, b in iter_chunks(size * len(ts), chunk):
-                _, x_t, x0_hat = _chunk_metrics(run, x0_g, eps_g, g0, a, b)
-                _keep_examples(run, g0, size, a, b, x_t, x0_hat)
-                done += b - a
-                where = (ts[a // size], ts[(b - 1) // size])
-                notify(observers, Event("sweep", done, total, t=where))
+    ranks = ranks or Ranks()
+    first, last = ranks.share(n)  # this rank's samples; all of them in one process
+    failure: Exception | None = None
+    try:
+        with torch.inference_mode():
+            for g0 in range(first, last, group):
+                size = min(last, g0 + group) - g0
+                x0_g = x0[g0 : g0 + size].detach().to(wdt).to(dev)
+                eps_g = sample_noise(seed, g0, g0 + size, shape).to(wdt).to(dev)
+                for a, b in iter_chunks(size * len(ts), chunk):
+                    _, x_t, x0_hat = _chunk_metrics(run, x0_g, eps_g, g0, a, b)
+                    _keep_examples(run, g0, size, a, b, x_t, x0_hat)
+                    done += b - a
+                    where = (ts[a // size], ts[(b - 1) // size])
+                    notify(observers, Event("sweep", ranks.progress(done, total), total, t=where))
+    except Exception as exc:  # another rank must hear of it before the sums are added
+        if not ranks.active:
+            raise
+        failure = exc
+    ranks.settle(failure)
+    for part in (run.sums, run.per, run.ex_xt, run.ex_x0hat):  # each rank filled its own part
+        if part is not None:
+            ranks.sum(part)
     return _result(run, model, x0, chunk, dev)
 
 
