@@ -394,20 +394,30 @@ def nll(
         typer.Option(
             "--t-random",
             metavar="K",
-            help="Evaluate K timesteps: t = 0 and one drawn uniformly from each of K-1 equal "
-            "strata (seeded): an unbiased estimate of the total.",
+            help="Evaluate about K timesteps: t = 0 and two drawn uniformly from each of "
+            "(K-1)//2 equal strata (seeded): an unbiased estimate of the total whose ± includes "
+            "the choice of t.",
         ),
     ] = None,
     variance: VarianceOpt = "fixed_small",
     decoder: Annotated[
-        Literal["auto", "discretized", "continuous"],
+        Literal["auto", "discretized", "discretized_tanh", "continuous"],
         typer.Option(
             "--decoder",
-            help="Decoder term at t = 0: discretized (8-bit data, bins of 2/255 on the data range; "
-            "auto for images) or continuous (a Gaussian density for real-valued data: its "
-            "bits/dim can be negative and do not compare with discrete ones; auto for vectors).",
+            help="Decoder term at t = 0: discretized (8-bit data, bins of 2/255 on the data range, "
+            "exact normal CDF; auto for images), discretized_tanh (the same with "
+            "improved-diffusion's tanh approximation of the CDF, to reproduce its published "
+            "numbers) or continuous (a Gaussian density for real-valued data: its bits/dim can be "
+            "negative and do not compare with discrete ones; auto for vectors).",
         ),
     ] = "auto",
+    per_sample: Annotated[
+        bool,
+        typer.Option(
+            "--per-sample",
+            help="One row per sample: its total (or estimate) in bits/dim, instead of per t.",
+        ),
+    ] = False,
     clip: Annotated[
         bool, typer.Option("--clip/--no-clip", help="Clip x0_hat to the data range.")
     ] = False,
@@ -432,13 +442,14 @@ def nll(
     Rows: for each t (0-based) the KL between the true posterior q(x_{t-1}|x_t, x0) and the
     model's p(x_{t-1}|x_t) with --variance (term kl), at t = 0 the decoder -log p(x0|x_1) (term
     decoder_discretized or decoder_continuous), then the prior KL(q(x_{T-1}|x0) || N(0, I)), then
-    the total. Each is a mean over samples, with its standard error over samples (for an estimate,
-    not counting the spread from the choice of t); x0_mse and eps_mse per t. x_t uses the noise
-    of (seed, sample, t): same seed, same numbers, whatever --batch-size or --device.
-    Every t evaluated: the bound itself (term total). A subset (--t, --every, --t-random): the
-    total is an importance-weighted estimate (term total_estimate; weight = how many t each
-    evaluated t stands for), unbiased for --t-random, a stratified quadrature for a fixed subset;
-    t = 0 is always evaluated. Streams (sample, t) pairs in chunks: memory does not grow with T.
+    the total. Each is a mean over samples, with its standard error over samples; x0_mse and
+    eps_mse per t. x_t uses the noise of (seed, sample, t): same seed, same numbers, whatever
+    --batch-size or --device. Every t evaluated: the bound itself (term total). --t-random K: an
+    unbiased importance-weighted estimate (term total_estimate; weight = how many t each
+    evaluated t stands for) whose standard error adds the spread from the choice of t (two t per
+    stratum). A fixed subset (--t, --every): the terms only, no total (a few fixed t can miss the
+    bound by far more than any standard error would say). t = 0 is always evaluated. Streams
+    (sample, t) pairs in chunks: memory does not grow with T.
 
     Examples:
 
@@ -449,7 +460,6 @@ def nll(
     from ddpmcli.run import (
         BOUND_COLUMNS,
         RunError,
-        auto_chunk_size,
         progress_observer,
         random_strata,
         reconstruction_data,
@@ -462,16 +472,23 @@ def nll(
     )
     if batch_size is not None and batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
-    cols = select_columns(columns, list(BOUND_COLUMNS))
+    if per_sample and t_random is None and (t is not None or every is not None):
+        raise UsageError(
+            "--per-sample needs a total: every t, or --t-random K (a fixed --t/--every has none)"
+        )
+    cols = select_columns(
+        columns, ["sample", "bits_per_dim"] if per_sample else list(BOUND_COLUMNS)
+    )
     model = _load(
         checkpoint, device, dtype, kind, timesteps, prediction_type, data_shape, trust_program
     )
     num = model.schedule.num_steps
-    weights = None
+    strata = None
     indices: list[int] | None = None
     if t_random is not None:
         with as_flags():
-            indices, weights = random_strata(num, t_random, seed)
+            strata = random_strata(num, t_random, seed)
+        indices = strata.indices
     elif t is not None or every is not None:
         indices = select_rows(t, every, num)
     with as_flags(source="--data"):
@@ -479,32 +496,51 @@ def nll(
     x0 = picked.x0
     dec = decoder if decoder != "auto" else ("discretized" if x0.ndim == 4 else "continuous")
     count = (num if indices is None else len(set(indices) | {0})) * x0.shape[0]
-    per_item = int(x0[0].numel())
-    chunk = batch_size or auto_chunk_size(per_item, count, device=model.device)
     try:
         with progress(count, "bound", quiet) as bar, as_flags():
             result = variational_bound(
                 model.predict, model.schedule, model.prediction_type, x0, t_indices=indices,
-                weights=weights, variance=variance, learned_variance=model.learned_variance,
-                decoder=dec, clip=clip, data_range=model.data_range, seed=seed, batch_size=chunk,
+                strata=strata, variance=variance, learned_variance=model.learned_variance,
+                decoder=dec, clip=clip, data_range=model.data_range, seed=seed,
+                batch_size=batch_size,
                 device=model.device, model_dtype=model.dtype, observers=[progress_observer(bar)],
             )  # fmt: skip
     except RunError as exc:  # the finite terms so far, then the error
         if exc.rows:
             emit(exc.rows, cols, fmt, no_header=no_header, title=f"nll {checkpoint.name}")
         raise
-    emit(result.rows, cols, fmt, no_header=no_header, title=f"nll {checkpoint.name}")
-    if not quiet and result.total_bpd is not None:
-        what = "estimated bound (importance-weighted)" if result.estimate else "bound"
-        kind_text = (
-            "discretised 8-bit decoder"
-            if dec == "discretized"
-            else "continuous Gaussian density decoder (real-valued data)"
-        )
+    rows = result.rows
+    if per_sample and result.per_sample_total is not None:
+        rows = [
+            {"sample": i, "bits_per_dim": v} for i, v in enumerate(result.per_sample_total.tolist())
+        ]
+    emit(rows, cols, fmt, no_header=no_header, title=f"nll {checkpoint.name}")
+    if not quiet:
+        _nll_note(result, dec, decoder, int(x0.shape[0]), picked.source)
+
+
+def _nll_note(result: Any, dec: str, asked: str, n: int, source: str) -> None:
+    """The total on stderr with its uncertainty and the decoder used (and why), or why none."""
+    decoders = {
+        "discretized": "discretised 8-bit decoder (exact normal CDF)",
+        "discretized_tanh": "discretised 8-bit decoder (improved-diffusion's tanh CDF)",
+        "continuous": "continuous Gaussian density decoder (real-valued data)",
+    }
+    why = ""
+    if asked == "auto":
+        why = " (the default for images)" if dec != "continuous" else " (the default for vectors)"
+    used = f"{decoders[dec]}{why}"
+    if result.total_bpd is None:
         note(
-            f"{what}: {result.total_bpd:.6g} ± {result.total_stderr or 0:.2g} bits/dim on "
-            f"{x0.shape[0]} samples of {picked.source}; {kind_text}"
+            f"no total: a fixed subset of t does not bound -log p(x0) and its error is unknown; "
+            f"use every t or --t-random K for an estimate with an honest ±; {used}"
         )
+        return
+    what = "estimated bound (± includes the choice of t)" if result.estimate else "bound"
+    note(
+        f"{what}: {result.total_bpd:.6g} ± {result.total_stderr or 0:.2g} bits/dim on "
+        f"{n} samples of {source}; {used}"
+    )
 
 
 def register(app: typer.Typer) -> None:

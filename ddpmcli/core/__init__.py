@@ -34,8 +34,10 @@ from ddpmcli.core.kinds import (
 )
 from ddpmcli.core.likelihood import (
     DECODERS,
+    approx_standard_normal_cdf,
     continuous_gaussian_log_likelihood,
     discretized_gaussian_log_likelihood,
+    discretized_gaussian_log_likelihood_tanh,
     normal_kl,
     vb_terms,
 )
@@ -72,8 +74,10 @@ __all__ = [
     "Schedule",
     "canonical_kind",
     "canonical_prediction_type",
+    "approx_standard_normal_cdf",
     "continuous_gaussian_log_likelihood",
     "discretized_gaussian_log_likelihood",
+    "discretized_gaussian_log_likelihood_tanh",
     "dynamic_threshold",
     "extract",
     "make_schedule",

@@ -8,10 +8,13 @@ from ddpmcli.run.bound import (
     BOUND_COLUMNS,
     DECODERS,
     BoundResult,
+    Strata,
     bound_strata,
+    choice_variance,
     random_strata,
     variational_bound,
 )
+from ddpmcli.run.chunking import AdaptiveChunks, chunk_cap
 from ddpmcli.run.distances import cloud_distances, energy_distance, sliced_wasserstein
 from ddpmcli.run.events import (
     Event,
@@ -77,6 +80,7 @@ __all__ = [
     "OPTIMAL_COLUMNS",
     "SAMPLERS",
     "STEP_COLUMNS",
+    "AdaptiveChunks",
     "BoundResult",
     "Event",
     "ModelFailure",
@@ -92,6 +96,7 @@ __all__ = [
     "SampleRun",
     "SampleSettings",
     "StepContext",
+    "Strata",
     "SweepModel",
     "TrajectoryFrame",
     "auto_chunk_size",
@@ -99,6 +104,8 @@ __all__ = [
     "call_model",
     "check_data_finite",
     "check_sample_settings",
+    "choice_variance",
+    "chunk_cap",
     "cloud_distances",
     "default_timesteps",
     "dynamic_threshold",

@@ -9,7 +9,7 @@ by training's hybrid loss), :func:`variational_bound` the loop, emitting one
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +17,8 @@ import torch
 from torch import Tensor
 
 from ddpmcli import core
+from ddpmcli.run.chunking import AdaptiveChunks, chunk_cap
+from ddpmcli.run.distributed import Ranks
 from ddpmcli.run.events import (
     Event,
     NonFiniteError,
@@ -27,13 +29,15 @@ from ddpmcli.run.events import (
     notify,
 )
 from ddpmcli.run.noise import pair_noise
-from ddpmcli.run.runtime import work_dtype
+from ddpmcli.run.runtime import iter_chunks, work_dtype
 
 __all__ = [
     "BOUND_COLUMNS",
     "DECODERS",
     "BoundResult",
+    "Strata",
     "bound_strata",
+    "choice_variance",
     "random_strata",
     "variational_bound",
 ]
@@ -62,9 +66,10 @@ class BoundResult:
     """What :func:`variational_bound` returns.
 
     ``rows``: one per evaluated t (ascending), then ``prior``, then ``total`` (every t evaluated:
-    the bound itself, as a Monte Carlo mean over samples) or ``total_estimate`` (a subset of t,
-    importance-weighted: see :func:`bound_strata`). ``total_bpd`` and ``total_stderr`` repeat the
-    last row's numbers.
+    the bound itself, as a Monte Carlo mean over samples) or ``total_estimate`` (a random
+    stratified choice of t, importance-weighted; its stderr includes the choice of t); no total
+    for a fixed subset of t. ``total_bpd`` and ``total_stderr`` repeat the last row's numbers
+    (None without a total); ``per_sample_total`` holds each sample's total (or estimate).
     """
 
     rows: list[dict[str, Any]]
@@ -94,21 +99,73 @@ def bound_strata(num_steps: int, selected: Sequence[int]) -> dict[int, int]:
     return weights
 
 
-def random_strata(num_steps: int, count: int, seed: int = 0) -> tuple[list[int], dict[int, int]]:
-    """``count`` indices and their weights for an unbiased estimate of the bound: index 0 (the
-    decoder term, weight 1) and one index drawn uniformly from each of ``count - 1`` equal
-    contiguous strata of 1..N-1 (seeded), weighted by its stratum's size. Then
-    E[sum_j w_j L_{t_j}] = sum_t L_t exactly."""
-    if count < 2 or count > num_steps:
-        raise ParameterError(f"{{t_random}} needs 2..{num_steps} timesteps (T), got {count}")
+@dataclass(frozen=True)
+class Strata:
+    """A random choice of timesteps for an unbiased estimate of the bound, and what is needed to
+    estimate the error of that choice.
+
+    ``indices``: 0 and the drawn indices (ascending); ``weights``: how many indices each stands
+    for (stratum size / draws in it; 1 for t = 0); ``groups``: the draws of each stratum and the
+    stratum's size."""
+
+    indices: list[int]
+    weights: dict[int, float]
+    groups: list[tuple[tuple[int, ...], int]]
+
+
+def random_strata(num_steps: int, count: int, seed: int = 0) -> Strata:
+    """About ``count`` indices for an unbiased estimate of the bound whose error can be estimated:
+    index 0 (the decoder term, weight 1), and two indices drawn uniformly without replacement from
+    each of ``(count - 1) // 2`` equal contiguous strata of 1..N-1 (three in the last stratum
+    when ``count - 1`` is odd; all of a stratum smaller than its draws), seeded. Each is weighted
+    by its stratum's size over its draws, so E[sum_j w_j L_{t_j}] = sum_t L_t exactly, and the
+    spread of the draws within a stratum estimates the variance of that choice (see
+    :func:`variational_bound`); one draw per stratum could not."""
+    if count < 3 or count > num_steps:
+        raise ParameterError(f"{{t_random}} needs 3..{num_steps} timesteps (T), got {count}")
     gen = torch.Generator().manual_seed(int(seed))
-    edges = torch.linspace(1, num_steps, count, dtype=torch.float64).round().long().tolist()
-    picks, weights = [0], {0: 1}
-    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
-        i = int(torch.randint(lo, hi, (1,), generator=gen))
-        picks.append(i)
-        weights[i] = hi - lo
-    return picks, weights
+    strata = max(1, (count - 1) // 2)
+    # strata equal in log t, not in t: the KL terms fall roughly like 1/t (L_1 is often larger
+    # than all the others together), so the first strata are small (evaluated whole) and each
+    # stratum holds a similar share of the sum; equal strata miss L_1 in most draws.
+    edges = sorted(
+        {min(num_steps, max(1, round(num_steps ** (h / strata)))) for h in range(strata + 1)}
+    )
+    edges = sorted(set(edges) | {1, num_steps})
+    strata = len(edges) - 1
+    picks, weights = [0], {0: 1.0}
+    groups: list[tuple[tuple[int, ...], int]] = []
+    for h, (lo, hi) in enumerate(zip(edges[:-1], edges[1:], strict=True)):
+        want = 2 + (count - 1 - 2 * strata if h == strata - 1 else 0)
+        size = hi - lo
+        draws = min(want, size)
+        chosen = sorted(int(lo + i) for i in torch.randperm(size, generator=gen)[:draws].tolist())
+        for i in chosen:
+            picks.append(i)
+            weights[i] = size / draws
+        groups.append((tuple(chosen), size))
+    return Strata(sorted(picks), weights, groups)
+
+
+def choice_variance(
+    groups: Sequence[tuple[tuple[int, ...], int]], means: dict[int, float]
+) -> float:
+    """The variance of a stratified estimate of sum_t L_t that comes from which t were drawn:
+    sum over strata of N_h^2 (1 - r_h/N_h) s_h^2 / r_h, with s_h^2 the sample variance of the
+    r_h >= 2 drawn terms ``means[i]`` of stratum h of size N_h (drawn without replacement; a
+    stratum drawn whole contributes 0). Its expectation is the variance of the estimate over the
+    draw, plus part of the noise already in the per-sample standard error: it errs on the wide
+    side."""
+    total = 0.0
+    for draws, size in groups:
+        r = len(draws)
+        if r < 2 or r >= size:
+            continue
+        values = [means[i] for i in draws]
+        mean = sum(values) / r
+        s2 = sum((v - mean) ** 2 for v in values) / (r - 1)
+        total += size * size * (1.0 - r / size) * s2 / r
+    return total
 
 
 @dataclass(frozen=True)
@@ -196,17 +253,18 @@ def variational_bound(
     x0: Tensor,
     *,
     t_indices: Sequence[int] | None = None,
-    weights: dict[int, int] | None = None,
+    strata: Strata | None = None,
     variance: str = "fixed_small",
     learned_variance: bool = False,
     decoder: str = "continuous",
     clip: bool = False,
     data_range: tuple[float, float] = (-1.0, 1.0),
     seed: int = 0,
-    batch_size: int = 256,
+    batch_size: int | None = None,
     device: str | torch.device = "cpu",
     model_dtype: torch.dtype = torch.float32,
     observers: Sequence[Observer] = (),
+    ranks: Ranks | None = None,
 ) -> BoundResult:
     """The terms of the variational bound on -log p(x0), per t, in bits/dim.
 
@@ -222,11 +280,20 @@ def variational_bound(
 
     Args:
         x0: data [n, *data_shape] (in the model's range).
-        t_indices: the indices to evaluate (default all: the exact bound). A subset gives an
-            estimate of the total weighted by ``weights`` (default :func:`bound_strata`), and t = 0
-            is added when missing.
-        batch_size: (sample, t) pairs per model call; memory grows with it, not with T.
+        t_indices: the indices to evaluate (default all: the exact bound); t = 0 is added when
+            missing. A fixed subset gives the terms but no total (row weights from
+            :func:`bound_strata`): a quadrature of a few t can be far from the bound, and no
+            standard error can say how far.
+        strata: a random choice (:func:`random_strata`) instead of ``t_indices``: the total is
+            then an unbiased estimate (``total_estimate``) whose standard error adds the
+            variance of the choice of t (:func:`choice_variance`) to the one over samples.
+        batch_size: (sample, t) pairs per model call; memory grows with it, not with T. None:
+            start at ``n`` (one timestep's batch) and grow while it pays
+            (:class:`~ddpmcli.run.chunking.AdaptiveChunks`, capped by :func:`chunk_cap`).
         observers: called with an :class:`Event` after every chunk (``done`` counts pairs).
+        ranks: a distributed run (:func:`ddpmcli.run.distributed.current`): this rank evaluates
+            the pairs of its share of the samples and the sums are added over ranks; every rank
+            returns the whole result. None: one process.
 
     Raises:
         ParameterError: learned_range without a variance channel, an unknown decoder.
@@ -235,11 +302,15 @@ def variational_bound(
         ModelFailure: the model raised (naming the timesteps of the chunk).
     """
     n = int(x0.shape[0])
-    _check_bound_args(variance, learned_variance, decoder, batch_size, n)
+    _check_bound_args(
+        variance, learned_variance, decoder, 1 if batch_size is None else batch_size, n
+    )
     check_data_finite(x0, model_dtype)
     num = schedule.num_steps
+    if strata is not None:
+        t_indices = strata.indices
     selected = list(range(num)) if t_indices is None else sorted({int(i) for i in t_indices} | {0})
-    w = weights if weights is not None else bound_strata(num, selected)
+    w = strata.weights if strata is not None else bound_strata(num, selected)
     dev = torch.device(device)
     state_dtype = work_dtype(dev)  # the bound's own arithmetic: float64 except on MPS
     setup = _BoundSetup(
@@ -253,27 +324,51 @@ def variational_bound(
     weight_dev = weight_vec.to(dev)
     sums = torch.zeros(4, k, dtype=torch.float64, device=dev)  # term, term^2, x0 mse, eps mse
     per_sample = torch.zeros(n, dtype=torch.float64, device=dev)
+    ranks = ranks or Ranks()
+    first, last = ranks.share(n)  # this rank's samples; pairs are sample-major
+    mine = (last - first) * k
+    if batch_size is None:
+        numel = int(x0[0].numel())
+        cap = chunk_cap(numel, n, k * n, device=dev, bytes_per_element=model_dtype.itemsize)
+        chunks: Iterable[tuple[int, int]] = AdaptiveChunks(mine, start=min(n, cap), cap=cap)
+    else:
+        chunks = iter_chunks(mine, batch_size)
+    failure: Exception | None = None
+    try:
+        with torch.inference_mode():
+            for start, stop in chunks:
+                s_idx, j_idx, stacked = _chunk_terms(setup, first * k + start, first * k + stop)
+                sums.index_add_(1, j_idx, stacked)
+                per_sample.index_add_(0, s_idx, weight_dev[j_idx] * stacked[0])
+                notify(observers, Event("bound", ranks.progress(stop, k * n), k * n))
+    except Exception as exc:  # the other ranks must hear of it before the sums are added
+        if not ranks.active:
+            raise
+        failure = exc
+    ranks.settle(failure)
+    ranks.sum(sums)
+    ranks.sum(per_sample)
     with torch.inference_mode():
-        for start in range(0, k * n, batch_size):
-            stop = min(start + batch_size, k * n)
-            s_idx, j_idx, stacked = _chunk_terms(setup, start, stop)
-            sums.index_add_(1, j_idx, stacked)
-            per_sample.index_add_(0, s_idx, weight_dev[j_idx] * stacked[0])
-            notify(observers, Event("bound", stop, k * n))
         prior = torch.cat(
             [
-                _flat_mean(setup.sched.prior_kl(setup.data[a : a + batch_size])) / _LN2
-                for a in range(0, n, batch_size)
+                _flat_mean(setup.sched.prior_kl(setup.data[a : a + 4096])) / _LN2
+                for a in range(0, n, 4096)
             ]
         )
-    return _bound_result(setup, sums.cpu(), prior.cpu(), per_sample.cpu(), weight_vec, n)
+    return _bound_result(setup, sums.cpu(), prior.cpu(), per_sample.cpu(), weight_vec, strata)
 
 
 def _bound_result(
-    setup: _BoundSetup, sums: Tensor, prior: Tensor, per_sample: Tensor, weight_vec: Tensor, n: int
+    setup: _BoundSetup,
+    sums: Tensor,
+    prior: Tensor,
+    per_sample: Tensor,
+    weight_vec: Tensor,
+    strata: Strata | None,
 ) -> BoundResult:
     """The rows of a bound run; a :class:`NonFiniteError` carrying the finite ones when some
     term is NaN/Inf."""
+    n = int(per_sample.shape[0])
     num, selected, timesteps = setup.sched.num_steps, setup.selected, setup.model_ts
     rows: list[dict[str, Any]] = []
     bad: list[int] = []
@@ -305,11 +400,16 @@ def _bound_result(
         )
     estimate = len(selected) < num
     totals = per_sample + prior
-    covered = sum(weight_vec.tolist()) == num  # every index 0..N-1 is represented
+    # a total only where its error is known: every t, or a random draw with two per stratum
+    covered = not estimate or strata is not None
     total_bpd: float | None = None
     total_stderr: float | None = None
     if covered:
         row = _summary_row("total_estimate" if estimate else "total", totals, None)
+        if strata is not None:
+            means = {i: float(sums[0, j] / n) for j, i in enumerate(selected)}
+            spread = choice_variance(strata.groups, means)
+            row["stderr"] = math.sqrt((row["stderr"] or 0.0) ** 2 + spread)
         rows.append(row)
         total_bpd, total_stderr = row["bits_per_dim"], row["stderr"]
     return BoundResult(
