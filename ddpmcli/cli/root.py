@@ -58,6 +58,14 @@ def _error_line(message: str) -> None:
     error_line(message)
 
 
+def _let_rank0_report() -> None:
+    """Under torchrun, a rank other than 0 waits for rank 0 to print the error and exit."""
+    if "ddpmcli.run.distributed" in sys.modules:
+        from ddpmcli.run.distributed import after_failure
+
+        after_failure()
+
+
 def _quiet_broken_stdout() -> None:
     from ddpmcli.cli.app import quiet_stdout
 
@@ -130,6 +138,7 @@ def run_guarded(call: Any) -> int:
         if _debug():
             traceback.print_exc()
         _error_line(str(exc))
+        _let_rank0_report()
         return int(getattr(exc, "exit_code", EXIT_ERROR))
     except Interrupted:
         _error_line("interrupted")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,7 +33,7 @@ from torch import Tensor
 from ddpmcli.errors import DdpmError, UsageError
 from ddpmcli.run.events import RunError
 
-__all__ = ["RankFailure", "Ranks", "current", "env_int", "shares"]
+__all__ = ["RankFailure", "Ranks", "after_failure", "current", "env_int", "shares"]
 
 
 class RankFailure(RunError):
@@ -162,6 +163,8 @@ def _message(exc: BaseException) -> str:
 
 
 _CURRENT: Ranks | None = None
+RANK_GRACE_SECONDS = 10.0
+"""How long a rank other than 0 waits, after a failure, for rank 0 to report it and exit."""
 
 
 def current(environ: dict[str, str] | None = None) -> Ranks:
@@ -204,6 +207,14 @@ def _join(ranks: Ranks) -> None:
         sys.stdout = sink
         if not debug:
             sys.stderr = sink
+
+
+def after_failure() -> None:
+    """Called by the CLI's error boundary after a failure: a rank other than 0 waits (up to
+    :data:`RANK_GRACE_SECONDS`) so that rank 0 prints the one error line and exits first; the
+    launcher then stops this rank. Exiting at once could get rank 0 stopped before it printed."""
+    if _CURRENT is not None and _CURRENT.active and not _CURRENT.is_main:
+        time.sleep(RANK_GRACE_SECONDS)
 
 
 def reset() -> None:
