@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 import typer
 
 from ddpmcli.cli.common import (
+    NUM_SAMPLES_FLAGS,
     ColumnsOpt,
     DeviceOpt,
     FormatOpt,
@@ -23,6 +24,7 @@ from ddpmcli.cli.common import (
     QuietOpt,
     SeedOpt,
     ShapeOpt,
+    ThreadsOpt,
     TrustOpt,
     as_flags,
     check_format_flags,
@@ -164,7 +166,9 @@ def train(
     ] = Path("ckpt.pt"),
     n: Annotated[
         int | None,
-        typer.Option("--n", min=1, help="Training samples drawn from a built-in set (10000)."),
+        typer.Option(
+            *NUM_SAMPLES_FLAGS, min=1, help="Training samples drawn from a built-in set (10000)."
+        ),
     ] = None,
     data_shape: Annotated[
         str | None,
@@ -241,6 +245,7 @@ def train(
     zero_terminal_snr: ZeroSnrOpt = False,
     logsnr_shift: LogsnrShiftOpt = 0.0,
     scale_to_timesteps: ScaleOpt = False,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Train a built-in network (an MLP for vectors, a small UNet for images); save a checkpoint.
 
@@ -261,6 +266,7 @@ def train(
     from ddpmcli.checkpoints import save_native_checkpoint
     from ddpmcli.configs import build_schedule
     from ddpmcli.run import progress_observer, resolve_device
+    from ddpmcli.run.runtime import default_threads
     from ddpmcli.training import default_architecture, train_denoiser
 
     check_writable(out, what="checkpoint")
@@ -303,6 +309,7 @@ def train(
             x, schedule, prediction_type=prediction_type, learned_variance=learned_variance,
             architecture=arch, hparams=hparams, steps=steps, batch_size=batch_size, lr=lr,
             seed=seed, ema_decay=ema or None, device=resolve_device(device), observers=[shown],
+            threads=threads or default_threads(1 if arch == "mlp" else None),
         )  # fmt: skip
     training = {
         "data": data,
