@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 import typer
 
 from ddpmcli.cli.common import (
+    NUM_SAMPLES_FLAGS,
     CheckpointArg,
     ColumnsOpt,
     DeviceOpt,
@@ -27,15 +28,18 @@ from ddpmcli.cli.common import (
     QuietOpt,
     SeedOpt,
     ShapeOpt,
+    ThreadsOpt,
     TrustOpt,
     TSelectOpt,
     as_flags,
     check_format_flags,
+    join_ranks,
     loader_options,
     reject_conflicts,
     resolve_plot_path,
     select_columns,
     select_rows,
+    use_threads,
 )
 from ddpmcli.errors import UsageError
 from ddpmcli.output import check_writable, emit, note, progress
@@ -164,7 +168,7 @@ def sample(
             rich_help_panel=PANEL_SAMPLER,
         ),
     ] = 0.995,
-    n: Annotated[int, typer.Option("--n", help="Number of samples.")] = 64,
+    n: Annotated[int, typer.Option(*NUM_SAMPLES_FLAGS, help="Number of samples.")] = 64,
     seed: SeedOpt = 0,
     batch_size: BatchOpt = None,
     device: DeviceOpt = "cpu",
@@ -208,6 +212,7 @@ def sample(
     prediction_type: PredOpt = None,
     data_shape: ShapeOpt = None,
     trust_program: TrustOpt = False,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Sample from a checkpoint and show every step: one row per step.
 
@@ -246,9 +251,11 @@ def sample(
         raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
     plot_path = resolve_plot_path(plot, "sample")
     save_path = _check_save(save)
+    ranks, run_device = join_ranks(device)
     model = _load(
-        checkpoint, device, dtype, kind, timesteps, prediction_type, data_shape, trust_program
+        checkpoint, run_device, dtype, kind, timesteps, prediction_type, data_shape, trust_program
     )
+    use_threads(threads, model, ranks)
     settings = SampleSettings(
         sampler=sampler, variance=variance, eta=eta, clip=clip,
         dynamic_threshold=percentile if dynamic_threshold else None,
@@ -269,7 +276,7 @@ def sample(
                 model.predict, schedule, model.prediction_type, model.data_shape, n=n,
                 settings=settings, seed=seed, batch_size=batch_size, device=model.device,
                 model_dtype=model.dtype, data_variance=data_variance,
-                observers=[progress_observer(bar)],
+                observers=[progress_observer(bar)], ranks=ranks,
             )  # fmt: skip
     except RunError as exc:  # NaN/Inf or the model's own failure: the rows so far, then the error
         if not summary and exc.rows:
@@ -283,9 +290,9 @@ def sample(
         emit(run.rows, cols, fmt, no_header=no_header, title=title)
         if distances and not quiet:
             note(", ".join(f"{k} {v:.6g}" for k, v in distances.items()) + " (to the reference)")
-    if save_path is not None:
+    if save_path is not None and ranks.is_main:
         _save_samples(save_path, run.samples, model, schedule.name, quiet)
-    if plot_path is not None:
+    if plot_path is not None and ranks.is_main:
         _plot(run, plot_path, model, refs, distances, title, quiet)
 
 
@@ -385,7 +392,7 @@ def _save_samples(path: Path, samples: Any, model: LoadedModel, schedule: str, q
 def nll(
     checkpoint: CheckpointArg,
     data: EvalDataOpt = None,
-    n: Annotated[int, typer.Option("--n", help="Samples to evaluate.")] = 64,
+    n: Annotated[int, typer.Option(*NUM_SAMPLES_FLAGS, help="Samples to evaluate.")] = 64,
     seed: SeedOpt = 0,
     t: TSelectOpt = None,
     every: EveryOpt = None,
@@ -436,6 +443,7 @@ def nll(
     prediction_type: PredOpt = None,
     data_shape: ShapeOpt = None,
     trust_program: TrustOpt = False,
+    threads: ThreadsOpt = None,
 ) -> None:
     """The variational bound of a checkpoint on data, term by term, in bits/dim.
 
@@ -479,9 +487,11 @@ def nll(
     cols = select_columns(
         columns, ["sample", "bits_per_dim"] if per_sample else list(BOUND_COLUMNS)
     )
+    ranks, run_device = join_ranks(device)
     model = _load(
-        checkpoint, device, dtype, kind, timesteps, prediction_type, data_shape, trust_program
+        checkpoint, run_device, dtype, kind, timesteps, prediction_type, data_shape, trust_program
     )
+    use_threads(threads, model, ranks)
     num = model.schedule.num_steps
     strata = None
     indices: list[int] | None = None
@@ -504,6 +514,7 @@ def nll(
                 decoder=dec, clip=clip, data_range=model.data_range, seed=seed,
                 batch_size=batch_size,
                 device=model.device, model_dtype=model.dtype, observers=[progress_observer(bar)],
+                ranks=ranks,
             )  # fmt: skip
     except RunError as exc:  # the finite terms so far, then the error
         if exc.rows:
