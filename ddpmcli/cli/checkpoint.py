@@ -32,21 +32,7 @@ from ddpmcli.cli.common import (
     parse_shape,
     select_columns,
 )
-from ddpmcli.cli.schedule import (
-    AlphaBarsFileOpt,
-    BetaEndOpt,
-    BetasFileOpt,
-    BetaStartOpt,
-    FromOpt,
-    KindOpt,
-    LogsnrShiftOpt,
-    MaxBetaOpt,
-    ParamOpt,
-    ScaleOpt,
-    TimestepsOpt,
-    ZeroSnrOpt,
-    schedule_request,
-)
+from ddpmcli.cli.schedule_options import NO_FLAGS, ScheduleFlags, schedule_options
 from ddpmcli.errors import UsageError
 from ddpmcli.output import check_writable, emit, note, progress
 
@@ -151,6 +137,7 @@ def info(
     emit(rows, cols, fmt, no_header=no_header, title="info")
 
 
+@schedule_options(respacing=False)
 def train(
     data: Annotated[
         str,
@@ -233,18 +220,7 @@ def train(
     seed: SeedOpt = 0,
     device: DeviceOpt = "cpu",
     quiet: QuietOpt = False,
-    kind: KindOpt = None,
-    timesteps: TimestepsOpt = None,
-    beta_start: BetaStartOpt = None,
-    beta_end: BetaEndOpt = None,
-    max_beta: MaxBetaOpt = None,
-    param: ParamOpt = None,
-    from_file: FromOpt = None,
-    betas_file: BetasFileOpt = None,
-    alpha_bars_file: AlphaBarsFileOpt = None,
-    zero_terminal_snr: ZeroSnrOpt = False,
-    logsnr_shift: LogsnrShiftOpt = 0.0,
-    scale_to_timesteps: ScaleOpt = False,
+    flags: ScheduleFlags = NO_FLAGS,
     threads: ThreadsOpt = None,
 ) -> None:
     """Train a built-in network (an MLP for vectors, a small UNet for images); save a checkpoint.
@@ -272,13 +248,7 @@ def train(
     check_writable(out, what="checkpoint")
     if not 0.0 <= ema < 1.0:
         raise UsageError(f"--ema {ema}: decay must lie in [0, 1) (0 turns EMA off)")
-    request = schedule_request(
-        kind=kind, timesteps=timesteps, beta_start=beta_start, beta_end=beta_end,
-        max_beta=max_beta, param=param, from_file=from_file, betas_file=betas_file,
-        alpha_bars_file=alpha_bars_file, zero_terminal_snr=zero_terminal_snr,
-        logsnr_shift=logsnr_shift, scale_to_timesteps=scale_to_timesteps,
-    )  # fmt: skip
-    schedule = build_schedule(request).schedule
+    schedule = build_schedule(flags.request()).schedule
     shape = parse_shape(data_shape)
     builtin = datasets.BUILTIN_DATASETS.get(data) if not Path(data).exists() else None
     datasets.check_training_sizes(

@@ -22,202 +22,25 @@ from ddpmcli.cli.common import (
     QuietOpt,
     TSelectOpt,
     check_format_flags,
-    parse_key_values,
     reject_conflicts,
     resolve_plot_path,
     select_columns,
     select_rows,
 )
+from ddpmcli.cli.schedule_options import ScheduleFlags, schedule_options
 from ddpmcli.errors import UsageError
 from ddpmcli.output import emit, note
 
 if TYPE_CHECKING:
-    from ddpmcli.configs import BuiltSchedule, ScheduleRequest
+    from ddpmcli.configs import BuiltSchedule
     from ddpmcli.core import Schedule
 
-PANEL_SCHEDULE = "Schedule"
 PANEL_OUTPUT = "Output"
-
-KindOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--kind",
-        "-k",
-        help="Schedule kind from the core registry (list them with `ddpm schedule --list-kinds`), "
-        "an alias such as squaredcos_cap_v2, or custom (with --betas-file/--alpha-bars-file). "
-        "Default: linear.",
-        rich_help_panel=PANEL_SCHEDULE,
-    ),
-]
-TimestepsOpt = Annotated[
-    int | None,
-    typer.Option(
-        "--timesteps",
-        "-T",
-        help="T, the number of training timesteps (default 1000).",
-        rich_help_panel=PANEL_SCHEDULE,
-    ),
-]
-BetaStartOpt = Annotated[
-    float | None,
-    typer.Option(
-        "--beta-start",
-        help="First beta (linear, scaled_linear, sigmoid).",
-        rich_help_panel=PANEL_SCHEDULE,
-    ),
-]
-BetaEndOpt = Annotated[
-    float | None,
-    typer.Option(
-        "--beta-end",
-        help="Last beta (linear, scaled_linear, sigmoid).",
-        rich_help_panel=PANEL_SCHEDULE,
-    ),
-]
-MaxBetaOpt = Annotated[
-    float | None,
-    typer.Option("--max-beta", help="Beta cap (cosine, sqrt).", rich_help_panel=PANEL_SCHEDULE),
-]
-ParamOpt = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--param",
-        "-p",
-        metavar="NAME=VALUE",
-        help="Any other constant of the kind, repeatable: --param s=0.01 (see --list-kinds).",
-        rich_help_panel=PANEL_SCHEDULE,
-    ),
-]
-FromOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--from",
-        metavar="FILE",
-        help="A diffusers scheduler_config.json (or a folder holding one).",
-        rich_help_panel=PANEL_SCHEDULE,
-    ),
-]
-BetasFileOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--betas-file",
-        metavar="FILE",
-        help="Custom betas: .npy, .txt, .csv, .tsv or .json.",
-        rich_help_panel=PANEL_SCHEDULE,
-    ),
-]
-AlphaBarsFileOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--alpha-bars-file",
-        metavar="FILE",
-        help="Custom alpha_bars (strictly decreasing): .npy, .txt, .csv, .tsv or .json.",
-        rich_help_panel=PANEL_SCHEDULE,
-    ),
-]
-ZeroSnrOpt = Annotated[
-    bool,
-    typer.Option(
-        "--zero-terminal-snr",
-        help="Rescale to zero terminal SNR (Lin et al. 2024, Alg. 1).",
-        rich_help_panel=PANEL_SCHEDULE,
-    ),
-]
-LogsnrShiftOpt = Annotated[
-    float,
-    typer.Option(
-        "--logsnr-shift",
-        help="Add this to every log-SNR (after --zero-terminal-snr).",
-        rich_help_panel=PANEL_SCHEDULE,
-    ),
-]
-StepsOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--steps",
-        metavar="N",
-        help="Respace to N inference steps (with --spacing), or a section string: ddim50, "
-        "10,20,30.",
-        rich_help_panel=PANEL_SCHEDULE,
-    ),
-]
-SpacingOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--spacing",
-        help="Respacing: leading (default; a config's own), trailing, linspace.",
-        rich_help_panel=PANEL_SCHEDULE,
-    ),
-]
-StepsOffsetOpt = Annotated[
-    int | None,
-    typer.Option(
-        "--steps-offset",
-        help="diffusers' steps_offset for leading spacing.",
-        rich_help_panel=PANEL_SCHEDULE,
-    ),
-]
-ScaleOpt = Annotated[
-    bool,
-    typer.Option(
-        "--scale-to-timesteps",
-        help="linear: scale the ends by 1000/T as improved-diffusion does (diffusers does not).",
-        rich_help_panel=PANEL_SCHEDULE,
-    ),
-]
 
 TIMESTEP_NOTE = (
     "Timesteps are 0-based as models take them: t = 0 is one noising step, alpha_bar_prev[0] = 1, "
     "t = T-1 the last. After --steps, t indexes the kept steps and `timestep` is the model's t."
 )
-
-
-def schedule_request(
-    *,
-    kind: str | None = None,
-    timesteps: int | None = None,
-    beta_start: float | None = None,
-    beta_end: float | None = None,
-    max_beta: float | None = None,
-    param: list[str] | None = None,
-    from_file: Path | None = None,
-    betas_file: Path | None = None,
-    alpha_bars_file: Path | None = None,
-    zero_terminal_snr: bool = False,
-    logsnr_shift: float = 0.0,
-    steps: str | None = None,
-    spacing: str | None = None,
-    steps_offset: int | None = None,
-    scale_to_timesteps: bool = False,
-) -> ScheduleRequest:
-    """The schedule flags of every command, as one request for `configs.build_schedule`.
-
-    Keyword-only, named after the command parameters, so a call passes each flag by name; the
-    defaults are the flags' own, so a command without --steps (check, train) simply omits it.
-    """
-    from ddpmcli.configs import ScheduleRequest
-
-    params = parse_key_values(param)
-    for name, value in (("beta_start", beta_start), ("beta_end", beta_end), ("max_beta", max_beta)):
-        if value is not None:
-            if name in params:
-                raise UsageError(f"--{name.replace('_', '-')} and --param {name}=... both given")
-            params[name] = value
-    if scale_to_timesteps:
-        params["scale_to_timesteps"] = 1.0
-    return ScheduleRequest(
-        kind=kind,
-        timesteps=timesteps,
-        params=params,
-        from_file=None if from_file is None else str(from_file),
-        betas_file=None if betas_file is None else str(betas_file),
-        alpha_bars_file=None if alpha_bars_file is None else str(alpha_bars_file),
-        zero_terminal_snr=zero_terminal_snr,
-        logsnr_shift=logsnr_shift,
-        steps=steps,
-        spacing=spacing,
-        steps_offset=steps_offset,
-    )
 
 
 def _columns_of(built: BuiltSchedule) -> tuple[list[str], list[str]]:
@@ -265,22 +88,9 @@ def _plot(figure: Any, path: Path | None, quiet: bool, *args: Any) -> None:
 # ddpm schedule
 
 
+@schedule_options()
 def schedule(
-    kind: KindOpt = None,
-    timesteps: TimestepsOpt = None,
-    beta_start: BetaStartOpt = None,
-    beta_end: BetaEndOpt = None,
-    max_beta: MaxBetaOpt = None,
-    param: ParamOpt = None,
-    from_file: FromOpt = None,
-    betas_file: BetasFileOpt = None,
-    alpha_bars_file: AlphaBarsFileOpt = None,
-    zero_terminal_snr: ZeroSnrOpt = False,
-    logsnr_shift: LogsnrShiftOpt = 0.0,
-    steps: StepsOpt = None,
-    spacing: SpacingOpt = None,
-    steps_offset: StepsOffsetOpt = None,
-    scale_to_timesteps: ScaleOpt = False,
+    flags: ScheduleFlags,
     t: TSelectOpt = None,
     every: EveryOpt = None,
     columns: ColumnsOpt = None,
@@ -316,14 +126,7 @@ def schedule(
     if list_kinds:
         return _list_kinds(fmt, no_header)
     plot_path = resolve_plot_path(plot, "schedule")
-    request = schedule_request(
-        kind=kind, timesteps=timesteps, beta_start=beta_start, beta_end=beta_end,
-        max_beta=max_beta, param=param, from_file=from_file, betas_file=betas_file,
-        alpha_bars_file=alpha_bars_file, zero_terminal_snr=zero_terminal_snr,
-        logsnr_shift=logsnr_shift, steps=steps, spacing=spacing, steps_offset=steps_offset,
-        scale_to_timesteps=scale_to_timesteps,
-    )  # fmt: skip
-    built = build_schedule(request)
+    built = build_schedule(flags.request())
     available, default = _columns_of(built)
     cols = select_columns(columns, available, default)
     rows = schedule_rows(built.schedule, select_rows(t, every, built.schedule.num_steps), cols)
@@ -434,22 +237,9 @@ POSTERIOR_COLUMNS: tuple[str, ...] = (
 )
 
 
+@schedule_options()
 def posterior(
-    kind: KindOpt = None,
-    timesteps: TimestepsOpt = None,
-    beta_start: BetaStartOpt = None,
-    beta_end: BetaEndOpt = None,
-    max_beta: MaxBetaOpt = None,
-    param: ParamOpt = None,
-    from_file: FromOpt = None,
-    betas_file: BetasFileOpt = None,
-    alpha_bars_file: AlphaBarsFileOpt = None,
-    zero_terminal_snr: ZeroSnrOpt = False,
-    logsnr_shift: LogsnrShiftOpt = 0.0,
-    steps: StepsOpt = None,
-    spacing: SpacingOpt = None,
-    steps_offset: StepsOffsetOpt = None,
-    scale_to_timesteps: ScaleOpt = False,
+    flags: ScheduleFlags,
     v: Annotated[
         float,
         typer.Option(
@@ -491,14 +281,7 @@ def posterior(
     check_format_flags(fmt, no_header)
     reject_conflicts(("--t", t is not None), ("--every", every is not None))
     plot_path = resolve_plot_path(plot, "posterior")
-    request = schedule_request(
-        kind=kind, timesteps=timesteps, beta_start=beta_start, beta_end=beta_end,
-        max_beta=max_beta, param=param, from_file=from_file, betas_file=betas_file,
-        alpha_bars_file=alpha_bars_file, zero_terminal_snr=zero_terminal_snr,
-        logsnr_shift=logsnr_shift, steps=steps, spacing=spacing, steps_offset=steps_offset,
-        scale_to_timesteps=scale_to_timesteps,
-    )  # fmt: skip
-    built = build_schedule(request)
+    built = build_schedule(flags.request())
     sched = built.schedule
     default = [c for c in POSTERIOR_COLUMNS if c != "timestep" or built.respaced]
     cols = select_columns(columns, POSTERIOR_COLUMNS, default)
@@ -540,22 +323,9 @@ def posterior_rows(
 CHECK_COLUMNS: tuple[str, ...] = ("severity", "code", "t", "message")
 
 
+@schedule_options()
 def check(
-    kind: KindOpt = None,
-    timesteps: TimestepsOpt = None,
-    beta_start: BetaStartOpt = None,
-    beta_end: BetaEndOpt = None,
-    max_beta: MaxBetaOpt = None,
-    param: ParamOpt = None,
-    from_file: FromOpt = None,
-    betas_file: BetasFileOpt = None,
-    alpha_bars_file: AlphaBarsFileOpt = None,
-    zero_terminal_snr: ZeroSnrOpt = False,
-    logsnr_shift: LogsnrShiftOpt = 0.0,
-    steps: StepsOpt = None,
-    spacing: SpacingOpt = None,
-    steps_offset: StepsOffsetOpt = None,
-    scale_to_timesteps: ScaleOpt = False,
+    flags: ScheduleFlags,
     prediction_type: Annotated[
         str | None,
         typer.Option(
@@ -590,15 +360,10 @@ def check(
 
     check_format_flags(fmt, no_header)
     # --steps/--spacing/--steps-offset are probed below, not built into the schedule
-    request = schedule_request(
-        kind=kind, timesteps=timesteps, beta_start=beta_start, beta_end=beta_end,
-        max_beta=max_beta, param=param, from_file=from_file, betas_file=betas_file,
-        alpha_bars_file=alpha_bars_file, zero_terminal_snr=zero_terminal_snr,
-        logsnr_shift=logsnr_shift, scale_to_timesteps=scale_to_timesteps,
-    )  # fmt: skip
+    steps, spacing, steps_offset = flags.steps, flags.spacing, flags.steps_offset
     if steps is None and (spacing is not None or steps_offset is not None):
         raise UsageError("--spacing/--steps-offset need --steps")
-    built = build_schedule(request)
+    built = build_schedule(flags.request(respacing=False))
     sched, config = built.schedule, built.config
     pred = core.canonical_prediction_type(
         prediction_type or (config.prediction_type if config else "epsilon")

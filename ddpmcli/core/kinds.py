@@ -20,14 +20,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+# the choices are defined once, in ddpmcli.choices (standard library only); re-exported here
+from ddpmcli.choices import PREDICTION_ALIASES, PREDICTION_TYPES, prediction_type_of
+from ddpmcli.choices import SPACINGS as SPACINGS
+from ddpmcli.choices import VARIANCE_TYPES as VARIANCE_TYPES
 from ddpmcli.errors import ScheduleParameterError
 
 F64 = torch.float64
 
-PREDICTION_TYPES: tuple[str, ...] = ("epsilon", "sample", "v_prediction")
-PREDICTION_ALIASES: dict[str, str] = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
-VARIANCE_TYPES: tuple[str, ...] = ("fixed_small", "fixed_large", "learned_range")
-SPACINGS: tuple[str, ...] = ("leading", "trailing", "linspace")
 
 # --------------------------------------------------------------------------------------------
 # Stable elementwise helpers
@@ -350,9 +350,8 @@ def canonical_kind(name: str) -> str:
 
 def canonical_prediction_type(name: str) -> str:
     """``epsilon``, ``sample`` or ``v_prediction`` (aliases ``eps``, ``x0``, ``v``)."""
-    key = name.strip().lower()
-    key = PREDICTION_ALIASES.get(key, key)
-    if key not in PREDICTION_TYPES:
+    key = prediction_type_of(name)
+    if key is None:
         allowed = ", ".join([*PREDICTION_TYPES, *PREDICTION_ALIASES])
         raise ScheduleParameterError(f"unknown prediction type {name!r}; allowed: {allowed}")
     return key

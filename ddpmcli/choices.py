@@ -1,0 +1,59 @@
+"""Every named choice of the library and the command line, defined once.
+
+Each choice is a ``Literal`` (what typer turns into the option's choices, and what library
+signatures are typed with) and the tuple of its values (what the library checks against).
+Standard library only: the CLI imports this to build its options, and `ddpm --help` must not
+import torch. The core (`ddpmcli.core.kinds`) and the runtime take their tuples from here;
+``tests/test_architecture.py`` checks that the typer options and the library agree.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+PredictionType = Literal["epsilon", "sample", "v_prediction"]
+PREDICTION_TYPES: tuple[str, ...] = get_args(PredictionType)
+PREDICTION_ALIASES: dict[str, str] = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
+"""Accepted everywhere a prediction type is taken, documented in `--help`."""
+
+VarianceType = Literal["fixed_small", "fixed_large", "learned_range"]
+VARIANCE_TYPES: tuple[str, ...] = get_args(VarianceType)
+
+SpacingName = Literal["leading", "trailing", "linspace"]
+SPACINGS: tuple[str, ...] = get_args(SpacingName)
+DEFAULT_SPACING: SpacingName = "trailing"
+"""Spacing when neither the flags nor a checkpoint's scheduler config name one: it always
+visits t = T-1 (leading skips it; `ddpm check` warns about that)."""
+
+SamplerName = Literal["ddpm", "ddim"]
+SAMPLERS: tuple[str, ...] = get_args(SamplerName)
+"""The built-in samplers; `ddpmcli.run.samplers` registers exactly these."""
+
+DecoderName = Literal["discretized", "discretized_tanh", "continuous"]
+DECODERS: tuple[str, ...] = get_args(DecoderName)
+
+DtypeName = Literal["float32", "bfloat16", "float16", "float64"]
+DTYPES: tuple[str, ...] = get_args(DtypeName)
+"""Dtypes a model may run in, the same set for every command."""
+
+DeviceName = Literal["auto", "cpu", "cuda", "mps"]
+DEVICES: tuple[str, ...] = get_args(DeviceName)
+
+FormatName = Literal["auto", "table", "csv", "tsv", "json", "jsonl"]
+FORMATS: tuple[str, ...] = get_args(FormatName)
+
+ArchitectureName = Literal["auto", "mlp", "unet"]
+ARCHITECTURES: tuple[str, ...] = get_args(ArchitectureName)
+
+
+def prediction_type_of(name: str) -> str | None:
+    """The prediction type ``name`` spells (any case, aliases included), or None."""
+    key = name.strip().lower()
+    key = PREDICTION_ALIASES.get(key, key)
+    return key if key in PREDICTION_TYPES else None
+
+
+def prediction_type_choices() -> str:
+    """The accepted spellings, for help and messages: the types, then the aliases."""
+    aliases = ", ".join(f"{a}={t}" for a, t in PREDICTION_ALIASES.items())
+    return f"{', '.join(PREDICTION_TYPES)} (aliases {aliases})"

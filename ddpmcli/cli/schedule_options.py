@@ -1,0 +1,257 @@
+"""The schedule flags, one group spliced into every command that builds a schedule.
+
+`@schedule_options()` replaces a command's ``flags: ScheduleFlags`` parameter with the fifteen
+schedule options (``--kind``/``-k`` ... ``--scale-to-timesteps``) at that place in its
+signature, and hands the command the parsed values as one :class:`ScheduleFlags`;
+`respacing=False` leaves out ``--steps``/``--spacing``/``--steps-offset`` (train). Nothing here
+imports torch.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar, get_type_hints
+
+import typer
+
+from ddpmcli.choices import SpacingName
+from ddpmcli.cli.common import parse_key_values
+from ddpmcli.errors import UsageError
+
+if TYPE_CHECKING:
+    from ddpmcli.configs import ScheduleRequest
+
+PANEL_SCHEDULE = "Schedule"
+
+KindOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--kind",
+        "-k",
+        help="Schedule kind from the core registry (list them with `ddpm schedule --list-kinds`), "
+        "an alias such as squaredcos_cap_v2, or custom (with --betas-file/--alpha-bars-file). "
+        "Default: linear.",
+        rich_help_panel=PANEL_SCHEDULE,
+    ),
+]
+TimestepsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--timesteps",
+        "-T",
+        help="T, the number of training timesteps (default 1000).",
+        rich_help_panel=PANEL_SCHEDULE,
+    ),
+]
+BetaStartOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--beta-start",
+        help="First beta (linear, scaled_linear, sigmoid).",
+        rich_help_panel=PANEL_SCHEDULE,
+    ),
+]
+BetaEndOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--beta-end",
+        help="Last beta (linear, scaled_linear, sigmoid).",
+        rich_help_panel=PANEL_SCHEDULE,
+    ),
+]
+MaxBetaOpt = Annotated[
+    float | None,
+    typer.Option("--max-beta", help="Beta cap (cosine, sqrt).", rich_help_panel=PANEL_SCHEDULE),
+]
+ParamOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--param",
+        "-p",
+        metavar="NAME=VALUE",
+        help="Any other constant of the kind, repeatable: --param s=0.01 (see --list-kinds).",
+        rich_help_panel=PANEL_SCHEDULE,
+    ),
+]
+FromOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--from",
+        metavar="FILE",
+        help="A diffusers scheduler_config.json (or a folder holding one).",
+        rich_help_panel=PANEL_SCHEDULE,
+    ),
+]
+BetasFileOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--betas-file",
+        metavar="FILE",
+        help="Custom betas: .npy, .txt, .csv, .tsv or .json.",
+        rich_help_panel=PANEL_SCHEDULE,
+    ),
+]
+AlphaBarsFileOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--alpha-bars-file",
+        metavar="FILE",
+        help="Custom alpha_bars (strictly decreasing): .npy, .txt, .csv, .tsv or .json.",
+        rich_help_panel=PANEL_SCHEDULE,
+    ),
+]
+ZeroSnrOpt = Annotated[
+    bool,
+    typer.Option(
+        "--zero-terminal-snr",
+        help="Rescale to zero terminal SNR (Lin et al. 2024, Alg. 1).",
+        rich_help_panel=PANEL_SCHEDULE,
+    ),
+]
+LogsnrShiftOpt = Annotated[
+    float,
+    typer.Option(
+        "--logsnr-shift",
+        help="Add this to every log-SNR (after --zero-terminal-snr).",
+        rich_help_panel=PANEL_SCHEDULE,
+    ),
+]
+StepsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--steps",
+        metavar="N",
+        help="Respace to N inference steps (with --spacing), or a section string: ddim50, "
+        "10,20,30.",
+        rich_help_panel=PANEL_SCHEDULE,
+    ),
+]
+SpacingOpt = Annotated[
+    SpacingName | None,
+    typer.Option(
+        "--spacing",
+        help="Respacing: leading (default; a config's own), trailing, linspace.",
+        rich_help_panel=PANEL_SCHEDULE,
+    ),
+]
+StepsOffsetOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--steps-offset",
+        help="diffusers' steps_offset for leading spacing.",
+        rich_help_panel=PANEL_SCHEDULE,
+    ),
+]
+ScaleOpt = Annotated[
+    bool,
+    typer.Option(
+        "--scale-to-timesteps",
+        help="linear: scale the ends by 1000/T as improved-diffusion does (diffusers does not).",
+        rich_help_panel=PANEL_SCHEDULE,
+    ),
+]
+
+RESPACING_FLAGS = ("steps", "spacing", "steps_offset")
+
+
+@dataclass(frozen=True)
+class ScheduleFlags:
+    """The schedule flags as given (None or the flag's own default where not given)."""
+
+    kind: KindOpt = None
+    timesteps: TimestepsOpt = None
+    beta_start: BetaStartOpt = None
+    beta_end: BetaEndOpt = None
+    max_beta: MaxBetaOpt = None
+    param: ParamOpt = None
+    from_file: FromOpt = None
+    betas_file: BetasFileOpt = None
+    alpha_bars_file: AlphaBarsFileOpt = None
+    zero_terminal_snr: ZeroSnrOpt = False
+    logsnr_shift: LogsnrShiftOpt = 0.0
+    steps: StepsOpt = None
+    spacing: SpacingOpt = None
+    steps_offset: StepsOffsetOpt = None
+    scale_to_timesteps: ScaleOpt = False
+
+    def request(self, *, respacing: bool = True) -> ScheduleRequest:
+        """One request for `configs.build_schedule`; ``respacing=False`` leaves --steps,
+        --spacing and --steps-offset out (check probes them itself)."""
+        from ddpmcli.configs import ScheduleRequest
+
+        params = parse_key_values(self.param)
+        for name in ("beta_start", "beta_end", "max_beta"):
+            value = getattr(self, name)
+            if value is not None:
+                if name in params:
+                    flag = "--" + name.replace("_", "-")
+                    raise UsageError(f"{flag} and --param {name}=... both given")
+                params[name] = value
+        if self.scale_to_timesteps:
+            params["scale_to_timesteps"] = 1.0
+        return ScheduleRequest(
+            kind=self.kind,
+            timesteps=self.timesteps,
+            params=params,
+            from_file=None if self.from_file is None else str(self.from_file),
+            betas_file=None if self.betas_file is None else str(self.betas_file),
+            alpha_bars_file=None if self.alpha_bars_file is None else str(self.alpha_bars_file),
+            zero_terminal_snr=self.zero_terminal_snr,
+            logsnr_shift=self.logsnr_shift,
+            steps=self.steps if respacing else None,
+            spacing=self.spacing if respacing else None,
+            steps_offset=self.steps_offset if respacing else None,
+        )
+
+
+NO_FLAGS = ScheduleFlags()
+"""The default of a command's ``flags`` parameter where it follows options with defaults (never
+used: the splice replaces it)."""
+
+
+def _flag_parameters(respacing: bool) -> list[inspect.Parameter]:
+    """The schedule flags as keyword-only parameters, typed with their option aliases."""
+    hints = get_type_hints(ScheduleFlags, include_extras=True)
+    return [
+        inspect.Parameter(
+            item.name,
+            inspect.Parameter.KEYWORD_ONLY,
+            default=item.default,
+            annotation=hints[item.name],
+        )
+        for item in fields(ScheduleFlags)
+        if respacing or item.name not in RESPACING_FLAGS
+    ]
+
+
+Command = TypeVar("Command", bound=Callable[..., Any])
+
+
+def schedule_options(*, respacing: bool = True) -> Callable[[Command], Command]:
+    """Splice the schedule flags into a command at its ``flags`` parameter (see the module doc)."""
+
+    def splice(command: Command) -> Command:
+        signature = inspect.signature(command, eval_str=True)
+        spliced = _flag_parameters(respacing)
+        names = [p.name for p in spliced]
+        parameters: list[inspect.Parameter] = []
+        for p in signature.parameters.values():
+            if p.name == "flags":
+                parameters += spliced
+            else:
+                parameters.append(p.replace(kind=inspect.Parameter.KEYWORD_ONLY))
+
+        @functools.wraps(command)
+        def wrapper(**kwargs: Any) -> Any:
+            given = {name: kwargs.pop(name) for name in names}
+            return command(flags=ScheduleFlags(**given), **kwargs)
+
+        wrapper.__signature__ = signature.replace(parameters=parameters)  # type: ignore[attr-defined]
+        wrapper.__annotations__ = {p.name: p.annotation for p in parameters}
+        return wrapper  # type: ignore[return-value]
+
+    return splice
