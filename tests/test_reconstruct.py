@@ -391,7 +391,29 @@ def test_optimal_mse_matches_closed_form_bayes_error() -> None:
         want = s**2 * (1 - ab) / (ab * s**2 + 1 - ab)
         assert row["optimal_mse"] == pytest.approx(want, rel=0.06)
         assert row["optimal_mse"] <= row["mse"]
-    assert res.columns[-2:] == ["optimal_mse", "optimal_eps_mse"]
+    assert res.columns[-4:] == ["optimal_mse", "optimal_eps_mse", "excess_mse", "excess_stderr"]
+
+
+def test_optimal_excess_has_the_paired_standard_error() -> None:
+    # excess_mse = mse - optimal_mse on the same x_t; its standard error must equal the sample
+    # standard deviation of the per-sample excesses over sqrt(n), computed here from the
+    # per-sample rows (an independent path through the sums)
+    sched = core.make_schedule("linear", 1000)
+    x0 = 0.5 * torch.randn(500, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    mix = type("M", (), {})()
+    mix.weights, mix.means, mix.stds = torch.ones(1), torch.zeros(1, 2), torch.tensor([0.5])
+    res = reconstruction_sweep(
+        ShrinkModel(sched, (2,), c=0.9), x0, [100, 600], seed=0, clip=False, per_sample=True,
+        compare_optimal=OptimalDenoiser.from_mixture(mix), batch_size=77,
+    )  # fmt: skip
+    assert res.sample_rows is not None
+    for row in res.rows:
+        got = [r["excess_mse"] for r in res.sample_rows if r["t"] == row["t"]]
+        per = torch.tensor(got, dtype=torch.float64)
+        assert row["excess_mse"] == pytest.approx(float(per.mean()), rel=1e-9)
+        assert row["excess_stderr"] == pytest.approx(float(per.std() / math.sqrt(500)), rel=1e-6)
+        assert row["excess_mse"] > 3 * row["excess_stderr"]  # a worse model shows as worse
+    assert all(r["excess_stderr"] is None for r in res.sample_rows)
 
 
 def test_optimal_denoiser_of_a_finite_set_memorises_at_low_noise() -> None:
@@ -510,10 +532,11 @@ def test_cli_optimal_denoiser_beats_the_trained_model(cli: Any, ckpts: dict[str,
     )  # fmt: skip
     assert res.exit_code == 0, res.stderr
     rows = json.loads(res.stdout)
-    assert list(rows[0])[-2:] == ["optimal_mse", "optimal_eps_mse"]
+    assert list(rows[0])[-4:] == ["optimal_mse", "optimal_eps_mse", "excess_mse", "excess_stderr"]
     for row in rows:
-        # Bayes-optimal on the same x_t: better up to the Monte Carlo noise of 400 samples
-        assert row["optimal_mse"] <= row["mse"] * 1.02 + 1e-9, row
+        # Bayes-optimal on the same x_t: better up to the Monte Carlo noise of 400 samples,
+        # which the paired standard error states (3 of them)
+        assert row["excess_mse"] >= -3 * row["excess_stderr"], row
     assert sum(r["optimal_mse"] for r in rows) < 0.9 * sum(r["mse"] for r in rows)
 
 

@@ -80,7 +80,7 @@ AGGREGATE_COLUMNS: tuple[str, ...] = (
     "eps_mse",
     "clip_fraction",
 )
-OPTIMAL_COLUMNS: tuple[str, ...] = ("optimal_mse", "optimal_eps_mse")
+OPTIMAL_COLUMNS: tuple[str, ...] = ("optimal_mse", "optimal_eps_mse", "excess_mse", "excess_stderr")
 
 
 @dataclass
@@ -253,6 +253,10 @@ def _chunk_metrics(
         x0_opt = run.optimal.predict_x0(x_t, ti, sched)
         metrics.append(_sq_sum(x0_opt, x0c))
         metrics.append(_sq_sum(sched.eps_from_x0(x_t, ti, x0_opt), eps))
+        # the pair's excess (model minus optimal) squared, pre-divided by numel once: the sums
+        # are divided by numel at the end, so this becomes the mean of excess^2 per value
+        numel = x0c[0].numel()
+        metrics.append((metrics[0] - metrics[3]) ** 2 / numel)
     values = torch.stack(metrics, dim=1)
     run.sums.index_add_(0, ti, values)
     if run.per is not None:
@@ -446,7 +450,7 @@ def _setup(
     optimal = None if compare_optimal is None else compare_optimal.to(dev, wdt)
     # per-pair metrics, summed over values (divided by numel at the end), in these columns:
     # mse, eps_mse, clip (, optimal_mse, optimal_eps_mse)
-    n_metrics = 5 if optimal is not None else 3
+    n_metrics = 6 if optimal is not None else 3
     # examples for the figure: the first k samples at a spread of the timesteps
     k = example_samples if example_samples is not None else (min(n, 2000) if numel <= 16 else 8)
     k = max(0, min(k, n))
@@ -478,13 +482,16 @@ def _result(
     alpha_bar = model.schedule.alpha_bar[ts_cpu].tolist()  # the float64 originals
     snr = model.schedule.snr[ts_cpu].tolist()
     optimal = run.optimal is not None
-    names = ["mse", "eps_mse", "clip_fraction", *(OPTIMAL_COLUMNS if optimal else ())]
+    names = ["mse", "eps_mse", "clip_fraction"]
+    names += ["optimal_mse", "optimal_eps_mse", "excess_sq"] if optimal else []
     columns = list(AGGREGATE_COLUMNS) + (list(OPTIMAL_COLUMNS) if optimal else [])
     rows: list[dict[str, Any]] = []
     for j, (t, mean) in enumerate(zip(ts, (got / n).tolist(), strict=True)):
         row: dict[str, Any] = {"t": t, "alpha_bar": alpha_bar[j], "snr": snr[j]}
         row.update(zip(names, mean, strict=True))
         row["psnr"] = _psnr(row["mse"], peak)
+        if optimal:
+            _excess(row, n)
         if finite[j]:
             rows.append({c: row[c] for c in columns})
     sample_columns = ["t", "sample", *columns[1:]]
@@ -498,6 +505,8 @@ def _result(
             srow["snr"] = snr[j]
             srow.update(zip(names, values, strict=True))
             srow["psnr"] = _psnr(srow["mse"], peak)
+            if optimal:
+                _excess(srow, 1)
             if finite[j]:
                 sample_rows.append({c: srow[c] for c in sample_columns})
     if not all(finite):
@@ -522,6 +531,17 @@ def _result(
         prediction_type=run.pred_type, data_range=run.data_range, clip=run.clip,
         device=str(dev), dtype=dtype_name(run.mdtype),
     )  # fmt: skip
+
+
+def _excess(row: dict[str, Any], n: int) -> None:
+    """``excess_mse`` = mse - optimal_mse (paired: the same x_t) and its standard error over the
+    ``n`` samples, from the mean of the squared per-sample excess in ``excess_sq`` (removed). An
+    excess below zero by more than a few standard errors means the optimum is not the data's."""
+    excess = row["mse"] - row["optimal_mse"]
+    mean_sq = row.pop("excess_sq")
+    row["excess_mse"] = excess
+    var = max(mean_sq - excess**2, 0.0) * n / (n - 1) if n > 1 else math.nan
+    row["excess_stderr"] = math.sqrt(var / n) if n > 1 else None
 
 
 def _sq_sum(a: Tensor, b: Tensor) -> Tensor:
