@@ -15,7 +15,6 @@ if TYPE_CHECKING:
     from ddpmcli.core import Schedule
 
 Severity = Literal["info", "warning", "error"]
-SEVERITIES: tuple[Severity, ...] = ("info", "warning", "error")
 
 # sqrt(alpha_bar_{T-1}) above this leaks visible signal into x_T (Stable Diffusion's 0.068 does;
 # Lin et al. 2024); below it the terminal SNR is reported as info only.

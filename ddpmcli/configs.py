@@ -1,5 +1,6 @@
-"""Schedule inputs that come from files or strings: diffusers ``scheduler_config.json``, custom
-betas / alpha_bars files, and the schedule specs of ``ddpm compare``.
+"""Schedule inputs that come from files: diffusers ``scheduler_config.json`` and custom
+betas / alpha_bars files, built into a schedule by :func:`build_schedule` (the compare specs that
+name schedules in one string are in :mod:`ddpmcli.specs`).
 
 The core never touches files; this module reads them and hands plain numbers to the core
 (``make_schedule``, ``schedule_from_betas``, ``rescale_zero_terminal_snr``, ...). No formula is
@@ -17,13 +18,13 @@ from __future__ import annotations
 import csv
 import io
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from ddpmcli import limits
-from ddpmcli.errors import DdpmError, ScheduleError, ScheduleParameterError, UsageError
+from ddpmcli.errors import ScheduleError, UsageError
 
 if TYPE_CHECKING:
     from ddpmcli.core import Schedule
@@ -500,111 +501,3 @@ def build_schedule(request: ScheduleRequest) -> BuiltSchedule:
         kept = core.respaced_timesteps(schedule.num_steps, steps, spacing, offset)
         schedule = core.respace(schedule, kept)
     return BuiltSchedule(schedule=schedule, config=config, respaced=respaced)
-
-
-# ---------------------------------------------------------------------------------------------
-# compare specs
-
-
-_SPEC_INT_KEYS = {"t": "timesteps", "timesteps": "timesteps", "steps_offset": "steps_offset"}
-_SPEC_FLAG_KEYS = {"zsnr", "zero_terminal_snr"}
-
-
-@dataclass(frozen=True)
-class CompareSpec:
-    """One schedule of ``ddpm compare``: the label printed in its ``schedule`` column."""
-
-    label: str
-    built: BuiltSchedule
-
-
-def _looks_like_file(text: str) -> bool:
-    p = Path(text)
-    return p.suffix.lower() == ".json" or p.is_dir() or ("/" in text and p.exists())
-
-
-def parse_compare_spec(text: str) -> CompareSpec:
-    """Parse one compare spec into a schedule.
-
-    Grammar: ``KIND[+zsnr][:key=value,...]`` or a path to a diffusers config (file or folder).
-    Keys: ``T`` (or ``timesteps``), ``zsnr``/``zero_terminal_snr`` (0/1), ``logsnr_shift``,
-    ``steps``, ``spacing``, ``steps_offset``, ``betas``/``alpha_bars`` (a file; kind ``custom``),
-    and the kind's constants (``beta_end=0.012``, ``s=0.008``, ...). Examples: ``cosine``,
-    ``linear:beta_end=0.012,T=500``, ``scaled_linear+zsnr``, ``cosine:steps=50,spacing=trailing``.
-    """
-    spec = text.strip()
-    if not spec:
-        raise UsageError("empty schedule spec; e.g. cosine, linear:beta_end=0.012,T=500")
-    if _looks_like_file(spec):
-        try:
-            built = build_schedule(ScheduleRequest(from_file=spec))
-        except DdpmError as exc:
-            raise type(exc)(f"spec {spec!r}: {exc}") from None
-        return CompareSpec(label=spec, built=built)
-    head, _, tail = spec.partition(":")
-    kind, *modifiers = [part.strip() for part in head.split("+")]
-    request = ScheduleRequest(kind=kind)
-    for modifier in modifiers:
-        if modifier.lower() not in _SPEC_FLAG_KEYS:
-            raise UsageError(f"spec {spec!r}: unknown modifier +{modifier}; allowed: +zsnr")
-        request.zero_terminal_snr = True
-    for item in filter(None, (part.strip() for part in tail.split(","))) if tail else ():
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        value = value.strip()
-        if not sep or not key or not value:
-            raise UsageError(f"spec {spec!r}: {item!r} is not key=value")
-        _apply_spec_item(request, key, value, spec)
-    if request.kind is not None and request.kind.lower() != "custom":
-        request.kind = core_kind(request.kind, spec)
-    try:
-        built = build_schedule(request)
-    except DdpmError as exc:
-        raise type(exc)(f"spec {spec!r}: {exc}") from None
-    return CompareSpec(label=spec, built=built)
-
-
-def core_kind(name: str, spec: str) -> str:
-    """The core's registry name for ``name`` (aliases resolved), errors naming the spec."""
-    from ddpmcli import core
-
-    try:
-        return core.canonical_kind(name)
-    except ScheduleParameterError as exc:
-        raise ScheduleParameterError(f"spec {spec!r}: {exc}; or custom, or a config file") from None
-
-
-def _apply_spec_item(request: ScheduleRequest, key: str, value: str, spec: str) -> None:
-    lowered = key.lower()
-    if lowered in _SPEC_INT_KEYS:
-        try:
-            number = int(value)
-        except ValueError:
-            raise UsageError(f"spec {spec!r}: {key}={value!r} is not an integer") from None
-        setattr(request, _SPEC_INT_KEYS[lowered], number)
-    elif lowered in _SPEC_FLAG_KEYS:
-        if value.lower() not in ("0", "1", "true", "false", "yes", "no"):
-            raise UsageError(f"spec {spec!r}: {key}={value!r}; use 1 or 0")
-        request.zero_terminal_snr = value.lower() in ("1", "true", "yes")
-    elif lowered == "steps":
-        request.steps = value
-    elif lowered == "spacing":
-        request.spacing = value
-    elif lowered == "betas":
-        request.betas_file = value
-    elif lowered == "alpha_bars":
-        request.alpha_bars_file = value
-    else:
-        try:
-            real = float(value)
-        except ValueError:
-            raise UsageError(f"spec {spec!r}: {key}={value!r} is not a number") from None
-        if lowered == "logsnr_shift":
-            request.logsnr_shift = real
-        else:
-            request.params[key] = real
-
-
-def parse_compare_specs(texts: Sequence[str]) -> list[CompareSpec]:
-    """All specs of a compare command, each parsed (the first bad one raises)."""
-    return [parse_compare_spec(text) for text in texts]

@@ -228,6 +228,22 @@ def test_custom_files_and_from_config(cli, tmp_path: Path) -> None:
 # bad input: one line, right exit code, no traceback, nothing half-written
 
 
+def test_compare_plot_before_a_config_file_keeps_the_file_as_a_spec(
+    cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `compare cosine --plot sched.json` once took the config as the figure path
+    config = tmp_path / "sched.json"
+    config.write_text(json.dumps({"beta_schedule": "linear", "num_train_timesteps": 10}))
+    monkeypatch.chdir(tmp_path)
+    done = cli("compare", "cosine:T=10", "--plot", str(config), "--t", "9", "--format", "csv")
+    assert done.exit_code == 0, done.stderr
+    assert [line.split(",")[0] for line in done.stdout.splitlines()[1:]] == [
+        "cosine:T=10",
+        str(config),
+    ]
+    assert (tmp_path / "plots" / "compare.png").stat().st_size > 0
+
+
 @pytest.mark.parametrize(
     ("args", "code", "fragments"),
     [
@@ -244,7 +260,8 @@ def test_custom_files_and_from_config(cli, tmp_path: Path) -> None:
         (["schedule", "--format", "xml"], 2, ["'xml'"]),
         (["schedule", "--no-header", "--format", "json"], 2, ["--no-header"]),
         (["schedule", "--bogus-flag"], 2, ["--bogus-flag"]),
-        (["schedule", "--plot", "out.jpg"], 2, ["'.jpg'", ".png"]),
+        (["schedule", "--plot=out.jpg"], 2, ["'.jpg'", ".png"]),
+        (["schedule", "--plot", "out.jpg"], 2, ["out.jpg"]),  # not a figure suffix: --plot is bare
         (["schedule", "--steps", "50", "--spacing", "sideways"], 2, ["'sideways'", "trailing"]),
         (["schedule", "--spacing", "trailing"], 2, ["--spacing needs --steps"]),
         (["schedule", "--kind", "custom"], 2, ["--betas-file"]),
@@ -521,6 +538,12 @@ def test_plot_option_takes_an_optional_value(tmp_path: Path) -> None:
     assert expand_optional_values(["--plot", "--t", "0"]) == [f"--plot={PLOT_DEFAULT}", "--t", "0"]
     assert expand_optional_values(["--plot", "a.svg"]) == ["--plot", "a.svg"]
     assert expand_optional_values(["compare", "--plot", "cosine"])[1] == f"--plot={PLOT_DEFAULT}"
+    # exact rule: the next word is the figure only when it ends in a figure suffix, any case
+    assert expand_optional_values(["--plot", "A.PNG"]) == ["--plot", "A.PNG"]
+    assert expand_optional_values(["--plot", "dir/fig.pdf"]) == ["--plot", "dir/fig.pdf"]
+    for word in ("sched.json", "figs/", "out.jpg", "linear:beta_end=0.012"):
+        assert expand_optional_values(["--plot", word]) == [f"--plot={PLOT_DEFAULT}", word]
+    assert expand_optional_values(["--plot=sched.json"]) == ["--plot=sched.json"]
     assert expand_optional_values(["--", "--plot"]) == ["--", "--plot"]
     assert resolve_plot_path(PLOT_DEFAULT, "posterior") == Path("plots/posterior.png")
     assert resolve_plot_path(None, "x") is None

@@ -18,10 +18,10 @@ from ddpmcli.configs import (
     build_schedule,
     load_custom_schedule,
     load_scheduler_config,
-    parse_compare_spec,
     read_numbers,
 )
 from ddpmcli.errors import ScheduleError, ScheduleParameterError, UsageError
+from ddpmcli.specs import parse_compare_spec
 
 
 def diffusers_alphas_cumprod_f32(config: dict[str, Any]) -> np.ndarray:

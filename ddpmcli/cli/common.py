@@ -67,7 +67,8 @@ PlotOpt = Annotated[
         "--plot",
         metavar="[PATH]",
         help="Also write a figure (PNG, SVG or PDF by suffix; bare --plot: plots/<command>.png). "
-        "The path written goes to stderr.",
+        "The next word is the PATH only when it ends in .png, .svg or .pdf (else write "
+        "--plot=PATH). The path written goes to stderr.",
     ),
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or notes.")]
@@ -146,24 +147,22 @@ TrustOpt = Annotated[
 
 
 OPTIONAL_VALUE_OPTIONS: dict[str, str] = {"--plot": PLOT_DEFAULT}
-_PATHLIKE = re.compile(r"\.[A-Za-z][A-Za-z0-9]*$")
 
 
 def _takes_value(token: str) -> bool:
-    """Whether the token after a bare `--plot` is its PATH: not an option, and it looks like a file
-    (an alphabetic suffix such as `.png`, or a folder separator). `cosine` or
-    `linear:beta_end=0.012` (a compare spec) are not paths, so `--plot` stays a bare flag there."""
-    if not token or token.startswith("-"):
-        return False
-    return bool(_PATHLIKE.search(token)) or "/" in token
+    """Whether the token after a bare `--plot` is its PATH: exactly when it ends in a figure
+    suffix (.png, .svg, .pdf, any case). Anything else (`cosine`, `sched.json`, a folder, an
+    option) leaves `--plot` bare; write `--plot=PATH` to give another name, which is then
+    refused by its suffix."""
+    return token.lower().endswith(PLOT_SUFFIXES) and not token.startswith("-")
 
 
 def expand_optional_values(args: Sequence[str]) -> list[str]:
     """Rewrite argv so that `--plot` works as a flag with an optional value.
 
-    Typer's bundled click has no optional-value options, so a bare `--plot` (at the end of argv,
-    or followed by an option or by a token that is not a file path) becomes `--plot=@default`
-    before parsing. Stops at `--`.
+    Typer's bundled click has no optional-value options, so a bare `--plot` becomes
+    `--plot=@default` unless the next token ends in a figure suffix (see `_takes_value`): no
+    guessing from the token's look. `--plot=PATH` is passed unchanged. Stops at `--`.
     """
     out: list[str] = []
     tokens = list(args)

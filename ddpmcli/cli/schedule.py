@@ -193,7 +193,7 @@ def compare(
 
       ddpm compare cosine sigmoid_logsnr laplace --plot plots/compare.png
     """
-    from ddpmcli.configs import parse_compare_spec
+    from ddpmcli.specs import parse_compare_spec
 
     check_format_flags(fmt, no_header)
     reject_conflicts(("--t", t is not None), ("--every", every is not None))
