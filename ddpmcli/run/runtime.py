@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from collections.abc import Iterator, Mapping
 
 import torch
@@ -18,6 +19,9 @@ __all__ = [
     "DTYPES",
     "SMALL_MODEL_WORK",
     "apply_threads",
+    "cpu_times",
+    "free_cores",
+    "idle_cores",
     "default_threads",
     "model_work",
     "usable_cores",
@@ -205,6 +209,65 @@ def _read_text(path: str) -> str | None:
         return None
 
 
+def cpu_times(stat: str | None = None) -> dict[int, tuple[int, int]]:
+    """``{cpu: (idle, total)}`` jiffies from ``/proc/stat`` (or the text ``stat``); empty where
+    unreadable."""
+    text = _read_proc_stat() if stat is None else stat
+    out: dict[int, tuple[int, int]] = {}
+    for line in (text or "").splitlines():
+        name, *fields = line.split()
+        if not name.startswith("cpu") or name == "cpu" or not name[3:].isdigit():
+            continue
+        try:
+            values = [int(v) for v in fields]
+        except ValueError:
+            continue
+        if len(values) >= 5:
+            out[int(name[3:])] = (values[3] + values[4], sum(values[:8]))  # idle + iowait
+    return out
+
+
+def _read_proc_stat() -> str | None:
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            return f.read(1 << 16)
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def idle_cores(
+    before: dict[int, tuple[int, int]], after: dict[int, tuple[int, int]], cpus: set[int]
+) -> float | None:
+    """How many of ``cpus`` were idle between two :func:`cpu_times` readings (a busy neighbour
+    makes its core count ~0); None when nothing was measured."""
+    idle = 0.0
+    seen = False
+    for cpu in cpus:
+        if cpu in before and cpu in after:
+            d_total = after[cpu][1] - before[cpu][1]
+            if d_total > 0:
+                idle += min(1.0, max(0.0, (after[cpu][0] - before[cpu][0]) / d_total))
+                seen = True
+    return idle if seen else None
+
+
+def free_cores(window: float = 0.1) -> int:
+    """The usable cores (:func:`usable_cores`) that are not busy with other processes, measured
+    over ``window`` seconds, at least 1: other work on a core makes a thread there a straggler
+    that every parallel kernel waits for."""
+    usable = usable_cores()
+    try:
+        cpus = os.sched_getaffinity(0)
+    except (AttributeError, OSError):
+        return usable
+    before = cpu_times()
+    time.sleep(window)
+    idle = idle_cores(before, cpu_times(), cpus)
+    if idle is None:
+        return usable
+    return max(1, min(usable, math.floor(idle + 0.5)))
+
+
 def default_threads(
     work_per_item: int | None,
     *,
@@ -216,9 +279,10 @@ def default_threads(
 
     ``OMP_NUM_THREADS`` (a positive integer) wins; then one thread for a small model
     (``work_per_item`` multiply-adds below :data:`SMALL_MODEL_WORK`); otherwise the usable cores
-    (:func:`usable_cores`) divided among the ``local_world`` processes of this machine (torchrun's
-    ``LOCAL_WORLD_SIZE``), at least one. torchrun sets ``OMP_NUM_THREADS=1`` for its workers when
-    the user did not set it (and says so); that value, seen in a torchrun worker
+    not busy with other work (:func:`free_cores`), divided among the ``local_world`` processes
+    of this machine (torchrun's ``LOCAL_WORLD_SIZE``), at least one. torchrun sets
+    ``OMP_NUM_THREADS=1`` for its workers when the user did not set it (and says so); that value,
+    seen in a torchrun worker
     (``TORCHELASTIC_RUN_ID`` set) with several local processes, counts as unset: pass
     ``--threads 1`` to mean it.
     """
@@ -229,14 +293,15 @@ def default_threads(
         return int(text)
     if work_per_item is not None and work_per_item < SMALL_MODEL_WORK:
         return 1
-    total = usable_cores() if cores is None else cores
+    total = free_cores() if cores is None else cores
     return max(1, total // max(1, local_world))
 
 
 def model_work(module: object, numel_per_item: int) -> int | None:
     """A rough count of multiply-adds per item: the parameter count for a model whose input is a
-    short vector (an MLP applies every weight once per item), ``parameters x values`` bounded by
-    the convolutions' reuse otherwise. None when the model's parameters cannot be read (a
+    short vector (an MLP applies every weight once per item), at most ``parameters x values``
+    for an image model (each weight of a convolution is applied
+    at every position of its resolution). None when the model's parameters cannot be read (a
     program): then it is taken as large."""
     params = getattr(module, "parameters", None)
     if params is None:
@@ -247,7 +312,7 @@ def model_work(module: object, numel_per_item: int) -> int | None:
         return None
     if count == 0:
         return None
-    return count if numel_per_item <= 64 else count * max(1, numel_per_item // 64)
+    return count if numel_per_item <= 64 else count * numel_per_item
 
 
 def apply_threads(threads: int | None) -> int:
