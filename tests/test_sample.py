@@ -432,3 +432,21 @@ def test_cli_model_exception_is_one_line_with_the_step(cli, hostile_programs) ->
     assert result.stderr == (
         "Error: the model failed at step 9 (t = 10): RuntimeError: boom at ten\n"
     )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--percentile", "0.9"], "--percentile has no effect without --dynamic-threshold"),
+        (["--sampler", "ddim", "--variance", "fixed_large"], "--variance has no effect without"),
+        (["--trajectory-every", "2"], "--trajectory-every has no effect without --plot"),
+    ],
+)
+def test_cli_options_without_effect_are_usage_errors(cli, ckpts, args, message) -> None:  # type: ignore[no-untyped-def]
+    ckpt_path = ckpts["mlp"]
+    result = cli("sample", str(ckpt_path), "--n", "4", "--steps", "3", *args, "-f", "csv")
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr.startswith("Error: ") and message in result.stderr
+    # the same option where it does act is accepted (default values are never "given")
+    ok = cli("sample", str(ckpt_path), "--n", "4", "--steps", "3", "--sampler", "ddim", "-f", "csv")
+    assert ok.exit_code == 0, ok.stderr

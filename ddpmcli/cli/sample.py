@@ -112,6 +112,7 @@ def _check_save(save: Path | None) -> Path | None:
 
 
 def sample(
+    ctx: typer.Context,
     checkpoint: CheckpointArg,
     sampler: Annotated[
         Literal["ddpm", "ddim"],
@@ -245,6 +246,7 @@ def sample(
 
     check_format_flags(fmt, no_header)
     reject_conflicts(("--summary", summary), ("--columns", columns is not None))
+    _reject_idle_options(ctx, sampler, dynamic_threshold, plot is not None)
     if n < 1:
         raise UsageError(f"--n must be at least 1, got {n}")
     if batch_size is not None and batch_size < 1:
@@ -317,6 +319,27 @@ def _step_columns() -> list[str]:
     from ddpmcli.run import STEP_COLUMNS
 
     return list(STEP_COLUMNS)
+
+
+def _reject_idle_options(
+    ctx: typer.Context, sampler: str, dynamic_threshold: bool, plotting: bool
+) -> None:
+    """A usage error for an option given where it changes nothing (issue 8): --percentile
+    without --dynamic-threshold, --variance with ddim (its noise is --eta's), --trajectory-every
+    without --plot (the frames are only drawn). (--eta with ddpm: check_sample_settings.)"""
+
+    def given(name: str) -> bool:
+        source = ctx.get_parameter_source(name)
+        return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+
+    idle = [
+        ("--percentile", given("percentile") and not dynamic_threshold, "--dynamic-threshold"),
+        ("--variance", given("variance") and sampler == "ddim", "--sampler ddpm"),
+        ("--trajectory-every", given("trajectory_every") and not plotting, "--plot"),
+    ]
+    for flag, unused, needs in idle:
+        if unused:
+            raise UsageError(f"{flag} has no effect without {needs}; add {needs} or drop {flag}")
 
 
 def _reference_variance(
