@@ -631,3 +631,21 @@ def test_cli_model_exception_names_t(cli: Any, hostile_programs: dict[str, str])
     res = cli(*args, "--n", "8", "--batch-size", "8", "--t", "0,5,10,15", "-f", "csv")
     assert res.exit_code == 1 and res.stdout == ""
     assert res.stderr == "Error: the model failed at t = 10: RuntimeError: boom at ten\n"
+
+
+def test_cli_train_records_the_range_of_file_data_outside_minus_one_one(
+    cli: Any, tmp_path: Any
+) -> None:
+    import json
+
+    import numpy as np
+
+    angle = np.linspace(0, 2 * np.pi, 64, endpoint=False)
+    ring = np.stack([3 * np.cos(angle), 3 * np.sin(angle)], axis=1).astype("float32")
+    np.save(tmp_path / "ring.npy", ring)
+    out = tmp_path / "ring.pt"
+    trained = cli("train", "--data", str(tmp_path / "ring.npy"), "--steps", "2", "--out", str(out))
+    assert trained.exit_code == 0, trained.stderr
+    info = json.loads(cli("info", str(out), "-f", "json").stdout)[0]
+    assert info["data_min"] == pytest.approx(-3.0, abs=1e-6)
+    assert info["data_max"] == pytest.approx(3.0, abs=1e-6)

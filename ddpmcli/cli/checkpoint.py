@@ -251,6 +251,11 @@ def train(
     schedule = build_schedule(flags.request()).schedule
     shape = parse_shape(data_shape)
     builtin = datasets.BUILTIN_DATASETS.get(data) if not Path(data).exists() else None
+    if builtin is not None and shape is not None and shape != builtin.data_shape:
+        raise UsageError(
+            f"--data-shape {data_shape}: the built-in set {data!r} has samples of shape "
+            f"{','.join(str(d) for d in builtin.data_shape)}"
+        )
     datasets.check_training_sizes(
         builtin.data_shape if builtin else (shape or (1,)),
         n=n, batch_size=batch_size, references=references, width=width,
@@ -268,7 +273,10 @@ def train(
         x = datasets.load_data(data, shape)
         refs_n = references if references is not None else (512 if x.ndim == 2 else 64)
         refs = x[:refs_n] if refs_n else None
-        data_range = (-1.0, 1.0)
+        # the data's own range when it leaves [-1, 1] (issue 8: a ring of radius 3 recorded
+        # [-1, 1], and every later clip cut it silently); [-1, 1] otherwise, the usual convention
+        lo, hi = float(x.min()), float(x.max())
+        data_range = (-1.0, 1.0) if lo >= -1.0 and hi <= 1.0 else (lo, hi)
     data_shape_t = tuple(int(d) for d in x.shape[1:])
     arch = default_architecture(data_shape_t) if architecture == "auto" else architecture
     hparams = {} if width is None else {"hidden" if arch == "mlp" else "base_channels": width}
