@@ -22,7 +22,6 @@ from typing import Annotated, Any, Literal
 import typer
 
 from ddpmcli.errors import UsageError
-from ddpmcli.files import check_writable
 
 FormatName = Literal["auto", "table", "csv", "tsv", "json", "jsonl"]
 DeviceName = Literal["auto", "cpu", "cuda", "mps"]
@@ -280,10 +279,13 @@ def parse_shape(text: str | None) -> tuple[int, ...] | None:
     """A `--data-shape` value, `D` or `C,H,W` (`x` also separates), as a tuple; None stays None."""
     if text is None:
         return None
+    from ddpmcli import limits
+
     try:
-        return tuple(int(part) for part in text.replace("x", ",").split(","))
+        shape = tuple(int(part) for part in text.replace("x", ",").split(","))
     except ValueError:
         raise UsageError(f"--data-shape {text!r}: want D or C,H,W (integers)") from None
+    return limits.check_sample_shape(shape, "--data-shape")
 
 
 def loader_options(
@@ -333,6 +335,8 @@ def resolve_plot_path(value: str | None, command: str) -> Path | None:
             f"--plot {str(path)!r}: unknown figure type {path.suffix or '(no suffix)'!r}; "
             f"allowed suffixes: {', '.join(PLOT_SUFFIXES)}"
         )
+    from ddpmcli.files import check_writable
+
     # the default folder plots/ is ours to create; a folder the user names must exist
     return check_writable(path, what="plot", create_parents=value in (PLOT_DEFAULT, ""))
 

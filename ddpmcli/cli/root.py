@@ -3,8 +3,9 @@
 guards are in place (start-up imports included).
 
 Every command group is a module `ddpmcli/cli/<group>.py` exposing `register(app: typer.Typer)`;
-`COMMAND_GROUPS` below lists them, one line each. Modules import torch/numpy/matplotlib lazily,
-inside their commands, so `ddpm --help` and shell completion stay fast.
+`COMMAND_GROUPS` below lists them (imported, not named by strings), one line each. Modules
+import torch/numpy/matplotlib lazily, inside their commands, so `ddpm --help` and shell
+completion stay fast.
 
 Exit codes (`ddpmcli.errors.ExitStatus`): 0 success, 1 domain or runtime error, 2 usage error,
 130 interrupted (Ctrl-C). A broken pipe (`ddpm schedule | head -1`) exits 0 silently for every
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import importlib
 import inspect
 import os
 import sys
@@ -27,6 +27,10 @@ import typer
 from typer.core import TyperGroup
 
 from ddpmcli import __version__
+from ddpmcli.cli import checkpoint as checkpoint_commands
+from ddpmcli.cli import reconstruct as reconstruct_commands
+from ddpmcli.cli import sample as sample_commands
+from ddpmcli.cli import schedule as schedule_commands
 from ddpmcli.cli.common import expand_optional_values
 from ddpmcli.errors import DdpmError, ExitStatus, Interrupted
 
@@ -37,13 +41,12 @@ EXIT_INTERRUPTED = ExitStatus.INTERRUPTED
 # errno values of a failed write to stdout that reach the boundary outside `emit` (help text)
 _OUTPUT_ERRNOS = frozenset({errno.ENOSPC, errno.EBADF, errno.EIO, errno.EDQUOT})
 
-# One line per command group (module ddpmcli/cli/<name>.py with register(app)), in help order.
-COMMAND_GROUPS: tuple[str, ...] = (
-    "schedule",  # schedule, compare, posterior, check
-    "reconstruct",  # reconstruct
-    "sample",  # sample, nll
-    "checkpoint",  # info, train
-    # helpers: add your group here, one line each, e.g. "checkpoint", "reconstruct", "sample",
+# One line per command group (a module ddpmcli/cli/<name>.py with register(app)), in help order.
+COMMAND_GROUPS: tuple[Any, ...] = (
+    schedule_commands,  # schedule, compare, posterior, check
+    reconstruct_commands,  # reconstruct
+    sample_commands,  # sample, nll
+    checkpoint_commands,  # info, train
 )
 
 
@@ -234,7 +237,7 @@ def reflow_help(doc: str) -> str:
 
 
 for _group in COMMAND_GROUPS:
-    importlib.import_module(f"ddpmcli.cli.{_group}").register(app)
+    _group.register(app)
 for _info in app.registered_commands:
     if _info.help is None and _info.callback is not None and _info.callback.__doc__:
         _info.help = reflow_help(_info.callback.__doc__)
