@@ -20,6 +20,7 @@ raising; every rank calls it at the same point, learns who failed, and raises th
 
 from __future__ import annotations
 
+import atexit
 import os
 import sys
 import time
@@ -201,6 +202,7 @@ def _join(ranks: Ranks) -> None:
         minutes = env_int("DDPM_DIST_TIMEOUT_MIN", 30)
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=minutes))
     ranks._group = True
+    atexit.register(ranks.close)  # a group left open aborts the interpreter at exit
     if not ranks.is_main:
         debug = os.environ.get("DDPM_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
         sink = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
