@@ -68,3 +68,73 @@ def test_core_imports_torch_and_stdlib_only() -> None:
             if top == "ddpmcli":
                 allowed = ("ddpmcli.core", "ddpmcli.errors", "ddpmcli.choices")
                 assert name.startswith(allowed), f"{path.name}: {name}"
+
+
+# ---------------------------------------------------------------------------------------------
+# one source for every choice: the typer options offer exactly the library's values
+
+OPTION_CHOICES = {
+    "format": "FORMATS",
+    "device": "DEVICES",
+    "dtype": "DTYPES",
+    "spacing": "SPACINGS",
+    "sampler": "SAMPLERS",
+    "variance": "VARIANCE_TYPES",
+    "architecture": "ARCHITECTURES",
+}
+
+
+def _choice_options() -> list[tuple[str, str, tuple[str, ...]]]:
+    import typer
+
+    from ddpmcli.cli.app import app
+
+    group = typer.main.get_command(app)
+    found = []
+    for name, command in group.commands.items():  # type: ignore[attr-defined]
+        for param in command.params:
+            choices = getattr(param.type, "choices", None)
+            if choices is not None:
+                flag = max(getattr(param, "opts", []), key=len).lstrip("-")
+                found.append((name, flag, tuple(str(c) for c in choices)))
+    return found
+
+
+def test_typer_choices_are_the_library_choices() -> None:
+    from ddpmcli import choices
+
+    found = _choice_options()
+    seen = {option for _, option, _ in found}
+    assert {"format", "device", "dtype", "spacing", "sampler", "variance"} <= seen
+    for command, option, offered in found:
+        if option == "decoder":  # nll: auto picks by the data's shape
+            assert offered == ("auto", *choices.DECODERS), command
+            continue
+        assert option in OPTION_CHOICES, f"{command} --{option}: add it to ddpmcli.choices"
+        assert offered == getattr(choices, OPTION_CHOICES[option]), f"{command} --{option}"
+
+
+def test_library_takes_its_choices_from_one_place() -> None:
+    from ddpmcli import choices, core, run
+    from ddpmcli.run import runtime
+
+    assert core.PREDICTION_TYPES is choices.PREDICTION_TYPES
+    assert core.PREDICTION_ALIASES is choices.PREDICTION_ALIASES
+    assert core.VARIANCE_TYPES is choices.VARIANCE_TYPES
+    assert core.SPACINGS is choices.SPACINGS
+    assert tuple(core.DECODERS) == choices.DECODERS
+    assert tuple(run.SAMPLERS) == choices.SAMPLERS
+    assert tuple(runtime.DTYPES) == choices.DTYPES
+    assert tuple(runtime.DEVICES) == choices.DEVICES
+
+
+@pytest.mark.parametrize(
+    ("given", "stored"), [("eps", "epsilon"), ("V", "v_prediction"), ("x0", "sample")]
+)
+def test_prediction_type_aliases_are_one_spelling(cli, given: str, stored: str) -> None:
+    done = cli("check", "--kind", "linear", "-T", "50", "--prediction-type", given, "-f", "csv")
+    same = cli("check", "--kind", "linear", "-T", "50", "--prediction-type", stored, "-f", "csv")
+    assert (done.exit_code, done.stdout) == (same.exit_code, same.stdout)
+    bad = cli("check", "--prediction-type", "noise")
+    assert bad.exit_code == 2
+    assert "'noise' is not one of epsilon, sample, v_prediction" in bad.stderr

@@ -7,10 +7,11 @@ Thin: parse and validate the flags, call `ddpmcli.checkpoints` / `ddpmcli.traini
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from ddpmcli.choices import ArchitectureName
 from ddpmcli.cli.common import (
     NUM_SAMPLES_FLAGS,
     ColumnsOpt,
@@ -20,6 +21,7 @@ from ddpmcli.cli.common import (
     MetaKindOpt,
     MetaTimestepsOpt,
     NoHeaderOpt,
+    PredictionTypeOpt,
     PredOpt,
     QuietOpt,
     SeedOpt,
@@ -161,10 +163,7 @@ def train(
         str | None,
         typer.Option("--data-shape", metavar="D|C,H,W", help="Resize/check file data to it."),
     ] = None,
-    prediction_type: Annotated[
-        str,
-        typer.Option("--prediction-type", help="What the network predicts: epsilon, sample, v."),
-    ] = "epsilon",
+    prediction_type: PredictionTypeOpt = "epsilon",
     learned_variance: Annotated[
         bool,
         typer.Option(
@@ -173,7 +172,7 @@ def train(
         ),
     ] = False,
     architecture: Annotated[
-        Literal["auto", "mlp", "unet"],
+        ArchitectureName,
         typer.Option("--architecture", help="Network: auto (mlp for vectors, unet for images)."),
     ] = "auto",
     width: Annotated[

@@ -17,14 +17,17 @@ import contextlib
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import typer
 
+from ddpmcli.choices import (
+    DeviceName,
+    FormatName,
+    prediction_type_choices,
+    prediction_type_of,
+)
 from ddpmcli.errors import UsageError
-
-FormatName = Literal["auto", "table", "csv", "tsv", "json", "jsonl"]
-DeviceName = Literal["auto", "cpu", "cuda", "mps"]
 
 PLOT_SUFFIXES: tuple[str, ...] = (".png", ".svg", ".pdf")
 PLOT_DEFAULT = "@default"  # what a bare `--plot` becomes (see expand_optional_values)
@@ -103,10 +106,36 @@ MetaTimestepsOpt = Annotated[
     int | None,
     typer.Option("--timesteps", "-T", help="Training T (1000).", rich_help_panel=PANEL_META),
 ]
+
+
+def _prediction_type(value: str | None) -> str | None:
+    """`--prediction-type` in its one spelling (aliases eps, x0, v accepted), None unchanged."""
+    if value is None:
+        return None
+    canonical = prediction_type_of(value)
+    if canonical is None:
+        raise typer.BadParameter(f"{value!r} is not one of {prediction_type_choices()}")
+    return canonical
+
+
+PREDICTION_HELP = "epsilon | sample | v_prediction (aliases eps, x0, v)."
+PredictionTypeOpt = Annotated[
+    str,
+    typer.Option("--prediction-type", help=PREDICTION_HELP, callback=_prediction_type),
+]
+"""`--prediction-type` with a default (train)."""
+MaybePredictionTypeOpt = Annotated[
+    str | None,
+    typer.Option("--prediction-type", help=PREDICTION_HELP, callback=_prediction_type),
+]
+"""`--prediction-type` where None means the config's or checkpoint's own (check)."""
 PredOpt = Annotated[
     str | None,
     typer.Option(
-        "--prediction-type", help="epsilon | sample | v_prediction.", rich_help_panel=PANEL_META
+        "--prediction-type",
+        help=PREDICTION_HELP,
+        callback=_prediction_type,
+        rich_help_panel=PANEL_META,
     ),
 ]
 ShapeOpt = Annotated[

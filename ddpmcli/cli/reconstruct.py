@@ -7,10 +7,11 @@ inside the command, so `ddpm --help` stays fast.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated
 
 import typer
 
+from ddpmcli.choices import DtypeName
 from ddpmcli.cli.common import (
     NUM_SAMPLES_FLAGS,
     CheckpointArg,
@@ -58,7 +59,7 @@ def reconstruct(
     ] = None,
     device: DeviceOpt = "cpu",
     dtype: Annotated[
-        Literal["float32", "bfloat16", "float16"],
+        DtypeName,
         typer.Option("--dtype", help="Dtype the model runs in (the sweep's own math is float64)."),
     ] = "float32",
     clip: Annotated[

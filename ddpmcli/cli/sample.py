@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 
+from ddpmcli.choices import DtypeName, SamplerName, SpacingName, VarianceType
 from ddpmcli.cli.common import (
     NUM_SAMPLES_FLAGS,
     CheckpointArg,
@@ -63,7 +64,7 @@ SUMMARY_COLUMNS = (
 )
 
 VarianceOpt = Annotated[
-    Literal["fixed_small", "fixed_large", "learned_range"],
+    VarianceType,
     typer.Option(
         "--variance",
         help="Reverse-process variance: fixed_small (beta_tilde), fixed_large (beta; beta_tilde_1 "
@@ -75,7 +76,7 @@ BatchOpt = Annotated[
     int | None, typer.Option("--batch-size", help="Samples per model call (default: all).")
 ]
 DtypeOpt = Annotated[
-    Literal["float32", "bfloat16", "float16", "float64"],
+    DtypeName,
     typer.Option("--dtype", help="Dtype the model runs in (the schedule is float64 until used)."),
 ]
 
@@ -115,7 +116,7 @@ def sample(
     ctx: typer.Context,
     checkpoint: CheckpointArg,
     sampler: Annotated[
-        Literal["ddpm", "ddim"],
+        SamplerName,
         typer.Option(
             "--sampler",
             help="ddpm: ancestral (Ho et al. 2020, Alg. 2); ddim: Song et al. 2021 with --eta.",
@@ -142,7 +143,7 @@ def sample(
         ),
     ] = None,
     spacing: Annotated[
-        Literal["leading", "trailing", "linspace"],
+        SpacingName,
         typer.Option("--spacing", help="How N steps are spread.", rich_help_panel=PANEL_SAMPLER),
     ] = "leading",
     clip: Annotated[

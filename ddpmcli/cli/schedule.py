@@ -17,6 +17,7 @@ from ddpmcli.cli.common import (
     ColumnsOpt,
     EveryOpt,
     FormatOpt,
+    MaybePredictionTypeOpt,
     NoHeaderOpt,
     PlotOpt,
     QuietOpt,
@@ -326,13 +327,7 @@ CHECK_COLUMNS: tuple[str, ...] = ("severity", "code", "t", "message")
 @schedule_options()
 def check(
     flags: ScheduleFlags,
-    prediction_type: Annotated[
-        str | None,
-        typer.Option(
-            "--prediction-type",
-            help="epsilon, sample or v_prediction (default: the config's, else epsilon).",
-        ),
-    ] = None,
+    prediction_type: MaybePredictionTypeOpt = None,
     fmt: FormatOpt = "auto",
     no_header: NoHeaderOpt = False,
 ) -> None:
