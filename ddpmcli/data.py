@@ -232,20 +232,31 @@ def check_training_sizes(
     """Refuse ``ddpm train`` sizes the machine cannot hold, before anything is allocated: data and
     reference sets (float64 while loaded, then float32), one batch with its activations, and the
     network's weights with their gradients, Adam moments and EMA copy. UsageError naming the
-    flag."""
+    flag. Without ``batch_size``, the training's default batch for the shape is checked, and
+    the message says to set --batch-size."""
+    from ddpmcli.training import DEFAULT_BATCH, default_architecture
+
     per_sample = math.prod(sample_shape) * (8 + 4)
-    hidden = width or 128
     for flag, count in (("--n", n), ("--references", references)):
         if count is not None:
             limits.check_allocation(count * per_sample, f"{flag} {count}")
-    if batch_size is not None:
-        activations = 32 * hidden * 4  # ~32 layers' worth of hidden activations per sample
-        limits.check_allocation(
-            batch_size * (per_sample + activations), f"--batch-size {batch_size}"
-        )
     if width is not None:
         # the UNet's widest layers are 4 * width channels with 3 x 3 kernels; 5 copies each
         limits.check_allocation(width * width * 16 * 9 * 4 * 5 * 8, f"--width {width}")
+    if len(sample_shape) == 3:
+        # the UNet keeps ~56 values per base channel and pixel for the backward pass (7 KiB a
+        # pixel measured at 32 channels, 16 x 16 and 64 x 64); 32 values is a lower bound
+        activations = math.prod(sample_shape[1:]) * (width or 32) * 32 * 4
+    else:
+        activations = 32 * (width or 128) * 4  # ~32 layers' worth of hidden activations
+    batch = batch_size or DEFAULT_BATCH[default_architecture(tuple(sample_shape))]
+    if batch_size is not None:
+        what = f"--batch-size {batch_size}"
+    else:
+        shape_text = ",".join(str(d) for d in sample_shape)
+        widths = "" if width is None else f" at --width {width}"
+        what = f"--batch-size (default {batch}) for samples of shape {shape_text}{widths}"
+    limits.check_allocation(batch * (per_sample + activations), what)
 
 
 def load_data(

@@ -42,6 +42,22 @@ ROW_BYTES: int = 2048
 """Estimate of the bytes one printed row (a dict of ~16 floats, then its formatted text) takes
 until it is written: ~1.7 KiB measured for `ddpm schedule`."""
 
+KEPT_BYTES_PER_VALUE: int = 32
+"""Bytes a model run keeps per data value of every sample for its whole length: the data or the
+samples in float64, their noise, and a copy in the model's dtype (~60 B measured for `ddpm
+reconstruct` on 2-D data; 32 is a lower bound, so only what cannot fit is refused)."""
+
+BATCH_BYTES_PER_VALUE: int = 1024
+"""Bytes one model call takes per input value with its activations: 256 float32 values, the
+estimate of ``run.auto_chunk_size`` (~1.1 KiB measured for the 2-D MLP; a UNet takes more, so this
+too is a lower bound)."""
+
+MAX_SAMPLE_VALUES: int = 1 << 28
+"""Most values in one sample (C*H*W): 16384 x 16384 RGB is ~2^29.6."""
+
+SAMPLE_BYTES_FACTOR: int = 64
+"""Bytes per sample value a model's load check needs: a small batch in float32 with activations."""
+
 MEMORY_MARGIN: float = 0.8
 """Fraction of the free memory one allocation may take, leaving room for the rest of the run."""
 
@@ -170,6 +186,67 @@ def check_timesteps(
         raise error(f"{what} must be between 1 and {MAX_TIMESTEPS}, got {value}")
     check_allocation(value * bytes_per_t, f"{what} = {value}", error=error)
     return value
+
+
+def check_sample_shape(
+    shape: tuple[int, ...] | list[int], what: str, *, error: type[DdpmError] = UsageError
+) -> tuple[int, ...]:
+    """``shape`` as a tuple if it is one sample's shape, ``(D,)`` or ``(C, H, W)`` with positive
+    sizes, of at most :data:`MAX_SAMPLE_VALUES` values, of which a small batch fits in memory;
+    otherwise ``error`` naming ``what`` (``--data-shape``, or a file and its field)."""
+    shape = tuple(int(d) for d in shape)
+    if len(shape) not in (1, 3) or any(d < 1 for d in shape):
+        raise error(f"{what} {list(shape)}: want D or C,H,W with positive sizes")
+    values = 1
+    for d in shape:
+        values *= d
+    if values > MAX_SAMPLE_VALUES:
+        raise error(
+            f"{what} {list(shape)} has {values} values per sample, more than the "
+            f"{MAX_SAMPLE_VALUES} allowed"
+        )
+    check_allocation(values * SAMPLE_BYTES_FACTOR, f"{what} {list(shape)}", error=error)
+    return shape
+
+
+def check_run_sizes(
+    data_shape: tuple[int, ...],
+    *,
+    n: int,
+    batch_size: int | None,
+    pairs_per_sample: int = 1,
+    rows_per_sample: int = 0,
+    one_batch_default: bool = False,
+    n_flag: str = "--n",
+) -> None:
+    """Refuse the sample count and batch size of a model run (``ddpm sample``, ``reconstruct``,
+    ``nll``) that this machine cannot hold, before anything is allocated: UsageError naming the
+    flag (exit 2), in the words of :func:`check_count` and :func:`check_allocation`.
+
+    ``n`` samples of ``data_shape`` are kept for the whole run (:data:`KEPT_BYTES_PER_VALUE`); a
+    model call takes ``batch_size`` items (capped at ``n * pairs_per_sample``, the items there
+    are) with their activations (:data:`BATCH_BYTES_PER_VALUE`), or all ``n`` samples at once
+    when ``batch_size`` is None and ``one_batch_default`` (``run.sample``'s default); a run that
+    prints ``rows_per_sample`` rows per sample holds them until they are written
+    (:data:`ROW_BYTES` each).
+    """
+    check_count(n, n_flag)
+    if batch_size is not None:
+        check_count(batch_size, "--batch-size")
+    values = 1
+    for d in data_shape:
+        values *= max(int(d), 1)
+    check_allocation(n * values * KEPT_BYTES_PER_VALUE, f"{n_flag} {n}")
+    if rows_per_sample > 0:
+        rows = n * rows_per_sample
+        check_allocation(rows * ROW_BYTES, f"{n_flag} {n} (printing {rows} rows)")
+    if batch_size is not None:
+        items = min(batch_size, n * max(pairs_per_sample, 1))
+        check_allocation(items * values * BATCH_BYTES_PER_VALUE, f"--batch-size {batch_size}")
+    elif one_batch_default:
+        check_allocation(
+            n * values * BATCH_BYTES_PER_VALUE, f"{n_flag} {n} in one batch (set --batch-size)"
+        )
 
 
 _KIND_NAMES: tuple[tuple[Callable[[int], bool], str], ...] = (

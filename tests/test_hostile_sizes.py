@@ -236,8 +236,32 @@ def hostile(tmp_path_factory: pytest.TempPathFactory) -> Path:
     os.mkfifo(tmp_path / "fifo.npy")
     (tmp_path / "zero.json").symlink_to("/dev/zero")
     (tmp_path / "zero.npy").symlink_to("/dev/zero")
+    _small_checkpoint(tmp_path / "ckpt.pt")
+    (tmp_path / "imgs").mkdir()
+    for i in range(2):
+        Image.new("L", (8, 8), 40 * i).save(tmp_path / "imgs" / f"{i}.png")
     return tmp_path
 
+
+def _small_checkpoint(path: Path) -> None:
+    """A random 2-D MLP on a 20-step linear schedule, with 16 reference samples."""
+    import torch
+
+    from ddpmcli import checkpoints, core, models
+
+    torch.manual_seed(0)
+    hparams = models.default_hparams("mlp", (2,))
+    checkpoints.save_native_checkpoint(
+        path, models.build_model("mlp", hparams), architecture="mlp", hparams=hparams,
+        schedule=core.make_schedule("linear", 20), prediction_type="epsilon", data_shape=(2,),
+        reference_samples=torch.randn(16, 2),
+    )  # fmt: skip
+
+
+HOSTILE_FILES = sorted(
+    ["liar.npy", "liar2d.npy", "bomb.npz", "pngs", "bigT.json", "digits.json", "deep.json",
+     "huge.json", "fifo.json", "fifo.npy", "zero.json", "zero.npy", "ckpt.pt", "imgs"]
+)  # fmt: skip
 
 CASES = [
     # (args, exit code, fragments of the one Error: line)
@@ -261,19 +285,98 @@ CASES = [
     (["train", "--batch-size", "1000000000", "-o", "o.pt"], 2, ["--batch-size 1000000000"]),
     (["train", "--width", "1000000", "-o", "o.pt"], 2, ["--width 1000000 needs"]),
     (["train", "--references", "1000000000", "-o", "o.pt"], 2, ["--references 1000000000"]),
-]
+    # --data-shape: positive sizes, a sane size, and the built-in set's own shape
+    (["train", "--data-shape", "0", "-o", "o.pt"], 2, ["--data-shape [0]", "positive sizes"]),
+    (["train", "--data-shape", "-5", "-o", "o.pt"], 2, ["--data-shape [-5]"]),
+    (["train", "--data", "gmm", "--data-shape", "3", "-o", "o.pt"], 2, ["--data-shape 3", "gmm"]),
+    (["train", "--data-shape", "3,100000,100000", "-o", "o.pt"], 2, ["--data-shape", "values"]),
+    (["train", "--data", "imgs", "--data-shape", "1,4000,4000", "-o", "o.pt"], 2,
+     ["--batch-size (default 64)", "1,4000,4000"]),
+    (["sample", "ckpt.pt", "--data-shape", "0"], 2, ["--data-shape [0]"]),
+    # sample counts and batches of the commands that run a model
+    (["sample", "ckpt.pt", "--n", "1000000000"], 2, ["--n 1000000000 needs"]),
+    (["sample", "ckpt.pt", "--n", "10000000"], 2, ["--n 10000000 in one batch", "--batch-size"]),
+    (["sample", "ckpt.pt", "--n", "0"], 2, ["--n must be at least 1, got 0"]),
+    (["reconstruct", "ckpt.pt", "--n", "1000000000"], 2, ["--n 1000000000 needs"]),
+    (["reconstruct", "ckpt.pt", "--data", "moons", "--n", "1000000000"], 2, ["--n 1000000000"]),
+    (["reconstruct", "ckpt.pt", "--data", "moons", "--n", "1000000", "--per-sample"], 2,
+     ["--n 1000000 (printing 10000000 rows)"]),
+    (["reconstruct", "ckpt.pt", "--data", "moons", "--n", "10000000", "--batch-size",
+      "1000000000"], 2, ["--batch-size 1000000000 needs"]),
+    (["nll", "ckpt.pt", "--n", "1000000000"], 2, ["--n 1000000000 needs"]),
+    (["nll", "ckpt.pt", "--data", "moons", "--n", "1000000000"], 2, ["--n 1000000000 needs"]),
+    (["nll", "ckpt.pt", "--data", "moons", "--n", "10000000", "--batch-size", "1000000000"], 2,
+     ["--batch-size 1000000000 needs"]),
+    (["nll", "ckpt.pt", "--n", "2", "--batch-size", "0"], 2, ["--batch-size", "at least 1"]),
+]  # fmt: skip
+
+
+_BATCH_RUNNER = """
+import io, json, sys, time
+from ddpmcli.cli.app import run_main
+real_out, real_err = sys.stdout, sys.stderr
+results = []
+for args in json.load(sys.stdin):
+    out, err = io.StringIO(), io.StringIO()
+    sys.stdout, sys.stderr = out, err
+    start = time.monotonic()
+    try:
+        code = run_main(args)
+    except BaseException as exc:
+        code = -1
+        err.write(f"runner: {exc!r}")
+    finally:
+        sys.stdout, sys.stderr = real_out, real_err
+    results.append([code, out.getvalue(), err.getvalue(), time.monotonic() - start])
+json.dump(results, real_out)
+"""
+
+
+@pytest.fixture(scope="module")
+def capped_results(hostile: Path) -> dict[str, subprocess.CompletedProcess[str]]:
+    """Every case of CASES through `ddpm`'s own entry point (``run_main``, what the console
+    script calls), in one child under the memory cap: one torch import instead of one per case.
+    A first harmless command takes the imports, so each case's time is the check's own."""
+    warm = ["schedule", "-T", "5", "-f", "csv"]
+    env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
+    env.pop("DDPM_DEBUG", None)
+    child = subprocess.run(
+        [sys.executable, "-c", _BATCH_RUNNER], input=json.dumps([warm] + [c[0] for c in CASES]),
+        capture_output=True, text=True, timeout=600, preexec_fn=_cap_memory, env=env, cwd=hostile,
+    )  # fmt: skip
+    assert child.returncode == 0, child.stderr[-3000:]
+    results = json.loads(child.stdout)[1:]
+    out = {}
+    for case, (code, stdout, stderr, seconds) in zip(CASES, results, strict=True):
+        args = case[0]
+        done = subprocess.CompletedProcess(args, code, stdout, stderr)
+        done.seconds = seconds  # type: ignore[attr-defined]
+        out[" ".join(args)] = done
+    return out
 
 
 @pytest.mark.parametrize(("args", "code", "fragments"), CASES, ids=lambda v: str(v)[:40])
 def test_hostile_input_is_one_error_line(
-    hostile: Path, args: list[str], code: int, fragments: list[str]
+    capped_results: dict[str, subprocess.CompletedProcess[str]],
+    hostile: Path,
+    args: list[str],
+    code: int,
+    fragments: list[str],
 ) -> None:
-    start = time.monotonic()
-    result = ddpm_capped(*args, cwd=hostile)
+    result = capped_results[" ".join(args)]
     assert_one_error(result, code, *fragments)
     assert not (hostile / "o.pt").exists()
-    # start-up (torch import) takes ~2 s on a loaded 2-core machine; the check itself < 1 s
-    assert time.monotonic() - start < 15
+    assert sorted(p.name for p in hostile.iterdir()) == HOSTILE_FILES  # nothing left behind
+    # each check answers within a second (a loaded 2-core machine: allow a few)
+    assert result.seconds < 5, result.seconds  # type: ignore[attr-defined]
+
+
+def test_hostile_input_through_the_console_script(hostile: Path) -> None:
+    """The same, for one case, through a real `python -m ddpmcli` process under the cap."""
+    start = time.monotonic()
+    result = ddpm_capped("sample", "ckpt.pt", "--n", "1000000000", cwd=hostile)
+    assert_one_error(result, 2, "--n 1000000000 needs")
+    assert time.monotonic() - start < 30
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,3 +405,14 @@ def test_check_reports_trained_betas_length_mismatch(cli, tmp_path: Path, length
         f"error,trained_betas_length,,trained_betas has {length} values but num_train_timesteps "
         f"is 10: diffusers indexes one with the other (the schedule here uses the {length} betas)"
     ]
+
+
+def test_n_beyond_the_data_is_said(hostile: Path) -> None:
+    """reconstruct and nll use every sample there is when --n asks for more, and say so."""
+    for command in ("reconstruct", "nll"):
+        result = ddpm_capped(command, "ckpt.pt", "--n", "100", "-f", "csv", cwd=hostile)
+        assert result.returncode == 0, result.stderr
+        assert "--n 100 is more than the 16 samples of reference samples; using all" in (
+            result.stderr
+        )
+        assert result.stdout.count("\n") > 2

@@ -25,8 +25,6 @@ FORMAT_TAG = "ddpmcli"
 FORMAT_VERSION = 1
 METADATA_NAME = "ddpm.json"  # TorchScript / torch.export extra file
 SIDECAR_SUFFIX = ".ddpm.json"  # or beside the file: model.pt -> model.pt.ddpm.json
-MAX_SAMPLE_ELEMENTS = 1 << 28  # values in one sample (C*H*W): 16384 x 16384 RGB is ~2^29.6
-SAMPLE_BYTES_FACTOR = 64  # bytes per sample value a load check needs: batch, float32, activations
 
 
 @dataclass
@@ -134,17 +132,9 @@ def _shape(value: Any, where: str) -> tuple[int, ...]:
 
 
 def check_data_shape(shape: Sequence[int], what: str, error: type[DdpmError]) -> None:
-    """One sample of ``shape`` must be a sane size (:data:`MAX_SAMPLE_ELEMENTS`) and a small batch
-    of it (with the model's activations, ~:data:`SAMPLE_BYTES_FACTOR` floats each) must fit."""
-    numel = 1
-    for d in shape:
-        numel *= int(d)
-    if numel > MAX_SAMPLE_ELEMENTS:
-        raise error(
-            f"{what} {list(shape)} has {numel} values per sample, more than the "
-            f"{MAX_SAMPLE_ELEMENTS} allowed"
-        )
-    limits.check_allocation(numel * SAMPLE_BYTES_FACTOR, f"{what} {list(shape)}", error=error)
+    """One sample of ``shape`` must be a sane size and a small batch of it must fit
+    (:func:`ddpmcli.limits.check_sample_shape`)."""
+    limits.check_sample_shape(tuple(shape), what, error=error)
 
 
 def _range(value: Any, where: str) -> tuple[float, float]:
@@ -173,10 +163,7 @@ def _overrides(
         schedule = core.make_schedule(kind, 1000 if timesteps is None else timesteps)
     shape = None
     if data_shape is not None:
-        shape = tuple(int(d) for d in data_shape)
-        if len(shape) not in (1, 3) or any(d < 1 for d in shape):
-            raise UsageError(f"--data-shape {list(shape)}: want D or C,H,W with positive sizes")
-        check_data_shape(shape, "--data-shape", UsageError)
+        shape = limits.check_sample_shape(tuple(data_shape), "--data-shape")
     if data_range is not None and not data_range[0] < data_range[1]:
         raise UsageError(f"--data-range {list(data_range)}: low must be below high")
     return _Meta(
