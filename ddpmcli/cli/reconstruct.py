@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 
+from ddpmcli import limits
 from ddpmcli.choices import DtypeName
 from ddpmcli.cli.common import (
     NUM_SAMPLES_FLAGS,
@@ -127,8 +128,14 @@ def reconstruct(
     indices = (
         default_timesteps(steps) if t is None and every is None else select_rows(t, every, steps)
     )
+    limits.check_run_sizes(
+        model.data_shape, n=n, batch_size=batch_size, pairs_per_sample=len(indices),
+        rows_per_sample=len(indices) if per_sample else 0,
+    )  # fmt: skip
     with as_flags(source="--data"):
         picked = reconstruction_data(model, data, n=n, seed=seed, compare_optimal=compare_optimal)
+    if picked.x0.shape[0] < n and not quiet:
+        note(f"--n {n} is more than the {picked.x0.shape[0]} samples of {picked.source}; using all")
     title = f"reconstruct {checkpoint.name}"
     available = list(_columns(per_sample, picked.optimal is not None))
     cols = select_columns(columns, available)

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 
+from ddpmcli import limits
 from ddpmcli.choices import DtypeName, SamplerName, SpacingName, VarianceType
 from ddpmcli.cli.common import (
     NUM_SAMPLES_FLAGS,
@@ -259,6 +260,7 @@ def sample(
         checkpoint, run_device, dtype, kind, timesteps, prediction_type, data_shape, trust_program
     )
     use_threads(threads, model, ranks)
+    limits.check_run_sizes(model.data_shape, n=n, batch_size=batch_size, one_batch_default=True)
     settings = SampleSettings(
         sampler=sampler, variance=variance, eta=eta, clip=clip,
         dynamic_threshold=percentile if dynamic_threshold else None,
@@ -525,9 +527,16 @@ def nll(
         indices = strata.indices
     elif t is not None or every is not None:
         indices = select_rows(t, every, num)
+    pairs = num if indices is None else len(set(indices) | {0})
+    limits.check_run_sizes(
+        model.data_shape, n=n, batch_size=batch_size, pairs_per_sample=pairs,
+        rows_per_sample=1 if per_sample else 0,
+    )  # fmt: skip
     with as_flags(source="--data"):
         picked = reconstruction_data(model, data, n=n, seed=seed)
     x0 = picked.x0
+    if x0.shape[0] < n and not quiet:
+        note(f"--n {n} is more than the {x0.shape[0]} samples of {picked.source}; using all")
     dec = decoder if decoder != "auto" else ("discretized" if x0.ndim == 4 else "continuous")
     count = (num if indices is None else len(set(indices) | {0})) * x0.shape[0]
     try:
