@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from ddpmcli import limits
-from ddpmcli.errors import ScheduleError, UsageError
+from ddpmcli.errors import ParameterError, ScheduleError, UsageError
 
 if TYPE_CHECKING:
     from ddpmcli.core import Schedule
@@ -135,6 +135,33 @@ def _type_name(kind: type | tuple[type, ...]) -> str:
     return " or ".join(names.get(k, k.__name__) for k in kinds)
 
 
+def _config_schedule(raw: Mapping[str, Any], file: Path, big_t: int) -> Schedule:
+    """The schedule a config's ``trained_betas`` or ``beta_schedule`` (with its beta ends) names,
+    before ``rescale_betas_zero_snr``."""
+    from ddpmcli import core
+
+    trained = raw.get("trained_betas")
+    if trained is not None:
+        if not isinstance(trained, list):
+            raise ScheduleError(f"{file}: trained_betas should be a list of numbers")
+        if not trained:
+            raise ScheduleError(f"{file}: trained_betas is empty")
+        limits.check_timesteps(len(trained), f"{file}: trained_betas length", error=ScheduleError)
+        return core.schedule_from_betas(trained, name="trained_betas")
+    beta_schedule = _typed(raw, "beta_schedule", str, file)
+    if beta_schedule not in DIFFUSERS_BETA_SCHEDULES:
+        raise ScheduleError(
+            f"{file}: beta_schedule {beta_schedule!r} is not supported; "
+            f"allowed: {', '.join(DIFFUSERS_BETA_SCHEDULES)} (or trained_betas)"
+        )
+    kind = core.canonical_kind(beta_schedule)
+    params: dict[str, float] = {}
+    if kind in _USES_BETA_ENDS:
+        params["beta_start"] = _typed(raw, "beta_start", float, file)
+        params["beta_end"] = _typed(raw, "beta_end", float, file)
+    return core.make_schedule(kind, big_t, zero_terminal_snr=False, logsnr_shift=0.0, **params)
+
+
 def load_scheduler_config(path: str | Path) -> SchedulerConfig:
     """Read a diffusers ``scheduler_config.json`` (or a folder holding one) into the same schedule
     diffusers builds: ``beta_schedule`` linear | scaled_linear | squaredcos_cap_v2 | sigmoid, or
@@ -156,29 +183,7 @@ def load_scheduler_config(path: str | Path) -> SchedulerConfig:
     zsnr = _typed(raw, "rescale_betas_zero_snr", bool, file)
     trained = raw.get("trained_betas")
     try:
-        if trained is not None:
-            if not isinstance(trained, list):
-                raise ScheduleError(f"{file}: trained_betas should be a list of numbers")
-            if not trained:
-                raise ScheduleError(f"{file}: trained_betas is empty")
-            limits.check_timesteps(
-                len(trained), f"{file}: trained_betas length", error=ScheduleError
-            )
-            schedule = core.schedule_from_betas(trained, name="trained_betas")
-        else:
-            if beta_schedule not in DIFFUSERS_BETA_SCHEDULES:
-                raise ScheduleError(
-                    f"{file}: beta_schedule {beta_schedule!r} is not supported; "
-                    f"allowed: {', '.join(DIFFUSERS_BETA_SCHEDULES)} (or trained_betas)"
-                )
-            kind = core.canonical_kind(beta_schedule)
-            params: dict[str, float] = {}
-            if kind in _USES_BETA_ENDS:
-                params["beta_start"] = _typed(raw, "beta_start", float, file)
-                params["beta_end"] = _typed(raw, "beta_end", float, file)
-            schedule = core.make_schedule(
-                kind, big_t, zero_terminal_snr=False, logsnr_shift=0.0, **params
-            )
+        schedule = _config_schedule(raw, file, big_t)
         if zsnr:
             schedule = core.rescale_zero_terminal_snr(schedule)
         prediction_type = core.canonical_prediction_type(_typed(raw, "prediction_type", str, file))
@@ -434,41 +439,54 @@ class BuiltSchedule:
     respaced: bool = False
 
 
+def _braced(text: object) -> str:
+    """``text`` safe inside a :class:`ParameterError` template (its braces doubled)."""
+    return str(text).replace("{", "{{").replace("}", "}}")
+
+
+def _check_request(request: ScheduleRequest) -> str | None:
+    """Refuse conflicting schedule choices (ParameterError naming the parameters, exit 2) before
+    any file is read; the kind, lower-cased, or None."""
+    from ddpmcli import core
+
+    sources = ("from_file", "betas_file", "alpha_bars_file")
+    given = ["{" + name + "}" for name in sources if getattr(request, name) is not None]
+    if len(given) > 1:
+        raise ParameterError(f"{' and '.join(given)} cannot be used together")
+    kind = (request.kind or "").strip().lower() or None
+    file_given = request.betas_file is not None or request.alpha_bars_file is not None
+    if file_given and kind not in (None, "custom"):
+        raise ParameterError(
+            f"{given[0]} builds a custom schedule; it cannot be combined with "
+            f"{{kind}} {_braced(kind)}"
+        )
+    if kind == "custom" and not file_given:
+        raise ParameterError("{kind} custom needs {betas_file} FILE or {alpha_bars_file} FILE")
+    if request.from_file is not None and kind is not None:
+        raise ParameterError(f"{{from_file}} and {{kind}} {_braced(kind)} cannot be used together")
+    if (request.from_file is not None or file_given) and (
+        request.timesteps is not None or request.params
+    ):
+        what = "{timesteps}" if request.timesteps is not None else "schedule parameters"
+        raise ParameterError(
+            f"{what} cannot be combined with {given[0]} (the file fixes the schedule)"
+        )
+    for name in ("steps_offset", "spacing"):
+        if getattr(request, name) is not None and request.steps is None:
+            raise ParameterError(f"{{{name}}} needs {{steps}}")
+    if request.spacing is not None and request.spacing not in core.SPACINGS:
+        raise ParameterError(
+            f"unknown {{spacing}} {_braced(repr(request.spacing))}; "
+            f"allowed: {', '.join(core.SPACINGS)}"
+        )
+    return kind
+
+
 def build_schedule(request: ScheduleRequest) -> BuiltSchedule:
     """Turn a request into a schedule through the core, rejecting conflicting choices first."""
     from ddpmcli import core
 
-    sources = [
-        ("--from", request.from_file is not None),
-        ("--betas-file", request.betas_file is not None),
-        ("--alpha-bars-file", request.alpha_bars_file is not None),
-    ]
-    given = [name for name, present in sources if present]
-    if len(given) > 1:
-        raise UsageError(f"{' and '.join(given)} cannot be used together")
-    kind = (request.kind or "").strip().lower() or None
-    file_given = request.betas_file is not None or request.alpha_bars_file is not None
-    if file_given and kind not in (None, "custom"):
-        raise UsageError(
-            f"{given[0]} builds a custom schedule; it cannot be combined with --kind {kind}"
-        )
-    if kind == "custom" and not file_given:
-        raise UsageError("--kind custom needs --betas-file FILE or --alpha-bars-file FILE")
-    if request.from_file is not None and kind is not None:
-        raise UsageError(f"--from and --kind {kind} cannot be used together")
-    fixed_by_file = request.from_file is not None or file_given
-    if fixed_by_file and (request.timesteps is not None or request.params):
-        what = "-T/--timesteps" if request.timesteps is not None else "schedule parameters"
-        raise UsageError(f"{what} cannot be combined with {given[0]} (the file fixes the schedule)")
-    if request.steps_offset is not None and request.steps is None:
-        raise UsageError("steps_offset needs --steps")
-    if request.spacing is not None and request.steps is None:
-        raise UsageError("--spacing needs --steps")
-    if request.spacing is not None and request.spacing not in core.SPACINGS:
-        raise UsageError(
-            f"unknown spacing {request.spacing!r}; allowed: {', '.join(core.SPACINGS)}"
-        )
-
+    kind = _check_request(request)
     config: SchedulerConfig | None = None
     if request.from_file is not None:
         config = load_scheduler_config(request.from_file)
@@ -479,14 +497,15 @@ def build_schedule(request: ScheduleRequest) -> BuiltSchedule:
         schedule = load_custom_schedule(request.alpha_bars_file, "alpha_bars")
     else:
         timesteps = 1000 if request.timesteps is None else request.timesteps
-        limits.check_timesteps(timesteps, "-T/--timesteps")
+        limits.check_timesteps(timesteps, "{timesteps}", error=ParameterError)
         schedule = core.make_schedule(
             kind or "linear", timesteps, zero_terminal_snr=False, logsnr_shift=0.0, **request.params
         )
     if request.zero_terminal_snr:
         if config is not None and config.rescale_betas_zero_snr:
-            raise UsageError(
-                f"{config.path} already sets rescale_betas_zero_snr; drop --zero-terminal-snr"
+            raise ParameterError(
+                f"{_braced(config.path)} already sets rescale_betas_zero_snr; "
+                "drop {zero_terminal_snr}"
             )
         schedule = core.rescale_zero_terminal_snr(schedule)
     if request.logsnr_shift:

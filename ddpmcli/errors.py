@@ -4,6 +4,7 @@ without importing torch). Each error carries the exit code the CLI turns it into
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 
 
 class ExitStatus(enum.IntEnum):
@@ -25,6 +26,32 @@ class UsageError(DdpmError):
     """A bad flag or value given on the command line. Exit 2."""
 
     exit_code = ExitStatus.USAGE
+
+
+class ParameterError(UsageError):
+    """A bad value of a named library parameter (exit 2).
+
+    ``template`` names parameters as ``{name}`` fields; the library's message shows them as
+    written (``eta must be ...``), and the CLI re-renders it with its flags (``--eta must be
+    ...``) through :meth:`render` (``cli.common.as_flags``). Literal braces are doubled.
+    """
+
+    def __init__(self, template: str) -> None:
+        self.template = template
+        super().__init__(self.render(lambda name: name))
+
+    def render(self, name: Callable[[str], str]) -> str:
+        """The message with each ``{parameter}`` shown as ``name(parameter)``."""
+        return self.template.format_map(_Names(name))
+
+
+class _Names(dict[str, str]):
+    def __init__(self, name: Callable[[str], str]) -> None:
+        super().__init__()
+        self._name = name
+
+    def __missing__(self, key: str) -> str:
+        return self._name(key)
 
 
 class ScheduleError(DdpmError):

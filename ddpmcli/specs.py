@@ -8,10 +8,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ddpmcli.configs import BuiltSchedule, ScheduleRequest, build_schedule
-from ddpmcli.errors import DdpmError, ScheduleParameterError, UsageError
+from ddpmcli.errors import DdpmError, ParameterError, ScheduleParameterError, UsageError
 
 _SPEC_INT_KEYS = {"t": "timesteps", "timesteps": "timesteps", "steps_offset": "steps_offset"}
 _SPEC_FLAG_KEYS = {"zsnr", "zero_terminal_snr"}
+_SPEC_NAMES = {
+    "timesteps": "T",
+    "betas_file": "betas",
+    "alpha_bars_file": "alpha_bars",
+    "zero_terminal_snr": "+zsnr",
+    "from_file": "a config file",
+}
+"""How a spec spells the schedule parameters whose key is not the parameter's name."""
 
 
 @dataclass(frozen=True)
@@ -63,6 +71,9 @@ def parse_compare_spec(text: str) -> CompareSpec:
         request.kind = core_kind(request.kind, spec)
     try:
         built = build_schedule(request)
+    except ParameterError as exc:
+        message = exc.render(lambda name: _SPEC_NAMES.get(name, name))
+        raise UsageError(f"spec {spec!r}: {message}") from None
     except DdpmError as exc:
         raise type(exc)(f"spec {spec!r}: {exc}") from None
     return CompareSpec(label=spec, built=built)

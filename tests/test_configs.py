@@ -21,6 +21,7 @@ from ddpmcli.configs import (
     read_numbers,
 )
 from ddpmcli.errors import ScheduleError, ScheduleParameterError, UsageError
+from ddpmcli.limits import MAX_TIMESTEPS
 from ddpmcli.specs import parse_compare_spec
 
 
@@ -278,21 +279,67 @@ def test_build_schedule_transforms_through_the_core() -> None:
 
 
 @pytest.mark.parametrize(
-    ("request_", "fragment"),
+    ("request_", "message", "flags"),
     [
-        (ScheduleRequest(kind="cosine", from_file="x.json"), "--from and --kind"),
-        (ScheduleRequest(from_file="x.json", betas_file="b.txt"), "cannot be used together"),
-        (ScheduleRequest(kind="linear", betas_file="b.txt"), "--kind linear"),
-        (ScheduleRequest(betas_file="b.txt", timesteps=10), "-T/--timesteps"),
-        (ScheduleRequest(kind="custom"), "--betas-file"),
-        (ScheduleRequest(spacing="trailing"), "--steps"),
+        (
+            ScheduleRequest(kind="cosine", from_file="x.json"),
+            "from_file and kind cosine cannot be used together",
+            "--from and --kind cosine cannot be used together",
+        ),
+        (
+            ScheduleRequest(from_file="x.json", betas_file="b.txt"),
+            "from_file and betas_file cannot be used together",
+            "--from and --betas-file cannot be used together",
+        ),
+        (
+            ScheduleRequest(kind="linear", betas_file="b.txt"),
+            "betas_file builds a custom schedule; it cannot be combined with kind linear",
+            "--betas-file builds a custom schedule; it cannot be combined with --kind linear",
+        ),
+        (
+            ScheduleRequest(betas_file="b.txt", timesteps=10),
+            "timesteps cannot be combined with betas_file (the file fixes the schedule)",
+            "-T/--timesteps cannot be combined with --betas-file (the file fixes the schedule)",
+        ),
+        (
+            ScheduleRequest(kind="custom"),
+            "kind custom needs betas_file FILE or alpha_bars_file FILE",
+            "--kind custom needs --betas-file FILE or --alpha-bars-file FILE",
+        ),
+        (
+            ScheduleRequest(spacing="trailing"),
+            "spacing needs steps",
+            "--spacing needs --steps",
+        ),
+        (
+            ScheduleRequest(kind="{x}", from_file="x.json"),
+            "from_file and kind {x} cannot be used together",
+            "--from and --kind {x} cannot be used together",
+        ),
     ],
 )
 def test_conflicting_requests_fail_before_reading_files(
-    request_: ScheduleRequest, fragment: str
+    request_: ScheduleRequest, message: str, flags: str
 ) -> None:
-    with pytest.raises(UsageError, match=fragment.replace("-", r"\-")):
+    """The library names parameters; the CLI's mapping (as_flags) shows the flags."""
+    from ddpmcli.cli.schedule_options import SCHEDULE_FLAG_NAMES
+    from ddpmcli.errors import ParameterError
+
+    with pytest.raises(ParameterError) as caught:
         build_schedule(request_)
+    assert str(caught.value) == message
+    assert caught.value.exit_code == 2
+    shown = caught.value.render(lambda p: SCHEDULE_FLAG_NAMES.get(p) or "--" + p.replace("_", "-"))
+    assert shown == flags
+
+
+def test_spec_errors_name_spec_keys() -> None:
+    with pytest.raises(UsageError) as caught:
+        parse_compare_spec("cosine:spacing=trailing")
+    assert str(caught.value) == "spec 'cosine:spacing=trailing': spacing needs steps"
+    with pytest.raises(UsageError) as caught:
+        parse_compare_spec("cosine:T=0")
+    assert str(caught.value) == f"spec 'cosine:T=0': T must be between 1 and {MAX_TIMESTEPS}, got 0"
 
 
 def test_compare_specs() -> None:
@@ -327,7 +374,7 @@ def test_compare_spec_files(tmp_path: Path) -> None:
         ("cosine:T=ten", UsageError, "'ten'"),
         ("cosine:s=abc", UsageError, "'abc'"),
         ("cosine:foo=1", ScheduleParameterError, "'foo'"),
-        ("linear:T=0", UsageError, "-T/--timesteps must be between 1 and 10000000, got 0"),
+        ("linear:T=0", UsageError, "'linear:T=0': T must be between 1 and 10000000, got 0"),
         ("missing.json", ScheduleError, "no such file"),
     ],
 )

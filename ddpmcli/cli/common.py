@@ -394,7 +394,7 @@ def flag_name(parameter: str) -> str:
 def as_flags(**flags: str) -> Iterator[None]:
     """Re-raise library errors that name parameters (``run.ParameterError``) naming our flags:
     ``flags`` maps a parameter to its flag where the two differ (``source="--data"``)."""
-    from ddpmcli.run.events import ParameterError
+    from ddpmcli.errors import ParameterError
 
     try:
         yield

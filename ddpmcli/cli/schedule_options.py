@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar, get_type_hints
 import typer
 
 from ddpmcli.choices import SpacingName
-from ddpmcli.cli.common import parse_key_values
+from ddpmcli.cli.common import as_flags, parse_key_values
 from ddpmcli.errors import UsageError
 
 if TYPE_CHECKING:
@@ -156,6 +156,8 @@ ScaleOpt = Annotated[
 ]
 
 RESPACING_FLAGS = ("steps", "spacing", "steps_offset")
+SCHEDULE_FLAG_NAMES = {"from_file": "--from", "timesteps": "-T/--timesteps"}
+"""The schedule parameters whose flag is not ``--`` + the name (``cli.common.as_flags``)."""
 
 
 @dataclass(frozen=True)
@@ -248,7 +250,8 @@ def schedule_options(*, respacing: bool = True) -> Callable[[Command], Command]:
         @functools.wraps(command)
         def wrapper(**kwargs: Any) -> Any:
             given = {name: kwargs.pop(name) for name in names}
-            return command(flags=ScheduleFlags(**given), **kwargs)
+            with as_flags(**SCHEDULE_FLAG_NAMES):
+                return command(flags=ScheduleFlags(**given), **kwargs)
 
         wrapper.__signature__ = signature.replace(parameters=parameters)  # type: ignore[attr-defined]
         wrapper.__annotations__ = {p.name: p.annotation for p in parameters}

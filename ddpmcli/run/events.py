@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from ddpmcli.errors import DataError, DdpmError, SamplingError, UsageError
+from ddpmcli.errors import DataError, DdpmError, ParameterError, SamplingError
 
 __all__ = [
     "Event",
@@ -169,29 +169,3 @@ def check_data_finite(x0: Tensor, model_dtype: torch.dtype, what: str = "the dat
             f"{what}: values up to {big:.4g} are not finite in the model's dtype {name} "
             f"(largest {torch.finfo(model_dtype).max:.4g})"
         )
-
-
-class ParameterError(UsageError):
-    """A bad value of a named library parameter (exit 2).
-
-    ``template`` names parameters as ``{name}`` fields; the library's message shows them as
-    written (``eta must be ...``), and the CLI re-renders it with its flags (``--eta must be
-    ...``) through :meth:`render`.
-    """
-
-    def __init__(self, template: str) -> None:
-        self.template = template
-        super().__init__(self.render(lambda name: name))
-
-    def render(self, name: Callable[[str], str]) -> str:
-        """The message with each ``{parameter}`` shown as ``name(parameter)``."""
-        return self.template.format_map(_Names(name))
-
-
-class _Names(dict[str, str]):
-    def __init__(self, name: Callable[[str], str]) -> None:
-        super().__init__()
-        self._name = name
-
-    def __missing__(self, key: str) -> str:
-        return self._name(key)
