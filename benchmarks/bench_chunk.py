@@ -7,7 +7,8 @@ pairs of ``--n 16 --t 0,250,500,750,999`` into one call: 1.10x the wall time of 
 
 - ``cifar``: a diffusers pipeline folder with google/ddpm-cifar10-32's UNet config (35.7M
   parameters, block_out_channels (128, 256, 256, 256), 2 layers per block, attention at 16x16),
-  random weights (speed and memory do not depend on them), the linear 1000-step scheduler; 16 images, 5 timesteps.
+  random weights (speed and memory do not depend on them), the linear 1000-step scheduler;
+  16 images, 5 timesteps.
   Cases: ``diffusers`` (for each t: ``add_noise``, the UNet at batch 16, ``step(...)
   .pred_original_sample``, the mse), ``auto`` (``reconstruction_sweep`` with the default chunk),
   ``chunk16`` and ``chunk80`` (fixed chunks: the plain loop's batch, and the old automatic choice).
