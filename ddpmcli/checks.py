@@ -7,9 +7,11 @@ command exits 1). Timesteps are 0-based as models take them (``t = T-1`` is the 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
+
+from ddpmcli.errors import name_parameters
 
 if TYPE_CHECKING:
     from ddpmcli.core import Schedule
@@ -19,6 +21,10 @@ Severity = Literal["info", "warning", "error"]
 # sqrt(alpha_bar_{T-1}) above this leaks visible signal into x_T (Stable Diffusion's 0.068 does;
 # Lin et al. 2024); below it the terminal SNR is reported as info only.
 SIGNAL_LEAK_THRESHOLD = 0.01
+# A terminal SNR above 1 is an error: x_T then holds more of x0's variance (alpha_bar) than noise
+# (1 - alpha_bar), so the prior N(0, I) is farther from q(x_T) than the data is from it (linear
+# with T = 10 has 9.4). Between the two thresholds it is a warning.
+TERMINAL_SNR_ERROR = 1.0
 # diffusers' and improved-diffusion's beta cap for alpha_bar-defined schedules.
 DEFAULT_BETA_CAP = 0.999
 PROBE_STEPS = 50  # inference steps used to probe a config's spacing when --steps is not given
@@ -31,45 +37,83 @@ def probe_steps(num_steps: int) -> int:
 
 @dataclass(frozen=True)
 class Finding:
-    """One line of `ddpm check`: severity, a stable code for scripts, the 0-based t it concerns
-    (a range like ``995-999`` or empty), and a sentence saying what and why."""
+    """One line of `ddpm check`: severity, a stable code for scripts, the 0-based timesteps it
+    concerns (ascending; empty when it concerns none: :func:`span_text` writes them as the table
+    shows them, ``995-999`` or ``1-3,7``), and a sentence saying what and why."""
 
     severity: Severity
     code: str
-    t: str
+    t: tuple[int, ...]
     message: str
+    template: str = field(default="", repr=False, compare=False)
+    """The message with the parameters it names as ``{fields}`` (empty: ``message`` names none)."""
+
+    @classmethod
+    def naming(cls, severity: Severity, code: str, t: tuple[int, ...], template: str) -> Finding:
+        """A finding whose message names parameters (``{zero_terminal_snr}``): ``message`` shows
+        them by name, :meth:`render` as the caller spells them (the CLI: flags)."""
+        message = name_parameters(template, lambda name: name)
+        return cls(severity, code, t, message, template)
+
+    def render(self, name: Callable[[str], str]) -> str:
+        """The message with each parameter it names shown as ``name(parameter)``."""
+        return name_parameters(self.template, name) if self.template else self.message
 
 
-def _span(indices: Sequence[int]) -> str:
-    if not indices:
-        return ""
-    if len(indices) == 1:
-        return str(indices[0])
-    contiguous = indices[-1] - indices[0] + 1 == len(indices)
-    return f"{indices[0]}-{indices[-1]}" if contiguous else f"{indices[0]}..{indices[-1]}"
+SPAN_RUNS = 4  # runs of consecutive t written out in a span; more end in "and N more"
 
 
-def _model_t(schedule: Schedule, indices: Sequence[int]) -> list[int]:
-    return [int(schedule.timesteps[i]) for i in indices]
+def _runs(ts: Sequence[int]) -> list[tuple[int, int]]:
+    runs: list[tuple[int, int]] = []
+    for t in sorted(ts):
+        if runs and t == runs[-1][1] + 1:
+            runs[-1] = (runs[-1][0], t)
+        else:
+            runs.append((t, t))
+    return runs
+
+
+def span_text(ts: Sequence[int]) -> str:
+    """Timesteps in the one span notation of `ddpm check`: runs of consecutive t as ``a-b``,
+    joined by commas (``1-3,7,9-14``); past SPAN_RUNS runs, ``... and N more t``."""
+    runs = _runs(ts)
+    shown = runs if len(runs) <= SPAN_RUNS else runs[: SPAN_RUNS - 1]
+    text = ",".join(str(a) if a == b else f"{a}-{b}" for a, b in shown)
+    rest = sum(b - a + 1 for a, b in runs[len(shown) :])
+    return f"{text} and {rest} more t" if rest else text
+
+
+def _model_t(schedule: Schedule, indices: Sequence[int]) -> tuple[int, ...]:
+    return tuple(int(schedule.timesteps[i]) for i in indices)
 
 
 def check_terminal_snr(schedule: Schedule) -> list[Finding]:
+    """Signal left in x_T: info when negligible, a warning above SIGNAL_LEAK_THRESHOLD, an error
+    above TERMINAL_SNR_ERROR (x_T is then more signal than noise)."""
     last = schedule.num_steps - 1
     snr = float(schedule.snr[last])
     leak = float(schedule.sqrt_alpha_bar[last])
-    t = str(int(schedule.timesteps[last]))
+    t = (int(schedule.timesteps[last]),)
     if snr == 0.0:
         return [
             Finding("info", "zero_terminal_snr", t, "terminal SNR is exactly 0: x_T is pure noise")
         ]
+    value = f"terminal SNR is {snr:.6g} (sqrt(alpha_bar) = {leak:.6g})"
+    if snr > TERMINAL_SNR_ERROR:
+        message = (
+            f"{value}, above {TERMINAL_SNR_ERROR:g}: x_T is mostly signal (alpha_bar of its "
+            "variance is x0's, 1 - alpha_bar noise), so sampling from N(0, I) starts farther "
+            "from q(x_T) than the data itself is; use more timesteps ({timesteps}) or larger "
+            "betas"
+        )
+        return [Finding.naming("error", "terminal_snr_above_1", t, message)]
     message = (
-        f"terminal SNR is {snr:.6g} (sqrt(alpha_bar) = {leak:.6g}): x_T keeps a trace of x0 that "
-        "sampling from pure noise never has (Lin et al. 2024)"
+        f"{value}: x_T keeps a trace of x0 that sampling from pure noise never has "
+        "(Lin et al. 2024)"
     )
     if leak > SIGNAL_LEAK_THRESHOLD:
-        return [
-            Finding("warning", "nonzero_terminal_snr", t, message + "; see --zero-terminal-snr")
-        ]
+        hint = message + "; see {zero_terminal_snr}"
+        return [Finding.naming("warning", "nonzero_terminal_snr", t, hint)]
     return [Finding("info", "nonzero_terminal_snr", t, message)]
 
 
@@ -89,7 +133,7 @@ def check_beta_cap(schedule: Schedule, cap: float | None) -> list[Finding]:
         Finding(
             "warning",
             "beta_cap",
-            _span(ts),
+            ts,
             f"{len(hits)} beta(s) reach {what}: alpha_bar there is set by the cap, not the "
             "schedule's formula",
         )
@@ -107,7 +151,7 @@ def check_monotonic(schedule: Schedule) -> list[Finding]:
         Finding(
             "error",
             "alpha_bar_not_decreasing",
-            str(int(schedule.timesteps[i])),
+            (int(schedule.timesteps[i]),),
             f"alpha_bar is not strictly decreasing at t = {int(schedule.timesteps[i])} "
             f"({float(schedule.alpha_bar[i - 1])!r} -> {float(schedule.alpha_bar[i])!r})",
         )
@@ -123,13 +167,13 @@ def check_respacing(schedule: Schedule, spacing: str | None, probe: bool) -> lis
     how = f"{spacing} spacing" if spacing else "this respacing"
     steps = f"with {schedule.num_steps} steps" + (" (probed)" if probe else "")
     return [
-        Finding(
+        Finding.naming(
             "warning",
             "respacing_skips_last_t",
-            str(last_kept),
+            (last_kept,),
             f"{how} {steps} never visits t = {big_t - 1} (T-1): sampling starts at "
             f"t = {last_kept}, with less noise than the model was trained to remove; "
-            "use --spacing trailing",
+            "use {spacing} trailing",
         )
     ]
 
@@ -151,7 +195,7 @@ def check_precision(schedule: Schedule, dtype_name: str) -> list[Finding]:
             Finding(
                 "warning",
                 f"{dtype_name}_alpha_bar_is_1",
-                _span(_model_t(schedule, ones)),
+                _model_t(schedule, ones),
                 f"alpha_bar rounds to 1 in {dtype_name} at {len(ones)} t: there x_t = x0, "
                 "sqrt(1 - alpha_bar) = 0, and no noise is added",
             )
@@ -159,13 +203,20 @@ def check_precision(schedule: Schedule, dtype_name: str) -> list[Finding]:
     ties = torch.nonzero((torch.diff(low.to(torch.float64)) >= 0) & (torch.diff(ab) < 0))
     ties_list = (ties.flatten() + 1).tolist()
     if ties_list:
+        tied = _model_t(schedule, ties_list)
+        first = int(schedule.timesteps[ties_list[0] - 1])
+        together = (
+            f"at the {len(tied) + 1} consecutive t {first}-{tied[-1]}"
+            if len(_runs(ties_list)) == 1
+            else f"at {len(tied)} t (each equal to the value at the t before it)"
+        )
         findings.append(
             Finding(
                 "info",
                 f"{dtype_name}_alpha_bar_ties",
-                _span(_model_t(schedule, ties_list)),
-                f"{len(ties_list)} consecutive alpha_bar values are equal in {dtype_name}: "
-                "those timesteps cannot be told apart at that precision",
+                tied,
+                f"alpha_bar values are equal in {dtype_name} {together}: those timesteps "
+                "cannot be told apart at that precision",
             )
         )
     positive = ab > 0  # a zero alpha_bar (zero terminal SNR) overflows in any precision
@@ -180,7 +231,7 @@ def check_precision(schedule: Schedule, dtype_name: str) -> list[Finding]:
             Finding(
                 "warning",
                 f"{dtype_name}_recip_overflow",
-                _span(_model_t(schedule, over)),
+                _model_t(schedule, over),
                 f"1/sqrt(alpha_bar) overflows (or alpha_bar underflows to 0) in {dtype_name} at "
                 f"{len(over)} t: x0 = x_t/sqrt(alpha_bar) - ... gives inf there",
             )
@@ -195,7 +246,7 @@ def check_prediction_type(schedule: Schedule, prediction_type: str) -> list[Find
         Finding(
             "error",
             "zero_snr_with_epsilon",
-            str(int(schedule.timesteps[-1])),
+            (int(schedule.timesteps[-1]),),
             "zero terminal SNR with epsilon prediction: at t = T-1, x_t is pure noise, so "
             "predicting the noise says nothing about x0 (x0 = (x_t - eps)/0); "
             "use v_prediction (Lin et al. 2024)",
@@ -212,7 +263,7 @@ def check_declared_timesteps(schedule: Schedule, declared: int | None) -> list[F
         Finding(
             "error",
             "trained_betas_length",
-            "",
+            (),
             f"trained_betas has {schedule.num_steps} values but num_train_timesteps is "
             f"{declared}: diffusers indexes one with the other (the schedule here uses the "
             f"{schedule.num_steps} betas)",

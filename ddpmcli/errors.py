@@ -42,7 +42,13 @@ class ParameterError(UsageError):
 
     def render(self, name: Callable[[str], str]) -> str:
         """The message with each ``{parameter}`` shown as ``name(parameter)``."""
-        return self.template.format_map(_Names(name))
+        return name_parameters(self.template, name)
+
+
+def name_parameters(template: str, name: Callable[[str], str]) -> str:
+    """``template`` with each ``{parameter}`` field shown as ``name(parameter)`` (``{{`` is a
+    literal brace): the library words a message once, the CLI shows its flags."""
+    return template.format_map(_Names(name))
 
 
 class _Names(dict[str, str]):

@@ -645,3 +645,21 @@ def test_shell_completion_imports_no_heavy_modules() -> None:
     done = run([sys.executable, "-c", code], env=env)
     assert "schedule" in done.stdout
     assert done.stderr.strip() == "", done.stderr
+
+
+def test_check_hints_name_flags_and_the_library_names_parameters(cli) -> None:
+    """checks words its hints once, naming parameters; `ddpm check` shows them as flags."""
+    from ddpmcli import core
+    from ddpmcli.checks import lint_schedule
+
+    sched = core.make_schedule("scaled_linear")
+    respaced = core.respace(sched, core.respaced_timesteps(1000, 50, "leading"))
+    found = {f.code: f for f in lint_schedule(sched, respaced=respaced, spacing="leading")}
+    assert found["nonzero_terminal_snr"].message.endswith("; see zero_terminal_snr")
+    assert found["respacing_skips_last_t"].message.endswith("; use spacing trailing")
+    result = cli(
+        "check", "-k", "scaled_linear", "--steps", "50", "--spacing", "leading", "-f", "tsv"
+    )
+    lines = result.stdout.splitlines()
+    assert any(line.endswith("; see --zero-terminal-snr") for line in lines)
+    assert any(line.endswith("; use --spacing trailing") for line in lines)

@@ -23,6 +23,7 @@ from ddpmcli.cli.common import (
     QuietOpt,
     TSelectOpt,
     check_format_flags,
+    flag_name,
     reject_conflicts,
     resolve_plot_path,
     select_columns,
@@ -350,7 +351,7 @@ def check(
       ddpm check --kind linear --steps 50 --spacing leading --format tsv | grep warning
     """
     from ddpmcli import core
-    from ddpmcli.checks import lint_schedule, probe_steps
+    from ddpmcli.checks import lint_schedule, probe_steps, span_text
     from ddpmcli.configs import build_schedule
 
     check_format_flags(fmt, no_header)
@@ -381,7 +382,18 @@ def check(
         probe_spacing=steps is None,
         declared_timesteps=config.declared_timesteps if config else None,
     )
-    emit([f.__dict__ for f in findings], CHECK_COLUMNS, fmt, no_header=no_header, title=sched.name)
+    # JSON: t is always a list of ints (the timesteps concerned, [] for none); text: a span
+    as_list = fmt in ("json", "jsonl")
+    rows = [
+        {
+            "severity": f.severity,
+            "code": f.code,
+            "t": list(f.t) if as_list else span_text(f.t),
+            "message": f.render(flag_name),
+        }
+        for f in findings
+    ]
+    emit(rows, CHECK_COLUMNS, fmt, no_header=no_header, title=sched.name)
     if any(f.severity == "error" for f in findings):
         raise typer.Exit(1)
 
