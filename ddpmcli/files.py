@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 import stat
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -43,6 +41,8 @@ def _limit(folder: Path, name: str, default: int) -> int:
 
 
 def _tmp_name(target: Path) -> str:
+    import secrets  # here, not at the top: `ddpm --help` imports this module (start-up time)
+
     return f"{_TMP_PREFIX}{secrets.token_hex(_TMP_RANDOM_CHARS // 2)}.tmp{target.suffix.lower()}"
 
 
@@ -134,6 +134,8 @@ def check_writable(
     if len(os.fsencode(os.path.abspath(folder / _tmp_name(real)))) >= path_max:
         raise UsageError(f"cannot write {what} {shown!r}: path is longer than {path_max} bytes")
     # Probe by creating a file: os.access says yes to root on read-only or virtual filesystems.
+    import tempfile
+
     try:
         with tempfile.TemporaryFile(dir=existing):
             pass
