@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ddpmcli.plotting import literal, paper_figure, save_figure
+from ddpmcli.run.runtime import spread
 
 if TYPE_CHECKING:
     from ddpmcli.run import ReconstructionResult
@@ -42,7 +43,7 @@ def plot_reconstruction(result: ReconstructionResult, path: str | Path, title: s
     if is_2d:
         panels = min(SCATTER_PANELS, len(ex.t))
         with paper_figure(2, 4, row_height=2.0) as (fig, ax):
-            for j, pos in enumerate(_pick(len(ex.t), panels)):
+            for j, pos in enumerate(spread(len(ex.t), panels)):
                 _scatter(ax[0, j], result, pos)
             for j in range(panels, 4):
                 ax[0, j].set_axis_off()
@@ -71,12 +72,6 @@ def _span(fig: Any, ax: Any, *, rows: slice, cols: slice) -> Any:
     for a in ax[rows, cols].flat:
         a.remove()
     return fig.add_subplot(spec[rows, cols])
-
-
-def _pick(count: int, k: int) -> list[int]:
-    if count <= k:
-        return list(range(count))
-    return sorted({round(i * (count - 1) / (k - 1)) for i in range(k)})
 
 
 def _to_unit(x: Any, lo: float, hi: float) -> Any:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from ddpmcli.files import atomic_write
 from ddpmcli.plotting import FULL_WIDTH_IN, literal, pyplot, save_figure
+from ddpmcli.run.runtime import spread
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -37,17 +38,11 @@ def _show(ax: Any, img: Any) -> None:
     ax.grid(False)
 
 
-def _pick(count: int, k: int) -> list[int]:
-    if count <= k:
-        return list(range(count))
-    return sorted({round(i * (count - 1) / (k - 1)) for i in range(k)})
-
-
 def _frames(run: SampleRun) -> list[TrajectoryFrame]:
     from ddpmcli.run import TrajectoryFrame
 
     if run.trajectory:
-        return [run.trajectory[i] for i in _pick(len(run.trajectory), MAX_FRAMES)]
+        return [run.trajectory[i] for i in spread(len(run.trajectory), MAX_FRAMES)]
     last = run.rows[-1] if run.rows else {"step": 0, "t": 0}
     return [TrajectoryFrame(int(last["step"]), int(last["t"]), run.samples[: MAX_FRAMES * 8])]
 
