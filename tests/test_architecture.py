@@ -138,3 +138,22 @@ def test_prediction_type_aliases_are_one_spelling(cli, given: str, stored: str) 
     bad = cli("check", "--prediction-type", "noise")
     assert bad.exit_code == 2
     assert "'noise' is not one of epsilon, sample, v_prediction" in bad.stderr
+
+
+def test_one_spelling_per_option_and_k_for_every_kind() -> None:
+    """`-k` wherever a kind is taken (issue 8, one CLI vocabulary), and no short flag twice in
+    one command."""
+    import typer
+
+    from ddpmcli.cli.app import app
+
+    group = typer.main.get_command(app)
+    kinds = 0
+    for name, command in group.commands.items():  # type: ignore[attr-defined]
+        shorts = [o for p in command.params for o in getattr(p, "opts", []) if o[:2] != "--"]
+        assert len(shorts) == len(set(shorts)), name
+        for param in command.params:
+            if param.name == "kind":
+                kinds += 1
+                assert set(param.opts) == {"--kind", "-k"}, name
+    assert kinds >= 8

@@ -100,7 +100,8 @@ CheckpointArg = Annotated[
     Path, typer.Argument(metavar="CKPT", help="Native .pt, TorchScript .pt, .pt2 or diffusers dir.")
 ]
 MetaKindOpt = Annotated[
-    str | None, typer.Option("--kind", help="Training schedule kind.", rich_help_panel=PANEL_META)
+    str | None,
+    typer.Option("--kind", "-k", help="Training schedule kind.", rich_help_panel=PANEL_META),
 ]
 MetaTimestepsOpt = Annotated[
     int | None,
