@@ -92,10 +92,9 @@ class SchedulerConfig:
         steps_offset (diffusers' ``set_timesteps``), unless ``spacing`` overrides it."""
         from ddpmcli import core
 
-        kept = core.respaced_timesteps(
-            self.num_train_timesteps, steps, spacing or self.timestep_spacing, self.steps_offset
+        return core.respaced(
+            self.schedule, steps, spacing or self.timestep_spacing, self.steps_offset
         )
-        return core.respace(self.schedule, kept)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -517,6 +516,5 @@ def build_schedule(request: ScheduleRequest) -> BuiltSchedule:
         if offset is None:
             offset = config.steps_offset if config else 0
         steps: int | str = int(request.steps) if request.steps.strip().isdigit() else request.steps
-        kept = core.respaced_timesteps(schedule.num_steps, steps, spacing, offset)
-        schedule = core.respace(schedule, kept)
+        schedule = core.respaced(schedule, steps, spacing, offset)
     return BuiltSchedule(schedule=schedule, config=config, respaced=respaced)

@@ -244,8 +244,42 @@ def test_cli_csv_rows_and_columns(cli, ckpts) -> None:  # type: ignore[no-untype
     assert result.exit_code == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0] == ",".join(STEP_COLUMNS)
-    assert [line.split(",")[1] for line in lines[1:]] == ["40", "30", "20", "10", "0"]
+    # trailing by default (a native checkpoint names no spacing): it starts at t = T-1
+    assert [line.split(",")[1] for line in lines[1:]] == ["49", "39", "29", "19", "9"]
     assert result.stderr == ""
+    leading = cli("sample", str(ckpts["mlp"]), "--n", "16", "--steps", "5", "--spacing", "leading",
+                  "-f", "csv", "-q")  # fmt: skip
+    assert [line.split(",")[1] for line in leading.stdout.splitlines()[1:]] == [
+        "40",
+        "30",
+        "20",
+        "10",
+        "0",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("info", "given", "expected"),
+    [
+        ({}, None, ("trailing", 0)),
+        ({}, "linspace", ("linspace", 0)),
+        ({"scheduler_timestep_spacing": "leading", "scheduler_steps_offset": 1}, None,
+         ("leading", 1)),
+        ({"scheduler_timestep_spacing": "leading", "scheduler_steps_offset": 1}, "trailing",
+         ("trailing", 1)),
+    ],
+)  # fmt: skip
+def test_sample_spacing_is_the_flag_else_the_checkpoints_else_trailing(
+    info: dict[str, object], given: str | None, expected: tuple[str, int]
+) -> None:
+    from types import SimpleNamespace
+
+    from ddpmcli.cli.sample import _spacing
+
+    assert _spacing(SimpleNamespace(info=info), given) == expected  # type: ignore[arg-type]
+    spacing, offset = expected
+    sched = respaced_schedule(toy_sched(), 10, spacing, offset)
+    assert sched.timesteps.tolist() == core.respaced_timesteps(100, 10, spacing, offset)
 
 
 def test_cli_json_and_summary(cli, ckpts) -> None:  # type: ignore[no-untyped-def]
@@ -318,8 +352,8 @@ def test_cli_nan_keeps_rows_and_exits_1(cli, ckpts) -> None:  # type: ignore[no-
     assert result.exit_code == 1
     lines = result.stdout.splitlines()
     assert lines[0].startswith("step,t,") and len(lines) == 2  # the step where it appeared
-    assert lines[1].startswith("0,40,")
-    assert result.stderr.startswith("Error: x_t became NaN/Inf at step 0 of 5 (t = 40)")
+    assert lines[1].startswith("0,49,")
+    assert result.stderr.startswith("Error: x_t became NaN/Inf at step 0 of 5 (t = 49)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -450,3 +484,11 @@ def test_cli_options_without_effect_are_usage_errors(cli, ckpts, args, message) 
     # the same option where it does act is accepted (default values are never "given")
     ok = cli("sample", str(ckpt_path), "--n", "4", "--steps", "3", "--sampler", "ddim", "-f", "csv")
     assert ok.exit_code == 0, ok.stderr
+
+
+def test_cli_spacing_without_steps_is_a_usage_error(cli, ckpts) -> None:  # type: ignore[no-untyped-def]
+    result = cli("sample", str(ckpts["mlp"]), "--n", "4", "--spacing", "leading", "-f", "csv")
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr == (
+        "Error: --spacing has no effect without --steps; add --steps or drop --spacing\n"
+    )

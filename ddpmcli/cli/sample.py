@@ -13,7 +13,14 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 import typer
 
 from ddpmcli import limits
-from ddpmcli.choices import DtypeName, SamplerName, SpacingName, VarianceType
+from ddpmcli.choices import (
+    DEFAULT_SPACING,
+    SPACINGS,
+    DtypeName,
+    SamplerName,
+    SpacingName,
+    VarianceType,
+)
 from ddpmcli.cli.common import (
     NUM_SAMPLES_FLAGS,
     CheckpointArg,
@@ -102,6 +109,15 @@ def _load(
     )  # fmt: skip
 
 
+def _spacing(model: LoadedModel, spacing: str | None) -> tuple[str, int]:
+    """The respacing of ``sample --steps``: ``--spacing``, else the checkpoint's own (a diffusers
+    scheduler's ``timestep_spacing``), else :data:`choices.DEFAULT_SPACING`; with the
+    checkpoint's ``steps_offset`` (diffusers adds it under leading spacing)."""
+    own = model.info.get("scheduler_timestep_spacing")
+    chosen = spacing or (own if own in SPACINGS else DEFAULT_SPACING)
+    return chosen, int(model.info.get("scheduler_steps_offset") or 0)
+
+
 def _check_save(save: Path | None) -> Path | None:
     if save is None:
         return None
@@ -144,9 +160,14 @@ def sample(
         ),
     ] = None,
     spacing: Annotated[
-        SpacingName,
-        typer.Option("--spacing", help="How N steps are spread.", rich_help_panel=PANEL_SAMPLER),
-    ] = "leading",
+        SpacingName | None,
+        typer.Option(
+            "--spacing",
+            help="How N steps are spread. Default: the checkpoint's own (a diffusers scheduler's "
+            "timestep_spacing, with its steps_offset), else trailing (it visits t = T-1).",
+            rich_help_panel=PANEL_SAMPLER,
+        ),
+    ] = None,
     clip: Annotated[
         bool,
         typer.Option(
@@ -269,7 +290,7 @@ def sample(
     )  # fmt: skip
     with as_flags():
         check_sample_settings(settings, learned_variance=model.learned_variance)
-        schedule = respaced_schedule(model.schedule, steps, spacing)
+        schedule = respaced_schedule(model.schedule, steps, *_spacing(model, spacing))
     if save_path is not None and save_path.suffix.lower() == ".png" and len(model.data_shape) != 3:
         raise UsageError(f"--save {str(save_path)!r}: a .png grid needs image data; use .npz")
     refs, data_variance = _reference_variance(model, reference, seed, quiet)
@@ -329,7 +350,8 @@ def _reject_idle_options(
 ) -> None:
     """A usage error for an option given where it changes nothing (issue 8): --percentile
     without --dynamic-threshold, --variance with ddim (its noise is --eta's), --trajectory-every
-    without --plot (the frames are only drawn). (--eta with ddpm: check_sample_settings.)"""
+    without --plot (the frames are only drawn), --spacing without --steps. (--eta with ddpm:
+    check_sample_settings.)"""
 
     def given(name: str) -> bool:
         source = ctx.get_parameter_source(name)
@@ -339,6 +361,7 @@ def _reject_idle_options(
         ("--percentile", given("percentile") and not dynamic_threshold, "--dynamic-threshold"),
         ("--variance", given("variance") and sampler == "ddim", "--sampler ddpm"),
         ("--trajectory-every", given("trajectory_every") and not plotting, "--plot"),
+        ("--spacing", given("spacing") and not given("steps"), "--steps"),
     ]
     for flag, unused, needs in idle:
         if unused:

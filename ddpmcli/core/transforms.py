@@ -204,6 +204,16 @@ def respace(schedule: Schedule, timesteps: Sequence[int]) -> Schedule:
     )
 
 
+def respaced(
+    schedule: Schedule, steps: int | str, spacing: str = "leading", steps_offset: int = 0
+) -> Schedule:
+    """``schedule`` respaced to ``steps`` inference steps: :func:`respace` of
+    :func:`respaced_timesteps` over its own T (diffusers' ``set_timesteps`` with ``spacing`` and
+    ``steps_offset``, or an improved-diffusion section string). The one respacing path of the
+    schedule commands, the configs and the samplers."""
+    return respace(schedule, respaced_timesteps(schedule.num_steps, steps, spacing, steps_offset))
+
+
 def schedule_from_spec(spec: Mapping[str, Any]) -> Schedule:
     """Rebuild a schedule from :attr:`Schedule.spec` (as stored in checkpoints)."""
     try:

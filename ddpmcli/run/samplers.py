@@ -254,11 +254,15 @@ def check_sample_settings(settings: SampleSettings, *, learned_variance: bool) -
 
 
 def respaced_schedule(
-    schedule: core.Schedule, steps: int | str | None, spacing: str = "leading"
+    schedule: core.Schedule,
+    steps: int | str | None,
+    spacing: str = "leading",
+    offset: int = 0,
 ) -> core.Schedule:
     """The schedule a sampler runs: ``schedule`` itself when ``steps`` is None or T, else
-    :func:`core.respace` of :func:`core.respaced_timesteps` (``steps`` a count or a section string
-    such as ``ddim50`` / ``10,20,30``). A count outside 1..T is a :class:`ParameterError`."""
+    :func:`core.respaced` (``steps`` a count or a section string such as ``ddim50`` /
+    ``10,20,30``; ``offset`` is diffusers' ``steps_offset``, added under leading spacing). A count
+    outside 1..T is a :class:`ParameterError`."""
     big_t = schedule.num_steps
     if steps is None:
         return schedule
@@ -277,8 +281,7 @@ def respaced_schedule(
         raise ParameterError(
             f"{{spacing}} {spacing!r} is unknown; allowed: {', '.join(core.SPACINGS)}"
         )
-    kept = core.respaced_timesteps(big_t, steps, spacing)
-    return core.respace(schedule, kept)
+    return core.respaced(schedule, steps, spacing, offset)
 
 
 def _limit_x0(x0: Tensor, settings: SampleSettings) -> Tensor:
