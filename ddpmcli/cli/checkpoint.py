@@ -139,6 +139,50 @@ def info(
     emit(rows, cols, fmt, no_header=no_header, title="info")
 
 
+def _training_data(
+    data: str,
+    data_shape: str | None,
+    n: int | None,
+    references: int | None,
+    width: int | None,
+    batch_size: int | None,
+    seed: int,
+) -> tuple[Any, Any, tuple[float, float]]:
+    """``train``'s data, held-out references and data range, sizes checked before any is drawn:
+    a built-in set (``n`` samples) or a file used whole."""
+    from ddpmcli import data as datasets
+
+    shape = parse_shape(data_shape)
+    builtin = datasets.BUILTIN_DATASETS.get(data) if not Path(data).exists() else None
+    if builtin is not None and shape is not None and shape != builtin.data_shape:
+        raise UsageError(
+            f"--data-shape {data_shape}: the built-in set {data!r} has samples of shape "
+            f"{','.join(str(d) for d in builtin.data_shape)}"
+        )
+    datasets.check_training_sizes(
+        builtin.data_shape if builtin else (shape or (1,)),
+        n=n, batch_size=batch_size, references=references, width=width,
+    )  # fmt: skip
+    if builtin is not None:
+        x = datasets.get_data(data, n=n or 10000, seed=seed, data_shape=shape)
+        refs_n = (
+            references if references is not None else (512 if len(builtin.data_shape) == 1 else 64)
+        )
+        refs = datasets.builtin_dataset(data, refs_n, seed + 1) if refs_n else None
+        data_range = builtin.data_range
+    else:
+        if n is not None:
+            raise UsageError("--n draws from a built-in set; a file is used whole")
+        x = datasets.load_data(data, shape)
+        refs_n = references if references is not None else (512 if x.ndim == 2 else 64)
+        refs = x[:refs_n] if refs_n else None
+        # the data's own range when it leaves [-1, 1] (issue 8: a ring of radius 3 recorded
+        # [-1, 1], and every later clip cut it silently); [-1, 1] otherwise, the usual convention
+        lo, hi = float(x.min()), float(x.max())
+        data_range = (-1.0, 1.0) if lo >= -1.0 and hi <= 1.0 else (lo, hi)
+    return x, refs, data_range
+
+
 @schedule_options(respacing=False)
 def train(
     data: Annotated[
@@ -237,7 +281,6 @@ def train(
     """
     import torch
 
-    from ddpmcli import data as datasets
     from ddpmcli.checkpoints import save_native_checkpoint
     from ddpmcli.configs import build_schedule
     from ddpmcli.run import progress_observer, resolve_device
@@ -248,34 +291,7 @@ def train(
     if not 0.0 <= ema < 1.0:
         raise UsageError(f"--ema {ema}: decay must lie in [0, 1) (0 turns EMA off)")
     schedule = build_schedule(flags.request()).schedule
-    shape = parse_shape(data_shape)
-    builtin = datasets.BUILTIN_DATASETS.get(data) if not Path(data).exists() else None
-    if builtin is not None and shape is not None and shape != builtin.data_shape:
-        raise UsageError(
-            f"--data-shape {data_shape}: the built-in set {data!r} has samples of shape "
-            f"{','.join(str(d) for d in builtin.data_shape)}"
-        )
-    datasets.check_training_sizes(
-        builtin.data_shape if builtin else (shape or (1,)),
-        n=n, batch_size=batch_size, references=references, width=width,
-    )  # fmt: skip
-    if builtin is not None:
-        x = datasets.get_data(data, n=n or 10000, seed=seed, data_shape=shape)
-        refs_n = (
-            references if references is not None else (512 if len(builtin.data_shape) == 1 else 64)
-        )
-        refs = datasets.builtin_dataset(data, refs_n, seed + 1) if refs_n else None
-        data_range = builtin.data_range
-    else:
-        if n is not None:
-            raise UsageError("--n draws from a built-in set; a file is used whole")
-        x = datasets.load_data(data, shape)
-        refs_n = references if references is not None else (512 if x.ndim == 2 else 64)
-        refs = x[:refs_n] if refs_n else None
-        # the data's own range when it leaves [-1, 1] (issue 8: a ring of radius 3 recorded
-        # [-1, 1], and every later clip cut it silently); [-1, 1] otherwise, the usual convention
-        lo, hi = float(x.min()), float(x.max())
-        data_range = (-1.0, 1.0) if lo >= -1.0 and hi <= 1.0 else (lo, hi)
+    x, refs, data_range = _training_data(data, data_shape, n, references, width, batch_size, seed)
     data_shape_t = tuple(int(d) for d in x.shape[1:])
     arch = default_architecture(data_shape_t) if architecture == "auto" else architecture
     hparams = {} if width is None else {"hidden" if arch == "mlp" else "base_channels": width}
