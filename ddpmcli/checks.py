@@ -60,7 +60,7 @@ class Finding:
         return name_parameters(self.template, name) if self.template else self.message
 
 
-SPAN_RUNS = 4  # runs of consecutive t written out in a span; more end in "and N more"
+SPAN_RUNS = 3  # runs of consecutive t written out in a span; more end in "and N more"
 
 
 def _runs(ts: Sequence[int]) -> list[tuple[int, int]]:
@@ -73,11 +73,12 @@ def _runs(ts: Sequence[int]) -> list[tuple[int, int]]:
     return runs
 
 
-def span_text(ts: Sequence[int]) -> str:
+def span_text(ts: Sequence[int], most_runs: int | None = SPAN_RUNS) -> str:
     """Timesteps in the one span notation of `ddpm check`: runs of consecutive t as ``a-b``,
-    joined by commas (``1-3,7,9-14``); past SPAN_RUNS runs, ``... and N more t``."""
+    joined by commas (``1-3,7,9-14``); past ``most_runs`` runs (None: no limit), ``... and N
+    more t``."""
     runs = _runs(ts)
-    shown = runs if len(runs) <= SPAN_RUNS else runs[: SPAN_RUNS - 1]
+    shown = runs if most_runs is None or len(runs) <= most_runs else runs[: most_runs - 1]
     text = ",".join(str(a) if a == b else f"{a}-{b}" for a, b in shown)
     rest = sum(b - a + 1 for a, b in runs[len(shown) :])
     return f"{text} and {rest} more t" if rest else text
@@ -101,10 +102,9 @@ def check_terminal_snr(schedule: Schedule) -> list[Finding]:
     value = f"terminal SNR is {snr:.6g} (sqrt(alpha_bar) = {leak:.6g})"
     if snr > TERMINAL_SNR_ERROR:
         message = (
-            f"{value}, above {TERMINAL_SNR_ERROR:g}: x_T is mostly signal (alpha_bar of its "
-            "variance is x0's, 1 - alpha_bar noise), so sampling from N(0, I) starts farther "
-            "from q(x_T) than the data itself is; use more timesteps ({timesteps}) or larger "
-            "betas"
+            f"{value}, above {TERMINAL_SNR_ERROR:g}: x_T is more signal than noise, so the prior "
+            "N(0, I) that sampling starts from is farther from q(x_T) than the data is; use more "
+            "timesteps ({timesteps}) or larger betas"
         )
         return [Finding.naming("error", "terminal_snr_above_1", t, message)]
     message = (

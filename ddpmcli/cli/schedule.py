@@ -31,7 +31,7 @@ from ddpmcli.cli.common import (
 )
 from ddpmcli.cli.schedule_options import ScheduleFlags, schedule_options
 from ddpmcli.errors import UsageError
-from ddpmcli.output import emit, note
+from ddpmcli.output import emit, note, resolve_format
 
 if TYPE_CHECKING:
     from ddpmcli.configs import BuiltSchedule
@@ -92,6 +92,7 @@ def _plot(figure: Any, path: Path | None, quiet: bool, *args: Any) -> None:
 
 @schedule_options()
 def schedule(
+    ctx: typer.Context,
     flags: ScheduleFlags,
     t: TSelectOpt = None,
     every: EveryOpt = None,
@@ -126,6 +127,7 @@ def schedule(
     check_format_flags(fmt, no_header)
     reject_conflicts(("--t", t is not None), ("--every", every is not None))
     if list_kinds:
+        _reject_with_list_kinds(ctx)
         return _list_kinds(fmt, no_header)
     plot_path = resolve_plot_path(plot, "schedule")
     built = build_schedule(flags.request())
@@ -136,6 +138,28 @@ def schedule(
     from ddpmcli.plotting.schedule import plot_schedule
 
     _plot(plot_schedule, plot_path, quiet, built.schedule)
+
+
+def _reject_with_list_kinds(ctx: typer.Context) -> None:
+    """--list-kinds prints the registry: any other option given (bar the output format ones)
+    would be ignored, so it is a usage error (issue 8)."""
+    ignored = [
+        param.opts[0]
+        for param in ctx.command.params
+        if param.name not in ("list_kinds", "fmt", "no_header")
+        and param.name is not None
+        and _given(ctx, param.name)
+    ]
+    if ignored:
+        raise UsageError(
+            f"--list-kinds prints every kind and takes no other option but --format and "
+            f"--no-header; drop {', '.join(ignored)}"
+        )
+
+
+def _given(ctx: typer.Context, name: str) -> bool:
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
 
 
 def _list_kinds(fmt: str, no_header: bool) -> None:
@@ -351,7 +375,7 @@ def check(
       ddpm check --kind linear --steps 50 --spacing leading --format tsv | grep warning
     """
     from ddpmcli import core
-    from ddpmcli.checks import lint_schedule, probe_steps, span_text
+    from ddpmcli.checks import SPAN_RUNS, lint_schedule, probe_steps, span_text
     from ddpmcli.configs import build_schedule
 
     check_format_flags(fmt, no_header)
@@ -382,13 +406,15 @@ def check(
         probe_spacing=steps is None,
         declared_timesteps=config.declared_timesteps if config else None,
     )
-    # JSON: t is always a list of ints (the timesteps concerned, [] for none); text: a span
+    # JSON: t is always a list of ints (the timesteps concerned, [] for none); text: a span,
+    # shortened only in a table
     as_list = fmt in ("json", "jsonl")
+    most_runs = SPAN_RUNS if resolve_format(fmt) == "table" else None
     rows = [
         {
             "severity": f.severity,
             "code": f.code,
-            "t": list(f.t) if as_list else span_text(f.t),
+            "t": list(f.t) if as_list else span_text(f.t, most_runs),
             "message": f.render(flag_name),
         }
         for f in findings
