@@ -19,7 +19,7 @@ from typing import Any
 from torch import Tensor
 
 from ddpmcli import core, limits, models
-from ddpmcli.checkpoints.loaded import LoadedModel, load_state
+from ddpmcli.checkpoints.loaded import LoadedModel, load_state, loaded_model
 from ddpmcli.checkpoints.meta import _finish, _merge, _Meta, check_data_shape
 from ddpmcli.checkpoints.unpickler import one_line, safe_torch_load
 from ddpmcli.errors import CheckpointError, DdpmError
@@ -187,7 +187,7 @@ def load_diffusers(p: Path, given: _Meta) -> LoadedModel:
     file_meta.learned_variance = out_ch == 2 * in_ch
     file_meta.data_range = (-1.0, 1.0)
     meta = _merge(file_meta, given)
-    schedule, pred, learned, shape, rng = _finish(meta, where, flags_hint=True)
+    finished = _finish(meta, where, flags_hint=True)
     info = {
         "format": "diffusers",
         "architecture": class_name,
@@ -196,16 +196,11 @@ def load_diffusers(p: Path, given: _Meta) -> LoadedModel:
         "scheduler_config": None if scheduler_file is None else str(scheduler_file),
         **{f"scheduler_{k}": v for k, v in file_meta.extra.items()},
     }
-    return LoadedModel(
-        denoiser=_DiffusersDenoiser(unet),
-        schedule=schedule,
-        prediction_type=pred,
-        learned_variance=learned,
-        data_shape=shape,
-        data_range=rng,
-        reference_samples=None,
-        info=info,
-        _mover=lambda d, dt: _DiffusersDenoiser(unet.to(device=d, dtype=dt)),
+    return loaded_model(
+        _DiffusersDenoiser(unet),
+        finished,
+        info,
+        mover=lambda d, dt: _DiffusersDenoiser(unet.to(device=d, dtype=dt)),
     )
 
 

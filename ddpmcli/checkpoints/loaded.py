@@ -70,6 +70,35 @@ class LoadedModel:
         )
 
 
+Finished = tuple[core.Schedule, str, bool, tuple[int, ...], tuple[float, float]]
+"""A checkpoint's metadata once complete: schedule, prediction type, learned variance, data
+shape, data range (``checkpoints.meta._finish``)."""
+
+
+def loaded_model(
+    denoiser: Denoiser,
+    finished: Finished,
+    info: dict[str, Any],
+    *,
+    references: Tensor | None = None,
+    mover: _Mover | None = None,
+) -> LoadedModel:
+    """The one place a :class:`LoadedModel` is built: every format's loader hands it its
+    denoiser, finished metadata, ``info`` row and mover."""
+    schedule, prediction_type, learned, shape, data_range = finished
+    return LoadedModel(
+        denoiser=denoiser,
+        schedule=schedule,
+        prediction_type=prediction_type,
+        learned_variance=learned,
+        data_shape=shape,
+        data_range=data_range,
+        reference_samples=references,
+        info=info,
+        _mover=mover,
+    )
+
+
 def load_state(module: nn.Module, state: Mapping[str, Any], where: str) -> None:
     own = module.state_dict()
     missing = [k for k in own if k not in state]

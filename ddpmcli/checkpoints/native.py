@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from ddpmcli import core, models
-from ddpmcli.checkpoints.loaded import LoadedModel, load_state, module_mover
+from ddpmcli.checkpoints.loaded import LoadedModel, load_state, loaded_model, module_mover
 from ddpmcli.checkpoints.meta import (
     FORMAT_TAG,
     FORMAT_VERSION,
@@ -28,7 +28,41 @@ from ddpmcli.files import atomic_write
 
 
 def load_native(p: Path, given: _Meta) -> LoadedModel:
+    """A native checkpoint (what ``ddpm train`` writes): its dict checked, its metadata merged
+    with ``given``, its network rebuilt from the architecture and hparams and its weights fitted."""
     where = str(p)
+    obj = _native_dict(p, where)
+    meta = _merge(_parse_meta(obj, where), given)
+    finished = _finish(meta, where, flags_hint=False)
+    shape = finished[3]
+    arch = str(obj["architecture"])
+    module, hparams = _native_network(obj, arch, shape, where)
+    refs = meta.reference_samples
+    if refs is not None and tuple(refs.shape[1:]) != shape:
+        raise CheckpointError(
+            f"{where}: reference samples have shape {list(refs.shape[1:])}, "
+            f"data shape is {list(shape)}"
+        )
+    info = {
+        "format": "native",
+        "format_version": obj["version"],
+        "architecture": arch,
+        "hparams": hparams,
+        "parameters": models.count_parameters(module),
+        "training": dict(obj.get("training") or {}),
+    }
+    return loaded_model(
+        module,
+        finished,
+        info,
+        references=None if refs is None else refs.to(torch.float32),
+        mover=module_mover(module),
+    )
+
+
+def _native_dict(p: Path, where: str) -> Mapping[str, Any]:
+    """The checkpoint's dict, read by the restricted unpickler: our format tag, a version this
+    ddpm reads, and the keys a network needs."""
     obj = safe_torch_load(p, where)
     if not isinstance(obj, Mapping):
         raise CheckpointError(
@@ -53,9 +87,14 @@ def load_native(p: Path, given: _Meta) -> LoadedModel:
     for key in ("architecture", "hparams", "state_dict"):
         if key not in obj:
             raise CheckpointError(f"{where}: native checkpoint lacks {key!r}")
-    meta = _merge(_parse_meta(obj, where), given)
-    schedule, pred, learned, shape, rng = _finish(meta, where, flags_hint=False)
-    arch = str(obj["architecture"])
+    return obj
+
+
+def _native_network(
+    obj: Mapping[str, Any], arch: str, shape: tuple[int, ...], where: str
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The built-in network ``arch`` with the checkpoint's hparams and weights (in eval mode),
+    refused when the hparams do not fit the data shape."""
     hparams = dict(obj["hparams"]) if isinstance(obj["hparams"], Mapping) else None
     if hparams is None:
         raise CheckpointError(f"{where}: hparams must be a dict")
@@ -79,31 +118,7 @@ def load_native(p: Path, given: _Meta) -> LoadedModel:
         raise CheckpointError(f"{where}: state_dict must be a dict of tensors")
     load_state(module, state, where)
     module.eval()
-    refs = meta.reference_samples
-    if refs is not None and tuple(refs.shape[1:]) != shape:
-        raise CheckpointError(
-            f"{where}: reference samples have shape {list(refs.shape[1:])}, "
-            f"data shape is {list(shape)}"
-        )
-    info = {
-        "format": "native",
-        "format_version": version,
-        "architecture": arch,
-        "hparams": hparams,
-        "parameters": models.count_parameters(module),
-        "training": dict(obj.get("training") or {}),
-    }
-    return LoadedModel(
-        denoiser=module,
-        schedule=schedule,
-        prediction_type=pred,
-        learned_variance=learned,
-        data_shape=shape,
-        data_range=rng,
-        reference_samples=None if refs is None else refs.to(torch.float32),
-        info=info,
-        _mover=module_mover(module),
-    )
+    return module, hparams
 
 
 def save_native_checkpoint(

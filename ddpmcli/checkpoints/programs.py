@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from ddpmcli import limits
-from ddpmcli.checkpoints.loaded import Denoiser, LoadedModel, module_mover
+from ddpmcli.checkpoints.loaded import Denoiser, LoadedModel, loaded_model, module_mover
 from ddpmcli.checkpoints.meta import METADATA_NAME, _finish, _merge, _Meta, _sidecar_meta
 from ddpmcli.checkpoints.unpickler import (
     RefusedGlobal,
@@ -86,23 +86,18 @@ def load_torchscript(p: Path, given: _Meta, *, trust: bool, inspect_only: bool) 
         ) from None
     module.eval()
     meta = _merge(_sidecar_meta(p, extra.get(METADATA_NAME), where), given)
-    schedule, pred, learned, shape, rng = _finish(meta, where, flags_hint=True)
     info = {
         "format": "torchscript",
         "learned_variance_inferred": meta.learned_variance is None,
         "architecture": getattr(module, "original_name", "TorchScript"),
         "parameters": sum(t.numel() for t in module.parameters()),
     }
-    return LoadedModel(
-        denoiser=module,
-        schedule=schedule,
-        prediction_type=pred,
-        learned_variance=learned,
-        data_shape=shape,
-        data_range=rng,
-        reference_samples=meta.reference_samples,
-        info=info,
-        _mover=module_mover(module),
+    return loaded_model(
+        module,
+        _finish(meta, where, flags_hint=True),
+        info,
+        references=meta.reference_samples,
+        mover=module_mover(module),
     )
 
 
@@ -127,27 +122,19 @@ def _inspect_torchscript(p: Path, given: _Meta) -> LoadedModel:
     except Exception as exc:  # a corrupt pickle raises many types
         raise CheckpointError(f"{where}: corrupt TorchScript archive ({one_line(exc)})") from None
     meta = _merge(_sidecar_meta(p, embedded, where), given)
-    schedule, pred, learned, shape, rng = _finish(meta, where, flags_hint=True)
+    finished = _finish(meta, where, flags_hint=True)
     stubs: dict[str, int] = {}
     for stub in iter_tensors(tree):
         key = stub.storage.key if stub.storage is not None else f"anon{id(stub)}"
         stubs[key] = max(stubs.get(key, 0), stub.numel)
     name = getattr(tree, "stub_name", "TorchScript")
-    return LoadedModel(
-        denoiser=_not_loaded,
-        schedule=schedule,
-        prediction_type=pred,
-        learned_variance=learned,
-        data_shape=shape,
-        data_range=rng,
-        reference_samples=meta.reference_samples,
-        info={
-            "format": "torchscript",
-            "architecture": str(name).rsplit(".", 1)[-1],
-            "parameters": sum(stubs.values()),
-            "inspected_only": True,
-        },
-    )
+    info = {
+        "format": "torchscript",
+        "architecture": str(name).rsplit(".", 1)[-1],
+        "parameters": sum(stubs.values()),
+        "inspected_only": True,
+    }
+    return loaded_model(_not_loaded, finished, info, references=meta.reference_samples)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,7 +303,7 @@ def load_exported(p: Path, given: _Meta) -> LoadedModel:
             f"{where}: corrupt torch.export archive ({one_line(exc)[:120]})"
         ) from None
     meta = _merge(_sidecar_meta(p, extra.get(METADATA_NAME), where), given)
-    schedule, pred, learned, shape, rng = _finish(meta, where, flags_hint=True)
+    finished = _finish(meta, where, flags_hint=True)
     module = program.module()
     static_batch = _static_batch(program)
     program_dtype = _program_dtype(program)
@@ -334,16 +321,12 @@ def load_exported(p: Path, given: _Meta) -> LoadedModel:
     }
     if static_batch is not None:
         info["static_batch"] = static_batch
-    return LoadedModel(
-        denoiser=_ExportedDenoiser(module, static_batch, program_dtype),
-        schedule=schedule,
-        prediction_type=pred,
-        learned_variance=learned,
-        data_shape=shape,
-        data_range=rng,
-        reference_samples=meta.reference_samples,
-        info=info,
-        _mover=mover,
+    return loaded_model(
+        _ExportedDenoiser(module, static_batch, program_dtype),
+        finished,
+        info,
+        references=meta.reference_samples,
+        mover=mover,
     )
 
 
