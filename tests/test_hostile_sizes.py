@@ -308,6 +308,11 @@ CASES = [
     (["nll", "ckpt.pt", "--data", "moons", "--n", "10000000", "--batch-size", "1000000000"], 2,
      ["--batch-size 1000000000 needs"]),
     (["nll", "ckpt.pt", "--n", "2", "--batch-size", "0"], 2, ["--batch-size", "at least 1"]),
+    # numbers that overflow a C type or the OpenMP runtime
+    (["sample", "ckpt.pt", "--n", "2", "--seed", "1" + "0" * 23], 2, ["'--seed'", "range"]),
+    (["sample", "ckpt.pt", "--n", "2", "--sampler", "ddim", "--eta", "1e308"], 2, ["--eta"]),
+    (["nll", "ckpt.pt", "--n", "2", "--threads", "1000000"], 2, ["'--threads'", "range"]),
+    (["train", "--steps", "2", "--threads", "1000000", "-o", "o.pt"], 2, ["'--threads'"]),
 ]  # fmt: skip
 
 

@@ -78,12 +78,18 @@ DeviceOpt = Annotated[
     DeviceName,
     typer.Option("--device", help="Where to run: auto (cuda, then mps, then cpu), cpu, cuda, mps."),
 ]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed: same seed, same numbers.")]
+SeedOpt = Annotated[
+    int,
+    typer.Option(
+        "--seed", min=-(2**63), max=2**63 - 1, help="Random seed: same seed, same numbers."
+    ),
+]
 ThreadsOpt = Annotated[
     int | None,
     typer.Option(
         "--threads",
         min=1,
+        max=1024,
         help="CPU threads for torch; default: OMP_NUM_THREADS if set, 1 for small models (the "
         "2-D MLP), else the cores this process may use (affinity, cgroup quota) divided among "
         "torchrun's processes on this machine.",

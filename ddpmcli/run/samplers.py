@@ -239,8 +239,10 @@ def check_sample_settings(settings: SampleSettings, *, learned_variance: bool) -
             "{variance} learned_range needs a model with a variance channel; this checkpoint "
             "predicts no variance (use fixed_small or fixed_large)"
         )
-    if not math.isfinite(settings.eta) or settings.eta < 0:
-        raise ParameterError(f"{{eta}} must be a finite number >= 0, got {settings.eta}")
+    if not math.isfinite(settings.eta) or not 0 <= settings.eta <= 1e100:  # eta**2 stays finite
+        raise ParameterError(
+            f"{{eta}} must be a finite number >= 0 (at most 1e100), got {settings.eta}"
+        )
     if settings.eta != 0 and settings.sampler != "ddim":
         raise ParameterError("{eta} applies to {sampler} ddim only")
     p = settings.dynamic_threshold
