@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from ddpmcli import limits
-from ddpmcli.errors import ParameterError, ScheduleError, UsageError
+from ddpmcli.errors import ParameterError, ScheduleError, UsageError, verbatim
 
 if TYPE_CHECKING:
     from ddpmcli.core import Schedule
@@ -438,11 +438,6 @@ class BuiltSchedule:
     respaced: bool = False
 
 
-def _braced(text: object) -> str:
-    """``text`` safe inside a :class:`ParameterError` template (its braces doubled)."""
-    return str(text).replace("{", "{{").replace("}", "}}")
-
-
 def _check_request(request: ScheduleRequest) -> str | None:
     """Refuse conflicting schedule choices (ParameterError naming the parameters, exit 2) before
     any file is read; the kind, lower-cased, or None."""
@@ -457,12 +452,12 @@ def _check_request(request: ScheduleRequest) -> str | None:
     if file_given and kind not in (None, "custom"):
         raise ParameterError(
             f"{given[0]} builds a custom schedule; it cannot be combined with "
-            f"{{kind}} {_braced(kind)}"
+            f"{{kind}} {verbatim(kind)}"
         )
     if kind == "custom" and not file_given:
         raise ParameterError("{kind} custom needs {betas_file} FILE or {alpha_bars_file} FILE")
     if request.from_file is not None and kind is not None:
-        raise ParameterError(f"{{from_file}} and {{kind}} {_braced(kind)} cannot be used together")
+        raise ParameterError(f"{{from_file}} and {{kind}} {verbatim(kind)} cannot be used together")
     if (request.from_file is not None or file_given) and (
         request.timesteps is not None or request.params
     ):
@@ -475,7 +470,7 @@ def _check_request(request: ScheduleRequest) -> str | None:
             raise ParameterError(f"{{{name}}} needs {{steps}}")
     if request.spacing is not None and request.spacing not in core.SPACINGS:
         raise ParameterError(
-            f"unknown {{spacing}} {_braced(repr(request.spacing))}; "
+            f"unknown {{spacing}} {verbatim(repr(request.spacing))}; "
             f"allowed: {', '.join(core.SPACINGS)}"
         )
     return kind
@@ -503,7 +498,7 @@ def build_schedule(request: ScheduleRequest) -> BuiltSchedule:
     if request.zero_terminal_snr:
         if config is not None and config.rescale_betas_zero_snr:
             raise ParameterError(
-                f"{_braced(config.path)} already sets rescale_betas_zero_snr; "
+                f"{verbatim(config.path)} already sets rescale_betas_zero_snr; "
                 "drop {zero_terminal_snr}"
             )
         schedule = core.rescale_zero_terminal_snr(schedule)

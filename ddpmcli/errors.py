@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
+from typing import Self
 
 
 class ExitStatus(enum.IntEnum):
@@ -17,9 +18,26 @@ class ExitStatus(enum.IntEnum):
 
 
 class DdpmError(Exception):
-    """A domain or runtime error: bad checkpoint, NaN from the model, unreadable file. Exit 1."""
+    """A domain or runtime error: bad checkpoint, NaN from the model, unreadable file. Exit 1.
+
+    An error whose message names parameters is built with :meth:`naming`: the library words it
+    once (``pass the right {data_shape}``), ``str()`` shows the parameter names, and the CLI's
+    error boundary shows its flags through :meth:`render` (``--data-shape``).
+    """
 
     exit_code: int = ExitStatus.ERROR
+    template: str | None = None
+
+    @classmethod
+    def naming(cls, template: str) -> Self:
+        """This error with a message that names parameters as ``{fields}`` (``{{`` for a brace)."""
+        error = cls(name_parameters(template, str))
+        error.template = template
+        return error
+
+    def render(self, name: Callable[[str], str]) -> str:
+        """The message with each parameter it names shown as ``name(parameter)``."""
+        return str(self) if self.template is None else name_parameters(self.template, name)
 
 
 class UsageError(DdpmError):
@@ -37,12 +55,14 @@ class ParameterError(UsageError):
     """
 
     def __init__(self, template: str) -> None:
+        super().__init__(name_parameters(template, str))
         self.template = template
-        super().__init__(self.render(lambda name: name))
 
-    def render(self, name: Callable[[str], str]) -> str:
-        """The message with each ``{parameter}`` shown as ``name(parameter)``."""
-        return name_parameters(self.template, name)
+
+def verbatim(text: object) -> str:
+    """``text`` as it reads inside a template of :func:`name_parameters` (its braces doubled):
+    for paths, values and foreign messages put into a message that names parameters."""
+    return str(text).replace("{", "{{").replace("}", "}}")
 
 
 def name_parameters(template: str, name: Callable[[str], str]) -> str:

@@ -40,3 +40,24 @@ def test_help_renders_wide_paragraphs() -> None:
     )
     assert result.exit_code == 0
     assert "betas hitting the cap, alpha_bar not strictly decreasing" in result.output
+
+
+def test_error_boundary_shows_the_parameters_a_library_error_names_as_flags(capsys) -> None:  # type: ignore[no-untyped-def]
+    """Rule 16: the library names parameters; only the CLI (its one boundary) names flags."""
+    from ddpmcli.cli.root import run_guarded
+    from ddpmcli.errors import CheckpointError, ParameterError
+
+    def fail() -> None:
+        raise CheckpointError.naming("m{{1}}.pt: pass the right {data_shape} or {learned_variance}")
+
+    assert str(CheckpointError.naming("pass {data_shape}")) == "pass data_shape"
+    assert run_guarded(fail) == 1
+    assert capsys.readouterr().err == (
+        "Error: m{1}.pt: pass the right --data-shape or --learned-variance\n"
+    )
+
+    def usage() -> None:
+        raise ParameterError("{batch_size} must be at least 1")
+
+    assert run_guarded(usage) == 2
+    assert capsys.readouterr().err == "Error: --batch-size must be at least 1\n"

@@ -232,8 +232,12 @@ def test_learned_variance_hint(tmp_path: Path) -> None:
     checkpoints.save_torchscript(
         model, tmp_path / "s.pt", checkpoints.checkpoint_metadata(SCHEDULE, "eps", (2,))
     )
-    with pytest.raises(CheckpointError, match="pass --learned-variance"):
+    with pytest.raises(CheckpointError, match="pass learned_variance") as caught:
         checkpoints.load_checkpoint(tmp_path / "s.pt", trust_program=True)
+    # the library names the parameter; the CLI's error boundary shows the flag
+    assert caught.value.render(lambda p: "--" + p.replace("_", "-")).endswith(
+        "(twice the channels: pass --learned-variance)"
+    )
 
 
 # ---------------------------------------------------------------------------------------------

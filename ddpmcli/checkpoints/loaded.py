@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from ddpmcli import core
 from ddpmcli.checkpoints.guard import model_call
 from ddpmcli.checkpoints.unpickler import one_line
-from ddpmcli.errors import CheckpointError
+from ddpmcli.errors import CheckpointError, verbatim
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]
 _Mover = Callable[[torch.device, "torch.dtype | None"], Denoiser]
@@ -143,9 +143,9 @@ def check_output_shape(loaded: LoadedModel, where: str) -> None:
         with torch.inference_mode(), model_call():
             out = loaded.denoiser(x, t)
     except Exception as exc:  # the model's own error: shape mismatch inside it, most likely
-        raise CheckpointError(
-            f"{where}: the model fails on inputs of data shape {list(loaded.data_shape)} "
-            f"({one_line(exc)}); pass the right --data-shape"
+        raise CheckpointError.naming(
+            f"{verbatim(where)}: the model fails on inputs of data shape "
+            f"{list(loaded.data_shape)} ({verbatim(one_line(exc))}); pass the right {{data_shape}}"
         ) from None
     want = list(x.shape)
     if (
@@ -158,10 +158,11 @@ def check_output_shape(loaded: LoadedModel, where: str) -> None:
     if loaded.learned_variance:
         want[1] *= 2
     if not isinstance(out, Tensor) or list(out.shape) != want:
-        raise CheckpointError(_shape_mismatch(loaded, out, x, want, where))
+        raise CheckpointError.naming(_shape_mismatch(loaded, out, x, want, where))
 
 
 def _shape_mismatch(loaded: LoadedModel, out: Any, x: Tensor, want: list[int], where: str) -> str:
+    """The message (a template naming parameters) for a model output of the wrong shape."""
     got = list(out.shape) if isinstance(out, Tensor) else type(out).__name__
     hint = ""
     if isinstance(out, Tensor) and out.ndim >= 1 and out.shape[0] != x.shape[0]:
@@ -171,8 +172,8 @@ def _shape_mismatch(loaded: LoadedModel, out: Any, x: Tensor, want: list[int], w
         )
     elif isinstance(out, Tensor) and out.ndim == len(want) and out.shape[2:] == x.shape[2:]:
         if out.shape[1] == 2 * x.shape[1] and not loaded.learned_variance:
-            hint = " (twice the channels: pass --learned-variance)"
+            hint = " (twice the channels: pass {learned_variance})"
     return (
-        f"{where}: model output shape {got} does not match data shape "
+        f"{verbatim(where)}: model output shape {verbatim(got)} does not match data shape "
         f"{list(loaded.data_shape)} (expected {want}){hint}"
     )

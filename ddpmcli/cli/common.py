@@ -399,14 +399,21 @@ def flag_name(parameter: str) -> str:
 
 @contextlib.contextmanager
 def as_flags(**flags: str) -> Iterator[None]:
-    """Re-raise library errors that name parameters (``run.ParameterError``) naming our flags:
-    ``flags`` maps a parameter to its flag where the two differ (``source="--data"``)."""
-    from ddpmcli.errors import ParameterError
+    """Re-raise library errors that name parameters (``errors.ParameterError``, or any error
+    built with ``DdpmError.naming``) naming our flags: ``flags`` maps a parameter to its flag
+    where the two differ (``source="--data"``); the error boundary maps the rest by name."""
+    from ddpmcli.errors import DdpmError, ParameterError
 
     try:
         yield
-    except ParameterError as exc:
-        raise UsageError(exc.render(lambda p: flags.get(p) or flag_name(p))) from None
+    except DdpmError as exc:
+        if exc.template is None:
+            raise
+        shown = exc.render(lambda p: flags.get(p) or flag_name(p))
+        if isinstance(exc, ParameterError):
+            raise UsageError(shown) from None
+        exc.args, exc.template = (shown,), None
+        raise
 
 
 def join_ranks(device: str) -> tuple[Any, str]:

@@ -31,7 +31,7 @@ from ddpmcli.cli import checkpoint as checkpoint_commands
 from ddpmcli.cli import reconstruct as reconstruct_commands
 from ddpmcli.cli import sample as sample_commands
 from ddpmcli.cli import schedule as schedule_commands
-from ddpmcli.cli.common import expand_optional_values
+from ddpmcli.cli.common import expand_optional_values, flag_name
 from ddpmcli.errors import DdpmError, ExitStatus, Interrupted
 
 EXIT_OK = ExitStatus.OK
@@ -140,7 +140,7 @@ def run_guarded(call: Any) -> int:
     except DdpmError as exc:
         if _debug():
             traceback.print_exc()
-        _error_line(str(exc))
+        _error_line(exc.render(flag_name))  # parameters the library names, as our flags
         _let_rank0_report()
         return int(getattr(exc, "exit_code", EXIT_ERROR))
     except Interrupted:
