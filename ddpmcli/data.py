@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ddpmcli import limits
-from ddpmcli.errors import DataError
+from ddpmcli.errors import DataError, ParameterError
 
 __all__ = [
     "BUILTIN_DATASETS",
@@ -231,18 +231,20 @@ def check_training_sizes(
 ) -> None:
     """Refuse ``ddpm train`` sizes the machine cannot hold, before anything is allocated: data and
     reference sets (float64 while loaded, then float32), one batch with its activations, and the
-    network's weights with their gradients, Adam moments and EMA copy. UsageError naming the
-    flag. Without ``batch_size``, the training's default batch for the shape is checked, and
-    the message says to set --batch-size."""
+    network's weights with their gradients, Adam moments and EMA copy. A ParameterError naming
+    the parameter (exit 2; the CLI shows its flag). Without ``batch_size``, the training's
+    default batch for the shape is checked, and the message says to set ``batch_size``."""
     from ddpmcli.training import DEFAULT_BATCH, default_architecture
 
     per_sample = math.prod(sample_shape) * (8 + 4)
-    for flag, count in (("--n", n), ("--references", references)):
+    for name, count in (("n", n), ("references", references)):
         if count is not None:
-            limits.check_allocation(count * per_sample, f"{flag} {count}")
+            limits.check_allocation(count * per_sample, f"{{{name}}} {count}", error=ParameterError)
     if width is not None:
         # the UNet's widest layers are 4 * width channels with 3 x 3 kernels; 5 copies each
-        limits.check_allocation(width * width * 16 * 9 * 4 * 5 * 8, f"--width {width}")
+        limits.check_allocation(
+            width * width * 16 * 9 * 4 * 5 * 8, f"{{width}} {width}", error=ParameterError
+        )
     if len(sample_shape) == 3:
         # the UNet keeps ~56 values per base channel and pixel for the backward pass (7 KiB a
         # pixel measured at 32 channels, 16 x 16 and 64 x 64); 32 values is a lower bound
@@ -251,12 +253,12 @@ def check_training_sizes(
         activations = 32 * (width or 128) * 4  # ~32 layers' worth of hidden activations
     batch = batch_size or DEFAULT_BATCH[default_architecture(tuple(sample_shape))]
     if batch_size is not None:
-        what = f"--batch-size {batch_size}"
+        what = f"{{batch_size}} {batch_size}"
     else:
         shape_text = ",".join(str(d) for d in sample_shape)
-        widths = "" if width is None else f" at --width {width}"
-        what = f"--batch-size (default {batch}) for samples of shape {shape_text}{widths}"
-    limits.check_allocation(batch * (per_sample + activations), what)
+        widths = "" if width is None else f" at {{width}} {width}"
+        what = f"{{batch_size}} (default {batch}) for samples of shape {shape_text}{widths}"
+    limits.check_allocation(batch * (per_sample + activations), what, error=ParameterError)
 
 
 def load_data(

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ddpmcli.errors import DataError, DdpmError, UsageError
+from ddpmcli.errors import DataError, DdpmError, ParameterError, UsageError, verbatim
 
 MAX_JSON_BYTES: int = 32 * 1024**2
 """Size limit for any JSON file we read (configs, sidecars, schedule files): 32 MiB."""
@@ -156,17 +156,20 @@ def _range_text(minimum: int, maximum: int | None) -> str:
 
 
 def check_count(value: int, name: str, *, minimum: int = 1, maximum: int | None = None) -> int:
-    """``value`` as an int if ``minimum <= value <= maximum``; otherwise UsageError naming ``name``.
+    """``value`` as an int if ``minimum <= value <= maximum``; otherwise a ParameterError (exit
+    2) naming the parameter ``name`` (the CLI shows its flag).
 
-    The one message style for counts given on the command line (``--n``, ``--batch-size``,
-    ``--steps``, ...): ``--n must be between 1 and 1000000, got 0``.
+    The one message style for counts (``n``, ``batch_size``, ``steps``, ...): ``n must be between
+    1 and 1000000, got 0``, shown by the CLI as ``--n must be ...``.
     """
+    field = "{" + name + "}" if name.isidentifier() else verbatim(name)
     if isinstance(value, bool) or not isinstance(value, int):
-        raise UsageError(
-            f"{name} must be an integer {_range_text(minimum, maximum)}, got {value!r}"
+        got = verbatim(repr(value))
+        raise ParameterError(
+            f"{field} must be an integer {_range_text(minimum, maximum)}, got {got}"
         )
     if value < minimum or (maximum is not None and value > maximum):
-        raise UsageError(f"{name} must be {_range_text(minimum, maximum)}, got {value}")
+        raise ParameterError(f"{field} must be {_range_text(minimum, maximum)}, got {value}")
     return int(value)
 
 
@@ -217,7 +220,7 @@ def check_run_sizes(
     pairs_per_sample: int = 1,
     rows_per_sample: int = 0,
     one_batch_default: bool = False,
-    n_flag: str = "--n",
+    n_name: str = "n",
 ) -> None:
     """Refuse the sample count and batch size of a model run (``ddpm sample``, ``reconstruct``,
     ``nll``) that this machine cannot hold, before anything is allocated: UsageError naming the
@@ -230,22 +233,31 @@ def check_run_sizes(
     prints ``rows_per_sample`` rows per sample holds them until they are written
     (:data:`ROW_BYTES` each).
     """
-    check_count(n, n_flag)
+    check_count(n, n_name)
     if batch_size is not None:
-        check_count(batch_size, "--batch-size")
+        check_count(batch_size, "batch_size")
+    n_field = "{" + n_name + "}"
     values = 1
     for d in data_shape:
         values *= max(int(d), 1)
-    check_allocation(n * values * KEPT_BYTES_PER_VALUE, f"{n_flag} {n}")
+    check_allocation(n * values * KEPT_BYTES_PER_VALUE, f"{n_field} {n}", error=ParameterError)
     if rows_per_sample > 0:
         rows = n * rows_per_sample
-        check_allocation(rows * ROW_BYTES, f"{n_flag} {n} (printing {rows} rows)")
+        check_allocation(
+            rows * ROW_BYTES, f"{n_field} {n} (printing {rows} rows)", error=ParameterError
+        )
     if batch_size is not None:
         items = min(batch_size, n * max(pairs_per_sample, 1))
-        check_allocation(items * values * BATCH_BYTES_PER_VALUE, f"--batch-size {batch_size}")
+        check_allocation(
+            items * values * BATCH_BYTES_PER_VALUE,
+            f"{{batch_size}} {batch_size}",
+            error=ParameterError,
+        )
     elif one_batch_default:
         check_allocation(
-            n * values * BATCH_BYTES_PER_VALUE, f"{n_flag} {n} in one batch (set --batch-size)"
+            n * values * BATCH_BYTES_PER_VALUE,
+            f"{n_field} {n} in one batch (set {{batch_size}})",
+            error=ParameterError,
         )
 
 

@@ -51,24 +51,26 @@ def test_check_allocation() -> None:
 @pytest.mark.parametrize(
     ("value", "kwargs", "message"),
     [
-        (0, {}, "--n must be at least 1, got 0"),
-        (-3, {"minimum": 0}, "--n must be at least 0, got -3"),
-        (11, {"maximum": 10}, "--n must be between 1 and 10, got 11"),
-        (True, {}, "--n must be an integer at least 1, got True"),
-        (2.5, {}, "--n must be an integer at least 1, got 2.5"),
+        (0, {}, "n must be at least 1, got 0"),
+        (-3, {"minimum": 0}, "n must be at least 0, got -3"),
+        (11, {"maximum": 10}, "n must be between 1 and 10, got 11"),
+        (True, {}, "n must be an integer at least 1, got True"),
+        (2.5, {}, "n must be an integer at least 1, got 2.5"),
     ],
 )
 def test_check_count_one_message_style(value: object, kwargs: dict, message: str) -> None:
+    """The library names the parameter; the CLI shows the flag (``--n must be ...``)."""
     with pytest.raises(UsageError) as info:
-        limits.check_count(value, "--n", **kwargs)  # type: ignore[arg-type]
+        limits.check_count(value, "n", **kwargs)  # type: ignore[arg-type]
     assert str(info.value) == message
     assert info.value.exit_code == 2
+    assert info.value.render(lambda p: "--" + p) == "--" + message
 
 
 def test_check_count_passes_values_in_range() -> None:
-    assert limits.check_count(1, "--n") == 1
-    assert limits.check_count(10, "--n", maximum=10) == 10
-    assert limits.check_count(0, "--every", minimum=0) == 0
+    assert limits.check_count(1, "n") == 1
+    assert limits.check_count(10, "n", maximum=10) == 10
+    assert limits.check_count(0, "every", minimum=0) == 0
 
 
 def test_check_timesteps() -> None:

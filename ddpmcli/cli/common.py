@@ -282,7 +282,7 @@ def select_rows(spec: str | None, every: int | None, num_steps: int) -> list[int
 
     reject_conflicts(("--t", spec is not None), ("--every", every is not None))
     if every is not None:
-        limits.check_count(every, "--every")
+        limits.check_count(every, "every")
         rows: Sequence[int] = range(0, num_steps, every)
     else:
         rows = range(num_steps) if spec is None else parse_t_selection(spec, num_steps)
