@@ -42,14 +42,15 @@ from ddpmcli.checkpoints.unpickler import (
     scan_pickle,
     scan_torch_save,
 )
-from ddpmcli.errors import CheckpointError
+from ddpmcli.errors import CheckpointError, verbatim
 from ddpmcli.files import atomic_write
 
 TRUST_ENV = "DDPM_TRUST_PROGRAM"
 TRUST_HINT = (
     "a TorchScript file executes its own code when it is loaded; load it only if you trust its "
-    f"source: pass --trust-program (or set {TRUST_ENV}=1)"
+    f"source: pass {{trust_program}} (or set {TRUST_ENV}=1)"
 )
+"""A template naming the parameter ``trust_program`` (``CheckpointError.naming``)."""
 MAX_ARCHIVE_MEMBER_BYTES = 4 * 1024**3  # one pickled member of a program archive
 
 
@@ -75,7 +76,7 @@ def load_torchscript(p: Path, given: _Meta, *, trust: bool, inspect_only: bool) 
     if not trust:
         if inspect_only:
             return _inspect_torchscript(p, given)
-        raise CheckpointError(f"{where}: {TRUST_HINT}")
+        raise CheckpointError.naming(f"{verbatim(where)}: {TRUST_HINT}")
     extra = {METADATA_NAME: ""}
     try:
         with _quiet_deprecation():
@@ -102,7 +103,9 @@ def load_torchscript(p: Path, given: _Meta, *, trust: bool, inspect_only: bool) 
 
 
 def _not_loaded(x: Tensor, t: Tensor) -> Tensor:
-    raise CheckpointError(f"this TorchScript model was only inspected, not loaded: {TRUST_HINT}")
+    raise CheckpointError.naming(
+        f"this TorchScript model was only inspected, not loaded: {TRUST_HINT}"
+    )
 
 
 def _inspect_torchscript(p: Path, given: _Meta) -> LoadedModel:

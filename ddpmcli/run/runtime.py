@@ -12,7 +12,7 @@ from collections.abc import Iterator, Mapping
 
 import torch
 
-from ddpmcli.errors import DdpmError, UsageError
+from ddpmcli.errors import DdpmError, ParameterError, UsageError
 
 __all__ = [
     "DEVICES",
@@ -321,6 +321,6 @@ def apply_threads(threads: int | None) -> int:
     ``torch.set_num_threads`` stays as it is."""
     if threads is not None:
         if threads < 1:
-            raise UsageError(f"--threads {threads}: must be at least 1")
+            raise ParameterError(f"{{threads}} {threads}: must be at least 1")
         torch.set_num_threads(threads)
     return torch.get_num_threads()
