@@ -395,8 +395,7 @@ def check(
             steps_offset if steps_offset is not None else (config.steps_offset if config else 0)
         )
         probe = steps or probe_steps(sched.num_steps)
-        kept = core.respaced_timesteps(sched.num_steps, probe, used_spacing, offset)
-        respaced = core.respace(sched, kept)
+        respaced = core.respaced(sched, probe, used_spacing, offset)
     findings = lint_schedule(
         sched,
         respaced=respaced,
