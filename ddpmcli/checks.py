@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Literal
 from ddpmcli.errors import name_parameters
 
 if TYPE_CHECKING:
+    from torch import Tensor
+
     from ddpmcli.core import Schedule
 
 Severity = Literal["info", "warning", "error"]
@@ -296,3 +298,38 @@ def lint_schedule(
     for dtype in dtypes:
         findings += check_precision(schedule, dtype)
     return findings
+
+
+def data_outside_range(
+    x: Tensor, data_range: tuple[float, float], source: str, *, training: bool = False
+) -> str | None:
+    """A warning when values of ``x`` (data from ``source``) lie outside ``data_range``, with
+    the fraction outside, the data's own span and the fix; None when all lie inside. The
+    message names the parameter ``{data_range}`` (the CLI shows ``--data-range``).
+    ``training``: the range is the one a checkpoint will record (train's ``--data-range``)."""
+    import torch
+
+    lo, hi = (float(v) for v in data_range)
+    source = source.replace("{", "{{").replace("}", "}}")  # a literal in the template
+    values = x.detach().to("cpu", torch.float64)
+    outside = float(((values < lo) | (values > hi)).double().mean())
+    if outside == 0.0:
+        return None
+    low, high = float(values.min()), float(values.max())
+    span = f"{low:.4g},{high:.4g}"
+    what = (
+        f"{100 * outside:.3g}% of the values of {source} lie outside "
+        + ("the data range given" if training else "the model's data range")
+        + f" [{lo:g}, {hi:g}] (the data span [{low:.4g}, {high:.4g}])"
+    )
+    if training:
+        return (
+            f"{what}: the checkpoint would record a range that does not hold its own data, and "
+            "sampling and reconstruct clip x0_hat to it; widen {data_range} (" + span + ") or "
+            "drop it to record the data's own range"
+        )
+    return (
+        f"{what}: the model never saw such values, and x0_hat clipped to its range cannot reach "
+        "them. Map the data into the range, train on the data as it is (train records its own "
+        "range), or, if the checkpoint's range is wrong, pass {data_range} " + span
+    )

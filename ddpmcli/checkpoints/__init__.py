@@ -86,6 +86,7 @@ def load_checkpoint(
     learned_variance: bool | None = None,
     data_shape: Sequence[int] | None = None,
     data_range: tuple[float, float] | None = None,
+    shape_from_data: Sequence[int] | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
     check: bool = True,
@@ -99,6 +100,8 @@ def load_checkpoint(
         schedule, kind, timesteps: the training schedule, for programs without metadata (``kind``
             builds ``core.make_schedule(kind, timesteps or 1000)``); overrides the file's.
         prediction_type, learned_variance, data_shape, data_range: likewise.
+        shape_from_data: the sample shape of the data the model will see, used only when
+            neither ``data_shape`` nor the file gives one (a program without metadata).
         device, dtype: where and in which dtype the model runs (schedule math stays float64).
         check: run one forward pass on a batch of distinct rows to check the output shape.
         trust_program: load TorchScript (which runs its own code); None reads
@@ -114,6 +117,8 @@ def load_checkpoint(
     given = _overrides(
         schedule, kind, timesteps, prediction_type, learned_variance, data_shape, data_range
     )
+    if shape_from_data is not None:
+        given.shape_from_data = tuple(int(d) for d in shape_from_data)
     trust = trust_from_env() if trust_program is None else trust_program
     fmt = detect_format(p)
     if fmt == "native":

@@ -36,6 +36,8 @@ class _Meta:
     data_range: tuple[float, float] | None = None
     reference_samples: Tensor | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    shape_from_data: tuple[int, ...] | None = None  # the --data's sample shape: used only when
+    # neither the file nor the caller gives a data shape
 
 
 def checkpoint_metadata(
@@ -187,6 +189,7 @@ def _merge(file_meta: _Meta, given: _Meta) -> _Meta:
         "data_shape",
         "data_range",
         "reference_samples",
+        "shape_from_data",
     ):
         value = getattr(given, name)
         setattr(merged, name, value if value is not None else getattr(file_meta, name))
@@ -202,6 +205,8 @@ def _finish(
         missing.append("--kind (and --timesteps)")
     if meta.prediction_type is None:
         missing.append("--prediction-type")
+    if meta.data_shape is None:
+        meta.data_shape = meta.shape_from_data
     if meta.data_shape is None:
         missing.append("--data-shape")
     if missing:

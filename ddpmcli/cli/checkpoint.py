@@ -34,6 +34,7 @@ from ddpmcli.cli.common import (
     parse_shape,
     select_columns,
 )
+from ddpmcli.cli.data_options import DataRangeOpt, TrainRangeOpt, parse_range, warn_outside_range
 from ddpmcli.cli.schedule_options import NO_FLAGS, ScheduleFlags, schedule_options
 from ddpmcli.errors import UsageError
 from ddpmcli.output import check_writable, emit, note, progress
@@ -106,6 +107,7 @@ def info(
     timesteps: MetaTimestepsOpt = None,
     prediction_type: PredOpt = None,
     data_shape: ShapeOpt = None,
+    data_range: DataRangeOpt = None,
     learned_variance: LearnedOpt = None,
     trust_program: TrustOpt = False,
 ) -> None:
@@ -130,6 +132,7 @@ def info(
     options = loader_options(
         kind, timesteps, prediction_type, data_shape, learned_variance, trust_program
     )
+    options["data_range"] = parse_range(data_range)
     # never runs the model: metadata, parameter counts and shapes from the file itself
     rows = [info_row(load_checkpoint(path, **options, inspect_only=True)) for path in checkpoints]
     if resolve_format(fmt) == "table" and len(rows) == 1:
@@ -224,7 +227,14 @@ def train(
         typer.Option("--width", min=1, help="MLP hidden width (128) / UNet base channels (32)."),
     ] = None,
     steps: Annotated[
-        int, typer.Option("--steps", min=1, help="Optimiser steps.", rich_help_panel=PANEL_TRAIN)
+        int,
+        typer.Option(
+            "--train-steps",
+            "--steps",
+            min=1,
+            help="Optimiser steps (--steps is an alias; elsewhere --steps counts sampler steps).",
+            rich_help_panel=PANEL_TRAIN,
+        ),
     ] = 2000,
     batch_size: Annotated[
         int | None,
@@ -265,6 +275,7 @@ def train(
     quiet: QuietOpt = False,
     flags: ScheduleFlags = NO_FLAGS,
     threads: ThreadsOpt = None,
+    data_range_opt: TrainRangeOpt = None,
 ) -> None:
     """Train a built-in network (an MLP for vectors, a small UNet for images); save a checkpoint.
 
@@ -291,7 +302,11 @@ def train(
     if not 0.0 <= ema < 1.0:
         raise UsageError(f"--ema {ema}: decay must lie in [0, 1) (0 turns EMA off)")
     schedule = build_schedule(flags.request()).schedule
+    recorded = parse_range(data_range_opt)
     x, refs, data_range = _training_data(data, data_shape, n, references, width, batch_size, seed)
+    if recorded is not None:
+        data_range = recorded
+        warn_outside_range(x, data_range, data, training=True)
     data_shape_t = tuple(int(d) for d in x.shape[1:])
     arch = default_architecture(data_shape_t) if architecture == "auto" else architecture
     hparams = {} if width is None else {"hidden" if arch == "mlp" else "base_channels": width}

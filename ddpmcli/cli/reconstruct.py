@@ -42,6 +42,7 @@ from ddpmcli.cli.common import (
     select_rows,
     use_threads,
 )
+from ddpmcli.cli.data_options import DataRangeOpt, data_load_options, warn_outside_range
 from ddpmcli.output import emit, note, progress
 
 
@@ -86,6 +87,7 @@ def reconstruct(
     timesteps: MetaTimestepsOpt = None,
     prediction_type: PredOpt = None,
     data_shape: ShapeOpt = None,
+    data_range: DataRangeOpt = None,
     trust_program: TrustOpt = False,
     threads: ThreadsOpt = None,
 ) -> None:
@@ -122,6 +124,7 @@ def reconstruct(
     model = load_checkpoint(
         checkpoint,
         **loader_options(kind, timesteps, prediction_type, data_shape, trust_program=trust_program),
+        **data_load_options(checkpoint, data, data_shape, data_range),
     )
     use_threads(threads, model, ranks)
     steps = model.schedule.num_steps
@@ -134,6 +137,8 @@ def reconstruct(
     )  # fmt: skip
     with as_flags(source="--data"):
         picked = reconstruction_data(model, data, n=n, seed=seed, compare_optimal=compare_optimal)
+    if ranks.is_main:
+        warn_outside_range(picked.x0, model.data_range, picked.source)
     if picked.x0.shape[0] < n and not quiet:
         note(f"--n {n} is more than the {picked.x0.shape[0]} samples of {picked.source}; using all")
     title = f"reconstruct {checkpoint.name}"

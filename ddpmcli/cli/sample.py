@@ -50,6 +50,7 @@ from ddpmcli.cli.common import (
     select_rows,
     use_threads,
 )
+from ddpmcli.cli.data_options import DataRangeOpt, data_load_options, warn_outside_range
 from ddpmcli.errors import UsageError
 from ddpmcli.output import check_writable, emit, note, progress
 
@@ -98,6 +99,8 @@ def _load(
     prediction_type: str | None,
     data_shape: str | None,
     trust_program: bool = False,
+    data: str | None = None,
+    data_range: str | None = None,
 ) -> LoadedModel:
     from ddpmcli.checkpoints import load_checkpoint
     from ddpmcli.run import resolve_device, resolve_dtype
@@ -105,6 +108,7 @@ def _load(
     return load_checkpoint(
         checkpoint,
         **loader_options(kind, timesteps, prediction_type, data_shape, trust_program=trust_program),
+        **data_load_options(checkpoint, data, data_shape, data_range),
         device=resolve_device(device), dtype=resolve_dtype(dtype),
     )  # fmt: skip
 
@@ -215,11 +219,13 @@ def sample(
     reference: Annotated[
         str | None,
         typer.Option(
-            "--reference",
-            help="Points to measure the samples against (a data file or built-in set); default: "
-            "the checkpoint's reference samples.",
+            "--references",
+            metavar="NAME|PATH",
+            help="Reference samples to measure the samples against (a data file or built-in "
+            "set); default: the checkpoint's own (train --references N holds them out).",
         ),
     ] = None,
+    old: Annotated[str | None, typer.Option("--reference", hidden=True)] = None,
     summary: Annotated[
         bool,
         typer.Option(
@@ -235,6 +241,7 @@ def sample(
     timesteps: MetaTimestepsOpt = None,
     prediction_type: PredOpt = None,
     data_shape: ShapeOpt = None,
+    data_range: DataRangeOpt = None,
     trust_program: TrustOpt = False,
     threads: ThreadsOpt = None,
 ) -> None:
@@ -270,6 +277,8 @@ def sample(
     check_format_flags(fmt, no_header)
     reject_conflicts(("--summary", summary), ("--columns", columns is not None))
     _reject_idle_options(ctx, sampler, dynamic_threshold, plot is not None)
+    reject_conflicts(("--references", reference is not None), ("--reference", old is not None))
+    reference = reference if old is None else old  # --reference: the old, hidden spelling
     if n < 1:
         raise UsageError(f"--n must be at least 1, got {n}")
     if batch_size is not None and batch_size < 1:
@@ -278,8 +287,9 @@ def sample(
     save_path = _check_save(save)
     ranks, run_device = join_ranks(device)
     model = _load(
-        checkpoint, run_device, dtype, kind, timesteps, prediction_type, data_shape, trust_program
-    )
+        checkpoint, run_device, dtype, kind, timesteps, prediction_type, data_shape, trust_program,
+        data=reference, data_range=data_range,
+    )  # fmt: skip
     use_threads(threads, model, ranks)
     limits.check_run_sizes(model.data_shape, n=n, batch_size=batch_size, one_batch_default=True)
     settings = SampleSettings(
@@ -491,6 +501,7 @@ def nll(
     timesteps: MetaTimestepsOpt = None,
     prediction_type: PredOpt = None,
     data_shape: ShapeOpt = None,
+    data_range: DataRangeOpt = None,
     trust_program: TrustOpt = False,
     threads: ThreadsOpt = None,
 ) -> None:
@@ -538,8 +549,9 @@ def nll(
     )
     ranks, run_device = join_ranks(device)
     model = _load(
-        checkpoint, run_device, dtype, kind, timesteps, prediction_type, data_shape, trust_program
-    )
+        checkpoint, run_device, dtype, kind, timesteps, prediction_type, data_shape, trust_program,
+        data=data, data_range=data_range,
+    )  # fmt: skip
     use_threads(threads, model, ranks)
     num = model.schedule.num_steps
     strata = None
@@ -558,6 +570,8 @@ def nll(
     with as_flags(source="--data"):
         picked = reconstruction_data(model, data, n=n, seed=seed)
     x0 = picked.x0
+    if ranks.is_main:
+        warn_outside_range(x0, model.data_range, picked.source)
     if x0.shape[0] < n and not quiet:
         note(f"--n {n} is more than the {x0.shape[0]} samples of {picked.source}; using all")
     dec = decoder if decoder != "auto" else ("discretized" if x0.ndim == 4 else "continuous")

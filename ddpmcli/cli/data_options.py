@@ -1,0 +1,95 @@
+"""`--data-range` and the data-derived metadata of the commands that read data (issue 8).
+
+`--data-range LO,HI` sets the range of a program's samples (TorchScript/export without
+metadata) or overrides a checkpoint's; `train --data-range` overrides the range it records. A
+program without a data shape takes the shape of `--data`. Data outside the model's range gets a
+warning with the fraction outside and the fix. Nothing here imports torch at import time.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from ddpmcli.cli.common import PANEL_META, flag_name
+from ddpmcli.errors import DdpmError, UsageError, name_parameters
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+RANGE_HELP = (
+    "Range of the model's samples, LO,HI: for programs without metadata (default -1,1) or to "
+    "override a checkpoint's; x0_hat is clipped to it and uint8 data mapped onto it."
+)
+DataRangeOpt = Annotated[
+    str | None,
+    typer.Option("--data-range", metavar="LO,HI", help=RANGE_HELP, rich_help_panel=PANEL_META),
+]
+TrainRangeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--data-range",
+        metavar="LO,HI",
+        help="Data range to record in the checkpoint instead of the data's own (file data: "
+        "[-1, 1] when it lies inside, else its min and max; built-in sets: their range).",
+    ),
+]
+
+
+def parse_range(text: str | None, flag: str = "--data-range") -> tuple[float, float] | None:
+    """``LO,HI`` as two finite floats with LO < HI; None stays None."""
+    if text is None:
+        return None
+    parts = text.split(",")
+    try:
+        lo, hi = (float(part) for part in parts)
+    except ValueError:
+        raise UsageError(f"{flag} {text!r}: want LO,HI (two numbers, e.g. -1,1)") from None
+    if not (math.isfinite(lo) and math.isfinite(hi)) or not lo < hi:
+        raise UsageError(f"{flag} {text!r}: want finite LO < HI")
+    return lo, hi
+
+
+def data_load_options(
+    checkpoint: Path, data: str | None, data_shape: str | None, data_range: str | None
+) -> dict[str, Any]:
+    """Keyword arguments for `checkpoints.load_checkpoint` beyond `loader_options`: the
+    ``--data-range`` and, for a program (TorchScript/export) without ``--data-shape``, the
+    sample shape of ``--data`` (used only when the program's metadata has none)."""
+    options: dict[str, Any] = {"data_range": parse_range(data_range)}
+    if data is not None and data_shape is None:
+        options["shape_from_data"] = _program_data_shape(checkpoint, data)
+    return options
+
+
+def _program_data_shape(checkpoint: Path, data: str) -> tuple[int, ...] | None:
+    from ddpmcli import data as datasets
+    from ddpmcli import limits
+    from ddpmcli.checkpoints import detect_format
+
+    try:
+        if detect_format(checkpoint) not in ("torchscript", "export"):
+            return None
+        builtin = datasets.BUILTIN_DATASETS.get(data)
+        if builtin is not None and not Path(data).exists():
+            return tuple(builtin.data_shape)
+        shape = tuple(int(d) for d in datasets.get_data(data, n=1).shape[1:])
+    except DdpmError:
+        return None  # the loader, or reading --data later, says what is wrong
+    return limits.check_sample_shape(shape, "--data")
+
+
+def warn_outside_range(
+    x: Tensor, data_range: tuple[float, float], source: str, *, training: bool = False
+) -> None:
+    """Warn on stderr when values of ``x`` lie outside ``data_range`` (see
+    `checks.data_outside_range`)."""
+    from ddpmcli.checks import data_outside_range
+    from ddpmcli.output import warn
+
+    template = data_outside_range(x, data_range, source, training=training)
+    if template is not None:
+        warn(name_parameters(template, flag_name))
