@@ -19,6 +19,7 @@ Formats (detected from the file, not its name), one module each:
   called as ``program(x_t, t)``, with the same metadata (everything but state_dict/architecture)
   as JSON in a ``ddpm.json`` extra file, or a sidecar ``<file>.ddpm.json``, or given to the loader.
 - **diffusers** pipeline folder (``unet/``, ``scheduler/``) or bare unet folder (:mod:`.diffusers`).
+- **your own architecture** (``model="MODULE:FACTORY"``, :mod:`.user`): any file the factory reads.
 
 Trust: a pickle that needs any class beyond tensors and plain containers is refused (native files
 by torch's safe loader, every pickled ``.pt2`` member by :mod:`.unpickler` before torch reads the
@@ -56,6 +57,7 @@ from ddpmcli.checkpoints.programs import (
     save_torchscript,
     trust_from_env,
 )
+from ddpmcli.checkpoints.user import load_user_model, load_weights
 from ddpmcli.errors import CheckpointError
 
 __all__ = [
@@ -70,6 +72,7 @@ __all__ = [
     "checkpoint_metadata",
     "detect_format",
     "load_checkpoint",
+    "load_weights",
     "save_exported_program",
     "save_native_checkpoint",
     "save_torchscript",
@@ -92,6 +95,7 @@ def load_checkpoint(
     check: bool = True,
     trust_program: bool | None = None,
     inspect_only: bool = False,
+    model: str | None = None,
 ) -> LoadedModel:
     """Load a checkpoint of any supported format as a :class:`LoadedModel`.
 
@@ -109,6 +113,8 @@ def load_checkpoint(
         inspect_only: read metadata and parameter shapes only and never run the model (no
             check; an untrusted TorchScript is read from its archive, and its denoiser refuses
             to run). What ``ddpm info`` uses.
+        model: ``MODULE:FACTORY``, the user's own architecture (:mod:`.user`): the factory is
+            imported and called with ``path`` and a safe weight loader, whatever the format.
 
     Raises:
         CheckpointError: one line saying what is wrong (or which flag to pass).
@@ -120,8 +126,10 @@ def load_checkpoint(
     if shape_from_data is not None:
         given.shape_from_data = tuple(int(d) for d in shape_from_data)
     trust = trust_from_env() if trust_program is None else trust_program
-    fmt = detect_format(p)
-    if fmt == "native":
+    fmt = "user" if model is not None else detect_format(p)  # a factory reads any file
+    if fmt == "user" and model is not None:
+        loaded = load_user_model(p, model, given, inspect_only=inspect_only)
+    elif fmt == "native":
         loaded = load_native(p, given)
     elif fmt == "torchscript":
         loaded = load_torchscript(p, given, trust=trust, inspect_only=inspect_only)
