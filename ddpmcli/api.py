@@ -1,0 +1,535 @@
+"""The Python API: the same functions the command line calls, so both give the same numbers.
+
+::
+
+    import ddpmcli
+    s = ddpmcli.schedule("cosine", timesteps=1000)      # the float64 core schedule
+    m = ddpmcli.load("ckpt.pt")                          # anything `ddpm` opens
+    m = ddpmcli.wrap(net, schedule=s, prediction_type="epsilon", data_shape=(3, 32, 32))
+    r = ddpmcli.reconstruct(m, x0, t=[0, 500, 999], seed=0, clip=False)  # r.rows
+    r = ddpmcli.sample(m, n=64, steps=50, sampler="ddim", seed=0)        # r.samples, r.rows
+    r = ddpmcli.nll(m, x0, seed=0)                                       # r.rows, r.total_bpd
+
+Timesteps are 0-based as the models take them (t = 0 is one noising step). Errors are
+:mod:`ddpmcli.errors` exceptions whose messages name these functions' parameters. ``device``
+and ``dtype`` default to the model's own (a wrapped module stays where it is); a module that
+has to move is copied, never moved in place.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ddpmcli import core, limits
+from ddpmcli.checkpoints import LoadedModel, load_checkpoint
+from ddpmcli.checkpoints.loaded import check_output_shape, loaded_model
+from ddpmcli.choices import (
+    DEFAULT_SPACING,
+    SPACINGS,
+    DecoderName,
+    DeviceName,
+    DtypeName,
+    SamplerName,
+    SpacingName,
+    VarianceType,
+    prediction_type_choices,
+    prediction_type_of,
+)
+from ddpmcli.configs import ScheduleRequest, build_schedule
+from ddpmcli.errors import ParameterError, verbatim
+from ddpmcli.run import (
+    BoundResult,
+    Observer,
+    OptimalDenoiser,
+    ReconstructionResult,
+    SampleSettings,
+    TrajectoryFrame,
+    check_sample_settings,
+    default_timesteps,
+    random_strata,
+    reconstruction_data,
+    reconstruction_sweep,
+    resolve_device,
+    resolve_dtype,
+    respaced_schedule,
+    variational_bound,
+)
+from ddpmcli.run import sample as run_sample
+from ddpmcli.run.distributed import Ranks
+
+__all__ = [
+    "BoundResult",
+    "LoadedModel",
+    "ReconstructionResult",
+    "SampleResult",
+    "load",
+    "nll",
+    "reconstruct",
+    "sample",
+    "schedule",
+    "wrap",
+]
+
+Data = Tensor | str | None
+"""Data for :func:`reconstruct` and :func:`nll`: a tensor ``[n, *data_shape]`` in the model's
+range, a built-in set's name or a path to an array file or image folder (the first ``n``
+samples), or None for the checkpoint's reference samples."""
+DeviceLike = DeviceName | str | torch.device
+DtypeLike = DtypeName | torch.dtype
+
+
+def schedule(
+    kind: str | None = None,
+    timesteps: int | None = None,
+    *,
+    zero_terminal_snr: bool = False,
+    logsnr_shift: float = 0.0,
+    steps: int | str | None = None,
+    spacing: SpacingName | None = None,
+    steps_offset: int | None = None,
+    from_file: str | os.PathLike[str] | None = None,
+    betas_file: str | os.PathLike[str] | None = None,
+    alpha_bars_file: str | os.PathLike[str] | None = None,
+    **params: float,
+) -> core.Schedule:
+    """A noise schedule in float64, built exactly as `ddpm schedule` builds it.
+
+    Args:
+        kind: a schedule kind or alias (``linear``, ``cosine``, ``sigmoid``, ...; default
+            ``linear``), or ``custom`` with ``betas_file``/``alpha_bars_file``.
+        timesteps: T (default 1000).
+        zero_terminal_snr, logsnr_shift: transforms applied in that order.
+        steps, spacing, steps_offset: respace to ``steps`` (a count or a section string such as
+            ``ddim50``); spacing default ``leading`` (or the config file's).
+        from_file: a diffusers ``scheduler_config.json`` (or a folder holding one).
+        betas_file, alpha_bars_file: a custom schedule from a file of numbers.
+        **params: the kind's own parameters (``beta_start``, ``beta_end``, ``s``, ...).
+
+    Raises:
+        ParameterError: conflicting or out-of-range choices. ScheduleError: bad parameters.
+    """
+    request = ScheduleRequest(
+        kind=kind, timesteps=timesteps, params=dict(params),
+        from_file=None if from_file is None else str(from_file),
+        betas_file=None if betas_file is None else str(betas_file),
+        alpha_bars_file=None if alpha_bars_file is None else str(alpha_bars_file),
+        zero_terminal_snr=zero_terminal_snr, logsnr_shift=logsnr_shift,
+        steps=None if steps is None else str(steps), spacing=spacing, steps_offset=steps_offset,
+    )  # fmt: skip
+    return build_schedule(request).schedule
+
+
+def load(
+    path: str | os.PathLike[str],
+    *,
+    device: DeviceLike = "cpu",
+    dtype: DtypeLike | None = None,
+    **options: Any,
+) -> LoadedModel:
+    """Open a checkpoint of any format `ddpm` opens (native, TorchScript, ``.pt2``, diffusers).
+
+    Args:
+        path: the checkpoint file or folder.
+        device, dtype: where and in which dtype the model runs (default: CPU, the file's dtype;
+            the schedule stays float64).
+        **options: the loader's keyword parameters (:func:`ddpmcli.checkpoints.load_checkpoint`):
+            ``trust_program``, ``kind``, ``timesteps``, ``prediction_type``, ``data_shape``,
+            ``data_range``, ``learned_variance``, ``schedule``, ...
+
+    Raises:
+        CheckpointError: one line saying what is wrong with the file (or which parameter to pass).
+    """
+    return load_checkpoint(
+        path,
+        device=resolve_device(device),
+        dtype=None if dtype is None else resolve_dtype(dtype),
+        **options,
+    )
+
+
+def _module_state(module: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Where a module's parameters (or buffers) live and their floating dtype (CPU/float32 for
+    a module without any)."""
+    for tensor in [*module.parameters(), *module.buffers()]:
+        if tensor.is_floating_point():
+            return tensor.device, tensor.dtype
+    return torch.device("cpu"), torch.float32
+
+
+def _output_tensor(out: Any) -> Any:
+    """A model's output as a tensor: diffusers' ``UNet2DOutput`` (``.sample``) and tuples
+    (first item) are unwrapped; anything else is left for the shape check to refuse."""
+    if isinstance(out, Tensor):
+        return out
+    if isinstance(out, tuple | list) and out and isinstance(out[0], Tensor):
+        return out[0]
+    sample_field = getattr(out, "sample", None)
+    return sample_field if isinstance(sample_field, Tensor) else out
+
+
+def _module_denoiser(module: nn.Module) -> Callable[[Tensor, Tensor], Tensor]:
+    """``module(x_t, t)`` in eval mode, the module's own mode restored after the call."""
+
+    def denoise(x_t: Tensor, t: Tensor) -> Tensor:
+        training = module.training
+        module.eval()
+        try:
+            return _output_tensor(module(x_t, t))
+        finally:
+            module.train(training)
+
+    return denoise
+
+
+def _module_mover(
+    module: nn.Module,
+) -> Callable[[torch.device, torch.dtype | None], Callable[[Tensor, Tensor], Tensor]]:
+    """Moves a wrapped module: itself where it already is, else a moved copy (``nn.Module.to``
+    acts in place, and a training loop's module must not change device or dtype under it)."""
+
+    def move(device: torch.device, dtype: torch.dtype | None) -> Callable[[Tensor, Tensor], Tensor]:
+        here, own = _module_state(module)
+        same_device = here == device or (here.type == device.type and device.index is None)
+        if same_device and (dtype is None or dtype == own):
+            return _module_denoiser(module)
+        moved = copy.deepcopy(module)
+        if dtype is None:
+            moved.to(device=device)
+        else:
+            moved.to(device=device, dtype=dtype)
+        return _module_denoiser(moved)
+
+    return move
+
+
+def _callable_mover(
+    fn: Callable[[Tensor, Tensor], Any],
+) -> Callable[[torch.device, torch.dtype | None], Callable[[Tensor, Tensor], Tensor]]:
+    """A plain callable cannot be moved: it is called with x_t on the device and in the dtype
+    of the run, and must cope."""
+
+    def denoise(x_t: Tensor, t: Tensor) -> Tensor:
+        return _output_tensor(fn(x_t, t))
+
+    return lambda device, dtype: denoise
+
+
+def wrap(
+    module: nn.Module | Callable[[Tensor, Tensor], Any],
+    *,
+    schedule: core.Schedule,
+    prediction_type: str = "epsilon",
+    data_shape: Sequence[int],
+    data_range: tuple[float, float] = (-1.0, 1.0),
+    learned_variance: bool = False,
+    reference_samples: Tensor | None = None,
+    name: str | None = None,
+    check: bool = True,
+) -> LoadedModel:
+    """An in-memory model (an ``nn.Module`` or any callable) as a :class:`LoadedModel`.
+
+    ``module(x_t, t)`` takes ``x_t`` ``[B, *data_shape]`` and ``t`` int64 ``[B]`` (the
+    schedule's model timesteps, 0-based) and returns the prediction ``[B, *data_shape]`` (with
+    the variance values appended along dim 1 when ``learned_variance``); a diffusers output
+    (``.sample``) or a tuple (its first item) is unwrapped. A module runs in eval mode (its own
+    mode is restored after each call) on its own device and dtype unless a call asks for
+    others (then on a copy).
+
+    Args:
+        schedule: the training schedule (:func:`schedule`).
+        prediction_type: ``epsilon``, ``sample`` or ``v_prediction`` (aliases eps, x0, v).
+        data_shape: one sample's shape, ``(D,)`` or ``(C, H, W)``.
+        data_range: the data's range (what clipping and ``clip_fraction`` refer to).
+        learned_variance: the output holds improved-diffusion's variance values too.
+        reference_samples: data ``[N, *data_shape]`` used when no data are given.
+        name: shown as the model's name in ``info``.
+        check: one forward pass on two distinct rows to check the output shape.
+
+    Raises:
+        ParameterError: a bad prediction type, data shape or range. CheckpointError: the
+            output shape does not fit (``check``).
+    """
+    pred = prediction_type_of(prediction_type) if isinstance(prediction_type, str) else None
+    if pred is None:
+        raise ParameterError(
+            f"{{prediction_type}} {verbatim(repr(prediction_type))} is unknown; allowed: "
+            f"{prediction_type_choices()}"
+        )
+    if not isinstance(schedule, core.Schedule):
+        raise ParameterError("{schedule} must be a ddpmcli schedule (ddpmcli.schedule(...))")
+    shape = limits.check_sample_shape(tuple(data_shape), "{data_shape}", error=ParameterError)
+    lo, hi = (float(v) for v in data_range)
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+        raise ParameterError(f"{{data_range}} [{lo}, {hi}]: want finite lo < hi")
+    if isinstance(module, nn.Module):
+        device, dtype = _module_state(module)
+        mover = _module_mover(module)
+        denoiser = _module_denoiser(module)
+        kind = type(module).__name__
+    elif callable(module):
+        device, dtype = torch.device("cpu"), torch.float32
+        mover = _callable_mover(module)
+        denoiser = mover(device, None)
+        kind = getattr(module, "__name__", type(module).__name__)
+    else:
+        raise ParameterError(f"{{module}} must be an nn.Module or a callable, got {type(module)}")
+    finished = (schedule, pred, bool(learned_variance), shape, (lo, hi))
+    info = {"format": "in-memory", "architecture": kind, "path": name or kind}
+    model = loaded_model(denoiser, finished, info, references=reference_samples, mover=mover)
+    model.device, model.dtype = device, dtype
+    if check:
+        check_output_shape(model, name or kind)
+    return model
+
+
+def _run_place(
+    model: LoadedModel, device: DeviceLike | None, dtype: DtypeLike | None
+) -> tuple[torch.device, torch.dtype]:
+    """The device and dtype a run uses: the given ones, else the model's own."""
+    dev = model.device if device is None else resolve_device(device)
+    return dev, model.dtype if dtype is None else resolve_dtype(dtype)
+
+
+def _data(
+    model: LoadedModel, x0: Data | Any, n: int | None, seed: int, compare_optimal: bool = False
+) -> tuple[Tensor, OptimalDenoiser | None]:
+    """The samples a run evaluates: a tensor (or array) as given, else the first ``n`` of a
+    data source or of the reference samples (:func:`ddpmcli.run.reconstruction_data`)."""
+    if x0 is None or isinstance(x0, str | os.PathLike):
+        picked = reconstruction_data(
+            model, None if x0 is None else os.fspath(x0), n=n if n is not None else 64,
+            seed=seed, compare_optimal=compare_optimal,
+        )  # fmt: skip
+        return picked.x0, picked.optimal
+    data = torch.as_tensor(x0)
+    if n is not None:
+        data = data[:n]
+    optimal = OptimalDenoiser.from_points(data) if compare_optimal else None
+    return data, optimal
+
+
+def reconstruct(
+    model: LoadedModel,
+    x0: Data | Any = None,
+    t: Sequence[int] | int | None = None,
+    *,
+    seed: int = 0,
+    clip: bool = True,
+    n: int | None = None,
+    batch_size: int | None = None,
+    device: DeviceLike | None = None,
+    dtype: DtypeLike | None = None,
+    per_sample: bool = False,
+    compare_optimal: OptimalDenoiser | bool | None = None,
+    observers: Sequence[Observer] = (),
+    ranks: Ranks | None = None,
+) -> ReconstructionResult:
+    """Noise ``x0`` to ``x_t`` at each ``t``, let the model predict, rebuild x0, measure: the
+    numbers of `ddpm reconstruct` (:func:`ddpmcli.run.reconstruction_sweep`).
+
+    Each sample keeps one noise (from ``seed`` and its index) at every t. ``r.rows`` holds one
+    dict per t with the CLI's columns (``t, alpha_bar, snr, mse, psnr, eps_mse,
+    clip_fraction``, plus ``optimal_mse, optimal_eps_mse, excess_mse, excess_stderr`` with an
+    optimal denoiser); ``r.sample_rows`` one per (t, sample) with ``per_sample``.
+
+    Args:
+        model: from :func:`load` or :func:`wrap`.
+        x0: a tensor ``[n, *data_shape]``, a data source (built-in name or path) or None (the
+            reference samples).
+        t: schedule indices (default: 10 spread from 0 to T-1).
+        seed: fixes the noise.
+        clip: clip x0_hat to the data range before ``mse``.
+        n: use the first ``n`` samples (a data source: default 64).
+        batch_size: (sample, t) pairs per model call (default: adaptive).
+        device, dtype: where and in which dtype the model runs (default: the model's own).
+        compare_optimal: an :class:`~ddpmcli.run.OptimalDenoiser`, or True for the data's own
+            (the closed form of ``gmm``, else the finite set of the given samples).
+        observers: called with progress events.
+        ranks: a torchrun process group (the CLI's); None: one process.
+    """
+    wanted = compare_optimal is True
+    data, optimal = _data(model, x0, n, seed, compare_optimal=wanted)
+    if isinstance(compare_optimal, OptimalDenoiser):
+        optimal = compare_optimal
+    steps = model.schedule.num_steps
+    if t is None:
+        indices = default_timesteps(steps)
+    elif isinstance(t, int):
+        indices = [t]
+    else:
+        indices = [int(v) for v in t]
+    dev, mdtype = _run_place(model, device, dtype)
+    return reconstruction_sweep(
+        model, data, indices, batch_size=batch_size, seed=seed, device=dev, dtype=mdtype,
+        clip=clip, per_sample=per_sample, compare_optimal=optimal, observers=observers,
+        ranks=ranks,
+    )  # fmt: skip
+
+
+@dataclass
+class SampleResult:
+    """What :func:`sample` returns: ``samples`` ``[n, *data_shape]`` (CPU; float32, float64 when
+    the model runs in float64), ``rows`` (one dict per step, the CLI's columns), the trajectory
+    frames (``trajectory_every``), the schedule that ran (respaced) and the settings."""
+
+    samples: Tensor
+    rows: list[dict[str, Any]]
+    schedule: core.Schedule
+    settings: SampleSettings
+    trajectory: list[TrajectoryFrame] = field(default_factory=list)
+    data_variance: float = 1.0
+
+
+def sampling_schedule(
+    model: LoadedModel, steps: int | str | None, spacing: SpacingName | None = None
+) -> core.Schedule:
+    """The schedule :func:`sample` runs: the model's, respaced to ``steps`` with ``spacing``,
+    else the checkpoint's own spacing (a diffusers scheduler's ``timestep_spacing``, with its
+    ``steps_offset``), else ``trailing`` (it visits t = T-1)."""
+    own = model.info.get("scheduler_timestep_spacing")
+    chosen = spacing or (own if own in SPACINGS else DEFAULT_SPACING)
+    offset = int(model.info.get("scheduler_steps_offset") or 0)
+    return respaced_schedule(model.schedule, steps, chosen, offset)
+
+
+def sample(
+    model: LoadedModel,
+    n: int = 64,
+    steps: int | str | None = None,
+    sampler: SamplerName | str = "ddpm",
+    *,
+    seed: int = 0,
+    variance: VarianceType = "fixed_small",
+    eta: float = 0.0,
+    spacing: SpacingName | None = None,
+    clip: bool = True,
+    dynamic_threshold: float | None = None,
+    batch_size: int | None = None,
+    device: DeviceLike | None = None,
+    dtype: DtypeLike | None = None,
+    data_variance: float | None = None,
+    trajectory_every: int | None = None,
+    trajectory_samples: int | None = None,
+    observers: Sequence[Observer] = (),
+    ranks: Ranks | None = None,
+) -> SampleResult:
+    """Draw ``n`` samples and watch every step: the numbers of `ddpm sample`.
+
+    Args:
+        model: from :func:`load` or :func:`wrap`.
+        n: number of samples.
+        steps: respace to this many steps (or a section string such as ``ddim50``); None: all T.
+        sampler: ``ddpm`` (ancestral) or ``ddim``, or one registered with
+            :func:`ddpmcli.run.register_sampler`.
+        seed: same seed, same samples (whatever ``batch_size``).
+        variance: the ancestral variance (``fixed_small``, ``fixed_large``, ``learned_range``).
+        eta: DDIM's noise scale (ddim only).
+        spacing: how ``steps`` are spread (default: the checkpoint's own, else trailing).
+        clip: clip x0_hat to the data range before each step.
+        dynamic_threshold: a percentile in (0, 1) for dynamic thresholding instead of ``clip``.
+        batch_size: samples per model call (default: all).
+        device, dtype: where and in which dtype the model runs (default: the model's own).
+        data_variance: var(x0) for ``xt_std_expected`` (default: the reference samples', else 1).
+        trajectory_every, trajectory_samples: keep x0_hat every K steps, of the first samples.
+        observers: called with every step's event; ranks: a torchrun process group.
+
+    Raises:
+        ParameterError: settings that cannot run (before any model call).
+        NonFiniteSampleError, ModelFailure: the run failed; ``rows`` holds the steps so far.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ParameterError(f"{{n}} must be an integer of at least 1, got {n!r}")
+    settings = SampleSettings(
+        sampler=sampler, variance=variance, eta=float(eta), clip=clip,
+        dynamic_threshold=dynamic_threshold, data_range=model.data_range,
+        trajectory_every=trajectory_every,
+        trajectory_samples=trajectory_samples if trajectory_samples is not None
+        else (8 if len(model.data_shape) > 1 else min(n, 2000)),
+    )  # fmt: skip
+    check_sample_settings(settings, learned_variance=model.learned_variance)
+    sched = sampling_schedule(model, steps, spacing)
+    if data_variance is None:
+        refs = model.reference_samples
+        data_variance = 1.0 if refs is None else float(refs.double().var(correction=0))
+    dev, mdtype = _run_place(model, device, dtype)
+    if (dev, mdtype) != (model.device, model.dtype):
+        model = model.to(dev, mdtype)
+    run = run_sample(
+        model.predict, sched, model.prediction_type, model.data_shape, n=n, settings=settings,
+        seed=seed, batch_size=batch_size, device=model.device, model_dtype=model.dtype,
+        data_variance=data_variance, observers=observers, ranks=ranks,
+    )  # fmt: skip
+    return SampleResult(
+        samples=run.samples, rows=run.rows, schedule=sched, settings=settings,
+        trajectory=run.trajectory, data_variance=run.data_variance,
+    )  # fmt: skip
+
+
+def nll(
+    model: LoadedModel,
+    x0: Data | Any = None,
+    *,
+    seed: int = 0,
+    t: Sequence[int] | None = None,
+    t_random: int | None = None,
+    variance: VarianceType = "fixed_small",
+    decoder: DecoderName | str = "auto",
+    clip: bool = False,
+    n: int | None = None,
+    batch_size: int | None = None,
+    device: DeviceLike | None = None,
+    dtype: DtypeLike | None = None,
+    observers: Sequence[Observer] = (),
+    ranks: Ranks | None = None,
+) -> BoundResult:
+    """The variational bound on ``-log p(x0)`` term by term, in bits/dim: the numbers of
+    `ddpm nll` (:func:`ddpmcli.run.variational_bound`).
+
+    ``r.rows``: one dict per evaluated t (``term`` kl, or the decoder at t = 0), then ``prior``,
+    then ``total`` (every t) or ``total_estimate`` (``t_random``); ``r.total_bpd`` and
+    ``r.total_stderr`` repeat the total (None for a fixed subset ``t``); ``r.per_sample_total``
+    each sample's.
+
+    Args:
+        model: from :func:`load` or :func:`wrap`.
+        x0: a tensor ``[n, *data_shape]``, a data source, or None (the reference samples).
+        seed: fixes the noise of every (sample, t) pair (and the choice of ``t_random``).
+        t: a fixed subset of t (terms only, no total); t_random: about K t drawn in strata (an
+            unbiased estimate of the total). Default: every t, the bound itself.
+        variance: the model's reverse variance (``fixed_small``, ``fixed_large``,
+            ``learned_range``).
+        decoder: the t = 0 term: ``discretized`` (8-bit data), ``discretized_tanh``,
+            ``continuous``, or ``auto`` (discretized for images, continuous for vectors).
+        clip: clip x0_hat to the data range.
+        n: use the first ``n`` samples (a data source: default 64).
+        batch_size, device, dtype, observers, ranks: as for :func:`reconstruct`.
+    """
+    if t is not None and t_random is not None:
+        raise ParameterError("{t} and {t_random} cannot be used together")
+    data, _ = _data(model, x0, n, seed)
+    num = model.schedule.num_steps
+    strata = None
+    indices: list[int] | None = None
+    if t_random is not None:
+        strata = random_strata(num, t_random, seed)
+        indices = strata.indices
+    elif t is not None:
+        indices = [int(v) for v in t]
+    dec = decoder if decoder != "auto" else ("discretized" if data.ndim == 4 else "continuous")
+    dev, mdtype = _run_place(model, device, dtype)
+    if (dev, mdtype) != (model.device, model.dtype):
+        model = model.to(dev, mdtype)
+    return variational_bound(
+        model.predict, model.schedule, model.prediction_type, data, t_indices=indices,
+        strata=strata, variance=variance, learned_variance=model.learned_variance, decoder=dec,
+        clip=clip, data_range=model.data_range, seed=seed, batch_size=batch_size,
+        device=model.device, model_dtype=model.dtype, observers=observers, ranks=ranks,
+    )  # fmt: skip
