@@ -20,6 +20,7 @@ from ddpmcli.cli.common import (
     LearnedOpt,
     MetaKindOpt,
     MetaTimestepsOpt,
+    ModelOpt,
     NoHeaderOpt,
     PredictionTypeOpt,
     PredOpt,
@@ -34,6 +35,7 @@ from ddpmcli.cli.common import (
     parse_shape,
     select_columns,
 )
+from ddpmcli.cli.completion import complete_data
 from ddpmcli.cli.data_options import DataRangeOpt, TrainRangeOpt, parse_range, warn_outside_range
 from ddpmcli.cli.schedule_options import NO_FLAGS, ScheduleFlags, schedule_options
 from ddpmcli.errors import UsageError
@@ -110,6 +112,7 @@ def info(
     data_range: DataRangeOpt = None,
     learned_variance: LearnedOpt = None,
     trust_program: TrustOpt = False,
+    model_factory: ModelOpt = None,
 ) -> None:
     """What a checkpoint holds: format, network and size, schedule (kind, T, terminal SNR),
     prediction type, data shape and range, file size. One row per checkpoint.
@@ -130,7 +133,7 @@ def info(
     check_format_flags(fmt, no_header)
     cols = select_columns(columns, INFO_COLUMNS)
     options = loader_options(
-        kind, timesteps, prediction_type, data_shape, learned_variance, trust_program
+        kind, timesteps, prediction_type, data_shape, learned_variance, trust_program, model_factory
     )
     options["data_range"] = parse_range(data_range)
     # never runs the model: metadata, parameter counts and shapes from the file itself
@@ -195,6 +198,7 @@ def train(
             metavar="NAME|PATH",
             help="A built-in set (moons, swiss_roll, gmm, shapes) or a .npy/.npz file or image "
             "folder (values mapped to [-1, 1]; uint8 from 0-255).",
+            shell_complete=complete_data,
         ),
     ] = "moons",
     out: Annotated[

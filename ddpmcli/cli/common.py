@@ -27,6 +27,7 @@ from ddpmcli.choices import (
     prediction_type_choices,
     prediction_type_of,
 )
+from ddpmcli.cli.completion import complete_columns, complete_data, complete_kind
 from ddpmcli.errors import UsageError
 
 PLOT_SUFFIXES: tuple[str, ...] = (".png", ".svg", ".pdf")
@@ -48,7 +49,11 @@ NoHeaderOpt = Annotated[
 ColumnsOpt = Annotated[
     str | None,
     typer.Option(
-        "--columns", "-c", metavar="A,B", help="Comma-separated columns to print, in order."
+        "--columns",
+        "-c",
+        metavar="A,B",
+        help="Comma-separated columns to print, in order.",
+        shell_complete=complete_columns,
     ),
 ]
 TSelectOpt = Annotated[
@@ -107,7 +112,13 @@ CheckpointArg = Annotated[
 ]
 MetaKindOpt = Annotated[
     str | None,
-    typer.Option("--kind", "-k", help="Training schedule kind.", rich_help_panel=PANEL_META),
+    typer.Option(
+        "--kind",
+        "-k",
+        help="Training schedule kind.",
+        rich_help_panel=PANEL_META,
+        shell_complete=complete_kind,
+    ),
 ]
 MetaTimestepsOpt = Annotated[
     int | None,
@@ -157,6 +168,7 @@ EvalDataOpt = Annotated[
         "--data",
         help="An .npy/.npz file, an image folder or a built-in set (moons, swiss_roll, gmm, "
         "shapes). Default: the checkpoint's reference samples.",
+        shell_complete=complete_data,
     ),
 ]
 LearnedOpt = Annotated[
@@ -173,6 +185,18 @@ TrustOpt = Annotated[
         "--trust-program",
         help="Load TorchScript checkpoints, which run their own code when loaded: only for files "
         "you trust (also DDPM_TRUST_PROGRAM=1).",
+    ),
+]
+
+ModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        metavar="MODULE:FACTORY",
+        help="Your own architecture: FACTORY in an importable module (pkg.nets:make) or a file "
+        "(adapters/mine.py:make) is called with the checkpoint path and a safe weight loader and "
+        "returns the nn.Module (and optionally its metadata). Importing that module runs its "
+        "code, your explicit choice; the weights are still read without running any.",
     ),
 ]
 
@@ -331,10 +355,11 @@ def loader_options(
     data_shape: str | None,
     learned_variance: bool | None = None,
     trust_program: bool = False,
+    model: str | None = None,
 ) -> dict[str, Any]:
-    """The metadata flags (--kind, -T, --prediction-type, --data-shape, --learned-variance) and
-    --trust-program as keyword arguments for `checkpoints.load_checkpoint`; None leaves a field to
-    the checkpoint (and trust to DDPM_TRUST_PROGRAM)."""
+    """The metadata flags (--kind, -T, --prediction-type, --data-shape, --learned-variance),
+    --trust-program and --model as keyword arguments for `checkpoints.load_checkpoint`; None
+    leaves a field to the checkpoint (and trust to DDPM_TRUST_PROGRAM)."""
     return {
         "kind": kind,
         "timesteps": timesteps,
@@ -342,6 +367,7 @@ def loader_options(
         "data_shape": parse_shape(data_shape),
         "learned_variance": learned_variance,
         "trust_program": True if trust_program else None,
+        "model": model,
     }
 
 

@@ -23,6 +23,7 @@ from ddpmcli.cli.common import (
     FormatOpt,
     MetaKindOpt,
     MetaTimestepsOpt,
+    ModelOpt,
     NoHeaderOpt,
     PlotOpt,
     PredOpt,
@@ -89,6 +90,7 @@ def reconstruct(
     data_shape: ShapeOpt = None,
     data_range: DataRangeOpt = None,
     trust_program: TrustOpt = False,
+    model_factory: ModelOpt = None,
     threads: ThreadsOpt = None,
 ) -> None:
     """Reconstruct x0 from x_t at each t: mse, psnr, eps_mse, clip_fraction per noise level.
@@ -123,7 +125,14 @@ def reconstruct(
     ranks, run_device = join_ranks(device)
     model = load_checkpoint(
         checkpoint,
-        **loader_options(kind, timesteps, prediction_type, data_shape, trust_program=trust_program),
+        **loader_options(
+            kind,
+            timesteps,
+            prediction_type,
+            data_shape,
+            trust_program=trust_program,
+            model=model_factory,
+        ),
         **data_load_options(checkpoint, data, data_shape, data_range),
     )
     use_threads(threads, model, ranks)

@@ -31,6 +31,7 @@ from ddpmcli.cli.common import (
     FormatOpt,
     MetaKindOpt,
     MetaTimestepsOpt,
+    ModelOpt,
     NoHeaderOpt,
     PlotOpt,
     PredOpt,
@@ -50,6 +51,7 @@ from ddpmcli.cli.common import (
     select_rows,
     use_threads,
 )
+from ddpmcli.cli.completion import complete_data
 from ddpmcli.cli.data_options import DataRangeOpt, data_load_options, warn_outside_range
 from ddpmcli.errors import UsageError
 from ddpmcli.output import check_writable, emit, note, progress
@@ -101,13 +103,17 @@ def _load(
     trust_program: bool = False,
     data: str | None = None,
     data_range: str | None = None,
+    model_factory: str | None = None,
 ) -> LoadedModel:
     from ddpmcli.checkpoints import load_checkpoint
     from ddpmcli.run import resolve_device, resolve_dtype
 
     return load_checkpoint(
         checkpoint,
-        **loader_options(kind, timesteps, prediction_type, data_shape, trust_program=trust_program),
+        **loader_options(
+            kind, timesteps, prediction_type, data_shape,
+            trust_program=trust_program, model=model_factory,
+        ),
         **data_load_options(checkpoint, data, data_shape, data_range),
         device=resolve_device(device), dtype=resolve_dtype(dtype),
     )  # fmt: skip
@@ -223,6 +229,7 @@ def sample(
             metavar="NAME|PATH",
             help="Reference samples to measure the samples against (a data file or built-in "
             "set); default: the checkpoint's own (train --references N holds them out).",
+            shell_complete=complete_data,
         ),
     ] = None,
     old: Annotated[str | None, typer.Option("--reference", hidden=True)] = None,
@@ -243,6 +250,7 @@ def sample(
     data_shape: ShapeOpt = None,
     data_range: DataRangeOpt = None,
     trust_program: TrustOpt = False,
+    model_factory: ModelOpt = None,
     threads: ThreadsOpt = None,
 ) -> None:
     """Sample from a checkpoint and show every step: one row per step.
@@ -288,7 +296,7 @@ def sample(
     ranks, run_device = join_ranks(device)
     model = _load(
         checkpoint, run_device, dtype, kind, timesteps, prediction_type, data_shape, trust_program,
-        data=reference, data_range=data_range,
+        data=reference, data_range=data_range, model_factory=model_factory,
     )  # fmt: skip
     use_threads(threads, model, ranks)
     limits.check_run_sizes(model.data_shape, n=n, batch_size=batch_size, one_batch_default=True)
@@ -503,6 +511,7 @@ def nll(
     data_shape: ShapeOpt = None,
     data_range: DataRangeOpt = None,
     trust_program: TrustOpt = False,
+    model_factory: ModelOpt = None,
     threads: ThreadsOpt = None,
 ) -> None:
     """The variational bound of a checkpoint on data, term by term, in bits/dim.
@@ -550,7 +559,7 @@ def nll(
     ranks, run_device = join_ranks(device)
     model = _load(
         checkpoint, run_device, dtype, kind, timesteps, prediction_type, data_shape, trust_program,
-        data=data, data_range=data_range,
+        data=data, data_range=data_range, model_factory=model_factory,
     )  # fmt: skip
     use_threads(threads, model, ranks)
     num = model.schedule.num_steps
