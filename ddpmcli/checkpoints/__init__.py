@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from ddpmcli import core, limits
+from ddpmcli.checkpoints import conditioning
 from ddpmcli.checkpoints.diffusers import DIFFUSERS_HINT, load_diffusers
 from ddpmcli.checkpoints.loaded import Denoiser, LoadedModel, check_output_shape
 from ddpmcli.checkpoints.meta import (
@@ -96,6 +97,9 @@ def load_checkpoint(
     trust_program: bool | None = None,
     inspect_only: bool = False,
     model: str | None = None,
+    class_label: str | int | None = None,
+    guidance_scale: float | None = None,
+    label_seed: int = 0,
 ) -> LoadedModel:
     """Load a checkpoint of any supported format as a :class:`LoadedModel`.
 
@@ -115,6 +119,9 @@ def load_checkpoint(
             to run). What ``ddpm info`` uses.
         model: ``MODULE:FACTORY``, the user's own architecture (:mod:`.user`): the factory is
             imported and called with ``path`` and a safe weight loader, whatever the format.
+        class_label, guidance_scale, label_seed: a class-conditional model's labels (``K``,
+            ``A-B``, ``all``, ``random`` keyed by ``label_seed`` and the sample index, ``null``;
+            default its null label) and classifier-free guidance scale (:mod:`.conditioning`).
 
     Raises:
         CheckpointError: one line saying what is wrong (or which flag to pass).
@@ -139,6 +146,9 @@ def load_checkpoint(
         loaded = load_diffusers(p, given)
     loaded.info.setdefault("path", str(p))
     loaded.info.setdefault("file_size", _size(p))
+    loaded = conditioning.attach(
+        loaded, class_label, guidance_scale, label_seed, str(p), inspect_only=inspect_only
+    )
     if inspect_only:
         return loaded
     if device != "cpu" or dtype not in (None, torch.float32):

@@ -163,8 +163,7 @@ def load_diffusers(p: Path, given: _Meta) -> LoadedModel:
             f"{where}: diffusers model {class_name} is not supported "
             "(only the unconditional UNet2DModel)"
         )
-    if config.get("class_embed_type") or config.get("num_class_embeds"):
-        raise CheckpointError(f"{where}: class-conditional UNet2DModel is not supported")
+    classes = _unet_classes(config, unet_dir / "config.json")
     with _offline_quiet():
         try:
             unet = diffusers.UNet2DModel.from_config(config)
@@ -196,6 +195,8 @@ def load_diffusers(p: Path, given: _Meta) -> LoadedModel:
         "scheduler_config": None if scheduler_file is None else str(scheduler_file),
         **{f"scheduler_{k}": v for k, v in file_meta.extra.items()},
     }
+    if classes is not None:
+        info["num_classes"], info["null_label"] = classes
     return loaded_model(
         _DiffusersDenoiser(unet),
         finished,
@@ -204,14 +205,45 @@ def load_diffusers(p: Path, given: _Meta) -> LoadedModel:
     )
 
 
+def _unet_classes(config: Mapping[str, Any], where: Path) -> tuple[int, int | None] | None:
+    """``(num_classes, null_label)`` of a class-conditional UNet2DModel, None if unconditional.
+
+    Its class embedding is a table of ``num_class_embeds`` rows (``class_embed_type`` null);
+    diffusers declares no null label, so a config may name one as ``null_class_label``: the
+    table's last row, which leaves ``num_class_embeds - 1`` classes.
+    """
+    kind = config.get("class_embed_type")
+    num = config.get("num_class_embeds")
+    if kind is None and num is None:
+        return None
+    if kind is not None:
+        raise CheckpointError(
+            f"{where}: class_embed_type {kind!r} is not supported (only a class embedding table: "
+            "num_class_embeds with class_embed_type null)"
+        )
+    if isinstance(num, bool) or not isinstance(num, int) or not 1 <= num <= 1 << 20:
+        raise CheckpointError(f"{where}: num_class_embeds must be an integer in 1..{1 << 20}")
+    null = config.get("null_class_label")
+    if null is None:
+        return num, None
+    if isinstance(null, bool) or null != num - 1 or num < 2:
+        raise CheckpointError(
+            f"{where}: null_class_label must be the last class embedding, {num - 1}, got {null!r}"
+        )
+    return num - 1, num - 1
+
+
 class _DiffusersDenoiser:
-    """``unet(x_t, t).sample`` as a plain callable."""
+    """``unet(x_t, t).sample`` as a plain callable; ``labels`` for a class-conditional one."""
 
     def __init__(self, unet: Any) -> None:
         self.unet = unet
 
-    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
-        out: Tensor = self.unet(x, t, return_dict=False)[0]
+    def __call__(self, x: Tensor, t: Tensor, labels: Tensor | None = None) -> Tensor:
+        if labels is None:
+            out: Tensor = self.unet(x, t, return_dict=False)[0]
+        else:
+            out = self.unet(x, t, class_labels=labels, return_dict=False)[0]
         return out
 
 

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ddpmcli import core
+from ddpmcli.checkpoints.conditioning import Conditioning
 from ddpmcli.checkpoints.guard import model_call
 from ddpmcli.checkpoints.unpickler import one_line
 from ddpmcli.errors import CheckpointError, verbatim
@@ -43,15 +44,26 @@ class LoadedModel:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
     _mover: _Mover | None = field(default=None, repr=False)
+    conditioning: Conditioning | None = None
 
-    def predict(self, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor | None]:
+    def predict(
+        self, x_t: Tensor, t: Tensor, *, sample_index: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
         """``(prediction, v)``: the model output split along dim 1; ``v`` is None unless learned.
 
         ``v`` is improved-diffusion's variance interpolation value (nominally in [-1, 1]) for
-        ``core.Schedule.model_log_variance("learned_range", ...)``.
+        ``core.Schedule.model_log_variance("learned_range", ...)``. ``sample_index`` (int64
+        ``[B]``, the global sample index of each row) picks each row's label on a conditional
+        model (:mod:`.conditioning`; default ``0..B-1``); an unconditional model ignores it.
         """
+        t = t.to(device=x_t.device, dtype=torch.long)
         with model_call():
-            out = self.denoiser(x_t, t.to(device=x_t.device, dtype=torch.long))
+            if self.conditioning is None:
+                out = self.denoiser(x_t, t)
+            else:
+                out = self.conditioning.call(
+                    self.denoiser, x_t, t, sample_index, learned_variance=self.learned_variance
+                )
         if not self.learned_variance:
             return out, None
         channels = out.shape[1] // 2
@@ -82,6 +94,7 @@ def loaded_model(
     *,
     references: Tensor | None = None,
     mover: _Mover | None = None,
+    conditioning: Conditioning | None = None,
 ) -> LoadedModel:
     """The one place a :class:`LoadedModel` is built: every format's loader hands it its
     denoiser, finished metadata, ``info`` row and mover."""
@@ -96,6 +109,7 @@ def loaded_model(
         reference_samples=references,
         info=info,
         _mover=mover,
+        conditioning=conditioning,
     )
 
 
@@ -141,7 +155,10 @@ def check_output_shape(loaded: LoadedModel, where: str) -> None:
     t = torch.linspace(0, last, CHECK_BATCH).round().to(device=loaded.device, dtype=torch.long)
     try:
         with torch.inference_mode(), model_call():
-            out = loaded.denoiser(x, t)
+            if loaded.conditioning is None:
+                out = loaded.denoiser(x, t)
+            else:  # the labels of samples 0..B-1, guided if asked: the run's own call
+                out = loaded.conditioning.call(loaded.denoiser, x, t, None, learned_variance=False)
     except Exception as exc:  # the model's own error: shape mismatch inside it, most likely
         raise CheckpointError.naming(
             f"{verbatim(where)}: the model fails on inputs of data shape "

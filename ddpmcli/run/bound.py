@@ -209,7 +209,9 @@ def _chunk_terms(setup: _BoundSetup, start: int, stop: int) -> tuple[Tensor, Ten
     t_model = sched.timesteps[tb]
     ts = sorted({setup.selected[p % k] for p in range(start, stop)})
     where = (setup.model_ts[ts[0]], setup.model_ts[ts[-1]])
-    out, var_values = call_model(setup.predict, x_t.to(setup.model_dtype), t_model, t=where)
+    out, var_values = call_model(
+        setup.predict, x_t.to(setup.model_dtype), t_model, t=where, sample_index=s_idx
+    )
     out = out.to(dtype)
     x0_hat = sched.predict_x0(out, x_t, tb, setup.kind)
     if setup.clip:

@@ -8,6 +8,8 @@ frames, check for NaN or drive a progress bar, so the loops themselves only step
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -131,6 +133,25 @@ def _one_line(exc: BaseException) -> str:
     return text if ":" in text.split(" ", 1)[0] else f"{type(exc).__name__}: {text}".rstrip(": ")
 
 
+@functools.lru_cache(maxsize=64)
+def _accepts_index(function: Callable[..., Any]) -> bool:
+    try:
+        parameters = inspect.signature(function).parameters
+    except (TypeError, ValueError):  # a builtin or C callable: no keywords of ours
+        return False
+    return "sample_index" in parameters
+
+
+def takes_sample_index(predict: Callable[..., Any]) -> bool:
+    """Whether ``predict`` takes a ``sample_index`` keyword (a bound method is looked up by its
+    function, so one model's calls share the cached answer)."""
+    function = getattr(predict, "__func__", predict)
+    try:
+        return _accepts_index(function)
+    except TypeError:  # unhashable callable
+        return "sample_index" in inspect.signature(predict).parameters
+
+
 def call_model(
     predict: Callable[[Tensor, Tensor], tuple[Tensor, Tensor | None]],
     x_t: Tensor,
@@ -139,10 +160,18 @@ def call_model(
     step: int | None = None,
     t: tuple[int, int] | None = None,
     rows: Sequence[dict[str, Any]] = (),
+    sample_index: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """``predict(x_t, t_model)``; an exception of the model's own becomes one
-    :class:`ModelFailure` line naming where it happened (our own errors pass unchanged)."""
+    :class:`ModelFailure` line naming where it happened (our own errors pass unchanged).
+
+    ``sample_index`` (int64 ``[B]``, each row's global sample index) is passed as a keyword to a
+    ``predict`` that takes one (``LoadedModel.predict``: a conditional model's labels), so the
+    labels follow the sample, not the batch; plain ``(x_t, t)`` callables are called as before.
+    """
     try:
+        if sample_index is not None and takes_sample_index(predict):
+            return predict(x_t, t_model, sample_index=sample_index)  # type: ignore[call-arg]
         return predict(x_t, t_model)
     except DdpmError:
         raise

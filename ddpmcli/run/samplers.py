@@ -326,9 +326,10 @@ class _Loop:
 
 
 def _one_step(
-    loop: _Loop, x: Tensor, i: int, t_model: int, step: int, noise: Tensor | None
+    loop: _Loop, x: Tensor, i: int, t_model: int, step: int, noise: Tensor | None, first: int = 0
 ) -> dict[str, Tensor]:
-    """Run index ``i`` over every batch of ``x``: the step's tensors for the observers."""
+    """Run index ``i`` over every batch of ``x`` (samples ``first ..`` of the run): the step's
+    tensors for the observers."""
     n = x.shape[0]
     dev = x.device
     t_idx = torch.arange(loop.sched.num_steps, device=dev)[i].expand(n)  # a view: no kernel
@@ -338,8 +339,9 @@ def _one_step(
         sl = slice(start, min(start + loop.batch, n))
         xb, tb = x[sl], t_idx[sl]
         out, var_values = call_model(
-            loop.predict, xb.to(loop.model_dtype), t_vec[sl], step=step, t=(t_model, t_model)
-        )
+            loop.predict, xb.to(loop.model_dtype), t_vec[sl], step=step, t=(t_model, t_model),
+            sample_index=torch.arange(first + sl.start, first + sl.stop, device=dev),
+        )  # fmt: skip
         out = out.to(x.dtype)
         x0 = loop.sched.predict_x0(out, xb, tb, loop.kind)
         x0c = _limit_x0(x0, loop.settings)
@@ -522,7 +524,7 @@ def _run_ranks(
             x = randn(shape, gen, dev, dtype)[lo:hi]
             for step, i in enumerate(range(num - 1, -1, -1)):
                 noise = randn(shape, gen, dev, dtype)[lo:hi] if i > 0 and uses_noise else None
-                tensors = _one_step(loop, x, i, timesteps[i], step, noise) if hi > lo else {}
+                tensors = _one_step(loop, x, i, timesteps[i], step, noise, lo) if hi > lo else {}
                 t = (timesteps[i], timesteps[i])
                 moments.add(Event("sample", n * (step + 1), n * num, step, t), tensors)
                 done = ranks.progress((hi - lo) * (step + 1), n * num)

@@ -64,7 +64,9 @@ class SweepModel(Protocol):
     prediction_type: str
     data_range: tuple[float, float]
 
-    def predict(self, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor | None]: ...
+    def predict(
+        self, x_t: Tensor, t: Tensor, *, sample_index: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]: ...
 
     def to(
         self, device: str | torch.device | None = ..., dtype: torch.dtype | None = ...
@@ -240,7 +242,9 @@ def _chunk_metrics(
     sched = run.sched
     x_t = sched.q_sample(x0c, ti, eps)
     where = (run.ts[a // size], run.ts[(b - 1) // size])
-    out, _ = call_model(run.net.predict, x_t.to(run.mdtype), sched.timesteps[ti], t=where)
+    out, _ = call_model(
+        run.net.predict, x_t.to(run.mdtype), sched.timesteps[ti], t=where, sample_index=si + g0
+    )
     out = out.to(x_t.dtype)
     x0_hat = sched.predict_x0(out, x_t, ti, run.pred_type)
     eps_hat = sched.predict_eps(out, x_t, ti, run.pred_type)

@@ -1,0 +1,237 @@
+"""Class labels and classifier-free guidance: the conditioning that lives with a loaded model.
+
+A class-conditional model's denoiser takes ``(x_t, t, labels)``. Which label each row gets is
+decided by a :class:`LabelChoice`, from the row's *global sample index* (the position of the
+sample in the whole run), so batching, chunking and torchrun ranks never change it:
+
+- ``K``: every sample gets label K;
+- ``A-B``: sample i gets ``A + i mod (B - A + 1)`` (``all`` is ``0-(N-1)``);
+- ``random``: sample i gets a label drawn from a counter-based hash of ``(seed, i)``;
+- ``null``: the model's null (unconditional) label.
+
+Classifier-free guidance (Ho & Salimans 2022, eq. 6) with scale ``s``:
+``out = out(null) + s * (out(label) - out(null))``; ``s = 1`` is the conditional output with one
+forward pass. Otherwise the conditional and null rows are concatenated along the batch and run in
+ONE model call. With a learned variance only the prediction channels are guided and the variance
+channels are the conditional rows' (as DiT's ``forward_with_cfg``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, cast
+
+import torch
+from torch import Tensor
+
+from ddpmcli.errors import CheckpointError, ParameterError, verbatim
+
+if TYPE_CHECKING:
+    from ddpmcli.checkpoints.loaded import LoadedModel
+
+ConditionalDenoiser = Callable[[Tensor, Tensor, Tensor], Tensor]
+"""``denoiser(x_t, t, labels)`` with ``labels`` int64 ``[B]``."""
+
+LABEL_FORMS = "K, A-B, all, random or null"
+_MASK = (1 << 64) - 1
+
+
+def _splitmix64(value: int) -> int:
+    """One step of SplitMix64 (Steele, Lea & Flood 2014): a counter-based 64-bit hash."""
+    z = (value + 0x9E3779B97F4A7C15) & _MASK
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK
+    return z ^ (z >> 31)
+
+
+@dataclass(frozen=True)
+class LabelChoice:
+    """Which label sample i gets: ``mode`` is ``fixed``, ``cycle``, ``random`` or ``null``."""
+
+    mode: str
+    first: int = 0
+    last: int = 0
+
+    @classmethod
+    def parse(cls, text: str | int) -> LabelChoice:
+        """``K``, ``A-B``, ``all``, ``random`` or ``null`` (ParameterError naming class_label)."""
+        spec = str(text).strip().lower()
+        if spec in ("random", "null"):
+            return cls(spec)
+        if spec == "all":
+            return cls("cycle", 0, -1)  # -1: the model's last label, filled in by resolve
+        lo, sep, hi = spec.partition("-")
+        try:
+            first = int(lo)
+            last = int(hi) if sep else first
+        except ValueError:
+            raise ParameterError(
+                f"{{class_label}} {verbatim(repr(str(text)))}: want {LABEL_FORMS}"
+            ) from None
+        if first < 0 or last < first:
+            raise ParameterError(
+                f"{{class_label}} {verbatim(repr(str(text)))}: labels are non-negative, "
+                "and A <= B in A-B"
+            )
+        return cls("fixed" if first == last else "cycle", first, last)
+
+    def resolve(self, num_classes: int) -> LabelChoice:
+        """This choice checked against a model with ``num_classes`` labels."""
+        last = num_classes - 1 if self.last == -1 else self.last
+        if self.mode in ("fixed", "cycle") and last >= num_classes:
+            raise ParameterError(
+                f"{{class_label}} {last} is out of range: the model has {num_classes} classes "
+                f"(0..{num_classes - 1})"
+            )
+        return LabelChoice(self.mode, self.first, last)
+
+    def describe(self) -> str:
+        if self.mode == "fixed":
+            return str(self.first)
+        if self.mode == "cycle":
+            return f"{self.first}-{self.last}"
+        return self.mode
+
+
+@dataclass
+class Conditioning:
+    """The labels and guidance of a class-conditional model (see the module docstring).
+
+    ``num_classes`` labels 0..N-1; ``null_label`` the model's unconditional label (None: the
+    model has none, and guidance is refused); ``seed`` keys ``random`` labels.
+    """
+
+    num_classes: int
+    null_label: int | None
+    choice: LabelChoice
+    guidance_scale: float = 1.0
+    seed: int = 0
+    _random: list[int] = field(default_factory=list, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.choice.mode == "null" and self.null_label is None:
+            raise CheckpointError.naming(
+                "{class_label} null: this model has no null (unconditional) label"
+            )
+        if not math.isfinite(self.guidance_scale):
+            raise ParameterError(f"{{guidance_scale}} must be finite, got {self.guidance_scale}")
+        if self.guidance_scale != 1.0 and self.null_label is None:
+            raise CheckpointError.naming(
+                "{guidance_scale} needs a null (unconditional) label, and this model has none "
+                "(its class embedding has only its classes)"
+            )
+
+    def labels(self, sample_index: Tensor) -> Tensor:
+        """int64 labels ``[B]`` for the global sample indices ``[B]`` (on their device)."""
+        idx = sample_index.to(torch.long)
+        choice = self.choice
+        if choice.mode == "fixed":
+            return torch.full_like(idx, choice.first)
+        if choice.mode == "null":
+            return torch.full_like(idx, cast(int, self.null_label))
+        if choice.mode == "cycle":
+            return choice.first + idx % (choice.last - choice.first + 1)
+        top = int(idx.max()) + 1 if idx.numel() else 0
+        while len(self._random) < top:  # each index hashed once per model, then looked up
+            i = len(self._random)
+            self._random.append(
+                _splitmix64((self.seed & _MASK) ^ _splitmix64(i)) % self.num_classes
+            )
+        table = torch.tensor(self._random[:top], dtype=torch.long)
+        return table.to(idx.device)[idx]
+
+    def call(
+        self, denoiser: Callable[..., Tensor], x_t: Tensor, t: Tensor, sample_index: Tensor | None,
+        *, learned_variance: bool,
+    ) -> Tensor:  # fmt: skip
+        """The (guided) raw output for rows ``x_t`` of samples ``sample_index`` (default 0..B-1)."""
+        net = cast(ConditionalDenoiser, denoiser)
+        b = x_t.shape[0]
+        if sample_index is None:
+            sample_index = torch.arange(b, device=x_t.device)
+        labels = self.labels(sample_index.to(x_t.device))
+        s = self.guidance_scale
+        if s == 1.0:
+            return net(x_t, t, labels)
+        null = torch.full_like(labels, cast(int, self.null_label))
+        both = net(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([labels, null]))
+        cond, uncond = both[:b], both[b:]
+        if not learned_variance:
+            return uncond + s * (cond - uncond)
+        c = cond.shape[1] // 2
+        guided = uncond[:, :c] + s * (cond[:, :c] - uncond[:, :c])
+        return torch.cat([guided, cond[:, c:]], dim=1)
+
+    def describe(self) -> dict[str, object]:
+        """The ``info`` fields of the conditioning."""
+        return {
+            "num_classes": self.num_classes,
+            "null_label": self.null_label,
+            "class_label": self.choice.describe(),
+            "guidance_scale": self.guidance_scale,
+        }
+
+
+def make_conditioning(
+    num_classes: int,
+    null_label: int | None,
+    class_label: str | int | None,
+    guidance_scale: float | None,
+    seed: int,
+) -> Conditioning:
+    """The conditioning of a model with ``num_classes`` labels from the loader's options.
+
+    Without ``class_label`` the model runs on its null label (unconditional), and a model without
+    one needs ``class_label``.
+    """
+    if class_label is None:
+        if null_label is None:
+            raise CheckpointError.naming(
+                f"a class-conditional model with {num_classes} classes and no null label: pass "
+                f"{{class_label}} ({LABEL_FORMS})"
+            )
+        class_label = "null"
+    choice = LabelChoice.parse(class_label).resolve(num_classes)
+    scale = 1.0 if guidance_scale is None else float(guidance_scale)
+    return Conditioning(num_classes, null_label, choice, scale, seed)
+
+
+def check_unconditional(class_label: object, guidance_scale: float | None, where: str) -> None:
+    """An unconditional model given conditioning options: one error line."""
+    if class_label is not None:
+        raise CheckpointError.naming(
+            f"{verbatim(where)}: {{class_label}} given, but the model is unconditional"
+        )
+    if guidance_scale is not None and guidance_scale != 1.0:
+        raise CheckpointError.naming(
+            f"{verbatim(where)}: {{guidance_scale}} given, but the model is unconditional"
+        )
+
+
+def attach(
+    loaded: LoadedModel,
+    class_label: str | int | None,
+    guidance_scale: float | None,
+    seed: int,
+    where: str,
+    *,
+    inspect_only: bool = False,
+) -> LoadedModel:
+    """``loaded`` with its conditioning built from the loader's options.
+
+    A loader marks a class-conditional model with ``info["num_classes"]`` and
+    ``info["null_label"]``; an unconditional one given conditioning options is an error. ``info``
+    (inspect only) builds it only when a label is given, so it can show any model.
+    """
+    num = loaded.info.get("num_classes")
+    if num is None:
+        check_unconditional(class_label, guidance_scale, where)
+        return loaded
+    null = loaded.info.get("null_label")
+    if inspect_only and class_label is None and null is None:
+        return loaded
+    loaded.conditioning = make_conditioning(int(num), null, class_label, guidance_scale, seed)
+    loaded.info.update(loaded.conditioning.describe())
+    return loaded
