@@ -29,6 +29,7 @@ from ddpmcli.cli.common import (
     select_columns,
     select_rows,
 )
+from ddpmcli.cli.completion import complete_spec
 from ddpmcli.cli.schedule_options import ScheduleFlags, schedule_options
 from ddpmcli.errors import UsageError
 from ddpmcli.output import emit, note, resolve_format
@@ -195,6 +196,7 @@ def compare(
             metavar="SPEC...",
             help="Schedules: KIND[+zsnr][:key=value,...] or a diffusers config file, e.g. cosine, "
             "linear:beta_end=0.012,T=500, scaled_linear+zsnr, cosine:steps=50,spacing=trailing.",
+            shell_complete=complete_spec,
         ),
     ],
     t: TSelectOpt = None,

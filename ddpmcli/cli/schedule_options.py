@@ -20,6 +20,7 @@ import typer
 
 from ddpmcli.choices import SpacingName
 from ddpmcli.cli.common import as_flags, parse_key_values
+from ddpmcli.cli.completion import complete_kind
 from ddpmcli.errors import UsageError
 
 if TYPE_CHECKING:
@@ -36,6 +37,7 @@ KindOpt = Annotated[
         "an alias such as squaredcos_cap_v2, or custom (with --betas-file/--alpha-bars-file). "
         "Default: linear.",
         rich_help_panel=PANEL_SCHEDULE,
+        shell_complete=complete_kind,
     ),
 ]
 TimestepsOpt = Annotated[
