@@ -164,8 +164,8 @@ def sample(
         typer.Option(
             "--steps",
             metavar="N",
-            help="Respace to N steps (1..T) with --spacing, or a section string (ddim50, "
-            "10,20,30). Default: all T.",
+            help="Sampler steps: respace to N (1..T) with --spacing, or a section string "
+            "(ddim50, 10,20,30). Default: all T. (train counts optimiser steps: --train-steps.)",
             rich_help_panel=PANEL_SAMPLER,
         ),
     ] = None,

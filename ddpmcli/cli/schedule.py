@@ -364,7 +364,10 @@ def check(
     hitting the cap, alpha_bar not strictly decreasing, a respacing that never visits t = T-1
     (diffusers' leading; a config is probed at 50 steps), float32/float16 precision loss
     (alpha_bar rounding to 1, 1/sqrt(alpha_bar) overflowing), zero terminal SNR with epsilon
-    prediction. Exit 1 when any finding is an error, else 0: it can gate a script.
+    prediction, a terminal SNR above 1 (an error: x_T is more signal than noise). Exit 1 when any
+    finding is an error, else 0: it can gate a script. Column t: the timesteps a finding concerns,
+    as runs (1-3,7; a table shortens long lists); in json/jsonl always a list of ints ([] for
+    none).
 
     Timesteps are 0-based as models take them (t = 0 is one noising step, t = T-1 the last).
 
