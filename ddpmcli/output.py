@@ -127,6 +127,8 @@ def _json_value(value: Any) -> Any:
         return None  # JSON has no inf/nan: null keeps the document valid
     if value is None or isinstance(value, str | int | float | bool):
         return value
+    if isinstance(value, list | tuple):  # a list cell (check's t) stays a JSON array
+        return [_json_value(v) for v in value]
     return str(value)
 
 
