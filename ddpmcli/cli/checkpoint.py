@@ -14,9 +14,11 @@ import typer
 from ddpmcli.choices import ArchitectureName
 from ddpmcli.cli.common import (
     NUM_SAMPLES_FLAGS,
+    ClassLabelOpt,
     ColumnsOpt,
     DeviceOpt,
     FormatOpt,
+    GuidanceOpt,
     LearnedOpt,
     MetaKindOpt,
     MetaTimestepsOpt,
@@ -31,6 +33,7 @@ from ddpmcli.cli.common import (
     TrustOpt,
     as_flags,
     check_format_flags,
+    conditioning_options,
     loader_options,
     parse_shape,
     select_columns,
@@ -66,6 +69,15 @@ INFO_COLUMNS = (
     "train_steps",
     "train_loss",
 )
+MODEL_COLUMNS = (
+    "num_classes",
+    "null_label",
+    "class_label",
+    "guidance_scale",
+    "latent_shape",
+    "vae",
+)
+"""Fields of conditional and latent models: shown by default only when a checkpoint has them."""
 
 
 def info_row(model: LoadedModel) -> dict[str, Any]:
@@ -92,6 +104,7 @@ def info_row(model: LoadedModel) -> dict[str, Any]:
         "file_size": model.info.get("file_size"),
         "train_steps": training.get("steps"),
         "train_loss": training.get("final_loss"),
+        **{name: model.info.get(name) for name in MODEL_COLUMNS},
     }
 
 
@@ -113,6 +126,8 @@ def info(
     learned_variance: LearnedOpt = None,
     trust_program: TrustOpt = False,
     model_factory: ModelOpt = None,
+    class_label: ClassLabelOpt = None,
+    guidance_scale: GuidanceOpt = None,
 ) -> None:
     """What a checkpoint holds: format, network and size, schedule (kind, T, terminal SNR),
     prediction type, data shape and range, file size. One row per checkpoint.
@@ -131,13 +146,16 @@ def info(
     from ddpmcli.output import resolve_format
 
     check_format_flags(fmt, no_header)
-    cols = select_columns(columns, INFO_COLUMNS)
+    cols = select_columns(columns, INFO_COLUMNS + MODEL_COLUMNS)
     options = loader_options(
         kind, timesteps, prediction_type, data_shape, learned_variance, trust_program, model_factory
     )
     options["data_range"] = parse_range(data_range)
+    options.update(conditioning_options(class_label, guidance_scale))
     # never runs the model: metadata, parameter counts and shapes from the file itself
     rows = [info_row(load_checkpoint(path, **options, inspect_only=True)) for path in checkpoints]
+    if columns is None:
+        cols += [c for c in MODEL_COLUMNS if any(row[c] is not None for row in rows)]
     if resolve_format(fmt) == "table" and len(rows) == 1:
         vertical = [{"field": c, "value": rows[0][c]} for c in cols]
         emit(vertical, ["field", "value"], "table", title=f"info {checkpoints[0].name}")

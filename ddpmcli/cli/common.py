@@ -200,6 +200,37 @@ ModelOpt = Annotated[
     ),
 ]
 
+PANEL_CONDITIONING = "Conditioning (class-conditional and latent models)"
+ClassLabelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--class-label",
+        metavar="K|A-B|all|random|null",
+        help="Labels of a class-conditional model: K for every sample; A-B (or all) cycling by "
+        "sample index; random, drawn from --seed and the sample index; null, the unconditional "
+        "label. Labels follow the sample, not the batch. Default: the null label.",
+        rich_help_panel=PANEL_CONDITIONING,
+    ),
+]
+GuidanceOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--guidance-scale",
+        metavar="S",
+        help="Classifier-free guidance: null + S (label - null), the two passes in one model "
+        "call; 1 (default) is the conditional model alone, one pass.",
+        rich_help_panel=PANEL_CONDITIONING,
+    ),
+]
+
+
+def conditioning_options(
+    class_label: str | None, guidance_scale: float | None, seed: int = 0
+) -> dict[str, Any]:
+    """--class-label, --guidance-scale (and --seed for random labels) as keyword arguments for
+    `checkpoints.load_checkpoint`."""
+    return {"class_label": class_label, "guidance_scale": guidance_scale, "label_seed": seed}
+
 
 # ---------------------------------------------------------------------------------------------
 # argv preprocessing for options with an optional value

@@ -16,11 +16,13 @@ from ddpmcli.choices import DtypeName
 from ddpmcli.cli.common import (
     NUM_SAMPLES_FLAGS,
     CheckpointArg,
+    ClassLabelOpt,
     ColumnsOpt,
     DeviceOpt,
     EvalDataOpt,
     EveryOpt,
     FormatOpt,
+    GuidanceOpt,
     MetaKindOpt,
     MetaTimestepsOpt,
     ModelOpt,
@@ -35,6 +37,7 @@ from ddpmcli.cli.common import (
     TSelectOpt,
     as_flags,
     check_format_flags,
+    conditioning_options,
     join_ranks,
     loader_options,
     reject_conflicts,
@@ -91,6 +94,8 @@ def reconstruct(
     data_range: DataRangeOpt = None,
     trust_program: TrustOpt = False,
     model_factory: ModelOpt = None,
+    class_label: ClassLabelOpt = None,
+    guidance_scale: GuidanceOpt = None,
     threads: ThreadsOpt = None,
 ) -> None:
     """Reconstruct x0 from x_t at each t: mse, psnr, eps_mse, clip_fraction per noise level.
@@ -134,6 +139,7 @@ def reconstruct(
             model=model_factory,
         ),
         **data_load_options(checkpoint, data, data_shape, data_range),
+        **conditioning_options(class_label, guidance_scale, seed),
     )
     use_threads(threads, model, ranks)
     steps = model.schedule.num_steps

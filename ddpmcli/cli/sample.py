@@ -24,11 +24,13 @@ from ddpmcli.choices import (
 from ddpmcli.cli.common import (
     NUM_SAMPLES_FLAGS,
     CheckpointArg,
+    ClassLabelOpt,
     ColumnsOpt,
     DeviceOpt,
     EvalDataOpt,
     EveryOpt,
     FormatOpt,
+    GuidanceOpt,
     MetaKindOpt,
     MetaTimestepsOpt,
     ModelOpt,
@@ -43,6 +45,7 @@ from ddpmcli.cli.common import (
     TSelectOpt,
     as_flags,
     check_format_flags,
+    conditioning_options,
     join_ranks,
     loader_options,
     reject_conflicts,
@@ -104,6 +107,7 @@ def _load(
     data: str | None = None,
     data_range: str | None = None,
     model_factory: str | None = None,
+    conditioning: dict[str, Any] | None = None,
 ) -> LoadedModel:
     from ddpmcli.checkpoints import load_checkpoint
     from ddpmcli.run import resolve_device, resolve_dtype
@@ -115,6 +119,7 @@ def _load(
             trust_program=trust_program, model=model_factory,
         ),
         **data_load_options(checkpoint, data, data_shape, data_range),
+        **(conditioning or {}),
         device=resolve_device(device), dtype=resolve_dtype(dtype),
     )  # fmt: skip
 
@@ -251,6 +256,8 @@ def sample(
     data_range: DataRangeOpt = None,
     trust_program: TrustOpt = False,
     model_factory: ModelOpt = None,
+    class_label: ClassLabelOpt = None,
+    guidance_scale: GuidanceOpt = None,
     threads: ThreadsOpt = None,
 ) -> None:
     """Sample from a checkpoint and show every step: one row per step.
@@ -297,6 +304,7 @@ def sample(
     model = _load(
         checkpoint, run_device, dtype, kind, timesteps, prediction_type, data_shape, trust_program,
         data=reference, data_range=data_range, model_factory=model_factory,
+        conditioning=conditioning_options(class_label, guidance_scale, seed),
     )  # fmt: skip
     use_threads(threads, model, ranks)
     limits.check_run_sizes(model.data_shape, n=n, batch_size=batch_size, one_batch_default=True)
@@ -512,6 +520,8 @@ def nll(
     data_range: DataRangeOpt = None,
     trust_program: TrustOpt = False,
     model_factory: ModelOpt = None,
+    class_label: ClassLabelOpt = None,
+    guidance_scale: GuidanceOpt = None,
     threads: ThreadsOpt = None,
 ) -> None:
     """The variational bound of a checkpoint on data, term by term, in bits/dim.
@@ -560,6 +570,7 @@ def nll(
     model = _load(
         checkpoint, run_device, dtype, kind, timesteps, prediction_type, data_shape, trust_program,
         data=data, data_range=data_range, model_factory=model_factory,
+        conditioning=conditioning_options(class_label, guidance_scale, seed),
     )  # fmt: skip
     use_threads(threads, model, ranks)
     num = model.schedule.num_steps

@@ -1,0 +1,276 @@
+"""Conditional and latent models (issue 9): class-conditional diffusers UNet2DModel folders,
+labels keyed by sample index, classifier-free guidance in one batched call; tiny random-weight
+models built here from configs (no hub)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor
+from typer.testing import Result
+
+from ddpmcli.checkpoints import load_checkpoint
+from ddpmcli.checkpoints.conditioning import Conditioning, LabelChoice
+from ddpmcli.errors import CheckpointError, ParameterError
+from ddpmcli.run import SampleSettings, respaced_schedule, sample
+
+diffusers = pytest.importorskip("diffusers")
+pytestmark = pytest.mark.diffusers
+
+CLASSES = 4  # the test UNet's classes; its embedding table has one more row, the null label
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():  # type: ignore[no-untyped-def]
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _unet_folder(root: Path, *, null: bool = True, classes: int = CLASSES) -> Path:
+    """A pipeline folder (unet/, scheduler/) holding a class-conditional UNet2DModel."""
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+        num_class_embeds=classes + 1 if null else classes,
+    )
+    # random class embeddings big enough that labels change the output visibly
+    with torch.no_grad():
+        unet.class_embedding.weight.normal_(0.0, 3.0)
+    unet.save_pretrained(root / "unet", safe_serialization=True)
+    diffusers.DDPMScheduler(num_train_timesteps=20).save_pretrained(root / "scheduler")
+    if null:
+        config_path = root / "unet" / "config.json"
+        config = json.loads(config_path.read_text())
+        config["null_class_label"] = classes
+        config_path.write_text(json.dumps(config))
+    return root
+
+
+@pytest.fixture(scope="module")
+def cc_unet(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _unet_folder(tmp_path_factory.mktemp("cc"))
+
+
+@pytest.fixture(scope="module")
+def cc_unet_no_null(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _unet_folder(tmp_path_factory.mktemp("cc_nonull"), null=False)
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "x.npy"
+    gen = torch.Generator().manual_seed(1)
+    import numpy as np
+
+    np.save(path, (torch.rand((6, 3, 8, 8), generator=gen) * 2 - 1).numpy())
+    return path
+
+
+def _json(result: Result) -> list[dict[str, Any]]:
+    assert result.exit_code == 0, result.stderr
+    rows: list[dict[str, Any]] = json.loads(result.stdout)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# labels
+
+
+def test_label_forms_pick_labels_by_sample_index() -> None:
+    idx = torch.tensor([0, 1, 2, 3, 4, 5, 9])
+    fixed = Conditioning(10, None, LabelChoice.parse("7"))
+    assert fixed.labels(idx).tolist() == [7] * 7
+    cycle = Conditioning(10, None, LabelChoice.parse("2-4"))
+    assert cycle.labels(idx).tolist() == [2, 3, 4, 2, 3, 4, 2]
+    every = Conditioning(3, None, LabelChoice.parse("all").resolve(3))
+    assert every.labels(idx).tolist() == [0, 1, 2, 0, 1, 2, 0]
+    null = Conditioning(10, 10, LabelChoice.parse("null"))
+    assert null.labels(idx).tolist() == [10] * 7
+
+
+def test_random_labels_depend_on_seed_and_index_only() -> None:
+    a = Conditioning(10, None, LabelChoice.parse("random"), seed=3)
+    whole = a.labels(torch.arange(64))
+    assert set(whole.tolist()) <= set(range(10)) and len(set(whole.tolist())) == 10
+    # another model object, asked in pieces and out of order: the same label per index
+    b = Conditioning(10, None, LabelChoice.parse("random"), seed=3)
+    assert b.labels(torch.tensor([40, 2])).tolist() == [int(whole[40]), int(whole[2])]
+    assert torch.equal(b.labels(torch.arange(32, 64)), whole[32:])
+    other = Conditioning(10, None, LabelChoice.parse("random"), seed=4).labels(torch.arange(64))
+    assert not torch.equal(other, whole)
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("x", "class_label 'x': want K, A-B, all, random or null"),
+        ("3-1", "class_label '3-1': labels are non-negative, and A <= B in A-B"),
+        ("-2", "class_label '-2': want K, A-B, all, random or null"),
+    ],
+)
+def test_bad_label_forms(spec: str, message: str) -> None:
+    with pytest.raises(ParameterError) as info:
+        LabelChoice.parse(spec)
+    assert str(info.value) == message
+
+
+def test_label_out_of_range_and_guidance_without_null() -> None:
+    with pytest.raises(ParameterError, match=r"class_label 4 is out of range: the model has 4"):
+        LabelChoice.parse("4").resolve(4)
+    with pytest.raises(CheckpointError, match=r"^guidance_scale needs a null"):
+        Conditioning(4, None, LabelChoice.parse("1"), guidance_scale=2.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# the model: labels reach the network, guidance is one call
+
+
+class _Counting:
+    """Wraps a denoiser: counts calls and the rows they carry."""
+
+    def __init__(self, inner: Callable[..., Tensor]) -> None:
+        self.inner = inner
+        self.calls: list[int] = []
+
+    def __call__(self, x: Tensor, t: Tensor, labels: Tensor | None = None) -> Tensor:
+        self.calls.append(int(x.shape[0]))
+        return self.inner(x, t, labels)
+
+
+def _sample(model: Any, n: int = 4, batch: int | None = None, seed: int = 0) -> Tensor:
+    sched = respaced_schedule(model.schedule, 3)
+    run = sample(
+        model.predict, sched, model.prediction_type, model.data_shape, n=n, seed=seed,
+        batch_size=batch, settings=SampleSettings(sampler="ddim"),
+    )  # fmt: skip
+    return run.samples
+
+
+def test_labels_change_the_output_and_follow_the_sample(cc_unet: Path) -> None:
+    x = torch.randn(2, 3, 8, 8)
+    t = torch.tensor([5, 5])
+    outs = [load_checkpoint(cc_unet, class_label=str(k)).predict(x, t)[0] for k in range(CLASSES)]
+    assert all(not torch.allclose(outs[0], o) for o in outs[1:])
+    # random labels: the samples do not depend on the batch size
+    model = load_checkpoint(cc_unet, class_label="random", label_seed=5)
+    whole = _sample(model, n=5)
+    torch.testing.assert_close(_sample(model, n=5, batch=2), whole, rtol=1e-5, atol=1e-5)
+    other = _sample(load_checkpoint(cc_unet, class_label="random", label_seed=6), n=5)
+    assert float((other - whole).abs().max()) > 1e-2  # other labels: visibly other samples
+    # and label k of "random" is what "k" gives for that sample
+    labels = model.conditioning.labels(torch.arange(5))  # type: ignore[union-attr]
+    k = int(labels[3])
+    alone = _sample(load_checkpoint(cc_unet, class_label=str(k)), n=5)
+    torch.testing.assert_close(alone[3], whole[3])
+
+
+def test_guidance_one_is_the_conditional_model_in_one_pass(cc_unet: Path) -> None:
+    plain = load_checkpoint(cc_unet, class_label="1-3")
+    one = load_checkpoint(cc_unet, class_label="1-3", guidance_scale=1.0)
+    counter = _Counting(one.denoiser)
+    one.denoiser = counter
+    assert torch.equal(_sample(one, n=4, batch=2), _sample(plain, n=4, batch=2))
+    assert counter.calls == [2, 2] * 3  # 3 steps, 2 batches, no second pass
+
+
+def test_guidance_batches_cond_and_null_into_one_call(cc_unet: Path) -> None:
+    scale = 3.0
+    guided = load_checkpoint(cc_unet, class_label="2", guidance_scale=scale)
+    counter = _Counting(guided.denoiser)
+    guided.denoiser = counter
+    x = torch.randn(3, 3, 8, 8)
+    t = torch.tensor([4, 9, 15])
+    got, v = guided.predict(x, t, sample_index=torch.tensor([0, 1, 2]))
+    assert counter.calls == [6] and v is None
+    cond = load_checkpoint(cc_unet, class_label="2").predict(x, t)[0]
+    null = load_checkpoint(cc_unet, class_label="null").predict(x, t)[0]
+    torch.testing.assert_close(got, null + scale * (cond - null), rtol=1e-5, atol=1e-5)
+
+
+def test_default_label_is_null_and_a_model_without_one_needs_a_label(
+    cc_unet: Path, cc_unet_no_null: Path
+) -> None:
+    model = load_checkpoint(cc_unet)
+    assert model.info["class_label"] == "null" and model.info["num_classes"] == CLASSES
+    with pytest.raises(CheckpointError, match=r"no null label: pass class_label"):
+        load_checkpoint(cc_unet_no_null)
+    assert load_checkpoint(cc_unet_no_null, inspect_only=True).info["null_label"] is None
+
+
+# ---------------------------------------------------------------------------------------------
+# through the CLI
+
+
+def test_cli_info_shows_classes(cli: Callable[..., Result], cc_unet: Path) -> None:
+    (row,) = _json(cli("info", str(cc_unet), "--format", "json", "--class-label", "random"))
+    assert row["num_classes"] == CLASSES and row["null_label"] == CLASSES
+    assert row["class_label"] == "random" and row["architecture"] == "UNet2DModel"
+
+
+def test_cli_reconstruct_sample_nll_with_labels_and_guidance(
+    cli: Callable[..., Result], cc_unet: Path, data_file: Path
+) -> None:
+    common = ["--format", "json", "-q"]
+    rec = _json(cli("reconstruct", str(cc_unet), "--data", str(data_file), "--t", "0,10,19",
+                    "--class-label", "0-3", *common))  # fmt: skip
+    assert [r["t"] for r in rec] == [0, 10, 19]
+    rec_b = _json(cli("reconstruct", str(cc_unet), "--data", str(data_file), "--t", "0,10,19",
+                      "--class-label", "0-3", "--batch-size", "2", *common))  # fmt: skip
+    for a, b in zip(rec, rec_b, strict=True):
+        assert a["mse"] == pytest.approx(b["mse"], rel=1e-5)
+    args = ["sample", str(cc_unet), "--steps", "3", "-n", "4", "--class-label", "random", *common]
+    plain = _json(cli(*args))
+    one = _json(cli(*args, "--guidance-scale", "1"))
+    guided = _json(cli(*args, "--guidance-scale", "4"))
+    assert [r["x0_std"] for r in one] == [r["x0_std"] for r in plain]
+    assert [r["x0_std"] for r in guided] != [r["x0_std"] for r in plain]
+    nll = _json(cli("nll", str(cc_unet), "--data", str(data_file), "--class-label", "1", *common))
+    assert nll[-1]["term"] == "total" and nll[-1]["bits_per_dim"] > 0
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "line"),
+    [
+        (["--class-label", "9"], 2, "Error: --class-label 9 is out of range: the model has 4"),
+        (["--class-label", "x"], 2, "Error: --class-label 'x': want K, A-B, all, random or null"),
+        (["--guidance-scale", "2"], 1, "Error: --guidance-scale needs a null"),
+    ],
+)
+def test_cli_conditioning_errors(
+    cli: Callable[..., Result], cc_unet: Path, cc_unet_no_null: Path, args: list[str], code: int,
+    line: str,
+) -> None:  # fmt: skip
+    folder = cc_unet_no_null if "--guidance-scale" in args else cc_unet
+    extra = ["--class-label", "1"] if "--guidance-scale" in args else []
+    result = cli("sample", str(folder), "--steps", "2", "-n", "2", "-q", *args, *extra)
+    assert result.exit_code == code
+    assert result.stderr.startswith(line) and result.stderr.count("\n") == 1
+
+
+def test_cli_unconditional_model_refuses_labels(cli: Callable[..., Result], tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(
+        sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8,), layers_per_block=1,
+        down_block_types=("DownBlock2D",), up_block_types=("UpBlock2D",), norm_num_groups=4,
+    )  # fmt: skip
+    unet.save_pretrained(tmp_path / "unet", safe_serialization=True)
+    diffusers.DDPMScheduler(num_train_timesteps=20).save_pretrained(tmp_path / "scheduler")
+    result = cli("sample", str(tmp_path), "--steps", "2", "-n", "2", "-q", "--class-label", "1")
+    assert result.exit_code == 1
+    assert result.stderr == (
+        f"Error: {tmp_path}: --class-label given, but the model is unconditional\n"
+    )
