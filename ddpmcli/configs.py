@@ -327,24 +327,9 @@ def _numbers_from_npy(path: Path) -> list[float]:
         path, "schedule file", limit=MAX_SCHEDULE_FILE_BYTES, error=ScheduleError
     )
     stream = io.BytesIO(data)
-    try:
-        version = np.lib.format.read_magic(stream)
-        if version == (1, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(stream)
-        elif version in ((2, 0), (3, 0)):
-            shape, fortran, dtype = np.lib.format.read_array_header_2_0(stream)
-        else:
-            raise ValueError(f"unsupported .npy version {version}")
-    except (ValueError, TypeError, SyntaxError) as exc:
-        raise ScheduleError(f"{path}: not a readable .npy array ({exc})") from None
-    if len(shape) != 1 or dtype.kind not in "fiu" or dtype.hasobject:
+    shape, dtype = limits.npy_header(stream, len(data), str(path), error=ScheduleError)
+    if len(shape) != 1:
         raise ScheduleError(f"{path}: expected a 1-D numeric array, got shape {shape} {dtype}")
-    payload = len(data) - stream.tell()
-    if shape[0] * dtype.itemsize != payload:
-        raise ScheduleError(
-            f"{path}: header claims shape {shape} of {dtype} ({shape[0] * dtype.itemsize} bytes) "
-            f"but the file holds {payload} bytes of data"
-        )
     limits.check_timesteps(shape[0], f"{path}: array length", error=ScheduleError)
     array = np.frombuffer(data, dtype=dtype, count=shape[0], offset=stream.tell())
     return [float(x) for x in array.tolist()]

@@ -302,26 +302,10 @@ MAX_IMAGE_PIXELS: int = 1 << 24
 
 
 def _checked_header(stream: Any, size: int, where: str) -> tuple[tuple[int, ...], np.dtype]:
-    """Read an .npy header and check it against the ``size`` bytes it came with: a header may
-    claim any shape, so shape x itemsize must be exactly what follows it, and fit in memory."""
-    try:
-        version = np.lib.format.read_magic(stream)
-        if version == (1, 0):
-            shape, _fortran, dtype = np.lib.format.read_array_header_1_0(stream)
-        elif version in ((2, 0), (3, 0)):
-            shape, _fortran, dtype = np.lib.format.read_array_header_2_0(stream)
-        else:
-            raise ValueError(f"unsupported .npy version {version}")
-    except (ValueError, TypeError, SyntaxError, EOFError) as exc:
-        raise DataError(f"{where}: cannot read array file ({_first_line(exc)})") from None
-    if dtype.hasobject or dtype.kind not in "uif":
-        raise DataError(f"{where}: array of dtype {dtype} is not numeric")
+    """Read an .npy header (:func:`limits.npy_header`: checked against the ``size`` bytes it
+    came with) and check that the array it claims fits in memory."""
+    shape, dtype = limits.npy_header(stream, size, where)
     count = math.prod(shape)
-    if count * dtype.itemsize != size - stream.tell():
-        raise DataError(
-            f"{where}: header claims shape {tuple(shape)} of {dtype} "
-            f"({count * dtype.itemsize} bytes) but {size - stream.tell()} bytes follow it"
-        )
     limits.check_allocation(
         count * (dtype.itemsize + _BYTES_PER_ELEMENT_EXTRA), f"{where}: array", error=DataError
     )

@@ -9,12 +9,13 @@ or the file, before any work starts.
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 import stat
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from ddpmcli.errors import DataError, DdpmError, ParameterError, UsageError, verbatim
 
@@ -189,6 +190,38 @@ def check_timesteps(
         raise error(f"{what} must be between 1 and {MAX_TIMESTEPS}, got {value}")
     check_allocation(value * bytes_per_t, f"{what} = {value}", error=error)
     return value
+
+
+def npy_header(
+    stream: BinaryIO, size: int, where: str, *, error: type[DdpmError] = DataError
+) -> tuple[tuple[int, ...], Any]:
+    """The shape and numpy dtype of the .npy array ``stream`` starts (read up to its data),
+    checked against the ``size`` bytes of the whole file: a header may claim any shape, so a
+    numeric dtype and shape x itemsize equal to the bytes that follow it, or ``error`` naming
+    ``where``. Nothing is allocated from the header's word."""
+    import numpy as np
+
+    try:
+        version = np.lib.format.read_magic(stream)
+        if version == (1, 0):
+            shape, _fortran, dtype = np.lib.format.read_array_header_1_0(stream)
+        elif version in ((2, 0), (3, 0)):
+            shape, _fortran, dtype = np.lib.format.read_array_header_2_0(stream)
+        else:
+            raise ValueError(f"unsupported .npy version {version}")
+    except (ValueError, TypeError, SyntaxError, EOFError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise error(f"{where}: cannot read array file ({first})") from None
+    if dtype.hasobject or dtype.kind not in "uif":
+        raise error(f"{where}: array of dtype {dtype} is not numeric")
+    count = math.prod(shape)
+    follow = size - stream.tell()
+    if count * dtype.itemsize != follow:
+        raise error(
+            f"{where}: header claims shape {tuple(shape)} of {dtype} "
+            f"({count * dtype.itemsize} bytes) but {follow} bytes follow it"
+        )
+    return tuple(int(d) for d in shape), dtype
 
 
 def check_sample_shape(
