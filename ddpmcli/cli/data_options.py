@@ -83,10 +83,17 @@ def _program_data_shape(checkpoint: Path, data: str) -> tuple[int, ...] | None:
 
 
 def warn_outside_range(
-    x: Tensor, data_range: tuple[float, float], source: str, *, training: bool = False
+    x: Tensor,
+    data_range: tuple[float, float],
+    source: str,
+    *,
+    training: bool = False,
+    show: bool = True,
 ) -> None:
     """Warn on stderr when values of ``x`` lie outside ``data_range`` (see
-    `checks.data_outside_range`)."""
+    `checks.data_outside_range`); ``show=False`` (a torchrun rank but the first) says nothing."""
+    if not show:
+        return
     from ddpmcli.checks import data_outside_range
     from ddpmcli.output import warn
 

@@ -152,8 +152,7 @@ def reconstruct(
     )  # fmt: skip
     with as_flags(source="--data"):
         picked = reconstruction_data(model, data, n=n, seed=seed, compare_optimal=compare_optimal)
-    if ranks.is_main:
-        warn_outside_range(picked.x0, model.data_range, picked.source)
+    warn_outside_range(picked.x0, model.data_range, picked.source, show=ranks.is_main)
     if picked.x0.shape[0] < n and not quiet:
         note(f"--n {n} is more than the {picked.x0.shape[0]} samples of {picked.source}; using all")
     title = f"reconstruct {checkpoint.name}"

@@ -590,8 +590,7 @@ def nll(
     with as_flags(source="--data"):
         picked = reconstruction_data(model, data, n=n, seed=seed)
     x0 = picked.x0
-    if ranks.is_main:
-        warn_outside_range(x0, model.data_range, picked.source)
+    warn_outside_range(x0, model.data_range, picked.source, show=ranks.is_main)
     if x0.shape[0] < n and not quiet:
         note(f"--n {n} is more than the {x0.shape[0]} samples of {picked.source}; using all")
     dec = decoder if decoder != "auto" else ("discretized" if x0.ndim == 4 else "continuous")
