@@ -1,0 +1,153 @@
+"""Open openai/improved-diffusion and openai/guided-diffusion checkpoints with ``ddpm --model``.
+
+Their ``ema_0.9999_NNNNNN.pt`` (and ``modelNNNNNN.pt``) files are bare state dicts of a
+``UNetModel``; what the network and the diffusion were built with lives only in the training
+command's flags. Give this adapter the same flags, in the same environment variables the
+projects' READMEs use::
+
+    export MODEL_FLAGS="--image_size 64 --num_channels 128 --num_res_blocks 3 --learn_sigma True"
+    export DIFFUSION_FLAGS="--diffusion_steps 4000 --noise_schedule cosine"
+    ddpm info --model examples/adapt_improved_diffusion.py:make ema_0.9999_500000.pt
+    ddpm reconstruct --model examples/adapt_improved_diffusion.py:make ema_0.9999_500000.pt \\
+        --data images/ --n 64
+
+``make`` needs the project itself importable (``pip install -e improved-diffusion``, or
+``guided-diffusion``: set ``DDPM_UNET_PACKAGE=guided_diffusion``). What it maps:
+
+- ``--learn_sigma True``: the network outputs 2C channels, ``[eps, v]``; ``v`` is the variance
+  interpolation value of ``learned_range`` (ddpm's ``learned_variance``), as in the paper;
+- ``--noise_schedule linear|cosine`` and ``--diffusion_steps T``: improved-diffusion's linear
+  schedule scales its ends by 1000/T (``scale_to_timesteps``), its cosine one is Nichol and
+  Dhariwal's with the 0.999 cap, both exactly ddpm's;
+- ``--predict_xstart True``: an x0 (``sample``) prediction, else epsilon;
+- ``--rescale_timesteps``: improved-diffusion (default True) feeds the network ``t * 1000 / T``
+  as a float; guided-diffusion's default is False. ddpm hands the network integer model
+  timesteps, so the adapter wraps it in :class:`RescaledTimesteps` when the flag is on;
+- data in [-1, 1], shape ``[in_channels, image_size, image_size]`` (in_channels 3).
+
+Class-conditional models (``--class_cond True``) take a label ``y``; this adapter refuses them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import shlex
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+# improved-diffusion's script_util defaults for what ddpm needs to know (its README's flags
+# override them; guided-diffusion differs in rescale_timesteps and the image size)
+DEFAULTS: dict[str, Any] = {
+    "image_size": 64,
+    "learn_sigma": False,
+    "class_cond": False,
+    "diffusion_steps": 1000,
+    "noise_schedule": "linear",
+    "predict_xstart": False,
+    "rescale_timesteps": True,
+}
+DIFFUSION_KEYS = (
+    "diffusion_steps",
+    "noise_schedule",
+    "predict_xstart",
+    "rescale_timesteps",
+    "timestep_respacing",
+    "use_kl",
+    "sigma_small",
+    "rescale_learned_sigmas",
+)
+
+
+class RescaledTimesteps(nn.Module):
+    """``net(x, t * 1000 / T)``: what improved-diffusion's ``rescale_timesteps`` feeds the
+    network, for ddpm's integer model timesteps."""
+
+    def __init__(self, net: nn.Module, diffusion_steps: int) -> None:
+        super().__init__()
+        self.net = net
+        self.scale = 1000.0 / diffusion_steps
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        return self.net(x, t.to(torch.float32) * self.scale)
+
+
+def parse_flags(text: str) -> dict[str, Any]:
+    """``--name value`` pairs, as the projects' argparse reads them (True/False, ints, words)."""
+    words = shlex.split(text)
+    out: dict[str, Any] = {}
+    for name, value in zip(words[::2], words[1::2], strict=False):
+        key = name.lstrip("-")
+        if value in ("True", "true", "False", "false"):
+            out[key] = value.lower() == "true"
+        else:
+            try:
+                out[key] = int(value)
+            except ValueError:
+                out[key] = value
+    return out
+
+
+def settings_from_env(env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """DEFAULTS overridden by ``$MODEL_FLAGS`` and ``$DIFFUSION_FLAGS``."""
+    env = os.environ if env is None else env
+    settings = dict(DEFAULTS)
+    settings.update(parse_flags(env.get("MODEL_FLAGS", "")))
+    settings.update(parse_flags(env.get("DIFFUSION_FLAGS", "")))
+    return settings
+
+
+def schedule_spec(noise_schedule: str, diffusion_steps: int) -> dict[str, Any]:
+    """improved-diffusion's ``get_named_beta_schedule(name, T)`` as a ddpm schedule spec."""
+    if noise_schedule == "linear":  # ends 1e-4 and 0.02 scaled by 1000/T
+        params = {"scale_to_timesteps": 1.0}
+        return {"kind": "linear", "timesteps": diffusion_steps, "params": params}
+    if noise_schedule == "cosine":
+        return {"kind": "cosine", "timesteps": diffusion_steps}
+    raise ValueError(f"unknown noise_schedule {noise_schedule!r} (linear or cosine)")
+
+
+def adapt(
+    net: nn.Module, state: Mapping[str, Tensor], settings: Mapping[str, Any]
+) -> tuple[nn.Module, dict[str, Any]]:
+    """``net`` with the checkpoint's weights, and the metadata ddpm needs, from ``settings``
+    (the training flags, see :func:`settings_from_env`)."""
+    if settings.get("class_cond"):
+        raise ValueError("class-conditional checkpoints (class_cond True) are not supported here")
+    if settings.get("timestep_respacing"):
+        raise ValueError("timestep_respacing is a sampling flag: drop it (ddpm sample --steps)")
+    net.load_state_dict(dict(state), strict=True)
+    steps = int(settings["diffusion_steps"])
+    module = RescaledTimesteps(net, steps) if settings["rescale_timesteps"] else net
+    size = int(settings["image_size"])
+    metadata = {
+        "schedule": schedule_spec(str(settings["noise_schedule"]), steps),
+        "prediction_type": "sample" if settings["predict_xstart"] else "epsilon",
+        "learned_variance": bool(settings["learn_sigma"]),
+        "data_shape": [int(settings.get("in_channels", 3)), size, size],
+        "data_range": [-1.0, 1.0],
+    }
+    return module, metadata
+
+
+def network(settings: Mapping[str, Any]) -> nn.Module:
+    """The project's own ``UNetModel``, built by its ``create_model_and_diffusion`` from the
+    flags (package ``improved_diffusion``, or ``$DDPM_UNET_PACKAGE``)."""
+    package = os.environ.get("DDPM_UNET_PACKAGE", "improved_diffusion")
+    script_util = importlib.import_module(f"{package}.script_util")
+    defaults = script_util.model_and_diffusion_defaults()
+    args = {k: settings.get(k, v) for k, v in defaults.items()}
+    model, _ = script_util.create_model_and_diffusion(**args)
+    return model  # type: ignore[no-any-return]
+
+
+def make(
+    path: os.PathLike[str], load_weights: Callable[[os.PathLike[str]], dict[str, Any]]
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The ``--model`` factory: weights read safely first, then the project's network."""
+    state = load_weights(path)
+    settings = settings_from_env()
+    return adapt(network(settings), state, settings)
