@@ -130,16 +130,10 @@ def reconstruct(
     ranks, run_device = join_ranks(device)
     model = load_checkpoint(
         checkpoint,
-        **loader_options(
-            kind,
-            timesteps,
-            prediction_type,
-            data_shape,
-            trust_program=trust_program,
-            model=model_factory,
-        ),
+        **loader_options(kind, timesteps, prediction_type, data_shape, trust_program=trust_program),
         **data_load_options(checkpoint, data, data_shape, data_range),
         **conditioning_options(class_label, guidance_scale, seed),
+        model=model_factory,
     )
     use_threads(threads, model, ranks)
     steps = model.schedule.num_steps

@@ -114,13 +114,10 @@ def _load(
 
     return load_checkpoint(
         checkpoint,
-        **loader_options(
-            kind, timesteps, prediction_type, data_shape,
-            trust_program=trust_program, model=model_factory,
-        ),
+        **loader_options(kind, timesteps, prediction_type, data_shape, trust_program=trust_program),
         **data_load_options(checkpoint, data, data_shape, data_range),
         **(conditioning or {}),
-        device=resolve_device(device), dtype=resolve_dtype(dtype),
+        device=resolve_device(device), dtype=resolve_dtype(dtype), model=model_factory,
     )  # fmt: skip
 
 
