@@ -22,7 +22,7 @@ import copy
 import math
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -50,8 +50,8 @@ from ddpmcli.run import (
     Observer,
     OptimalDenoiser,
     ReconstructionResult,
+    SampleRun,
     SampleSettings,
-    TrajectoryFrame,
     check_sample_settings,
     default_timesteps,
     random_strata,
@@ -74,6 +74,8 @@ __all__ = [
     "nll",
     "reconstruct",
     "sample",
+    "sample_settings",
+    "sampling_schedule",
     "schedule",
     "wrap",
 ]
@@ -374,18 +376,15 @@ def reconstruct(
     )  # fmt: skip
 
 
-@dataclass
-class SampleResult:
-    """What :func:`sample` returns: ``samples`` ``[n, *data_shape]`` (CPU; float32, float64 when
-    the model runs in float64), ``rows`` (one dict per step, the CLI's columns), the trajectory
-    frames (``trajectory_every``), the schedule that ran (respaced) and the settings."""
+@dataclass(kw_only=True)
+class SampleResult(SampleRun):
+    """What :func:`sample` returns: a :class:`~ddpmcli.run.SampleRun` (``samples``
+    ``[n, *data_shape]`` on the CPU, float32 or float64 when the model runs in float64; ``rows``,
+    one dict per step with the CLI's columns; the ``trajectory`` frames) with the schedule that
+    ran (respaced) and the settings."""
 
-    samples: Tensor
-    rows: list[dict[str, Any]]
     schedule: core.Schedule
     settings: SampleSettings
-    trajectory: list[TrajectoryFrame] = field(default_factory=list)
-    data_variance: float = 1.0
 
 
 def sampling_schedule(
@@ -398,6 +397,38 @@ def sampling_schedule(
     chosen = spacing or (own if own in SPACINGS else DEFAULT_SPACING)
     offset = int(model.info.get("scheduler_steps_offset") or 0)
     return respaced_schedule(model.schedule, steps, chosen, offset)
+
+
+def sample_settings(
+    model: LoadedModel,
+    n: int = 64,
+    sampler: SamplerName | str = "ddpm",
+    *,
+    variance: VarianceType = "fixed_small",
+    eta: float = 0.0,
+    clip: bool = True,
+    dynamic_threshold: float | None = None,
+    trajectory_every: int | None = None,
+    trajectory_samples: int | None = None,
+) -> SampleSettings:
+    """The checked settings :func:`sample` runs with (the same parameters); the CLI calls it
+    first, so a setting that cannot run is refused before any data is read.
+
+    Raises:
+        ParameterError: an unknown sampler or variance, eta with ddpm, learned_range without a
+            variance channel, a percentile outside (0, 1), ``n`` below 1.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ParameterError(f"{{n}} must be an integer of at least 1, got {n!r}")
+    if trajectory_samples is None:  # a few images, or the points of a scatter
+        trajectory_samples = 8 if len(model.data_shape) > 1 else min(n, 2000)
+    settings = SampleSettings(
+        sampler=sampler, variance=variance, eta=float(eta), clip=clip,
+        dynamic_threshold=dynamic_threshold, data_range=model.data_range,
+        trajectory_every=trajectory_every, trajectory_samples=trajectory_samples,
+    )  # fmt: skip
+    check_sample_settings(settings, learned_variance=model.learned_variance)
+    return settings
 
 
 def sample(
@@ -445,16 +476,11 @@ def sample(
         ParameterError: settings that cannot run (before any model call).
         NonFiniteSampleError, ModelFailure: the run failed; ``rows`` holds the steps so far.
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ParameterError(f"{{n}} must be an integer of at least 1, got {n!r}")
-    settings = SampleSettings(
-        sampler=sampler, variance=variance, eta=float(eta), clip=clip,
-        dynamic_threshold=dynamic_threshold, data_range=model.data_range,
-        trajectory_every=trajectory_every,
-        trajectory_samples=trajectory_samples if trajectory_samples is not None
-        else (8 if len(model.data_shape) > 1 else min(n, 2000)),
+    settings = sample_settings(
+        model, n, sampler, variance=variance, eta=eta, clip=clip,
+        dynamic_threshold=dynamic_threshold, trajectory_every=trajectory_every,
+        trajectory_samples=trajectory_samples,
     )  # fmt: skip
-    check_sample_settings(settings, learned_variance=model.learned_variance)
     sched = sampling_schedule(model, steps, spacing)
     if data_variance is None:
         refs = model.reference_samples
@@ -468,8 +494,9 @@ def sample(
         data_variance=data_variance, observers=observers, ranks=ranks,
     )  # fmt: skip
     return SampleResult(
-        samples=run.samples, rows=run.rows, schedule=sched, settings=settings,
-        trajectory=run.trajectory, data_variance=run.data_variance,
+        samples=run.samples, rows=run.rows, trajectory=run.trajectory,
+        schedule_name=run.schedule_name, data_variance=run.data_variance, schedule=sched,
+        settings=settings,
     )  # fmt: skip
 
 
