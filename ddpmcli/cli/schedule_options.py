@@ -9,18 +9,17 @@ imports torch.
 
 from __future__ import annotations
 
-import functools
-import inspect
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, TypeVar, get_type_hints
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from ddpmcli.choices import SpacingName
 from ddpmcli.cli.common import as_flags, parse_key_values
 from ddpmcli.cli.completion import complete_kind
+from ddpmcli.cli.option_groups import Command, option_group
 from ddpmcli.errors import UsageError
 
 if TYPE_CHECKING:
@@ -217,46 +216,12 @@ NO_FLAGS = ScheduleFlags()
 used: the splice replaces it)."""
 
 
-def _flag_parameters(respacing: bool) -> list[inspect.Parameter]:
-    """The schedule flags as keyword-only parameters, typed with their option aliases."""
-    hints = get_type_hints(ScheduleFlags, include_extras=True)
-    return [
-        inspect.Parameter(
-            item.name,
-            inspect.Parameter.KEYWORD_ONLY,
-            default=item.default,
-            annotation=hints[item.name],
-        )
-        for item in fields(ScheduleFlags)
-        if respacing or item.name not in RESPACING_FLAGS
-    ]
-
-
-Command = TypeVar("Command", bound=Callable[..., Any])
-
-
 def schedule_options(*, respacing: bool = True) -> Callable[[Command], Command]:
-    """Splice the schedule flags into a command at its ``flags`` parameter (see the module doc)."""
-
-    def splice(command: Command) -> Command:
-        signature = inspect.signature(command, eval_str=True)
-        spliced = _flag_parameters(respacing)
-        names = [p.name for p in spliced]
-        parameters: list[inspect.Parameter] = []
-        for p in signature.parameters.values():
-            if p.name == "flags":
-                parameters += spliced
-            else:
-                parameters.append(p.replace(kind=inspect.Parameter.KEYWORD_ONLY))
-
-        @functools.wraps(command)
-        def wrapper(**kwargs: Any) -> Any:
-            given = {name: kwargs.pop(name) for name in names}
-            with as_flags(**SCHEDULE_FLAG_NAMES):
-                return command(flags=ScheduleFlags(**given), **kwargs)
-
-        wrapper.__signature__ = signature.replace(parameters=parameters)  # type: ignore[attr-defined]
-        wrapper.__annotations__ = {p.name: p.annotation for p in parameters}
-        return wrapper  # type: ignore[return-value]
-
-    return splice
+    """Splice the schedule flags into a command at its ``flags`` parameter (see the module doc);
+    errors naming schedule parameters show the flags (``from_file`` as ``--from``)."""
+    return option_group(
+        ScheduleFlags,
+        "flags",
+        leave_out=() if respacing else RESPACING_FLAGS,
+        context=lambda: as_flags(**SCHEDULE_FLAG_NAMES),
+    )
