@@ -3,6 +3,7 @@ data names; the completers keep `ddpm --help` free of torch."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -59,16 +60,44 @@ def test_columns_already_listed_are_not_offered_again(runner: CliRunner) -> None
     assert "step,t,step" not in offered and "step,t,t" not in offered
 
 
-def test_completion_lists_match_the_commands() -> None:
-    from ddpmcli import data
+def test_completion_copies_match_the_library() -> None:
+    from ddpmcli import data, run
+    from ddpmcli.cli import completion
+    from ddpmcli.cli.checkpoint import INFO_COLUMNS, MODEL_COLUMNS
 
+    assert completion.KINDS == tuple(core.SCHEDULE_KINDS)
+    assert completion.KIND_ALIASES == tuple(core.SCHEDULE_ALIASES)
+    assert completion.QUANTITIES == core.QUANTITIES
     assert tuple(data.BUILTIN_DATASETS) == BUILTIN_DATA
-    from ddpmcli.cli.checkpoint import INFO_COLUMNS
-    from ddpmcli.run import STEP_COLUMNS
-
-    assert column_names("info") == list(INFO_COLUMNS)
-    assert column_names("sample") == list(STEP_COLUMNS)
+    assert completion.STEP_COLUMNS == run.STEP_COLUMNS
+    assert completion.BOUND_COLUMNS == run.BOUND_COLUMNS
+    assert completion.AGGREGATE_COLUMNS == run.AGGREGATE_COLUMNS
+    assert completion.OPTIMAL_COLUMNS == run.OPTIMAL_COLUMNS
+    assert column_names("info") == [*INFO_COLUMNS, *MODEL_COLUMNS]
+    assert column_names("sample") == list(run.STEP_COLUMNS)
     assert column_names("train") == []
+
+
+@pytest.mark.parametrize("words", ["ddpm schedule --kind co", "ddpm nll x.pt --columns bi"])
+def test_completing_values_imports_no_torch(words: str) -> None:
+    code = (
+        "import atexit, sys\n"
+        "atexit.register(lambda: sys.stderr.write(f'torch={\"torch\" in sys.modules}'))\n"
+        "from ddpmcli.cli.app import main\n"
+        "main([])\n"
+    )
+    env = {
+        **os.environ,
+        "_DDPM_COMPLETE": "complete_bash",
+        "COMP_WORDS": words,
+        "COMP_CWORD": str(len(words.split()) - 1),
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env,
+        check=False,
+    )  # fmt: skip
+    assert done.stdout.split() in (["cosine"], ["bits_per_dim"])
+    assert done.stderr.endswith("torch=False"), done.stderr
 
 
 def test_help_stays_free_of_torch() -> None:

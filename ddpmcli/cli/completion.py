@@ -13,15 +13,35 @@ from typing import Any
 
 from click.shell_completion import CompletionItem
 
+# Copies of the library's lists, so that completing imports neither torch nor the core (the
+# README: `ddpm --help` and completion import no torch); tests/test_checks_completion.py checks
+# each against its source (core.SCHEDULE_KINDS/ALIASES, data.BUILTIN_DATASETS, core.QUANTITIES,
+# run's STEP/BOUND/AGGREGATE/OPTIMAL_COLUMNS).
+KINDS = (
+    "linear", "scaled_linear", "cosine", "sigmoid", "sigmoid_logsnr", "sqrt", "laplace", "exp",
+    "shifted_cosine", "vp", "edm",
+)  # fmt: skip
+KIND_ALIASES = ("squaredcos_cap_v2",)
 CUSTOM_KIND = "custom"  # betas or alpha_bars from a file (schedule_options' --betas-file)
 BUILTIN_DATA = ("moons", "swiss_roll", "gmm", "shapes")
+QUANTITIES = (
+    "beta", "alpha", "alpha_bar", "alpha_bar_prev", "sqrt_alpha_bar", "sqrt_one_minus_alpha_bar",
+    "snr", "log_snr", "sigma", "posterior_variance", "posterior_log_variance_clipped",
+    "posterior_mean_coef_x0", "posterior_mean_coef_xt", "sqrt_recip_alpha_bar",
+    "sqrt_recipm1_alpha_bar",
+)  # fmt: skip
+STEP_COLUMNS = (
+    "step", "t", "variance", "xt_std", "xt_std_expected", "x0_min", "x0_max", "x0_std",
+    "clip_fraction", "update_norm",
+)  # fmt: skip
+BOUND_COLUMNS = ("t", "term", "bits_per_dim", "stderr", "weight", "x0_mse", "eps_mse")
+AGGREGATE_COLUMNS = ("t", "alpha_bar", "snr", "mse", "psnr", "eps_mse", "clip_fraction")
+OPTIMAL_COLUMNS = ("optimal_mse", "optimal_eps_mse", "excess_mse", "excess_stderr")
 
 
 def kind_names() -> list[str]:
     """Every schedule kind, then the aliases, then ``custom``."""
-    from ddpmcli import core
-
-    return [*core.SCHEDULE_KINDS, *core.SCHEDULE_ALIASES, CUSTOM_KIND]
+    return [*KINDS, *KIND_ALIASES, CUSTOM_KIND]
 
 
 def complete_kind(ctx: Any, param: Any, incomplete: str) -> list[CompletionItem]:
@@ -46,28 +66,22 @@ def complete_data(ctx: Any, param: Any, incomplete: str) -> list[CompletionItem]
 def column_names(command: str | None) -> list[str]:
     """The columns `command` can print (what its `--columns` accepts); [] for another command."""
     if command in ("schedule", "compare"):
-        from ddpmcli.core import QUANTITIES
-
         first = ["schedule"] if command == "compare" else []
         return [*first, "t", "timestep", *QUANTITIES]
     if command in ("posterior", "check"):
         from ddpmcli.cli.schedule import CHECK_COLUMNS, POSTERIOR_COLUMNS
 
         return list(POSTERIOR_COLUMNS if command == "posterior" else CHECK_COLUMNS)
-    if command == "reconstruct":
-        from ddpmcli.run import AGGREGATE_COLUMNS, OPTIMAL_COLUMNS
-
-        return list(dict.fromkeys(["t", "sample", *AGGREGATE_COLUMNS, *OPTIMAL_COLUMNS]))
-    if command in ("sample", "nll"):
-        from ddpmcli.run import BOUND_COLUMNS, STEP_COLUMNS
-
-        names = STEP_COLUMNS if command == "sample" else (*BOUND_COLUMNS, "sample", "bits_per_dim")
-        return list(dict.fromkeys(names))
     if command == "info":
-        from ddpmcli.cli.checkpoint import INFO_COLUMNS
+        from ddpmcli.cli.checkpoint import INFO_COLUMNS, MODEL_COLUMNS
 
-        return list(INFO_COLUMNS)
-    return []
+        return [*INFO_COLUMNS, *MODEL_COLUMNS]
+    names = {
+        "reconstruct": ("t", "sample", *AGGREGATE_COLUMNS, *OPTIMAL_COLUMNS),
+        "sample": STEP_COLUMNS,
+        "nll": (*BOUND_COLUMNS, "sample", "bits_per_dim"),
+    }.get(command or "", ())
+    return list(dict.fromkeys(names))
 
 
 def complete_columns(ctx: Any, param: Any, incomplete: str) -> list[CompletionItem]:
