@@ -348,6 +348,11 @@ def test_iddpm_numbers_equal_the_native_program(
         cli("sample", "--model", _factory(zoo, "iddpm"), zoo["iddpm"], *sample),
         cli("sample", "--trust-program", zoo["iddpm_ts"], *sample),
     )
+    nll = ("--data", zoo["data"], "--n", "2", "--t-random", "4", "-f", "json")
+    _same_rows(
+        cli("nll", "--model", _factory(zoo, "iddpm"), zoo["iddpm"], *nll),
+        cli("nll", "--trust-program", zoo["iddpm_ts"], *nll),
+    )
 
 
 def test_iddpm_linear_schedule_scales_with_t(zoo: dict[str, Any]) -> None:

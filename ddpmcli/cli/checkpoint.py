@@ -148,9 +148,10 @@ def info(
     check_format_flags(fmt, no_header)
     cols = select_columns(columns, INFO_COLUMNS + MODEL_COLUMNS)
     options = loader_options(
-        kind, timesteps, prediction_type, data_shape, learned_variance, trust_program, model_factory
+        kind, timesteps, prediction_type, data_shape, learned_variance, trust_program
     )
     options["data_range"] = parse_range(data_range)
+    options["model"] = model_factory
     options.update(conditioning_options(class_label, guidance_scale))
     # never runs the model: metadata, parameter counts and shapes from the file itself
     rows = [info_row(load_checkpoint(path, **options, inspect_only=True)) for path in checkpoints]

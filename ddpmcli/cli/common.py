@@ -386,11 +386,10 @@ def loader_options(
     data_shape: str | None,
     learned_variance: bool | None = None,
     trust_program: bool = False,
-    model: str | None = None,
 ) -> dict[str, Any]:
-    """The metadata flags (--kind, -T, --prediction-type, --data-shape, --learned-variance),
-    --trust-program and --model as keyword arguments for `checkpoints.load_checkpoint`; None
-    leaves a field to the checkpoint (and trust to DDPM_TRUST_PROGRAM)."""
+    """The metadata flags (--kind, -T, --prediction-type, --data-shape, --learned-variance) and
+    --trust-program as keyword arguments for `checkpoints.load_checkpoint`; None leaves a field to
+    the checkpoint (and trust to DDPM_TRUST_PROGRAM). `--model` is passed on its own (`model=`)."""
     return {
         "kind": kind,
         "timesteps": timesteps,
@@ -398,7 +397,6 @@ def loader_options(
         "data_shape": parse_shape(data_shape),
         "learned_variance": learned_variance,
         "trust_program": True if trust_program else None,
-        "model": model,
     }
 
 
