@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -27,132 +27,98 @@ if TYPE_CHECKING:
 
 PANEL_SCHEDULE = "Schedule"
 
+
+def _option(*names: str, **settings: Any) -> Any:
+    """A typer option in the Schedule panel of the help."""
+    return typer.Option(*names, rich_help_panel=PANEL_SCHEDULE, **settings)
+
+
 KindOpt = Annotated[
     str | None,
-    typer.Option(
+    _option(
         "--kind",
         "-k",
         help="Schedule kind from the core registry (list them with `ddpm schedule --list-kinds`), "
         "an alias such as squaredcos_cap_v2, or custom (with --betas-file/--alpha-bars-file). "
         "Default: linear.",
-        rich_help_panel=PANEL_SCHEDULE,
         shell_complete=complete_kind,
     ),
 ]
 TimestepsOpt = Annotated[
     int | None,
-    typer.Option(
-        "--timesteps",
-        "-T",
-        help="T, the number of training timesteps (default 1000).",
-        rich_help_panel=PANEL_SCHEDULE,
-    ),
+    _option("--timesteps", "-T", help="T, the number of training timesteps (default 1000)."),
 ]
 BetaStartOpt = Annotated[
     float | None,
-    typer.Option(
-        "--beta-start",
-        help="First beta (linear, scaled_linear, sigmoid).",
-        rich_help_panel=PANEL_SCHEDULE,
-    ),
+    _option("--beta-start", help="First beta (linear, scaled_linear, sigmoid)."),
 ]
 BetaEndOpt = Annotated[
     float | None,
-    typer.Option(
-        "--beta-end",
-        help="Last beta (linear, scaled_linear, sigmoid).",
-        rich_help_panel=PANEL_SCHEDULE,
-    ),
+    _option("--beta-end", help="Last beta (linear, scaled_linear, sigmoid)."),
 ]
 MaxBetaOpt = Annotated[
     float | None,
-    typer.Option("--max-beta", help="Beta cap (cosine, sqrt).", rich_help_panel=PANEL_SCHEDULE),
+    _option("--max-beta", help="Beta cap (cosine, sqrt)."),
 ]
 ParamOpt = Annotated[
     list[str] | None,
-    typer.Option(
+    _option(
         "--param",
         "-p",
         metavar="NAME=VALUE",
         help="Any other constant of the kind, repeatable: --param s=0.01 (see --list-kinds).",
-        rich_help_panel=PANEL_SCHEDULE,
     ),
 ]
 FromOpt = Annotated[
     Path | None,
-    typer.Option(
+    _option(
         "--from",
         metavar="FILE",
         help="A diffusers scheduler_config.json (or a folder holding one).",
-        rich_help_panel=PANEL_SCHEDULE,
     ),
 ]
 BetasFileOpt = Annotated[
     Path | None,
-    typer.Option(
-        "--betas-file",
-        metavar="FILE",
-        help="Custom betas: .npy, .txt, .csv, .tsv or .json.",
-        rich_help_panel=PANEL_SCHEDULE,
-    ),
+    _option("--betas-file", metavar="FILE", help="Custom betas: .npy, .txt, .csv, .tsv or .json."),
 ]
 AlphaBarsFileOpt = Annotated[
     Path | None,
-    typer.Option(
+    _option(
         "--alpha-bars-file",
         metavar="FILE",
         help="Custom alpha_bars (strictly decreasing): .npy, .txt, .csv, .tsv or .json.",
-        rich_help_panel=PANEL_SCHEDULE,
     ),
 ]
 ZeroSnrOpt = Annotated[
     bool,
-    typer.Option(
-        "--zero-terminal-snr",
-        help="Rescale to zero terminal SNR (Lin et al. 2024, Alg. 1).",
-        rich_help_panel=PANEL_SCHEDULE,
-    ),
+    _option("--zero-terminal-snr", help="Rescale to zero terminal SNR (Lin et al. 2024, Alg. 1)."),
 ]
 LogsnrShiftOpt = Annotated[
     float,
-    typer.Option(
-        "--logsnr-shift",
-        help="Add this to every log-SNR (after --zero-terminal-snr).",
-        rich_help_panel=PANEL_SCHEDULE,
-    ),
+    _option("--logsnr-shift", help="Add this to every log-SNR (after --zero-terminal-snr)."),
 ]
 StepsOpt = Annotated[
     str | None,
-    typer.Option(
+    _option(
         "--steps",
         metavar="N",
         help="Respace to N inference steps (with --spacing), or a section string: ddim50, "
         "10,20,30.",
-        rich_help_panel=PANEL_SCHEDULE,
     ),
 ]
 SpacingOpt = Annotated[
     SpacingName | None,
-    typer.Option(
-        "--spacing",
-        help="Respacing: leading (default; a config's own), trailing, linspace.",
-        rich_help_panel=PANEL_SCHEDULE,
-    ),
+    _option("--spacing", help="Respacing: leading (default; a config's own), trailing, linspace."),
 ]
 StepsOffsetOpt = Annotated[
     int | None,
-    typer.Option(
-        "--steps-offset",
-        help="diffusers' steps_offset for leading spacing.",
-        rich_help_panel=PANEL_SCHEDULE,
-    ),
+    _option("--steps-offset", help="diffusers' steps_offset for leading spacing."),
 ]
 ScaleOpt = Annotated[
     bool,
-    typer.Option(
+    _option(
         "--scale-to-timesteps",
         help="linear: scale the ends by 1000/T as improved-diffusion does (diffusers does not).",
-        rich_help_panel=PANEL_SCHEDULE,
     ),
 ]
 
