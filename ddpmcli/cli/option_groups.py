@@ -94,15 +94,15 @@ class ModelFlags:
 
     def loader_options(self, learned_variance: bool | None = None) -> dict[str, Any]:
         """These flags as keyword arguments of ``checkpoints.load_checkpoint``."""
-        return loader_options(
+        options = loader_options(
             self.kind,
             self.timesteps,
             self.prediction_type,
             self.data_shape,
             learned_variance,
             trust_program=self.trust_program,
-            model=self.model_factory,
         )
+        return {**options, "model": self.model_factory}
 
     def load(
         self, checkpoint: Any, device: str | torch.device, dtype: str = "float32"
