@@ -386,11 +386,15 @@ def loader_options(
     data_shape: str | None,
     learned_variance: bool | None = None,
     trust_program: bool = False,
+    model: str | None = None,
 ) -> dict[str, Any]:
-    """The metadata flags (--kind, -T, --prediction-type, --data-shape, --learned-variance) and
-    --trust-program as keyword arguments for `checkpoints.load_checkpoint`; None leaves a field to
-    the checkpoint (and trust to DDPM_TRUST_PROGRAM). `--model` is passed on its own (`model=`)."""
+    """The metadata flags (--kind, -T, --prediction-type, --data-shape, --learned-variance),
+    --trust-program and --model as keyword arguments for `checkpoints.load_checkpoint`; None
+    leaves a field to the checkpoint (and trust to DDPM_TRUST_PROGRAM). ``model`` is a key only
+    when given, so a caller may also pass ``model=`` to the loader itself."""
+    factory = {} if model is None else {"model": model}
     return {
+        **factory,
         "kind": kind,
         "timesteps": timesteps,
         "prediction_type": prediction_type,
