@@ -23,7 +23,7 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -508,7 +508,7 @@ def nll(
     t: Sequence[int] | None = None,
     t_random: int | None = None,
     variance: VarianceType = "fixed_small",
-    decoder: DecoderName | str = "auto",
+    decoder: DecoderName | Literal["auto"] = "auto",
     clip: bool = False,
     n: int | None = None,
     batch_size: int | None = None,
