@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from typer.testing import CliRunner, Result
+
+if TYPE_CHECKING:
+    import torch
+
+    from ddpmcli import core
 
 
 @pytest.fixture
@@ -62,3 +69,55 @@ def hostile_programs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]
 
 HOSTILE_FLAGS = ("--trust-program", "--kind", "linear", "-T", "20", "--prediction-type", "eps",
                  "--data-shape", "2")  # fmt: skip
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """torch on one thread for the test: these tensors are tiny, one thread is as fast, and on a
+    busy machine OpenMP threads that wait on each other make each small op take milliseconds
+    (40 s instead of 1 s). Use as ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def gaussian_denoiser(
+    schedule: core.Schedule, mu: float, s: float, var_value: float | None = None
+) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]:
+    """The exact E[x0 | x_t] for x0 ~ N(mu, s^2 I), as a "sample"-prediction model:
+    x_t ~ N(sqrt(ab) mu, ab s^2 + 1 - ab), so E[x0|x_t] = mu + sqrt(ab) s^2 (x_t - sqrt(ab) mu)
+    / (ab s^2 + 1 - ab) (Gaussian conditioning). Indexed by *model* timestep; ``var_value``
+    (if given) is returned as a learned-variance output filled with it."""
+    import torch
+
+    ab_all = schedule.alpha_bar
+
+    def predict(x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        ab = ab_all[t].to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+        x0 = mu + ab.sqrt() * s * s / (ab * s * s + 1 - ab) * (x - ab.sqrt() * mu)
+        v = None if var_value is None else torch.full_like(x, var_value)
+        return x0, v
+
+    return predict
+
+
+def tiny_mlp_checkpoint(path: Path, timesteps: int, references: int = 0, seed: int = 0) -> Path:
+    """An untrained native MLP checkpoint of 2-D data (weights from ``torch.manual_seed(seed)``)
+    on a linear schedule of ``timesteps``, with ``references`` N(0, 0.5^2) reference samples."""
+    import torch
+
+    from ddpmcli import core, models
+    from ddpmcli.checkpoints import save_native_checkpoint
+
+    torch.manual_seed(seed)
+    hp = models.default_hparams("mlp", (2,))
+    gen = torch.Generator().manual_seed(seed)
+    refs = torch.randn(references, 2, generator=gen) * 0.5 if references else None
+    return save_native_checkpoint(
+        path, models.build_model("mlp", hp), architecture="mlp", hparams=hp,
+        schedule=core.make_schedule("linear", timesteps), prediction_type="epsilon",
+        data_shape=(2,), reference_samples=refs,
+    )  # fmt: skip
