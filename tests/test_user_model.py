@@ -16,7 +16,6 @@ import importlib.util
 import json
 import math
 import sys
-import textwrap
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -507,28 +506,10 @@ def test_dotted_module_from_the_current_folder(
 
 
 def test_readme_factory(cli: Callable[..., Result], tmp_path: Path) -> None:
-    """The README's factory, as written there, through the CLI."""
-    (tmp_path / "mynet.py").write_text(
-        textwrap.dedent(
-            """
-            from torch import nn
-
-            class Net(nn.Module):  # your architecture: called as net(x_t, t)
-                def __init__(self):
-                    super().__init__()
-                    self.conv = nn.Conv2d(3, 3, 1)
-
-                def forward(self, x, t):
-                    return self.conv(x)
-
-            def make(path, load_weights):
-                net = Net()
-                net.load_state_dict(load_weights(path))  # safetensors or weights_only
-                return net, {"schedule": {"kind": "cosine", "timesteps": 1000},
-                             "prediction_type": "epsilon", "data_shape": [3, 32, 32]}
-            """
-        )
-    )
+    """The factory examples/README.md shows, as written there, through the CLI."""
+    readme = (EXAMPLES / "README.md").read_text(encoding="utf-8")
+    source = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "mynet.py").write_text(source)
     conv = torch.nn.Conv2d(3, 3, 1)
     torch.save({f"conv.{k}": v for k, v in conv.state_dict().items()}, tmp_path / "net.pt")
     row = _json(

@@ -133,7 +133,11 @@ def _import(module_part: str, spec: str) -> ModuleType:
             )
         module = importlib.util.module_from_spec(found)
         sys.modules[name] = module  # dataclasses and pickling look their module up here
-        found.loader.exec_module(module)
+        try:
+            found.loader.exec_module(module)
+        except BaseException:
+            sys.modules.pop(name, None)
+            raise
         return module
     except DdpmError:
         raise
