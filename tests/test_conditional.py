@@ -274,3 +274,116 @@ def test_cli_unconditional_model_refuses_labels(cli: Callable[..., Result], tmp_
     assert result.stderr == (
         f"Error: {tmp_path}: --class-label given, but the model is unconditional\n"
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# a DiT pipeline: latent, class-conditional, learned sigma
+
+DIT_CLASSES = 5
+
+
+@pytest.fixture(scope="module")
+def dit(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """transformer/ (DiT, 2C output channels), vae/ (a tiny AutoencoderKL stored in fp16: 3x8x8
+    images, 4x4x4 latents), scheduler/ (learned_range)."""
+    root = tmp_path_factory.mktemp("dit")
+    torch.manual_seed(0)
+    net = diffusers.DiTTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=1,
+        sample_size=4, patch_size=2, num_embeds_ada_norm=DIT_CLASSES, norm_num_groups=4,
+    )  # fmt: skip
+    with torch.no_grad():  # diffusers zero-initialises the adaLN-zero and output layers
+        for p in net.parameters():
+            p.normal_(0.0, 0.3)
+    net.save_pretrained(root / "transformer", safe_serialization=True)
+    vae = diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
+        norm_num_groups=4, sample_size=8, layers_per_block=1,
+    )  # fmt: skip
+    vae.half().save_pretrained(root / "vae", safe_serialization=True)
+    diffusers.DDPMScheduler(num_train_timesteps=20, variance_type="learned_range").save_pretrained(
+        root / "scheduler"
+    )
+    return root
+
+
+def test_dit_pipeline_loads_as_a_latent_conditional_model(dit: Path) -> None:
+    model = load_checkpoint(dit, class_label="random", guidance_scale=2.0)
+    assert model.data_shape == (4, 4, 4) and model.learned_variance
+    assert model.info["num_classes"] == DIT_CLASSES and model.info["null_label"] == DIT_CLASSES
+    assert model.info["vae"] == "AutoencoderKL 3x8x8 scaling_factor 0.18215"
+    assert model.latent is not None and model.latent.latent_shape == (4, 4, 4)
+    x = torch.randn(3, 4, 4, 4)
+    prediction, v = model.predict(x, torch.tensor([1, 5, 9]), sample_index=torch.arange(3))
+    assert prediction.shape == v.shape == (3, 4, 4, 4)  # type: ignore[union-attr]
+
+
+def test_dit_guidance_guides_eps_and_keeps_the_conditional_variance(dit: Path) -> None:
+    x = torch.randn(2, 4, 4, 4)
+    t = torch.tensor([3, 12])
+    cond_eps, cond_v = load_checkpoint(dit, class_label="3").predict(x, t)
+    null_eps, _ = load_checkpoint(dit, class_label="null").predict(x, t)
+    eps, v = load_checkpoint(dit, class_label="3", guidance_scale=4.0).predict(x, t)
+    torch.testing.assert_close(eps, null_eps + 4.0 * (cond_eps - null_eps), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(v, cond_v)
+    assert float((eps - cond_eps).abs().max()) > 1e-3
+
+
+def test_vae_encodes_once_per_image(dit: Path) -> None:
+    model = load_checkpoint(dit, class_label="0")
+    assert model.latent is not None
+    calls: list[int] = []
+    encode = model.latent.vae.encode
+
+    def counting(x: Tensor) -> Any:
+        calls.append(int(x.shape[0]))
+        return encode(x)
+
+    model.latent.vae.encode = counting
+    images = torch.rand(5, 3, 8, 8) * 2 - 1
+    from ddpmcli.run import reconstruction_sweep
+
+    gen = torch.Generator().manual_seed(0)
+    import numpy as np
+
+    path = Path(str(dit)) / "images.npy"
+    np.save(path, (torch.rand((5, 3, 8, 8), generator=gen) * 2 - 1).numpy())
+    from ddpmcli.run import reconstruction_data
+
+    picked = reconstruction_data(model, str(path), n=5, seed=0)
+    assert calls == [5] and picked.x0.shape == (5, 4, 4, 4)
+    latent = model.latent.encode(images)
+    # the posterior mean, scaled: decode(encode(x)) has the image's shape
+    assert model.latent.decode(latent).shape == images.shape
+    result = reconstruction_sweep(model, picked.x0, [0, 10, 19], seed=0)
+    assert calls == [5, 5] and [r["t"] for r in result.rows] == [0, 10, 19]
+
+
+def test_cli_dit_info_reconstruct_sample_nll(
+    cli: Callable[..., Result], dit: Path, data_file: Path, tmp_path: Path
+) -> None:
+    (row,) = _json(cli("info", str(dit), "--format", "json"))
+    assert row["architecture"] == "DiTTransformer2DModel" and row["learned_variance"] is True
+    assert row["data_shape"] == "4x4x4" and row["latent_shape"] == "4x4x4"
+    assert row["vae"] == "AutoencoderKL 3x8x8 scaling_factor 0.18215"
+    common = ["--class-label", "0-4", "--format", "json", "-q"]
+    rec = _json(cli("reconstruct", str(dit), "--data", str(data_file), "--t", "0,19", *common))
+    assert list(rec[0]) == [
+        "t", "alpha_bar", "snr", "mse_latent", "psnr_latent", "eps_mse_latent",
+        "clip_fraction_latent",
+    ]  # fmt: skip
+    assert rec[0]["psnr_latent"] is None and 0 < rec[0]["mse_latent"] < rec[1]["mse_latent"]
+    save = tmp_path / "s.npz"
+    args = ["sample", str(dit), "--steps", "3", "-n", "3", "--variance", "learned_range", *common]
+    plain = _json(cli(*args, "--save", str(save)))
+    import numpy as np
+
+    with np.load(save) as saved:  # decoded images, in the VAE's range
+        assert saved["samples"].shape == (3, 3, 8, 8)
+        assert saved["data_range"].tolist() == [-1.0, 1.0]
+    guided = _json(cli(*args, "--guidance-scale", "4"))
+    assert [r["x0_std"] for r in guided] != [r["x0_std"] for r in plain]
+    nll = _json(cli("nll", str(dit), "--data", str(data_file), *common))
+    assert nll[0]["term"] == "decoder_continuous" and nll[-1]["term"] == "total"
+    assert "bits_per_dim_latent" in nll[-1] and "x0_mse_latent" in nll[0]

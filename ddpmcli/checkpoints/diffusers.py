@@ -19,6 +19,7 @@ from typing import Any
 from torch import Tensor
 
 from ddpmcli import core, limits, models
+from ddpmcli.checkpoints.latent import LATENT_BOUND, LatentSpace
 from ddpmcli.checkpoints.loaded import LoadedModel, load_state, loaded_model
 from ddpmcli.checkpoints.meta import _finish, _merge, _Meta, check_data_shape
 from ddpmcli.checkpoints.unpickler import one_line, safe_torch_load
@@ -37,9 +38,12 @@ _WEIGHT_NAMES = (
 
 
 def _diffusers_layout(p: Path) -> tuple[Path, Path | None]:
-    """(unet folder, scheduler_config.json or None) of a pipeline or bare unet folder."""
+    """(denoiser folder, scheduler_config.json or None) of a pipeline (``unet/`` or DiT's
+    ``transformer/``) or a bare unet folder."""
     if (p / "unet" / "config.json").is_file():
         unet_dir = p / "unet"
+    elif (p / "transformer" / "config.json").is_file():
+        unet_dir = p / "transformer"
     elif (p / "config.json").is_file():
         unet_dir = p
     else:
@@ -152,57 +156,146 @@ def _read_diffusers_weights(unet_dir: Path) -> dict[str, Tensor]:
 
 
 def load_diffusers(p: Path, given: _Meta) -> LoadedModel:
+    """A diffusers folder: its denoiser (``UNet2DModel``, class-conditional or not, or a DiT
+    ``DiTTransformer2DModel``), scheduler config and, in a latent pipeline, its ``vae/``."""
     where = str(p)
-    unet_dir, scheduler_file = _diffusers_layout(p)
+    net_dir, scheduler_file = _diffusers_layout(p)
     diffusers = _import_diffusers()
-    config = _read_json(unet_dir / "config.json")
-    _check_unet_sizes(config, unet_dir / "config.json")
+    config = _read_json(net_dir / "config.json")
     class_name = str(config.get("_class_name", "UNet2DModel"))
-    if class_name != "UNet2DModel":
-        raise CheckpointError(
-            f"{where}: diffusers model {class_name} is not supported "
-            "(only the unconditional UNet2DModel)"
-        )
-    classes = _unet_classes(config, unet_dir / "config.json")
-    with _offline_quiet():
-        try:
-            unet = diffusers.UNet2DModel.from_config(config)
-        except Exception as exc:
-            raise CheckpointError(
-                f"{unet_dir / 'config.json'}: bad UNet2DModel config ({one_line(exc)})"
-            ) from None
-        state = _read_diffusers_weights(unet_dir)
-        load_state(unet, state, where)
-    unet.eval()
+    if class_name == "UNet2DModel":
+        _check_unet_sizes(config, net_dir / "config.json")
+        classes = _unet_classes(config, net_dir / "config.json")
+    elif class_name == "DiTTransformer2DModel":
+        classes = _dit_classes(config, net_dir)
+    else:
+        raise CheckpointError(f"{where}: {_unsupported(class_name)}")
+    net = _build(diffusers, class_name, config, net_dir, where)
+    latent = (
+        _load_vae(p / "vae", diffusers, where) if (p / "vae" / "config.json").is_file() else None
+    )
 
     file_meta = _Meta()
     if scheduler_file is not None:
         file_meta = _diffusers_scheduler_meta(scheduler_file)
-    in_ch = int(unet.config.in_channels)
-    out_ch = int(unet.config.out_channels)
-    size = unet.config.sample_size
+    in_ch = int(net.config.in_channels)
+    out_ch = int(net.config.out_channels or in_ch)
+    size = net.config.sample_size
     h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     file_meta.data_shape = (in_ch, h, w)
     file_meta.learned_variance = out_ch == 2 * in_ch
     file_meta.data_range = (-1.0, 1.0)
+    if latent is not None:
+        latent.latent_shape = (in_ch, h, w)
+        file_meta.data_range = (-LATENT_BOUND, LATENT_BOUND)
     meta = _merge(file_meta, given)
     finished = _finish(meta, where, flags_hint=True)
-    info = {
+    info: dict[str, Any] = {
         "format": "diffusers",
         "architecture": class_name,
-        "parameters": models.count_parameters(unet),
+        "parameters": models.count_parameters(net),
+        "weights_dtype": str(next(iter(net.parameters())).dtype).removeprefix("torch."),
         "diffusers_version": getattr(diffusers, "__version__", "?"),
         "scheduler_config": None if scheduler_file is None else str(scheduler_file),
         **{f"scheduler_{k}": v for k, v in file_meta.extra.items()},
     }
     if classes is not None:
         info["num_classes"], info["null_label"] = classes
-    return loaded_model(
-        _DiffusersDenoiser(unet),
-        finished,
-        info,
-        mover=lambda d, dt: _DiffusersDenoiser(unet.to(device=d, dtype=dt)),
+    if latent is not None:
+        info.update(latent.describe())
+    net = net.float()  # runs in the caller's dtype (float32 unless asked), weights read as stored
+
+    def move(d: Any, dt: Any) -> _DiffusersDenoiser:
+        return _DiffusersDenoiser(net.to(device=d, dtype=dt))
+
+    return loaded_model(_DiffusersDenoiser(net), finished, info, mover=move, latent=latent)
+
+
+def _unsupported(class_name: str) -> str:
+    if class_name == "UNet2DConditionModel":
+        return (
+            "text-conditional UNet2DConditionModel (Stable Diffusion-style) pipelines are not "
+            "supported yet (class-conditional UNet2DModel and DiT pipelines are)"
+        )
+    return (
+        f"diffusers model {class_name} is not supported (UNet2DModel, class-conditional or not, "
+        "and DiTTransformer2DModel)"
     )
+
+
+def _build(
+    diffusers: Any, class_name: str, config: dict[str, Any], net_dir: Path, where: str
+) -> Any:
+    """The network of ``class_name`` from its config, its weights loaded as stored (their dtype
+    kept: an fp16 file gives an fp16 module)."""
+    with _offline_quiet():
+        cls = getattr(diffusers, class_name)  # diffusers imports only this model's module
+        try:
+            net = cls.from_config(config)
+        except Exception as exc:
+            raise CheckpointError(
+                f"{net_dir / 'config.json'}: bad {class_name} config ({one_line(exc)})"
+            ) from None
+        state = _read_diffusers_weights(net_dir)
+        dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
+        if len(dtypes) == 1:
+            net = net.to(dtype=next(iter(dtypes)))
+        load_state(net, state, where)
+    net.eval().requires_grad_(False)  # inference only: no autograd graph, no grad memory
+    return net
+
+
+def _dit_classes(config: Mapping[str, Any], net_dir: Path) -> tuple[int, int | None]:
+    """``(num_classes, null_label)`` of a DiT: ``num_embeds_ada_norm`` classes, and its label
+    table's extra row (present when trained with label dropout) as the null label."""
+    where = net_dir / "config.json"
+    _check_dit_sizes(config, where)
+    num = config.get("num_embeds_ada_norm", 1000)
+    if isinstance(num, bool) or not isinstance(num, int) or not 1 <= num <= 1 << 20:
+        raise CheckpointError(f"{where}: num_embeds_ada_norm must be an integer in 1..{1 << 20}")
+    return num, num  # the table's row num; diffusers builds it (class_dropout_prob 0.1)
+
+
+def _check_dit_sizes(config: Mapping[str, Any], where: Path) -> None:
+    """A DiT config's sizes, checked before the network is built."""
+
+    def count(name: str, default: int, maximum: int) -> int:
+        value = config.get(name, default)
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= maximum:
+            raise CheckpointError(
+                f"{where}: {name} must be an integer in 1..{maximum}, got {value!r}"
+            )
+        return value
+
+    in_ch = count("in_channels", 4, MAX_CHANNELS)
+    size = count("sample_size", 32, 1 << 14)
+    check_data_shape((in_ch, size, size), f"{where}: sample_size", CheckpointError)
+    width = count("num_attention_heads", 16, 1024) * count("attention_head_dim", 72, 4096)
+    if width > MAX_CHANNELS:
+        raise CheckpointError(f"{where}: heads x head dim {width} is more than {MAX_CHANNELS}")
+    layers = count("num_layers", 28, 256)
+    count("patch_size", 2, size)
+    # about 18 d^2 weights per block (attention 4, feed-forward 8, adaLN-zero 6)
+    limits.check_allocation(
+        18 * width * width * layers * 4, f"{where}: the DiT it describes", error=CheckpointError
+    )
+
+
+def _load_vae(vae_dir: Path, diffusers: Any, where: str) -> LatentSpace:
+    """The pipeline's ``AutoencoderKL`` and its scaling, as a :class:`LatentSpace`."""
+    config = _read_json(vae_dir / "config.json")
+    name = str(config.get("_class_name", "AutoencoderKL"))
+    if name != "AutoencoderKL":
+        raise CheckpointError(f"{vae_dir}: VAE {name} is not supported (only AutoencoderKL)")
+    _check_unet_sizes(config, vae_dir / "config.json")
+    vae = _build(diffusers, name, config, vae_dir, where).float()
+    scale, shift = config.get("scaling_factor", 0.18215), config.get("shift_factor") or 0.0
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (scale, shift)):
+        raise CheckpointError(f"{vae_dir / 'config.json'}: scaling_factor must be a number")
+    size = config.get("sample_size", 32)
+    h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[-1]))
+    image = (int(config.get("in_channels", 3)), h, w)
+    return LatentSpace(vae, float(scale), float(shift), image, ())
 
 
 def _unet_classes(config: Mapping[str, Any], where: Path) -> tuple[int, int | None] | None:

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from ddpmcli import core
 from ddpmcli.checkpoints.conditioning import Conditioning
 from ddpmcli.checkpoints.guard import model_call
+from ddpmcli.checkpoints.latent import LatentSpace
 from ddpmcli.checkpoints.unpickler import one_line
 from ddpmcli.errors import CheckpointError, verbatim
 
@@ -45,6 +46,8 @@ class LoadedModel:
     dtype: torch.dtype = torch.float32
     _mover: _Mover | None = field(default=None, repr=False)
     conditioning: Conditioning | None = None
+    latent: LatentSpace | None = None
+    """A latent model's VAE (:mod:`.latent`): ``data_shape`` is then the latent shape."""
 
     def predict(
         self, x_t: Tensor, t: Tensor, *, sample_index: Tensor | None = None
@@ -77,9 +80,11 @@ class LoadedModel:
         if self._mover is None:
             raise CheckpointError("this model cannot be moved (no mover)")
         denoiser = self._mover(dev, dtype)
+        latent = None if self.latent is None else self.latent.to(dev)
         return dataclasses.replace(
-            self, denoiser=denoiser, device=dev, dtype=self.dtype if dtype is None else dtype
-        )
+            self, denoiser=denoiser, device=dev, dtype=self.dtype if dtype is None else dtype,
+            latent=latent,
+        )  # fmt: skip
 
 
 Finished = tuple[core.Schedule, str, bool, tuple[int, ...], tuple[float, float]]
@@ -95,6 +100,7 @@ def loaded_model(
     references: Tensor | None = None,
     mover: _Mover | None = None,
     conditioning: Conditioning | None = None,
+    latent: LatentSpace | None = None,
 ) -> LoadedModel:
     """The one place a :class:`LoadedModel` is built: every format's loader hands it its
     denoiser, finished metadata, ``info`` row and mover."""
@@ -110,6 +116,7 @@ def loaded_model(
         info=info,
         _mover=mover,
         conditioning=conditioning,
+        latent=latent,
     )
 
 

@@ -116,6 +116,7 @@ def reconstruct(
       ddpm reconstruct model.pt2 --kind cosine --prediction-type v --data-shape 2 --data moons
     """
     from ddpmcli.checkpoints import load_checkpoint
+    from ddpmcli.checkpoints.latent import space_columns, space_rows
     from ddpmcli.run import (
         RunError,
         default_timesteps,
@@ -151,7 +152,7 @@ def reconstruct(
         note(f"--n {n} is more than the {picked.x0.shape[0]} samples of {picked.source}; using all")
     title = f"reconstruct {checkpoint.name}"
     available = list(_columns(per_sample, picked.optimal is not None))
-    cols = select_columns(columns, available)
+    cols = space_columns(model, select_columns(columns, available))  # mse -> mse_latent, ...
     try:
         total = len(indices) * picked.x0.shape[0]
         with progress(total, "reconstructing", quiet) as bar, as_flags():
@@ -162,9 +163,10 @@ def reconstruct(
             )  # fmt: skip
     except RunError as exc:  # the rows of every finite t, then the first bad t
         if exc.rows:
-            emit(exc.rows, cols, fmt, no_header=no_header, title=title)
+            emit(space_rows(model, exc.rows), cols, fmt, no_header=no_header, title=title)
         raise
     rows = result.sample_rows if per_sample and result.sample_rows is not None else result.rows
+    rows = space_rows(model, rows)
     emit(rows, cols, fmt, no_header=no_header, title=title)
     if plot_path is not None and ranks.is_main:
         from ddpmcli.plotting.reconstruct import plot_reconstruction

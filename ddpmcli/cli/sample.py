@@ -442,15 +442,18 @@ def _summary_row(
 def _save_samples(path: Path, samples: Any, model: LoadedModel, schedule: str, quiet: bool) -> None:
     from ddpmcli.output import atomic_write
 
+    data_range = model.data_range
+    if model.latent is not None:  # a latent model's samples are saved as decoded images
+        samples, data_range = model.latent.decode(samples), model.latent.image_range
     if path.suffix.lower() == ".png":
         from ddpmcli.plotting.sample import save_image_grid
 
-        written = save_image_grid(samples, path, model.data_range)
+        written = save_image_grid(samples, path, data_range)
     else:
         import numpy as np
 
         arr = samples.numpy()
-        lo, hi = model.data_range
+        lo, hi = data_range
         written = atomic_write(
             path,
             lambda tmp: np.savez(
@@ -541,6 +544,7 @@ def nll(
 
       ddpm nll ckpt.pt --n 64 --t-random 50 --format json
     """
+    from ddpmcli.checkpoints.latent import space_columns, space_rows
     from ddpmcli.run import (
         BOUND_COLUMNS,
         RunError,
@@ -590,7 +594,9 @@ def nll(
     warn_outside_range(x0, model.data_range, picked.source, show=ranks.is_main)
     if x0.shape[0] < n and not quiet:
         note(f"--n {n} is more than the {x0.shape[0]} samples of {picked.source}; using all")
-    dec = decoder if decoder != "auto" else ("discretized" if x0.ndim == 4 else "continuous")
+    images = x0.ndim == 4 and model.latent is None  # latents are real-valued, not 8-bit
+    dec = decoder if decoder != "auto" else ("discretized" if images else "continuous")
+    cols = space_columns(model, cols)  # a latent model's columns say so (x0_mse_latent, ...)
     count = (num if indices is None else len(set(indices) | {0})) * x0.shape[0]
     try:
         with progress(count, "bound", quiet) as bar, as_flags():
@@ -604,13 +610,15 @@ def nll(
             )  # fmt: skip
     except RunError as exc:  # the finite terms so far, then the error
         if exc.rows:
-            emit(exc.rows, cols, fmt, no_header=no_header, title=f"nll {checkpoint.name}")
+            rows = space_rows(model, exc.rows)
+            emit(rows, cols, fmt, no_header=no_header, title=f"nll {checkpoint.name}")
         raise
     rows = result.rows
     if per_sample and result.per_sample_total is not None:
         rows = [
             {"sample": i, "bits_per_dim": v} for i, v in enumerate(result.per_sample_total.tolist())
         ]
+    rows = space_rows(model, rows)
     emit(rows, cols, fmt, no_header=no_header, title=f"nll {checkpoint.name}")
     if not quiet:
         _nll_note(result, dec, decoder, int(x0.shape[0]), picked.source)

@@ -163,8 +163,11 @@ def reconstruction_data(
 
     if n is not None and n < 1:
         raise ParameterError(f"{{n}} {n}: must be at least 1")
-    shape = tuple(int(d) for d in model.data_shape)
-    lo, hi = (float(v) for v in model.data_range)
+    latent = getattr(model, "latent", None)  # a latent model reads images, then encodes them
+    shape = tuple(int(d) for d in (model.data_shape if latent is None else latent.image_shape))
+    lo, hi = (float(v) for v in (model.data_range if latent is None else latent.image_range))
+    if latent is not None and compare_optimal:
+        raise ParameterError("{compare_optimal} is not available on a latent model")
     optimal = None
     if source is None:
         refs = getattr(model, "reference_samples", None)
@@ -202,6 +205,8 @@ def reconstruction_data(
     if compare_optimal and optimal is None:
         optimal = OptimalDenoiser.from_points(everything)
     x0 = everything if n is None else everything[:n]
+    if latent is not None and source is not None:
+        x0 = latent.encode(x0)  # once per image, not once per t
     return ReconstructionData(x0=x0, source=label, optimal=optimal)
 
 

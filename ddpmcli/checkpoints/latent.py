@@ -1,0 +1,119 @@
+"""Latent models: a pipeline whose denoiser works on the latents of a VAE (``AutoencoderKL``).
+
+The diagnostics run in latent space: ``LoadedModel.data_shape`` is the latent shape, and data
+given as images is encoded once per image (the posterior mean, times the config's
+``scaling_factor``, after subtracting ``shift_factor`` where the config has one, as diffusers'
+pipelines do), never once per timestep. Decoding inverts the scaling and runs the VAE decoder:
+for saved samples and the image-space error of x0_hat. Latents are not clipped: their data range
+is ``(-LATENT_BOUND, LATENT_BOUND)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+LATENT_BOUND = 1e4
+"""The data range of latents, wide enough that clipping x0_hat to it never acts."""
+IMAGE_RANGE = (-1.0, 1.0)
+"""The VAE's image range (diffusers' VaeImageProcessor maps [0, 1] images onto it)."""
+VAE_BATCH = 16
+"""Images encoded or decoded per VAE call."""
+
+
+@dataclass
+class LatentSpace:
+    """A VAE and its scaling: ``encode`` images ``[N, *image_shape]`` in ``IMAGE_RANGE`` to
+    latents ``[N, *latent_shape]``, ``decode`` back. The VAE runs in float32 (SD-style VAEs
+    overflow in float16: their configs say ``force_upcast``)."""
+
+    vae: Any
+    scaling_factor: float
+    shift_factor: float
+    image_shape: tuple[int, ...]
+    latent_shape: tuple[int, ...]
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    image_range: tuple[float, float] = IMAGE_RANGE
+
+    def to(self, device: str | torch.device) -> LatentSpace:
+        dev = torch.device(device)
+        return LatentSpace(
+            self.vae.to(device=dev, dtype=torch.float32),
+            self.scaling_factor,
+            self.shift_factor,
+            self.image_shape,
+            self.latent_shape,
+            dev,
+            self.image_range,
+        )
+
+    def encode(self, images: Tensor) -> Tensor:
+        """Latents (float64 on the CPU, like every data tensor) of ``images``: the posterior
+        mean, shifted and scaled; each image once."""
+        out = [
+            (self.vae.encode(part).latent_dist.mean - self.shift_factor) * self.scaling_factor
+            for part in self._parts(images)
+        ]
+        return torch.cat(out).to("cpu", torch.float64)
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """Images (float32 on the CPU, in ``IMAGE_RANGE`` nominally) of ``latents``."""
+        out = [
+            self.vae.decode(part / self.scaling_factor + self.shift_factor).sample
+            for part in self._parts(latents)
+        ]
+        return torch.cat(out).to("cpu", torch.float32)
+
+    def _parts(self, x: Tensor) -> Iterator[Tensor]:
+        with torch.inference_mode():
+            for start in range(0, x.shape[0], VAE_BATCH):
+                yield x[start : start + VAE_BATCH].to(self.device, torch.float32)
+
+    def describe(self) -> dict[str, Any]:
+        """The ``info`` fields of a latent model."""
+        return {
+            "latent_shape": "x".join(str(d) for d in self.latent_shape),
+            "vae": (
+                f"{type(self.vae).__name__} {'x'.join(str(d) for d in self.image_shape)} "
+                f"scaling_factor {self.scaling_factor:g}"
+                + (f" shift_factor {self.shift_factor:g}" if self.shift_factor else "")
+            ),
+        }
+
+
+def latent_column(name: str) -> str:
+    """The column a latent model's run shows for ``name``: errors in latent space say so."""
+    return f"{name}_latent" if name in LATENT_COLUMNS else name
+
+
+LATENT_COLUMNS = frozenset(
+    {
+        "mse",
+        "psnr",
+        "eps_mse",
+        "x0_mse",
+        "clip_fraction",
+        "bits_per_dim",
+    }
+)
+"""Columns measured in latent space on a latent model (renamed ``<name>_latent``)."""
+
+
+def space_columns(model: Any, columns: Iterable[str]) -> list[str]:
+    """``columns`` as ``model``'s rows name them: renamed by :func:`latent_column` when it is a
+    latent model (``model.latent``), else unchanged."""
+    if getattr(model, "latent", None) is None:
+        return list(columns)
+    return [latent_column(c) for c in columns]
+
+
+def space_rows(model: Any, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``rows`` with their columns named as :func:`space_columns` names them."""
+    if getattr(model, "latent", None) is None:
+        return list(rows)
+    # psnr needs the data's peak, and latents have none: the column stays, empty
+    return [{latent_column(k): None if k == "psnr" else v for k, v in row.items()} for row in rows]
