@@ -76,7 +76,7 @@ class RescaledTimesteps(nn.Module):
 
 
 def parse_flags(text: str) -> dict[str, Any]:
-    """``--name value`` pairs, as the projects' argparse reads them (True/False, ints, words)."""
+    """``--name value`` pairs, as the projects' argparse reads them (True/False, numbers, words)."""
     words = shlex.split(text)
     out: dict[str, Any] = {}
     for name, value in zip(words[::2], words[1::2], strict=False):
@@ -84,11 +84,18 @@ def parse_flags(text: str) -> dict[str, Any]:
         if value in ("True", "true", "False", "false"):
             out[key] = value.lower() == "true"
         else:
-            try:
-                out[key] = int(value)
-            except ValueError:
-                out[key] = value
+            out[key] = _number(value)
     return out
+
+
+def _number(value: str) -> int | float | str:
+    """``4000`` -> 4000, ``0.1`` -> 0.1, anything else (``16,8``, ``cosine``) unchanged."""
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
 
 
 def settings_from_env(env: Mapping[str, str] | None = None) -> dict[str, Any]:

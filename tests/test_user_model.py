@@ -376,15 +376,19 @@ def ex_meta(spec: dict[str, Any]) -> dict[str, Any]:
 
 def test_iddpm_flags_parse_like_argparse() -> None:
     ex = importlib.import_module("standins").example("adapt_improved_diffusion")
+    model_flags = "--image_size 64 --learn_sigma True --dropout 0.1 --attention_resolutions 16,8"
     settings = ex.settings_from_env(
-        {"MODEL_FLAGS": "--image_size 64 --learn_sigma True --num_channels 128",
-         "DIFFUSION_FLAGS": "--diffusion_steps 4000 --noise_schedule cosine"}
-    )  # fmt: skip
+        {
+            "MODEL_FLAGS": model_flags,
+            "DIFFUSION_FLAGS": "--diffusion_steps 4000 --noise_schedule cosine",
+        }
+    )
     assert settings["image_size"] == 64
     assert settings["learn_sigma"] is True
     assert settings["diffusion_steps"] == 4000
     assert settings["noise_schedule"] == "cosine"
     assert settings["rescale_timesteps"] is True
+    assert (settings["dropout"], settings["attention_resolutions"]) == (0.1, "16,8")
 
 
 # -- the examples' own factories, errors and safety --------------------------------------------
