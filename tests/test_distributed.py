@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_mlp_checkpoint
 
-from ddpmcli import core, models
-from ddpmcli.checkpoints import save_native_checkpoint
+from ddpmcli import models
 from ddpmcli.run.distributed import Ranks, current, shares
 from ddpmcli.run.runtime import (
     SMALL_MODEL_WORK,
@@ -70,14 +70,7 @@ def _same_rows(one: list[dict[str, str]], two: list[dict[str, str]], rel: float)
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    hp = models.default_hparams("mlp", (2,))
-    refs = torch.randn(64, 2, generator=torch.Generator().manual_seed(0)) * 0.5
-    return save_native_checkpoint(
-        tmp_path_factory.mktemp("dist") / "mlp.pt", models.build_model("mlp", hp),
-        architecture="mlp", hparams=hp, schedule=core.make_schedule("linear", 12),
-        prediction_type="epsilon", data_shape=(2,), reference_samples=refs,
-    )  # fmt: skip
+    return tiny_mlp_checkpoint(tmp_path_factory.mktemp("dist") / "mlp.pt", 12, references=64)
 
 
 @pytest.mark.parametrize(

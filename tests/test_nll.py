@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import gaussian_denoiser, tiny_mlp_checkpoint
 from rowcheck import assert_row_close
 from torch import Tensor
 
@@ -26,28 +27,10 @@ from ddpmcli.run import (
 MU, S, D = 0.5, 0.7, 2
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():  # type: ignore[no-untyped-def]
-    """These tensors are tiny: one thread is as fast, and on a busy machine OpenMP threads that
-    wait on each other make each small op take milliseconds (40 s instead of 1 s here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest
 
 
 LN2 = math.log(2.0)
-
-
-def gaussian_denoiser(schedule: core.Schedule):  # type: ignore[no-untyped-def]
-    """Exact E[x0 | x_t] for x0 ~ N(MU, S^2 I) (see tests/test_sample.py)."""
-    ab_all = schedule.alpha_bar
-
-    def predict(x: Tensor, t: Tensor) -> tuple[Tensor, None]:
-        ab = ab_all[t].to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
-        return MU + ab.sqrt() * S * S / (ab * S * S + 1 - ab) * (x - ab.sqrt() * MU), None
-
-    return predict
 
 
 def closed_form_terms(betas: np.ndarray, variance: str) -> tuple[np.ndarray, float]:
@@ -91,7 +74,7 @@ def x0() -> Tensor:
 @pytest.mark.parametrize("variance", ["fixed_small", "fixed_large"])
 def test_terms_match_the_gaussian_closed_form(sched, x0, variance) -> None:  # type: ignore[no-untyped-def]
     result = variational_bound(
-        gaussian_denoiser(sched), sched, "sample", x0, variance=variance, batch_size=4096
+        gaussian_denoiser(sched, MU, S), sched, "sample", x0, variance=variance, batch_size=4096
     )
     expect, prior = closed_form_terms(sched.beta.numpy(), variance)
     per_t = result.rows[: sched.num_steps]
@@ -114,7 +97,7 @@ def test_terms_match_the_gaussian_closed_form(sched, x0, variance) -> None:  # t
 
 def test_numbers_do_not_depend_on_the_batch_size(sched, x0) -> None:  # type: ignore[no-untyped-def]
     seen: list[int] = []
-    model = gaussian_denoiser(sched)
+    model = gaussian_denoiser(sched, MU, S)
 
     def counting(x: Tensor, t: Tensor) -> tuple[Tensor, None]:
         seen.append(x.shape[0])
@@ -132,7 +115,7 @@ def test_subset_estimate_weights(sched, x0) -> None:  # type: ignore[no-untyped-
     assert weights == {0: 1, 5: 12, 20: 17, 39: 10}  # 1..12, 13..29, 30..39
     assert sum(weights.values()) == 40
     result = variational_bound(
-        gaussian_denoiser(sched), sched, "sample", x0[:200], t_indices=[5, 20, 39]
+        gaussian_denoiser(sched, MU, S), sched, "sample", x0[:200], t_indices=[5, 20, 39]
     )
     assert [r["t"] for r in result.rows[:4]] == [0, 5, 20, 39]  # t = 0 always evaluated
     assert [r["weight"] for r in result.rows[:4]] == [1, 12, 17, 10]
@@ -175,7 +158,7 @@ def test_random_estimate_interval_covers_the_bound(sched, x0) -> None:  # type: 
     covered = 0
     for seed in range(12):
         est = variational_bound(
-            gaussian_denoiser(sched), sched, "sample", x0, strata=random_strata(40, 9, seed),
+            gaussian_denoiser(sched, MU, S), sched, "sample", x0, strata=random_strata(40, 9, seed),
             seed=seed,
         )  # fmt: skip
         assert est.estimate and est.rows[-1]["term"] == "total_estimate"
@@ -191,7 +174,7 @@ def test_random_estimate_interval_covers_the_bound(sched, x0) -> None:  # type: 
 def test_learned_range_needs_a_channel(sched, x0) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(UsageError, match="variance channel"):
         variational_bound(
-            gaussian_denoiser(sched), sched, "sample", x0[:4], variance="learned_range"
+            gaussian_denoiser(sched, MU, S), sched, "sample", x0[:4], variance="learned_range"
         )
 
 
@@ -232,17 +215,7 @@ def test_discretized_decoder_on_8bit_data() -> None:
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from ddpmcli import models
-    from ddpmcli.checkpoints import save_native_checkpoint
-
-    torch.manual_seed(0)
-    hp = models.default_hparams("mlp", (2,))
-    refs = torch.randn(100, 2, generator=torch.Generator().manual_seed(0)) * 0.5
-    return save_native_checkpoint(
-        tmp_path_factory.mktemp("nll") / "mlp.pt", models.build_model("mlp", hp),
-        architecture="mlp", hparams=hp, schedule=core.make_schedule("linear", 20),
-        prediction_type="epsilon", data_shape=(2,), reference_samples=refs,
-    )  # fmt: skip
+    return tiny_mlp_checkpoint(tmp_path_factory.mktemp("nll") / "mlp.pt", 20, references=100)
 
 
 def test_cli_rows_formats_and_note(cli, ckpt) -> None:  # type: ignore[no-untyped-def]

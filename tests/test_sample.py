@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import gaussian_denoiser
 from rowcheck import assert_row_close
 from torch import Tensor
 
@@ -31,31 +31,7 @@ from ddpmcli.run import (
 MU, S = 0.5, 0.7  # the Gaussian data N(MU, S^2 I) of the exactness tests
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():  # type: ignore[no-untyped-def]
-    """These tensors are tiny: one thread is as fast, and on a busy machine OpenMP threads that
-    wait on each other make each small op take milliseconds (40 s instead of 1 s here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def gaussian_denoiser(
-    schedule: core.Schedule, mu: float = MU, s: float = S, var_value: float | None = None
-) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor | None]]:
-    """The exact E[x0 | x_t] for x0 ~ N(mu, s^2 I), as a "sample"-prediction model:
-    x_t ~ N(sqrt(ab) mu, ab s^2 + 1 - ab), so E[x0|x_t] = mu + sqrt(ab) s^2 (x_t - sqrt(ab) mu)
-    / (ab s^2 + 1 - ab) (Gaussian conditioning). Indexed by *model* timestep."""
-    ab_all = schedule.alpha_bar
-
-    def predict(x: Tensor, t: Tensor) -> tuple[Tensor, Tensor | None]:
-        ab = ab_all[t].to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
-        x0 = mu + ab.sqrt() * s * s / (ab * s * s + 1 - ab) * (x - ab.sqrt() * mu)
-        v = None if var_value is None else torch.full_like(x, var_value)
-        return x0, v
-
-    return predict
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +50,7 @@ def test_exact_denoiser_samples_have_the_data_moments(
     # under-disperses by about 1%, fixed_large over-disperses by less: both omit or overstate
     # the c0^2 Var[x0|x_t] part of the true reverse variance).
     run = sample(
-        gaussian_denoiser(sched500), sched500, "sample", (2,), n=4000, seed=1,
+        gaussian_denoiser(sched500, MU, S), sched500, "sample", (2,), n=4000, seed=1,
         settings=SampleSettings(variance=variance, clip=False), model_dtype=torch.float64,
         data_variance=S**2,
     )  # fmt: skip
@@ -97,7 +73,7 @@ def run_small(**kw: object) -> Tensor:
     sched = respaced_schedule(toy_sched(), kw.pop("steps", 20), "leading")  # type: ignore[arg-type]
     settings = kw.pop("settings", SampleSettings(clip=False))
     run = sample(
-        gaussian_denoiser(toy_sched(), var_value=kw.pop("var_value", None)),  # type: ignore[arg-type]
+        gaussian_denoiser(toy_sched(), MU, S, var_value=kw.pop("var_value", None)),  # type: ignore[arg-type]
         sched, "sample", (3,), settings=settings, **kw,  # type: ignore[arg-type]
     )  # fmt: skip
     return run.samples
@@ -126,11 +102,11 @@ def test_ddim_eta0_step_is_the_deterministic_map_of_x_T() -> None:
     # with eta = 0 the only randomness is x_T: one step on a 1-step schedule is x0_hat(x_T)
     sched = respaced_schedule(toy_sched(), 1, "trailing")
     run = sample(
-        gaussian_denoiser(toy_sched()), sched, "sample", (3,), n=4, seed=2,
+        gaussian_denoiser(toy_sched(), MU, S), sched, "sample", (3,), n=4, seed=2,
         settings=SampleSettings(sampler="ddim", clip=False),
     )  # fmt: skip
     x_t = torch.randn((4, 3), generator=torch.Generator().manual_seed(2))
-    expect, _ = gaussian_denoiser(toy_sched())(x_t, torch.full((4,), 99))
+    expect, _ = gaussian_denoiser(toy_sched(), MU, S)(x_t, torch.full((4,), 99))
     torch.testing.assert_close(run.samples, expect)
 
 
@@ -173,7 +149,7 @@ def test_nan_mid_run_stops_with_the_step_and_keeps_rows() -> None:
 def test_trajectory_every_k() -> None:
     sched = respaced_schedule(toy_sched(), 10, "leading")
     run = sample(
-        gaussian_denoiser(toy_sched()), sched, "sample", (2,), n=5,
+        gaussian_denoiser(toy_sched(), MU, S), sched, "sample", (2,), n=5,
         settings=SampleSettings(trajectory_every=4, trajectory_samples=3),
     )  # fmt: skip
     assert [f.step for f in run.trajectory] == [0, 4, 8, 9]
@@ -367,7 +343,7 @@ def test_every_loop_reports_one_event_shape() -> None:
 
     events: list[Event] = []
     sched = toy_sched()
-    predict = gaussian_denoiser(sched)
+    predict = gaussian_denoiser(sched, MU, S)
     sample(predict, respaced_schedule(sched, 4), "sample", (2,), n=3, observers=[events.append])
     x0 = torch.randn(3, 2, generator=torch.Generator().manual_seed(0)) * 0.5
     variational_bound(predict, sched, "sample", x0, t_indices=[0, 50], batch_size=2,
@@ -413,7 +389,7 @@ def test_a_third_sampler_is_one_registered_function() -> None:
     try:
         assert "test_ancestral" in sampler_names()
         sched = respaced_schedule(toy_sched(), 10)
-        predict = gaussian_denoiser(toy_sched())
+        predict = gaussian_denoiser(toy_sched(), MU, S)
         mine = sample(predict, sched, "sample", (2,), n=6, seed=4,
                       settings=SampleSettings(sampler="test_ancestral"))  # fmt: skip
         ddpm = sample(predict, sched, "sample", (2,), n=6, seed=4)
