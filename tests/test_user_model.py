@@ -491,7 +491,13 @@ def test_factory_spec_without_colon_is_a_usage_error(
 def test_missing_metadata_names_the_flags(cli: Callable[..., Result], zoo: dict[str, Any]) -> None:
     result = cli("info", "--model", _factory(zoo, "plain"), zoo["iddpm"])
     assert result.exit_code == 1
-    assert "pass --kind (and --timesteps), --prediction-type, --data-shape" in result.stderr
+    assert result.stderr.strip() == (
+        f"Error: {zoo['iddpm']}: the factory {_factory(zoo, 'plain')} gives no schedule, "
+        "prediction_type, data_shape; return it in its metadata dict, or pass --kind (and "
+        "--timesteps), --prediction-type, --data-shape"
+    )
+    partial = cli("info", "--model", _factory(zoo, "plain"), zoo["iddpm"], "--kind", "cosine")
+    assert partial.stderr.strip().endswith("or pass --prediction-type, --data-shape")
     flags = ("--kind", "cosine", "-T", "20", "--prediction-type", "x0", "--data-shape", "3,8,8")
     ok = cli("info", "--model", _factory(zoo, "plain"), zoo["iddpm"], *flags, "-f", "json")
     row = _json(ok)[0]

@@ -168,6 +168,7 @@ def load_user_model(p: Path, spec: str, given: _Meta, *, inspect_only: bool) -> 
     module, raw = _call_factory(factory, p, spec)
     file_meta = _Meta() if raw is None else _parse_meta(raw, f"{spec} metadata")
     meta = _merge(file_meta, given)
+    _check_complete(meta, where, spec)
     module.eval()
     info = {
         "format": "user",
@@ -187,6 +188,28 @@ def load_user_model(p: Path, spec: str, given: _Meta, *, inspect_only: bool) -> 
         # the user chose to run this code: one tiny forward pass tells a learned variance apart
         check_output_shape(loaded, where)
     return loaded
+
+
+_HOW = {
+    "schedule": "{kind} (and {timesteps})",
+    "prediction_type": "{prediction_type}",
+    "data_shape": "{data_shape}",
+}
+
+
+def _check_complete(meta: _Meta, where: str, spec: str) -> None:
+    """What neither the factory's metadata nor the caller gives: one line naming both ways."""
+    given = {
+        "schedule": meta.schedule,
+        "prediction_type": meta.prediction_type,
+        "data_shape": meta.data_shape or meta.shape_from_data,
+    }
+    missing = [name for name, value in given.items() if value is None]
+    if missing:
+        raise CheckpointError.naming(
+            f"{verbatim(where)}: the factory {verbatim(spec)} gives no {', '.join(missing)}; "
+            f"return it in its metadata dict, or pass {', '.join(_HOW[m] for m in missing)}"
+        )
 
 
 def _call_factory(
