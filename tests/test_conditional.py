@@ -387,3 +387,34 @@ def test_cli_dit_info_reconstruct_sample_nll(
     nll = _json(cli("nll", str(dit), "--data", str(data_file), *common))
     assert nll[0]["term"] == "decoder_continuous" and nll[-1]["term"] == "total"
     assert "bits_per_dim_latent" in nll[-1] and "x0_mse_latent" in nll[0]
+
+
+def test_cli_decode_is_the_image_error_of_the_decoded_x0_hat(
+    cli: Callable[..., Result], dit: Path, data_file: Path, cc_unet: Path
+) -> None:
+    from ddpmcli.run.noise import sample_noise
+
+    args = ["reconstruct", str(dit), "--data", str(data_file), "--t", "0,10", "--class-label",
+            "2", "--format", "json", "-q", "--decode"]  # fmt: skip
+    rows = _json(cli(*args))
+    assert [list(r)[-2:] for r in rows] == [["mse_image", "psnr_image"]] * 2
+    again = _json(cli(*args, "--batch-size", "3"))
+    assert again[1]["mse_image"] == pytest.approx(rows[1]["mse_image"], rel=1e-5)
+    # by hand: the sweep's noise for (seed 0, sample i), x0_hat at t = 10, decoded
+    import numpy as np
+
+    model = load_checkpoint(dit, class_label="2")
+    assert model.latent is not None
+    images = torch.from_numpy(np.load(data_file)).double()
+    latents = model.latent.encode(images)
+    eps = sample_noise(0, 0, latents.shape[0], latents.shape[1:])
+    t = torch.full((latents.shape[0],), 10)
+    x_t = model.schedule.q_sample(latents, t, eps)
+    with torch.inference_mode():
+        out, _ = model.predict(x_t.float(), t, sample_index=torch.arange(latents.shape[0]))
+    x0_hat = model.schedule.predict_x0(out.double(), x_t, t, model.prediction_type)
+    want = float((model.latent.decode(x0_hat).double() - images).square().mean())
+    assert rows[1]["mse_image"] == pytest.approx(want, rel=1e-4)
+    bad = cli("reconstruct", str(cc_unet), "--data", str(data_file), "--decode", "-q")
+    assert bad.exit_code == 2
+    assert bad.stderr == "Error: --decode needs a latent model (a pipeline with a vae/)\n"

@@ -10,12 +10,15 @@ is ``(-LATENT_BOUND, LATENT_BOUND)``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from ddpmcli.errors import ParameterError
 
 LATENT_BOUND = 1e4
 """The data range of latents, wide enough that clipping x0_hat to it never acts."""
@@ -117,3 +120,65 @@ def space_rows(model: Any, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any
         return list(rows)
     # psnr needs the data's peak, and latents have none: the column stays, empty
     return [{latent_column(k): None if k == "psnr" else v for k, v in row.items()} for row in rows]
+
+
+DECODED_COLUMNS = ("mse_image", "psnr_image")
+"""The columns ``reconstruct --decode`` adds: the error of the decoded x0_hat against the image."""
+
+
+class DecodedError:
+    """An observer of a reconstruction sweep on a latent model: decodes every pair's x0_hat
+    (the sweep event's ``x0_hat``, ``position``, ``sample``) and adds up its mean squared error
+    against the original image, per timestep position."""
+
+    def __init__(self, latent: LatentSpace, images: Tensor, positions: int) -> None:
+        self.latent = latent
+        self.images = images.to("cpu", torch.float64)
+        self.sums = torch.zeros(positions, dtype=torch.float64)
+        self.counts = torch.zeros(positions, dtype=torch.float64)
+
+    def __call__(self, event: Any) -> None:
+        x0_hat = event.tensors.get("x0_hat") if event.loop == "sweep" else None
+        if x0_hat is None:
+            return
+        decoded = self.latent.decode(x0_hat).to(torch.float64)
+        images = self.images[event.tensors["sample"].cpu()]
+        err = (decoded - images).square().flatten(1).mean(1)
+        position = event.tensors["position"].cpu()
+        self.sums.index_add_(0, position, err)
+        self.counts.index_add_(0, position, torch.ones_like(err))
+
+    def add_columns(self, rows: Sequence[dict[str, Any]], timesteps: Sequence[int]) -> None:
+        """Add ``mse_image`` and ``psnr_image`` to each row (matched by its ``t``)."""
+        lo, hi = self.latent.image_range
+        where = {int(t): j for j, t in enumerate(timesteps)}
+        for row in rows:
+            j = where.get(int(row["t"]))
+            if j is None or not self.counts[j] > 0:
+                continue
+            mse = float(self.sums[j] / self.counts[j])
+            row["mse_image"] = mse
+            row["psnr_image"] = 10.0 * math.log10((hi - lo) ** 2 / mse) if mse > 0 else math.inf
+
+    def finish(self, rows: Sequence[dict[str, Any]], timesteps: Sequence[int], ranks: Any) -> None:
+        """Add the sums over ranks (a torchrun run: each rank decoded its samples), then the
+        columns to ``rows``."""
+        if ranks is not None and getattr(ranks, "active", False):
+            ranks.sum(self.sums)
+            ranks.sum(self.counts)
+        self.add_columns(rows, timesteps)
+
+
+def decoded_error(
+    model: Any, picked: Any, timesteps: Sequence[int], per_sample: bool = False
+) -> DecodedError:
+    """The observer of ``reconstruct --decode`` for ``model`` on ``picked`` (its
+    ``ReconstructionData``, whose ``images`` were encoded to its ``x0``)."""
+    latent = getattr(model, "latent", None)
+    if latent is None:
+        raise ParameterError("{decode} needs a latent model (a pipeline with a vae/)")
+    if per_sample:
+        raise ParameterError("{decode} gives per-t rows; it does not go with {per_sample}")
+    if picked.images is None:
+        raise ParameterError("{decode} needs image data to compare with, not latents")
+    return DecodedError(latent, picked.images, len(timesteps))

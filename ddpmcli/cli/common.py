@@ -222,6 +222,15 @@ GuidanceOpt = Annotated[
         rich_help_panel=PANEL_CONDITIONING,
     ),
 ]
+DecodeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--decode",
+        help="A latent model: also the error of the VAE-decoded x0_hat against the image "
+        "(mse_image, psnr_image); decodes every (sample, t) pair.",
+        rich_help_panel=PANEL_CONDITIONING,
+    ),
+]
 
 
 def conditioning_options(

@@ -17,6 +17,7 @@ from ddpmcli.cli.common import (
     NUM_SAMPLES_FLAGS,
     CheckpointArg,
     ClassLabelOpt,
+    DecodeOpt,
     ColumnsOpt,
     DeviceOpt,
     EvalDataOpt,
@@ -96,6 +97,7 @@ def reconstruct(
     model_factory: ModelOpt = None,
     class_label: ClassLabelOpt = None,
     guidance_scale: GuidanceOpt = None,
+    decode: DecodeOpt = False,
     threads: ThreadsOpt = None,
 ) -> None:
     """Reconstruct x0 from x_t at each t: mse, psnr, eps_mse, clip_fraction per noise level.
@@ -116,7 +118,7 @@ def reconstruct(
       ddpm reconstruct model.pt2 --kind cosine --prediction-type v --data-shape 2 --data moons
     """
     from ddpmcli.checkpoints import load_checkpoint
-    from ddpmcli.checkpoints.latent import space_columns, space_rows
+    from ddpmcli.checkpoints.latent import DECODED_COLUMNS, decoded_error, space_columns, space_rows
     from ddpmcli.run import (
         RunError,
         default_timesteps,
@@ -151,7 +153,8 @@ def reconstruct(
     if picked.x0.shape[0] < n and not quiet:
         note(f"--n {n} is more than the {picked.x0.shape[0]} samples of {picked.source}; using all")
     title = f"reconstruct {checkpoint.name}"
-    available = list(_columns(per_sample, picked.optimal is not None))
+    decoded = decoded_error(model, picked, indices, per_sample) if decode else None
+    available = [*_columns(per_sample, picked.optimal is not None), *DECODED_COLUMNS[: 2 * decode]]
     cols = space_columns(model, select_columns(columns, available))  # mse -> mse_latent, ...
     try:
         total = len(indices) * picked.x0.shape[0]
@@ -159,7 +162,7 @@ def reconstruct(
             result = reconstruction_sweep(
                 model, picked.x0, indices, batch_size=batch_size, seed=seed, device=run_device,
                 dtype=dtype, clip=clip, per_sample=per_sample, compare_optimal=picked.optimal,
-                observers=[progress_observer(bar)], ranks=ranks,
+                observers=[progress_observer(bar), *([decoded] if decoded else [])], ranks=ranks,
             )  # fmt: skip
     except RunError as exc:  # the rows of every finite t, then the first bad t
         if exc.rows:
@@ -167,6 +170,8 @@ def reconstruct(
         raise
     rows = result.sample_rows if per_sample and result.sample_rows is not None else result.rows
     rows = space_rows(model, rows)
+    if decoded is not None:
+        decoded.finish(rows, indices, ranks)
     emit(rows, cols, fmt, no_header=no_header, title=title)
     if plot_path is not None and ranks.is_main:
         from ddpmcli.plotting.reconstruct import plot_reconstruction

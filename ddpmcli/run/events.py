@@ -45,7 +45,8 @@ class Event:
         t: the model timesteps this unit covered, ``(first, last)`` (equal for one t), if any.
         tensors: the step's state for observers that measure it (sampling: ``x`` = x_t,
             ``x_next``, ``x0_raw`` (before clipping), ``x0`` (as used), ``variance`` (the mean
-            variance of the noise the step added, a 0-d tensor, or absent)).
+            variance of the noise the step added, a 0-d tensor, or absent); sweep: ``x0_hat``
+            of the chunk's pairs, each pair's ``position`` in the timesteps and ``sample`` index).
         values: host numbers (training: ``loss``, ``loss_smoothed``).
         row: a finished result row, when this event carries one.
     """

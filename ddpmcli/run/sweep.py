@@ -137,6 +137,7 @@ class ReconstructionData:
     x0: Tensor
     source: str
     optimal: OptimalDenoiser | None
+    images: Tensor | None = None  # a latent model's images, of which x0 are the latents
 
 
 def reconstruction_data(
@@ -205,9 +206,10 @@ def reconstruction_data(
     if compare_optimal and optimal is None:
         optimal = OptimalDenoiser.from_points(everything)
     x0 = everything if n is None else everything[:n]
+    images = None
     if latent is not None and source is not None:
-        x0 = latent.encode(x0)  # once per image, not once per t
-    return ReconstructionData(x0=x0, source=label, optimal=optimal)
+        images, x0 = x0, latent.encode(x0)  # once per image, not once per t
+    return ReconstructionData(x0=x0, source=label, optimal=optimal, images=images)
 
 
 SWEEP_DATA_BUDGET = 256 * 2**20
@@ -417,7 +419,11 @@ def reconstruction_sweep(
                     _keep_examples(run, g0, size, a, b, x_t, x0_hat)
                     done += b - a
                     where = (ts[a // size], ts[(b - 1) // size])
-                    notify(observers, Event("sweep", ranks.progress(done, total), total, t=where))
+                    pairs = torch.arange(a, b, device=dev)
+                    tensors = {"x0_hat": x0_hat, "position": pairs // size, "sample": pairs % size}
+                    tensors["sample"] += g0
+                    progress = ranks.progress(done, total)
+                    notify(observers, Event("sweep", progress, total, t=where, tensors=tensors))
     except Exception as exc:  # another rank must hear of it before the sums are added
         if not ranks.active:
             raise
