@@ -1,8 +1,8 @@
 """`ddpm reconstruct CKPT`: noise data to x_t, let the checkpoint predict, rebuild x0, per t.
 
-Thin: parse and validate the flags, load the checkpoint and data, call
-`run.reconstruction_sweep`, hand the rows to `ddpmcli.output`. torch is imported only
-inside the command, so `ddpm --help` stays fast.
+Thin: parse and validate the flags, load the checkpoint (`ddpmcli.api.load`) and data, call
+`ddpmcli.api.reconstruct` (what Python callers get too), hand the rows to `ddpmcli.output`.
+torch is imported only inside the command, so `ddpm --help` stays fast.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from ddpmcli.cli.common import (
     NUM_SAMPLES_FLAGS,
     CheckpointArg,
     ClassLabelOpt,
-    DecodeOpt,
     ColumnsOpt,
+    DecodeOpt,
     DeviceOpt,
     EvalDataOpt,
     EveryOpt,
@@ -117,21 +117,20 @@ def reconstruct(
 
       ddpm reconstruct model.pt2 --kind cosine --prediction-type v --data-shape 2 --data moons
     """
-    from ddpmcli.checkpoints import load_checkpoint
+    from ddpmcli import api
     from ddpmcli.checkpoints.latent import DECODED_COLUMNS, decoded_error, space_columns, space_rows
     from ddpmcli.run import (
         RunError,
         default_timesteps,
         progress_observer,
         reconstruction_data,
-        reconstruction_sweep,
     )
 
     check_format_flags(fmt, no_header)
     reject_conflicts(("--t", t is not None), ("--every", every is not None))
     plot_path = resolve_plot_path(plot, "reconstruct")
     ranks, run_device = join_ranks(device)
-    model = load_checkpoint(
+    model = api.load(
         checkpoint,
         **loader_options(kind, timesteps, prediction_type, data_shape, trust_program=trust_program),
         **data_load_options(checkpoint, data, data_shape, data_range),
@@ -159,7 +158,7 @@ def reconstruct(
     try:
         total = len(indices) * picked.x0.shape[0]
         with progress(total, "reconstructing", quiet) as bar, as_flags():
-            result = reconstruction_sweep(
+            result = api.reconstruct(
                 model, picked.x0, indices, batch_size=batch_size, seed=seed, device=run_device,
                 dtype=dtype, clip=clip, per_sample=per_sample, compare_optimal=picked.optimal,
                 observers=[progress_observer(bar), *([decoded] if decoded else [])], ranks=ranks,
