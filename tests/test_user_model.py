@@ -527,3 +527,12 @@ def test_readme_factory(cli: Callable[..., Result], tmp_path: Path) -> None:
             "-f", "json")
     )[0]  # fmt: skip
     assert (row["architecture"], row["parameters"], row["data_shape"]) == ("Net", 12, "3x32x32")
+
+
+def test_python_api_load_takes_the_factory(zoo: dict[str, Any]) -> None:
+    """``ddpmcli.load(path, model=...)``: the same loader as the CLI's ``--model``."""
+    import ddpmcli
+
+    loaded = ddpmcli.load(zoo["ddp"], model=_factory(zoo, "ddp"))
+    assert (loaded.prediction_type, loaded.info["format"]) == ("v_prediction", "user")
+    assert torch.equal(loaded.schedule.beta, zoo["ddp_betas"].double())
