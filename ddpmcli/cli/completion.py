@@ -2,7 +2,8 @@
 `compare` specs), column names per command (`--columns`, a comma list), built-in data names
 (`--data`, `--references`, with file names from the shell beside them).
 
-Each completer is a click ``shell_complete`` callback, ``(ctx, param, incomplete) -> items``.
+Each completer is a ``shell_complete`` callback, ``(ctx, param, incomplete) -> names`` (plain
+strings, which typer's bundled click wraps as completion items: no import of click itself).
 They run only when the shell asks for completions: this module imports nothing heavy at import
 time (the option definitions import it, and `ddpm --help` must stay fast).
 """
@@ -10,8 +11,6 @@ time (the option definitions import it, and `ddpm --help` must stay fast).
 from __future__ import annotations
 
 from typing import Any
-
-from click.shell_completion import CompletionItem
 
 # Copies of the library's lists, so that completing imports neither torch nor the core (the
 # README: `ddpm --help` and completion import no torch); tests/test_checks_completion.py checks
@@ -44,12 +43,12 @@ def kind_names() -> list[str]:
     return [*KINDS, *KIND_ALIASES, CUSTOM_KIND]
 
 
-def complete_kind(ctx: Any, param: Any, incomplete: str) -> list[CompletionItem]:
+def complete_kind(ctx: Any, param: Any, incomplete: str) -> list[str]:
     """`--kind`: the kinds and aliases starting with what is typed."""
-    return [CompletionItem(name) for name in kind_names() if name.startswith(incomplete)]
+    return [name for name in kind_names() if name.startswith(incomplete)]
 
 
-def complete_spec(ctx: Any, param: Any, incomplete: str) -> list[CompletionItem]:
+def complete_spec(ctx: Any, param: Any, incomplete: str) -> list[str]:
     """`compare SPEC...`: a kind while the spec has no ``:`` or ``+`` yet. No match leaves the
     shell to complete file names (a spec may be a diffusers config)."""
     if ":" in incomplete or "+" in incomplete:
@@ -57,10 +56,10 @@ def complete_spec(ctx: Any, param: Any, incomplete: str) -> list[CompletionItem]
     return complete_kind(ctx, param, incomplete)
 
 
-def complete_data(ctx: Any, param: Any, incomplete: str) -> list[CompletionItem]:
+def complete_data(ctx: Any, param: Any, incomplete: str) -> list[str]:
     """`--data`/`--references`: the built-in sets starting with what is typed; none (a path)
     leaves the shell to complete file names (typer's scripts fall back to them)."""
-    return [CompletionItem(name) for name in BUILTIN_DATA if name.startswith(incomplete)]
+    return [name for name in BUILTIN_DATA if name.startswith(incomplete)]
 
 
 def column_names(command: str | None) -> list[str]:
@@ -84,14 +83,10 @@ def column_names(command: str | None) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def complete_columns(ctx: Any, param: Any, incomplete: str) -> list[CompletionItem]:
+def complete_columns(ctx: Any, param: Any, incomplete: str) -> list[str]:
     """`--columns A,B,...`: the command's columns not yet listed, after what is typed."""
     done, comma, last = incomplete.rpartition(",")
     listed = set(done.split(",")) if comma else set()
     head = done + comma
     names = column_names(getattr(ctx, "info_name", None))
-    return [
-        CompletionItem(head + name)
-        for name in names
-        if name.startswith(last) and name not in listed
-    ]
+    return [head + name for name in names if name.startswith(last) and name not in listed]
