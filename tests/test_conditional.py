@@ -418,3 +418,107 @@ def test_cli_decode_is_the_image_error_of_the_decoded_x0_hat(
     bad = cli("reconstruct", str(cc_unet), "--data", str(data_file), "--decode", "-q")
     assert bad.exit_code == 2
     assert bad.stderr == "Error: --decode needs a latent model (a pipeline with a vae/)\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# a Stable Diffusion-style pipeline: latent, text-conditional
+
+
+@pytest.fixture(scope="module")
+def sd(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """unet/ (UNet2DConditionModel), text_encoder/ (a tiny CLIPTextModel), tokenizer/ (a
+    letters-only vocab.json and merges.txt written here), vae/, scheduler/."""
+    transformers = pytest.importorskip("transformers")
+    root = tmp_path_factory.mktemp("sd")
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = {c: i for i, c in enumerate(letters)}
+    vocab.update({f"{c}</w>": 26 + i for i, c in enumerate(letters)})
+    vocab.update({"<|startoftext|>": 52, "<|endoftext|>": 53})
+    (root / "tokenizer").mkdir()
+    (root / "tokenizer" / "vocab.json").write_text(json.dumps(vocab))
+    (root / "tokenizer" / "merges.txt").write_text("#version: 0.2\n")
+    (root / "tokenizer" / "tokenizer_config.json").write_text('{"model_max_length": 8}')
+    torch.manual_seed(0)
+    text = transformers.CLIPTextModel(
+        transformers.CLIPTextConfig(
+            vocab_size=54, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+            num_attention_heads=2, max_position_embeddings=8, bos_token_id=52, eos_token_id=53,
+            pad_token_id=53,
+        )
+    )  # fmt: skip
+    text.save_pretrained(root / "text_encoder", safe_serialization=True)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=4, in_channels=4, out_channels=4, block_out_channels=(8, 16),
+        layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16,
+        attention_head_dim=2, norm_num_groups=4,
+    )  # fmt: skip
+    unet.save_pretrained(root / "unet", safe_serialization=True)
+    vae = diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
+        norm_num_groups=4, sample_size=8, layers_per_block=1,
+    )  # fmt: skip
+    vae.save_pretrained(root / "vae", safe_serialization=True)
+    diffusers.DDPMScheduler(num_train_timesteps=20).save_pretrained(root / "scheduler")
+    return root
+
+
+def test_sd_prompt_encoded_once_and_guided_in_one_call(sd: Path) -> None:
+    model = load_checkpoint(sd, prompt="a cat", guidance_scale=3.0)
+    assert model.data_shape == (4, 4, 4) and model.info["prompt"] == "a cat"
+    text = model.conditioning
+    assert text is not None and not isinstance(text, Conditioning)
+    encoded: list[str] = []
+    encode = text.encode
+
+    def counting(prompt: str) -> Tensor:
+        encoded.append(prompt)
+        return encode(prompt)
+
+    text.encode = counting
+    text._cache.clear()  # the load check encoded both already
+    counter = _Counting(model.denoiser)
+    model.denoiser = counter
+    x = torch.randn(2, 4, 4, 4)
+    t = torch.tensor([3, 12])
+    got = [model.predict(x, t)[0] for _ in range(3)][-1]
+    assert sorted(encoded) == ["", "a cat"] and counter.calls == [4, 4, 4]
+    cond = load_checkpoint(sd, prompt="a cat").predict(x, t)[0]
+    empty = load_checkpoint(sd).predict(x, t)[0]
+    torch.testing.assert_close(got, empty + 3.0 * (cond - empty), rtol=1e-5, atol=1e-5)
+    assert float((cond - empty).abs().max()) > 1e-4  # the prompt reaches the unet
+
+
+def test_cli_sd_info_reconstruct_sample_nll(
+    cli: Callable[..., Result], sd: Path, data_file: Path
+) -> None:
+    (row,) = _json(cli("info", str(sd), "--format", "json", "--prompt", "a dog"))
+    assert row["architecture"] == "UNet2DConditionModel" and row["prompt"] == "a dog"
+    assert row["latent_shape"] == "4x4x4"
+    common = ["--prompt", "a dog", "--format", "json", "-q"]
+    rec = _json(cli("reconstruct", str(sd), "--data", str(data_file), "--t", "0,19", *common))
+    assert rec[0]["mse_latent"] < rec[1]["mse_latent"]
+    args = ["sample", str(sd), "--steps", "2", "-n", "2", *common]
+    plain, guided = _json(cli(*args)), _json(cli(*args, "--guidance-scale", "5"))
+    assert [r["x0_std"] for r in guided] != [r["x0_std"] for r in plain]
+    nll = _json(cli("nll", str(sd), "--data", str(data_file), *common))
+    assert nll[-1]["term"] == "total"
+    bad = cli("sample", str(sd), "--steps", "2", "-n", "2", "-q", "--class-label", "1")
+    assert bad.exit_code == 1
+    assert bad.stderr == (
+        f"Error: {sd}: --class-label given, but the model is text-conditional (give --prompt)\n"
+    )
+
+
+def test_sdxl_style_folder_is_one_line(cli: Callable[..., Result], tmp_path: Path) -> None:
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "text_encoder_2").mkdir()
+    config = {"_class_name": "UNet2DConditionModel", "addition_embed_type": "text_time"}
+    (tmp_path / "unet" / "config.json").write_text(json.dumps(config))
+    result = cli("info", str(tmp_path))
+    assert result.exit_code == 1
+    assert result.stderr == (
+        f"Error: {tmp_path}: SDXL-style pipelines (two text encoders, added time conditioning) "
+        "are not supported; Stable Diffusion 1.x/2.x-style folders are\n"
+    )

@@ -100,6 +100,7 @@ def load_checkpoint(
     class_label: str | int | None = None,
     guidance_scale: float | None = None,
     label_seed: int = 0,
+    prompt: str | None = None,
 ) -> LoadedModel:
     """Load a checkpoint of any supported format as a :class:`LoadedModel`.
 
@@ -122,6 +123,7 @@ def load_checkpoint(
         class_label, guidance_scale, label_seed: a class-conditional model's labels (``K``,
             ``A-B``, ``all``, ``random`` keyed by ``label_seed`` and the sample index, ``null``;
             default its null label) and classifier-free guidance scale (:mod:`.conditioning`).
+        prompt: a text-conditional model's prompt (default empty; the text encoder runs once).
 
     Raises:
         CheckpointError: one line saying what is wrong (or which flag to pass).
@@ -147,8 +149,9 @@ def load_checkpoint(
     loaded.info.setdefault("path", str(p))
     loaded.info.setdefault("file_size", _size(p))
     loaded = conditioning.attach(
-        loaded, class_label, guidance_scale, label_seed, str(p), inspect_only=inspect_only
-    )
+        loaded, class_label, guidance_scale, label_seed, str(p), inspect_only=inspect_only,
+        prompt=prompt,
+    )  # fmt: skip
     if inspect_only:
         return loaded
     if device != "cpu" or dtype not in (None, torch.float32):

@@ -157,12 +157,7 @@ class Conditioning:
             return net(x_t, t, labels)
         null = torch.full_like(labels, cast(int, self.null_label))
         both = net(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([labels, null]))
-        cond, uncond = both[:b], both[b:]
-        if not learned_variance:
-            return uncond + s * (cond - uncond)
-        c = cond.shape[1] // 2
-        guided = uncond[:, :c] + s * (cond[:, :c] - uncond[:, :c])
-        return torch.cat([guided, cond[:, c:]], dim=1)
+        return guide(both, s, learned_variance=learned_variance)
 
     def describe(self) -> dict[str, object]:
         """The ``info`` fields of the conditioning."""
@@ -172,6 +167,57 @@ class Conditioning:
             "class_label": self.choice.describe(),
             "guidance_scale": self.guidance_scale,
         }
+
+
+def guide(both: Tensor, scale: float, *, learned_variance: bool) -> Tensor:
+    """Classifier-free guidance of one call's output ``[2B, ...]`` (the conditional rows, then
+    the null rows): ``null + scale (cond - null)``, the variance channels the conditional's."""
+    b = both.shape[0] // 2
+    cond, uncond = both[:b], both[b:]
+    if not learned_variance:
+        return uncond + scale * (cond - uncond)
+    c = cond.shape[1] // 2
+    guided = uncond[:, :c] + scale * (cond[:, :c] - uncond[:, :c])
+    return torch.cat([guided, cond[:, c:]], dim=1)
+
+
+@dataclass
+class TextConditioning:
+    """The prompt and guidance of a text-conditional model (Stable Diffusion-style).
+
+    ``encode(prompt)`` is the text encoder: ``[1, L, D]`` hidden states; it runs once per
+    prompt (cached), and the denoiser takes them as ``(x_t, t, states [B, L, D])``. The empty
+    prompt is the default and the null condition of guidance, as in diffusers' pipelines.
+    """
+
+    encode: Callable[[str], Tensor]
+    prompt: str = ""
+    guidance_scale: float = 1.0
+    _cache: dict[tuple[str, str, str], Tensor] = field(default_factory=dict, repr=False)
+
+    def states(self, prompt: str, like: Tensor) -> Tensor:
+        """The encoder's states of ``prompt`` on ``like``'s device, in its dtype (cached)."""
+        key = (prompt, str(like.device), str(like.dtype))
+        if key not in self._cache:
+            with torch.inference_mode():
+                self._cache[key] = self.encode(prompt).to(like.device, like.dtype)
+        return self._cache[key]
+
+    def call(
+        self, denoiser: Callable[..., Tensor], x_t: Tensor, t: Tensor, sample_index: Tensor | None,
+        *, learned_variance: bool,
+    ) -> Tensor:  # fmt: skip
+        """The (guided) raw output; every row has the one prompt (``sample_index`` unused)."""
+        b = x_t.shape[0]
+        cond = self.states(self.prompt, x_t).expand(b, -1, -1)
+        if self.guidance_scale == 1.0:
+            return denoiser(x_t, t, cond)
+        null = self.states("", x_t).expand(b, -1, -1)
+        both = denoiser(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, null]))
+        return guide(both, self.guidance_scale, learned_variance=learned_variance)
+
+    def describe(self) -> dict[str, object]:
+        return {"prompt": self.prompt, "guidance_scale": self.guidance_scale}
 
 
 def make_conditioning(
@@ -218,13 +264,33 @@ def attach(
     where: str,
     *,
     inspect_only: bool = False,
+    prompt: str | None = None,
 ) -> LoadedModel:
     """``loaded`` with its conditioning built from the loader's options.
 
-    A loader marks a class-conditional model with ``info["num_classes"]`` and
-    ``info["null_label"]``; an unconditional one given conditioning options is an error. ``info``
-    (inspect only) builds it only when a label is given, so it can show any model.
+    A text-conditional loader gives the model a :class:`TextConditioning`, which takes
+    ``prompt`` (default empty). A loader marks a class-conditional model with
+    ``info["num_classes"]`` and ``info["null_label"]``; an unconditional one given conditioning
+    options is an error. ``info`` (inspect only) builds it only when a label is given, so it can
+    show any model.
     """
+    text = loaded.conditioning if isinstance(loaded.conditioning, TextConditioning) else None
+    if text is not None:
+        if class_label is not None:
+            raise CheckpointError.naming(
+                f"{verbatim(where)}: {{class_label}} given, but the model is text-conditional "
+                "(give {prompt})"
+            )
+        scale = 1.0 if guidance_scale is None else float(guidance_scale)
+        if not math.isfinite(scale):
+            raise ParameterError(f"{{guidance_scale}} must be finite, got {scale}")
+        text.prompt, text.guidance_scale = prompt or "", scale
+        loaded.info.update(text.describe())
+        return loaded
+    if prompt is not None:
+        raise CheckpointError.naming(
+            f"{verbatim(where)}: {{prompt}} given, but the model is not text-conditional"
+        )
     num = loaded.info.get("num_classes")
     if num is None:
         check_unconditional(class_label, guidance_scale, where)

@@ -19,6 +19,7 @@ from typing import Any
 from torch import Tensor
 
 from ddpmcli import core, limits, models
+from ddpmcli.checkpoints.conditioning import TextConditioning
 from ddpmcli.checkpoints.latent import LATENT_BOUND, LatentSpace
 from ddpmcli.checkpoints.loaded import LoadedModel, load_state, loaded_model
 from ddpmcli.checkpoints.meta import _finish, _merge, _Meta, check_data_shape
@@ -168,9 +169,13 @@ def load_diffusers(p: Path, given: _Meta) -> LoadedModel:
         classes = _unet_classes(config, net_dir / "config.json")
     elif class_name == "DiTTransformer2DModel":
         classes = _dit_classes(config, net_dir)
+    elif class_name == "UNet2DConditionModel":
+        _check_text_unet(p, config, net_dir / "config.json")
+        classes = None
     else:
         raise CheckpointError(f"{where}: {_unsupported(class_name)}")
     net = _build(diffusers, class_name, config, net_dir, where)
+    text = _load_text(p, where) if class_name == "UNet2DConditionModel" else None
     latent = (
         _load_vae(p / "vae", diffusers, where) if (p / "vae" / "config.json").is_file() else None
     )
@@ -205,22 +210,38 @@ def load_diffusers(p: Path, given: _Meta) -> LoadedModel:
         info.update(latent.describe())
     net = net.float()  # runs in the caller's dtype (float32 unless asked), weights read as stored
 
-    def move(d: Any, dt: Any) -> _DiffusersDenoiser:
-        return _DiffusersDenoiser(net.to(device=d, dtype=dt))
+    keyword = "class_labels" if text is None else "encoder_hidden_states"
 
-    return loaded_model(_DiffusersDenoiser(net), finished, info, mover=move, latent=latent)
+    def move(d: Any, dt: Any) -> _DiffusersDenoiser:
+        return _DiffusersDenoiser(net.to(device=d, dtype=dt), keyword)
+
+    return loaded_model(
+        _DiffusersDenoiser(net, keyword), finished, info, mover=move, latent=latent,
+        conditioning=text,
+    )  # fmt: skip
 
 
 def _unsupported(class_name: str) -> str:
-    if class_name == "UNet2DConditionModel":
-        return (
-            "text-conditional UNet2DConditionModel (Stable Diffusion-style) pipelines are not "
-            "supported yet (class-conditional UNet2DModel and DiT pipelines are)"
-        )
     return (
         f"diffusers model {class_name} is not supported (UNet2DModel, class-conditional or not, "
-        "and DiTTransformer2DModel)"
+        "DiTTransformer2DModel and Stable Diffusion 1.x/2.x-style UNet2DConditionModel)"
     )
+
+
+def _check_text_unet(p: Path, config: Mapping[str, Any], where: Path) -> None:
+    """A Stable Diffusion 1.x/2.x-style unet: one text encoder, no added conditioning."""
+    if config.get("addition_embed_type") or (p / "text_encoder_2").is_dir():
+        raise CheckpointError(
+            f"{p}: SDXL-style pipelines (two text encoders, added time conditioning) are not "
+            "supported; Stable Diffusion 1.x/2.x-style folders are"
+        )
+    if config.get("class_embed_type") or config.get("num_class_embeds"):
+        raise CheckpointError(f"{where}: a class-conditional UNet2DConditionModel is not supported")
+    _check_unet_sizes(config, where)
+    if not (p / "text_encoder" / "config.json").is_file() or not (p / "tokenizer").is_dir():
+        raise CheckpointError(
+            f"{p}: a UNet2DConditionModel pipeline needs text_encoder/ and tokenizer/ folders"
+        )
 
 
 def _build(
@@ -327,16 +348,18 @@ def _unet_classes(config: Mapping[str, Any], where: Path) -> tuple[int, int | No
 
 
 class _DiffusersDenoiser:
-    """``unet(x_t, t).sample`` as a plain callable; ``labels`` for a class-conditional one."""
+    """``unet(x_t, t).sample`` as a plain callable; ``cond`` (class labels, or a text
+    encoder's states) passed as ``keyword`` to a conditional one."""
 
-    def __init__(self, unet: Any) -> None:
+    def __init__(self, unet: Any, keyword: str = "class_labels") -> None:
         self.unet = unet
+        self.keyword = keyword
 
-    def __call__(self, x: Tensor, t: Tensor, labels: Tensor | None = None) -> Tensor:
-        if labels is None:
+    def __call__(self, x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
+        if cond is None:
             out: Tensor = self.unet(x, t, return_dict=False)[0]
         else:
-            out = self.unet(x, t, class_labels=labels, return_dict=False)[0]
+            out = self.unet(x, t, return_dict=False, **{self.keyword: cond})[0]
         return out
 
 
@@ -401,3 +424,104 @@ def _check_unet_sizes(config: Mapping[str, Any], where: Path) -> None:
     weights = sum(2 * 9 * c * c * (2 * layers + 1) for c in blocks)
     what = f"{where}: the UNet2DModel it describes"
     limits.check_allocation(weights * 4, what, error=CheckpointError)
+
+
+TEXT_HINT = "pip install 'ddpmcli[sd]'"
+
+
+def _load_text(p: Path, where: str) -> TextConditioning:
+    """The CLIP text encoder (``text_encoder/``) and tokenizer (``tokenizer/``: vocab.json,
+    merges.txt) of a Stable Diffusion-style folder, as a :class:`TextConditioning` whose
+    ``encode`` runs them on the CPU (float32) once per prompt."""
+    try:
+        with _offline_quiet():
+            import transformers
+    except ImportError:
+        raise CheckpointError(
+            f"a text-conditional pipeline needs transformers for its text encoder: {TEXT_HINT}"
+        ) from None
+    enc_dir, tok_dir = p / "text_encoder", p / "tokenizer"
+    config = _read_json(enc_dir / "config.json")
+    length = _check_text_sizes(config, enc_dir / "config.json")
+    files = {
+        name: limits.check_regular_file(tok_dir / name, "tokenizer file", error=CheckpointError)
+        for name in ("vocab.json", "merges.txt")
+    }
+    tok_config = tok_dir / "tokenizer_config.json"
+    wanted = _read_json(tok_config).get("model_max_length") if tok_config.is_file() else None
+    if isinstance(wanted, int) and not isinstance(wanted, bool) and 1 <= wanted <= length:
+        length = wanted
+    with _offline_quiet():
+        try:
+            tokenizer = transformers.CLIPTokenizer(
+                str(files["vocab.json"]), str(files["merges.txt"]), model_max_length=length
+            )
+            encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig.from_dict(config))
+        except Exception as exc:
+            raise CheckpointError(f"{p}: bad tokenizer or text encoder ({one_line(exc)})") from None
+        state = _read_text_weights(enc_dir)
+        own = set(encoder.state_dict())
+        load_state(
+            encoder, {k: v for k, v in state.items() if k in own or "position_ids" not in k}, where
+        )
+    encoder = encoder.float().eval().requires_grad_(False)
+
+    def encode(prompt: str) -> Tensor:
+        ids = tokenizer(
+            [prompt], padding="max_length", max_length=length, truncation=True, return_tensors="pt"
+        ).input_ids
+        states: Tensor = encoder(ids)[0]
+        return states
+
+    return TextConditioning(encode)
+
+
+def _read_text_weights(enc_dir: Path) -> dict[str, Tensor]:
+    """``model.safetensors`` (or ``pytorch_model.bin`` through the safe loader)."""
+    safe = enc_dir / "model.safetensors"
+    if safe.is_file():
+        from safetensors.torch import load_file
+
+        try:
+            return dict(
+                load_file(
+                    str(limits.check_regular_file(safe, "weights file", error=CheckpointError)),
+                    device="cpu",
+                )
+            )
+        except CheckpointError:
+            raise
+        except Exception as exc:
+            raise CheckpointError(
+                f"{safe}: truncated or corrupt safetensors file ({one_line(exc)})"
+            ) from None
+    binary = enc_dir / "pytorch_model.bin"
+    if not binary.is_file():
+        raise CheckpointError(f"{enc_dir}: no weights (model.safetensors or pytorch_model.bin)")
+    loaded = safe_torch_load(binary, str(binary))
+    if not isinstance(loaded, Mapping):
+        raise CheckpointError(f"{binary}: not a state dict")
+    return dict(loaded)
+
+
+def _check_text_sizes(config: Mapping[str, Any], where: Path) -> int:
+    """A CLIP text config's sizes, checked before the encoder is built; its sequence length."""
+
+    def count(name: str, default: int, maximum: int) -> int:
+        value = config.get(name, default)
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= maximum:
+            raise CheckpointError(
+                f"{where}: {name} must be an integer in 1..{maximum}, got {value!r}"
+            )
+        return value
+
+    width = count("hidden_size", 512, MAX_CHANNELS)
+    layers = count("num_hidden_layers", 12, 256)
+    vocab = count("vocab_size", 49408, 1 << 20)
+    count("intermediate_size", 2048, 4 * MAX_CHANNELS)
+    length = count("max_position_embeddings", 77, 4096)
+    weights = vocab * width + layers * 12 * width * width
+    limits.check_allocation(
+        weights * 4, f"{where}: the text encoder it describes", error=CheckpointError
+    )
+    return length

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ddpmcli import core
-from ddpmcli.checkpoints.conditioning import Conditioning
+from ddpmcli.checkpoints.conditioning import Conditioning, TextConditioning
 from ddpmcli.checkpoints.guard import model_call
 from ddpmcli.checkpoints.latent import LatentSpace
 from ddpmcli.checkpoints.unpickler import one_line
@@ -45,7 +45,7 @@ class LoadedModel:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
     _mover: _Mover | None = field(default=None, repr=False)
-    conditioning: Conditioning | None = None
+    conditioning: Conditioning | TextConditioning | None = None
     latent: LatentSpace | None = None
     """A latent model's VAE (:mod:`.latent`): ``data_shape`` is then the latent shape."""
 
@@ -99,7 +99,7 @@ def loaded_model(
     *,
     references: Tensor | None = None,
     mover: _Mover | None = None,
-    conditioning: Conditioning | None = None,
+    conditioning: Conditioning | TextConditioning | None = None,
     latent: LatentSpace | None = None,
 ) -> LoadedModel:
     """The one place a :class:`LoadedModel` is built: every format's loader hands it its

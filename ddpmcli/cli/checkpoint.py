@@ -26,6 +26,7 @@ from ddpmcli.cli.common import (
     NoHeaderOpt,
     PredictionTypeOpt,
     PredOpt,
+    PromptOpt,
     QuietOpt,
     SeedOpt,
     ShapeOpt,
@@ -74,6 +75,7 @@ MODEL_COLUMNS = (
     "null_label",
     "class_label",
     "guidance_scale",
+    "prompt",
     "latent_shape",
     "vae",
 )
@@ -128,6 +130,7 @@ def info(
     model_factory: ModelOpt = None,
     class_label: ClassLabelOpt = None,
     guidance_scale: GuidanceOpt = None,
+    prompt: PromptOpt = None,
 ) -> None:
     """What a checkpoint holds: format, network and size, schedule (kind, T, terminal SNR),
     prediction type, data shape and range, file size. One row per checkpoint.
@@ -152,7 +155,7 @@ def info(
     )
     options["data_range"] = parse_range(data_range)
     options["model"] = model_factory
-    options.update(conditioning_options(class_label, guidance_scale))
+    options.update(conditioning_options(class_label, guidance_scale, prompt=prompt))
     # never runs the model: metadata, parameter counts and shapes from the file itself
     rows = [info_row(load_checkpoint(path, **options, inspect_only=True)) for path in checkpoints]
     if columns is None:

@@ -222,6 +222,16 @@ GuidanceOpt = Annotated[
         rich_help_panel=PANEL_CONDITIONING,
     ),
 ]
+PromptOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--prompt",
+        metavar="TEXT",
+        help="The prompt of a text-conditional (Stable Diffusion-style) model; default empty. "
+        "The text encoder runs once per prompt; --guidance-scale guides against the empty one.",
+        rich_help_panel=PANEL_CONDITIONING,
+    ),
+]
 DecodeOpt = Annotated[
     bool,
     typer.Option(
@@ -234,11 +244,16 @@ DecodeOpt = Annotated[
 
 
 def conditioning_options(
-    class_label: str | None, guidance_scale: float | None, seed: int = 0
+    class_label: str | None, guidance_scale: float | None, seed: int = 0, prompt: str | None = None
 ) -> dict[str, Any]:
-    """--class-label, --guidance-scale (and --seed for random labels) as keyword arguments for
-    `checkpoints.load_checkpoint`."""
-    return {"class_label": class_label, "guidance_scale": guidance_scale, "label_seed": seed}
+    """--class-label, --guidance-scale, --prompt (and --seed for random labels) as keyword
+    arguments for `checkpoints.load_checkpoint`."""
+    return {
+        "class_label": class_label,
+        "guidance_scale": guidance_scale,
+        "label_seed": seed,
+        "prompt": prompt,
+    }
 
 
 # ---------------------------------------------------------------------------------------------

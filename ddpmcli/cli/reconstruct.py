@@ -30,6 +30,7 @@ from ddpmcli.cli.common import (
     NoHeaderOpt,
     PlotOpt,
     PredOpt,
+    PromptOpt,
     QuietOpt,
     SeedOpt,
     ShapeOpt,
@@ -97,6 +98,7 @@ def reconstruct(
     model_factory: ModelOpt = None,
     class_label: ClassLabelOpt = None,
     guidance_scale: GuidanceOpt = None,
+    prompt: PromptOpt = None,
     decode: DecodeOpt = False,
     threads: ThreadsOpt = None,
 ) -> None:
@@ -134,7 +136,7 @@ def reconstruct(
         checkpoint,
         **loader_options(kind, timesteps, prediction_type, data_shape, trust_program=trust_program),
         **data_load_options(checkpoint, data, data_shape, data_range),
-        **conditioning_options(class_label, guidance_scale, seed),
+        **conditioning_options(class_label, guidance_scale, seed, prompt),
         model=model_factory,
     )
     use_threads(threads, model, ranks)

@@ -37,6 +37,7 @@ from ddpmcli.cli.common import (
     NoHeaderOpt,
     PlotOpt,
     PredOpt,
+    PromptOpt,
     QuietOpt,
     SeedOpt,
     ShapeOpt,
@@ -255,6 +256,7 @@ def sample(
     model_factory: ModelOpt = None,
     class_label: ClassLabelOpt = None,
     guidance_scale: GuidanceOpt = None,
+    prompt: PromptOpt = None,
     threads: ThreadsOpt = None,
 ) -> None:
     """Sample from a checkpoint and show every step: one row per step.
@@ -301,7 +303,7 @@ def sample(
     model = _load(
         checkpoint, run_device, dtype, kind, timesteps, prediction_type, data_shape, trust_program,
         data=reference, data_range=data_range, model_factory=model_factory,
-        conditioning=conditioning_options(class_label, guidance_scale, seed),
+        conditioning=conditioning_options(class_label, guidance_scale, seed, prompt),
     )  # fmt: skip
     use_threads(threads, model, ranks)
     limits.check_run_sizes(model.data_shape, n=n, batch_size=batch_size, one_batch_default=True)
@@ -522,6 +524,7 @@ def nll(
     model_factory: ModelOpt = None,
     class_label: ClassLabelOpt = None,
     guidance_scale: GuidanceOpt = None,
+    prompt: PromptOpt = None,
     threads: ThreadsOpt = None,
 ) -> None:
     """The variational bound of a checkpoint on data, term by term, in bits/dim.
@@ -571,7 +574,7 @@ def nll(
     model = _load(
         checkpoint, run_device, dtype, kind, timesteps, prediction_type, data_shape, trust_program,
         data=data, data_range=data_range, model_factory=model_factory,
-        conditioning=conditioning_options(class_label, guidance_scale, seed),
+        conditioning=conditioning_options(class_label, guidance_scale, seed, prompt),
     )  # fmt: skip
     use_threads(threads, model, ranks)
     num = model.schedule.num_steps
