@@ -76,6 +76,7 @@ __all__ = [
     "sample",
     "sample_settings",
     "sampling_schedule",
+    "sampling_spacing",
     "schedule",
     "wrap",
 ]
@@ -314,6 +315,10 @@ def _data(
     data = torch.as_tensor(x0)
     if n is not None:
         data = data[:n]
+    latent = model.latent
+    if latent is not None and tuple(latent.image_shape) != tuple(model.data_shape):
+        if tuple(data.shape[1:]) == tuple(latent.image_shape):  # images: their latents, once
+            data = latent.encode(data)
     optimal = OptimalDenoiser.from_points(data) if compare_optimal else None
     return data, optimal
 
@@ -344,8 +349,8 @@ def reconstruct(
 
     Args:
         model: from :func:`load` or :func:`wrap`.
-        x0: a tensor ``[n, *data_shape]``, a data source (built-in name or path) or None (the
-            reference samples).
+        x0: a tensor ``[n, *data_shape]`` (a latent model's images are encoded by its VAE), a
+            data source (built-in name or path) or None (the reference samples).
         t: schedule indices (default: 10 spread from 0 to T-1).
         seed: fixes the noise.
         clip: clip x0_hat to the data range before ``mse``.
@@ -387,16 +392,21 @@ class SampleResult(SampleRun):
     settings: SampleSettings
 
 
+def sampling_spacing(model: LoadedModel, spacing: str | None = None) -> tuple[str, int]:
+    """The spacing and offset :func:`sample` respaces with: ``spacing``, else the checkpoint's
+    own (a diffusers scheduler's ``timestep_spacing``), else ``trailing`` (it visits t = T-1);
+    with the checkpoint's ``steps_offset`` (diffusers adds it under leading spacing)."""
+    own = model.info.get("scheduler_timestep_spacing")
+    chosen = spacing or (own if own in SPACINGS else DEFAULT_SPACING)
+    return chosen, int(model.info.get("scheduler_steps_offset") or 0)
+
+
 def sampling_schedule(
     model: LoadedModel, steps: int | str | None, spacing: SpacingName | None = None
 ) -> core.Schedule:
-    """The schedule :func:`sample` runs: the model's, respaced to ``steps`` with ``spacing``,
-    else the checkpoint's own spacing (a diffusers scheduler's ``timestep_spacing``, with its
-    ``steps_offset``), else ``trailing`` (it visits t = T-1)."""
-    own = model.info.get("scheduler_timestep_spacing")
-    chosen = spacing or (own if own in SPACINGS else DEFAULT_SPACING)
-    offset = int(model.info.get("scheduler_steps_offset") or 0)
-    return respaced_schedule(model.schedule, steps, chosen, offset)
+    """The schedule :func:`sample` runs: the model's, respaced to ``steps`` (a count or a
+    section string such as ``ddim50``; None: all T) as :func:`sampling_spacing` says."""
+    return respaced_schedule(model.schedule, steps, *sampling_spacing(model, spacing))
 
 
 def sample_settings(
@@ -550,7 +560,8 @@ def nll(
         indices = strata.indices
     elif t is not None:
         indices = [int(v) for v in t]
-    dec = decoder if decoder != "auto" else ("discretized" if data.ndim == 4 else "continuous")
+    images = data.ndim == 4 and model.latent is None  # latents are real-valued, not 8-bit
+    dec = decoder if decoder != "auto" else ("discretized" if images else "continuous")
     dev, mdtype = _run_place(model, device, dtype)
     if (dev, mdtype) != (model.device, model.dtype):
         model = model.to(dev, mdtype)

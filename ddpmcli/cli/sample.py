@@ -14,8 +14,6 @@ import typer
 
 from ddpmcli import limits
 from ddpmcli.choices import (
-    DEFAULT_SPACING,
-    SPACINGS,
     DtypeName,
     SamplerName,
     SpacingName,
@@ -110,10 +108,10 @@ def _load(
     model_factory: str | None = None,
     conditioning: dict[str, Any] | None = None,
 ) -> LoadedModel:
-    from ddpmcli.checkpoints import load_checkpoint
+    from ddpmcli import api
     from ddpmcli.run import resolve_device, resolve_dtype
 
-    return load_checkpoint(
+    return api.load(
         checkpoint,
         **loader_options(kind, timesteps, prediction_type, data_shape, trust_program=trust_program),
         **data_load_options(checkpoint, data, data_shape, data_range),
@@ -123,12 +121,10 @@ def _load(
 
 
 def _spacing(model: LoadedModel, spacing: str | None) -> tuple[str, int]:
-    """The respacing of ``sample --steps``: ``--spacing``, else the checkpoint's own (a diffusers
-    scheduler's ``timestep_spacing``), else :data:`choices.DEFAULT_SPACING`; with the
-    checkpoint's ``steps_offset`` (diffusers adds it under leading spacing)."""
-    own = model.info.get("scheduler_timestep_spacing")
-    chosen = spacing or (own if own in SPACINGS else DEFAULT_SPACING)
-    return chosen, int(model.info.get("scheduler_steps_offset") or 0)
+    """The respacing of ``sample --steps`` (:func:`ddpmcli.api.sampling_spacing`)."""
+    from ddpmcli.api import sampling_spacing
+
+    return sampling_spacing(model, spacing)
 
 
 def _check_save(save: Path | None) -> Path | None:
@@ -279,14 +275,8 @@ def sample(
 
       ddpm sample ckpt.pt --variance fixed_large --save samples.npz --trajectory-every 100 --plot
     """
-    from ddpmcli.run import (
-        RunError,
-        SampleSettings,
-        check_sample_settings,
-        progress_observer,
-        respaced_schedule,
-    )
-    from ddpmcli.run import sample as run_sample
+    from ddpmcli import api
+    from ddpmcli.run import RunError, progress_observer
 
     check_format_flags(fmt, no_header)
     reject_conflicts(("--summary", summary), ("--columns", columns is not None))
@@ -307,26 +297,24 @@ def sample(
     )  # fmt: skip
     use_threads(threads, model, ranks)
     limits.check_run_sizes(model.data_shape, n=n, batch_size=batch_size, one_batch_default=True)
-    settings = SampleSettings(
-        sampler=sampler, variance=variance, eta=eta, clip=clip,
-        dynamic_threshold=percentile if dynamic_threshold else None,
-        data_range=model.data_range, trajectory_every=trajectory_every,
-        trajectory_samples=8 if len(model.data_shape) > 1 else min(n, 2000),
-    )  # fmt: skip
-    with as_flags():
-        check_sample_settings(settings, learned_variance=model.learned_variance)
-        schedule = respaced_schedule(model.schedule, steps, *_spacing(model, spacing))
+    threshold = percentile if dynamic_threshold else None
+    with as_flags():  # settings that cannot run are refused before any data is read
+        settings = api.sample_settings(
+            model, n, sampler, variance=variance, eta=eta, clip=clip,
+            dynamic_threshold=threshold, trajectory_every=trajectory_every,
+        )  # fmt: skip
+        schedule = api.sampling_schedule(model, steps, spacing)
     if save_path is not None and save_path.suffix.lower() == ".png" and len(model.data_shape) != 3:
         raise UsageError(f"--save {str(save_path)!r}: a .png grid needs image data; use .npz")
     refs, data_variance = _reference_variance(model, reference, seed, quiet)
     title = f"sample {checkpoint.name} ({sampler}, {schedule.num_steps} steps)"
     cols = select_columns(columns, _step_columns())
     try:
-        with progress(n * schedule.num_steps, "sampling", quiet) as bar:
-            run = run_sample(
-                model.predict, schedule, model.prediction_type, model.data_shape, n=n,
-                settings=settings, seed=seed, batch_size=batch_size, device=model.device,
-                model_dtype=model.dtype, data_variance=data_variance,
+        with progress(n * schedule.num_steps, "sampling", quiet) as bar, as_flags():
+            run = api.sample(
+                model, n, steps, sampler, seed=seed, variance=variance, eta=eta, spacing=spacing,
+                clip=clip, dynamic_threshold=threshold, batch_size=batch_size,
+                data_variance=data_variance, trajectory_every=trajectory_every,
                 observers=[progress_observer(bar)], ranks=ranks,
             )  # fmt: skip
     except RunError as exc:  # NaN/Inf or the model's own failure: the rows so far, then the error
@@ -547,6 +535,7 @@ def nll(
 
       ddpm nll ckpt.pt --n 64 --t-random 50 --format json
     """
+    from ddpmcli import api
     from ddpmcli.checkpoints.latent import space_columns, space_rows
     from ddpmcli.run import (
         BOUND_COLUMNS,
@@ -554,7 +543,6 @@ def nll(
         progress_observer,
         random_strata,
         reconstruction_data,
-        variational_bound,
     )
 
     check_format_flags(fmt, no_header)
@@ -597,19 +585,14 @@ def nll(
     warn_outside_range(x0, model.data_range, picked.source, show=ranks.is_main)
     if x0.shape[0] < n and not quiet:
         note(f"--n {n} is more than the {x0.shape[0]} samples of {picked.source}; using all")
-    images = x0.ndim == 4 and model.latent is None  # latents are real-valued, not 8-bit
-    dec = decoder if decoder != "auto" else ("discretized" if images else "continuous")
     cols = space_columns(model, cols)  # a latent model's columns say so (x0_mse_latent, ...)
     count = (num if indices is None else len(set(indices) | {0})) * x0.shape[0]
     try:
         with progress(count, "bound", quiet) as bar, as_flags():
-            result = variational_bound(
-                model.predict, model.schedule, model.prediction_type, x0, t_indices=indices,
-                strata=strata, variance=variance, learned_variance=model.learned_variance,
-                decoder=dec, clip=clip, data_range=model.data_range, seed=seed,
-                batch_size=batch_size,
-                device=model.device, model_dtype=model.dtype, observers=[progress_observer(bar)],
-                ranks=ranks,
+            result = api.nll(
+                model, x0, seed=seed, t=None if strata is not None else indices, t_random=t_random,
+                variance=variance, decoder=decoder, clip=clip, batch_size=batch_size,
+                observers=[progress_observer(bar)], ranks=ranks,
             )  # fmt: skip
     except RunError as exc:  # the finite terms so far, then the error
         if exc.rows:
@@ -624,7 +607,7 @@ def nll(
     rows = space_rows(model, rows)
     emit(rows, cols, fmt, no_header=no_header, title=f"nll {checkpoint.name}")
     if not quiet:
-        _nll_note(result, dec, decoder, int(x0.shape[0]), picked.source)
+        _nll_note(result, result.decoder, decoder, int(x0.shape[0]), picked.source)
 
 
 def _nll_note(result: Any, dec: str, asked: str, n: int, source: str) -> None:
