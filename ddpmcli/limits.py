@@ -8,10 +8,8 @@ or the file, before any work starts.
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import resource
 import stat
 from collections.abc import Callable
 from pathlib import Path
@@ -113,6 +111,8 @@ def _cgroup_free() -> int | None:
 
 def _rlimit_free() -> int | None:
     """Bytes of address space left under RLIMIT_AS (soft limit), or None if unlimited."""
+    import resource  # here: `ddpm --help` imports this module, and only a size check needs it
+
     try:
         soft, _hard = resource.getrlimit(resource.RLIMIT_AS)
     except (OSError, ValueError):
@@ -413,6 +413,8 @@ def parse_json(text: str | bytes, where: str, *, error: type[DdpmError] = DataEr
             text = text.decode("utf-8-sig")
         except UnicodeDecodeError as exc:
             raise error(f"{where}: not UTF-8 text (byte {exc.start})") from None
+    import json
+
     try:
         data = json.loads(text, parse_int=_parse_int, parse_float=_parse_float)
     except json.JSONDecodeError as exc:
