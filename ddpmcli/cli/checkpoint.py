@@ -145,7 +145,7 @@ def info(
 
       ddpm info model.pt2 --kind cosine --prediction-type v --data-shape 2
     """
-    from ddpmcli.checkpoints import load_checkpoint
+    from ddpmcli import api
     from ddpmcli.output import resolve_format
 
     check_format_flags(fmt, no_header)
@@ -157,7 +157,7 @@ def info(
     options["model"] = model_factory
     options.update(conditioning_options(class_label, guidance_scale, prompt=prompt))
     # never runs the model: metadata, parameter counts and shapes from the file itself
-    rows = [info_row(load_checkpoint(path, **options, inspect_only=True)) for path in checkpoints]
+    rows = [info_row(api.load(path, **options, inspect_only=True)) for path in checkpoints]
     if columns is None:
         cols += [c for c in MODEL_COLUMNS if any(row[c] is not None for row in rows)]
     if resolve_format(fmt) == "table" and len(rows) == 1:

@@ -108,10 +108,10 @@ class ModelFlags:
         self, checkpoint: Any, device: str | torch.device, dtype: str = "float32"
     ) -> LoadedModel:
         """The one place a command loads a checkpoint: these flags, on ``device`` in ``dtype``."""
-        from ddpmcli.checkpoints import load_checkpoint
+        from ddpmcli import api
         from ddpmcli.run import resolve_device, resolve_dtype
 
-        return load_checkpoint(
+        return api.load(
             checkpoint,
             **self.loader_options(),
             device=resolve_device(device),
