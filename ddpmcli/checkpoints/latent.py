@@ -114,12 +114,21 @@ def space_columns(model: Any, columns: Iterable[str]) -> list[str]:
     return [latent_column(c) for c in columns]
 
 
-def space_rows(model: Any, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """``rows`` with their columns named as :func:`space_columns` names them."""
+def space_rows(
+    model: Any,
+    rows: Sequence[dict[str, Any]],
+    decoded: DecodedError | None = None,
+    ranks: Any = None,
+) -> list[dict[str, Any]]:
+    """``rows`` with their columns named as :func:`space_columns` names them, and the columns
+    of ``decoded`` (``reconstruct --decode``: summed over ``ranks``) added."""
     if getattr(model, "latent", None) is None:
         return list(rows)
     # psnr needs the data's peak, and latents have none: the column stays, empty
-    return [{latent_column(k): None if k == "psnr" else v for k, v in row.items()} for row in rows]
+    out = [{latent_column(k): None if k == "psnr" else v for k, v in row.items()} for row in rows]
+    if decoded is not None:
+        decoded.finish(out, ranks)
+    return out
 
 
 DECODED_COLUMNS = ("mse_image", "psnr_image")
@@ -131,11 +140,12 @@ class DecodedError:
     (the sweep event's ``x0_hat``, ``position``, ``sample``) and adds up its mean squared error
     against the original image, per timestep position."""
 
-    def __init__(self, latent: LatentSpace, images: Tensor, positions: int) -> None:
+    def __init__(self, latent: LatentSpace, images: Tensor, timesteps: Sequence[int]) -> None:
         self.latent = latent
         self.images = images.to("cpu", torch.float64)
-        self.sums = torch.zeros(positions, dtype=torch.float64)
-        self.counts = torch.zeros(positions, dtype=torch.float64)
+        self.timesteps = [int(t) for t in timesteps]
+        self.sums = torch.zeros(len(self.timesteps), dtype=torch.float64)
+        self.counts = torch.zeros(len(self.timesteps), dtype=torch.float64)
 
     def __call__(self, event: Any) -> None:
         x0_hat = event.tensors.get("x0_hat") if event.loop == "sweep" else None
@@ -148,10 +158,10 @@ class DecodedError:
         self.sums.index_add_(0, position, err)
         self.counts.index_add_(0, position, torch.ones_like(err))
 
-    def add_columns(self, rows: Sequence[dict[str, Any]], timesteps: Sequence[int]) -> None:
+    def add_columns(self, rows: Sequence[dict[str, Any]]) -> None:
         """Add ``mse_image`` and ``psnr_image`` to each row (matched by its ``t``)."""
         lo, hi = self.latent.image_range
-        where = {int(t): j for j, t in enumerate(timesteps)}
+        where = {t: j for j, t in enumerate(self.timesteps)}
         for row in rows:
             j = where.get(int(row["t"]))
             if j is None or not self.counts[j] > 0:
@@ -160,13 +170,13 @@ class DecodedError:
             row["mse_image"] = mse
             row["psnr_image"] = 10.0 * math.log10((hi - lo) ** 2 / mse) if mse > 0 else math.inf
 
-    def finish(self, rows: Sequence[dict[str, Any]], timesteps: Sequence[int], ranks: Any) -> None:
+    def finish(self, rows: Sequence[dict[str, Any]], ranks: Any) -> None:
         """Add the sums over ranks (a torchrun run: each rank decoded its samples), then the
         columns to ``rows``."""
         if ranks is not None and getattr(ranks, "active", False):
             ranks.sum(self.sums)
             ranks.sum(self.counts)
-        self.add_columns(rows, timesteps)
+        self.add_columns(rows)
 
 
 def decoded_error(
@@ -181,4 +191,4 @@ def decoded_error(
         raise ParameterError("{decode} gives per-t rows; it does not go with {per_sample}")
     if picked.images is None:
         raise ParameterError("{decode} needs image data to compare with, not latents")
-    return DecodedError(latent, picked.images, len(timesteps))
+    return DecodedError(latent, picked.images, timesteps)

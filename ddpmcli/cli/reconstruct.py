@@ -7,7 +7,7 @@ torch is imported only inside the command, so `ddpm --help` stays fast.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -120,7 +120,7 @@ def reconstruct(
       ddpm reconstruct model.pt2 --kind cosine --prediction-type v --data-shape 2 --data moons
     """
     from ddpmcli import api
-    from ddpmcli.checkpoints.latent import DECODED_COLUMNS, decoded_error, space_columns, space_rows
+    from ddpmcli.checkpoints.latent import space_rows
     from ddpmcli.run import (
         RunError,
         default_timesteps,
@@ -154,9 +154,7 @@ def reconstruct(
     if picked.x0.shape[0] < n and not quiet:
         note(f"--n {n} is more than the {picked.x0.shape[0]} samples of {picked.source}; using all")
     title = f"reconstruct {checkpoint.name}"
-    decoded = decoded_error(model, picked, indices, per_sample) if decode else None
-    available = [*_columns(per_sample, picked.optimal is not None), *DECODED_COLUMNS[: 2 * decode]]
-    cols = space_columns(model, select_columns(columns, available))  # mse -> mse_latent, ...
+    cols, decoded = _shown_columns(model, picked, indices, columns, per_sample, decode)
     try:
         total = len(indices) * picked.x0.shape[0]
         with progress(total, "reconstructing", quiet) as bar, as_flags():
@@ -170,9 +168,7 @@ def reconstruct(
             emit(space_rows(model, exc.rows), cols, fmt, no_header=no_header, title=title)
         raise
     rows = result.sample_rows if per_sample and result.sample_rows is not None else result.rows
-    rows = space_rows(model, rows)
-    if decoded is not None:
-        decoded.finish(rows, indices, ranks)
+    rows = space_rows(model, rows, decoded, ranks)
     emit(rows, cols, fmt, no_header=no_header, title=title)
     if plot_path is not None and ranks.is_main:
         from ddpmcli.plotting.reconstruct import plot_reconstruction
@@ -182,6 +178,18 @@ def reconstruct(
         )
         if not quiet:
             note(f"wrote {written}")
+
+
+def _shown_columns(
+    model: Any, picked: Any, indices: list[int], columns: str | None, per_sample: bool, decode: bool
+) -> tuple[list[str], Any]:
+    """The columns to show, as a latent model names them (mse -> mse_latent, ...), and the
+    ``--decode`` observer (:class:`~ddpmcli.checkpoints.latent.DecodedError`) or None."""
+    from ddpmcli.checkpoints.latent import DECODED_COLUMNS, decoded_error, space_columns
+
+    decoded = decoded_error(model, picked, indices, per_sample) if decode else None
+    available = [*_columns(per_sample, picked.optimal is not None), *DECODED_COLUMNS[: 2 * decode]]
+    return space_columns(model, select_columns(columns, available)), decoded
 
 
 def _columns(per_sample: bool, optimal: bool) -> tuple[str, ...]:
