@@ -305,3 +305,28 @@ def test_training_loop_example_runs_and_logs_the_curve() -> None:
     # the logged numbers are the API's: the last curve again, from the trained module
     again = ddpmcli.reconstruct(scope["model"], scope["held_out"], t=[0, 250, 500, 750, 999])
     assert [f"{row['t']}:{row['eps_mse']:.3f}" for row in again.rows] == lines[-1].split()[1:]
+
+
+def test_the_commands_go_through_the_api() -> None:
+    """No command calls the loader or a run loop itself: they call ddpmcli.api (so the CLI's
+    numbers are the API's)."""
+    import ast
+
+    import ddpmcli.cli
+
+    bypasses = {"load_checkpoint", "reconstruction_sweep", "variational_bound", "run_sample"}
+    found = []
+    for path in sorted(Path(ddpmcli.cli.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call):
+                name = getattr(node.func, "id", None) or getattr(node.func, "attr", None)
+                if name in bypasses:
+                    found.append(f"{path.name}:{node.lineno} {name}")
+    assert found == []
+
+
+def test_reconstruct_compare_optimal_equals_cli(cli: Any, ckpt: str) -> None:
+    args = ("reconstruct", ckpt, "--data", "gmm", "--n", "8", "--t", "10,90", "--compare-optimal")
+    rows = _json_rows(cli, *args)
+    api = ddpmcli.reconstruct(ddpmcli.load(ckpt), "gmm", n=8, t=[10, 90], compare_optimal=True)
+    assert rows == api.rows and rows[0]["optimal_mse"] < rows[0]["mse"]
