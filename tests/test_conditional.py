@@ -20,17 +20,9 @@ from ddpmcli.errors import CheckpointError, ParameterError
 from ddpmcli.run import SampleSettings, respaced_schedule, sample
 
 diffusers = pytest.importorskip("diffusers")
-pytestmark = pytest.mark.diffusers
+pytestmark = [pytest.mark.diffusers, pytest.mark.usefixtures("one_thread")]
 
 CLASSES = 4  # the test UNet's classes; its embedding table has one more row, the null label
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():  # type: ignore[no-untyped-def]
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _unet_folder(root: Path, *, null: bool = True, classes: int = CLASSES) -> Path:
@@ -330,7 +322,9 @@ def test_dit_guidance_guides_eps_and_keeps_the_conditional_variance(dit: Path) -
     assert float((eps - cond_eps).abs().max()) > 1e-3
 
 
-def test_vae_encodes_once_per_image(dit: Path) -> None:
+def test_vae_encodes_once_per_image(dit: Path, data_file: Path) -> None:
+    from ddpmcli.run import reconstruction_data, reconstruction_sweep
+
     model = load_checkpoint(dit, class_label="0")
     assert model.latent is not None
     calls: list[int] = []
@@ -341,23 +335,14 @@ def test_vae_encodes_once_per_image(dit: Path) -> None:
         return encode(x)
 
     model.latent.vae.encode = counting
-    images = torch.rand(5, 3, 8, 8) * 2 - 1
-    from ddpmcli.run import reconstruction_sweep
-
-    gen = torch.Generator().manual_seed(0)
-    import numpy as np
-
-    path = Path(str(dit)) / "images.npy"
-    np.save(path, (torch.rand((5, 3, 8, 8), generator=gen) * 2 - 1).numpy())
-    from ddpmcli.run import reconstruction_data
-
-    picked = reconstruction_data(model, str(path), n=5, seed=0)
+    picked = reconstruction_data(model, str(data_file), n=5, seed=0)
     assert calls == [5] and picked.x0.shape == (5, 4, 4, 4)
-    latent = model.latent.encode(images)
-    # the posterior mean, scaled: decode(encode(x)) has the image's shape
-    assert model.latent.decode(latent).shape == images.shape
+    assert picked.images is not None and picked.images.shape == (5, 3, 8, 8)
     result = reconstruction_sweep(model, picked.x0, [0, 10, 19], seed=0)
-    assert calls == [5, 5] and [r["t"] for r in result.rows] == [0, 10, 19]
+    assert calls == [5] and [r["t"] for r in result.rows] == [0, 10, 19]  # none per t
+    # the posterior mean, shifted and scaled: what encode gives
+    posterior = encode(picked.images[:2].float()).latent_dist.mean.double()
+    torch.testing.assert_close(picked.x0[:2], posterior * 0.18215)
 
 
 def test_cli_dit_info_reconstruct_sample_nll(
