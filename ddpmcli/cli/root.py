@@ -28,6 +28,7 @@ from typer.core import TyperGroup
 
 from ddpmcli import __version__
 from ddpmcli.cli import checkpoint as checkpoint_commands
+from ddpmcli.cli import nll as nll_commands
 from ddpmcli.cli import reconstruct as reconstruct_commands
 from ddpmcli.cli import sample as sample_commands
 from ddpmcli.cli import schedule as schedule_commands
@@ -45,7 +46,8 @@ _OUTPUT_ERRNOS = frozenset({errno.ENOSPC, errno.EBADF, errno.EIO, errno.EDQUOT})
 COMMAND_GROUPS: tuple[Any, ...] = (
     schedule_commands,  # schedule, compare, posterior, check
     reconstruct_commands,  # reconstruct
-    sample_commands,  # sample, nll
+    sample_commands,  # sample
+    nll_commands,  # nll
     checkpoint_commands,  # info, train
 )
 

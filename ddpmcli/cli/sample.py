@@ -1,4 +1,4 @@
-"""`ddpm sample CKPT` and `ddpm nll CKPT`: watch a sampler step by step; the bound term by term.
+"""`ddpm sample CKPT`: watch a sampler step by step.
 
 Thin: parse and validate the flags (every path checked before any work), load the checkpoint, call
 `ddpmcli.run`, hand the rows to `ddpmcli.output`. torch, numpy and matplotlib are imported
@@ -8,7 +8,7 @@ only inside the commands, so `ddpm --help` stays fast.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -25,8 +25,6 @@ from ddpmcli.cli.common import (
     ClassLabelOpt,
     ColumnsOpt,
     DeviceOpt,
-    EvalDataOpt,
-    EveryOpt,
     FormatOpt,
     GuidanceOpt,
     MetaKindOpt,
@@ -41,7 +39,6 @@ from ddpmcli.cli.common import (
     ShapeOpt,
     ThreadsOpt,
     TrustOpt,
-    TSelectOpt,
     as_flags,
     check_format_flags,
     conditioning_options,
@@ -50,11 +47,10 @@ from ddpmcli.cli.common import (
     reject_conflicts,
     resolve_plot_path,
     select_columns,
-    select_rows,
     use_threads,
 )
 from ddpmcli.cli.completion import complete_data
-from ddpmcli.cli.data_options import DataRangeOpt, data_load_options, warn_outside_range
+from ddpmcli.cli.data_options import DataRangeOpt, data_load_options
 from ddpmcli.errors import UsageError
 from ddpmcli.output import check_writable, emit, note, progress
 
@@ -94,7 +90,7 @@ DtypeOpt = Annotated[
 ]
 
 
-def _load(
+def load_model(
     checkpoint: Path,
     device: str,
     dtype: str,
@@ -108,6 +104,8 @@ def _load(
     model_factory: str | None = None,
     conditioning: dict[str, Any] | None = None,
 ) -> LoadedModel:
+    """The checkpoint a command evaluates, with its metadata flags, data and conditioning
+    options, on ``device`` in ``dtype`` (``sample`` and ``nll``)."""
     from ddpmcli import api
     from ddpmcli.run import resolve_device, resolve_dtype
 
@@ -290,7 +288,7 @@ def sample(
     plot_path = resolve_plot_path(plot, "sample")
     save_path = _check_save(save)
     ranks, run_device = join_ranks(device)
-    model = _load(
+    model = load_model(
         checkpoint, run_device, dtype, kind, timesteps, prediction_type, data_shape, trust_program,
         data=reference, data_range=data_range, model_factory=model_factory,
         conditioning=conditioning_options(class_label, guidance_scale, seed, prompt),
@@ -454,187 +452,6 @@ def _save_samples(path: Path, samples: Any, model: LoadedModel, schedule: str, q
         note(f"wrote {written}")
 
 
-def nll(
-    checkpoint: CheckpointArg,
-    data: EvalDataOpt = None,
-    n: Annotated[int, typer.Option(*NUM_SAMPLES_FLAGS, help="Samples to evaluate.")] = 64,
-    seed: SeedOpt = 0,
-    t: TSelectOpt = None,
-    every: EveryOpt = None,
-    t_random: Annotated[
-        int | None,
-        typer.Option(
-            "--t-random",
-            metavar="K",
-            help="Evaluate about K timesteps: t = 0 and two drawn uniformly from each of "
-            "(K-1)//2 equal strata (seeded): an unbiased estimate of the total whose ± includes "
-            "the choice of t.",
-        ),
-    ] = None,
-    variance: VarianceOpt = "fixed_small",
-    decoder: Annotated[
-        Literal["auto", "discretized", "discretized_tanh", "continuous"],
-        typer.Option(
-            "--decoder",
-            help="Decoder term at t = 0: discretized (8-bit data, bins of 2/255 on the data range, "
-            "exact normal CDF; auto for images), discretized_tanh (the same with "
-            "improved-diffusion's tanh approximation of the CDF, to reproduce its published "
-            "numbers) or continuous (a Gaussian density for real-valued data: its bits/dim can be "
-            "negative and do not compare with discrete ones; auto for vectors).",
-        ),
-    ] = "auto",
-    per_sample: Annotated[
-        bool,
-        typer.Option(
-            "--per-sample",
-            help="One row per sample: its total (or estimate) in bits/dim, instead of per t.",
-        ),
-    ] = False,
-    clip: Annotated[
-        bool, typer.Option("--clip/--no-clip", help="Clip x0_hat to the data range.")
-    ] = False,
-    batch_size: Annotated[
-        int | None,
-        typer.Option("--batch-size", help="(sample, t) pairs per model call; default: auto."),
-    ] = None,
-    device: DeviceOpt = "cpu",
-    dtype: DtypeOpt = "float32",
-    columns: ColumnsOpt = None,
-    fmt: FormatOpt = "auto",
-    no_header: NoHeaderOpt = False,
-    quiet: QuietOpt = False,
-    kind: MetaKindOpt = None,
-    timesteps: MetaTimestepsOpt = None,
-    prediction_type: PredOpt = None,
-    data_shape: ShapeOpt = None,
-    data_range: DataRangeOpt = None,
-    trust_program: TrustOpt = False,
-    model_factory: ModelOpt = None,
-    class_label: ClassLabelOpt = None,
-    guidance_scale: GuidanceOpt = None,
-    prompt: PromptOpt = None,
-    threads: ThreadsOpt = None,
-) -> None:
-    """The variational bound of a checkpoint on data, term by term, in bits/dim.
-
-    Rows: for each t (0-based) the KL between the true posterior q(x_{t-1}|x_t, x0) and the
-    model's p(x_{t-1}|x_t) with --variance (term kl), at t = 0 the decoder -log p(x0|x_1) (term
-    decoder_discretized or decoder_continuous), then the prior KL(q(x_{T-1}|x0) || N(0, I)), then
-    the total. Each is a mean over samples, with its standard error over samples; x0_mse and
-    eps_mse per t. x_t uses the noise of (seed, sample, t): same seed, same numbers, whatever
-    --batch-size or --device. Every t evaluated: the bound itself (term total). --t-random K: an
-    unbiased importance-weighted estimate (term total_estimate; weight = how many t each
-    evaluated t stands for) whose standard error adds the spread from the choice of t (two t per
-    stratum). A fixed subset (--t, --every): the terms only, no total (a few fixed t can miss the
-    bound by far more than any standard error would say). t = 0 is always evaluated. Streams
-    (sample, t) pairs in chunks: memory does not grow with T.
-
-    Examples:
-
-      ddpm nll ckpt.pt --data moons --n 256
-
-      ddpm nll ckpt.pt --n 64 --t-random 50 --format json
-    """
-    from ddpmcli import api
-    from ddpmcli.checkpoints.latent import space_columns, space_rows
-    from ddpmcli.run import (
-        BOUND_COLUMNS,
-        RunError,
-        progress_observer,
-        random_strata,
-        reconstruction_data,
-    )
-
-    check_format_flags(fmt, no_header)
-    reject_conflicts(
-        ("--t", t is not None), ("--every", every is not None), ("--t-random", t_random is not None)
-    )
-    if batch_size is not None and batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
-    if per_sample and t_random is None and (t is not None or every is not None):
-        raise UsageError(
-            "--per-sample needs a total: every t, or --t-random K (a fixed --t/--every has none)"
-        )
-    cols = select_columns(
-        columns, ["sample", "bits_per_dim"] if per_sample else list(BOUND_COLUMNS)
-    )
-    ranks, run_device = join_ranks(device)
-    model = _load(
-        checkpoint, run_device, dtype, kind, timesteps, prediction_type, data_shape, trust_program,
-        data=data, data_range=data_range, model_factory=model_factory,
-        conditioning=conditioning_options(class_label, guidance_scale, seed, prompt),
-    )  # fmt: skip
-    use_threads(threads, model, ranks)
-    num = model.schedule.num_steps
-    strata = None
-    indices: list[int] | None = None
-    if t_random is not None:
-        with as_flags():
-            strata = random_strata(num, t_random, seed)
-        indices = strata.indices
-    elif t is not None or every is not None:
-        indices = select_rows(t, every, num)
-    pairs = num if indices is None else len(set(indices) | {0})
-    limits.check_run_sizes(
-        model.data_shape, n=n, batch_size=batch_size, pairs_per_sample=pairs,
-        rows_per_sample=1 if per_sample else 0,
-    )  # fmt: skip
-    with as_flags(source="--data"):
-        picked = reconstruction_data(model, data, n=n, seed=seed)
-    x0 = picked.x0
-    warn_outside_range(x0, model.data_range, picked.source, show=ranks.is_main)
-    if x0.shape[0] < n and not quiet:
-        note(f"--n {n} is more than the {x0.shape[0]} samples of {picked.source}; using all")
-    cols = space_columns(model, cols)  # a latent model's columns say so (x0_mse_latent, ...)
-    count = (num if indices is None else len(set(indices) | {0})) * x0.shape[0]
-    try:
-        with progress(count, "bound", quiet) as bar, as_flags():
-            result = api.nll(
-                model, x0, seed=seed, t=None if strata is not None else indices, t_random=t_random,
-                variance=variance, decoder=decoder, clip=clip, batch_size=batch_size,
-                observers=[progress_observer(bar)], ranks=ranks,
-            )  # fmt: skip
-    except RunError as exc:  # the finite terms so far, then the error
-        if exc.rows:
-            rows = space_rows(model, exc.rows)
-            emit(rows, cols, fmt, no_header=no_header, title=f"nll {checkpoint.name}")
-        raise
-    rows = result.rows
-    if per_sample and result.per_sample_total is not None:
-        rows = [
-            {"sample": i, "bits_per_dim": v} for i, v in enumerate(result.per_sample_total.tolist())
-        ]
-    rows = space_rows(model, rows)
-    emit(rows, cols, fmt, no_header=no_header, title=f"nll {checkpoint.name}")
-    if not quiet:
-        _nll_note(result, result.decoder, decoder, int(x0.shape[0]), picked.source)
-
-
-def _nll_note(result: Any, dec: str, asked: str, n: int, source: str) -> None:
-    """The total on stderr with its uncertainty and the decoder used (and why), or why none."""
-    decoders = {
-        "discretized": "discretised 8-bit decoder (exact normal CDF)",
-        "discretized_tanh": "discretised 8-bit decoder (improved-diffusion's tanh CDF)",
-        "continuous": "continuous Gaussian density decoder (real-valued data)",
-    }
-    why = ""
-    if asked == "auto":
-        why = " (the default for images)" if dec != "continuous" else " (the default for vectors)"
-    used = f"{decoders[dec]}{why}"
-    if result.total_bpd is None:
-        note(
-            f"no total: a fixed subset of t does not bound -log p(x0) and its error is unknown; "
-            f"use every t or --t-random K for an estimate with an honest ±; {used}"
-        )
-        return
-    what = "estimated bound (± includes the choice of t)" if result.estimate else "bound"
-    note(
-        f"{what}: {result.total_bpd:.6g} ± {result.total_stderr or 0:.2g} bits/dim on "
-        f"{n} samples of {source}; {used}"
-    )
-
-
 def register(app: typer.Typer) -> None:
-    """Add `ddpm sample` and `ddpm nll` to the app."""
+    """Add `ddpm sample` to the app (`ddpm nll` is in :mod:`ddpmcli.cli.nll`)."""
     app.command("sample")(sample)
-    app.command("nll")(nll)
