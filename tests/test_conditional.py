@@ -507,3 +507,53 @@ def test_sdxl_style_folder_is_one_line(cli: Callable[..., Result], tmp_path: Pat
         f"Error: {tmp_path}: SDXL-style pipelines (two text encoders, added time conditioning) "
         "are not supported; Stable Diffusion 1.x/2.x-style folders are\n"
     )
+
+
+def test_each_rank_passes_its_global_sample_indices() -> None:
+    """Under torchrun, rank r steps samples ``share(n)``: the model sees their global indices
+    (so a rank's labels are the single-process ones), in every loop."""
+    from ddpmcli.core import make_schedule
+    from ddpmcli.run import reconstruction_sweep, variational_bound
+    from ddpmcli.run.distributed import Ranks
+
+    class SecondOfTwo(Ranks):  # rank 1 of 2, its collectives local (what it computes is checked)
+        def sum(self, tensor: Tensor) -> Tensor:
+            return tensor
+
+        def gather(self, value: Any) -> list[Any]:
+            return [value]
+
+        def settle(self, failure: BaseException | None) -> None:
+            if failure is not None:
+                raise failure
+
+    seen: list[int] = []
+
+    class Model:
+        schedule = make_schedule("linear", 10)
+        prediction_type = "epsilon"
+        data_range = (-1.0, 1.0)
+        data_shape = (2,)
+
+        def predict(
+            self, x: Tensor, t: Tensor, *, sample_index: Tensor | None = None
+        ) -> tuple[Tensor, None]:
+            assert sample_index is not None
+            seen.extend(sample_index.tolist())
+            return torch.zeros_like(x), None
+
+        def to(self, device: Any = None, dtype: Any = None) -> Any:
+            return self
+
+    ranks, model = SecondOfTwo(rank=1, world=2), Model()
+    lo, hi = ranks.share(5)
+    sample(model.predict, respaced_schedule(model.schedule, 2), "epsilon", (2,), n=5,
+           batch_size=2, ranks=ranks)  # fmt: skip
+    assert seen == [*range(lo, hi)] * 2 and lo > 0
+    seen.clear()
+    reconstruction_sweep(model, torch.zeros(5, 2), [0, 9], batch_size=1, ranks=ranks)
+    assert sorted(seen) == sorted([*range(lo, hi)] * 2)
+    seen.clear()
+    variational_bound(model.predict, model.schedule, "epsilon", torch.zeros(5, 2),
+                      batch_size=3, ranks=ranks)  # fmt: skip
+    assert sorted(set(seen)) == [*range(lo, hi)] and len(seen) == (hi - lo) * 10
