@@ -20,6 +20,7 @@ import csv
 import io
 import json
 import math
+import os
 import sys
 import unicodedata
 from collections.abc import Iterator, Mapping, Sequence
@@ -40,6 +41,7 @@ __all__ = [
     "progress",
     "resolve_format",
     "stderr_console",
+    "table_width",
     "warn",
 ]
 
@@ -216,6 +218,7 @@ def emit(
     no_header: bool = False,
     title: str | None = None,
     stream: IO[str] | None = None,
+    columns_option: bool = True,
 ) -> None:
     """Write ``rows`` (mappings keyed by column name) to stdout in ``fmt``.
 
@@ -226,16 +229,27 @@ def emit(
         no_header: drop the header line (csv/tsv only; ignored by the other formats).
         title: a caption for the table format (ignored by machine formats: stdout stays data).
         stream: where to write; stdout by default (tests may pass a StringIO).
+        columns_option: whether the command takes ``--columns``; the table names it when it
+            leaves out columns that do not fit the width.
+
+    A table fits ``table_width()`` (``COLUMNS``, the terminal, or 80 when piped): columns that do
+    not fit are left out, the first ones kept, and a note on stderr names them.
     """
     out = sys.stdout if stream is None else stream
     fmt = resolve_format(fmt, out)
     try:
-        _emit(rows, columns, fmt, out, no_header=no_header, title=title)
+        left_out = _emit(rows, columns, fmt, out, no_header=no_header, title=title)
         out.flush()
     except BrokenPipeError:
         raise  # the reader went away: main() exits quietly
     except OSError as exc:  # closed stdout, /dev/full, EIO
         raise OutputError(f"cannot write output: {exc.strerror or exc}") from None
+    if left_out:  # after the rows are out: a reader that went away hears nothing more
+        how = "pick columns with --columns, or " if columns_option else ""
+        note(
+            f"left out to fit {table_width(out)} columns: {', '.join(left_out)} "
+            f"({how}see every column with --format csv, tsv or json)"
+        )
 
 
 def _emit(
@@ -246,9 +260,10 @@ def _emit(
     *,
     no_header: bool,
     title: str | None,
-) -> None:
+) -> list[str]:
+    """Write the rows; return the columns a table left out to fit the width."""
     if fmt == "table":
-        _emit_table(rows, columns, out, title=title)
+        return _emit_table(rows, columns, out, title=title)
     elif fmt in ("csv", "tsv"):
         _emit_delimited(
             rows, columns, out, delimiter="," if fmt == "csv" else "\t", no_header=no_header
@@ -261,6 +276,7 @@ def _emit(
         for row in rows:
             out.write(json.dumps({c: _json_value(row.get(c)) for c in columns}, allow_nan=False))
             out.write("\n")
+    return []
 
 
 def _emit_delimited(
@@ -275,9 +291,71 @@ def _emit_delimited(
     out.write(buffer.getvalue())
 
 
+# Table layout: no outer edge and one space of padding between columns (collapsed), so the
+# columns cost two characters each beyond their cells. A text column (names, messages, paths) may
+# wrap at spaces down to this width; a number never wraps.
+_COLUMN_GAP = 2
+_TEXT_MIN_WIDTH = 20
+_WORD_MAX_WIDTH = 32  # a longer "word" (a path) may be folded rather than widen the column
+DEFAULT_TABLE_WIDTH = 80
+
+
+def table_width(stream: IO[str] | None = None) -> int:
+    """The width a table may take: ``COLUMNS`` when set, else the terminal's width when ``stream``
+    is a terminal, else 80 (a file or pipe gets the width of an ordinary terminal)."""
+    env = os.environ.get("COLUMNS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    stream = sys.stdout if stream is None else stream
+    try:
+        if stream.isatty():
+            return os.get_terminal_size(stream.fileno()).columns or DEFAULT_TABLE_WIDTH
+    except (AttributeError, ValueError, OSError, io.UnsupportedOperation):
+        pass
+    return DEFAULT_TABLE_WIDTH
+
+
+def _cell_width(text: str) -> int:
+    from rich.cells import cell_len
+
+    return cell_len(text)
+
+
+def column_min_width(header: str, cells: Sequence[str], numbers: Sequence[bool]) -> int:
+    """The narrowest a column may be: its header and every number whole; text cells may wrap
+    at spaces down to ``_TEXT_MIN_WIDTH`` (never splitting a word up to ``_WORD_MAX_WIDTH``)."""
+    pairs = list(zip(cells, numbers, strict=True))
+    whole = max([_cell_width(header)] + [_cell_width(c) for c, n in pairs if n])
+    texts = [c for c, n in pairs if not n]
+    if not texts:
+        return whole
+    natural = max(_cell_width(c) for c in texts)
+    word = max((_cell_width(w) for c in texts for w in c.split()), default=0)
+    return max(whole, min(natural, max(_TEXT_MIN_WIDTH, min(word, _WORD_MAX_WIDTH))))
+
+
+def fit_columns(min_widths: Sequence[int], width: int) -> list[int]:
+    """Indices of the columns to show within ``width`` characters, in order of usefulness (the
+    order given): each column joins if it still fits beside those already taken, so the first
+    (key) columns always stay and a wide column left out does not hide narrower ones after it.
+    The first column is always shown."""
+    chosen: list[int] = []
+    used = 0
+    for k, w in enumerate(min_widths):
+        cost = w if not chosen else w + _COLUMN_GAP
+        if not chosen or used + cost <= width:
+            chosen.append(k)
+            used += cost
+    return chosen
+
+
 def _emit_table(
-    rows: Sequence[Row], columns: Sequence[str], out: IO[str], *, title: str | None
-) -> None:
+    rows: Sequence[Row],
+    columns: Sequence[str],
+    out: IO[str],
+    *,
+    title: str | None,
+) -> list[str]:
     from rich import box
     from rich.console import Console
     from rich.table import Table
@@ -285,31 +363,50 @@ def _emit_table(
 
     isatty = getattr(out, "isatty", None)
     terminal = bool(callable(isatty) and isatty())
-    # Off a terminal (`--format table` into a file) nothing limits the width: let the table take
-    # its natural width instead of rich's 80-column default folding the numbers.
+    width = table_width(out)
+    headers = [escape_control(c) for c in columns]
+    cells = [[format_table_value(row.get(c)) for c in columns] for row in rows]
+    numbers = [[_is_number(row.get(c)) for c in columns] for row in rows]
+    mins = [
+        column_min_width(headers[k], [r[k] for r in cells], [n[k] for n in numbers])
+        for k in range(len(columns))
+    ]
+    shown = fit_columns(mins, width) if columns else []
+    left_out = [headers[k] for k in range(len(columns)) if k not in shown]
     # Every cell, header and the title is a rich Text, never a markup string: data such as
-    # `m[red].pt` prints as it is and `[/]` cannot crash the table.
+    # `m[red].pt` prints as it is and `[/]` cannot crash the table. Numbers and headers never
+    # wrap (min_width holds the widest); only text cells wrap, at spaces.
     table = Table(
         title=Text(escape_control(title)) if title else None,
         box=box.SIMPLE_HEAD,
         header_style="bold",
         show_edge=False,
+        pad_edge=False,
+        collapse_padding=True,
     )
-    for column in columns:
-        numeric = any(_is_number(row.get(column)) for row in rows)
+    for k in shown:
+        numeric = any(n[k] for n in numbers)
         table.add_column(
-            Text(escape_control(column)), justify="right" if numeric else "left", overflow="fold"
+            Text(headers[k], no_wrap=True),
+            justify="right" if numeric else "left",
+            min_width=mins[k],
+            overflow="fold",
         )
-    for row in rows:
-        table.add_row(*(Text(format_table_value(row.get(c))) for c in columns))
+    for row_cells, row_numbers in zip(cells, numbers, strict=True):
+        table.add_row(*(Text(row_cells[k], no_wrap=row_numbers[k]) for k in shown))
     if terminal:
-        Console(file=out, highlight=False, markup=False, emoji=False).print(table)
-        return
-    buffer = io.StringIO()
-    Console(
-        file=buffer, width=100_000, highlight=False, color_system=None, markup=False, emoji=False
-    ).print(table)
-    out.write("".join(line.rstrip() + "\n" for line in buffer.getvalue().splitlines()))
+        Console(file=out, width=width, highlight=False, markup=False, emoji=False).print(table)
+    else:
+        buffer = io.StringIO()
+        Console(
+            file=buffer, width=width, highlight=False, color_system=None, markup=False, emoji=False
+        ).print(table)
+        lines = [line.rstrip() + "\n" for line in buffer.getvalue().splitlines()]
+        # In blocks, not one write: on an unbuffered stdout (PYTHONUNBUFFERED) one huge write
+        # that a closed pipe cuts short returns quietly, and the next one reports the reader gone.
+        for start in range(0, len(lines), 1024):
+            out.write("".join(lines[start : start + 1024]))
+    return left_out
 
 
 # ---------------------------------------------------------------------------------------------
