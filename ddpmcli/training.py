@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ddpmcli import core, models
+from ddpmcli import core, limits, models
 from ddpmcli.errors import DdpmError, UsageError
 from ddpmcli.run.events import Event, Observer, ParameterError, notify
 
@@ -134,8 +134,8 @@ def train_denoiser(
     arch = architecture or default_architecture(data_shape)
     batch_size = DEFAULT_BATCH[arch] if batch_size is None else batch_size
     lr = DEFAULT_LR[arch] if lr is None else lr
-    if steps < 1 or batch_size < 1:
-        raise ParameterError("{steps} and {batch_size} must be at least 1")
+    limits.check_count(steps, "steps")
+    limits.check_count(batch_size, "batch_size")
     if not lr > 0:
         raise ParameterError(f"{{lr}} {lr}: must be positive")
     if ema_decay is not None and not 0.0 <= ema_decay < 1.0:

@@ -140,8 +140,8 @@ def nll(
     reject_conflicts(
         ("--t", t is not None), ("--every", every is not None), ("--t-random", t_random is not None)
     )
-    if batch_size is not None and batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
+    if batch_size is not None:
+        limits.check_count(batch_size, "batch_size")
     if per_sample and t_random is None and (t is not None or every is not None):
         raise UsageError(
             "--per-sample needs a total: every t, or --t-random K (a fixed --t/--every has none)"

@@ -281,10 +281,9 @@ def sample(
     _reject_idle_options(ctx, sampler, dynamic_threshold, plot is not None)
     reject_conflicts(("--references", reference is not None), ("--reference", old is not None))
     reference = reference if old is None else old  # --reference: the old, hidden spelling
-    if n < 1:
-        raise UsageError(f"--n must be at least 1, got {n}")
-    if batch_size is not None and batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
+    limits.check_count(n, "n")  # before loading: the one count check and message
+    if batch_size is not None:
+        limits.check_count(batch_size, "batch_size")
     plot_path = resolve_plot_path(plot, "sample")
     save_path = _check_save(save)
     ranks, run_device = join_ranks(device)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ddpmcli import core
+from ddpmcli import core, limits
 from ddpmcli.run.chunking import AdaptiveChunks, chunk_cap
 from ddpmcli.run.distributed import Ranks
 from ddpmcli.run.events import (
@@ -242,8 +242,7 @@ def _check_bound_args(
         )
     if decoder not in DECODERS:
         raise ParameterError(f"{{decoder}} {decoder!r} is unknown; allowed: {', '.join(DECODERS)}")
-    if batch_size < 1:
-        raise ParameterError(f"{{batch_size}} must be at least 1, got {batch_size}")
+    limits.check_count(batch_size, "batch_size")
     if n < 1:
         raise ParameterError("no data to evaluate the bound on")
 

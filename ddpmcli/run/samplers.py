@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ddpmcli import core
+from ddpmcli import core, limits
 from ddpmcli.run.distributed import Ranks
 from ddpmcli.run.events import (
     Event,
@@ -421,11 +421,8 @@ def sample(
         ModelFailure: the model raised; carries the rows computed so far.
     """
     settings = settings or SampleSettings()
-    if n < 1:
-        raise ParameterError(f"{{n}} must be at least 1, got {n}")
-    batch = n if batch_size is None else batch_size
-    if batch < 1:
-        raise ParameterError(f"{{batch_size}} must be at least 1, got {batch}")
+    limits.check_count(n, "n")
+    batch = n if batch_size is None else limits.check_count(batch_size, "batch_size")
     if settings.sampler not in _REGISTRY:
         check_sample_settings(settings, learned_variance=True)
     sampler = _REGISTRY[settings.sampler]

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from ddpmcli import limits
 from ddpmcli.core import Schedule, canonical_prediction_type
 from ddpmcli.errors import DataError
 from ddpmcli.run.chunking import AdaptiveChunks, chunk_cap
@@ -162,8 +163,8 @@ def reconstruction_data(
     """
     from ddpmcli import data as datasets
 
-    if n is not None and n < 1:
-        raise ParameterError(f"{{n}} {n}: must be at least 1")
+    if n is not None:
+        limits.check_count(n, "n")
     latent = getattr(model, "latent", None)  # a latent model reads images, then encodes them
     shape = tuple(int(d) for d in (model.data_shape if latent is None else latent.image_shape))
     lo, hi = (float(v) for v in (model.data_range if latent is None else latent.image_range))
@@ -310,8 +311,8 @@ def _check_sweep_args(
     shape = tuple(int(d) for d in x0.shape[1:])
     if want is not None and tuple(want) != shape:
         raise DataError(f"data samples have shape {list(shape)}, the model wants {list(want)}")
-    if batch_size is not None and batch_size < 1:
-        raise ParameterError(f"{{batch_size}} {batch_size}: must be at least 1")
+    if batch_size is not None:
+        limits.check_count(batch_size, "batch_size")
     numel = math.prod(shape)
     if compare_optimal is not None and compare_optimal.dim != numel:
         raise DataError(
