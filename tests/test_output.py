@@ -237,3 +237,178 @@ def test_check_writable(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="not writable"):
         check_writable("/proc/ddpm-test.png")
     assert not (tmp_path / "new").exists()  # checking creates nothing
+
+
+# ---------------------------------------------------------------------------------------------
+# tables that fit a real terminal (issue 8): every command's default table, in a pty
+
+
+def test_fit_columns_keeps_the_first_and_skips_what_does_not_fit() -> None:
+    from ddpmcli.output import fit_columns
+
+    # widths 5 + (2+10) + (2+30) + (2+4) = 55; the 30-wide one is skipped at 30 columns
+    assert fit_columns([5, 10, 30, 4], 55) == [0, 1, 2, 3]
+    assert fit_columns([5, 10, 30, 4], 30) == [0, 1, 3]
+    assert fit_columns([50, 3], 20) == [0]  # the key column stays, however narrow the screen
+
+
+def test_column_min_width_keeps_numbers_and_headers_whole() -> None:
+    from ddpmcli.output import column_min_width
+
+    assert column_min_width("t", ["999", "4.03583e-05"], [True, True]) == 11
+    assert column_min_width("clip_fraction", ["0"], [True]) == 13
+    # prose wraps down to 20 columns; a long single word (a path) up to 32 stays whole
+    assert column_min_width("message", ["a " * 60], [False]) == 20
+    assert column_min_width("path", ["x" * 28], [False]) == 28
+    assert column_min_width("path", ["x" * 90], [False]) == 32
+
+
+def test_piped_table_uses_columns_env_and_notes_what_it_left_out(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rows = [{"t": 0, "a_long_header": 1.5, "b": 4.03583e-05, "c": "x"}]
+    monkeypatch.setenv("COLUMNS", "24")
+    text = render("table", rows=rows, cols=["t", "a_long_header", "b", "c"])
+    assert text.splitlines()[0].split() == ["t", "a_long_header", "c"]
+    assert capsys.readouterr().err == (
+        "left out to fit 24 columns: b (pick columns with --columns, or see every column with "
+        "--format csv, tsv or json)\n"
+    )
+    monkeypatch.delenv("COLUMNS")
+    render("table", rows=rows, cols=["t", "a_long_header", "b", "c"], columns_option=False)
+    assert capsys.readouterr().err == ""  # 80 columns when piped: everything fits
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpts(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """Two small 2-D checkpoints (T = 100, 30 optimiser steps) with reference samples."""
+    import torch
+
+    from ddpmcli import core
+    from ddpmcli.checkpoints import save_native_checkpoint
+    from ddpmcli.data import builtin_dataset
+    from ddpmcli.training import train_denoiser
+
+    root = tmp_path_factory.mktemp("tty")
+    sched = core.make_schedule("linear", 100, scale_to_timesteps=True)
+    data = builtin_dataset("moons", 256, seed=0)
+    trained = train_denoiser(
+        data, sched, steps=30, batch_size=64, lr=3e-3, seed=0, threads=1,
+        hparams={"hidden": 32, "num_blocks": 1, "time_dim": 16},
+    )  # fmt: skip
+    paths = []
+    for name in ("first.pt", "second_with_a_longer_name.pt"):
+        paths.append(str(save_native_checkpoint(
+            root / name, trained.model, architecture=trained.architecture,
+            hparams=trained.hparams, schedule=sched, prediction_type="epsilon",
+            data_shape=(2,), reference_samples=data[:64].to(torch.float32),
+        )))  # fmt: skip
+    return paths
+
+
+def _in_pty(argv: list[str], width: int) -> tuple[int, str, str]:
+    """Run ``ddpm argv`` in-process with stdout on a real pseudo-terminal ``width`` columns wide
+    (stderr captured apart); return (status, what the terminal received, stderr)."""
+    import fcntl
+    import pty
+    import struct
+    import sys
+    import termios
+    import threading
+
+    from ddpmcli.cli.root import run
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, width, 0, 0))
+    attrs = termios.tcgetattr(slave)
+    attrs[1] &= ~termios.OPOST  # no "\n" -> "\r\n": what the program wrote, byte for byte
+    termios.tcsetattr(slave, termios.TCSANOW, attrs)
+    received = bytearray()
+
+    def drain() -> None:
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the slave side is closed and everything was read
+                return
+            if not chunk:
+                return
+            received.extend(chunk)
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    saved = sys.stdout, sys.stderr, os.environ.pop("COLUMNS", None)
+    out = open(slave, "w", encoding="utf-8", closefd=False)  # noqa: SIM115
+    sys.stdout, sys.stderr = out, io.StringIO()
+    try:
+        code = run(argv)
+        out.flush()
+        err = sys.stderr.getvalue()
+    finally:
+        sys.stdout, sys.stderr = saved[0], saved[1]
+        if saved[2] is not None:
+            os.environ["COLUMNS"] = saved[2]
+        os.close(slave)
+        reader.join(timeout=60)
+        os.close(master)
+    return code, received.decode("utf-8"), err
+
+
+_ANSI = __import__("re").compile(r"\x1b\[[0-9;]*m")
+
+
+def _check_table(text: str, width: int, rows: list[dict[str, str]], err: str) -> None:
+    """No line wider than ``width``; headers are whole column names; every shown number appears
+    whole on its row's line; the columns left out are the ones the stderr note names."""
+    lines = [_ANSI.sub("", line) for line in text.splitlines()]
+    assert lines and max(len(line) for line in lines) <= width, max(lines, key=len)
+    rule = next(k for k, line in enumerate(lines) if line.startswith("─"))
+    shown = lines[rule - 1].split()
+    assert shown and all(name in rows[0] for name in shown), shown
+    left_out = [c for c in rows[0] if c not in shown]
+    if left_out:
+        assert f"left out to fit {width} columns: {', '.join(left_out)} " in err, err
+    else:
+        assert "left out" not in err
+    body = lines[rule + 1 :]
+    numeric = [c for c in shown if all(_is_float(row[c]) or not row[c] for row in rows)]
+    if all(len(row[c]) <= 20 for row in rows for c in shown if c not in numeric):
+        assert len(body) == len(rows)  # nothing wrapped: one line per row
+    tokens = " ".join(body).split()
+    at = 0
+    for row in rows:  # every number whole, in row order
+        for name in numeric:
+            if row[name]:
+                at = tokens.index(format_table_value(float(row[name])), at) + 1
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("width", [80, 120])
+def test_every_command_default_table_fits_a_real_terminal(
+    width: int, tiny_ckpts: list[str]
+) -> None:
+    first, second = tiny_ckpts
+    commands = [
+        ["schedule", "--kind", "cosine"],
+        ["compare", "linear", "cosine"],
+        ["posterior", "--kind", "linear"],
+        ["check", "--kind", "scaled_linear", "--steps", "50", "--spacing", "leading"],
+        ["reconstruct", first, "--n", "16"],
+        ["sample", first, "--n", "16", "--steps", "10"],
+        ["sample", first, "--n", "16", "--steps", "10", "--summary"],
+        ["nll", first, "--n", "16", "--every", "10"],
+        ["info", first, second],
+    ]
+    for argv in commands:
+        code, text, err = _in_pty(argv, width)  # stderr is not a terminal: no progress bars
+        assert code == 0, (argv, err)
+        status, csv_text, _ = _in_pty([*argv, "--format", "csv"], width)
+        rows = list(csv.DictReader(io.StringIO(csv_text)))
+        _check_table(text, width, rows, err)
