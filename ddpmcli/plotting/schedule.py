@@ -79,23 +79,46 @@ def plot_schedule(schedule: Schedule, path: str | Path) -> Path:
         return save_figure(fig, path)
 
 
-def plot_compare(schedules: Sequence[tuple[str, Schedule]], path: str | Path) -> Path:
-    """Overlays of alpha_bar, log-SNR, beta (log axis) and beta_tilde/beta, a line per schedule."""
+def _mark(ax: Any, line: Any, x: Any, y: Any, marks: Sequence[int] | None) -> None:
+    """Dots on ``line`` at the selected rows (``--t``/``--every``), in the line's colour."""
+    import numpy as np
+
+    if marks is None or not len(marks):
+        return
+    idx = np.asarray(marks, dtype=int)
+    ax.plot(np.asarray(x)[idx], np.asarray(y)[idx], "o", color=line.get_color(), markersize=3)
+
+
+def plot_compare(
+    schedules: Sequence[tuple[str, Schedule]],
+    path: str | Path,
+    *,
+    marks: Sequence[Sequence[int]] | None = None,
+) -> Path:
+    """Overlays of alpha_bar, log-SNR, beta (log axis) and beta_tilde/beta, a line per schedule;
+    ``marks`` (one index list per schedule, the rows `--t`/`--every` picked) are drawn as dots."""
     normalise = len({s.num_train_timesteps for _, s in schedules}) > 1
     xlabel = "t / T" if normalise else "timestep t (0-based)"
     with paper_figure(2, 2) as (fig, ax):
-        for label, schedule in schedules:
+        for k, (label, schedule) in enumerate(schedules):
             x = _x(schedule, normalise)
-            ax[0, 0].plot(x, _np(schedule.alpha_bar), label=literal(label))
-            ax[0, 1].plot(x, _np(schedule.log_snr), label=literal(label))
-            ax[1, 0].plot(x, _positive(_np(schedule.beta)), label=literal(label))
-            ax[1, 1].plot(x, _np(schedule.posterior_variance / schedule.beta), label=literal(label))
+            picked = None if marks is None else marks[k]
+            for a, y in (
+                (ax[0, 0], _np(schedule.alpha_bar)),
+                (ax[0, 1], _np(schedule.log_snr)),
+                (ax[1, 0], _positive(_np(schedule.beta))),
+                (ax[1, 1], _np(schedule.posterior_variance / schedule.beta)),
+            ):
+                (line,) = a.plot(x, y, label=literal(label))
+                _mark(a, line, x, y, picked)
         ax[0, 0].set(xlabel=xlabel, ylabel=r"$\bar\alpha_t$", title="alpha_bar")
         ax[0, 1].set(xlabel=xlabel, ylabel=r"$\log \mathrm{SNR}_t$", title="log-SNR")
         ax[1, 0].set(xlabel=xlabel, ylabel=r"$\beta_t$", title="beta", yscale="log")
         ax[1, 1].set(xlabel=xlabel, ylabel=r"$\tilde\beta_t/\beta_t$", title="posterior / beta")
         for a in ax.flat:
             a.legend()
+        if marks is not None:
+            fig.suptitle("dots: the rows printed", fontsize=9)
         return save_figure(fig, path)
 
 
