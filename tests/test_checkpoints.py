@@ -115,8 +115,11 @@ def test_torchscript_with_extra_file(tmp_path: Path, learned: bool) -> None:
 def test_torchscript_metadata_from_sidecar_and_flags(tmp_path: Path) -> None:
     model, _, _ = _model()
     checkpoints.save_torchscript(model, tmp_path / "s.pt")
-    with pytest.raises(CheckpointError, match="pass --kind .*--prediction-type, --data-shape"):
+    with pytest.raises(CheckpointError, match="pass kind .*prediction_type, data_shape") as e:
         checkpoints.load_checkpoint(tmp_path / "s.pt", trust_program=True)
+    shown = e.value.render(lambda p: "--" + p.replace("_", "-"))  # as the CLI shows it
+    assert "no kind, prediction-type, data-shape in the checkpoint's metadata; " in shown
+    assert "pass --kind (and --timesteps), --prediction-type, --data-shape (or add" in shown
     loaded = checkpoints.load_checkpoint(
         tmp_path / "s.pt",
         kind="linear",
@@ -298,7 +301,7 @@ def test_diffusers_folder_errors(tmp_path: Path) -> None:
         checkpoints.load_checkpoint(tmp_path / "empty")
     unet = _diffusers_unet()
     unet.save_pretrained(tmp_path / "u")
-    with pytest.raises(CheckpointError, match="pass --kind"):
+    with pytest.raises(CheckpointError, match="pass kind"):
         checkpoints.load_checkpoint(tmp_path / "u")
     weights = tmp_path / "u" / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ddpmcli import core, limits
-from ddpmcli.errors import CheckpointError, DdpmError, UsageError
+from ddpmcli.errors import CheckpointError, DdpmError, ParameterError, verbatim
 
 FORMAT_TAG = "ddpmcli"
 FORMAT_VERSION = 1
@@ -158,16 +158,17 @@ def _overrides(
     data_shape: Sequence[int] | None,
     data_range: tuple[float, float] | None,
 ) -> _Meta:
-    """Metadata given by the caller (command-line flags): bad values are usage errors."""
+    """Metadata given by the caller (the CLI: flags): bad values are ParameterErrors (exit 2)
+    naming the parameter."""
     if schedule is None and kind is not None:
         if timesteps is not None:
-            limits.check_timesteps(timesteps, "--timesteps")
+            limits.check_timesteps(timesteps, "{timesteps}", error=ParameterError)
         schedule = core.make_schedule(kind, 1000 if timesteps is None else timesteps)
     shape = None
     if data_shape is not None:
-        shape = limits.check_sample_shape(tuple(data_shape), "--data-shape")
+        shape = limits.check_sample_shape(tuple(data_shape), "{data_shape}", error=ParameterError)
     if data_range is not None and not data_range[0] < data_range[1]:
-        raise UsageError(f"--data-range {list(data_range)}: low must be below high")
+        raise ParameterError(f"{{data_range}} {list(data_range)}: low must be below high")
     return _Meta(
         schedule=schedule,
         prediction_type=None
@@ -199,22 +200,22 @@ def _merge(file_meta: _Meta, given: _Meta) -> _Meta:
 def _finish(
     meta: _Meta, where: str, flags_hint: bool
 ) -> tuple[core.Schedule, str, bool, tuple[int, ...], tuple[float, float]]:
-    """Required metadata or one error naming the flags to pass."""
-    missing = []
+    """Required metadata or one error naming the parameters to pass (the CLI: its flags)."""
+    missing: list[tuple[str, str]] = []  # (what is missing, the parameters that give it)
     if meta.schedule is None:
-        missing.append("--kind (and --timesteps)")
+        missing.append(("kind", "{kind} (and {timesteps})"))
     if meta.prediction_type is None:
-        missing.append("--prediction-type")
+        missing.append(("prediction-type", "{prediction_type}"))
     if meta.data_shape is None:
         meta.data_shape = meta.shape_from_data
     if meta.data_shape is None:
-        missing.append("--data-shape")
+        missing.append(("data-shape", "{data_shape}"))
     if missing:
-        how = f"pass {', '.join(missing)}" if flags_hint else "it is missing"
-        raise CheckpointError(
-            f"{where}: no {', '.join(m.split()[0].lstrip('-') for m in missing)} in the "
-            f"checkpoint's metadata; {how} (or add a {METADATA_NAME} extra file or a "
-            f"{where}{SIDECAR_SUFFIX} sidecar)"
+        how = f"pass {', '.join(m[1] for m in missing)}" if flags_hint else "it is missing"
+        raise CheckpointError.naming(
+            f"{verbatim(where)}: no {', '.join(m[0] for m in missing)} in the checkpoint's "
+            f"metadata; {how} (or add a {METADATA_NAME} extra file or a "
+            f"{verbatim(where)}{SIDECAR_SUFFIX} sidecar)"
         )
     schedule, pred, shape = meta.schedule, meta.prediction_type, meta.data_shape
     if schedule is None or pred is None or shape is None:  # unreachable: checked above (for mypy)
