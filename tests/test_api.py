@@ -330,3 +330,25 @@ def test_reconstruct_compare_optimal_equals_cli(cli: Any, ckpt: str) -> None:
     rows = _json_rows(cli, *args)
     api = ddpmcli.reconstruct(ddpmcli.load(ckpt), "gmm", n=8, t=[10, 90], compare_optimal=True)
     assert rows == api.rows and rows[0]["optimal_mse"] < rows[0]["mse"]
+
+
+def test_the_api_sits_between_the_cli_and_the_library() -> None:
+    """cli -> api -> run -> checkpoints -> core: the API never imports the CLI, and nothing
+    below it imports the API."""
+    import ast
+
+    package = Path(ddpmcli.__file__).parent
+
+    def imports(path: Path) -> set[str]:
+        names: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names |= {node.module, *(f"{node.module}.{a.name}" for a in node.names)}
+            elif isinstance(node, ast.Import):
+                names |= {a.name for a in node.names}
+        return names
+
+    assert not any(name.startswith("ddpmcli.cli") for name in imports(package / "api.py"))
+    below = [p for d in ("core", "run", "checkpoints") for p in (package / d).glob("*.py")]
+    assert len(below) > 10
+    assert [str(p) for p in below if "ddpmcli.api" in imports(p)] == []
