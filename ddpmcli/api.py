@@ -145,7 +145,9 @@ def load(
             the schedule stays float64).
         **options: the loader's keyword parameters (:func:`ddpmcli.checkpoints.load_checkpoint`):
             ``trust_program``, ``kind``, ``timesteps``, ``prediction_type``, ``data_shape``,
-            ``data_range``, ``learned_variance``, ``schedule``, ...
+            ``data_range``, ``learned_variance``, ``schedule``; ``model`` (``MODULE:FACTORY``,
+            your own architecture); ``class_label`` (``K``, ``A-B``, ``all``, ``random`` with
+            ``label_seed``, ``null``), ``prompt``, ``guidance_scale`` for conditional models.
 
     Raises:
         CheckpointError: one line saying what is wrong with the file (or which parameter to pass).
