@@ -557,3 +557,20 @@ def test_each_rank_passes_its_global_sample_indices() -> None:
     variational_bound(model.predict, model.schedule, "epsilon", torch.zeros(5, 2),
                       batch_size=3, ranks=ranks)  # fmt: skip
     assert sorted(set(seen)) == [*range(lo, hi)] and len(seen) == (hi - lo) * 10
+
+
+def test_fp16_weights_load_in_their_dtype(tmp_path: Path) -> None:
+    folder = _unet_folder(tmp_path)
+    unet = diffusers.UNet2DModel.from_pretrained(folder / "unet")
+    unet.half().save_pretrained(folder / "unet", safe_serialization=True)  # fp16 safetensors
+    stored = load_checkpoint(folder, class_label="1")
+    assert stored.dtype == torch.float16 and stored.info["weights_dtype"] == "float16"
+    x = torch.randn(2, 3, 8, 8)
+    t = torch.tensor([2, 9])
+    half, _ = stored.predict(x.half(), t)
+    assert half.dtype == torch.float16
+    full = load_checkpoint(folder, class_label="1", dtype=torch.float32)
+    assert full.dtype == torch.float32
+    out, _ = full.predict(x, t)
+    # the same fp16 weights, upcast exactly: float32 math differs only by fp16 rounding
+    torch.testing.assert_close(half.float(), out, rtol=2e-2, atol=2e-2)

@@ -111,7 +111,8 @@ def load_checkpoint(
         prediction_type, learned_variance, data_shape, data_range: likewise.
         shape_from_data: the sample shape of the data the model will see, used only when
             neither ``data_shape`` nor the file gives one (a program without metadata).
-        device, dtype: where and in which dtype the model runs (schedule math stays float64).
+        device, dtype: where and in which dtype the model runs (schedule math stays float64);
+            None keeps the weights' dtype (a diffusers folder stored in float16 stays float16).
         check: run one forward pass on a batch of distinct rows to check the output shape.
         trust_program: load TorchScript (which runs its own code); None reads
             ``DDPM_TRUST_PROGRAM``. Default: refused.
@@ -154,7 +155,7 @@ def load_checkpoint(
     )  # fmt: skip
     if inspect_only:
         return loaded
-    if device != "cpu" or dtype not in (None, torch.float32):
+    if device != "cpu" or dtype not in (None, loaded.dtype):  # None: the weights' own dtype
         loaded = loaded.to(device, dtype)
     if check:
         check_output_shape(loaded, str(p))

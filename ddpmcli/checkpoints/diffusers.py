@@ -208,7 +208,6 @@ def load_diffusers(p: Path, given: _Meta) -> LoadedModel:
         info["num_classes"], info["null_label"] = classes
     if latent is not None:
         info.update(latent.describe())
-    net = net.float()  # runs in the caller's dtype (float32 unless asked), weights read as stored
 
     keyword = "class_labels" if text is None else "encoder_hidden_states"
 
@@ -217,7 +216,7 @@ def load_diffusers(p: Path, given: _Meta) -> LoadedModel:
 
     return loaded_model(
         _DiffusersDenoiser(net, keyword), finished, info, mover=move, latent=latent,
-        conditioning=text,
+        conditioning=text, dtype=next(iter(net.parameters())).dtype,
     )  # fmt: skip
 
 

@@ -101,6 +101,7 @@ def loaded_model(
     mover: _Mover | None = None,
     conditioning: Conditioning | TextConditioning | None = None,
     latent: LatentSpace | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> LoadedModel:
     """The one place a :class:`LoadedModel` is built: every format's loader hands it its
     denoiser, finished metadata, ``info`` row and mover."""
@@ -117,6 +118,7 @@ def loaded_model(
         _mover=mover,
         conditioning=conditioning,
         latent=latent,
+        dtype=dtype,
     )
 
 
