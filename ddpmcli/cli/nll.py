@@ -14,36 +14,27 @@ from ddpmcli import limits
 from ddpmcli.cli.common import (
     NUM_SAMPLES_FLAGS,
     CheckpointArg,
-    ClassLabelOpt,
     ColumnsOpt,
     DeviceOpt,
     EvalDataOpt,
     EveryOpt,
     FormatOpt,
-    GuidanceOpt,
-    MetaKindOpt,
-    MetaTimestepsOpt,
-    ModelOpt,
     NoHeaderOpt,
-    PredOpt,
-    PromptOpt,
     QuietOpt,
     SeedOpt,
-    ShapeOpt,
     ThreadsOpt,
-    TrustOpt,
     TSelectOpt,
     as_flags,
     check_format_flags,
-    conditioning_options,
     join_ranks,
     reject_conflicts,
     select_columns,
     select_rows,
     use_threads,
 )
-from ddpmcli.cli.data_options import DataRangeOpt, warn_outside_range
-from ddpmcli.cli.sample import DtypeOpt, VarianceOpt, load_model
+from ddpmcli.cli.data_options import warn_outside_range
+from ddpmcli.cli.option_groups import NO_MODEL_FLAGS, ModelFlags, model_options
+from ddpmcli.cli.sample import DtypeOpt, VarianceOpt
 from ddpmcli.errors import UsageError
 from ddpmcli.output import emit, note, progress
 
@@ -51,6 +42,7 @@ if TYPE_CHECKING:
     from ddpmcli.run import Strata
 
 
+@model_options()
 def nll(
     checkpoint: CheckpointArg,
     data: EvalDataOpt = None,
@@ -100,16 +92,7 @@ def nll(
     fmt: FormatOpt = "auto",
     no_header: NoHeaderOpt = False,
     quiet: QuietOpt = False,
-    kind: MetaKindOpt = None,
-    timesteps: MetaTimestepsOpt = None,
-    prediction_type: PredOpt = None,
-    data_shape: ShapeOpt = None,
-    data_range: DataRangeOpt = None,
-    trust_program: TrustOpt = False,
-    model_factory: ModelOpt = None,
-    class_label: ClassLabelOpt = None,
-    guidance_scale: GuidanceOpt = None,
-    prompt: PromptOpt = None,
+    model_flags: ModelFlags = NO_MODEL_FLAGS,
     threads: ThreadsOpt = None,
 ) -> None:
     """The variational bound of a checkpoint on data, term by term, in bits/dim.
@@ -150,11 +133,7 @@ def nll(
         columns, ["sample", "bits_per_dim"] if per_sample else list(BOUND_COLUMNS)
     )
     ranks, run_device = join_ranks(device)
-    model = load_model(
-        checkpoint, run_device, dtype, kind, timesteps, prediction_type, data_shape, trust_program,
-        data=data, data_range=data_range, model_factory=model_factory,
-        conditioning=conditioning_options(class_label, guidance_scale, seed, prompt),
-    )  # fmt: skip
+    model = model_flags.load(checkpoint, run_device, dtype, data=data, seed=seed)
     use_threads(threads, model, ranks)
     num = model.schedule.num_steps
     strata, indices = _timesteps(num, t, every, t_random, seed)

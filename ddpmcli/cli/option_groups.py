@@ -19,16 +19,23 @@ from dataclasses import MISSING, dataclass, fields
 from typing import TYPE_CHECKING, Any, TypeVar, get_type_hints
 
 from ddpmcli.cli.common import (
+    ClassLabelOpt,
+    GuidanceOpt,
     MetaKindOpt,
     MetaTimestepsOpt,
     ModelOpt,
     PredOpt,
+    PromptOpt,
     ShapeOpt,
     TrustOpt,
+    conditioning_options,
     loader_options,
 )
+from ddpmcli.cli.data_options import DataRangeOpt, data_load_options
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import torch
 
     from ddpmcli.checkpoints import LoadedModel
@@ -82,41 +89,51 @@ def option_group(
 
 @dataclass(frozen=True)
 class ModelFlags:
-    """The checkpoint metadata flags (what a program without ``ddpm.json`` cannot tell itself),
-    ``--trust-program`` and ``--model``, as given; :meth:`load` loads a checkpoint with them."""
+    """The flags every command that runs a checkpoint takes, as given: the metadata a program
+    without ``ddpm.json`` cannot tell itself, ``--data-range``, ``--trust-program``, ``--model``
+    and the conditioning (``--class-label``, ``--guidance-scale``, ``--prompt``). :meth:`load`
+    is the one place such a command loads its checkpoint."""
 
     kind: MetaKindOpt = None
     timesteps: MetaTimestepsOpt = None
     prediction_type: PredOpt = None
     data_shape: ShapeOpt = None
+    data_range: DataRangeOpt = None
     trust_program: TrustOpt = False
     model_factory: ModelOpt = None
-
-    def loader_options(self, learned_variance: bool | None = None) -> dict[str, Any]:
-        """These flags as keyword arguments of ``checkpoints.load_checkpoint``."""
-        options = loader_options(
-            self.kind,
-            self.timesteps,
-            self.prediction_type,
-            self.data_shape,
-            learned_variance,
-            trust_program=self.trust_program,
-        )
-        return {**options, "model": self.model_factory}
+    class_label: ClassLabelOpt = None
+    guidance_scale: GuidanceOpt = None
+    prompt: PromptOpt = None
 
     def load(
-        self, checkpoint: Any, device: str | torch.device, dtype: str = "float32"
+        self,
+        checkpoint: Path,
+        device: str | torch.device,
+        dtype: str = "float32",
+        *,
+        data: str | None = None,
+        seed: int = 0,
     ) -> LoadedModel:
-        """The one place a command loads a checkpoint: these flags, on ``device`` in ``dtype``."""
+        """``checkpoint`` with these flags (``data``: the evaluation data, whose sample shape a
+        program without metadata takes; ``seed``: for random class labels) on ``device`` in
+        ``dtype``."""
         from ddpmcli import api
         from ddpmcli.run import resolve_device, resolve_dtype
 
         return api.load(
             checkpoint,
-            **self.loader_options(),
-            device=resolve_device(device),
-            dtype=resolve_dtype(dtype),
-        )
+            **loader_options(
+                self.kind, self.timesteps, self.prediction_type, self.data_shape,
+                trust_program=self.trust_program,
+            ),
+            **data_load_options(checkpoint, data, self.data_shape, self.data_range),
+            **conditioning_options(self.class_label, self.guidance_scale, seed, self.prompt),
+            model=self.model_factory, device=resolve_device(device), dtype=resolve_dtype(dtype),
+        )  # fmt: skip
+
+
+NO_MODEL_FLAGS = ModelFlags()
+"""The default of a command's ``model_flags`` parameter (never used: the splice replaces it)."""
 
 
 def model_options(*, leave_out: Collection[str] = ()) -> Callable[[Command], Command]:
