@@ -108,15 +108,15 @@ class ModelFlags:
     def load(
         self,
         checkpoint: Path,
-        device: str | torch.device,
-        dtype: str = "float32",
+        device: str | torch.device = "cpu",
+        dtype: str | None = None,
         *,
         data: str | None = None,
         seed: int = 0,
     ) -> LoadedModel:
         """``checkpoint`` with these flags (``data``: the evaluation data, whose sample shape a
         program without metadata takes; ``seed``: for random class labels) on ``device`` in
-        ``dtype``."""
+        ``dtype`` (None: the file's own)."""
         from ddpmcli import api
         from ddpmcli.run import resolve_device, resolve_dtype
 
@@ -128,7 +128,8 @@ class ModelFlags:
             ),
             **data_load_options(checkpoint, data, self.data_shape, self.data_range),
             **conditioning_options(self.class_label, self.guidance_scale, seed, self.prompt),
-            model=self.model_factory, device=resolve_device(device), dtype=resolve_dtype(dtype),
+            model=self.model_factory, device=resolve_device(device),
+            dtype=None if dtype is None else resolve_dtype(dtype),
         )  # fmt: skip
 
 

@@ -16,42 +16,33 @@ from ddpmcli.choices import DtypeName
 from ddpmcli.cli.common import (
     NUM_SAMPLES_FLAGS,
     CheckpointArg,
-    ClassLabelOpt,
     ColumnsOpt,
     DecodeOpt,
     DeviceOpt,
     EvalDataOpt,
     EveryOpt,
     FormatOpt,
-    GuidanceOpt,
-    MetaKindOpt,
-    MetaTimestepsOpt,
-    ModelOpt,
     NoHeaderOpt,
     PlotOpt,
-    PredOpt,
-    PromptOpt,
     QuietOpt,
     SeedOpt,
-    ShapeOpt,
     ThreadsOpt,
-    TrustOpt,
     TSelectOpt,
     as_flags,
     check_format_flags,
-    conditioning_options,
     join_ranks,
-    loader_options,
     reject_conflicts,
     resolve_plot_path,
     select_columns,
     select_rows,
     use_threads,
 )
-from ddpmcli.cli.data_options import DataRangeOpt, data_load_options, warn_outside_range
+from ddpmcli.cli.data_options import warn_outside_range
+from ddpmcli.cli.option_groups import NO_MODEL_FLAGS, ModelFlags, model_options
 from ddpmcli.output import emit, note, progress
 
 
+@model_options()
 def reconstruct(
     checkpoint: CheckpointArg,
     data: EvalDataOpt = None,
@@ -89,16 +80,7 @@ def reconstruct(
     no_header: NoHeaderOpt = False,
     plot: PlotOpt = None,
     quiet: QuietOpt = False,
-    kind: MetaKindOpt = None,
-    timesteps: MetaTimestepsOpt = None,
-    prediction_type: PredOpt = None,
-    data_shape: ShapeOpt = None,
-    data_range: DataRangeOpt = None,
-    trust_program: TrustOpt = False,
-    model_factory: ModelOpt = None,
-    class_label: ClassLabelOpt = None,
-    guidance_scale: GuidanceOpt = None,
-    prompt: PromptOpt = None,
+    model_flags: ModelFlags = NO_MODEL_FLAGS,
     decode: DecodeOpt = False,
     threads: ThreadsOpt = None,
 ) -> None:
@@ -132,13 +114,7 @@ def reconstruct(
     reject_conflicts(("--t", t is not None), ("--every", every is not None))
     plot_path = resolve_plot_path(plot, "reconstruct")
     ranks, run_device = join_ranks(device)
-    model = api.load(
-        checkpoint,
-        **loader_options(kind, timesteps, prediction_type, data_shape, trust_program=trust_program),
-        **data_load_options(checkpoint, data, data_shape, data_range),
-        **conditioning_options(class_label, guidance_scale, seed, prompt),
-        model=model_factory,
-    )
+    model = model_flags.load(checkpoint, data=data, seed=seed)
     use_threads(threads, model, ranks)
     steps = model.schedule.num_steps
     indices = (
