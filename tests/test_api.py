@@ -46,6 +46,8 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def _json_rows(cli: Any, *args: str) -> list[dict[str, Any]]:
+    """The command's rows (JSON); the tests fix --batch-size on both sides, since the automatic
+    chunking follows measured timings and float sums depend on the chunks."""
     result = cli(*args, "--format", "json", "--quiet")
     assert result.exit_code == 0, result.stderr
     rows: list[dict[str, Any]] = json.loads(result.stdout)
@@ -58,10 +60,11 @@ def _json_rows(cli: Any, *args: str) -> list[dict[str, Any]]:
 
 def test_reconstruct_cli_rows_equal_api_rows(cli: Any, ckpt: str) -> None:
     rows = _json_rows(
-        cli, "reconstruct", ckpt, "--data", "gmm", "--n", "16", "--t", "0,50,99", "--no-clip"
-    )
+        cli, "reconstruct", ckpt, "--data", "gmm", "--n", "16", "--t", "0,50,99", "--no-clip",
+        "--batch-size", "16",
+    )  # fmt: skip
     model = ddpmcli.load(ckpt)
-    api = ddpmcli.reconstruct(model, "gmm", n=16, t=[0, 50, 99], seed=0, clip=False)
+    api = ddpmcli.reconstruct(model, "gmm", n=16, t=[0, 50, 99], seed=0, clip=False, batch_size=16)
     assert [row["t"] for row in rows] == [0, 50, 99]
     assert rows == api.rows
     # the same data as a tensor, and the per-sample rows
@@ -72,7 +75,7 @@ def test_reconstruct_cli_rows_equal_api_rows(cli: Any, ckpt: str) -> None:
     assert again.rows == api.rows
     per = _json_rows(
         cli, "reconstruct", ckpt, "--data", "gmm", "--n", "16", "--t", "0,50,99", "--no-clip",
-        "--per-sample",
+        "--per-sample", "--batch-size", "16",
     )  # fmt: skip
     assert per == again.sample_rows and len(per) == 48
 
@@ -97,13 +100,17 @@ def test_sample_npz_equals_api_samples(cli: Any, ckpt: str, tmp_path: Path) -> N
 
 
 def test_nll_cli_rows_equal_api_rows(cli: Any, ckpt: str) -> None:
-    rows = _json_rows(cli, "nll", ckpt, "--data", "gmm", "--n", "16", "--seed", "1")
-    result = ddpmcli.nll(ddpmcli.load(ckpt), "gmm", n=16, seed=1)
+    rows = _json_rows(
+        cli, "nll", ckpt, "--data", "gmm", "-n", "16", "--seed", "1", "--batch-size", "64"
+    )
+    result = ddpmcli.nll(ddpmcli.load(ckpt), "gmm", n=16, seed=1, batch_size=64)
     assert rows == result.rows
     assert rows[-1]["term"] == "total" and rows[-1]["bits_per_dim"] == result.total_bpd
     assert len(rows) == T + 2  # every t, the prior, the total
-    subset = _json_rows(cli, "nll", ckpt, "--data", "gmm", "--n", "8", "--t-random", "9")
-    estimate = ddpmcli.nll(ddpmcli.load(ckpt), "gmm", n=8, t_random=9)
+    subset = _json_rows(
+        cli, "nll", ckpt, "--data", "gmm", "--n", "8", "--t-random", "9", "--batch-size", "16"
+    )
+    estimate = ddpmcli.nll(ddpmcli.load(ckpt), "gmm", n=8, t_random=9, batch_size=16)
     assert subset == estimate.rows and subset[-1]["term"] == "total_estimate"
 
 
@@ -326,9 +333,10 @@ def test_the_commands_go_through_the_api() -> None:
 
 
 def test_reconstruct_compare_optimal_equals_cli(cli: Any, ckpt: str) -> None:
-    args = ("reconstruct", ckpt, "--data", "gmm", "--n", "8", "--t", "10,90", "--compare-optimal")
-    rows = _json_rows(cli, *args)
-    api = ddpmcli.reconstruct(ddpmcli.load(ckpt), "gmm", n=8, t=[10, 90], compare_optimal=True)
+    args = ("reconstruct", ckpt, "--data", "gmm", "-n", "8", "--t", "10,90", "--compare-optimal")
+    rows = _json_rows(cli, *args, "--batch-size", "8")
+    model = ddpmcli.load(ckpt)
+    api = ddpmcli.reconstruct(model, "gmm", n=8, t=[10, 90], compare_optimal=True, batch_size=8)
     assert rows == api.rows and rows[0]["optimal_mse"] < rows[0]["mse"]
 
 
@@ -352,3 +360,43 @@ def test_the_api_sits_between_the_cli_and_the_library() -> None:
     below = [p for d in ("core", "run", "checkpoints") for p in (package / d).glob("*.py")]
     assert len(below) > 10
     assert [str(p) for p in below if "ddpmcli.api" in imports(p)] == []
+
+
+@pytest.mark.diffusers
+def test_class_conditional_folder_cli_equals_api(cli: Any, tmp_path: Path) -> None:
+    """A tiny class-conditional diffusers UNet2DModel (4 classes and a null label): the CLI's
+    reconstruct, guided sample and nll rows are the API's, given the same loader options."""
+    import numpy as np
+
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(
+        sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16),
+        layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4, num_class_embeds=5,
+    )  # fmt: skip
+    unet.save_pretrained(tmp_path / "pipe" / "unet", safe_serialization=True)
+    config_path = tmp_path / "pipe" / "unet" / "config.json"
+    config_path.write_text(
+        json.dumps({**json.loads(config_path.read_text()), "null_class_label": 4})
+    )
+    diffusers.DDPMScheduler(num_train_timesteps=20).save_pretrained(tmp_path / "pipe" / "scheduler")
+    images = np.random.default_rng(2).uniform(-1, 1, size=(4, 3, 8, 8)).astype(np.float32)
+    np.save(tmp_path / "x.npy", images)
+    folder, data = str(tmp_path / "pipe"), str(tmp_path / "x.npy")
+
+    rec = _json_rows(
+        cli, "reconstruct", folder, "--data", data, "--t", "0,19", "--class-label", "0-3",
+        "--batch-size", "4",
+    )  # fmt: skip
+    model = ddpmcli.load(folder, class_label="0-3")
+    assert rec == ddpmcli.reconstruct(model, data, t=[0, 19], n=64, batch_size=4).rows
+    args = ("--steps", "3", "-n", "4", "--class-label", "random", "--guidance-scale", "4")
+    guided = _json_rows(cli, "sample", folder, *args)
+    model = ddpmcli.load(folder, class_label="random", guidance_scale=4.0)
+    assert guided == ddpmcli.sample(model, n=4, steps=3).rows
+    bound = _json_rows(
+        cli, "nll", folder, "--data", data, "--class-label", "1", "--batch-size", "8"
+    )
+    model = ddpmcli.load(folder, class_label="1")
+    assert bound == ddpmcli.nll(model, data, n=64, batch_size=8).rows
