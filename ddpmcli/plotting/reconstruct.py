@@ -41,14 +41,25 @@ def plot_reconstruction(result: ReconstructionResult, path: str | Path, title: s
             _curves(ax[2, 0], ax[2, 1], result)
             return _finish(fig, result, path, title)
     if is_2d:
+        # as many scatter panels as timesteps (up to 4), so a single t leaves no empty panels;
+        # the curves always take the bottom row in two halves
         panels = min(SCATTER_PANELS, len(ex.t))
-        with paper_figure(2, 4, row_height=2.0) as (fig, ax):
+        if panels == 1:  # one t: its cloud beside its errors, no empty panels
+            with paper_figure(1, 2, row_height=2.8) as (fig, ax):
+                _scatter(ax[0, 0], result, 0, first=True)
+                _curves(ax[0, 1], None, result)
+                return _finish(fig, result, path, title)
+        cols = 4 if panels > 2 else 2
+        with paper_figure(2, cols, row_height=2.0) as (fig, ax):
+            spec = ax[0, 0].get_gridspec()
+            for a in ax[0, :]:
+                a.remove()
+            top = spec[0, :].subgridspec(1, panels)
             for j, pos in enumerate(spread(len(ex.t), panels)):
-                _scatter(ax[0, j], result, pos)
-            for j in range(panels, 4):
-                ax[0, j].set_axis_off()
-            left = _span(fig, ax, rows=slice(1, 2), cols=slice(0, 2))
-            right = _span(fig, ax, rows=slice(1, 2), cols=slice(2, 4))
+                _scatter(fig.add_subplot(top[0, j]), result, pos, first=j == 0)
+            half = cols // 2
+            left = _span(fig, ax, rows=slice(1, 2), cols=slice(0, half))
+            right = _span(fig, ax, rows=slice(1, 2), cols=slice(half, cols))
             _curves(left, right, result)
             return _finish(fig, result, path, title)
     with paper_figure(1, 2, row_height=2.4) as (fig, ax):
@@ -119,7 +130,7 @@ def _image_grid(a: Any, result: ReconstructionResult) -> None:
     a.set_title(r"rows: $x_t$ above its reconstruction $\hat x_0$; columns: timestep t")
 
 
-def _scatter(a: Any, result: ReconstructionResult, pos: int) -> None:
+def _scatter(a: Any, result: ReconstructionResult, pos: int, *, first: bool) -> None:
     ex = result.examples
     x0 = ex.x0.numpy()
     x0_hat = ex.x0_hat[pos].numpy()
@@ -130,12 +141,13 @@ def _scatter(a: Any, result: ReconstructionResult, pos: int) -> None:
     a.set_title(f"t = {ex.t[pos]}, mse {row['mse']:.3g}")
     a.set_aspect("equal", adjustable="datalim")
     a.set_xlabel(r"$x_{0,1}$")
-    if pos == 0:
+    if first:
         a.set_ylabel(r"$x_{0,2}$")
         a.legend(loc="best", markerscale=3)
 
 
-def _curves(by_t: Any, by_snr: Any, result: ReconstructionResult) -> None:
+def _curves(by_t: Any, by_snr: Any | None, result: ReconstructionResult) -> None:
+    """Error curves against t and (unless ``by_snr`` is None) against log-SNR."""
     import numpy as np
 
     t = np.asarray(result.curve("t"), dtype=float)
@@ -153,15 +165,17 @@ def _curves(by_t: Any, by_snr: Any, result: ReconstructionResult) -> None:
         kw = {"color": color, "linestyle": style, "marker": marker, "markersize": 2.5}
         by_t.plot(t[order], y[order], label=label, **kw)
         finite = np.isfinite(log_snr[order])
-        by_snr.plot(log_snr[order][finite], y[order][finite], label=label, **kw)
+        if by_snr is not None:
+            by_snr.plot(log_snr[order][finite], y[order][finite], label=label, **kw)
     by_t.set(xlabel="timestep t (0-based)", ylabel="mean squared error", yscale="log")
     by_t.set_title("error against t")
-    by_snr.set(xlabel=r"$\log \mathrm{SNR}_t = \log(\bar\alpha_t/(1-\bar\alpha_t))$")
-    by_snr.set(ylabel="mean squared error", yscale="log", title="error against log-SNR")
-    if np.isfinite(log_snr).any():
-        by_snr.invert_xaxis()  # noise grows to the right, as on the t panel
-    for a in (by_t, by_snr):
-        a.legend()
+    by_t.legend()
+    if by_snr is not None:
+        by_snr.set(xlabel=r"$\log \mathrm{SNR}_t = \log(\bar\alpha_t/(1-\bar\alpha_t))$")
+        by_snr.set(ylabel="mean squared error", yscale="log", title="error against log-SNR")
+        if np.isfinite(log_snr).any():
+            by_snr.invert_xaxis()  # noise grows to the right, as on the t panel
+        by_snr.legend()
     clip = np.asarray(result.curve("clip_fraction"), dtype=float)
     if (clip > 0).any():  # how often x0_hat leaves the data range, on a second axis
         twin = by_t.twinx()
