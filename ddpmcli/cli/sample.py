@@ -22,35 +22,24 @@ from ddpmcli.choices import (
 from ddpmcli.cli.common import (
     NUM_SAMPLES_FLAGS,
     CheckpointArg,
-    ClassLabelOpt,
     ColumnsOpt,
     DeviceOpt,
     FormatOpt,
-    GuidanceOpt,
-    MetaKindOpt,
-    MetaTimestepsOpt,
-    ModelOpt,
     NoHeaderOpt,
     PlotOpt,
-    PredOpt,
-    PromptOpt,
     QuietOpt,
     SeedOpt,
-    ShapeOpt,
     ThreadsOpt,
-    TrustOpt,
     as_flags,
     check_format_flags,
-    conditioning_options,
     join_ranks,
-    loader_options,
     reject_conflicts,
     resolve_plot_path,
     select_columns,
     use_threads,
 )
 from ddpmcli.cli.completion import complete_data
-from ddpmcli.cli.data_options import DataRangeOpt, data_load_options
+from ddpmcli.cli.option_groups import NO_MODEL_FLAGS, ModelFlags, model_options
 from ddpmcli.errors import UsageError
 from ddpmcli.output import check_writable, emit, note, progress
 
@@ -90,34 +79,6 @@ DtypeOpt = Annotated[
 ]
 
 
-def load_model(
-    checkpoint: Path,
-    device: str,
-    dtype: str,
-    kind: str | None,
-    timesteps: int | None,
-    prediction_type: str | None,
-    data_shape: str | None,
-    trust_program: bool = False,
-    data: str | None = None,
-    data_range: str | None = None,
-    model_factory: str | None = None,
-    conditioning: dict[str, Any] | None = None,
-) -> LoadedModel:
-    """The checkpoint a command evaluates, with its metadata flags, data and conditioning
-    options, on ``device`` in ``dtype`` (``sample`` and ``nll``)."""
-    from ddpmcli import api
-    from ddpmcli.run import resolve_device, resolve_dtype
-
-    return api.load(
-        checkpoint,
-        **loader_options(kind, timesteps, prediction_type, data_shape, trust_program=trust_program),
-        **data_load_options(checkpoint, data, data_shape, data_range),
-        **(conditioning or {}),
-        device=resolve_device(device), dtype=resolve_dtype(dtype), model=model_factory,
-    )  # fmt: skip
-
-
 def _spacing(model: LoadedModel, spacing: str | None) -> tuple[str, int]:
     """The respacing of ``sample --steps`` (:func:`ddpmcli.api.sampling_spacing`)."""
     from ddpmcli.api import sampling_spacing
@@ -136,6 +97,7 @@ def _check_save(save: Path | None) -> Path | None:
     return check_writable(save, what="--save file")
 
 
+@model_options()
 def sample(
     ctx: typer.Context,
     checkpoint: CheckpointArg,
@@ -241,16 +203,7 @@ def sample(
     no_header: NoHeaderOpt = False,
     plot: PlotOpt = None,
     quiet: QuietOpt = False,
-    kind: MetaKindOpt = None,
-    timesteps: MetaTimestepsOpt = None,
-    prediction_type: PredOpt = None,
-    data_shape: ShapeOpt = None,
-    data_range: DataRangeOpt = None,
-    trust_program: TrustOpt = False,
-    model_factory: ModelOpt = None,
-    class_label: ClassLabelOpt = None,
-    guidance_scale: GuidanceOpt = None,
-    prompt: PromptOpt = None,
+    model_flags: ModelFlags = NO_MODEL_FLAGS,
     threads: ThreadsOpt = None,
 ) -> None:
     """Sample from a checkpoint and show every step: one row per step.
@@ -287,11 +240,7 @@ def sample(
     plot_path = resolve_plot_path(plot, "sample")
     save_path = _check_save(save)
     ranks, run_device = join_ranks(device)
-    model = load_model(
-        checkpoint, run_device, dtype, kind, timesteps, prediction_type, data_shape, trust_program,
-        data=reference, data_range=data_range, model_factory=model_factory,
-        conditioning=conditioning_options(class_label, guidance_scale, seed, prompt),
-    )  # fmt: skip
+    model = model_flags.load(checkpoint, run_device, dtype, data=reference, seed=seed)
     use_threads(threads, model, ranks)
     limits.check_run_sizes(model.data_shape, n=n, batch_size=batch_size, one_batch_default=True)
     threshold = percentile if dynamic_threshold else None
