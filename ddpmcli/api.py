@@ -23,6 +23,7 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from numbers import Integral
 from typing import Any, Literal
 
 import torch
@@ -325,10 +326,21 @@ def _data(
     return data, optimal
 
 
+def _timesteps(t: Sequence[int] | int | Tensor) -> list[int]:
+    """``t`` (an int, a sequence of ints or an integer tensor) as a list of ints; a value that
+    is not a whole number is a ParameterError rather than silently truncated."""
+    values: Any = t.reshape(-1).tolist() if isinstance(t, Tensor) and t.ndim else t
+    items: list[Any] = [values] if isinstance(values, Integral | float | Tensor) else list(values)
+    bad = [v for v in items if isinstance(v, bool) or not float(v).is_integer()]
+    if bad:
+        raise ParameterError(f"{{t}} {verbatim(bad[0])}: timesteps are whole numbers")
+    return [int(v) for v in items]
+
+
 def reconstruct(
     model: LoadedModel,
     x0: Data | Any = None,
-    t: Sequence[int] | int | None = None,
+    t: Sequence[int] | int | Tensor | None = None,
     *,
     seed: int = 0,
     clip: bool = True,
@@ -368,13 +380,7 @@ def reconstruct(
     data, optimal = _data(model, x0, n, seed, compare_optimal=wanted)
     if isinstance(compare_optimal, OptimalDenoiser):
         optimal = compare_optimal
-    steps = model.schedule.num_steps
-    if t is None:
-        indices = default_timesteps(steps)
-    elif isinstance(t, int):
-        indices = [t]
-    else:
-        indices = [int(v) for v in t]
+    indices = default_timesteps(model.schedule.num_steps) if t is None else _timesteps(t)
     dev, mdtype = _run_place(model, device, dtype)
     return reconstruction_sweep(
         model, data, indices, batch_size=batch_size, seed=seed, device=dev, dtype=mdtype,
@@ -517,7 +523,7 @@ def nll(
     x0: Data | Any = None,
     *,
     seed: int = 0,
-    t: Sequence[int] | None = None,
+    t: Sequence[int] | Tensor | None = None,
     t_random: int | None = None,
     variance: VarianceType = "fixed_small",
     decoder: DecoderName | Literal["auto"] = "auto",
@@ -561,7 +567,7 @@ def nll(
         strata = random_strata(num, t_random, seed)
         indices = strata.indices
     elif t is not None:
-        indices = [int(v) for v in t]
+        indices = _timesteps(t)
     images = data.ndim == 4 and model.latent is None  # latents are real-valued, not 8-bit
     dec = decoder if decoder != "auto" else ("discretized" if images else "continuous")
     dev, mdtype = _run_place(model, device, dtype)

@@ -210,6 +210,11 @@ def test_api_errors_name_parameters(ckpt: str) -> None:
     model = ddpmcli.load(ckpt)
     with pytest.raises(ParameterError, match=r"^t 100 is out of range"):
         ddpmcli.reconstruct(model, "gmm", n=4, t=[100])
+    with pytest.raises(ParameterError, match=r"^t 2.5: timesteps are whole numbers"):
+        ddpmcli.reconstruct(model, "gmm", n=4, t=[1, 2.5])  # type: ignore[list-item]
+    as_tensor = ddpmcli.reconstruct(model, "gmm", n=4, t=torch.tensor([3, 7]), batch_size=8)
+    assert [row["t"] for row in as_tensor.rows] == [3, 7]
+    assert ddpmcli.reconstruct(model, "gmm", n=4, t=7, batch_size=8).rows == as_tensor.rows[1:]
     with pytest.raises(ParameterError, match=r"^eta applies to sampler ddim only"):
         ddpmcli.sample(model, n=2, eta=0.5)
     with pytest.raises(ParameterError, match=r"^steps 500 is more than"):
