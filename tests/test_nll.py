@@ -342,8 +342,13 @@ def test_cli_data_overflowing_the_model_dtype_is_named_as_data(cli, ckpt, tmp_pa
     np.save(big, np.array([[1e6, 0.0], [0.1, 0.2]]))
     result = cli("nll", str(ckpt), "--data", str(big), "--dtype", "float16", "-f", "csv")
     assert result.exit_code == 1 and result.stdout == ""
-    assert result.stderr.startswith("Error: the data: values up to 1e+06 are not finite in ")
-    assert "model's dtype float16" in result.stderr and result.stderr.count("\n") == 1
+    # the data also lie outside the model's range and number fewer than --n: a warning and a note
+    # come first, and the error is the one last line
+    *before, last = result.stderr.splitlines()
+    assert last.startswith("Error: the data: values up to 1e+06 are not finite in ")
+    assert "model's dtype float16" in last
+    assert len(before) == 2 and before[0].startswith("Warning: 25% of the values of ")
+    assert before[1].endswith("; using all") and "Error" not in "".join(before)
 
 
 def test_tanh_decoder_matches_improved_diffusions_definition() -> None:

@@ -82,6 +82,18 @@ def _program_data_shape(checkpoint: Path, data: str) -> tuple[int, ...] | None:
     return limits.check_sample_shape(shape, "--data")
 
 
+def _from_a_file(source: str) -> bool:
+    """Whether data came from a file or folder: a built-in set is drawn in the model's range by
+    design (its noise may stray a little past it) and reference samples are the model's own."""
+    import os
+
+    from ddpmcli.data import BUILTIN_DATASETS
+
+    if source == "reference samples":
+        return False
+    return source not in BUILTIN_DATASETS or os.path.exists(source)
+
+
 def warn_outside_range(
     x: Tensor,
     data_range: tuple[float, float],
@@ -92,7 +104,7 @@ def warn_outside_range(
 ) -> None:
     """Warn on stderr when values of ``x`` lie outside ``data_range`` (see
     `checks.data_outside_range`); ``show=False`` (a torchrun rank but the first) says nothing."""
-    if not show:
+    if not show or not _from_a_file(source):
         return
     from ddpmcli.checks import data_outside_range
     from ddpmcli.output import warn

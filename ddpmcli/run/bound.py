@@ -29,7 +29,7 @@ from ddpmcli.run.events import (
     notify,
 )
 from ddpmcli.run.noise import pair_noise
-from ddpmcli.run.runtime import iter_chunks, work_dtype
+from ddpmcli.run.runtime import iter_chunks, wider_dtype_hint, work_dtype
 
 __all__ = [
     "BOUND_COLUMNS",
@@ -394,7 +394,8 @@ def _bound_result(
     if bad:
         raise NonFiniteError(
             f"the bound's term is NaN/Inf at {len(bad)} of {len(selected)} timestep(s), first "
-            f"at t = {bad[0]} (the model returned NaN/Inf there; try the float32 dtype)",
+            f"at t = {bad[0]} (the model returned NaN/Inf there"
+            f"{wider_dtype_hint(setup.model_dtype)})",
             rows,
             None,
             bad[0],

@@ -151,6 +151,12 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def wider_dtype_hint(dtype: torch.dtype) -> str:
+    """``"; try the float32 dtype"`` for a half-precision model, where NaN/Inf may be overflow;
+    nothing for float32/float64, where a wider dtype is no remedy."""
+    return "" if dtype in (torch.float32, torch.float64) else "; try the float32 dtype"
+
+
 # =============================================================================================
 # CPU threads
 # =============================================================================================

@@ -41,6 +41,7 @@ from ddpmcli.run.runtime import (
     resolve_device,
     resolve_dtype,
     spread,
+    wider_dtype_hint,
     work_dtype,
 )
 
@@ -529,7 +530,7 @@ def _result(
         bad = [t for t, ok in zip(ts, finite, strict=True) if not ok]
         raise NonFiniteError(
             f"the model returned NaN/Inf at {len(bad)} of {len(ts)} timestep(s), first at "
-            f"t = {bad[0]} (dtype {dtype_name(run.mdtype)}; try the float32 dtype); "
+            f"t = {bad[0]} (dtype {dtype_name(run.mdtype)}{wider_dtype_hint(run.mdtype)}); "
             f"the other rows are shown",
             sample_rows if sample_rows is not None else rows,
             None,
