@@ -14,33 +14,22 @@ import typer
 from ddpmcli.choices import ArchitectureName
 from ddpmcli.cli.common import (
     NUM_SAMPLES_FLAGS,
-    ClassLabelOpt,
     ColumnsOpt,
     DeviceOpt,
     FormatOpt,
-    GuidanceOpt,
-    LearnedOpt,
-    MetaKindOpt,
-    MetaTimestepsOpt,
-    ModelOpt,
     NoHeaderOpt,
     PredictionTypeOpt,
-    PredOpt,
-    PromptOpt,
     QuietOpt,
     SeedOpt,
-    ShapeOpt,
     ThreadsOpt,
-    TrustOpt,
     as_flags,
     check_format_flags,
-    conditioning_options,
-    loader_options,
     parse_shape,
     select_columns,
 )
 from ddpmcli.cli.completion import complete_data
-from ddpmcli.cli.data_options import DataRangeOpt, TrainRangeOpt, parse_range, warn_outside_range
+from ddpmcli.cli.data_options import TrainRangeOpt, parse_range, warn_outside_range
+from ddpmcli.cli.option_groups import NO_MODEL_FLAGS, ModelFlags, model_options
 from ddpmcli.cli.schedule_options import NO_FLAGS, ScheduleFlags, schedule_options
 from ddpmcli.errors import UsageError
 from ddpmcli.output import check_writable, emit, note, progress
@@ -110,6 +99,7 @@ def info_row(model: LoadedModel) -> dict[str, Any]:
     }
 
 
+@model_options(leave_out=())
 def info(
     checkpoints: Annotated[
         list[Path],
@@ -120,17 +110,7 @@ def info(
     columns: ColumnsOpt = None,
     fmt: FormatOpt = "auto",
     no_header: NoHeaderOpt = False,
-    kind: MetaKindOpt = None,
-    timesteps: MetaTimestepsOpt = None,
-    prediction_type: PredOpt = None,
-    data_shape: ShapeOpt = None,
-    data_range: DataRangeOpt = None,
-    learned_variance: LearnedOpt = None,
-    trust_program: TrustOpt = False,
-    model_factory: ModelOpt = None,
-    class_label: ClassLabelOpt = None,
-    guidance_scale: GuidanceOpt = None,
-    prompt: PromptOpt = None,
+    model_flags: ModelFlags = NO_MODEL_FLAGS,
 ) -> None:
     """What a checkpoint holds: format, network and size, schedule (kind, T, terminal SNR),
     prediction type, data shape and range, file size. One row per checkpoint.
@@ -145,19 +125,12 @@ def info(
 
       ddpm info model.pt2 --kind cosine --prediction-type v --data-shape 2
     """
-    from ddpmcli import api
     from ddpmcli.output import resolve_format
 
     check_format_flags(fmt, no_header)
     cols = select_columns(columns, INFO_COLUMNS + MODEL_COLUMNS)
-    options = loader_options(
-        kind, timesteps, prediction_type, data_shape, learned_variance, trust_program
-    )
-    options["data_range"] = parse_range(data_range)
-    options["model"] = model_factory
-    options.update(conditioning_options(class_label, guidance_scale, prompt=prompt))
     # never runs the model: metadata, parameter counts and shapes from the file itself
-    rows = [info_row(api.load(path, **options, inspect_only=True)) for path in checkpoints]
+    rows = [info_row(model_flags.load(path, inspect_only=True)) for path in checkpoints]
     if columns is None:
         cols += [c for c in MODEL_COLUMNS if any(row[c] is not None for row in rows)]
     if resolve_format(fmt) == "table" and len(rows) == 1:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, get_type_hints
 from ddpmcli.cli.common import (
     ClassLabelOpt,
     GuidanceOpt,
+    LearnedOpt,
     MetaKindOpt,
     MetaTimestepsOpt,
     ModelOpt,
@@ -99,6 +100,7 @@ class ModelFlags:
     prediction_type: PredOpt = None
     data_shape: ShapeOpt = None
     data_range: DataRangeOpt = None
+    learned_variance: LearnedOpt = None
     trust_program: TrustOpt = False
     model_factory: ModelOpt = None
     class_label: ClassLabelOpt = None
@@ -113,10 +115,11 @@ class ModelFlags:
         *,
         data: str | None = None,
         seed: int = 0,
+        inspect_only: bool = False,
     ) -> LoadedModel:
         """``checkpoint`` with these flags (``data``: the evaluation data, whose sample shape a
         program without metadata takes; ``seed``: for random class labels) on ``device`` in
-        ``dtype`` (None: the file's own)."""
+        ``dtype`` (None: the file's own); ``inspect_only``: read, never run (``ddpm info``)."""
         from ddpmcli import api
         from ddpmcli.run import resolve_device, resolve_dtype
 
@@ -124,12 +127,13 @@ class ModelFlags:
             checkpoint,
             **loader_options(
                 self.kind, self.timesteps, self.prediction_type, self.data_shape,
-                trust_program=self.trust_program,
+                self.learned_variance, trust_program=self.trust_program,
             ),
             **data_load_options(checkpoint, data, self.data_shape, self.data_range),
             **conditioning_options(self.class_label, self.guidance_scale, seed, self.prompt),
             model=self.model_factory, device=resolve_device(device),
             dtype=None if dtype is None else resolve_dtype(dtype),
+            **({"inspect_only": True} if inspect_only else {}),
         )  # fmt: skip
 
 
@@ -137,6 +141,9 @@ NO_MODEL_FLAGS = ModelFlags()
 """The default of a command's ``model_flags`` parameter (never used: the splice replaces it)."""
 
 
-def model_options(*, leave_out: Collection[str] = ()) -> Callable[[Command], Command]:
-    """Splice the :class:`ModelFlags` options into a command at its ``model_flags`` parameter."""
+def model_options(
+    *, leave_out: Collection[str] = ("learned_variance",)
+) -> Callable[[Command], Command]:
+    """Splice the :class:`ModelFlags` options into a command at its ``model_flags`` parameter
+    (``--learned-variance`` only where asked: ``ddpm info``; the others infer it)."""
     return option_group(ModelFlags, "model_flags", leave_out=leave_out)
