@@ -157,3 +157,24 @@ def test_one_spelling_per_option_and_k_for_every_kind() -> None:
                 kinds += 1
                 assert set(param.opts) == {"--kind", "-k"}, name
     assert kinds >= 8
+
+
+def test_checkpoint_commands_take_one_group_of_model_flags() -> None:
+    """sample, nll, reconstruct and info take the checkpoint flags from one declaration
+    (cli.option_groups.ModelFlags), in its order; only info offers --learned-variance."""
+    from dataclasses import fields
+
+    import typer
+
+    from ddpmcli.cli.app import app
+    from ddpmcli.cli.option_groups import ModelFlags
+
+    group = typer.main.get_command(app)
+    every = [f.name for f in fields(ModelFlags)]
+    for name in ("sample", "nll", "reconstruct", "info"):
+        params = [p.name for p in group.commands[name].params]  # type: ignore[attr-defined]
+        taken = [p for p in params if p in every]
+        want = every if name == "info" else [f for f in every if f != "learned_variance"]
+        assert taken == want, name
+        start = params.index(want[0])
+        assert params[start : start + len(want)] == want, name  # spliced in one place
