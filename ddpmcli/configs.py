@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from ddpmcli import limits
-from ddpmcli.errors import ParameterError, ScheduleError, UsageError, verbatim
+from ddpmcli.errors import ParameterError, ScheduleError, UsageError, check_choice, verbatim
 
 if TYPE_CHECKING:
     from ddpmcli.core import Schedule
@@ -453,11 +453,8 @@ def _check_request(request: ScheduleRequest) -> str | None:
     for name in ("steps_offset", "spacing"):
         if getattr(request, name) is not None and request.steps is None:
             raise ParameterError(f"{{{name}}} needs {{steps}}")
-    if request.spacing is not None and request.spacing not in core.SPACINGS:
-        raise ParameterError(
-            f"unknown {{spacing}} {verbatim(repr(request.spacing))}; "
-            f"allowed: {', '.join(core.SPACINGS)}"
-        )
+    if request.spacing is not None:
+        check_choice(request.spacing, core.SPACINGS, "spacing")
     return kind
 
 

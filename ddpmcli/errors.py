@@ -59,6 +59,16 @@ class ParameterError(UsageError):
         self.template = template
 
 
+def check_choice(value: str, allowed: tuple[str, ...], name: str) -> str:
+    """``value`` if it is one of ``allowed``, else a ParameterError naming the parameter ``name``:
+    ``unknown spacing 'x'; allowed: leading, trailing, linspace`` (the CLI: ``--spacing``)."""
+    if value not in allowed:
+        raise ParameterError(
+            f"unknown {{{name}}} {verbatim(repr(value))}; allowed: {', '.join(allowed)}"
+        )
+    return value
+
+
 def verbatim(text: object) -> str:
     """``text`` as it reads inside a template of :func:`name_parameters` (its braces doubled):
     for paths, values and foreign messages put into a message that names parameters."""

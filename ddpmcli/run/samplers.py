@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from ddpmcli import core, limits
+from ddpmcli.errors import check_choice
 from ddpmcli.run.distributed import Ranks
 from ddpmcli.run.events import (
     Event,
@@ -279,10 +280,7 @@ def respaced_schedule(
             )
         if steps == big_t:
             return schedule
-    if spacing not in core.SPACINGS:
-        raise ParameterError(
-            f"{{spacing}} {spacing!r} is unknown; allowed: {', '.join(core.SPACINGS)}"
-        )
+    check_choice(spacing, core.SPACINGS, "spacing")
     return core.respaced(schedule, steps, spacing, offset)
 
 
