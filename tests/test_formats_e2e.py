@@ -113,8 +113,12 @@ def test_diffusers_folder_matches_its_own_torchscript_trace(cli, tmp_path: Path)
     images = np.random.default_rng(0).uniform(-1, 1, size=(8, 1, 8, 8)).astype(np.float32)
     np.save(tmp_path / "images.npy", images)
     data = ("--data", str(tmp_path / "images.npy"))
-    for run, extra in (("reconstruct", data), ("sample", ())):
-        want = _rows(cli, tmp_path / "unet.ts", run, *extra)
+    # the folder respaces `sample --steps` with its scheduler's own timestep_spacing (leading,
+    # DDPMScheduler's default); the program has no scheduler config, so it is given the same
+    leading = ("--spacing", "leading")
+    for run, extra, program_extra in (("reconstruct", data, data), ("sample", (), leading)):
+        want = _rows(cli, tmp_path / "unet.ts", run, *program_extra)
         got = _rows(cli, folder, run, *extra)
         for g, w in zip(got, want, strict=True):
             assert_row_close(g, w, rel=1e-5, abs=1e-7)
+    assert [row["t"] for row in got] == [40, 32, 24, 16, 8, 0]
