@@ -90,6 +90,7 @@ def main() -> None:
         ),
     ]
     results = []
+    load_before = os.getloadavg()[0]  # the machine's load goes with the numbers it shaped
     print(f"{'command':42} {'median s':>9} {'baseline s':>10} {'ratio':>6} {'target':>6}")
     for name, cmd, env, base_cmd, target in cases:
         t, base = paired(cmd, base_cmd, args.runs, env)
@@ -116,6 +117,7 @@ def main() -> None:
                 "runs": args.runs,
                 "python": sys.version.split()[0],
                 "cpu_count": os.cpu_count(),
+                "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
                 "typer": metadata.version("typer"),
                 "torch": metadata.version("torch"),
                 "results": results,
