@@ -270,7 +270,8 @@ def sample(
     distances = _distances(run.samples, refs, model.data_shape, seed)
     if summary:
         emit([_summary_row(settings, schedule.num_steps, n, seed, run.samples, distances)],
-             list(SUMMARY_COLUMNS), fmt, no_header=no_header, title=title)  # fmt: skip
+             list(SUMMARY_COLUMNS), fmt, no_header=no_header, title=title,
+             columns_option=False)  # fmt: skip
     else:
         emit(run.rows, cols, fmt, no_header=no_header, title=title)
         if distances and not quiet:

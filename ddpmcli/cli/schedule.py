@@ -8,6 +8,7 @@ inside the commands, so `ddpm --help` stays fast.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -182,7 +183,8 @@ def _list_kinds(fmt: str, no_header: bool) -> None:
             "source": "",
         }
     )
-    emit(rows, ["kind", "defaults", "summary", "source"], fmt, no_header=no_header)
+    kind_columns = ["kind", "defaults", "summary", "source"]
+    emit(rows, kind_columns, fmt, no_header=no_header, columns_option=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,16 +237,19 @@ def compare(
     # long format: the key columns always lead, so rows stay attributable under --columns
     cols = list(dict.fromkeys([*keys, *select_columns(columns, ["schedule", *available], default)]))
     rows: list[dict[str, Any]] = []
+    marks: list[Sequence[int]] = []  # the rows picked, dotted on the figure
     for p in parsed:
         try:
             indices = select_rows(t, every, p.built.schedule.num_steps)
         except UsageError as exc:
             raise UsageError(f"{exc} in schedule {p.label!r}") from None
+        marks.append(indices)
         rows += schedule_rows(p.built.schedule, indices, cols, extra={"schedule": p.label})
     emit(rows, cols, fmt, no_header=no_header, title="compare")
     from ddpmcli.plotting.schedule import plot_compare
 
-    _plot(plot_compare, plot_path, quiet, [(p.label, p.built.schedule) for p in parsed])
+    figure = partial(plot_compare, marks=marks if t is not None or every is not None else None)
+    _plot(figure, plot_path, quiet, [(p.label, p.built.schedule) for p in parsed])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -423,7 +428,7 @@ def check(
         }
         for f in findings
     ]
-    emit(rows, CHECK_COLUMNS, fmt, no_header=no_header, title=sched.name)
+    emit(rows, CHECK_COLUMNS, fmt, no_header=no_header, title=sched.name, columns_option=False)
     if any(f.severity == "error" for f in findings):
         raise typer.Exit(1)
 
