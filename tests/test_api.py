@@ -46,8 +46,8 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def _json_rows(cli: Any, *args: str) -> list[dict[str, Any]]:
-    """The command's rows (JSON); the tests fix --batch-size on both sides, since the automatic
-    chunking follows measured timings and float sums depend on the chunks."""
+    """The command's rows (JSON). The tests fix --batch-size on both sides, so that both run the
+    same chunks whatever the automatic chunk is."""
     result = cli(*args, "--format", "json", "--quiet")
     assert result.exit_code == 0, result.stderr
     rows: list[dict[str, Any]] = json.loads(result.stdout)

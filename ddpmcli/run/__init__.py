@@ -14,7 +14,7 @@ from ddpmcli.run.bound import (
     random_strata,
     variational_bound,
 )
-from ddpmcli.run.chunking import AdaptiveChunks, chunk_cap
+from ddpmcli.run.chunking import chunk_cap
 from ddpmcli.run.distances import cloud_distances, energy_distance, sliced_wasserstein
 from ddpmcli.run.events import (
     Event,
@@ -80,7 +80,6 @@ __all__ = [
     "OPTIMAL_COLUMNS",
     "SAMPLERS",
     "STEP_COLUMNS",
-    "AdaptiveChunks",
     "BoundResult",
     "Event",
     "ModelFailure",

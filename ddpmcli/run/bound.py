@@ -9,7 +9,7 @@ by training's hybrid loss), :func:`variational_bound` the loop, emitting one
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ddpmcli import core, limits
-from ddpmcli.run.chunking import AdaptiveChunks, chunk_cap
+from ddpmcli.run.chunking import chunk_cap
 from ddpmcli.run.distributed import Ranks
 from ddpmcli.run.events import (
     Event,
@@ -289,8 +289,8 @@ def variational_bound(
             then an unbiased estimate (``total_estimate``) whose standard error adds the
             variance of the choice of t (:func:`choice_variance`) to the one over samples.
         batch_size: (sample, t) pairs per model call; memory grows with it, not with T. None:
-            start at ``n`` (one timestep's batch) and grow while it pays
-            (:class:`~ddpmcli.run.chunking.AdaptiveChunks`, capped by :func:`chunk_cap`).
+            :func:`~ddpmcli.run.chunking.chunk_cap`: one timestep's batch (``n``), or more
+            while the extra activations stay small; the same every run.
         observers: called with an :class:`Event` after every chunk (``done`` counts pairs).
         ranks: a distributed run (:func:`ddpmcli.run.distributed.current`): this rank evaluates
             the pairs of its share of the samples and the sums are added over ranks; every rank
@@ -331,7 +331,7 @@ def variational_bound(
     if batch_size is None:
         numel = int(x0[0].numel())
         cap = chunk_cap(numel, n, k * n, device=dev, bytes_per_element=model_dtype.itemsize)
-        chunks: Iterable[tuple[int, int]] = AdaptiveChunks(mine, start=min(n, cap), cap=cap)
+        chunks = iter_chunks(mine, cap)
     else:
         chunks = iter_chunks(mine, batch_size)
     failure: Exception | None = None

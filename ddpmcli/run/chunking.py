@@ -1,25 +1,21 @@
-"""Chunk sizes fitted to the model and the machine, by measuring the run itself.
+"""The automatic chunk: (sample, t) pairs per model call, fitted to the data and the machine.
 
-A fixed guess at the model's activations cannot fit both a 2-D MLP (where packing thousands of
-(sample, t) pairs into one call is several times faster) and a CIFAR-10-size UNet (where one call
-of 80 images is slower than five calls of 16, and needs 1.6x the memory). So the loops start at
-the batch a plain per-timestep loop would use, ``n`` samples, and grow the chunk only while
-(a) the measured time per pair falls by more than a few percent and (b) the extra activations stay
-inside a small memory allowance. Every timed chunk is real work: the calibration costs nothing.
-The numbers of every loop here are independent of the chunk (counter-based noise), so adapting it
-never changes a result.
+One fixed count cannot fit both a 2-D MLP (where packing thousands of pairs into one call is
+several times faster) and a CIFAR-10-size UNet (where one call of 80 images is slower than five
+calls of 16, and needs 1.6x the memory). So the chunk is the batch a plain per-timestep loop
+would use, ``n`` samples, or more only while the estimated extra activations stay inside a small
+memory allowance: thousands of pairs for vectors, one timestep's batch for images.
+
+The choice is a function of the sizes alone, never of measured timings: a float32 model's output
+can change in its last bits with the batch it is called at, so a timing-dependent chunk would
+make two runs with the same seed print different digits.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator
-
 import torch
 
-from ddpmcli.errors import UsageError
-
-__all__ = ["EXTRA_MEMORY", "AdaptiveChunks", "chunk_cap"]
+__all__ = ["EXTRA_MEMORY", "chunk_cap"]
 
 # activations allowed beyond what a per-timestep loop over n samples would hold, on CPU/MPS.
 EXTRA_MEMORY = 32 * 2**20
@@ -46,49 +42,3 @@ def chunk_cap(
         budget = max(budget, free // 4)
     per_item = max(1, numel_per_item) * bytes_per_element * _ACTIVATION_FACTOR
     return max(1, min(total, _MAX_CHUNK, max(per_step, budget // per_item)))
-
-
-class AdaptiveChunks:
-    """``(start, stop)`` ranges over ``0 .. total``, their size fitted while iterating.
-
-    The first chunk has ``start`` items and is a warm-up (first calls pay one-off costs); the
-    second is timed at ``start``; then the size doubles (up to ``cap``) as long as the time per
-    item of the new size is more than ``tolerance`` below the previous one, and settles on the
-    smallest size within ``tolerance`` of the best seen. The time of a chunk is the wall time
-    from handing out its range to the request for the next one: the caller's whole loop body.
-    ``chunk`` is the settled (or current) size.
-    """
-
-    def __init__(self, total: int, *, start: int, cap: int, tolerance: float = 0.05) -> None:
-        if start < 1 or cap < 1:
-            raise UsageError(f"chunk sizes must be at least 1, got start {start}, cap {cap}")
-        self.total = int(total)
-        self.cap = max(1, min(int(cap), max(1, self.total)))
-        self.chunk = min(int(start), self.cap)
-        self.tolerance = float(tolerance)
-        self.trials: list[tuple[int, float]] = []  # (size, seconds per item) of timed chunks
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        pos, warm, settled = 0, False, self.chunk >= self.cap
-        best: tuple[int, float] | None = None
-        while pos < self.total:
-            size = min(self.chunk, self.total - pos)
-            began = time.perf_counter()
-            yield pos, pos + size
-            per_item = (time.perf_counter() - began) / size
-            pos += size
-            if settled or size < self.chunk:
-                continue
-            if not warm:  # the first chunk pays for lazy initialisation: not a fair sample
-                warm = True
-                continue
-            self.trials.append((size, per_item))
-            if best is not None and per_item > best[1] * (1.0 - self.tolerance):
-                settled = True  # no real gain from the larger size: keep the smaller one
-                self.chunk = best[0]
-                continue
-            best = (size, per_item)
-            if self.chunk >= self.cap:
-                settled = True
-            else:
-                self.chunk = min(self.cap, self.chunk * 2)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -22,7 +22,7 @@ from torch import Tensor
 from ddpmcli import limits
 from ddpmcli.core import Schedule, canonical_prediction_type
 from ddpmcli.errors import DataError
-from ddpmcli.run.chunking import AdaptiveChunks, chunk_cap
+from ddpmcli.run.chunking import chunk_cap
 from ddpmcli.run.distributed import Ranks
 from ddpmcli.run.events import (
     Event,
@@ -373,10 +373,9 @@ def reconstruction_sweep(
         model: a :class:`SweepModel` (``checkpoints.LoadedModel``); moved with ``.to``.
         x0: data ``[n, *data_shape]`` in the model's range.
         timesteps: schedule indices in ``[0, num_steps)``, in the order of the rows.
-        batch_size: pairs per model call; None starts at one timestep's batch (the samples of a
-            group) and grows while the measured time per pair falls, within :func:`chunk_cap`
-            (:class:`~ddpmcli.run.chunking.AdaptiveChunks`): never slower or hungrier than a
-            plain loop over t.
+        batch_size: pairs per model call; None: :func:`~ddpmcli.run.chunking.chunk_cap`, one
+            timestep's batch, or more while the extra activations stay small (thousands of pairs
+            for vectors): never hungrier than a plain loop over t, and the same every run.
         seed: fixes the noise (see above).
         device, dtype: where and in which dtype the model runs.
         clip: clip ``x0_hat`` to the data range before measuring ``mse``.
@@ -416,7 +415,7 @@ def reconstruction_sweep(
                 size = min(last, g0 + group) - g0
                 x0_g = x0[g0 : g0 + size].detach().to(wdt).to(dev)
                 eps_g = sample_noise(seed, g0, g0 + size, shape).to(wdt).to(dev)
-                for a, b in _chunks(size * len(ts), size, chunk, batch_size is None):
+                for a, b in iter_chunks(size * len(ts), chunk):
                     _, x_t, x0_hat = _chunk_metrics(run, x0_g, eps_g, g0, a, b)
                     _keep_examples(run, g0, size, a, b, x_t, x0_hat)
                     done += b - a
@@ -435,13 +434,6 @@ def reconstruction_sweep(
         if part is not None:
             ranks.sum(part)
     return _result(run, model, x0, chunk, dev)
-
-
-def _chunks(total: int, per_step: int, cap: int, adaptive: bool) -> Iterable[tuple[int, int]]:
-    """The chunks of one group: fixed (``--batch-size``) or fitted while running."""
-    if not adaptive:
-        return iter_chunks(total, cap)
-    return AdaptiveChunks(total, start=min(per_step, cap), cap=cap)
 
 
 def _setup(
