@@ -16,9 +16,7 @@ Value rules, the same for every command:
 from __future__ import annotations
 
 import contextlib
-import csv
 import io
-import json
 import math
 import os
 import sys
@@ -262,6 +260,8 @@ def _emit(
     title: str | None,
 ) -> list[str]:
     """Write the rows; return the columns a table left out to fit the width."""
+    import json  # here, not at the top: `ddpm --help` imports this module (start-up time)
+
     if fmt == "table":
         return _emit_table(rows, columns, out, title=title)
     elif fmt in ("csv", "tsv"):
@@ -282,6 +282,8 @@ def _emit(
 def _emit_delimited(
     rows: Sequence[Row], columns: Sequence[str], out: IO[str], *, delimiter: str, no_header: bool
 ) -> None:
+    import csv
+
     buffer = io.StringIO()
     writer = csv.writer(buffer, delimiter=delimiter, lineterminator="\n")
     if not no_header:
