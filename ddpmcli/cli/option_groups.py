@@ -16,27 +16,36 @@ import functools
 import inspect
 from collections.abc import Callable, Collection
 from dataclasses import MISSING, dataclass, fields
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, get_type_hints
 
 from ddpmcli.cli.common import (
     ClassLabelOpt,
+    ColumnsOpt,
+    EveryOpt,
+    FormatOpt,
     GuidanceOpt,
     LearnedOpt,
     MetaKindOpt,
     MetaTimestepsOpt,
     ModelOpt,
+    NoHeaderOpt,
+    PlotOpt,
     PredOpt,
     PromptOpt,
+    QuietOpt,
     ShapeOpt,
     TrustOpt,
+    TSelectOpt,
+    check_format_flags,
     conditioning_options,
     loader_options,
+    reject_conflicts,
+    resolve_plot_path,
 )
 from ddpmcli.cli.data_options import DataRangeOpt, data_load_options
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     import torch
 
     from ddpmcli.checkpoints import LoadedModel
@@ -139,6 +148,40 @@ class ModelFlags:
 
 NO_MODEL_FLAGS = ModelFlags()
 """The default of a command's ``model_flags`` parameter (never used: the splice replaces it)."""
+
+
+@dataclass(frozen=True)
+class TableFlags:
+    """The row and output flags of the schedule commands (schedule, compare, posterior), as
+    given: which rows (``--t``/``--every``), which columns, the format, the figure, quiet."""
+
+    t: TSelectOpt = None
+    every: EveryOpt = None
+    columns: ColumnsOpt = None
+    fmt: FormatOpt = "auto"
+    no_header: NoHeaderOpt = False
+    plot: PlotOpt = None
+    quiet: QuietOpt = False
+
+    def check(self) -> None:
+        """Refuse conflicting flags before any work (``--no-header`` with a table, ``--t`` with
+        ``--every``)."""
+        check_format_flags(self.fmt, self.no_header)
+        reject_conflicts(("--t", self.t is not None), ("--every", self.every is not None))
+
+    def plot_path(self, command: str) -> Path | None:
+        """The figure path of ``--plot`` (a bare ``--plot``: the command's default name),
+        checked writable, or None."""
+        return resolve_plot_path(self.plot, command)
+
+
+NO_TABLE_FLAGS = TableFlags()
+"""The default of a command's ``table`` parameter (never used: the splice replaces it)."""
+
+
+def table_options() -> Callable[[Command], Command]:
+    """Splice the :class:`TableFlags` options into a command at its ``table`` parameter."""
+    return option_group(TableFlags, "table")
 
 
 def model_options(

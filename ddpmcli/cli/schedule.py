@@ -15,22 +15,16 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from ddpmcli.cli.common import (
-    ColumnsOpt,
-    EveryOpt,
     FormatOpt,
     MaybePredictionTypeOpt,
     NoHeaderOpt,
-    PlotOpt,
-    QuietOpt,
-    TSelectOpt,
     check_format_flags,
     flag_name,
-    reject_conflicts,
-    resolve_plot_path,
     select_columns,
     select_rows,
 )
 from ddpmcli.cli.completion import complete_spec
+from ddpmcli.cli.option_groups import NO_TABLE_FLAGS, TableFlags, table_options
 from ddpmcli.cli.schedule_options import ScheduleFlags, schedule_options
 from ddpmcli.errors import UsageError
 from ddpmcli.output import emit, note, resolve_format
@@ -93,16 +87,11 @@ def _plot(figure: Any, path: Path | None, quiet: bool, *args: Any) -> None:
 
 
 @schedule_options()
+@table_options()
 def schedule(
     ctx: typer.Context,
     flags: ScheduleFlags,
-    t: TSelectOpt = None,
-    every: EveryOpt = None,
-    columns: ColumnsOpt = None,
-    fmt: FormatOpt = "auto",
-    no_header: NoHeaderOpt = False,
-    plot: PlotOpt = None,
-    quiet: QuietOpt = False,
+    table: TableFlags = NO_TABLE_FLAGS,
     list_kinds: Annotated[
         bool,
         typer.Option("--list-kinds", help="List the schedule kinds, their constants, sources."),
@@ -126,20 +115,20 @@ def schedule(
     """
     from ddpmcli.configs import build_schedule
 
-    check_format_flags(fmt, no_header)
-    reject_conflicts(("--t", t is not None), ("--every", every is not None))
+    table.check()
     if list_kinds:
         _reject_with_list_kinds(ctx)
-        return _list_kinds(fmt, no_header)
-    plot_path = resolve_plot_path(plot, "schedule")
+        return _list_kinds(table.fmt, table.no_header)
+    plot_path = table.plot_path("schedule")
     built = build_schedule(flags.request())
     available, default = _columns_of(built)
-    cols = select_columns(columns, available, default)
-    rows = schedule_rows(built.schedule, select_rows(t, every, built.schedule.num_steps), cols)
-    emit(rows, cols, fmt, no_header=no_header, title=built.schedule.name)
+    cols = select_columns(table.columns, available, default)
+    indices = select_rows(table.t, table.every, built.schedule.num_steps)
+    rows = schedule_rows(built.schedule, indices, cols)
+    emit(rows, cols, table.fmt, no_header=table.no_header, title=built.schedule.name)
     from ddpmcli.plotting.schedule import plot_schedule
 
-    _plot(plot_schedule, plot_path, quiet, built.schedule)
+    _plot(plot_schedule, plot_path, table.quiet, built.schedule)
 
 
 def _reject_with_list_kinds(ctx: typer.Context) -> None:
@@ -191,6 +180,7 @@ def _list_kinds(fmt: str, no_header: bool) -> None:
 # ddpm compare
 
 
+@table_options()
 def compare(
     specs: Annotated[
         list[str],
@@ -201,13 +191,7 @@ def compare(
             shell_complete=complete_spec,
         ),
     ],
-    t: TSelectOpt = None,
-    every: EveryOpt = None,
-    columns: ColumnsOpt = None,
-    fmt: FormatOpt = "auto",
-    no_header: NoHeaderOpt = False,
-    plot: PlotOpt = None,
-    quiet: QuietOpt = False,
+    table: TableFlags = NO_TABLE_FLAGS,
 ) -> None:
     """Compare schedules side by side: long-format rows with a `schedule` column.
 
@@ -225,9 +209,8 @@ def compare(
     """
     from ddpmcli.specs import parse_compare_spec
 
-    check_format_flags(fmt, no_header)
-    reject_conflicts(("--t", t is not None), ("--every", every is not None))
-    plot_path = resolve_plot_path(plot, "compare")
+    table.check()
+    plot_path = table.plot_path("compare")
     parsed = [parse_compare_spec(spec) for spec in specs]
     respaced = any(p.built.respaced for p in parsed)
     available, default = _columns_of(parsed[0].built)
@@ -235,21 +218,23 @@ def compare(
     default = list(dict.fromkeys(default))
     keys = default[: default.index("t") + (2 if respaced else 1)]  # schedule, t (, timestep)
     # long format: the key columns always lead, so rows stay attributable under --columns
-    cols = list(dict.fromkeys([*keys, *select_columns(columns, ["schedule", *available], default)]))
+    picked = select_columns(table.columns, ["schedule", *available], default)
+    cols = list(dict.fromkeys([*keys, *picked]))
     rows: list[dict[str, Any]] = []
     marks: list[Sequence[int]] = []  # the rows picked, dotted on the figure
     for p in parsed:
         try:
-            indices = select_rows(t, every, p.built.schedule.num_steps)
+            indices = select_rows(table.t, table.every, p.built.schedule.num_steps)
         except UsageError as exc:
             raise UsageError(f"{exc} in schedule {p.label!r}") from None
         marks.append(indices)
         rows += schedule_rows(p.built.schedule, indices, cols, extra={"schedule": p.label})
-    emit(rows, cols, fmt, no_header=no_header, title="compare")
+    emit(rows, cols, table.fmt, no_header=table.no_header, title="compare")
     from ddpmcli.plotting.schedule import plot_compare
 
-    figure = partial(plot_compare, marks=marks if t is not None or every is not None else None)
-    _plot(figure, plot_path, quiet, [(p.label, p.built.schedule) for p in parsed])
+    selected = table.t is not None or table.every is not None
+    figure = partial(plot_compare, marks=marks if selected else None)
+    _plot(figure, plot_path, table.quiet, [(p.label, p.built.schedule) for p in parsed])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,6 +256,7 @@ POSTERIOR_COLUMNS: tuple[str, ...] = (
 
 
 @schedule_options()
+@table_options()
 def posterior(
     flags: ScheduleFlags,
     v: Annotated[
@@ -282,13 +268,7 @@ def posterior(
             help="Model output v in [-1, 1] for the learned_range column (0 = midway).",
         ),
     ] = 0.0,
-    t: TSelectOpt = None,
-    every: EveryOpt = None,
-    columns: ColumnsOpt = None,
-    fmt: FormatOpt = "auto",
-    no_header: NoHeaderOpt = False,
-    plot: PlotOpt = None,
-    quiet: QuietOpt = False,
+    table: TableFlags = NO_TABLE_FLAGS,
 ) -> None:
     """Posterior diagnostics: beta_tilde against beta, mean coefficients, sampler variances.
 
@@ -311,21 +291,20 @@ def posterior(
     """
     from ddpmcli.configs import build_schedule
 
-    check_format_flags(fmt, no_header)
-    reject_conflicts(("--t", t is not None), ("--every", every is not None))
-    plot_path = resolve_plot_path(plot, "posterior")
+    table.check()
+    plot_path = table.plot_path("posterior")
     built = build_schedule(flags.request())
     sched = built.schedule
     default = [c for c in POSTERIOR_COLUMNS if c != "timestep" or built.respaced]
-    cols = select_columns(columns, POSTERIOR_COLUMNS, default)
-    rows = posterior_rows(sched, select_rows(t, every, sched.num_steps), cols, v)
-    emit(rows, cols, fmt, no_header=no_header, title=f"{sched.name} posterior")
-    if not quiet:
+    cols = select_columns(table.columns, POSTERIOR_COLUMNS, default)
+    rows = posterior_rows(sched, select_rows(table.t, table.every, sched.num_steps), cols, v)
+    emit(rows, cols, table.fmt, no_header=table.no_header, title=f"{sched.name} posterior")
+    if not table.quiet:
         kl = sched.prior_kl_bits_per_dim_unit_variance()
         note(f"prior KL(q(x_T|x0) || N(0,I)) = {kl!r} bits/dim for unit-variance data")
     from ddpmcli.plotting.schedule import plot_posterior
 
-    _plot(plot_posterior, plot_path, quiet, sched, v)
+    _plot(plot_posterior, plot_path, table.quiet, sched, v)
 
 
 def posterior_rows(
