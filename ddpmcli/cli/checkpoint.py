@@ -193,7 +193,7 @@ def train(
             metavar="NAME|PATH",
             help="A built-in set (moons, swiss_roll, gmm, shapes) or a .npy/.npz file or image "
             "folder (values mapped to [-1, 1]; uint8 from 0-255).",
-            shell_complete=complete_data,
+            autocompletion=complete_data,
         ),
     ] = "moons",
     out: Annotated[

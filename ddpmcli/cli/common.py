@@ -53,7 +53,7 @@ ColumnsOpt = Annotated[
         "-c",
         metavar="A,B",
         help="Comma-separated columns to print, in order.",
-        shell_complete=complete_columns,
+        autocompletion=complete_columns,
     ),
 ]
 TSelectOpt = Annotated[
@@ -117,7 +117,7 @@ MetaKindOpt = Annotated[
         "-k",
         help="Training schedule kind.",
         rich_help_panel=PANEL_META,
-        shell_complete=complete_kind,
+        autocompletion=complete_kind,
     ),
 ]
 MetaTimestepsOpt = Annotated[
@@ -168,7 +168,7 @@ EvalDataOpt = Annotated[
         "--data",
         help="An .npy/.npz file, an image folder or a built-in set (moons, swiss_roll, gmm, "
         "shapes). Default: the checkpoint's reference samples.",
-        shell_complete=complete_data,
+        autocompletion=complete_data,
     ),
 ]
 LearnedOpt = Annotated[

@@ -2,8 +2,9 @@
 `compare` specs), column names per command (`--columns`, a comma list), built-in data names
 (`--data`, `--references`, with file names from the shell beside them).
 
-Each completer is a ``shell_complete`` callback, ``(ctx, param, incomplete) -> names`` (plain
-strings, which typer's bundled click wraps as completion items: no import of click itself).
+Each completer is a typer ``autocompletion=`` callback: typer passes it what is typed
+(``incomplete: str``) and, where it takes one, the context (``ctx``); it returns plain strings
+(typer wraps them as completion items: no import of click itself).
 They run only when the shell asks for completions: this module imports nothing heavy at import
 time (the option definitions import it, and `ddpm --help` must stay fast).
 """
@@ -43,20 +44,20 @@ def kind_names() -> list[str]:
     return [*KINDS, *KIND_ALIASES, CUSTOM_KIND]
 
 
-def complete_kind(ctx: Any, param: Any, incomplete: str) -> list[str]:
+def complete_kind(incomplete: str) -> list[str]:
     """`--kind`: the kinds and aliases starting with what is typed."""
     return [name for name in kind_names() if name.startswith(incomplete)]
 
 
-def complete_spec(ctx: Any, param: Any, incomplete: str) -> list[str]:
+def complete_spec(incomplete: str) -> list[str]:
     """`compare SPEC...`: a kind while the spec has no ``:`` or ``+`` yet. No match leaves the
     shell to complete file names (a spec may be a diffusers config)."""
     if ":" in incomplete or "+" in incomplete:
         return []
-    return complete_kind(ctx, param, incomplete)
+    return complete_kind(incomplete)
 
 
-def complete_data(ctx: Any, param: Any, incomplete: str) -> list[str]:
+def complete_data(incomplete: str) -> list[str]:
     """`--data`/`--references`: the built-in sets starting with what is typed; none (a path)
     leaves the shell to complete file names (typer's scripts fall back to them)."""
     return [name for name in BUILTIN_DATA if name.startswith(incomplete)]
@@ -83,7 +84,7 @@ def column_names(command: str | None) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def complete_columns(ctx: Any, param: Any, incomplete: str) -> list[str]:
+def complete_columns(ctx: Any, incomplete: str) -> list[str]:
     """`--columns A,B,...`: the command's columns not yet listed, after what is typed."""
     done, comma, last = incomplete.rpartition(",")
     listed = set(done.split(",")) if comma else set()

@@ -188,7 +188,7 @@ def sample(
             metavar="NAME|PATH",
             help="Reference samples to measure the samples against (a data file or built-in "
             "set); default: the checkpoint's own (train --references N holds them out).",
-            shell_complete=complete_data,
+            autocompletion=complete_data,
         ),
     ] = None,
     old: Annotated[str | None, typer.Option("--reference", hidden=True)] = None,

@@ -188,7 +188,7 @@ def compare(
             metavar="SPEC...",
             help="Schedules: KIND[+zsnr][:key=value,...] or a diffusers config file, e.g. cosine, "
             "linear:beta_end=0.012,T=500, scaled_linear+zsnr, cosine:steps=50,spacing=trailing.",
-            shell_complete=complete_spec,
+            autocompletion=complete_spec,
         ),
     ],
     table: TableFlags = NO_TABLE_FLAGS,

@@ -41,7 +41,7 @@ KindOpt = Annotated[
         help="Schedule kind from the core registry (list them with `ddpm schedule --list-kinds`), "
         "an alias such as squaredcos_cap_v2, or custom (with --betas-file/--alpha-bars-file). "
         "Default: linear.",
-        shell_complete=complete_kind,
+        autocompletion=complete_kind,
     ),
 ]
 TimestepsOpt = Annotated[
