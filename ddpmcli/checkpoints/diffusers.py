@@ -9,6 +9,7 @@ safetensors or ``torch.load(weights_only=True)``, offline.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import warnings
@@ -276,16 +277,20 @@ def _dit_classes(config: Mapping[str, Any], net_dir: Path) -> tuple[int, int | N
     return num, num  # the table's row num; diffusers builds it (class_dropout_prob 0.1)
 
 
+def _config_count(
+    config: Mapping[str, Any], where: Path, name: str, default: int, maximum: int
+) -> int:
+    """``config[name]`` (``default`` when absent), checked to be an integer in 1..``maximum``."""
+    value = config.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= maximum:
+        raise CheckpointError(f"{where}: {name} must be an integer in 1..{maximum}, got {value!r}")
+    return value
+
+
 def _check_dit_sizes(config: Mapping[str, Any], where: Path) -> None:
     """A DiT config's sizes, checked before the network is built."""
 
-    def count(name: str, default: int, maximum: int) -> int:
-        value = config.get(name, default)
-        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= maximum:
-            raise CheckpointError(
-                f"{where}: {name} must be an integer in 1..{maximum}, got {value!r}"
-            )
-        return value
+    count = functools.partial(_config_count, config, where)
 
     in_ch = count("in_channels", 4, MAX_CHANNELS)
     size = count("sample_size", 32, 1 << 14)
@@ -385,13 +390,7 @@ def _diffusers_scheduler_meta(path: Path) -> _Meta:
 def _check_unet_sizes(config: Mapping[str, Any], where: Path) -> None:
     """The config fields that decide an allocation, checked before the network is built."""
 
-    def count(name: str, default: int, maximum: int) -> int:
-        value = config.get(name, default)
-        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= maximum:
-            raise CheckpointError(
-                f"{where}: {name} must be an integer in 1..{maximum}, got {value!r}"
-            )
-        return value
+    count = functools.partial(_config_count, config, where)
 
     in_ch = count("in_channels", 3, MAX_CHANNELS)
     count("out_channels", 3, MAX_CHANNELS)
@@ -506,13 +505,7 @@ def _read_text_weights(enc_dir: Path) -> dict[str, Tensor]:
 def _check_text_sizes(config: Mapping[str, Any], where: Path) -> int:
     """A CLIP text config's sizes, checked before the encoder is built; its sequence length."""
 
-    def count(name: str, default: int, maximum: int) -> int:
-        value = config.get(name, default)
-        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= maximum:
-            raise CheckpointError(
-                f"{where}: {name} must be an integer in 1..{maximum}, got {value!r}"
-            )
-        return value
+    count = functools.partial(_config_count, config, where)
 
     width = count("hidden_size", 512, MAX_CHANNELS)
     layers = count("num_hidden_layers", 12, 256)
