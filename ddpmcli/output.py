@@ -21,7 +21,7 @@ import math
 import os
 import sys
 import unicodedata
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import IO, TYPE_CHECKING, Any, Protocol
 
 from ddpmcli.errors import OutputError, UsageError
@@ -109,16 +109,22 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def format_machine(value: Any) -> str:
-    """One csv/tsv field: full-precision repr for floats; inf/nan as ``float()`` reads them."""
+def _format_cell(value: Any, float_text: Callable[[float], str]) -> str:
+    """One cell as text: none empty, booleans true/false, floats by ``float_text``, the rest as
+    text with control characters escaped."""
     value = _plain(value)
     if value is None:
         return ""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float):
-        return repr(value)  # 'inf', '-inf', 'nan' for the non-finite ones
+        return float_text(value)
     return escape_control(str(value))
+
+
+def format_machine(value: Any) -> str:
+    """One csv/tsv field: full-precision repr for floats; inf/nan as ``float()`` reads them."""
+    return _format_cell(value, repr)  # 'inf', '-inf', 'nan' for the non-finite ones
 
 
 def _json_value(value: Any) -> Any:
@@ -134,18 +140,15 @@ def _json_value(value: Any) -> Any:
 
 def format_table_value(value: Any) -> str:
     """One table cell: floats rounded to 6 significant digits, the rest as text."""
-    value = _plain(value)
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        return f"{value:.{TABLE_SIGNIFICANT_DIGITS}g}"
-    return escape_control(str(value))
+    return _format_cell(value, _rounded)
+
+
+def _rounded(value: float) -> str:
+    if math.isnan(value):
+        return "nan"
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    return f"{value:.{TABLE_SIGNIFICANT_DIGITS}g}"
 
 
 def _is_number(value: Any) -> bool:
