@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from ddpmcli.errors import CheckpointError, ParameterError, verbatim
+from ddpmcli.hashing import MASK64, splitmix64
 
 if TYPE_CHECKING:
     from ddpmcli.checkpoints.loaded import LoadedModel
@@ -35,15 +36,6 @@ ConditionalDenoiser = Callable[[Tensor, Tensor, Tensor], Tensor]
 """``denoiser(x_t, t, labels)`` with ``labels`` int64 ``[B]``."""
 
 LABEL_FORMS = "K, A-B, all, random or null"
-_MASK = (1 << 64) - 1
-
-
-def _splitmix64(value: int) -> int:
-    """One step of SplitMix64 (Steele, Lea & Flood 2014): a counter-based 64-bit hash."""
-    z = (value + 0x9E3779B97F4A7C15) & _MASK
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK
-    return z ^ (z >> 31)
 
 
 @dataclass(frozen=True)
@@ -136,9 +128,7 @@ class Conditioning:
         top = int(idx.max()) + 1 if idx.numel() else 0
         while len(self._random) < top:  # each index hashed once per model, then looked up
             i = len(self._random)
-            self._random.append(
-                _splitmix64((self.seed & _MASK) ^ _splitmix64(i)) % self.num_classes
-            )
+            self._random.append(splitmix64((self.seed & MASK64) ^ splitmix64(i)) % self.num_classes)
         table = torch.tensor(self._random[:top], dtype=torch.long)
         return table.to(idx.device)[idx]
 

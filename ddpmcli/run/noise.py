@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from ddpmcli.hashing import MASK64, splitmix64
+
 __all__ = [
     "NOISE_BLOCK_VALUES",
     "SAMPLE_NOISE_VALUES",
@@ -24,20 +26,10 @@ __all__ = [
     "sample_noise_rows",
 ]
 
-_MASK64 = (1 << 64) - 1
-
-
-def _splitmix64(x: int) -> int:
-    """One step of SplitMix64 (Steele et al. 2014): a bijective 64-bit mixer."""
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
-
 
 def pair_seed(seed: int, sample: int, block: int) -> int:
     """The generator seed of one noise block of ``sample``: a hash of all three, in [0, 2^64)."""
-    return _splitmix64(_splitmix64(_splitmix64(seed & _MASK64) ^ sample) ^ block)
+    return splitmix64(splitmix64(splitmix64(seed & MASK64) ^ sample) ^ block)
 
 
 NOISE_BLOCK_VALUES = 1024  # values per generator call: amortises its ~5 us overhead, little waste
@@ -103,7 +95,7 @@ def sample_noise(seed: int, start: int, stop: int, shape: Sequence[int]) -> Tens
     gen = torch.Generator()
     first = start // rows
     for block in range(first, -(-stop // rows) if stop > start else first):
-        gen.manual_seed(_splitmix64(_splitmix64(seed & _MASK64) ^ _NOISE_TAG ^ block))
+        gen.manual_seed(splitmix64(splitmix64(seed & MASK64) ^ _NOISE_TAG ^ block))
         drawn = torch.randn((rows, numel), generator=gen, dtype=torch.float64)
         lo, hi = max(start, block * rows), min(stop, (block + 1) * rows)
         out[lo - start : hi - start] = drawn[lo - block * rows : hi - block * rows]
