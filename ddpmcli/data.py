@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ddpmcli import limits
-from ddpmcli.errors import DataError, ParameterError
+from ddpmcli.errors import DataError, ParameterError, look_up
 
 __all__ = [
     "BUILTIN_DATASETS",
@@ -178,11 +178,7 @@ def builtin_dataset(
 
 
 def _builtin(name: str) -> BuiltinDataset:
-    try:
-        return BUILTIN_DATASETS[name]
-    except KeyError:
-        known = ", ".join(BUILTIN_DATASETS)
-        raise DataError(f"unknown built-in data set {name!r} (built-in: {known})") from None
+    return look_up(BUILTIN_DATASETS, name, "built-in data set", DataError, label="built-in")
 
 
 # ---------------------------------------------------------------------------------------------

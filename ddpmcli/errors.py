@@ -4,8 +4,10 @@ without importing torch). Each error carries the exit code the CLI turns it into
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
-from typing import Self
+from collections.abc import Callable, Mapping
+from typing import Self, TypeVar
+
+Value = TypeVar("Value")
 
 
 class ExitStatus(enum.IntEnum):
@@ -67,6 +69,16 @@ def check_choice(value: str, allowed: tuple[str, ...], name: str) -> str:
             f"unknown {{{name}}} {verbatim(repr(value))}; allowed: {', '.join(allowed)}"
         )
     return value
+
+
+def look_up(
+    table: Mapping[str, Value], name: str, what: str, error: type[DdpmError], label: str = "known"
+) -> Value:
+    """``table[name]``, else ``error``: ``unknown architecture 'x' (known: mlp, unet)``."""
+    try:
+        return table[name]
+    except KeyError:
+        raise error(f"unknown {what} {name!r} ({label}: {', '.join(table)})") from None
 
 
 def verbatim(text: object) -> str:

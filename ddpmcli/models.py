@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ddpmcli.errors import CheckpointError
+from ddpmcli.errors import CheckpointError, look_up
 
 __all__ = [
     "ARCHITECTURES",
@@ -267,8 +267,4 @@ def count_parameters(module: nn.Module) -> int:
 
 
 def _architecture(name: str) -> Architecture:
-    try:
-        return ARCHITECTURES[name]
-    except KeyError:
-        known = ", ".join(ARCHITECTURES)
-        raise CheckpointError(f"unknown architecture {name!r} (known: {known})") from None
+    return look_up(ARCHITECTURES, name, "architecture", CheckpointError)
