@@ -80,8 +80,11 @@ def test_info_json_and_table(cli: Cli, trained: Path) -> None:
     assert row["timesteps"] == 50 and row["prediction_type"] == "epsilon"
     assert row["data_shape"] == "2" and row["file_size"] == os.path.getsize(trained)
     assert row["terminal_snr"] > 0
+    # an unconditional, non-latent model has no class, prompt or VAE fields to show
+    assert not {"num_classes", "class_label", "prompt", "latent_shape", "vae"} & set(row)
     table = cli("info", str(trained), "--format", "table")
     assert "parameters" in table.stdout and "native" in table.stdout
+    assert "num_classes" not in table.stdout and "latent_shape" not in table.stdout
     csv = cli("info", str(trained), str(trained), "-f", "csv", "-c", "format,kind")
     assert csv.stdout == "format,kind\nnative,linear\nnative,linear\n"
 

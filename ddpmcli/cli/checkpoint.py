@@ -131,7 +131,8 @@ def info(
     cols = select_columns(columns, INFO_COLUMNS + MODEL_COLUMNS)
     # never runs the model: metadata, parameter counts and shapes from the file itself
     rows = [info_row(model_flags.load(path, inspect_only=True)) for path in checkpoints]
-    if columns is None:
+    if columns is None:  # the fields of conditional and latent models only where one has them
+        cols = list(INFO_COLUMNS)
         cols += [c for c in MODEL_COLUMNS if any(row[c] is not None for row in rows)]
     if resolve_format(fmt) == "table" and len(rows) == 1:
         vertical = [{"field": c, "value": rows[0][c]} for c in cols]
