@@ -20,6 +20,17 @@ def _np(values: Any) -> Any:
     return values.detach().cpu().numpy()
 
 
+def _plot_variances(a: Any, x: Any, schedule: Schedule, beta_note: str, tilde_note: str) -> None:
+    """beta_t (solid) and the posterior variance tilde beta_t (dashed) on axes ``a``."""
+    a.plot(x, _positive(_np(schedule.beta)), label=rf"$\beta_t${beta_note}")
+    a.plot(
+        x,
+        _positive(_np(schedule.posterior_variance)),
+        "--",
+        label=rf"$\tilde\beta_t$ ({tilde_note})",
+    )
+
+
 def _positive(values: Any) -> Any:
     """Values for a log axis: non-positive entries become NaN (not drawn) instead of warnings."""
     import numpy as np
@@ -53,13 +64,7 @@ def plot_schedule(schedule: Schedule, path: str | Path) -> Path:
         )
         a.legend()
         a = ax[1, 0]
-        a.plot(x, _positive(_np(schedule.beta)), label=r"$\beta_t$")
-        a.plot(
-            x,
-            _positive(_np(schedule.posterior_variance)),
-            "--",
-            label=r"$\tilde\beta_t$ (posterior variance)",
-        )
+        _plot_variances(a, x, schedule, "", "posterior variance")
         a.set_yscale("log")
         a.set(
             xlabel="timestep t (0-based)", ylabel="variance", title=r"$\beta_t$ and $\tilde\beta_t$"
@@ -135,13 +140,7 @@ def plot_posterior(schedule: Schedule, v: float, path: str | Path) -> Path:
     )
     with paper_figure(1, 3, row_height=2.4) as (fig, ax):
         a = ax[0, 0]
-        a.plot(x, _positive(_np(schedule.beta)), label=r"$\beta_t$ (fixed_large)")
-        a.plot(
-            x,
-            _positive(_np(schedule.posterior_variance)),
-            "--",
-            label=r"$\tilde\beta_t$ (fixed_small)",
-        )
+        _plot_variances(a, x, schedule, " (fixed_large)", "fixed_small")
         a.plot(x, _positive(_np(learned)), ":", label=f"learned_range, v = {v:g}")
         a.set(
             xlabel="timestep t (0-based)",
