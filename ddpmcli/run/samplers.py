@@ -442,34 +442,44 @@ def sample(
         recorder = TrajectoryRecorder(settings.trajectory_every, keep)
         watchers.append(recorder)
     watchers.extend(observers)
-    if ranks is not None and ranks.active:
-        return _run_ranks(ranks, loop, stats, recorder, watchers, n, data_shape, seed, schedule)
-    return _run(loop, stats, recorder, watchers, n, data_shape, seed, data_variance, schedule)
+    job = _Job(loop, stats, recorder, watchers, n, data_shape, seed, schedule)
+    return _run_ranks(job, ranks) if ranks is not None and ranks.active else _run(job)
 
 
-def _run(
-    loop: _Loop,
-    stats: StepStatistics,
-    recorder: TrajectoryRecorder | None,
-    watchers: list[Observer],
-    n: int,
-    data_shape: Sequence[int],
-    seed: int,
-    data_variance: float,
-    schedule: core.Schedule,
-) -> SampleRun:
+@dataclass
+class _Job:
+    """One run as its loop takes it: the one-process :func:`_run` or :func:`_run_ranks`."""
+
+    loop: _Loop
+    stats: StepStatistics
+    recorder: TrajectoryRecorder | None
+    watchers: list[Observer]
+    n: int
+    data_shape: Sequence[int]
+    seed: int
+    schedule: core.Schedule
+
+    def noise(self) -> Callable[[], Tensor]:
+        """The run's noise source: each call draws the next ``(n, *data_shape)`` block (the
+        starting x, then one block a step), from one generator seeded with ``seed``."""
+        dev, dtype = self.loop.sched.alpha_bar.device, self.loop.sched.alpha_bar.dtype
+        gen = generator(dev, self.seed)
+        shape = (self.n, *(int(s) for s in self.data_shape))
+        return lambda: randn(shape, gen, dev, dtype)
+
+
+def _run(job: _Job) -> SampleRun:
     """The generic loop: noise, step, emit; from the last index down to 0."""
-    num = schedule.num_steps
-    timesteps = schedule.timesteps.tolist()
-    dev, dtype = loop.sched.alpha_bar.device, loop.sched.alpha_bar.dtype
-    gen = generator(dev, seed)
-    shape = (n, *(int(s) for s in data_shape))
+    loop, stats, recorder, watchers, n = job.loop, job.stats, job.recorder, job.watchers, job.n
+    num = job.schedule.num_steps
+    timesteps = job.schedule.timesteps.tolist()
+    draw = job.noise()
     uses_noise = loop.sampler.uses_noise(loop.settings)
     try:
         with torch.inference_mode():
-            x = randn(shape, gen, dev, dtype)
+            x = draw()
             for step, i in enumerate(range(num - 1, -1, -1)):
-                noise = randn(shape, gen, dev, dtype) if i > 0 and uses_noise else None
+                noise = draw() if i > 0 and uses_noise else None
                 tensors = _one_step(loop, x, i, timesteps[i], step, noise)
                 t = (timesteps[i], timesteps[i])
                 notify(watchers, Event("sample", n * (step + 1), n * num, step, t, tensors))
@@ -483,42 +493,31 @@ def _run(
         samples=x.float().cpu(),
         rows=stats.rows,
         trajectory=recorder.frames if recorder is not None else [],
-        schedule_name=schedule.name,
-        data_variance=float(data_variance),
+        schedule_name=job.schedule.name,
+        data_variance=stats.data_variance,
     )
 
 
-def _run_ranks(
-    ranks: Ranks,
-    loop: _Loop,
-    stats: StepStatistics,
-    recorder: TrajectoryRecorder | None,
-    watchers: list[Observer],
-    n: int,
-    data_shape: Sequence[int],
-    seed: int,
-    schedule: core.Schedule,
-) -> SampleRun:
+def _run_ranks(job: _Job, ranks: Ranks) -> SampleRun:
     """:func:`_run` over ranks: rank r steps samples ``ranks.share(n)`` with the slices of the
     noise every rank draws for all ``n``; each step's statistics are partial moments, added over
     ranks once at the end, where the rows, the NaN check, the trajectory and the samples are
     assembled in sample order."""
-    num = schedule.num_steps
-    timesteps = schedule.timesteps.tolist()
-    dev, dtype = loop.sched.alpha_bar.device, loop.sched.alpha_bar.dtype
-    gen = generator(dev, seed)
-    shape = (n, *(int(s) for s in data_shape))
+    loop, stats, recorder, n = job.loop, job.stats, job.recorder, job.n
+    num = job.schedule.num_steps
+    timesteps = job.schedule.timesteps.tolist()
+    draw = job.noise()
     lo, hi = ranks.share(n)
     uses_noise = loop.sampler.uses_noise(loop.settings)
     moments = StepMoments(stats.data_range, measure=stats.variances is None)
-    own = [w for w in watchers if w is not stats]  # rows come at the end, from every rank
+    own = [w for w in job.watchers if w is not stats]  # rows come at the end, from every rank
     failure: Exception | None = None
     x = torch.empty(0)
     try:
         with torch.inference_mode():
-            x = randn(shape, gen, dev, dtype)[lo:hi]
+            x = draw()[lo:hi]
             for step, i in enumerate(range(num - 1, -1, -1)):
-                noise = randn(shape, gen, dev, dtype)[lo:hi] if i > 0 and uses_noise else None
+                noise = draw()[lo:hi] if i > 0 and uses_noise else None
                 tensors = _one_step(loop, x, i, timesteps[i], step, noise, lo) if hi > lo else {}
                 t = (timesteps[i], timesteps[i])
                 moments.add(Event("sample", n * (step + 1), n * num, step, t), tensors)
@@ -541,5 +540,5 @@ def _run_ranks(
         ]
     return SampleRun(
         samples=torch.cat(parts), rows=stats.rows, trajectory=frames,
-        schedule_name=schedule.name, data_variance=stats.data_variance,
+        schedule_name=job.schedule.name, data_variance=stats.data_variance,
     )  # fmt: skip
