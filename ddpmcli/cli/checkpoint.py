@@ -24,6 +24,7 @@ from ddpmcli.cli.common import (
     ThreadsOpt,
     as_flags,
     check_format_flags,
+    in_panel,
     parse_shape,
     select_columns,
 )
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
     from ddpmcli.checkpoints import LoadedModel
 
 PANEL_TRAIN = "Training"
+_train_option = in_panel(PANEL_TRAIN)  # an option of the Training panel of the help
 
 INFO_COLUMNS = (
     "path",
@@ -228,38 +230,34 @@ def train(
     ] = None,
     steps: Annotated[
         int,
-        typer.Option(
+        _train_option(
             "--train-steps",
             "--steps",
             min=1,
             help="Optimiser steps (--steps is an alias; elsewhere --steps counts sampler steps).",
-            rich_help_panel=PANEL_TRAIN,
         ),
     ] = 2000,
     batch_size: Annotated[
         int | None,
-        typer.Option(
+        _train_option(
             "--batch-size",
             min=1,
             help="Batch size (vectors 1024, images 64).",
-            rich_help_panel=PANEL_TRAIN,
         ),
     ] = None,
     lr: Annotated[
         float | None,
-        typer.Option(
+        _train_option(
             "--lr",
             help="Adam learning rate, cosine decay to 10% (mlp 3e-3, unet 1e-3).",
-            rich_help_panel=PANEL_TRAIN,
         ),
     ] = None,
     ema: Annotated[
         float,
-        typer.Option(
+        _train_option(
             "--ema",
             metavar="DECAY",
             help="EMA decay of the saved weights; 0: off.",
-            rich_help_panel=PANEL_TRAIN,
         ),
     ] = 0.995,
     references: Annotated[

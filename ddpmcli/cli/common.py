@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -33,6 +33,16 @@ from ddpmcli.errors import UsageError
 PLOT_SUFFIXES: tuple[str, ...] = (".png", ".svg", ".pdf")
 PLOT_DEFAULT = "@default"  # what a bare `--plot` becomes (see expand_optional_values)
 PLOT_FOLDER = Path("plots")
+
+
+def in_panel(panel: str) -> Callable[..., Any]:
+    """A ``typer.Option`` maker whose options show under ``panel`` in the help."""
+
+    def option(*names: str, **settings: Any) -> Any:
+        return typer.Option(*names, rich_help_panel=panel, **settings)
+
+    return option
+
 
 FormatOpt = Annotated[
     FormatName,

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from ddpmcli.cli.common import PANEL_META, flag_name
+from ddpmcli.cli.common import PANEL_META, as_flags, flag_name
 from ddpmcli.errors import DdpmError, UsageError, name_parameters
 
 if TYPE_CHECKING:
@@ -92,6 +92,32 @@ def _from_a_file(source: str) -> bool:
     if source == "reference samples":
         return False
     return source not in BUILTIN_DATASETS or os.path.exists(source)
+
+
+def evaluation_data(
+    model: Any,
+    data: str | None,
+    n: int,
+    seed: int,
+    *,
+    show: bool,
+    quiet: bool,
+    compare_optimal: bool = False,
+) -> Any:
+    """The samples a checkpoint is evaluated on (`ddpm reconstruct`, `ddpm nll`), as
+    :func:`ddpmcli.run.reconstruction_data` picks them, its errors naming ``--data``; a warning
+    where they lie outside the model's range (``show``: as in :func:`warn_outside_range`), a note
+    where ``--n`` asks for more than there are (unless ``quiet``)."""
+    from ddpmcli.output import note
+    from ddpmcli.run import reconstruction_data
+
+    with as_flags(source="--data"):
+        picked = reconstruction_data(model, data, n=n, seed=seed, compare_optimal=compare_optimal)
+    warn_outside_range(picked.x0, model.data_range, picked.source, show=show)
+    found = picked.x0.shape[0]
+    if found < n and not quiet:
+        note(f"--n {n} is more than the {found} samples of {picked.source}; using all")
+    return picked
 
 
 def warn_outside_range(

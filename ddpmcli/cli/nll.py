@@ -14,35 +14,38 @@ from ddpmcli import limits
 from ddpmcli.cli.common import (
     NUM_SAMPLES_FLAGS,
     CheckpointArg,
-    ColumnsOpt,
     DeviceOpt,
     EvalDataOpt,
     EveryOpt,
-    FormatOpt,
-    NoHeaderOpt,
-    QuietOpt,
     SeedOpt,
     ThreadsOpt,
     TSelectOpt,
     as_flags,
-    check_format_flags,
     join_ranks,
     reject_conflicts,
     select_columns,
     select_rows,
     use_threads,
 )
-from ddpmcli.cli.data_options import warn_outside_range
-from ddpmcli.cli.option_groups import NO_MODEL_FLAGS, ModelFlags, model_options
+from ddpmcli.cli.data_options import evaluation_data
+from ddpmcli.cli.option_groups import (
+    NO_MODEL_FLAGS,
+    NO_TABLE_FLAGS,
+    ModelFlags,
+    TableFlags,
+    model_options,
+    table_options,
+)
 from ddpmcli.cli.sample import DtypeOpt, VarianceOpt
 from ddpmcli.errors import UsageError
-from ddpmcli.output import emit, note, progress
+from ddpmcli.output import note, progress
 
 if TYPE_CHECKING:
     from ddpmcli.run import Strata
 
 
 @model_options()
+@table_options(leave_out=("t", "every", "plot"))
 def nll(
     checkpoint: CheckpointArg,
     data: EvalDataOpt = None,
@@ -88,10 +91,7 @@ def nll(
     ] = None,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
-    columns: ColumnsOpt = None,
-    fmt: FormatOpt = "auto",
-    no_header: NoHeaderOpt = False,
-    quiet: QuietOpt = False,
+    table: TableFlags = NO_TABLE_FLAGS,
     model_flags: ModelFlags = NO_MODEL_FLAGS,
     threads: ThreadsOpt = None,
 ) -> None:
@@ -117,9 +117,9 @@ def nll(
     """
     from ddpmcli import api
     from ddpmcli.checkpoints.latent import space_columns, space_rows
-    from ddpmcli.run import BOUND_COLUMNS, RunError, progress_observer, reconstruction_data
+    from ddpmcli.run import BOUND_COLUMNS, RunError, progress_observer
 
-    check_format_flags(fmt, no_header)
+    table.check()
     reject_conflicts(
         ("--t", t is not None), ("--every", every is not None), ("--t-random", t_random is not None)
     )
@@ -130,7 +130,7 @@ def nll(
             "--per-sample needs a total: every t, or --t-random K (a fixed --t/--every has none)"
         )
     cols = select_columns(
-        columns, ["sample", "bits_per_dim"] if per_sample else list(BOUND_COLUMNS)
+        table.columns, ["sample", "bits_per_dim"] if per_sample else list(BOUND_COLUMNS)
     )
     ranks, run_device = join_ranks(device)
     model = model_flags.load(checkpoint, run_device, dtype, data=data, seed=seed)
@@ -142,16 +142,12 @@ def nll(
         model.data_shape, n=n, batch_size=batch_size, pairs_per_sample=pairs,
         rows_per_sample=1 if per_sample else 0,
     )  # fmt: skip
-    with as_flags(source="--data"):
-        picked = reconstruction_data(model, data, n=n, seed=seed)
+    picked = evaluation_data(model, data, n, seed, show=ranks.is_main, quiet=table.quiet)
     x0 = picked.x0
-    warn_outside_range(x0, model.data_range, picked.source, show=ranks.is_main)
-    if x0.shape[0] < n and not quiet:
-        note(f"--n {n} is more than the {x0.shape[0]} samples of {picked.source}; using all")
     cols = space_columns(model, cols)  # a latent model's columns say so (x0_mse_latent, ...)
     count = pairs * x0.shape[0]
     try:
-        with progress(count, "bound", quiet) as bar, as_flags():
+        with progress(count, "bound", table.quiet) as bar, as_flags():
             result = api.nll(
                 model, x0, seed=seed, t=None if strata is not None else indices, t_random=t_random,
                 variance=variance, decoder=decoder, clip=clip, batch_size=batch_size,
@@ -160,14 +156,14 @@ def nll(
     except RunError as exc:  # the finite terms so far, then the error
         if exc.rows:
             rows = space_rows(model, exc.rows)
-            emit(rows, cols, fmt, no_header=no_header, title=f"nll {checkpoint.name}")
+            table.emit(rows, cols, f"nll {checkpoint.name}")
         raise
     rows = result.rows
     if per_sample and result.per_sample_total is not None:
         totals = result.per_sample_total.tolist()
         rows = [{"sample": i, "bits_per_dim": v} for i, v in enumerate(totals)]
-    emit(space_rows(model, rows), cols, fmt, no_header=no_header, title=f"nll {checkpoint.name}")
-    if not quiet:
+    table.emit(space_rows(model, rows), cols, f"nll {checkpoint.name}")
+    if not table.quiet:
         _nll_note(result, result.decoder, decoder, int(x0.shape[0]), picked.source)
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, get_type_hints
@@ -44,6 +44,7 @@ from ddpmcli.cli.common import (
     resolve_plot_path,
 )
 from ddpmcli.cli.data_options import DataRangeOpt, data_load_options
+from ddpmcli.output import Row, emit
 
 if TYPE_CHECKING:
     import torch
@@ -152,8 +153,9 @@ NO_MODEL_FLAGS = ModelFlags()
 
 @dataclass(frozen=True)
 class TableFlags:
-    """The row and output flags of the schedule commands (schedule, compare, posterior), as
-    given: which rows (``--t``/``--every``), which columns, the format, the figure, quiet."""
+    """The row and output flags of the commands that print rows (schedule, compare, posterior;
+    sample, reconstruct and nll without some), as given: which rows (``--t``/``--every``), which
+    columns, the format, the figure, quiet."""
 
     t: TSelectOpt = None
     every: EveryOpt = None
@@ -169,6 +171,20 @@ class TableFlags:
         check_format_flags(self.fmt, self.no_header)
         reject_conflicts(("--t", self.t is not None), ("--every", self.every is not None))
 
+    def emit(
+        self,
+        rows: Sequence[Row],
+        columns: Sequence[str],
+        title: str,
+        *,
+        columns_option: bool = True,
+    ) -> None:
+        """Write ``rows`` to stdout in ``--format`` (see :func:`ddpmcli.output.emit`)."""
+        emit(
+            rows, columns, self.fmt, no_header=self.no_header, title=title,
+            columns_option=columns_option,
+        )  # fmt: skip
+
     def plot_path(self, command: str) -> Path | None:
         """The figure path of ``--plot`` (a bare ``--plot``: the command's default name),
         checked writable, or None."""
@@ -179,9 +195,11 @@ NO_TABLE_FLAGS = TableFlags()
 """The default of a command's ``table`` parameter (never used: the splice replaces it)."""
 
 
-def table_options() -> Callable[[Command], Command]:
-    """Splice the :class:`TableFlags` options into a command at its ``table`` parameter."""
-    return option_group(TableFlags, "table")
+def table_options(*, leave_out: Collection[str] = ()) -> Callable[[Command], Command]:
+    """Splice the :class:`TableFlags` options into a command at its ``table`` parameter (less
+    ``leave_out``: sample, reconstruct and nll place ``--t``/``--every`` themselves, or have
+    none, and nll draws no figure)."""
+    return option_group(TableFlags, "table", leave_out=leave_out)
 
 
 def model_options(

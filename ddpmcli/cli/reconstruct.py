@@ -16,33 +16,34 @@ from ddpmcli.choices import DtypeName
 from ddpmcli.cli.common import (
     NUM_SAMPLES_FLAGS,
     CheckpointArg,
-    ColumnsOpt,
     DecodeOpt,
     DeviceOpt,
     EvalDataOpt,
     EveryOpt,
-    FormatOpt,
-    NoHeaderOpt,
-    PlotOpt,
-    QuietOpt,
     SeedOpt,
     ThreadsOpt,
     TSelectOpt,
     as_flags,
-    check_format_flags,
     join_ranks,
     reject_conflicts,
-    resolve_plot_path,
     select_columns,
     select_rows,
     use_threads,
 )
-from ddpmcli.cli.data_options import warn_outside_range
-from ddpmcli.cli.option_groups import NO_MODEL_FLAGS, ModelFlags, model_options
-from ddpmcli.output import emit, note, progress
+from ddpmcli.cli.data_options import evaluation_data
+from ddpmcli.cli.option_groups import (
+    NO_MODEL_FLAGS,
+    NO_TABLE_FLAGS,
+    ModelFlags,
+    TableFlags,
+    model_options,
+    table_options,
+)
+from ddpmcli.output import note, progress
 
 
 @model_options()
+@table_options(leave_out=("t", "every"))
 def reconstruct(
     checkpoint: CheckpointArg,
     data: EvalDataOpt = None,
@@ -75,11 +76,7 @@ def reconstruct(
             "the reference samples; posterior over all its points) or a Gaussian mixture (gmm).",
         ),
     ] = False,
-    columns: ColumnsOpt = None,
-    fmt: FormatOpt = "auto",
-    no_header: NoHeaderOpt = False,
-    plot: PlotOpt = None,
-    quiet: QuietOpt = False,
+    table: TableFlags = NO_TABLE_FLAGS,
     model_flags: ModelFlags = NO_MODEL_FLAGS,
     decode: DecodeOpt = False,
     threads: ThreadsOpt = None,
@@ -103,16 +100,11 @@ def reconstruct(
     """
     from ddpmcli import api
     from ddpmcli.checkpoints.latent import space_rows
-    from ddpmcli.run import (
-        RunError,
-        default_timesteps,
-        progress_observer,
-        reconstruction_data,
-    )
+    from ddpmcli.run import RunError, default_timesteps, progress_observer
 
-    check_format_flags(fmt, no_header)
+    table.check()
     reject_conflicts(("--t", t is not None), ("--every", every is not None))
-    plot_path = resolve_plot_path(plot, "reconstruct")
+    plot_path = table.plot_path("reconstruct")
     ranks, run_device = join_ranks(device)
     model = model_flags.load(checkpoint, data=data, seed=seed)
     use_threads(threads, model, ranks)
@@ -124,16 +116,15 @@ def reconstruct(
         model.data_shape, n=n, batch_size=batch_size, pairs_per_sample=len(indices),
         rows_per_sample=len(indices) if per_sample else 0,
     )  # fmt: skip
-    with as_flags(source="--data"):
-        picked = reconstruction_data(model, data, n=n, seed=seed, compare_optimal=compare_optimal)
-    warn_outside_range(picked.x0, model.data_range, picked.source, show=ranks.is_main)
-    if picked.x0.shape[0] < n and not quiet:
-        note(f"--n {n} is more than the {picked.x0.shape[0]} samples of {picked.source}; using all")
+    picked = evaluation_data(
+        model, data, n, seed, show=ranks.is_main, quiet=table.quiet,
+        compare_optimal=compare_optimal,
+    )  # fmt: skip
     title = f"reconstruct {checkpoint.name}"
-    cols, decoded = _shown_columns(model, picked, indices, columns, per_sample, decode)
+    cols, decoded = _shown_columns(model, picked, indices, table.columns, per_sample, decode)
     try:
         total = len(indices) * picked.x0.shape[0]
-        with progress(total, "reconstructing", quiet) as bar, as_flags():
+        with progress(total, "reconstructing", table.quiet) as bar, as_flags():
             result = api.reconstruct(
                 model, picked.x0, indices, batch_size=batch_size, seed=seed, device=run_device,
                 dtype=dtype, clip=clip, per_sample=per_sample, compare_optimal=picked.optimal,
@@ -141,18 +132,18 @@ def reconstruct(
             )  # fmt: skip
     except RunError as exc:  # the rows of every finite t, then the first bad t
         if exc.rows:
-            emit(space_rows(model, exc.rows), cols, fmt, no_header=no_header, title=title)
+            table.emit(space_rows(model, exc.rows), cols, title)
         raise
     rows = result.sample_rows if per_sample and result.sample_rows is not None else result.rows
     rows = space_rows(model, rows, decoded, ranks)
-    emit(rows, cols, fmt, no_header=no_header, title=title)
+    table.emit(rows, cols, title)
     if plot_path is not None and ranks.is_main:
         from ddpmcli.plotting.reconstruct import plot_reconstruction
 
         written = plot_reconstruction(
             result, plot_path, title=f"{checkpoint.name} on {picked.source}"
         )
-        if not quiet:
+        if not table.quiet:
             note(f"wrote {written}")
 
 

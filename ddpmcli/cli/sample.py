@@ -22,31 +22,33 @@ from ddpmcli.choices import (
 from ddpmcli.cli.common import (
     NUM_SAMPLES_FLAGS,
     CheckpointArg,
-    ColumnsOpt,
     DeviceOpt,
-    FormatOpt,
-    NoHeaderOpt,
-    PlotOpt,
-    QuietOpt,
     SeedOpt,
     ThreadsOpt,
     as_flags,
-    check_format_flags,
+    in_panel,
     join_ranks,
     reject_conflicts,
-    resolve_plot_path,
     select_columns,
     use_threads,
 )
 from ddpmcli.cli.completion import complete_data
-from ddpmcli.cli.option_groups import NO_MODEL_FLAGS, ModelFlags, model_options
+from ddpmcli.cli.option_groups import (
+    NO_MODEL_FLAGS,
+    NO_TABLE_FLAGS,
+    ModelFlags,
+    TableFlags,
+    model_options,
+    table_options,
+)
 from ddpmcli.errors import UsageError
-from ddpmcli.output import check_writable, emit, note, progress
+from ddpmcli.output import check_writable, note, progress
 
 if TYPE_CHECKING:
     from ddpmcli.checkpoints import LoadedModel
 
 PANEL_SAMPLER = "Sampler"
+_sampler_option = in_panel(PANEL_SAMPLER)  # an option of the Sampler panel of the help
 SAVE_SUFFIXES = (".npz", ".png")
 SUMMARY_COLUMNS = (
     "sampler",
@@ -63,11 +65,10 @@ SUMMARY_COLUMNS = (
 
 VarianceOpt = Annotated[
     VarianceType,
-    typer.Option(
+    _sampler_option(
         "--variance",
         help="Reverse-process variance: fixed_small (beta_tilde), fixed_large (beta; beta_tilde_1 "
         "at t = 0, improved-diffusion), learned_range (the model's variance channel).",
-        rich_help_panel=PANEL_SAMPLER,
     ),
 ]
 BatchOpt = Annotated[
@@ -98,67 +99,61 @@ def _check_save(save: Path | None) -> Path | None:
 
 
 @model_options()
+@table_options(leave_out=("t", "every"))
 def sample(
     ctx: typer.Context,
     checkpoint: CheckpointArg,
     sampler: Annotated[
         SamplerName,
-        typer.Option(
+        _sampler_option(
             "--sampler",
             help="ddpm: ancestral (Ho et al. 2020, Alg. 2); ddim: Song et al. 2021 with --eta.",
-            rich_help_panel=PANEL_SAMPLER,
         ),
     ] = "ddpm",
     variance: VarianceOpt = "fixed_small",
     eta: Annotated[
         float,
-        typer.Option(
+        _sampler_option(
             "--eta",
             help="DDIM noise scale, >= 0 (0: deterministic; 1: ancestral with fixed_small).",
-            rich_help_panel=PANEL_SAMPLER,
         ),
     ] = 0.0,
     steps: Annotated[
         str | None,
-        typer.Option(
+        _sampler_option(
             "--steps",
             metavar="N",
             help="Sampler steps: respace to N (1..T) with --spacing, or a section string "
             "(ddim50, 10,20,30). Default: all T. (train counts optimiser steps: --train-steps.)",
-            rich_help_panel=PANEL_SAMPLER,
         ),
     ] = None,
     spacing: Annotated[
         SpacingName | None,
-        typer.Option(
+        _sampler_option(
             "--spacing",
             help="How N steps are spread. Default: the checkpoint's own (a diffusers scheduler's "
             "timestep_spacing, with its steps_offset), else trailing (it visits t = T-1).",
-            rich_help_panel=PANEL_SAMPLER,
         ),
     ] = None,
     clip: Annotated[
         bool,
-        typer.Option(
+        _sampler_option(
             "--clip/--no-clip",
             help="Clip x0_hat to the data range before each step.",
-            rich_help_panel=PANEL_SAMPLER,
         ),
     ] = True,
     dynamic_threshold: Annotated[
         bool,
-        typer.Option(
+        _sampler_option(
             "--dynamic-threshold",
             help="Dynamic thresholding of x0_hat (Saharia et al. 2022) instead of --clip.",
-            rich_help_panel=PANEL_SAMPLER,
         ),
     ] = False,
     percentile: Annotated[
         float,
-        typer.Option(
+        _sampler_option(
             "--percentile",
             help="Percentile of |x0_hat| for --dynamic-threshold.",
-            rich_help_panel=PANEL_SAMPLER,
         ),
     ] = 0.995,
     n: Annotated[int, typer.Option(*NUM_SAMPLES_FLAGS, help="Number of samples.")] = 64,
@@ -198,11 +193,7 @@ def sample(
             "--summary", help="Print one summary row (with the distances) instead of per-step rows."
         ),
     ] = False,
-    columns: ColumnsOpt = None,
-    fmt: FormatOpt = "auto",
-    no_header: NoHeaderOpt = False,
-    plot: PlotOpt = None,
-    quiet: QuietOpt = False,
+    table: TableFlags = NO_TABLE_FLAGS,
     model_flags: ModelFlags = NO_MODEL_FLAGS,
     threads: ThreadsOpt = None,
 ) -> None:
@@ -229,15 +220,15 @@ def sample(
     from ddpmcli import api
     from ddpmcli.run import RunError, progress_observer
 
-    check_format_flags(fmt, no_header)
-    reject_conflicts(("--summary", summary), ("--columns", columns is not None))
-    _reject_idle_options(ctx, sampler, dynamic_threshold, plot is not None)
+    table.check()
+    reject_conflicts(("--summary", summary), ("--columns", table.columns is not None))
+    _reject_idle_options(ctx, sampler, dynamic_threshold, table.plot is not None)
     reject_conflicts(("--references", reference is not None), ("--reference", old is not None))
     reference = reference if old is None else old  # --reference: the old, hidden spelling
     limits.check_count(n, "n")  # before loading: the one count check and message
     if batch_size is not None:
         limits.check_count(batch_size, "batch_size")
-    plot_path = resolve_plot_path(plot, "sample")
+    plot_path = table.plot_path("sample")
     save_path = _check_save(save)
     ranks, run_device = join_ranks(device)
     model = model_flags.load(checkpoint, run_device, dtype, data=reference, seed=seed)
@@ -252,11 +243,11 @@ def sample(
         schedule = api.sampling_schedule(model, steps, spacing)
     if save_path is not None and save_path.suffix.lower() == ".png" and len(model.data_shape) != 3:
         raise UsageError(f"--save {str(save_path)!r}: a .png grid needs image data; use .npz")
-    refs, data_variance = _reference_variance(model, reference, seed, quiet)
+    refs, data_variance = _reference_variance(model, reference, seed, table.quiet)
     title = f"sample {checkpoint.name} ({sampler}, {schedule.num_steps} steps)"
-    cols = select_columns(columns, _step_columns())
+    cols = select_columns(table.columns, _step_columns())
     try:
-        with progress(n * schedule.num_steps, "sampling", quiet) as bar, as_flags():
+        with progress(n * schedule.num_steps, "sampling", table.quiet) as bar, as_flags():
             run = api.sample(
                 model, n, steps, sampler, seed=seed, variance=variance, eta=eta, spacing=spacing,
                 clip=clip, dynamic_threshold=threshold, batch_size=batch_size,
@@ -265,21 +256,20 @@ def sample(
             )  # fmt: skip
     except RunError as exc:  # NaN/Inf or the model's own failure: the rows so far, then the error
         if not summary and exc.rows:
-            emit(exc.rows, cols, fmt, no_header=no_header, title=title)
+            table.emit(exc.rows, cols, title)
         raise
     distances = _distances(run.samples, refs, model.data_shape, seed)
     if summary:
-        emit([_summary_row(settings, schedule.num_steps, n, seed, run.samples, distances)],
-             list(SUMMARY_COLUMNS), fmt, no_header=no_header, title=title,
-             columns_option=False)  # fmt: skip
+        row = _summary_row(settings, schedule.num_steps, n, seed, run.samples, distances)
+        table.emit([row], list(SUMMARY_COLUMNS), title, columns_option=False)
     else:
-        emit(run.rows, cols, fmt, no_header=no_header, title=title)
-        if distances and not quiet:
+        table.emit(run.rows, cols, title)
+        if distances and not table.quiet:
             note(", ".join(f"{k} {v:.6g}" for k, v in distances.items()) + " (to the reference)")
     if save_path is not None and ranks.is_main:
-        _save_samples(save_path, run.samples, model, schedule.name, quiet)
+        _save_samples(save_path, run.samples, model, schedule.name, table.quiet)
     if plot_path is not None and ranks.is_main:
-        _plot(run, plot_path, model, refs, distances, title, quiet)
+        _plot(run, plot_path, model, refs, distances, title, table.quiet)
 
 
 def _plot(

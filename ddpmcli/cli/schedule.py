@@ -125,7 +125,7 @@ def schedule(
     cols = select_columns(table.columns, available, default)
     indices = select_rows(table.t, table.every, built.schedule.num_steps)
     rows = schedule_rows(built.schedule, indices, cols)
-    emit(rows, cols, table.fmt, no_header=table.no_header, title=built.schedule.name)
+    table.emit(rows, cols, built.schedule.name)
     from ddpmcli.plotting.schedule import plot_schedule
 
     _plot(plot_schedule, plot_path, table.quiet, built.schedule)
@@ -229,7 +229,7 @@ def compare(
             raise UsageError(f"{exc} in schedule {p.label!r}") from None
         marks.append(indices)
         rows += schedule_rows(p.built.schedule, indices, cols, extra={"schedule": p.label})
-    emit(rows, cols, table.fmt, no_header=table.no_header, title="compare")
+    table.emit(rows, cols, "compare")
     from ddpmcli.plotting.schedule import plot_compare
 
     selected = table.t is not None or table.every is not None
@@ -298,7 +298,7 @@ def posterior(
     default = [c for c in POSTERIOR_COLUMNS if c != "timestep" or built.respaced]
     cols = select_columns(table.columns, POSTERIOR_COLUMNS, default)
     rows = posterior_rows(sched, select_rows(table.t, table.every, sched.num_steps), cols, v)
-    emit(rows, cols, table.fmt, no_header=table.no_header, title=f"{sched.name} posterior")
+    table.emit(rows, cols, f"{sched.name} posterior")
     if not table.quiet:
         kl = sched.prior_kl_bits_per_dim_unit_variance()
         note(f"prior KL(q(x_T|x0) || N(0,I)) = {kl!r} bits/dim for unit-variance data")

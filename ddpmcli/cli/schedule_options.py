@@ -12,12 +12,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
-
-import typer
+from typing import TYPE_CHECKING, Annotated
 
 from ddpmcli.choices import SpacingName
-from ddpmcli.cli.common import as_flags, parse_key_values
+from ddpmcli.cli.common import as_flags, in_panel, parse_key_values
 from ddpmcli.cli.completion import complete_kind
 from ddpmcli.cli.option_groups import Command, option_group
 from ddpmcli.errors import UsageError
@@ -28,9 +26,7 @@ if TYPE_CHECKING:
 PANEL_SCHEDULE = "Schedule"
 
 
-def _option(*names: str, **settings: Any) -> Any:
-    """A typer option in the Schedule panel of the help."""
-    return typer.Option(*names, rich_help_panel=PANEL_SCHEDULE, **settings)
+_option = in_panel(PANEL_SCHEDULE)  # the options of the Schedule panel of the help
 
 
 KindOpt = Annotated[
