@@ -1,0 +1,434 @@
+"""Speed and memory of conditional and latent models (issue 9's targets), on CPU.
+
+(a) a class-conditional diffusers ``UNet2DModel`` (3x32x32, labels ``0-9`` cycled over the
+    samples): :func:`ddpmcli.api.sample` against the model's own forward passes alone, the same
+    calls replayed straight into the UNet (same count, batch, timesteps and labels, recorded from
+    the run itself); plain, and with classifier-free guidance (scale 3), whose forward passes are
+    one call per step at batch 2B. The model calls are counted (guided: must equal the steps).
+(b) a DiT pipeline (``DiTTransformer2DModel`` on 4x16x16 latents of a small ``AutoencoderKL``,
+    3x32x32 images, learned sigma): :func:`ddpmcli.api.reconstruct` of n images at k timesteps
+    against the forward passes alone (replayed as in (a)) plus one VAE encode of the n images;
+    the VAE encode calls are counted (one per group of images, none per t). Peak RSS of two
+    (n, T) sizes, each in a fresh subprocess, shows memory flat in samples x timesteps.
+
+For each, the run's own work is also timed directly with a denoiser that costs nothing (returns
+zeros of the right shape; labels, guidance, formulas and metrics still run): a figure that load on
+a shared machine barely moves. Timings are interleaved over ``--repeats`` runs after a warm-up;
+the best of each is reported (robust to a busy machine), all runs are kept in the JSON.
+
+Untrained, seeded weights built here from configs (no hub): speed and memory do not depend on
+them. Defaults fit 2 CPU cores in about 2 minutes; ``--quick`` takes a few seconds.
+
+Usage:
+    python benchmarks/bench_conditional.py            # --threads 1
+    python benchmarks/bench_conditional.py --quick
+Writes benchmarks/results/conditional.json (one entry per mode, others kept) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ddpmcli import api
+from ddpmcli.checkpoints import LoadedModel, load_checkpoint
+
+ROOT = Path(__file__).resolve().parent
+CLASSES = 10
+LABELS = "0-9"
+
+
+# ---------------------------------------------------------------------------------------------
+# models, written as diffusers pipeline folders
+
+
+def build_unet_folder(root: Path, channels: tuple[int, ...]) -> Path:
+    """unet/ (a class-conditional UNet2DModel, 3x32x32, a null label) and scheduler/."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(
+        sample_size=32, in_channels=3, out_channels=3, block_out_channels=channels,
+        layers_per_block=1, down_block_types=("DownBlock2D",) * len(channels),
+        up_block_types=("UpBlock2D",) * len(channels), norm_num_groups=8,
+        num_class_embeds=CLASSES + 1,
+    )  # fmt: skip
+    unet.save_pretrained(root / "unet", safe_serialization=True)
+    config_path = root / "unet" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["null_class_label"] = CLASSES
+    config_path.write_text(json.dumps(config))
+    DDPMScheduler(num_train_timesteps=1000).save_pretrained(root / "scheduler")
+    return root
+
+
+def build_dit_folder(root: Path) -> Path:
+    """transformer/ (DiT, learned sigma), vae/ (AutoencoderKL 3x32x32 -> 4x16x16), scheduler/."""
+    from diffusers import AutoencoderKL, DDPMScheduler, DiTTransformer2DModel
+
+    torch.manual_seed(0)
+    net = DiTTransformer2DModel(
+        num_attention_heads=4, attention_head_dim=16, in_channels=4, out_channels=8,
+        num_layers=2, sample_size=16, patch_size=2, num_embeds_ada_norm=CLASSES,
+        norm_num_groups=4,
+    )  # fmt: skip
+    with torch.no_grad():  # diffusers zero-initialises the adaLN-zero and output layers
+        for p in net.parameters():
+            p.normal_(0.0, 0.05)
+    net.save_pretrained(root / "transformer", safe_serialization=True)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32),
+        latent_channels=4, norm_num_groups=8, sample_size=32, layers_per_block=1,
+    )  # fmt: skip
+    vae.save_pretrained(root / "vae", safe_serialization=True)
+    DDPMScheduler(num_train_timesteps=1000, variance_type="learned_range").save_pretrained(
+        root / "scheduler"
+    )
+    return root
+
+
+def parameters(module: Any) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# recording the calls a run makes, replaying them into the bare network
+
+
+Call = tuple[int, Tensor, Tensor | None]
+"""One forward pass of the bare network: its batch, timesteps and class labels."""
+
+
+def recorded_calls(net: torch.nn.Module, run: Callable[[], object]) -> list[Call]:
+    """The forward passes ``run`` makes into ``net`` (a pre-hook on the module itself, so it
+    sees the calls whatever wraps or moves the network)."""
+    calls: list[Call] = []
+
+    def hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        labels = kwargs.get("class_labels")
+        calls.append(
+            (int(args[0].shape[0]), args[1].clone(), None if labels is None else labels.clone())
+        )
+
+    handle = net.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        run()
+    finally:
+        handle.remove()
+    return calls
+
+
+def replay(net: Any, calls: list[Call], shape: tuple[int, ...]) -> Callable[[], None]:
+    """The bare network's forward passes for ``calls`` (inputs drawn once, outside the timing)."""
+    x = torch.randn((max(b for b, _, _ in calls), *shape))
+
+    def forward_only() -> None:
+        with torch.inference_mode():
+            for b, t, labels in calls:
+                net(x[:b], t, class_labels=labels, return_dict=False)
+
+    return forward_only
+
+
+def own_work(net: torch.nn.Module, out_channels: int, run: Callable[[], object]) -> float:
+    """Seconds of ``run`` with the network's forward swapped for a free one (zeros of
+    ``out_channels`` channels): everything the run does around the model."""
+
+    def free(x: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor]:
+        return (torch.zeros((x.shape[0], out_channels, *x.shape[2:]), dtype=x.dtype),)
+
+    net.forward = free
+    try:
+        return timed(run)
+    finally:
+        del net.forward
+
+
+def timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def interleaved(cases: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+    for fn in cases.values():  # warm-up
+        fn()
+    runs: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(repeats):
+        for name, fn in cases.items():
+            runs[name].append(timed(fn))
+    return runs
+
+
+# ---------------------------------------------------------------------------------------------
+# (a) sample on a class-conditional UNet
+
+
+def bench_sample(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
+    n, steps = args.n_sample, args.steps
+    plain = load_checkpoint(folder, class_label=LABELS)
+    guided = load_checkpoint(folder, class_label=LABELS, guidance_scale=3.0)
+    models = {"plain": plain, "guided s=3": guided}
+    unets = {name: m.denoiser.unet for name, m in models.items()}  # type: ignore[attr-defined]
+    unet = unets["plain"]
+    out: dict[str, Any] = {
+        "model": f"UNet2DModel {list(args.channels)}, 3x32x32, {CLASSES} classes + null",
+        "parameters": parameters(unet),
+        "n": n,
+        "steps": steps,
+        "sampler": "ddpm",
+        "class_label": LABELS,
+    }
+    cases: dict[str, Callable[[], object]] = {}
+    calls: dict[str, list[Call]] = {}
+    for name, model in (("plain", plain), ("guided s=3", guided)):
+
+        def run(model: LoadedModel = model) -> object:
+            return api.sample(model, n=n, steps=steps, seed=0)
+
+        calls[name] = recorded_calls(unets[name], run)
+        cases[f"sample {name}"] = run
+        cases[f"forward only {name}"] = replay(unets[name], calls[name], model.data_shape)
+    runs = interleaved(cases, args.repeats)
+    best = {name: min(ts) for name, ts in runs.items()}
+    for name in models:
+        fwd, full = best[f"forward only {name}"], best[f"sample {name}"]
+        own = min(own_work(unets[name], 3, cases[f"sample {name}"]) for _ in range(3))
+        out[name] = {
+            "model_calls": len(calls[name]),
+            "call_batches": sorted({b for b, _, _ in calls[name]}),
+            "forward_only_s": fwd,
+            "sample_s": full,
+            "overhead_pct": 100 * (full / fwd - 1),
+            "own_work_s": own,
+            "own_work_pct": 100 * own / fwd,
+            "runs": {
+                "forward_only": runs[f"forward only {name}"],
+                "sample": runs[f"sample {name}"],
+            },
+        }
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# (b) reconstruct on a DiT pipeline
+
+
+def images(n: int) -> Tensor:
+    gen = torch.Generator().manual_seed(1)
+    return torch.rand((n, 3, 32, 32), generator=gen) * 2 - 1
+
+
+def spread(T: int, k: int) -> list[int]:
+    return [round(i * (T - 1) / max(1, k - 1)) for i in range(k)]
+
+
+def bench_reconstruct(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
+    model = load_checkpoint(folder, class_label=LABELS)
+    latent = model.latent
+    if latent is None:
+        raise SystemExit(f"{folder}: not a latent model")
+    net = model.denoiser.unet  # type: ignore[attr-defined]
+    n, k = args.n_rec, args.k_rec
+    ts = spread(model.schedule.num_steps, k)
+    x = images(n)
+
+    def run() -> object:
+        return api.reconstruct(model, x, t=ts, seed=0)
+
+    encodes: list[int] = []
+    encode = latent.vae.encode
+
+    def counting(part: Tensor) -> Any:
+        encodes.append(int(part.shape[0]))
+        return encode(part)
+
+    latent.vae.encode = counting
+    calls = recorded_calls(net, run)
+    latent.vae.encode = encode
+    cases: dict[str, Callable[[], object]] = {
+        "reconstruct": run,
+        "forward only": replay(net, calls, model.data_shape),
+        "vae encode": lambda: latent.encode(x),
+    }
+    runs = interleaved(cases, args.repeats)
+    best = {name: min(ts) for name, ts in runs.items()}
+    base = best["forward only"] + best["vae encode"]
+    latents = latent.encode(x)  # the zero-cost run: its own work, without the VAE
+    own = min(
+        own_work(net, 8, lambda: api.reconstruct(model, latents, t=ts, seed=0)) for _ in range(3)
+    )
+    return {
+        "model": "DiTTransformer2DModel 4 heads x 16, 2 layers, patch 2, on 4x16x16 latents; "
+        "AutoencoderKL [16, 32] 3x32x32",
+        "parameters": {"dit": parameters(net), "vae": parameters(latent.vae)},
+        "n_images": n,
+        "timesteps": k,
+        "pairs": n * k,
+        "class_label": LABELS,
+        "model_calls": len(calls),
+        "call_batches": sorted({b for b, _, _ in calls}),
+        "vae_encode_calls": len(encodes),
+        "vae_encode_rows": sum(encodes),
+        "forward_only_s": best["forward only"],
+        "vae_encode_s": best["vae encode"],
+        "reconstruct_s": best["reconstruct"],
+        "overhead_pct": 100 * (best["reconstruct"] / base - 1),
+        "overhead_vs_denoiser_only_pct": 100 * (best["reconstruct"] / best["forward only"] - 1),
+        "own_work_s": own,
+        "own_work_pct": 100 * own / best["forward only"],
+        "runs": runs,
+    }
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def memory_case(folder: Path, n: int, k: int) -> dict[str, Any]:
+    """Peak RSS growth of one reconstruct of n images x k timesteps (run in a fresh process)."""
+    model = load_checkpoint(folder, class_label=LABELS)
+    x = images(n)
+    ts = spread(model.schedule.num_steps, k)
+    api.reconstruct(model, x[:1], t=[0], seed=0)  # warm-up: lazy init
+    before = rss_bytes()
+    seconds = timed(lambda: api.reconstruct(model, x, t=ts, seed=0))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    return {
+        "n_images": n,
+        "timesteps": k,
+        "pairs": n * k,
+        "peak_extra_mib": max(0, peak) / 2**20,
+        "rss_before_mib": before / 2**20,
+        "seconds": seconds,
+    }
+
+
+def bench_memory(args: argparse.Namespace, folder: Path) -> list[dict[str, Any]]:
+    rows = []
+    for n, k in args.memory_sizes:
+        child = json.dumps([str(folder), n, k])
+        cmd = [sys.executable, __file__, "--threads", str(args.threads), "--_child", child]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        row = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(
+            f"  memory  {n:3d} images x {k:4d} t ({n * k:6d} pairs): peak +"
+            f"{row['peak_extra_mib']:6.1f} MiB over {row['rss_before_mib']:.0f} MiB "
+            f"({row['seconds']:.1f} s)",
+            flush=True,
+        )
+        rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--out", type=Path, default=ROOT / "results" / "conditional.json")
+    parser.add_argument("--note", default=None, help="conditions of the run, kept in the JSON")
+    parser.add_argument("--_child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args._child:
+        folder, n, k = json.loads(args._child)
+        print(json.dumps(memory_case(Path(folder), n, k)))
+        return
+    quick = args.quick
+    args.channels = (16, 32) if quick else (32, 64)
+    args.n_sample, args.steps = (4, 4) if quick else (8, 20)
+    args.n_rec, args.k_rec = (4, 4) if quick else (32, 32)
+    args.memory_sizes = [(4, 8), (16, 32)] if quick else [(8, 32), (64, 256)]
+    args.repeats = args.repeats or (1 if quick else 5)
+    load_before = os.getloadavg()
+    print(
+        f"conditional/latent benchmark, cpu x{os.cpu_count()}, torch {torch.__version__}, "
+        f"{args.threads} thread(s), load average {load_before[0]:.2f}",
+        flush=True,
+    )
+    from diffusers.utils import logging as dlogging
+
+    dlogging.set_verbosity_error()
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        unet_dir = build_unet_folder(Path(tmp) / "cc", args.channels)
+        dit_dir = build_dit_folder(Path(tmp) / "dit")
+        s = bench_sample(args, unet_dir)
+        print(
+            f"(a) {s['model']} ({s['parameters']} params), ddpm sample n={s['n']}, "
+            f"{s['steps']} steps, labels {LABELS}",
+            flush=True,
+        )
+        for name in ("plain", "guided s=3"):
+            r = s[name]
+            print(
+                f"  {name:10s}: {r['model_calls']:3d} model calls of batch {r['call_batches']}; "
+                f"forward only {r['forward_only_s']:.3f} s, sample {r['sample_s']:.3f} s, "
+                f"overhead {r['overhead_pct']:+.1f}%; own work {r['own_work_pct']:.2f}%",
+                flush=True,
+            )
+        r = bench_reconstruct(args, dit_dir)
+        print(
+            f"(b) DiT {r['parameters']['dit']} params + VAE {r['parameters']['vae']}: reconstruct "
+            f"{r['n_images']} images x {r['timesteps']} t",
+            flush=True,
+        )
+        print(
+            f"  {r['model_calls']} model calls of batch {r['call_batches']}; VAE encode calls "
+            f"{r['vae_encode_calls']} ({r['vae_encode_rows']} images); forward only "
+            f"{r['forward_only_s']:.3f} s + encode {r['vae_encode_s']:.3f} s, reconstruct "
+            f"{r['reconstruct_s']:.3f} s, overhead {r['overhead_pct']:+.1f}%; own work "
+            f"{r['own_work_pct']:.2f}%",
+            flush=True,
+        )
+        memory = bench_memory(args, dit_dir)
+    entry: dict[str, Any] = {
+        "device": platform.processor() or "cpu",
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "diffusers": __import__("diffusers").__version__,
+        "torch_threads": args.threads,
+        "repeats": args.repeats,
+        "timing": "best of the interleaved repeats",
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "loadavg_before": list(load_before),
+        "loadavg_after": list(os.getloadavg()),
+        "seconds_total": time.perf_counter() - start,
+        "overhead_target_pct": 5.0,
+        "sample_class_conditional_unet": s,
+        "reconstruct_dit": r,
+        "memory_dit_reconstruct": memory,
+    }
+    if args.note:
+        entry["note"] = args.note
+    results: dict[str, Any] = {}
+    if args.out.exists():
+        results = json.loads(args.out.read_text())
+    key = f"cpu-threads{args.threads}" + ("-quick" if quick else "")
+    results[key] = entry
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {args.out} ({entry['seconds_total']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
