@@ -10,6 +10,7 @@ the core keeps its numbers.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -142,10 +143,15 @@ def _ndtr(x: float) -> float:
     return 0.5 * math.erfc(-x / math.sqrt(2))
 
 
-def _bin_nll(x: float, mean: float, std: float) -> float:
-    """-log P(x) of an 8-bit value x on [-1, 1] (Ho et al. 2020 eq. 13)."""
-    upper = _ndtr((x - mean + 1 / 255) / std) if x < 0.999 else 1.0
-    lower = _ndtr((x - mean - 1 / 255) / std) if x > -0.999 else 0.0
+def _tanh_cdf(x: float) -> float:
+    """improved-diffusion's approx_standard_normal_cdf (losses.py)."""
+    return 0.5 * (1.0 + math.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+
+
+def _bin_nll(x: float, mean: float, std: float, cdf: Any = _ndtr) -> float:
+    """-log P(x) of an 8-bit value x on [-1, 1] (Ho et al. 2020 eq. 13) under the normal ``cdf``."""
+    upper = cdf((x - mean + 1 / 255) / std) if x < 0.999 else 1.0
+    lower = cdf((x - mean - 1 / 255) / std) if x > -0.999 else 0.0
     return -math.log(upper - lower)
 
 
@@ -183,7 +189,8 @@ def test_vb_terms_against_the_definitions(sched: core.Schedule, decoder: str) ->
             if ti == 0 and decoder == "continuous":
                 terms.append(0.5 * math.log(2 * math.pi * var) + (x - m) ** 2 / (2 * var))
             elif ti == 0:  # data_range (0, 1) mapped to [-1, 1]: x' = 2x - 1, std' = 2 std
-                terms.append(_bin_nll(2 * x - 1, 2 * m - 1, 2 * math.sqrt(var)))
+                cdf = _tanh_cdf if decoder == "discretized_tanh" else _ndtr
+                terms.append(_bin_nll(2 * x - 1, 2 * m - 1, 2 * math.sqrt(var), cdf))
             else:
                 a, ap, beta = ref["ab"][ti], ref["ab_prev"][ti], ref["beta"][ti]
                 true_mean = (
