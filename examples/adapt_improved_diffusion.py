@@ -25,7 +25,14 @@ projects' READMEs use::
   timesteps, so the adapter wraps it in :class:`RescaledTimesteps` when the flag is on;
 - data in [-1, 1], shape ``[in_channels, image_size, image_size]`` (in_channels 3).
 
-Class-conditional models (``--class_cond True``) take a label ``y``; this adapter refuses them.
+Class-conditional models (``--class_cond True``; guided-diffusion's ImageNet models) are told
+apart by their state dict, whatever the flags say: a ``label_emb.weight`` of shape
+``[num_classes, C]`` (the label embedding added to the time embedding). The adapter then declares
+``num_classes``, the network is called ``net(x, t, y=labels)``, and ``ddpm --class-label`` picks
+the labels. These models have NO null label (guided-diffusion guides with a separate classifier,
+not classifier-free), so ``--class-label`` is required and ``--guidance-scale`` is refused. A
+model trained with label dropout (an extra row for the unconditional label, as in classifier-free
+guidance forks) declares it with ``DDPM_NULL_LABEL=N`` (the last row), and then guides.
 """
 
 from __future__ import annotations
@@ -71,8 +78,9 @@ class RescaledTimesteps(nn.Module):
         self.net = net
         self.scale = 1000.0 / diffusion_steps
 
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        return self.net(x, t.to(torch.float32) * self.scale)
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        scaled = t.to(torch.float32) * self.scale
+        return self.net(x, scaled) if y is None else self.net(x, scaled, y)
 
 
 def parse_flags(text: str) -> dict[str, Any]:
@@ -104,7 +112,42 @@ def settings_from_env(env: Mapping[str, str] | None = None) -> dict[str, Any]:
     settings = dict(DEFAULTS)
     settings.update(parse_flags(env.get("MODEL_FLAGS", "")))
     settings.update(parse_flags(env.get("DIFFUSION_FLAGS", "")))
+    if env.get("DDPM_NULL_LABEL", "").strip():
+        settings["null_label"] = int(env["DDPM_NULL_LABEL"])
     return settings
+
+
+def label_classes(
+    state: Mapping[str, Tensor], null_label: int | None = None
+) -> tuple[int, int | None] | None:
+    """``(num_classes, null_label)`` of a class-conditional state dict, None if unconditional.
+
+    The ``UNetModel`` of both projects has ``label_emb = nn.Embedding(num_classes, C)`` only when
+    built with ``num_classes``; a null label, where one was trained, is its last row.
+    """
+    table = state.get("label_emb.weight")
+    if table is None:
+        if null_label is not None:
+            raise ValueError("DDPM_NULL_LABEL is set, but the checkpoint is not class-conditional")
+        return None
+    rows = int(table.shape[0])
+    if null_label is None:
+        return rows, None
+    if null_label != rows - 1 or rows < 2:
+        raise ValueError(
+            f"DDPM_NULL_LABEL must be the label table's last row, {rows - 1}, got {null_label}"
+        )
+    return rows - 1, null_label
+
+
+def with_classes(settings: Mapping[str, Any], state: Mapping[str, Tensor]) -> dict[str, Any]:
+    """``settings`` with ``class_cond`` and the label table's size as the state dict has them."""
+    out = dict(settings)
+    table = state.get("label_emb.weight")
+    out["class_cond"] = table is not None
+    if table is not None:
+        out["label_rows"] = int(table.shape[0])
+    return out
 
 
 def schedule_spec(noise_schedule: str, diffusion_steps: int) -> dict[str, Any]:
@@ -122,21 +165,24 @@ def adapt(
 ) -> tuple[nn.Module, dict[str, Any]]:
     """``net`` with the checkpoint's weights, and the metadata ddpm needs, from ``settings``
     (the training flags, see :func:`settings_from_env`)."""
-    if settings.get("class_cond"):
-        raise ValueError("class-conditional checkpoints (class_cond True) are not supported here")
+    classes = label_classes(state, settings.get("null_label"))
+    if settings.get("class_cond") and classes is None:
+        raise ValueError("class_cond is True, but the checkpoint has no label_emb.weight")
     if settings.get("timestep_respacing"):
         raise ValueError("timestep_respacing is a sampling flag: drop it (ddpm sample --steps)")
     net.load_state_dict(dict(state), strict=True)
     steps = int(settings["diffusion_steps"])
     module = RescaledTimesteps(net, steps) if settings["rescale_timesteps"] else net
     size = int(settings["image_size"])
-    metadata = {
+    metadata: dict[str, Any] = {
         "schedule": schedule_spec(str(settings["noise_schedule"]), steps),
         "prediction_type": "sample" if settings["predict_xstart"] else "epsilon",
         "learned_variance": bool(settings["learn_sigma"]),
         "data_shape": [int(settings.get("in_channels", 3)), size, size],
         "data_range": [-1.0, 1.0],
     }
+    if classes is not None:
+        metadata["num_classes"], metadata["null_label"] = classes
     return module, metadata
 
 
@@ -144,11 +190,15 @@ def network(settings: Mapping[str, Any]) -> nn.Module:
     """The project's own ``UNetModel``, built by its ``create_model_and_diffusion`` from the
     flags (package ``improved_diffusion``, or ``$DDPM_UNET_PACKAGE``)."""
     package = os.environ.get("DDPM_UNET_PACKAGE", "improved_diffusion")
-    script_util = importlib.import_module(f"{package}.script_util")
+    script_util: Any = importlib.import_module(f"{package}.script_util")
+    if settings.get("label_rows"):
+        # create_model builds label_emb with the module's NUM_CLASSES (1000, ImageNet); a model
+        # trained with another count (or an extra null row) has that many rows instead
+        script_util.NUM_CLASSES = int(settings["label_rows"])
     defaults = script_util.model_and_diffusion_defaults()
     args = {k: settings.get(k, v) for k, v in defaults.items()}
-    model, _ = script_util.create_model_and_diffusion(**args)
-    return model  # type: ignore[no-any-return]
+    model: nn.Module = script_util.create_model_and_diffusion(**args)[0]
+    return model
 
 
 def make(
@@ -156,5 +206,5 @@ def make(
 ) -> tuple[nn.Module, dict[str, Any]]:
     """The ``--model`` factory: weights read safely first, then the project's network."""
     state = load_weights(path)
-    settings = settings_from_env()
+    settings = with_classes(settings_from_env(), state)
     return adapt(network(settings), state, settings)

@@ -67,6 +67,28 @@ class TinyIddpm(nn.Module):
         return self.out(self.input_blocks[0](x) + emb[:, :, None, None])
 
 
+class TinyIddpmCond(TinyIddpm):
+    # class_cond: UNetModel's label_emb = nn.Embedding(num_classes, C), added to the time
+    # embedding; like UNetModel, it wants y if and only if it has classes
+    def __init__(self, num_classes, channels=3, learn_sigma=True):
+        super().__init__(channels, learn_sigma)
+        self.label_emb = nn.Embedding(num_classes, 8)
+
+    def forward(self, x, timesteps, y: Optional[Tensor] = None):
+        if y is None:
+            raise ValueError("must specify y if and only if the model is class-conditional")
+        emb = self.time_embed(timesteps.to(x.dtype)[:, None] / 1000.0) + self.label_emb(y)
+        return self.out(self.input_blocks[0](x) + emb[:, :, None, None])
+
+
+def tiny_iddpm(settings):
+    # what the example's network(settings) builds from the project, as a stand-in
+    rows = settings.get("label_rows")
+    if rows:
+        return TinyIddpmCond(rows, learn_sigma=settings["learn_sigma"])
+    return TinyIddpm(learn_sigma=settings["learn_sigma"])
+
+
 class TinyUnet(nn.Module):
     # denoising-diffusion-pytorch Unet's names: channels, init_conv, time_mlp, final_conv
     def __init__(self, channels=3):
@@ -113,9 +135,19 @@ def ddp_online(path, load_weights):
 
 
 def iddpm(path, load_weights):
+    # the example's make(), with the stand-in network
     ex = example("adapt_improved_diffusion")
-    settings = ex.settings_from_env()
-    return ex.adapt(TinyIddpm(learn_sigma=settings["learn_sigma"]), load_weights(path), settings)
+    state = load_weights(path)
+    settings = ex.with_classes(ex.settings_from_env(), state)
+    return ex.adapt(tiny_iddpm(settings), state, settings)
+
+
+def cc_plain(path, load_weights):
+    # a factory of its own declaring 4 classes, and nothing about the variance
+    net = TinyIddpmCond(4)
+    net.load_state_dict(load_weights(path))
+    return net, {{"schedule": {{"kind": "cosine", "timesteps": 200}}, "prediction_type": "eps",
+                 "data_shape": [3, {size}, {size}], "num_classes": 4}}
 
 
 def plain(path, load_weights):
@@ -132,6 +164,18 @@ def raises(path, load_weights):
 
 def bad_metadata(path, load_weights):
     return TinyIddpm(), {{"schedule": "cosine"}}
+
+
+def bad_classes(path, load_weights):
+    return TinyIddpm(), {{"num_classes": "4"}}
+
+
+def null_in_classes(path, load_weights):
+    return TinyIddpm(), {{"num_classes": 4, "null_label": 2}}
+
+
+def null_without_classes(path, load_weights):
+    return TinyIddpm(), {{"null_label": 4}}
 """
 
 
@@ -151,6 +195,7 @@ def zoo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out: dict[str, Any] = {"root": root, "m": standins, "data": str(root / "data.npy")}
     out.update(_ddp_checkpoint(standins, root))
     out.update(_iddpm_checkpoint(standins, root))
+    out.update(_iddpm_cond_checkpoints(standins, root))
     return out
 
 
@@ -203,6 +248,23 @@ def _iddpm_checkpoint(m: Any, root: Path) -> dict[str, Any]:
     }
     ts = _script(ex.RescaledTimesteps(net, steps), root / "iddpm_ts.pt", meta)
     return {"iddpm": str(path), "iddpm_ts": ts, "iddpm_net": net, "iddpm_steps": steps}
+
+
+CLASSES = 4  # the class-conditional stand-ins' classes
+
+
+def _iddpm_cond_checkpoints(m: Any, root: Path) -> dict[str, Any]:
+    """A class-conditional improved/guided-diffusion state dict (no null label, as guided-
+    diffusion's ImageNet models), and one trained with label dropout (a null row, CLASSES)."""
+    torch.manual_seed(3)
+    cond = m.TinyIddpmCond(CLASSES)
+    torch.save(cond.state_dict(), root / "ema_cond.pt")
+    cfg = m.TinyIddpmCond(CLASSES + 1)
+    torch.save(cfg.state_dict(), root / "ema_cfg.pt")
+    return {
+        "iddpm_cc": str(root / "ema_cond.pt"), "iddpm_cc_net": cond,
+        "iddpm_cfg": str(root / "ema_cfg.pt"), "iddpm_cfg_net": cfg,
+    }  # fmt: skip
 
 
 def _script(module: torch.nn.Module, path: Path, meta: dict[str, Any]) -> str:
@@ -464,6 +526,9 @@ def test_load_weights_reads_safetensors(tmp_path: Path) -> None:
         ("{root}/standins.py:not_a_module", "the factory returned a int, not an nn.Module"),
         ("{root}/standins.py:raises", "the factory failed on"),
         ("{root}/standins.py:bad_metadata", "schedule must be a schedule spec dict"),
+        ("{root}/standins.py:bad_classes", "metadata num_classes must be an integer in 1..1048576"),
+        ("{root}/standins.py:null_in_classes", "null_label must be an integer outside the classes"),
+        ("{root}/standins.py:null_without_classes", "gives null_label but no num_classes"),
     ],
 )
 def test_factory_errors_are_one_line(

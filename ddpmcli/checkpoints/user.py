@@ -10,7 +10,11 @@ folder) or a Python file (``path/to/adapter.py``); ``FACTORY`` a callable in it,
 and returns its top-level dict. ``metadata`` has the keys of a ``ddpm.json``: ``schedule`` (a spec
 dict such as ``{"kind": "cosine", "timesteps": 1000}`` or a tensor of betas), ``prediction_type``,
 ``learned_variance``, ``data_shape``, ``data_range``; what it leaves out comes from the caller's
-options (``kind``, ``timesteps``, ``prediction_type``, ...), which win over it.
+options (``kind``, ``timesteps``, ``prediction_type``, ...), which win over it. A class-conditional
+module declares ``num_classes`` (its labels are 0..N-1) and, if it was trained with label dropout
+for classifier-free guidance, ``null_label`` (its unconditional label, outside 0..N-1: usually N,
+the extra row of its label table); it is then called ``module(x_t, t, labels)`` with int64 labels
+``[B]``, chosen and guided by :mod:`.conditioning` exactly as a diffusers class-conditional model.
 
 Trust: importing the named module runs its code, and that is the user's explicit choice (the
 factory may do anything Python can); the weights themselves are still read safely when the factory
@@ -33,12 +37,14 @@ from typing import Any
 from torch import Tensor, nn
 
 from ddpmcli import limits
+from ddpmcli.checkpoints.conditioning import Conditioning, LabelChoice
 from ddpmcli.checkpoints.loaded import LoadedModel, check_output_shape, loaded_model, module_mover
 from ddpmcli.checkpoints.meta import _finish, _merge, _Meta, _parse_meta
 from ddpmcli.checkpoints.unpickler import one_line, safe_torch_load
 from ddpmcli.errors import CheckpointError, DdpmError, ParameterError, verbatim
 
 SAFETENSORS_SUFFIX = ".safetensors"
+MAX_CLASSES = 1 << 20  # the size diffusers' class-conditional configs are checked against
 Factory = Callable[..., Any]
 """``factory(checkpoint_path, load_weights) -> nn.Module | tuple[nn.Module, Mapping]``."""
 
@@ -167,16 +173,19 @@ def load_user_model(p: Path, spec: str, given: _Meta, *, inspect_only: bool) -> 
     factory = resolve_factory(spec)
     module, raw = _call_factory(factory, p, spec)
     file_meta = _Meta() if raw is None else _parse_meta(raw, f"{spec} metadata")
+    classes = None if raw is None else _classes(raw, spec)
     meta = _merge(file_meta, given)
     _check_complete(meta, where, spec)
     module.eval()
-    info = {
+    info: dict[str, Any] = {
         "format": "user",
         "factory": spec,
         "learned_variance_inferred": meta.learned_variance is None,
         "architecture": type(module).__name__,
         "parameters": sum(t.numel() for t in module.parameters()),
     }
+    if classes is not None:  # conditioning.attach reads these, as it does a diffusers loader's
+        info["num_classes"], info["null_label"] = classes
     loaded = loaded_model(
         module,
         _finish(meta, where, flags_hint=True),
@@ -186,8 +195,51 @@ def load_user_model(p: Path, spec: str, given: _Meta, *, inspect_only: bool) -> 
     )
     if inspect_only and loaded.info["learned_variance_inferred"]:
         # the user chose to run this code: one tiny forward pass tells a learned variance apart
-        check_output_shape(loaded, where)
+        _check_inferred(loaded, classes, where)
     return loaded
+
+
+def _classes(raw: Mapping[str, Any], spec: str) -> tuple[int, int | None] | None:
+    """``(num_classes, null_label)`` declared by the factory's metadata, None if it has none.
+
+    Labels 0..N-1 are the classes; the null label, where there is one, is none of them (so
+    ``all`` and ``random`` never pick it, as with diffusers' and DiT's label tables).
+    """
+    num, null = raw.get("num_classes"), raw.get("null_label")
+    if num is None:
+        if null is not None:
+            raise CheckpointError.naming(
+                f"{{model}} {verbatim(spec)}: the factory's metadata gives null_label but no "
+                "num_classes"
+            )
+        return None
+    if isinstance(num, bool) or not isinstance(num, int) or not 1 <= num <= MAX_CLASSES:
+        raise CheckpointError.naming(
+            f"{{model}} {verbatim(spec)}: metadata num_classes must be an integer in "
+            f"1..{MAX_CLASSES}, got {verbatim(repr(num))}"
+        )
+    if null is None:
+        return num, None
+    if isinstance(null, bool) or not isinstance(null, int) or not num <= null <= MAX_CLASSES:
+        raise CheckpointError.naming(
+            f"{{model}} {verbatim(spec)}: metadata null_label must be an integer outside the "
+            f"classes 0..{num - 1} (usually {num}, the label table's extra row), got "
+            f"{verbatim(repr(null))}"
+        )
+    return num, null
+
+
+def _check_inferred(
+    loaded: LoadedModel, classes: tuple[int, int | None] | None, where: str
+) -> None:
+    """The load-time output check of ``info``, which attaches no conditioning: a class-conditional
+    module is called with label 0 for it (it may refuse a call without labels)."""
+    if classes is not None:
+        loaded.conditioning = Conditioning(classes[0], classes[1], LabelChoice("fixed", 0, 0))
+    try:
+        check_output_shape(loaded, where)
+    finally:
+        loaded.conditioning = None
 
 
 _HOW = {
