@@ -10,6 +10,7 @@ is ``(-LATENT_BOUND, LATENT_BOUND)``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ddpmcli.errors import ParameterError
+from ddpmcli.errors import DataError, ParameterError
 
 LATENT_BOUND = 1e4
 """The data range of latents, wide enough that clipping x0_hat to it never acts."""
@@ -87,6 +88,49 @@ class LatentSpace:
             ),
         }
 
+    def latents_of(self, data: Tensor) -> tuple[Tensor, Tensor | None]:
+        """``(latents, images)`` of ``data``: images ``[N, *image_shape]`` are encoded (once
+        each); data already ``[N, *latent_shape]`` are taken as latents (``images`` None).
+
+        Raises:
+            DataError: data of neither shape.
+        """
+        shape = tuple(int(d) for d in data.shape[1:])
+        if shape == tuple(self.image_shape):
+            return self.encode(data), data.to("cpu", torch.float64)
+        if shape == tuple(self.latent_shape):
+            return data.to("cpu", torch.float64), None
+        raise DataError(
+            f"data samples have shape {list(shape)}; the model wants images "
+            f"{list(self.image_shape)} (encoded by its VAE) or latents {list(self.latent_shape)}"
+        )
+
+    def read(self, source: str, *, n: int | None, seed: int = 0) -> tuple[Tensor, Tensor | None]:
+        """``(latents, images)`` of a data source (an array file, an image folder or a built-in
+        set: its first ``n``): images in ``image_range`` are encoded once each; an array of
+        latent-shaped samples is taken as latents (``images`` None).
+
+        Raises:
+            DataError: data that cannot be read, or of neither shape (the image read's error).
+        """
+        from ddpmcli.data import get_data
+
+        try:
+            images = get_data(
+                source, n=n, seed=seed, data_shape=tuple(self.image_shape),
+                data_range=self.image_range, dtype=torch.float64,
+            )  # fmt: skip
+        except DataError as exc:
+            try:
+                latents = get_data(
+                    source, n=n, seed=seed, data_shape=tuple(self.latent_shape),
+                    data_range=(-LATENT_BOUND, LATENT_BOUND), dtype=torch.float64,
+                )  # fmt: skip
+            except DataError:
+                raise exc from None
+            return latents, None
+        return self.encode(images), images
+
 
 def latent_column(name: str) -> str:
     """The column a latent model's run shows for ``name``: errors in latent space say so."""
@@ -129,6 +173,24 @@ def space_rows(
     if decoded is not None:
         decoded.finish(out, ranks)
     return out
+
+
+def space_result(
+    model: Any, result: Any, decoded: DecodedError | None = None, ranks: Any = None
+) -> Any:
+    """A reconstruction result (``ReconstructionResult``) with its rows and columns named as
+    :func:`space_rows` names them, and ``decoded``'s columns added to the per-t rows: what
+    ``ddpmcli.reconstruct`` returns and ``ddpm reconstruct`` prints."""
+    if getattr(model, "latent", None) is None:
+        return result
+    sample_rows = result.sample_rows
+    return dataclasses.replace(
+        result,
+        rows=space_rows(model, result.rows, decoded, ranks),
+        columns=space_columns(model, result.columns) + (list(DECODED_COLUMNS) if decoded else []),
+        sample_rows=None if sample_rows is None else space_rows(model, sample_rows),
+        sample_columns=space_columns(model, result.sample_columns),
+    )
 
 
 DECODED_COLUMNS = ("mse_image", "psnr_image")
