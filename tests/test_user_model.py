@@ -601,3 +601,172 @@ def test_python_api_load_takes_the_factory(zoo: dict[str, Any]) -> None:
     loaded = ddpmcli.load(zoo["ddp"], model=_factory(zoo, "ddp"))
     assert (loaded.prediction_type, loaded.info["format"]) == ("v_prediction", "user")
     assert torch.equal(loaded.schedule.beta, zoo["ddp_betas"].double())
+
+
+# -- class-conditional improved/guided-diffusion (label_emb), through checkpoints.conditioning ---
+
+
+@pytest.fixture
+def cfg_env(monkeypatch: pytest.MonkeyPatch, iddpm_env: None) -> None:
+    """The label-dropout stand-in: its table's last row is the null label."""
+    monkeypatch.setenv("DDPM_NULL_LABEL", str(CLASSES))
+
+
+class _CountCalls:
+    """Counts a module's forward calls and the rows each carries."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.rows: list[int] = []
+        module.register_forward_pre_hook(lambda _m, args: self.rows.append(int(args[0].shape[0])))
+
+
+def _rescaled(zoo: dict[str, Any], t: torch.Tensor) -> torch.Tensor:
+    return t.float() * 1000.0 / zoo["iddpm_steps"]  # rescale_timesteps (improved-diffusion's)
+
+
+@pytest.mark.usefixtures("iddpm_env")
+def test_iddpm_class_conditional_is_read_from_label_emb(
+    cli: Callable[..., Result], zoo: dict[str, Any]
+) -> None:
+    """MODEL_FLAGS says nothing of class_cond: the state dict's label_emb.weight [4, C] does."""
+    spec = _factory(zoo, "iddpm")
+    row = _json(cli("info", "--model", spec, zoo["iddpm_cc"], "-f", "json"))[0]
+    assert row["num_classes"] == CLASSES
+    assert "null_label" not in row and "class_label" not in row  # none; info needs no label
+    assert (row["architecture"], row["learned_variance"]) == ("RescaledTimesteps", True)
+    row = _json(cli("info", "--model", spec, zoo["iddpm_cc"], "--class-label", "all", "-f", "json"))
+    assert row[0]["class_label"] == f"0-{CLASSES - 1}"
+    plain = _json(cli("info", "--model", spec, zoo["iddpm"], "-f", "json"))[0]
+    assert "num_classes" not in plain  # the unconditional one stays unconditional
+
+
+@pytest.mark.usefixtures("iddpm_env")
+def test_iddpm_labels_reach_the_network_and_all_cycles(zoo: dict[str, Any]) -> None:
+    import ddpmcli
+
+    model = ddpmcli.load(zoo["iddpm_cc"], model=_factory(zoo, "iddpm"), class_label="all")
+    x = torch.randn(6, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    t = torch.full((6,), 120)
+    index = torch.arange(6) + 3  # global sample indices 3..8: labels 3, 0, 1, 2, 3, 0
+    eps, v = model.predict(x, t, sample_index=index)
+    with torch.no_grad():
+        want = zoo["iddpm_cc_net"](x, _rescaled(zoo, t), torch.tensor([3, 0, 1, 2, 3, 0]))
+    assert v is not None
+    assert torch.equal(eps, want[:, :3]) and torch.equal(v, want[:, 3:])
+    fixed = [
+        ddpmcli.load(zoo["iddpm_cc"], model=_factory(zoo, "iddpm"), class_label=k).predict(x, t)[0]
+        for k in ("0", "1")
+    ]
+    assert float((fixed[0] - fixed[1]).detach().abs().min()) > 0  # another label: every value moves
+
+
+@pytest.mark.usefixtures("iddpm_env")
+def test_iddpm_class_labels_through_the_cli(
+    cli: Callable[..., Result], zoo: dict[str, Any]
+) -> None:
+    base = ("reconstruct", "--model", _factory(zoo, "iddpm"), zoo["iddpm_cc"], "--data",
+            zoo["data"], "--n", "6", "--t", "0,100,199", "--seed", "2", "-f", "json")  # fmt: skip
+    by_label = [_json(cli(*base, "--class-label", k)) for k in ("0", "1")]
+    assert [r["t"] for r in by_label[0]] == [0, 100, 199]
+    assert all(a["mse"] != b["mse"] for a, b in zip(*by_label, strict=True))
+    every = cli(*base, "--class-label", "all")
+    _same_rows(every, cli(*base, "--class-label", f"0-{CLASSES - 1}"))
+    _same_rows(every, cli(*base, "--class-label", "all", "--batch-size", "4"))  # by sample index
+    sample = ("sample", "--model", _factory(zoo, "iddpm"), zoo["iddpm_cc"], "--n", "2", "--steps",
+              "3", "--variance", "learned_range", "-f", "json")  # fmt: skip
+    drawn = [_json(cli(*sample, "--class-label", k)) for k in ("1", "2")]
+    assert [r["x0_std"] for r in drawn[0]] != [r["x0_std"] for r in drawn[1]]
+    nll = ("nll", "--model", _factory(zoo, "iddpm"), zoo["iddpm_cc"], "--data", zoo["data"],
+           "--n", "2", "--t-random", "3", "-f", "json")  # fmt: skip
+    totals = [_json(cli(*nll, "--class-label", k))[-1] for k in ("0", "3")]
+    assert totals[0]["term"] == "total_estimate"  # --t-random: an estimate of the bound
+    assert totals[0]["bits_per_dim"] != totals[1]["bits_per_dim"]
+
+
+@pytest.mark.usefixtures("iddpm_env")
+@pytest.mark.parametrize(
+    ("args", "code", "line"),
+    [
+        (["--class-label", "1", "--guidance-scale", "2"], 1,
+         "Error: --guidance-scale needs a null (unconditional) label, and this model has none"),
+        (["--class-label", "null"], 1,
+         "Error: --class-label null: this model has no null (unconditional) label"),
+        ([], 1, f"Error: a class-conditional model with {CLASSES} classes and no null label: pass "
+         "--class-label (K, A-B, all, random or null)"),
+        (["--class-label", "4"], 2, "Error: --class-label 4 is out of range: the model has 4"),
+    ],
+)  # fmt: skip
+def test_iddpm_without_null_label_refuses_guidance(
+    cli: Callable[..., Result], zoo: dict[str, Any], args: list[str], code: int, line: str
+) -> None:
+    """guided-diffusion's ImageNet models guide with a classifier: no null label to guide with."""
+    result = cli("sample", "--model", _factory(zoo, "iddpm"), zoo["iddpm_cc"], "--n", "2",
+                 "--steps", "2", "-q", *args)  # fmt: skip
+    assert result.exit_code == code
+    assert result.stderr.startswith(line) and result.stderr.count("\n") == 1
+    assert result.stdout == ""
+
+
+@pytest.mark.usefixtures("iddpm_env")
+def test_unconditional_user_model_refuses_class_labels(
+    cli: Callable[..., Result], zoo: dict[str, Any]
+) -> None:
+    result = cli("sample", "--model", _factory(zoo, "iddpm"), zoo["iddpm"], "--n", "2", "--steps",
+                 "2", "-q", "--class-label", "1")  # fmt: skip
+    assert result.exit_code == 1
+    assert result.stderr == (
+        f"Error: {zoo['iddpm']}: --class-label given, but the model is unconditional\n"
+    )
+
+
+@pytest.mark.usefixtures("cfg_env")
+def test_iddpm_null_label_guides_in_one_batched_call(
+    cli: Callable[..., Result], zoo: dict[str, Any]
+) -> None:
+    import ddpmcli
+
+    spec = _factory(zoo, "iddpm")
+    row = _json(cli("info", "--model", spec, zoo["iddpm_cfg"], "-f", "json"))[0]
+    assert (row["num_classes"], row["null_label"], row["class_label"]) == (CLASSES, CLASSES, "null")
+    scale = 3.0
+    model = ddpmcli.load(zoo["iddpm_cfg"], model=spec, class_label="random", guidance_scale=scale)
+    counter = _CountCalls(model.denoiser)
+    steps, n = 3, 5
+    ddpmcli.sample(model, n=n, steps=steps, sampler="ddim", seed=0, batch_size=n)
+    assert counter.rows == [2 * n] * steps  # cond and null rows in ONE call per step
+    x = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(4))
+    t = torch.tensor([7, 150])
+    labels = model.conditioning.labels(torch.arange(2))  # type: ignore[union-attr]
+    eps, v = model.predict(x, t)
+    with torch.no_grad():
+        cond = zoo["iddpm_cfg_net"](x, _rescaled(zoo, t), labels)
+        null = zoo["iddpm_cfg_net"](x, _rescaled(zoo, t), torch.full((2,), CLASSES))
+    torch.testing.assert_close(eps, null[:, :3] + scale * (cond[:, :3] - null[:, :3]))
+    assert v is not None and torch.equal(v, cond[:, 3:])  # the variance is the conditional's
+    one = ddpmcli.load(zoo["iddpm_cfg"], model=spec, class_label="random", guidance_scale=1.0)
+    counter = _CountCalls(one.denoiser)
+    ddpmcli.sample(one, n=n, steps=steps, sampler="ddim", seed=0, batch_size=n)
+    assert counter.rows == [n] * steps  # scale 1: no second pass
+
+
+def test_iddpm_null_label_must_be_the_last_row(zoo: dict[str, Any]) -> None:
+    ex = zoo["m"].example("adapt_improved_diffusion")
+    state = load_weights(zoo["iddpm_cfg"])
+    assert ex.label_classes(state) == (CLASSES + 1, None)
+    assert ex.label_classes(state, CLASSES) == (CLASSES, CLASSES)
+    with pytest.raises(ValueError, match="must be the label table's last row, 4, got 2"):
+        ex.label_classes(state, 2)
+    with pytest.raises(ValueError, match="not class-conditional"):
+        ex.label_classes(load_weights(zoo["iddpm"]), 4)
+    settings = dict(ex.DEFAULTS, class_cond=True)
+    with pytest.raises(ValueError, match="class_cond is True, but the checkpoint has no label_emb"):
+        ex.adapt(zoo["m"].TinyIddpm(), load_weights(zoo["iddpm"]), settings)
+
+
+def test_factory_classes_and_an_inferred_variance(
+    cli: Callable[..., Result], zoo: dict[str, Any]
+) -> None:
+    """``info`` tells a learned variance apart with one forward pass, with a label for a model
+    that declares classes (the stand-in refuses a call without one)."""
+    row = _json(cli("info", "--model", _factory(zoo, "cc_plain"), zoo["iddpm_cc"], "-f", "json"))
+    assert (row[0]["num_classes"], row[0]["learned_variance"]) == (CLASSES, True)
