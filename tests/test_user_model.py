@@ -770,3 +770,43 @@ def test_factory_classes_and_an_inferred_variance(
     that declares classes (the stand-in refuses a call without one)."""
     row = _json(cli("info", "--model", _factory(zoo, "cc_plain"), zoo["iddpm_cc"], "-f", "json"))
     assert (row[0]["num_classes"], row[0]["learned_variance"]) == (CLASSES, True)
+
+
+FAKE_SCRIPT_UTIL = """
+from standins import TinyIddpm, TinyIddpmCond
+
+NUM_CLASSES = 1000  # as in improved-diffusion's script_util; the adapter sets it from label_emb
+
+
+def model_and_diffusion_defaults():
+    return {"image_size": 64, "class_cond": False, "learn_sigma": False}
+
+
+def create_model_and_diffusion(image_size, class_cond, learn_sigma):
+    if class_cond:
+        return TinyIddpmCond(NUM_CLASSES, learn_sigma=learn_sigma), None
+    return TinyIddpm(learn_sigma=learn_sigma), None
+"""
+
+
+@pytest.mark.usefixtures("cfg_env")
+def test_example_make_builds_the_class_conditional_network(
+    cli: Callable[..., Result], zoo: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The example's own make(), on a stand-in project package: class_cond and NUM_CLASSES
+    come from label_emb.weight (5 rows: 4 classes and the null row), not from the flags."""
+    package = zoo["root"] / "fake_iddpm_hb"
+    package.mkdir(exist_ok=True)
+    (package / "__init__.py").write_text("")
+    (package / "script_util.py").write_text(FAKE_SCRIPT_UTIL)
+    monkeypatch.syspath_prepend(str(zoo["root"]))
+    monkeypatch.setenv("DDPM_UNET_PACKAGE", "fake_iddpm_hb")
+    spec = f"{EXAMPLES / 'adapt_improved_diffusion'}.py:make"
+    row = _json(cli("info", "--model", spec, zoo["iddpm_cfg"], "-f", "json"))[0]
+    assert (row["num_classes"], row["null_label"]) == (CLASSES, CLASSES)
+    model = load_checkpoint(zoo["iddpm_cfg"], model=spec, class_label="2")
+    x = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(6))
+    t = torch.tensor([0, 99])
+    with torch.no_grad():
+        want = zoo["iddpm_cfg_net"](x, _rescaled(zoo, t), torch.tensor([2, 2]))
+    assert torch.equal(model.predict(x, t)[0], want[:, :3])
