@@ -749,6 +749,25 @@ def test_iddpm_null_label_guides_in_one_batched_call(
     assert counter.rows == [n] * steps  # scale 1: no second pass
 
 
+@pytest.mark.usefixtures("cfg_env")
+def test_iddpm_null_label_guidance_through_the_cli(
+    cli: Callable[..., Result], zoo: dict[str, Any]
+) -> None:
+    spec = _factory(zoo, "iddpm")
+    sample = ("sample", "--model", spec, zoo["iddpm_cfg"], "--n", "3", "--steps", "3",
+              "--class-label", "random", "--variance", "learned_range", "-f", "json")  # fmt: skip
+    plain, one = _json(cli(*sample)), _json(cli(*sample, "--guidance-scale", "1"))
+    guided = _json(cli(*sample, "--guidance-scale", "4"))
+    assert [r["x0_std"] for r in one] == [r["x0_std"] for r in plain]
+    assert [r["x0_std"] for r in guided] != [r["x0_std"] for r in plain]
+    rec = ("reconstruct", "--model", spec, zoo["iddpm_cfg"], "--data", zoo["data"], "--n", "3",
+           "--t", "50,150", "-f", "json")  # fmt: skip
+    measured = [_json(cli(*rec, "--class-label", "1", "--guidance-scale", s)) for s in ("1", "4")]
+    assert all(a["mse"] != b["mse"] for a, b in zip(*measured, strict=True))  # the guided one
+    unconditional = _json(cli(*rec))  # no label: the null label
+    assert all(a["mse"] != b["mse"] for a, b in zip(unconditional, measured[0], strict=True))
+
+
 def test_iddpm_null_label_must_be_the_last_row(zoo: dict[str, Any]) -> None:
     ex = zoo["m"].example("adapt_improved_diffusion")
     state = load_weights(zoo["iddpm_cfg"])
