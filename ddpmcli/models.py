@@ -266,5 +266,16 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def placed(module: nn.Module, device: torch.device, dtype: torch.dtype | None = None) -> nn.Module:
+    """``module.to(device, dtype)`` (in place, as torch moves modules), skipping torch's walk over
+    every submodule when each tensor is already there: a run moves its model once per call, and
+    that walk alone costs milliseconds on a small transformer (about 1% of a DiT sweep)."""
+    for tensor in (*module.parameters(), *module.buffers()):
+        floating = tensor.is_floating_point() or tensor.is_complex()
+        if tensor.device != device or (dtype is not None and floating and tensor.dtype != dtype):
+            return module.to(device=device) if dtype is None else module.to(device, dtype)
+    return module
+
+
 def _architecture(name: str) -> Architecture:
     return look_up(ARCHITECTURES, name, "architecture", CheckpointError)

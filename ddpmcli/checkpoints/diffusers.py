@@ -213,7 +213,7 @@ def load_diffusers(p: Path, given: _Meta) -> LoadedModel:
     keyword = "class_labels" if text is None else "encoder_hidden_states"
 
     def move(d: Any, dt: Any) -> _DiffusersDenoiser:
-        return _DiffusersDenoiser(net.to(device=d, dtype=dt), keyword)
+        return _DiffusersDenoiser(models.placed(net, d, dt), keyword)
 
     return loaded_model(
         _DiffusersDenoiser(net, keyword), finished, info, mover=move, latent=latent,

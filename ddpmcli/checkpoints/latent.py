@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from ddpmcli.errors import DataError, ParameterError
+from ddpmcli.models import placed
 
 LATENT_BOUND = 1e4
 """The data range of latents, wide enough that clipping x0_hat to it never acts."""
@@ -46,7 +47,7 @@ class LatentSpace:
     def to(self, device: str | torch.device) -> LatentSpace:
         dev = torch.device(device)
         return LatentSpace(
-            self.vae.to(device=dev, dtype=torch.float32),
+            placed(self.vae, dev, torch.float32),
             self.scaling_factor,
             self.shift_factor,
             self.image_shape,

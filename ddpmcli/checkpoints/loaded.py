@@ -17,6 +17,7 @@ from ddpmcli.checkpoints.guard import model_call
 from ddpmcli.checkpoints.latent import LatentSpace
 from ddpmcli.checkpoints.unpickler import one_line
 from ddpmcli.errors import CheckpointError, verbatim
+from ddpmcli.models import placed
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]
 _Mover = Callable[[torch.device, "torch.dtype | None"], Denoiser]
@@ -147,7 +148,7 @@ def load_state(module: nn.Module, state: Mapping[str, Any], where: str) -> None:
 
 def module_mover(module: nn.Module) -> _Mover:
     def move(device: torch.device, dtype: torch.dtype | None) -> Denoiser:
-        moved = module.to(device=device) if dtype is None else module.to(device=device, dtype=dtype)
+        moved: Denoiser = placed(module, device, dtype)
         return moved
 
     return move

@@ -241,7 +241,7 @@ class _Sweep:
 
 def _chunk_metrics(
     run: _Sweep, x0_g: Tensor, eps_g: Tensor, g0: int, a: int, b: int
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Pairs ``a .. b - 1`` of the group starting at sample ``g0`` (pair p is position
     ``p // size``, sample ``g0 + p % size``): their positions ``ti`` and samples ``si``, x_t
     and x0_hat (per-pair sums over values go into ``run.sums`` / ``run.per``)."""
