@@ -18,7 +18,7 @@ has to move is copied, never moved in place.
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -31,6 +31,13 @@ from torch import Tensor, nn
 
 from ddpmcli import core, limits
 from ddpmcli.checkpoints import LoadedModel, load_checkpoint
+from ddpmcli.checkpoints.in_memory import (
+    callable_mover,
+    module_denoiser,
+    module_mover,
+    module_state,
+)
+from ddpmcli.checkpoints.latent import decoded_error, space_result, space_rows
 from ddpmcli.checkpoints.loaded import check_output_shape, loaded_model
 from ddpmcli.choices import (
     DEFAULT_SPACING,
@@ -50,7 +57,9 @@ from ddpmcli.run import (
     BoundResult,
     Observer,
     OptimalDenoiser,
+    ReconstructionData,
     ReconstructionResult,
+    RunError,
     SampleRun,
     SampleSettings,
     check_sample_settings,
@@ -82,10 +91,12 @@ __all__ = [
     "wrap",
 ]
 
-Data = Tensor | str | None
-"""Data for :func:`reconstruct` and :func:`nll`: a tensor ``[n, *data_shape]`` in the model's
-range, a built-in set's name or a path to an array file or image folder (the first ``n``
-samples), or None for the checkpoint's reference samples."""
+Data = Tensor | str | ReconstructionData | None
+"""Data for :func:`reconstruct`, :func:`nll` and :func:`sample`'s references: a tensor
+``[n, *data_shape]`` in the model's range, a built-in set's name or a path to an array file or
+image folder (the first ``n`` samples), or None for the checkpoint's reference samples. A latent
+model's data are images (encoded once each by its VAE) or latents (``[n, *data_shape]``); a
+:class:`~ddpmcli.run.ReconstructionData` (``reconstruction_data``) is taken as it is."""
 DeviceLike = DeviceName | str | torch.device
 DtypeLike = DtypeName | torch.dtype
 
@@ -161,73 +172,6 @@ def load(
     )
 
 
-def _module_state(module: nn.Module) -> tuple[torch.device, torch.dtype]:
-    """Where a module's parameters (or buffers) live and their floating dtype (CPU/float32 for
-    a module without any)."""
-    for tensor in [*module.parameters(), *module.buffers()]:
-        if tensor.is_floating_point():
-            return tensor.device, tensor.dtype
-    return torch.device("cpu"), torch.float32
-
-
-def _output_tensor(out: Any) -> Any:
-    """A model's output as a tensor: diffusers' ``UNet2DOutput`` (``.sample``) and tuples
-    (first item) are unwrapped; anything else is left for the shape check to refuse."""
-    if isinstance(out, Tensor):
-        return out
-    if isinstance(out, tuple | list) and out and isinstance(out[0], Tensor):
-        return out[0]
-    sample_field = getattr(out, "sample", None)
-    return sample_field if isinstance(sample_field, Tensor) else out
-
-
-def _module_denoiser(module: nn.Module) -> Callable[[Tensor, Tensor], Tensor]:
-    """``module(x_t, t)`` in eval mode, the module's own mode restored after the call."""
-
-    def denoise(x_t: Tensor, t: Tensor) -> Tensor:
-        training = module.training
-        module.eval()
-        try:
-            return _output_tensor(module(x_t, t))
-        finally:
-            module.train(training)
-
-    return denoise
-
-
-def _module_mover(
-    module: nn.Module,
-) -> Callable[[torch.device, torch.dtype | None], Callable[[Tensor, Tensor], Tensor]]:
-    """Moves a wrapped module: itself where it already is, else a moved copy (``nn.Module.to``
-    acts in place, and a training loop's module must not change device or dtype under it)."""
-
-    def move(device: torch.device, dtype: torch.dtype | None) -> Callable[[Tensor, Tensor], Tensor]:
-        here, own = _module_state(module)
-        same_device = here == device or (here.type == device.type and device.index is None)
-        if same_device and (dtype is None or dtype == own):
-            return _module_denoiser(module)
-        moved = copy.deepcopy(module)
-        if dtype is None:
-            moved.to(device=device)
-        else:
-            moved.to(device=device, dtype=dtype)
-        return _module_denoiser(moved)
-
-    return move
-
-
-def _callable_mover(
-    fn: Callable[[Tensor, Tensor], Any],
-) -> Callable[[torch.device, torch.dtype | None], Callable[[Tensor, Tensor], Tensor]]:
-    """A plain callable cannot be moved: it is called with x_t on the device and in the dtype
-    of the run, and must cope."""
-
-    def denoise(x_t: Tensor, t: Tensor) -> Tensor:
-        return _output_tensor(fn(x_t, t))
-
-    return lambda device, dtype: denoise
-
-
 def wrap(
     module: nn.Module | Callable[[Tensor, Tensor], Any],
     *,
@@ -276,13 +220,13 @@ def wrap(
     if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
         raise ParameterError(f"{{data_range}} [{lo}, {hi}]: want finite lo < hi")
     if isinstance(module, nn.Module):
-        device, dtype = _module_state(module)
-        mover = _module_mover(module)
-        denoiser = _module_denoiser(module)
+        device, dtype = module_state(module)
+        mover = module_mover(module)
+        denoiser = module_denoiser(module)
         kind = type(module).__name__
     elif callable(module):
         device, dtype = torch.device("cpu"), torch.float32
-        mover = _callable_mover(module)
+        mover = callable_mover(module)
         denoiser = mover(device, None)
         kind = getattr(module, "__name__", type(module).__name__)
     else:
@@ -306,24 +250,23 @@ def _run_place(
 
 def _data(
     model: LoadedModel, x0: Data | Any, n: int | None, seed: int, compare_optimal: bool = False
-) -> tuple[Tensor, OptimalDenoiser | None]:
-    """The samples a run evaluates: a tensor (or array) as given, else the first ``n`` of a
-    data source or of the reference samples (:func:`ddpmcli.run.reconstruction_data`)."""
+) -> ReconstructionData:
+    """The samples a run evaluates: a tensor (or array) as given (a latent model's images
+    encoded), else the first ``n`` of a data source or of the reference samples
+    (:func:`ddpmcli.run.reconstruction_data`)."""
+    if isinstance(x0, ReconstructionData):
+        return x0
     if x0 is None or isinstance(x0, str | os.PathLike):
-        picked = reconstruction_data(
+        return reconstruction_data(
             model, None if x0 is None else os.fspath(x0), n=n if n is not None else 64,
             seed=seed, compare_optimal=compare_optimal,
         )  # fmt: skip
-        return picked.x0, picked.optimal
-    data = torch.as_tensor(x0)
-    if n is not None:
-        data = data[:n]
-    latent = model.latent
-    if latent is not None and tuple(latent.image_shape) != tuple(model.data_shape):
-        if tuple(data.shape[1:]) == tuple(latent.image_shape):  # images: their latents, once
-            data = latent.encode(data)
+    data = torch.as_tensor(x0)[:n]
+    images = None
+    if model.latent is not None:
+        data, images = model.latent.latents_of(data)
     optimal = OptimalDenoiser.from_points(data) if compare_optimal else None
-    return data, optimal
+    return ReconstructionData(x0=data, source="tensor", optimal=optimal, images=images)
 
 
 def _timesteps(t: Sequence[int] | int | Tensor) -> list[int]:
@@ -350,6 +293,7 @@ def reconstruct(
     dtype: DtypeLike | None = None,
     per_sample: bool = False,
     compare_optimal: OptimalDenoiser | bool | None = None,
+    decode: bool = False,
     observers: Sequence[Observer] = (),
     ranks: Ranks | None = None,
 ) -> ReconstructionResult:
@@ -359,7 +303,8 @@ def reconstruct(
     Each sample keeps one noise (from ``seed`` and its index) at every t. ``r.rows`` holds one
     dict per t with the CLI's columns (``t, alpha_bar, snr, mse, psnr, eps_mse,
     clip_fraction``, plus ``optimal_mse, optimal_eps_mse, excess_mse, excess_stderr`` with an
-    optimal denoiser); ``r.sample_rows`` one per (t, sample) with ``per_sample``.
+    optimal denoiser); ``r.sample_rows`` one per (t, sample) with ``per_sample``. A latent
+    model's errors are in latent space and named so (``mse_latent``, ..., ``psnr_latent`` None).
 
     Args:
         model: from :func:`load` or :func:`wrap`.
@@ -373,20 +318,26 @@ def reconstruct(
         device, dtype: where and in which dtype the model runs (default: the model's own).
         compare_optimal: an :class:`~ddpmcli.run.OptimalDenoiser`, or True for the data's own
             (the closed form of ``gmm``, else the finite set of the given samples).
+        decode: a latent model on images: also decode each x0_hat with the VAE and add its
+            image-space error, ``mse_image`` and ``psnr_image``, to the per-t rows.
         observers: called with progress events.
         ranks: a torchrun process group (the CLI's); None: one process.
     """
-    wanted = compare_optimal is True
-    data, optimal = _data(model, x0, n, seed, compare_optimal=wanted)
-    if isinstance(compare_optimal, OptimalDenoiser):
-        optimal = compare_optimal
+    picked = _data(model, x0, n, seed, compare_optimal=compare_optimal is True)
+    optimal = compare_optimal if isinstance(compare_optimal, OptimalDenoiser) else picked.optimal
     indices = default_timesteps(model.schedule.num_steps) if t is None else _timesteps(t)
+    decoded = decoded_error(model, picked, indices, per_sample) if decode else None
     dev, mdtype = _run_place(model, device, dtype)
-    return reconstruction_sweep(
-        model, data, indices, batch_size=batch_size, seed=seed, device=dev, dtype=mdtype,
-        clip=clip, per_sample=per_sample, compare_optimal=optimal, observers=observers,
-        ranks=ranks,
-    )  # fmt: skip
+    try:
+        result = reconstruction_sweep(
+            model, picked.x0, indices, batch_size=batch_size, seed=seed, device=dev, dtype=mdtype,
+            clip=clip, per_sample=per_sample, compare_optimal=optimal,
+            observers=[*observers, *([decoded] if decoded else [])], ranks=ranks,
+        )  # fmt: skip
+    except RunError as exc:  # the rows so far, named as the result's would be
+        exc.rows = space_rows(model, exc.rows)
+        raise
+    return space_result(model, result, decoded, ranks)
 
 
 @dataclass(kw_only=True)
@@ -394,10 +345,12 @@ class SampleResult(SampleRun):
     """What :func:`sample` returns: a :class:`~ddpmcli.run.SampleRun` (``samples``
     ``[n, *data_shape]`` on the CPU, float32 or float64 when the model runs in float64; ``rows``,
     one dict per step with the CLI's columns; the ``trajectory`` frames) with the schedule that
-    ran (respaced) and the settings."""
+    ran (respaced), the settings, and the ``references`` the samples were compared with (a
+    latent model's: latents)."""
 
     schedule: core.Schedule
     settings: SampleSettings
+    references: Tensor | None = None
 
 
 def sampling_spacing(model: LoadedModel, spacing: str | None = None) -> tuple[str, int]:
@@ -465,6 +418,7 @@ def sample(
     device: DeviceLike | None = None,
     dtype: DtypeLike | None = None,
     data_variance: float | None = None,
+    references: Data | Any = None,
     trajectory_every: int | None = None,
     trajectory_samples: int | None = None,
     observers: Sequence[Observer] = (),
@@ -486,7 +440,11 @@ def sample(
         dynamic_threshold: a percentile in (0, 1) for dynamic thresholding instead of ``clip``.
         batch_size: samples per model call (default: all).
         device, dtype: where and in which dtype the model runs (default: the model's own).
-        data_variance: var(x0) for ``xt_std_expected`` (default: the reference samples', else 1).
+        data_variance: var(x0) for ``xt_std_expected`` (default: the references', else 1).
+        references: data to compare the samples with (a tensor or a data source: all of a file,
+            2000 of a built-in set; default: the checkpoint's reference samples). A latent
+            model's images are encoded by its VAE (latent-shaped data are taken as latents):
+            the comparison is in latent space, where the samples are.
         trajectory_every, trajectory_samples: keep x0_hat every K steps, of the first samples.
         observers: called with every step's event; ranks: a torchrun process group.
 
@@ -500,8 +458,8 @@ def sample(
         trajectory_samples=trajectory_samples,
     )  # fmt: skip
     sched = sampling_schedule(model, steps, spacing)
+    refs = _references(model, references, seed)
     if data_variance is None:
-        refs = model.reference_samples
         data_variance = 1.0 if refs is None else float(refs.double().var(correction=0))
     dev, mdtype = _run_place(model, device, dtype)
     if (dev, mdtype) != (model.device, model.dtype):
@@ -514,8 +472,27 @@ def sample(
     return SampleResult(
         samples=run.samples, rows=run.rows, trajectory=run.trajectory,
         schedule_name=run.schedule_name, data_variance=run.data_variance, schedule=sched,
-        settings=settings,
+        settings=settings, references=refs,
     )  # fmt: skip
+
+
+def _references(model: LoadedModel, references: Data | Any, seed: int) -> Tensor | None:
+    """The data :func:`sample` compares with (a latent model's as latents), or None."""
+    if references is None:
+        return model.reference_samples
+    if isinstance(references, ReconstructionData):
+        return references.x0
+    if not isinstance(references, str | os.PathLike):
+        data = torch.as_tensor(references)
+        return data if model.latent is None else model.latent.latents_of(data)[0]
+    source = os.fspath(references)
+    count = None if os.path.exists(source) else 2000
+    if model.latent is not None:
+        return model.latent.read(source, n=count, seed=seed)[0]
+    from ddpmcli.data import get_data
+
+    shape, data_range = model.data_shape, model.data_range
+    return get_data(source, n=count, seed=seed, data_shape=shape, data_range=data_range)
 
 
 def nll(
@@ -541,7 +518,7 @@ def nll(
     ``r.rows``: one dict per evaluated t (``term`` kl, or the decoder at t = 0), then ``prior``,
     then ``total`` (every t) or ``total_estimate`` (``t_random``); ``r.total_bpd`` and
     ``r.total_stderr`` repeat the total (None for a fixed subset ``t``); ``r.per_sample_total``
-    each sample's.
+    each sample's. A latent model's columns say they are in latent space (``bits_per_dim_latent``).
 
     Args:
         model: from :func:`load` or :func:`wrap`.
@@ -559,7 +536,7 @@ def nll(
     """
     if t is not None and t_random is not None:
         raise ParameterError("{t} and {t_random} cannot be used together")
-    data, _ = _data(model, x0, n, seed)
+    data = _data(model, x0, n, seed).x0
     num = model.schedule.num_steps
     strata = None
     indices: list[int] | None = None
@@ -573,9 +550,15 @@ def nll(
     dev, mdtype = _run_place(model, device, dtype)
     if (dev, mdtype) != (model.device, model.dtype):
         model = model.to(dev, mdtype)
-    return variational_bound(
-        model.predict, model.schedule, model.prediction_type, data, t_indices=indices,
-        strata=strata, variance=variance, learned_variance=model.learned_variance, decoder=dec,
-        clip=clip, data_range=model.data_range, seed=seed, batch_size=batch_size,
-        device=model.device, model_dtype=model.dtype, observers=observers, ranks=ranks,
-    )  # fmt: skip
+    try:
+        result = variational_bound(
+            model.predict, model.schedule, model.prediction_type, data, t_indices=indices,
+            strata=strata, variance=variance, learned_variance=model.learned_variance,
+            decoder=dec, clip=clip, data_range=model.data_range, seed=seed,
+            batch_size=batch_size, device=model.device, model_dtype=model.dtype,
+            observers=observers, ranks=ranks,
+        )  # fmt: skip
+    except RunError as exc:  # the terms so far, named as the result's would be
+        exc.rows = space_rows(model, exc.rows)
+        raise
+    return dataclasses.replace(result, rows=space_rows(model, result.rows))

@@ -116,7 +116,7 @@ def nll(
       ddpm nll ckpt.pt --n 64 --t-random 50 --format json
     """
     from ddpmcli import api
-    from ddpmcli.checkpoints.latent import space_columns, space_rows
+    from ddpmcli.checkpoints.latent import space_columns
     from ddpmcli.run import BOUND_COLUMNS, RunError, progress_observer
 
     table.check()
@@ -155,14 +155,14 @@ def nll(
             )  # fmt: skip
     except RunError as exc:  # the finite terms so far, then the error
         if exc.rows:
-            rows = space_rows(model, exc.rows)
-            table.emit(rows, cols, f"nll {checkpoint.name}")
+            table.emit(exc.rows, cols, f"nll {checkpoint.name}")
         raise
-    rows = result.rows
+    rows = result.rows  # named as the model's space says (bits_per_dim_latent, ...)
     if per_sample and result.per_sample_total is not None:
         totals = result.per_sample_total.tolist()
-        rows = [{"sample": i, "bits_per_dim": v} for i, v in enumerate(totals)]
-    table.emit(space_rows(model, rows), cols, f"nll {checkpoint.name}")
+        name = space_columns(model, ["bits_per_dim"])[0]
+        rows = [{"sample": i, name: v} for i, v in enumerate(totals)]
+    table.emit(rows, cols, f"nll {checkpoint.name}")
     if not table.quiet:
         _nll_note(result, result.decoder, decoder, int(x0.shape[0]), picked.source)
 

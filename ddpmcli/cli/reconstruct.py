@@ -99,7 +99,6 @@ def reconstruct(
       ddpm reconstruct model.pt2 --kind cosine --prediction-type v --data-shape 2 --data moons
     """
     from ddpmcli import api
-    from ddpmcli.checkpoints.latent import space_rows
     from ddpmcli.run import RunError, default_timesteps, progress_observer
 
     table.check()
@@ -121,21 +120,20 @@ def reconstruct(
         compare_optimal=compare_optimal,
     )  # fmt: skip
     title = f"reconstruct {checkpoint.name}"
-    cols, decoded = _shown_columns(model, picked, indices, table.columns, per_sample, decode)
+    cols = _shown_columns(model, picked.optimal is not None, table.columns, per_sample, decode)
     try:
         total = len(indices) * picked.x0.shape[0]
         with progress(total, "reconstructing", table.quiet) as bar, as_flags():
             result = api.reconstruct(
-                model, picked.x0, indices, batch_size=batch_size, seed=seed, device=run_device,
-                dtype=dtype, clip=clip, per_sample=per_sample, compare_optimal=picked.optimal,
-                observers=[progress_observer(bar), *([decoded] if decoded else [])], ranks=ranks,
+                model, picked, indices, batch_size=batch_size, seed=seed, device=run_device,
+                dtype=dtype, clip=clip, per_sample=per_sample, decode=decode,
+                observers=[progress_observer(bar)], ranks=ranks,
             )  # fmt: skip
     except RunError as exc:  # the rows of every finite t, then the first bad t
         if exc.rows:
-            table.emit(space_rows(model, exc.rows), cols, title)
+            table.emit(exc.rows, cols, title)
         raise
     rows = result.sample_rows if per_sample and result.sample_rows is not None else result.rows
-    rows = space_rows(model, rows, decoded, ranks)
     table.emit(rows, cols, title)
     if plot_path is not None and ranks.is_main:
         from ddpmcli.plotting.reconstruct import plot_reconstruction
@@ -148,15 +146,14 @@ def reconstruct(
 
 
 def _shown_columns(
-    model: Any, picked: Any, indices: list[int], columns: str | None, per_sample: bool, decode: bool
-) -> tuple[list[str], Any]:
-    """The columns to show, as a latent model names them (mse -> mse_latent, ...), and the
-    ``--decode`` observer (:class:`~ddpmcli.checkpoints.latent.DecodedError`) or None."""
-    from ddpmcli.checkpoints.latent import DECODED_COLUMNS, decoded_error, space_columns
+    model: Any, optimal: bool, columns: str | None, per_sample: bool, decode: bool
+) -> list[str]:
+    """The columns to show (``--columns`` picks among them), named as the API's rows name them:
+    a latent model's say so (mse -> mse_latent, ...), ``--decode`` adds the image errors."""
+    from ddpmcli.checkpoints.latent import DECODED_COLUMNS, space_columns
 
-    decoded = decoded_error(model, picked, indices, per_sample) if decode else None
-    available = [*_columns(per_sample, picked.optimal is not None), *DECODED_COLUMNS[: 2 * decode]]
-    return space_columns(model, select_columns(columns, available)), decoded
+    available = [*_columns(per_sample, optimal), *DECODED_COLUMNS[: 2 * decode]]
+    return space_columns(model, select_columns(columns, available))
 
 
 def _columns(per_sample: bool, optimal: bool) -> tuple[str, ...]:

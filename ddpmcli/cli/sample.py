@@ -182,7 +182,9 @@ def sample(
             "--references",
             metavar="NAME|PATH",
             help="Reference samples to measure the samples against (a data file or built-in "
-            "set); default: the checkpoint's own (train --references N holds them out).",
+            "set); default: the checkpoint's own (train --references N holds them out). A latent "
+            "model's images are encoded by its VAE (latents are taken as given): compared in "
+            "latent space.",
             autocompletion=complete_data,
         ),
     ] = None,
@@ -243,7 +245,6 @@ def sample(
         schedule = api.sampling_schedule(model, steps, spacing)
     if save_path is not None and save_path.suffix.lower() == ".png" and len(model.data_shape) != 3:
         raise UsageError(f"--save {str(save_path)!r}: a .png grid needs image data; use .npz")
-    refs, data_variance = _reference_variance(model, reference, seed, table.quiet)
     title = f"sample {checkpoint.name} ({sampler}, {schedule.num_steps} steps)"
     cols = select_columns(table.columns, _step_columns())
     try:
@@ -251,13 +252,16 @@ def sample(
             run = api.sample(
                 model, n, steps, sampler, seed=seed, variance=variance, eta=eta, spacing=spacing,
                 clip=clip, dynamic_threshold=threshold, batch_size=batch_size,
-                data_variance=data_variance, trajectory_every=trajectory_every,
+                references=reference, trajectory_every=trajectory_every,
                 observers=[progress_observer(bar)], ranks=ranks,
             )  # fmt: skip
     except RunError as exc:  # NaN/Inf or the model's own failure: the rows so far, then the error
         if not summary and exc.rows:
             table.emit(exc.rows, cols, title)
         raise
+    refs = run.references  # a latent model's: latents (its images encoded by the VAE)
+    if not table.quiet:
+        _reference_note(model, refs)
     distances = _distances(run.samples, refs, model.data_shape, seed)
     if summary:
         row = _summary_row(settings, schedule.num_steps, n, seed, run.samples, distances)
@@ -318,27 +322,13 @@ def _reject_idle_options(
             raise UsageError(f"{flag} has no effect without {needs}; add {needs} or drop {flag}")
 
 
-def _reference_variance(
-    model: LoadedModel, source: str | None, seed: int, quiet: bool
-) -> tuple[Any, float]:
-    """The reference points (or None) and var(data) for xt_std_expected (1 without them)."""
-    refs = _reference(model, source, seed)
+def _reference_note(model: LoadedModel, refs: Any) -> None:
+    """Say what xt_std_expected's var(data) came from: 1 without references; a latent model
+    compares its samples (latents) with the references' latents."""
     if refs is None:
-        if not quiet:
-            note("xt_std_expected assumes var(data) = 1 (no reference samples)")
-        return None, 1.0
-    return refs, float(refs.double().var(correction=0))
-
-
-def _reference(model: LoadedModel, source: str | None, seed: int) -> Any:
-    if source is None:
-        return model.reference_samples
-    from ddpmcli.data import get_data
-
-    return get_data(
-        source, n=None if Path(source).exists() else 2000, seed=seed,
-        data_shape=model.data_shape, data_range=model.data_range,
-    )  # fmt: skip
+        note("xt_std_expected assumes var(data) = 1 (no reference samples)")
+    elif model.latent is not None:
+        note("references compared in latent space (images encoded by the VAE)")
 
 
 def _distances(samples: Any, refs: Any, data_shape: tuple[int, ...], seed: int) -> dict[str, float]:

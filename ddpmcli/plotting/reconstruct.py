@@ -146,6 +146,12 @@ def _scatter(a: Any, result: ReconstructionResult, pos: int, *, first: bool) -> 
         a.legend(loc="best", markerscale=3)
 
 
+def _named(result: ReconstructionResult, name: str) -> str:
+    """``name`` as the result's rows call it: a latent model's errors are ``<name>_latent``."""
+    latent = f"{name}_latent"
+    return latent if name not in result.columns and latent in result.columns else name
+
+
 def _curves(by_t: Any, by_snr: Any | None, result: ReconstructionResult) -> None:
     """Error curves against t and (unless ``by_snr`` is None) against log-SNR."""
     import numpy as np
@@ -155,7 +161,8 @@ def _curves(by_t: Any, by_snr: Any | None, result: ReconstructionResult) -> None
     with np.errstate(divide="ignore"):
         log_snr = np.log(snr)
     order = np.argsort(t)
-    for name, label, color in CURVES:
+    for plain, label, color in CURVES:
+        name = _named(result, plain)
         if name not in result.columns:
             continue
         y = np.asarray(result.curve(name), dtype=float)
@@ -176,7 +183,7 @@ def _curves(by_t: Any, by_snr: Any | None, result: ReconstructionResult) -> None
         if np.isfinite(log_snr).any():
             by_snr.invert_xaxis()  # noise grows to the right, as on the t panel
         by_snr.legend()
-    clip = np.asarray(result.curve("clip_fraction"), dtype=float)
+    clip = np.asarray(result.curve(_named(result, "clip_fraction")), dtype=float)
     if (clip > 0).any():  # how often x0_hat leaves the data range, on a second axis
         twin = by_t.twinx()
         twin.plot(t[order], clip[order], color="0.5", linestyle=":", label="clip fraction")

@@ -1,0 +1,81 @@
+"""An in-memory model (an ``nn.Module`` or a plain callable) as a denoiser: what
+:func:`ddpmcli.wrap` turns into a ``LoadedModel`` (its ``info`` says format ``in-memory``).
+
+A module runs in eval mode, its own mode restored after each call; a run that needs another
+device or dtype gets a moved copy, never the caller's module moved in place.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+Mover = Callable[[torch.device, torch.dtype | None], Callable[[Tensor, Tensor], Tensor]]
+"""Gives the denoiser on a device in a dtype (None: the model's own)."""
+
+
+def module_state(module: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Where a module's parameters (or buffers) live and their floating dtype (CPU/float32 for
+    a module without any)."""
+    for tensor in [*module.parameters(), *module.buffers()]:
+        if tensor.is_floating_point():
+            return tensor.device, tensor.dtype
+    return torch.device("cpu"), torch.float32
+
+
+def output_tensor(out: Any) -> Any:
+    """A model's output as a tensor: diffusers' ``UNet2DOutput`` (``.sample``) and tuples
+    (first item) are unwrapped; anything else is left for the shape check to refuse."""
+    if isinstance(out, Tensor):
+        return out
+    if isinstance(out, tuple | list) and out and isinstance(out[0], Tensor):
+        return out[0]
+    sample_field = getattr(out, "sample", None)
+    return sample_field if isinstance(sample_field, Tensor) else out
+
+
+def module_denoiser(module: nn.Module) -> Callable[[Tensor, Tensor], Tensor]:
+    """``module(x_t, t)`` in eval mode, the module's own mode restored after the call."""
+
+    def denoise(x_t: Tensor, t: Tensor) -> Tensor:
+        training = module.training
+        module.eval()
+        try:
+            return output_tensor(module(x_t, t))
+        finally:
+            module.train(training)
+
+    return denoise
+
+
+def module_mover(module: nn.Module) -> Mover:
+    """Moves a wrapped module: itself where it already is, else a moved copy (``nn.Module.to``
+    acts in place, and a training loop's module must not change device or dtype under it)."""
+
+    def move(device: torch.device, dtype: torch.dtype | None) -> Callable[[Tensor, Tensor], Tensor]:
+        here, own = module_state(module)
+        same_device = here == device or (here.type == device.type and device.index is None)
+        if same_device and (dtype is None or dtype == own):
+            return module_denoiser(module)
+        moved = copy.deepcopy(module)
+        if dtype is None:
+            moved.to(device=device)
+        else:
+            moved.to(device=device, dtype=dtype)
+        return module_denoiser(moved)
+
+    return move
+
+
+def callable_mover(fn: Callable[[Tensor, Tensor], Any]) -> Mover:
+    """A plain callable cannot be moved: it is called with x_t on the device and in the dtype
+    of the run, and must cope."""
+
+    def denoise(x_t: Tensor, t: Tensor) -> Tensor:
+        return output_tensor(fn(x_t, t))
+
+    return lambda device, dtype: denoise
