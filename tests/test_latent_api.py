@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from torch import Tensor
 from typer.testing import Result
 
 import ddpmcli
@@ -182,3 +183,32 @@ def test_sd_pipeline_decode_cli_equals_api(
     api = ddpmcli.reconstruct(model, str(data_file), t=[3, 17], batch_size=6, decode=True)
     assert _json(cli(*args)) == api.rows
     assert api.columns[-2:] == ["mse_image", "psnr_image"] and "mse_latent" in api.columns
+
+
+def test_the_rows_of_a_failed_run_carry_the_latent_names(dit: Path, data_file: Path) -> None:
+    """A model that returns NaN at t = 19: the rows of the other t (``RunError.rows``, printed
+    before the error) are named as a finished run's."""
+    from ddpmcli.run import RunError
+
+    model = ddpmcli.load(dit, class_label="0")
+    move = model._mover
+    assert move is not None
+
+    def poisoned(device: torch.device, dtype: torch.dtype | None) -> Any:
+        net = move(device, dtype)
+
+        def call(x_t: Tensor, t: Tensor, *rest: Any) -> Tensor:
+            out = net(x_t, t, *rest)
+            return torch.where((t == 19).view(-1, 1, 1, 1), torch.nan, out)
+
+        return call
+
+    model._mover = poisoned  # reconstruct moves the model (a new denoiser); nll calls it as is
+    model.denoiser = poisoned(model.device, None)
+    with pytest.raises(RunError) as failed:
+        ddpmcli.reconstruct(model, str(data_file), t=[0, 19], batch_size=6)
+    assert [r["t"] for r in failed.value.rows] == [0]
+    assert list(failed.value.rows[0]) == LATENT_COLUMNS
+    with pytest.raises(RunError) as bound:
+        ddpmcli.nll(model, str(data_file), t=[0, 19], n=2, batch_size=4)
+    assert bound.value.rows and all("x0_mse_latent" in r for r in bound.value.rows)
