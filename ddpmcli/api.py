@@ -31,8 +31,10 @@ from torch import Tensor, nn
 
 from ddpmcli import core, limits
 from ddpmcli.checkpoints import LoadedModel, load_checkpoint
+from ddpmcli.checkpoints.conditioning import attach
 from ddpmcli.checkpoints.in_memory import (
     callable_mover,
+    class_keys,
     module_denoiser,
     module_mover,
     module_state,
@@ -183,6 +185,11 @@ def wrap(
     reference_samples: Tensor | None = None,
     name: str | None = None,
     check: bool = True,
+    num_classes: int | None = None,
+    null_label: int | None = None,
+    class_label: str | int | None = None,
+    guidance_scale: float | None = None,
+    label_seed: int = 0,
 ) -> LoadedModel:
     """An in-memory model (an ``nn.Module`` or any callable) as a :class:`LoadedModel`.
 
@@ -202,10 +209,16 @@ def wrap(
         reference_samples: data ``[N, *data_shape]`` used when no data are given.
         name: shown as the model's name in ``info``.
         check: one forward pass on two distinct rows to check the output shape.
+        num_classes, null_label: a class-conditional module, called ``module(x_t, t, labels)``
+            (int64 labels 0..num_classes-1; ``null_label``, outside them, its unconditional
+            label if it was trained with label dropout).
+        class_label, guidance_scale, label_seed: as for :func:`load` (``K``, ``A-B``, ``all``,
+            ``random``, ``null``; classifier-free guidance needs ``null_label``).
 
     Raises:
-        ParameterError: a bad prediction type, data shape or range. CheckpointError: the
-            output shape does not fit (``check``).
+        ParameterError: a bad prediction type, data shape, range or class count.
+        CheckpointError: the output shape does not fit (``check``); a label or guidance the
+            model cannot take.
     """
     pred = prediction_type_of(prediction_type) if isinstance(prediction_type, str) else None
     if pred is None:
@@ -232,9 +245,11 @@ def wrap(
     else:
         raise ParameterError(f"{{module}} must be an nn.Module or a callable, got {type(module)}")
     finished = (schedule, pred, bool(learned_variance), shape, (lo, hi))
-    info = {"format": "in-memory", "architecture": kind, "path": name or kind}
+    info: dict[str, Any] = {"format": "in-memory", "architecture": kind, "path": name or kind}
+    info.update(class_keys(num_classes, null_label))
     model = loaded_model(denoiser, finished, info, references=reference_samples, mover=mover)
     model.device, model.dtype = device, dtype
+    model = attach(model, class_label, guidance_scale, label_seed, name or kind)
     if check:
         check_output_shape(model, name or kind)
     return model

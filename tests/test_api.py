@@ -206,6 +206,80 @@ def test_wrap_unwraps_outputs_and_rejects_bad_parameters() -> None:
         ddpmcli.wrap(lambda x, t: x[:, :2], schedule=sched, data_shape=(3,))
 
 
+class _Labelled(nn.Module):
+    """A class-conditional stand-in: a label table (4 classes and a null row 4) added to a
+    linear map of x_t, so every label moves the output differently."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.table, self.lin = nn.Embedding(5, 3), nn.Linear(3, 3)
+
+    def forward(self, x: Tensor, t: Tensor, labels: Tensor) -> Tensor:
+        return self.lin(x) + self.table(labels)
+
+
+def test_wrap_class_conditional_module_gets_each_rows_label_and_guidance() -> None:
+    sched, net = ddpmcli.schedule("linear", timesteps=50), _Labelled()
+    x0, ts = torch.rand(8, 3) - 0.5, [0, 25, 49]
+
+    def rows(fn: Any, **labels: Any) -> list[dict[str, Any]]:
+        model = ddpmcli.wrap(fn, schedule=sched, data_shape=(3,), **labels)
+        with torch.inference_mode():
+            return ddpmcli.reconstruct(model, x0, t=ts, seed=3).rows
+
+    def fixed(label: Tensor) -> Any:
+        return lambda x, t: net(x, t, label.expand(len(x)))
+
+    two = dict(num_classes=4, null_label=4)
+    assert rows(net, **two, class_label=2) == rows(fixed(torch.tensor(2)))
+    assert rows(net, **two) == rows(fixed(torch.tensor(4)))  # no label: the null label
+    assert rows(net, **two, class_label=1) != rows(net, **two, class_label=2)
+
+    # `all` cycles by sample index: sample i gets label i % 4, at every t
+    def per_sample(fn: Any, **labels: Any) -> list[dict[str, Any]]:
+        model = ddpmcli.wrap(fn, schedule=sched, data_shape=(3,), **labels)
+        return ddpmcli.reconstruct(model, x0, t=ts, seed=3, per_sample=True).sample_rows
+
+    cycled = per_sample(net, **two, class_label="all")
+    for label in range(4):
+        alone = per_sample(fixed(torch.tensor(label)))
+        mine = [r for r in cycled if r["sample"] % 4 == label]
+        assert mine and mine == [r for r in alone if r["sample"] % 4 == label]
+
+    def guided(x: Tensor, t: Tensor) -> Tensor:
+        cond, null = net(x, t, torch.full_like(t, 1)), net(x, t, torch.full_like(t, 4))
+        return null + 3.0 * (cond - null)
+
+    got = rows(net, **two, class_label=1, guidance_scale=3.0)
+    want = rows(guided)
+    for a, b in zip(got, want, strict=True):
+        assert a.keys() == b.keys()
+        assert all(math.isclose(a[k], b[k], rel_tol=1e-5, abs_tol=1e-9) for k in a)
+
+
+def test_wrap_class_conditional_refusals() -> None:
+    sched, net = ddpmcli.schedule("linear", timesteps=50), _Labelled()
+    with pytest.raises(CheckpointError, match="4 classes and no null label: pass class_label"):
+        ddpmcli.wrap(net, schedule=sched, data_shape=(3,), num_classes=4)
+    with pytest.raises(CheckpointError, match="guidance_scale needs a null"):
+        ddpmcli.wrap(
+            net, schedule=sched, data_shape=(3,), num_classes=4, class_label=0, guidance_scale=2
+        )
+    with pytest.raises(ParameterError, match=r"null_label must be .* outside the classes 0\.\.3"):
+        ddpmcli.wrap(net, schedule=sched, data_shape=(3,), num_classes=4, null_label=2)
+    with pytest.raises(ParameterError, match="null_label needs num_classes"):
+        ddpmcli.wrap(net, schedule=sched, data_shape=(3,), null_label=4)
+    with pytest.raises(ParameterError, match="num_classes must be a positive integer"):
+        ddpmcli.wrap(net, schedule=sched, data_shape=(3,), num_classes=0, class_label=0)
+    with pytest.raises(
+        ParameterError, match=r"class_label 7 is out of range: .* 4 classes \(0\.\.3\)"
+    ):
+        ddpmcli.wrap(net, schedule=sched, data_shape=(3,), num_classes=4, class_label=7)
+    with pytest.raises(CheckpointError, match="class_label"):  # an unconditional module
+        ddpmcli.wrap(lambda x, t: x, schedule=sched, data_shape=(3,), class_label=1)
+
+
 def test_api_errors_name_parameters(ckpt: str) -> None:
     model = ddpmcli.load(ckpt)
     with pytest.raises(ParameterError, match=r"^t 100 is out of range"):

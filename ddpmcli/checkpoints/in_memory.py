@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ddpmcli.errors import ParameterError
+
 Mover = Callable[[torch.device, torch.dtype | None], Callable[[Tensor, Tensor], Tensor]]
 """Gives the denoiser on a device in a dtype (None: the model's own)."""
 
@@ -39,13 +41,14 @@ def output_tensor(out: Any) -> Any:
 
 
 def module_denoiser(module: nn.Module) -> Callable[[Tensor, Tensor], Tensor]:
-    """``module(x_t, t)`` in eval mode, the module's own mode restored after the call."""
+    """``module(x_t, t)`` in eval mode, the module's own mode restored after the call; a
+    class-conditional one is called ``module(x_t, t, labels)``."""
 
-    def denoise(x_t: Tensor, t: Tensor) -> Tensor:
+    def denoise(x_t: Tensor, t: Tensor, *condition: Tensor) -> Tensor:
         training = module.training
         module.eval()
         try:
-            return output_tensor(module(x_t, t))
+            return output_tensor(module(x_t, t, *condition))
         finally:
             module.train(training)
 
@@ -75,7 +78,27 @@ def callable_mover(fn: Callable[[Tensor, Tensor], Any]) -> Mover:
     """A plain callable cannot be moved: it is called with x_t on the device and in the dtype
     of the run, and must cope."""
 
-    def denoise(x_t: Tensor, t: Tensor) -> Tensor:
-        return output_tensor(fn(x_t, t))
+    def denoise(x_t: Tensor, t: Tensor, *condition: Tensor) -> Tensor:
+        return output_tensor(fn(x_t, t, *condition))
 
     return lambda device, dtype: denoise
+
+
+def class_keys(num_classes: int | None, null_label: int | None) -> dict[str, int | None]:
+    """The class keys of ``info`` (what ``conditioning.attach`` reads) for ``wrap``, checked."""
+    if num_classes is None:
+        if null_label is not None:
+            raise ParameterError("{null_label} needs {num_classes}")
+        return {}
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ParameterError(f"{{num_classes}} must be a positive integer, got {num_classes!r}")
+    if null_label is not None and (
+        isinstance(null_label, bool)
+        or not isinstance(null_label, int)
+        or 0 <= null_label < num_classes
+    ):
+        raise ParameterError(
+            f"{{null_label}} must be an integer outside the classes 0..{num_classes - 1}, "
+            f"got {null_label!r}"
+        )
+    return {"num_classes": num_classes, "null_label": null_label}
