@@ -205,8 +205,9 @@ ModelOpt = Annotated[
         metavar="MODULE:FACTORY",
         help="Your own architecture: FACTORY in an importable module (pkg.nets:make) or a file "
         "(adapters/mine.py:make) is called with the checkpoint path and a safe weight loader and "
-        "returns the nn.Module (and optionally its metadata). Importing that module runs its "
-        "code, your explicit choice; the weights are still read without running any.",
+        "returns the nn.Module (and optionally its metadata: num_classes and null_label make it "
+        "class-conditional). Importing that module runs its code, your explicit choice; the "
+        "weights are still read without running any.",
     ),
 ]
 
