@@ -276,9 +276,12 @@ DIT_CLASSES = 5
 
 @pytest.fixture(scope="module")
 def dit(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return dit_folder(tmp_path_factory.mktemp("dit"))
+
+
+def dit_folder(root: Path) -> Path:
     """transformer/ (DiT, 2C output channels), vae/ (a tiny AutoencoderKL stored in fp16: 3x8x8
-    images, 4x4x4 latents), scheduler/ (learned_range)."""
-    root = tmp_path_factory.mktemp("dit")
+    images, 4x4x4 latents), scheduler/ (learned_range). Also used by test_diffusers_imports."""
     torch.manual_seed(0)
     net = diffusers.DiTTransformer2DModel(
         num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=1,
@@ -411,10 +414,16 @@ def test_cli_decode_is_the_image_error_of_the_decoded_x0_hat(
 
 @pytest.fixture(scope="module")
 def sd(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pytest.importorskip("transformers")
+    return sd_folder(tmp_path_factory.mktemp("sd"))
+
+
+def sd_folder(root: Path) -> Path:
     """unet/ (UNet2DConditionModel), text_encoder/ (a tiny CLIPTextModel), tokenizer/ (a
-    letters-only vocab.json and merges.txt written here), vae/, scheduler/."""
-    transformers = pytest.importorskip("transformers")
-    root = tmp_path_factory.mktemp("sd")
+    letters-only vocab.json and merges.txt written here), vae/, scheduler/. Also used by
+    test_diffusers_imports."""
+    import transformers
+
     letters = "abcdefghijklmnopqrstuvwxyz"
     vocab = {c: i for i, c in enumerate(letters)}
     vocab.update({f"{c}</w>": 26 + i for i, c in enumerate(letters)})

@@ -250,7 +250,10 @@ def _build(
     """The network of ``class_name`` from its config, its weights loaded as stored (their dtype
     kept: an fp16 file gives an fp16 module)."""
     with _offline_quiet():
-        cls = getattr(diffusers, class_name)  # diffusers imports only this model's module
+        # the lazy top-level name: diffusers then imports this class's model family (and what
+        # it eagerly pulls in), no pipeline; a precise submodule path imports exactly as much
+        # (tests/test_diffusers_imports.py measures that floor)
+        cls = getattr(diffusers, class_name)
         try:
             net = cls.from_config(config)
         except Exception as exc:
