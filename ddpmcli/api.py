@@ -39,7 +39,7 @@ from ddpmcli.checkpoints.in_memory import (
     module_mover,
     module_state,
 )
-from ddpmcli.checkpoints.latent import decoded_error, space_result, space_rows
+from ddpmcli.checkpoints.latent import decoded_error, samples_of, space_result, space_rows
 from ddpmcli.checkpoints.loaded import check_output_shape, loaded_model
 from ddpmcli.choices import (
     DEFAULT_SPACING,
@@ -276,10 +276,9 @@ def _data(
             model, None if x0 is None else os.fspath(x0), n=n if n is not None else 64,
             seed=seed, compare_optimal=compare_optimal,
         )  # fmt: skip
-    data = torch.as_tensor(x0)[:n]
-    images = None
-    if model.latent is not None:
-        data, images = model.latent.latents_of(data)
+    if n is not None:
+        limits.check_count(n, "n")
+    data, images = samples_of(model, x0, "x0", n)
     optimal = OptimalDenoiser.from_points(data) if compare_optimal else None
     return ReconstructionData(x0=data, source="tensor", optimal=optimal, images=images)
 
@@ -498,8 +497,7 @@ def _references(model: LoadedModel, references: Data | Any, seed: int) -> Tensor
     if isinstance(references, ReconstructionData):
         return references.x0
     if not isinstance(references, str | os.PathLike):
-        data = torch.as_tensor(references)
-        return data if model.latent is None else model.latent.latents_of(data)[0]
+        return samples_of(model, references, "references")[0]
     source = os.fspath(references)
     count = None if os.path.exists(source) else 2000
     if model.latent is not None:

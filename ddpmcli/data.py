@@ -37,6 +37,15 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 DEFAULT_RANGE = (-1.0, 1.0)
 
 
+class SampleShapeError(DataError):
+    """Data whose samples have another shape (``shape``) than the model wants: a caller that
+    takes two shapes (a latent model: images or latents) tries the other one."""
+
+    def __init__(self, message: str, shape: tuple[int, ...]) -> None:
+        super().__init__(message)
+        self.shape = tuple(int(d) for d in shape)
+
+
 # ---------------------------------------------------------------------------------------------
 # built-in sets
 
@@ -202,9 +211,10 @@ def get_data(
     if source in BUILTIN_DATASETS and not os.path.exists(source):
         spec = BUILTIN_DATASETS[source]
         if data_shape is not None and tuple(data_shape) != spec.data_shape:
-            raise DataError(
+            raise SampleShapeError(
                 f"built-in set {source!r} has samples of shape {spec.data_shape}, "
-                f"the model wants {tuple(data_shape)}"
+                f"the model wants {tuple(data_shape)}",
+                spec.data_shape,
             )
         x = builtin_dataset(source, 1000 if n is None else n, seed, dtype=dtype)
         lo, hi = data_range
@@ -362,8 +372,9 @@ def _arrange(arr: np.ndarray, data_shape: tuple[int, ...] | None, p: Path) -> np
     elif arr.ndim != 2:
         raise DataError(f"{p}: array of shape {arr.shape} is neither N x D nor N x C x H x W")
     if data_shape is not None and tuple(arr.shape[1:]) != tuple(data_shape):
-        raise DataError(
-            f"{p}: samples have shape {tuple(arr.shape[1:])}, the model wants {tuple(data_shape)}"
+        raise SampleShapeError(
+            f"{p}: samples have shape {tuple(arr.shape[1:])}, the model wants {tuple(data_shape)}",
+            tuple(arr.shape[1:]),
         )
     return np.ascontiguousarray(arr)
 

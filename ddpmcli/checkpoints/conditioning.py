@@ -19,8 +19,10 @@ channels are the conditional rows' (as DiT's ``forward_with_cfg``).
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from numbers import Real
 from typing import TYPE_CHECKING, cast
 
 import torch
@@ -36,6 +38,44 @@ ConditionalDenoiser = Callable[[Tensor, Tensor, Tensor], Tensor]
 """``denoiser(x_t, t, labels)`` with ``labels`` int64 ``[B]``."""
 
 LABEL_FORMS = "K, A-B, all, random or null"
+MAX_CLASSES = 1 << 20
+"""The most classes a model may declare (diffusers' class-conditional configs are checked
+against the same bound): a count read from a file or a caller is checked before anything uses it."""
+
+
+def whole_number(value: object) -> int | None:
+    """``value`` as an int when it is a whole number type (int, numpy's integers; not bool),
+    else None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+def guidance_value(scale: object) -> float:
+    """A guidance scale checked: a finite real number (not a bool, not a string).
+
+    Raises:
+        ParameterError: naming ``guidance_scale``.
+    """
+    one_value = isinstance(scale, Tensor) and scale.numel() == 1
+    if isinstance(scale, bool) or not (isinstance(scale, Real) or one_value):
+        raise ParameterError(f"{{guidance_scale}} must be a number, got {verbatim(repr(scale))}")
+    value = float(scale)  # type: ignore[arg-type]
+    if not math.isfinite(value):
+        raise ParameterError(f"{{guidance_scale}} must be finite, got {value}")
+    return value
+
+
+def label_seed_value(seed: object) -> int:
+    """The seed of ``random`` labels checked: a whole number (ParameterError naming
+    ``label_seed``)."""
+    value = whole_number(seed)
+    if value is None:
+        raise ParameterError(f"{{label_seed}} must be an integer, got {verbatim(repr(seed))}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -230,8 +270,8 @@ def make_conditioning(
             )
         class_label = "null"
     choice = LabelChoice.parse(class_label).resolve(num_classes)
-    scale = 1.0 if guidance_scale is None else float(guidance_scale)
-    return Conditioning(num_classes, null_label, choice, scale, seed)
+    scale = 1.0 if guidance_scale is None else guidance_value(guidance_scale)
+    return Conditioning(num_classes, null_label, choice, scale, label_seed_value(seed))
 
 
 def check_unconditional(class_label: object, guidance_scale: float | None, where: str) -> None:
@@ -271,9 +311,7 @@ def attach(
                 f"{verbatim(where)}: {{class_label}} given, but the model is text-conditional "
                 "(give {prompt})"
             )
-        scale = 1.0 if guidance_scale is None else float(guidance_scale)
-        if not math.isfinite(scale):
-            raise ParameterError(f"{{guidance_scale}} must be finite, got {scale}")
+        scale = 1.0 if guidance_scale is None else guidance_value(guidance_scale)
         text.prompt, text.guidance_scale = prompt or "", scale
         loaded.info.update(text.describe())
         return loaded

@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ddpmcli.errors import ParameterError
+from ddpmcli.checkpoints.conditioning import MAX_CLASSES, whole_number
+from ddpmcli.errors import ParameterError, verbatim
 
 Mover = Callable[[torch.device, torch.dtype | None], Callable[[Tensor, Tensor], Tensor]]
 """Gives the denoiser on a device in a dtype (None: the model's own)."""
@@ -84,21 +85,27 @@ def callable_mover(fn: Callable[[Tensor, Tensor], Any]) -> Mover:
     return lambda device, dtype: denoise
 
 
-def class_keys(num_classes: int | None, null_label: int | None) -> dict[str, int | None]:
-    """The class keys of ``info`` (what ``conditioning.attach`` reads) for ``wrap``, checked."""
+def class_keys(num_classes: object, null_label: object) -> dict[str, int | None]:
+    """The class keys of ``info`` (what ``conditioning.attach`` reads) for ``wrap``, checked as a
+    factory's metadata is: ``num_classes`` in 1..MAX_CLASSES, ``null_label`` outside the classes
+    (num_classes..MAX_CLASSES); numpy integers are taken, bools, floats and strings are not."""
     if num_classes is None:
         if null_label is not None:
             raise ParameterError("{null_label} needs {num_classes}")
         return {}
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ParameterError(f"{{num_classes}} must be a positive integer, got {num_classes!r}")
-    if null_label is not None and (
-        isinstance(null_label, bool)
-        or not isinstance(null_label, int)
-        or 0 <= null_label < num_classes
-    ):
+    num = whole_number(num_classes)
+    if num is None or not 1 <= num <= MAX_CLASSES:
         raise ParameterError(
-            f"{{null_label}} must be an integer outside the classes 0..{num_classes - 1}, "
-            f"got {null_label!r}"
+            f"{{num_classes}} must be a positive integer (at most {MAX_CLASSES}), got "
+            f"{verbatim(repr(num_classes))}"
         )
-    return {"num_classes": num_classes, "null_label": null_label}
+    if null_label is None:
+        return {"num_classes": num, "null_label": None}
+    null = whole_number(null_label)
+    if null is None or not num <= null <= MAX_CLASSES:
+        raise ParameterError(
+            f"{{null_label}} must be an integer outside the classes 0..{num - 1} (usually "
+            f"{num}, the label table's extra row; at most {MAX_CLASSES}), got "
+            f"{verbatim(repr(null_label))}"
+        )
+    return {"num_classes": num, "null_label": null}

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ddpmcli.errors import DataError, ParameterError
+from ddpmcli.errors import DataError, ParameterError, verbatim
 from ddpmcli.models import placed
 
 LATENT_BOUND = 1e4
@@ -89,20 +89,33 @@ class LatentSpace:
             ),
         }
 
-    def latents_of(self, data: Tensor) -> tuple[Tensor, Tensor | None]:
-        """``(latents, images)`` of ``data``: images ``[N, *image_shape]`` are encoded (once
-        each); data already ``[N, *latent_shape]`` are taken as latents (``images`` None).
+    def latents_of(self, data: Tensor, name: str = "data") -> tuple[Tensor, Tensor | None]:
+        """``(latents, images)`` of ``data`` (the parameter ``name``): images
+        ``[N, *image_shape]`` are encoded (once each); data already ``[N, *latent_shape]`` are
+        taken as latents (``images`` None).
 
         Raises:
-            DataError: data of neither shape.
+            DataError: data of neither shape, no samples, or NaN/Inf values (checked before
+                the VAE runs).
         """
+        field = "{" + name + "}"
+        if data.ndim < 2 or data.shape[0] < 1:
+            raise DataError.naming(f"{field} of shape {list(data.shape)} is not a batch of samples")
         shape = tuple(int(d) for d in data.shape[1:])
+        if shape not in (tuple(self.image_shape), tuple(self.latent_shape)):
+            raise self.shape_error(field, shape)
+        if data.is_floating_point() and not bool(torch.isfinite(data).all()):
+            bad = int((~torch.isfinite(data)).sum())
+            raise DataError.naming(f"{field}: {bad} value(s) are NaN or Inf")
         if shape == tuple(self.image_shape):
             return self.encode(data), data.to("cpu", torch.float64)
-        if shape == tuple(self.latent_shape):
-            return data.to("cpu", torch.float64), None
-        raise DataError(
-            f"data samples have shape {list(shape)}; the model wants images "
+        return data.to("cpu", torch.float64), None
+
+    def shape_error(self, where: str, shape: Sequence[int]) -> DataError:
+        """Data of neither shape: one line naming both (``where`` a template: ``{x0}``, or a
+        path with its braces doubled)."""
+        return DataError.naming(
+            f"{where} samples have shape {list(shape)}; the model wants images "
             f"{list(self.image_shape)} (encoded by its VAE) or latents {list(self.latent_shape)}"
         )
 
@@ -112,23 +125,24 @@ class LatentSpace:
         latent-shaped samples is taken as latents (``images`` None).
 
         Raises:
-            DataError: data that cannot be read, or of neither shape (the image read's error).
+            DataError: data that cannot be read, or of neither shape (one line naming both); the
+                read's own error (NaN, no samples) for data of one of them.
         """
-        from ddpmcli.data import get_data
+        from ddpmcli.data import SampleShapeError, get_data
 
         try:
             images = get_data(
                 source, n=n, seed=seed, data_shape=tuple(self.image_shape),
                 data_range=self.image_range, dtype=torch.float64,
             )  # fmt: skip
-        except DataError as exc:
+        except SampleShapeError as exc:  # not images: latents, or neither
             try:
                 latents = get_data(
                     source, n=n, seed=seed, data_shape=tuple(self.latent_shape),
                     data_range=(-LATENT_BOUND, LATENT_BOUND), dtype=torch.float64,
                 )  # fmt: skip
-            except DataError:
-                raise exc from None
+            except SampleShapeError:
+                raise self.shape_error(f"{verbatim(source)}:", exc.shape) from None
             return latents, None
         return self.encode(images), images
 
@@ -255,3 +269,47 @@ def decoded_error(
     if picked.images is None:
         raise ParameterError("{decode} needs image data to compare with, not latents")
     return DecodedError(latent, picked.images, timesteps)
+
+
+def samples_of(
+    model: Any, data: Any, name: str, n: int | None = None
+) -> tuple[Tensor, Tensor | None]:
+    """``(x0, images)`` of the samples a caller hands over as a tensor or array (the parameter
+    ``name``): a latent model's through :meth:`LatentSpace.latents_of` (images encoded), any
+    other model's checked against its ``data_shape``, finite (``images`` None). uint8 values
+    are 8-bit images, mapped from [0, 255] to the range as data files are; other integers are
+    taken as numbers. ``n``: the first ``n`` samples only.
+
+    Raises:
+        DataError: not real numbers, not a non-empty batch of the model's shape, or NaN/Inf.
+    """
+    try:
+        x = torch.as_tensor(data)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise DataError.naming(
+            f"{{{name}}}: not an array of numbers ({verbatim(type(exc).__name__)}: "
+            f"{verbatim(str(exc).splitlines()[0] if str(exc) else '')})"
+        ) from None
+    if n is not None and x.ndim:
+        x = x[:n]
+    latent = getattr(model, "latent", None)
+    if x.is_complex() or x.dtype == torch.bool:
+        raise DataError.naming(f"{{{name}}} holds {str(x.dtype)[6:]} values, not real numbers")
+    if x.dtype == torch.uint8:  # 8-bit images, mapped as the file loader maps them
+        lo, hi = latent.image_range if latent is not None else model.data_range
+        x = x.to(torch.float64) / 255.0 * (hi - lo) + lo
+    elif not x.is_floating_point():
+        x = x.to(torch.float64)
+    if latent is not None:
+        return latent.latents_of(x, name)
+    if x.ndim < 2 or x.shape[0] < 1:
+        raise DataError.naming(f"{{{name}}} of shape {list(x.shape)} is not a batch of samples")
+    want = [int(d) for d in model.data_shape]
+    if list(x.shape[1:]) != want:
+        raise DataError.naming(
+            f"{{{name}}} samples have shape {list(x.shape[1:])}, the model wants {want}"
+        )
+    if bool(torch.isfinite(x).all()):
+        return x, None
+    bad = int((~torch.isfinite(x)).sum())
+    raise DataError.naming(f"{{{name}}}: {bad} value(s) are NaN or Inf")

@@ -37,14 +37,13 @@ from typing import Any
 from torch import Tensor, nn
 
 from ddpmcli import limits
-from ddpmcli.checkpoints.conditioning import Conditioning, LabelChoice
+from ddpmcli.checkpoints.conditioning import MAX_CLASSES, Conditioning, LabelChoice
 from ddpmcli.checkpoints.loaded import LoadedModel, check_output_shape, loaded_model, module_mover
 from ddpmcli.checkpoints.meta import _finish, _merge, _Meta, _parse_meta
 from ddpmcli.checkpoints.unpickler import one_line, safe_torch_load
 from ddpmcli.errors import CheckpointError, DdpmError, ParameterError, verbatim
 
 SAFETENSORS_SUFFIX = ".safetensors"
-MAX_CLASSES = 1 << 20  # the size diffusers' class-conditional configs are checked against
 Factory = Callable[..., Any]
 """``factory(checkpoint_path, load_weights) -> nn.Module | tuple[nn.Module, Mapping]``."""
 

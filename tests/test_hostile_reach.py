@@ -1,0 +1,374 @@
+"""A hostile or careless user of issue 9's reach (latent data, references, class-conditional
+models and wrap's keywords): each bad input gets one ``Error:`` line and exit 1 or 2 from the
+CLI, and a :mod:`ddpmcli.errors` exception naming the parameter from the API; nothing is
+written. The tiny DiT pipeline (3x8x8 images, 4x4x4 latents, 5 classes and a null label) and the
+data file are test_conditional's fixtures."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor, nn
+from typer.testing import Result
+
+import ddpmcli
+from ddpmcli.errors import DataError, ParameterError
+
+pytest.importorskip("diffusers")
+import test_conditional  # noqa: E402  (its tiny pipelines, as fixtures here too)
+
+dit, data_file = test_conditional.dit, test_conditional.data_file
+
+pytestmark = [pytest.mark.diffusers, pytest.mark.usefixtures("one_thread")]
+
+NEITHER = "; the model wants images [3, 8, 8] (encoded by its VAE) or latents [4, 4, 4]"
+
+
+def _one_line(result: Result, code: int, line: str) -> None:
+    """Exit ``code``, nothing on stdout, and exactly ``Error: line`` on stderr."""
+    assert (result.exit_code, result.stdout) == (code, ""), result.stderr
+    assert result.stderr == f"Error: {line}\n"
+
+
+@pytest.fixture(scope="module")
+def arrays(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Array files a careless user hands a latent model."""
+    root = tmp_path_factory.mktemp("hostile_reach")
+    gen = torch.Generator().manual_seed(3)
+    nan_latents = torch.randn((3, 4, 4, 4), generator=gen)
+    nan_latents[1, 2, 0, 0] = float("nan")
+    made = {
+        "three_channel_latents": torch.randn((3, 3, 4, 4), generator=gen),
+        "big_images": torch.rand((3, 3, 16, 16), generator=gen) * 2 - 1,
+        "vectors": torch.randn((3, 2), generator=gen),
+        "nan_latents": nan_latents,
+        "no_latents": torch.zeros((0, 4, 4, 4)),
+    }
+    out = {}
+    for name, value in made.items():
+        out[name] = root / f"{name}.npy"
+        np.save(out[name], value.numpy())
+    return out
+
+
+# -- latent data of the wrong shape, NaN, none --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "shape"),
+    [("three_channel_latents", "[3, 4, 4]"), ("big_images", "[3, 16, 16]"), ("vectors", "[2]")],
+)
+@pytest.mark.parametrize("command", ["reconstruct", "sample"])
+def test_latent_model_data_of_neither_shape_names_both(
+    cli: Callable[..., Result], dit: Path, arrays: dict[str, Path], name: str, shape: str,
+    command: str,
+) -> None:  # fmt: skip
+    """The error used to name the image shape only, as if latents were not accepted."""
+    path = arrays[name]
+    if command == "reconstruct":
+        args = ["--data", str(path)]
+    else:
+        args = ["--references", str(path), "--steps", "2", "-n", "2"]
+    result = cli(command, str(dit), *args, "--class-label", "0", "-q")
+    _one_line(result, 1, f"{path}: samples have shape {shape}{NEITHER}")
+
+
+def test_latent_shaped_data_with_nan_is_refused_as_nan(
+    cli: Callable[..., Result], dit: Path, arrays: dict[str, Path], tmp_path: Path
+) -> None:
+    """Latent-shaped data holding a NaN was refused as 'the model wants (3, 8, 8)'."""
+    path = arrays["nan_latents"]
+    line = f"{path}: 1 value(s) are NaN or infinite"
+    _one_line(
+        cli("reconstruct", str(dit), "--data", str(path), "--class-label", "0", "-q"), 1, line
+    )
+    save = tmp_path / "samples.npz"
+    sample = cli("sample", str(dit), "--references", str(path), "--class-label", "0", "-q",
+                 "--steps", "2", "-n", "2", "--save", str(save))  # fmt: skip
+    _one_line(sample, 1, line)
+    assert list(tmp_path.iterdir()) == []  # nothing written, not even a partial file
+    empty = arrays["no_latents"]
+    _one_line(
+        cli("nll", str(dit), "--data", str(empty), "--class-label", "0", "-q"),
+        1,
+        f"{empty}: the array holds no samples",
+    )
+
+
+# -- the API's tensors: checked before the VAE runs, named -----------------------------------
+
+
+class _CountingVae:
+    def __init__(self, model: Any) -> None:
+        self.calls = 0
+        vae = model.latent.vae
+        inner = vae.encode
+
+        def encode(x: Tensor) -> Any:
+            self.calls += 1
+            return inner(x)
+
+        vae.encode = encode
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "message"),
+    [
+        (lambda: torch.zeros((0, 3, 8, 8)), DataError,
+         "x0 of shape [0, 3, 8, 8] is not a batch of samples"),
+        (lambda: torch.zeros(5), DataError, "x0 of shape [5] is not a batch of samples"),
+        (lambda: torch.full((2, 3, 8, 8), float("inf")), DataError,
+         "x0: 384 value(s) are NaN or Inf"),
+        (lambda: torch.zeros((2, 3, 4, 4)), DataError, f"x0 samples have shape [3, 4, 4]{NEITHER}"),
+        (lambda: [["a"]], DataError,
+         "x0: not an array of numbers (ValueError: too many dimensions 'str')"),
+        (lambda: torch.zeros((2, 3, 8, 8), dtype=torch.complex64), DataError,
+         "x0 holds complex64 values, not real numbers"),
+    ],
+)  # fmt: skip
+def test_api_reconstruct_checks_a_latent_models_tensor_first(
+    dit: Path, make: Callable[[], Any], error: type[Exception], message: str
+) -> None:
+    """Empty data raised torch.cat's ValueError from inside the VAE; NaN images were encoded
+    before the count (of latent values) was reported."""
+    model = ddpmcli.load(dit, class_label="0")
+    vae = _CountingVae(model)
+    with pytest.raises(error) as info:
+        ddpmcli.reconstruct(model, make(), t=[0, 10])
+    assert str(info.value) == message
+    assert vae.calls == 0
+
+
+@pytest.mark.parametrize("n", [0, -1])
+def test_api_n_below_one_is_refused_not_sliced(dit: Path, n: int) -> None:
+    """``x0[:-1]`` silently dropped the last sample, ``x0[:0]`` crashed in the VAE."""
+    model = ddpmcli.load(dit, class_label="0")
+    with pytest.raises(ParameterError, match=rf"^n must be at least 1, got {n}$"):
+        ddpmcli.reconstruct(model, torch.zeros((3, 3, 8, 8)), t=[0], n=n)
+
+
+def test_api_sample_references_are_checked_on_every_model(dit: Path) -> None:
+    """A NaN, empty or wrong-shaped references tensor gave xt_std_expected NaN (or compared
+    samples with vectors of another size) without a word."""
+    model = ddpmcli.load(dit, class_label="0")
+    with pytest.raises(DataError, match=r"^references: 128 value\(s\) are NaN or Inf$"):
+        ddpmcli.sample(model, n=2, steps=2, references=torch.full((2, 4, 4, 4), float("nan")))
+    plain = _plain()
+    cases = [
+        (torch.tensor([[float("nan"), 0.0]]), "references: 1 value(s) are NaN or Inf"),
+        (torch.zeros((0, 2)), "references of shape [0, 2] is not a batch of samples"),
+        (torch.zeros((3, 5)), "references samples have shape [5], the model wants [2]"),
+    ]
+    for refs, message in cases:
+        with pytest.raises(DataError) as info:
+            ddpmcli.sample(plain, n=2, steps=2, references=refs)
+        assert str(info.value) == message
+
+
+def test_api_uint8_tensor_is_mapped_as_a_data_file_is(tmp_path: Path) -> None:
+    """8-bit data: the file loader maps [0, 255] to the model's range; the API took the raw
+    integers as values in it."""
+    gen = torch.Generator().manual_seed(5)
+    pixels = torch.randint(0, 256, (4, 2), generator=gen, dtype=torch.uint8)
+    path = tmp_path / "u8.npy"
+    np.save(path, pixels.numpy())
+    model = _plain()
+    from_tensor = ddpmcli.reconstruct(model, pixels, t=[0, 10], clip=False)
+    from_file = ddpmcli.reconstruct(model, str(path), t=[0, 10], clip=False)
+    floats = ddpmcli.reconstruct(model, pixels.double() / 255 * 2 - 1, t=[0, 10], clip=False)
+    assert from_tensor.rows == from_file.rows == floats.rows
+
+
+# -- class-conditional wrap: counts, null label, guidance, label seed ----------------------------
+
+
+class _Labelled(nn.Module):
+    """2-D vectors, labels 0..4 (row 4: the null label) added through an embedding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(5, 2)
+        self.lin = nn.Linear(2, 2)
+
+    def forward(self, x: Tensor, t: Tensor, labels: Tensor | None = None) -> Tensor:
+        return self.lin(x) + (0 if labels is None else self.embed(labels))
+
+
+class _Plain(nn.Module):
+    """An unconditional denoiser of 2-D vectors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(2, 2)
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        return self.lin(x)
+
+
+def _plain() -> Any:
+    return ddpmcli.wrap(_Plain(), schedule=ddpmcli.schedule("linear", 20), data_shape=(2,))
+
+
+def _wrap(**keywords: Any) -> Any:
+    sched = ddpmcli.schedule("linear", 20)
+    return ddpmcli.wrap(_Labelled(), schedule=sched, data_shape=(2,), **keywords)
+
+
+NULL_RULE = "null_label must be an integer outside the classes 0..3 (usually 4, the label "
+NULL_RULE += "table's extra row; at most 1048576), got "
+
+
+@pytest.mark.parametrize(
+    ("keywords", "message"),
+    [
+        ({"num_classes": 10**12, "class_label": "random"},
+         "num_classes must be a positive integer (at most 1048576), got 1000000000000"),
+        ({"num_classes": 4.0, "class_label": "1"},
+         "num_classes must be a positive integer (at most 1048576), got 4.0"),
+        ({"num_classes": 4, "null_label": -1}, NULL_RULE + "-1"),
+        ({"num_classes": 4, "null_label": 10**30}, NULL_RULE + str(10**30)),
+        ({"num_classes": 4, "null_label": True}, NULL_RULE + "True"),
+        ({"num_classes": 4, "null_label": 4.0}, NULL_RULE + "4.0"),
+        ({"num_classes": 4, "null_label": "4"}, NULL_RULE + "'4'"),
+        ({"num_classes": 4, "null_label": 4, "class_label": "1", "guidance_scale": "2"},
+         "guidance_scale must be a number, got '2'"),
+        ({"num_classes": 4, "null_label": 4, "class_label": "1", "guidance_scale": True},
+         "guidance_scale must be a number, got True"),
+        ({"num_classes": 4, "null_label": 4, "class_label": "1", "guidance_scale": float("nan")},
+         "guidance_scale must be finite, got nan"),
+        ({"num_classes": 4, "null_label": 4, "class_label": "random", "label_seed": "7"},
+         "label_seed must be an integer, got '7'"),
+        ({"num_classes": 4, "null_label": 4, "class_label": "random", "label_seed": 1.5},
+         "label_seed must be an integer, got 1.5"),
+        ({"num_classes": 4, "null_label": 4, "class_label": 4},
+         "class_label 4 is out of range: the model has 4 classes (0..3)"),
+    ],
+)  # fmt: skip
+def test_wrap_refuses_bad_class_keywords_naming_them(
+    keywords: dict[str, Any], message: str
+) -> None:
+    """A negative or huge null label was blamed on data_shape ('the model fails on inputs of
+    data shape [2]'), and a string guidance scale or label seed raised a bare ValueError or
+    TypeError."""
+    with pytest.raises(ParameterError) as info:
+        _wrap(**keywords)
+    assert str(info.value) == message
+
+
+def test_wrap_takes_numpy_integers_and_guidance_zero_is_the_null_label() -> None:
+    model = _wrap(num_classes=np.int64(4), null_label=np.int64(4), class_label=np.int64(2))
+    assert (model.info["num_classes"], model.info["null_label"]) == (4, 4)
+    assert type(model.info["null_label"]) is int
+    x, t = torch.randn(3, 2), torch.tensor([0, 5, 19])
+    null = _wrap(num_classes=4, null_label=4, class_label="null").predict(x, t)[0]
+    zero = _wrap(num_classes=4, null_label=4, class_label=2, guidance_scale=0.0).predict(x, t)[0]
+    cond = model.predict(x, t)[0]
+    torch.testing.assert_close(zero, null)  # s = 0: the unconditional output
+    minus = _wrap(num_classes=4, null_label=4, class_label=2, guidance_scale=-1.0).predict(x, t)[0]
+    torch.testing.assert_close(minus, 2 * null - cond)  # s < 0 pushes away from the label
+
+
+def test_load_refuses_a_string_guidance_scale(dit: Path) -> None:
+    with pytest.raises(ParameterError, match=r"^guidance_scale must be a number, got 'x'$"):
+        ddpmcli.load(dit, class_label="1", guidance_scale="x")
+
+
+# -- the CLI's flags on a latent class-conditional model ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "line"),
+    [
+        (["--guidance-scale", "nan"], 2, "--guidance-scale must be finite, got nan"),
+        (["--guidance-scale", "inf"], 2, "--guidance-scale must be finite, got inf"),
+        (["--class-label", "5"], 2,
+         "--class-label 5 is out of range: the model has 5 classes (0..4)"),
+        (["--class-label", "0-99"], 2,
+         "--class-label 99 is out of range: the model has 5 classes (0..4)"),
+        (["--class-label", "1.5"], 2, "--class-label '1.5': want K, A-B, all, random or null"),
+        (["--class-label", ""], 2, "--class-label '': want K, A-B, all, random or null"),
+    ],
+)  # fmt: skip
+def test_cli_bad_labels_and_guidance_are_one_line(
+    cli: Callable[..., Result], dit: Path, tmp_path: Path, args: list[str], code: int, line: str
+) -> None:
+    save = tmp_path / "s.npz"
+    result = cli("sample", str(dit), "-n", "2", "--steps", "2", "-q", "--save", str(save), *args)
+    _one_line(result, code, line)
+    assert not save.exists()
+
+
+def test_cli_decode_refusals(
+    cli: Callable[..., Result], dit: Path, data_file: Path, tmp_path: Path
+) -> None:
+    base = ("reconstruct", str(dit), "--class-label", "0", "-q", "--decode")
+    _one_line(
+        cli(*base, "--data", str(data_file), "--per-sample"),
+        2,
+        "--decode gives per-t rows; it does not go with --per-sample",
+    )
+    model = ddpmcli.load(dit, class_label="0")
+    assert model.latent is not None
+    latents = tmp_path / "z.npy"
+    np.save(latents, model.latent.encode(torch.from_numpy(np.load(data_file))).numpy())
+    _one_line(
+        cli(*base, "--data", str(latents)),
+        2,
+        "--decode needs image data to compare with, not latents",
+    )
+
+
+FACTORIES = """
+import torch
+from torch import nn
+
+
+def meta(**classes):
+    return {"schedule": {"kind": "linear", "timesteps": 20}, "prediction_type": "eps",
+            "data_shape": [2], **classes}
+
+
+def huge(path, load_weights):
+    return nn.Linear(2, 2), meta(num_classes=10**12)
+
+
+def negative_null(path, load_weights):
+    return nn.Linear(2, 2), meta(num_classes=4, null_label=-1)
+
+
+def bool_null(path, load_weights):
+    return nn.Linear(2, 2), meta(num_classes=4, null_label=True)
+
+
+def float_null(path, load_weights):
+    return nn.Linear(2, 2), meta(num_classes=4, null_label=4.5)
+"""
+
+
+@pytest.mark.parametrize(
+    ("factory", "got"),
+    [("huge", None), ("negative_null", "-1"), ("bool_null", "True"), ("float_null", "4.5")],
+)
+def test_factory_metadata_class_counts_are_checked(
+    cli: Callable[..., Result], tmp_path: Path, factory: str, got: str | None
+) -> None:
+    """A factory's num_classes is checked (1..2**20) before anything is sized by it; its
+    null_label must lie outside the classes."""
+    (tmp_path / "factories.py").write_text(FACTORIES)
+    (tmp_path / "ckpt.pt").write_bytes(b"")
+    spec = f"{tmp_path / 'factories.py'}:{factory}"
+    result = cli("sample", "--model", spec, str(tmp_path / "ckpt.pt"), "-n", "2", "--steps", "2")
+    if got is None:
+        line = f"--model {spec}: metadata num_classes must be an integer in 1..1048576, got "
+        line += str(10**12)
+    else:
+        line = f"--model {spec}: metadata null_label must be an integer outside the classes "
+        line += f"0..3 (usually 4, the label table's extra row), got {got}"
+    _one_line(result, 1, line)
