@@ -143,7 +143,26 @@ def load_state(module: nn.Module, state: Mapping[str, Any], where: str) -> None:
                 f"{where}: state dict does not match the architecture: {key!r} has shape {got}, "
                 f"the model wants {list(own[key].shape)}"
             )
-    module.load_state_dict(dict(state), strict=True)
+    assign = _can_assign(own, state)
+    del own  # so that each replaced parameter is freed as soon as it is replaced
+    module.load_state_dict(dict(state), strict=True, assign=assign)
+
+
+def _can_assign(own: Mapping[str, Tensor], state: Mapping[str, Tensor]) -> bool:
+    """Whether the module may take the state's tensors as its own (``assign=True``) instead of
+    copying them: the same dtypes, device and layout, and no two entries sharing memory (which
+    would tie parameters the architecture keeps apart). Taking them keeps one copy of the
+    weights in memory instead of two at the peak of a load (the state dict and the module's
+    freshly initialised parameters), as diffusers' own loader does."""
+    starts = set()
+    for key, value in state.items():
+        mine = own[key]
+        if (value.dtype, value.device, value.stride()) != (mine.dtype, mine.device, mine.stride()):
+            return False
+        if value.numel() and value.data_ptr() in starts:
+            return False
+        starts.add(value.data_ptr())
+    return True
 
 
 def module_mover(module: nn.Module) -> _Mover:
