@@ -542,13 +542,19 @@ def nll(
         variance: the model's reverse variance (``fixed_small``, ``fixed_large``,
             ``learned_range``).
         decoder: the t = 0 term: ``discretized`` (8-bit data), ``discretized_tanh``,
-            ``continuous``, or ``auto`` (discretized for images, continuous for vectors).
+            ``continuous``, or ``auto`` (discretized for images, continuous for vectors and
+            latents; a latent model takes continuous only).
         clip: clip x0_hat to the data range.
         n: use the first ``n`` samples (a data source: default 64).
         batch_size, device, dtype, observers, ranks: as for :func:`reconstruct`.
     """
     if t is not None and t_random is not None:
         raise ParameterError("{t} and {t_random} cannot be used together")
+    if model.latent is not None and decoder not in ("auto", "continuous"):  # 256 bins of what?
+        raise ParameterError(
+            f"{{decoder}} {verbatim(decoder)} is for 8-bit data; a latent model's latents are "
+            "real-valued: use continuous (the default)"
+        )
     data = _data(model, x0, n, seed).x0
     num = model.schedule.num_steps
     strata = None

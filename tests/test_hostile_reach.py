@@ -372,3 +372,22 @@ def test_factory_metadata_class_counts_are_checked(
         line = f"--model {spec}: metadata null_label must be an integer outside the classes "
         line += f"0..3 (usually 4, the label table's extra row), got {got}"
     _one_line(result, 1, line)
+
+
+@pytest.mark.parametrize("decoder", ["discretized", "discretized_tanh"])
+def test_an_8_bit_decoder_on_latents_is_refused(
+    cli: Callable[..., Result], dit: Path, data_file: Path, decoder: str
+) -> None:
+    """The discretized decoder bins latents (range +-1e4) as if they were 8-bit pixels: its
+    t = 0 term came out 0.0 bits."""
+    line = (
+        f"--decoder {decoder} is for 8-bit data; a latent model's latents are real-valued: "
+        "use continuous (the default)"
+    )
+    result = cli("nll", str(dit), "--data", str(data_file), "--class-label", "0", "-q",
+                 "--t-random", "3", "--decoder", decoder)  # fmt: skip
+    _one_line(result, 2, line)
+    model = ddpmcli.load(dit, class_label="0")
+    with pytest.raises(ParameterError) as info:
+        ddpmcli.nll(model, torch.zeros((2, 4, 4, 4)), decoder=decoder)  # type: ignore[arg-type]
+    assert str(info.value) == line.replace("--decoder", "decoder")
