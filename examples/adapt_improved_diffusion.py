@@ -112,8 +112,12 @@ def settings_from_env(env: Mapping[str, str] | None = None) -> dict[str, Any]:
     settings = dict(DEFAULTS)
     settings.update(parse_flags(env.get("MODEL_FLAGS", "")))
     settings.update(parse_flags(env.get("DIFFUSION_FLAGS", "")))
-    if env.get("DDPM_NULL_LABEL", "").strip():
-        settings["null_label"] = int(env["DDPM_NULL_LABEL"])
+    null = env.get("DDPM_NULL_LABEL", "").strip()
+    if null:
+        try:
+            settings["null_label"] = int(null)
+        except ValueError:
+            raise ValueError(f"DDPM_NULL_LABEL must be an integer, got {null!r}") from None
     return settings
 
 

@@ -6,6 +6,8 @@ data file are test_conditional's fixtures."""
 
 from __future__ import annotations
 
+import importlib.util
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -349,6 +351,21 @@ def bool_null(path, load_weights):
 
 def float_null(path, load_weights):
     return nn.Linear(2, 2), meta(num_classes=4, null_label=4.5)
+
+
+class Labelled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(5, 2)
+
+    def forward(self, x, t, labels):
+        return x + self.embed(labels)
+
+
+def numpy_counts(path, load_weights):
+    import numpy as np
+
+    return Labelled(), meta(num_classes=np.int64(4), null_label=np.int32(4))
 """
 
 
@@ -391,3 +408,26 @@ def test_an_8_bit_decoder_on_latents_is_refused(
     with pytest.raises(ParameterError) as info:
         ddpmcli.nll(model, torch.zeros((2, 4, 4, 4)), decoder=decoder)  # type: ignore[arg-type]
     assert str(info.value) == line.replace("--decoder", "decoder")
+
+
+def test_factory_metadata_takes_numpy_integers(cli: Callable[..., Result], tmp_path: Path) -> None:
+    """A count taken from an array's shape or a numpy config is an integer too."""
+    (tmp_path / "factories.py").write_text(FACTORIES)
+    (tmp_path / "ckpt.pt").write_bytes(b"")
+    spec = f"{tmp_path / 'factories.py'}:numpy_counts"
+    result = cli("info", "--model", spec, str(tmp_path / "ckpt.pt"), "-f", "json")
+    assert result.exit_code == 0, result.stderr
+    row = json.loads(result.stdout)[0]
+    assert (row["num_classes"], row["null_label"], row["class_label"]) == (4, 4, "null")
+
+
+def test_example_null_label_variable_must_be_an_integer() -> None:
+    """DDPM_NULL_LABEL=abc surfaced as int()'s 'invalid literal for int() with base 10'."""
+    path = Path(__file__).resolve().parents[1] / "examples" / "adapt_improved_diffusion.py"
+    found = importlib.util.spec_from_file_location("hostile_reach_iddpm_example", path)
+    assert found is not None and found.loader is not None
+    example = importlib.util.module_from_spec(found)
+    found.loader.exec_module(example)
+    with pytest.raises(ValueError, match=r"^DDPM_NULL_LABEL must be an integer, got 'abc'$"):
+        example.settings_from_env({"DDPM_NULL_LABEL": "abc"})
+    assert example.settings_from_env({"DDPM_NULL_LABEL": " 10 "})["null_label"] == 10

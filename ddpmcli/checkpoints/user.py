@@ -37,7 +37,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from ddpmcli import limits
-from ddpmcli.checkpoints.conditioning import MAX_CLASSES, Conditioning, LabelChoice
+from ddpmcli.checkpoints.conditioning import MAX_CLASSES, Conditioning, LabelChoice, whole_number
 from ddpmcli.checkpoints.loaded import LoadedModel, check_output_shape, loaded_model, module_mover
 from ddpmcli.checkpoints.meta import _finish, _merge, _Meta, _parse_meta
 from ddpmcli.checkpoints.unpickler import one_line, safe_torch_load
@@ -204,26 +204,27 @@ def _classes(raw: Mapping[str, Any], spec: str) -> tuple[int, int | None] | None
     Labels 0..N-1 are the classes; the null label, where there is one, is none of them (so
     ``all`` and ``random`` never pick it, as with diffusers' and DiT's label tables).
     """
-    num, null = raw.get("num_classes"), raw.get("null_label")
-    if num is None:
-        if null is not None:
+    given_num, given_null = raw.get("num_classes"), raw.get("null_label")
+    num, null = whole_number(given_num), whole_number(given_null)  # numpy integers too
+    if given_num is None:
+        if given_null is not None:
             raise CheckpointError.naming(
                 f"{{model}} {verbatim(spec)}: the factory's metadata gives null_label but no "
                 "num_classes"
             )
         return None
-    if isinstance(num, bool) or not isinstance(num, int) or not 1 <= num <= MAX_CLASSES:
+    if num is None or not 1 <= num <= MAX_CLASSES:
         raise CheckpointError.naming(
             f"{{model}} {verbatim(spec)}: metadata num_classes must be an integer in "
-            f"1..{MAX_CLASSES}, got {verbatim(repr(num))}"
+            f"1..{MAX_CLASSES}, got {verbatim(repr(given_num))}"
         )
-    if null is None:
+    if given_null is None:
         return num, None
-    if isinstance(null, bool) or not isinstance(null, int) or not num <= null <= MAX_CLASSES:
+    if null is None or not num <= null <= MAX_CLASSES:
         raise CheckpointError.naming(
             f"{{model}} {verbatim(spec)}: metadata null_label must be an integer outside the "
             f"classes 0..{num - 1} (usually {num}, the label table's extra row), got "
-            f"{verbatim(repr(null))}"
+            f"{verbatim(repr(given_null))}"
         )
     return num, null
 
