@@ -671,3 +671,20 @@ def test_the_automatic_chunk_gives_the_same_digits_every_run(
 
     third = cli(*args, "--batch-size", str(chunk_cap(2, 48, 48 * 20)))
     assert third.stdout == first.stdout
+
+
+def test_clip_count_inside_outside_and_nan() -> None:
+    """The sweep's clip count: a chunk wholly inside the range (the CPU's one-pass shortcut)
+    counts nothing and is returned as is; values outside are counted per pair and clipped only
+    when asked; NaN counts as outside."""
+    from ddpmcli.run.sweep import _clip_count
+
+    inside = torch.tensor([[[-1.0, 0.5]], [[1.0, 0.0]]], dtype=torch.float64)
+    x, outside = _clip_count(inside, (-1.0, 1.0), True)
+    assert x is inside and outside.tolist() == [0.0, 0.0]
+    mixed = torch.tensor([[[-1.5, 0.5]], [[2.0, math.nan]]], dtype=torch.float64)
+    x, outside = _clip_count(mixed, (-1.0, 1.0), True)
+    assert outside.tolist() == [1.0, 2.0] and outside.dtype == torch.float64
+    assert x[0].tolist() == [[-1.0, 0.5]] and x[1, 0, 0] == 1.0 and math.isnan(x[1, 0, 1])
+    x, outside = _clip_count(mixed, (-1.0, 1.0), False)
+    assert x is mixed and outside.tolist() == [1.0, 2.0]
