@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from typer.testing import Result
 
 import ddpmcli
-from ddpmcli.errors import DataError, ParameterError
+from ddpmcli.errors import CheckpointError, DataError, ParameterError
 
 pytest.importorskip("diffusers")
 import test_conditional  # noqa: E402  (its tiny pipelines, as fixtures here too)
@@ -431,3 +431,40 @@ def test_example_null_label_variable_must_be_an_integer() -> None:
     with pytest.raises(ValueError, match=r"^DDPM_NULL_LABEL must be an integer, got 'abc'$"):
         example.settings_from_env({"DDPM_NULL_LABEL": "abc"})
     assert example.settings_from_env({"DDPM_NULL_LABEL": " 10 "})["null_label"] == 10
+
+
+# -- a hostile VAE: its config's scaling, its own NaN ------------------------------------------
+
+
+@pytest.mark.parametrize("value", [0.0, float("inf")])
+def test_a_vae_scaling_factor_of_zero_or_inf_is_refused_before_any_file(
+    cli: Callable[..., Result], dit: Path, tmp_path: Path, value: float
+) -> None:
+    """scaling_factor 0 decoded every latent to NaN: sample --save wrote NaN images and
+    reconstruct --decode printed mse_image nan, psnr_image inf."""
+    import shutil
+
+    folder = tmp_path / "pipeline"
+    shutil.copytree(dit, folder)
+    config_path = folder / "vae" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["scaling_factor"] = value
+    config_path.write_text(json.dumps(config))  # json writes inf as Infinity, and reads it back
+    save = tmp_path / "samples.npz"
+    result = cli("sample", str(folder), "--class-label", "0", "-n", "2", "--steps", "2", "-q",
+                 "--save", str(save))  # fmt: skip
+    _one_line(
+        result, 1, f"the VAE's scaling_factor must be a finite non-zero number, got {value!r}"
+    )
+    assert not save.exists()
+
+
+def test_a_vae_that_decodes_to_nan_is_an_error_not_a_nan_column(dit: Path, data_file: Path) -> None:
+    from types import SimpleNamespace
+
+    model = ddpmcli.load(dit, class_label="0")
+    assert model.latent is not None
+    vae = model.latent.vae
+    vae.decode = lambda z: SimpleNamespace(sample=torch.full((z.shape[0], 3, 8, 8), float("nan")))
+    with pytest.raises(CheckpointError, match=r"^the VAE's decoder returned 768 NaN or infinite"):
+        ddpmcli.reconstruct(model, str(data_file), t=[0, 10], decode=True, n=2)

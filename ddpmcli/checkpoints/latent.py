@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ddpmcli.errors import DataError, ParameterError, verbatim
+from ddpmcli.errors import CheckpointError, DataError, ParameterError, verbatim
 from ddpmcli.models import placed
 
 LATENT_BOUND = 1e4
@@ -44,6 +44,18 @@ class LatentSpace:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     image_range: tuple[float, float] = IMAGE_RANGE
 
+    def __post_init__(self) -> None:
+        # a zero or non-finite scaling would give NaN images, quietly saved and measured
+        if not (math.isfinite(self.scaling_factor) and self.scaling_factor != 0):
+            raise CheckpointError(
+                f"the VAE's scaling_factor must be a finite non-zero number, got "
+                f"{self.scaling_factor!r}"
+            )
+        if not math.isfinite(self.shift_factor):
+            raise CheckpointError(
+                f"the VAE's shift_factor must be a finite number, got {self.shift_factor!r}"
+            )
+
     def to(self, device: str | torch.device) -> LatentSpace:
         dev = torch.device(device)
         return LatentSpace(
@@ -63,7 +75,7 @@ class LatentSpace:
             (self.vae.encode(part).latent_dist.mean - self.shift_factor) * self.scaling_factor
             for part in self._parts(images)
         ]
-        return torch.cat(out).to("cpu", torch.float64)
+        return _finite(torch.cat(out), "encoder").to("cpu", torch.float64)
 
     def decode(self, latents: Tensor) -> Tensor:
         """Images (float32 on the CPU, in ``IMAGE_RANGE`` nominally) of ``latents``."""
@@ -71,7 +83,7 @@ class LatentSpace:
             self.vae.decode(part / self.scaling_factor + self.shift_factor).sample
             for part in self._parts(latents)
         ]
-        return torch.cat(out).to("cpu", torch.float32)
+        return _finite(torch.cat(out), "decoder").to("cpu", torch.float32)
 
     def _parts(self, x: Tensor) -> Iterator[Tensor]:
         with torch.inference_mode():
@@ -145,6 +157,15 @@ class LatentSpace:
                 raise self.shape_error(f"{verbatim(source)}:", exc.shape) from None
             return latents, None
         return self.encode(images), images
+
+
+def _finite(out: Tensor, part: str) -> Tensor:
+    """``out`` of the VAE's ``part``, refused when it holds NaN/Inf (from finite inputs: the
+    VAE's own failure, which would otherwise be saved or averaged into the image error)."""
+    if not bool(torch.isfinite(out).all()):
+        bad = int((~torch.isfinite(out)).sum())
+        raise CheckpointError(f"the VAE's {part} returned {bad} NaN or infinite value(s)")
+    return out
 
 
 def latent_column(name: str) -> str:
@@ -245,7 +266,7 @@ class DecodedError:
                 continue
             mse = float(self.sums[j] / self.counts[j])
             row["mse_image"] = mse
-            row["psnr_image"] = 10.0 * math.log10((hi - lo) ** 2 / mse) if mse > 0 else math.inf
+            row["psnr_image"] = 10.0 * math.log10((hi - lo) ** 2 / mse) if mse else math.inf
 
     def finish(self, rows: Sequence[dict[str, Any]], ranks: Any) -> None:
         """Add the sums over ranks (a torchrun run: each rank decoded its samples), then the
