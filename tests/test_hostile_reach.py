@@ -468,3 +468,12 @@ def test_a_vae_that_decodes_to_nan_is_an_error_not_a_nan_column(dit: Path, data_
     vae.decode = lambda z: SimpleNamespace(sample=torch.full((z.shape[0], 3, 8, 8), float("nan")))
     with pytest.raises(CheckpointError, match=r"^the VAE's decoder returned 768 NaN or infinite"):
         ddpmcli.reconstruct(model, str(data_file), t=[0, 10], decode=True, n=2)
+
+
+@pytest.mark.parametrize(("prompt", "shown"), [(5, "5"), (b"a cat", "b'a cat'"), (["a"], "['a']")])
+def test_a_prompt_that_is_not_a_string_is_named(dit: Path, prompt: object, shown: str) -> None:
+    """The tokenizer's refusal surfaced as 'the model fails on inputs of data shape [4, 4, 4]
+    ...; pass the right data_shape' (checked before the model is asked what it is)."""
+    with pytest.raises(ParameterError) as info:
+        ddpmcli.load(dit, prompt=prompt)
+    assert str(info.value) == f"prompt must be a string, got {shown}"

@@ -304,6 +304,8 @@ def attach(
     options is an error. ``info`` (inspect only) builds it only when a label is given, so it can
     show any model.
     """
+    if prompt is not None and not isinstance(prompt, str):  # the tokenizer's error blamed the shape
+        raise ParameterError(f"{{prompt}} must be a string, got {verbatim(repr(prompt))}")
     text = loaded.conditioning if isinstance(loaded.conditioning, TextConditioning) else None
     if text is not None:
         if class_label is not None:
