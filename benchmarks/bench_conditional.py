@@ -13,16 +13,30 @@
 
 For each, the run's own work is also timed directly with a denoiser that costs nothing (returns
 zeros of the right shape; labels, guidance, formulas and metrics still run): a figure that load on
-a shared machine barely moves. Timings are interleaved over ``--repeats`` runs after a warm-up;
-the best of each is reported (robust to a busy machine), all runs are kept in the JSON.
+a shared machine barely moves (median of ``--repeats`` runs).
+
+Timing on a shared machine: by default every time is this process's CPU time
+(``time.process_time``; torch runs on ``--threads`` threads, 1 by default), which other
+processes do not stretch the way they stretch wall-clock time (they still share caches and
+memory bandwidth); ``--clock wall`` times wall-clock. The cases are interleaved over
+``--repeats`` rounds after a warm-up, in alternating order (ABC, CBA, ...), so a slow spell
+falls on every case alike. The overhead is computed per round, from the cases timed next to each
+other (run / baseline - 1), and reported as the median and the spread (min, max) of those paired
+ratios; the ratio of the best times is kept too. Every run is kept in the JSON.
+
+The baseline is the model's own work only, which any loop over these inputs must also do: the
+forward passes (the very calls the run made, replayed) and, for a latent model, one VAE encode of
+the images; not the noising, the x0 formulas or the metrics, which are the overhead measured.
 
 Untrained, seeded weights built here from configs (no hub): speed and memory do not depend on
-them. Defaults fit 2 CPU cores in about 2 minutes; ``--quick`` takes a few seconds.
+them. Defaults take about 2.5 minutes on 2 CPU cores; ``--quick`` about half a minute.
 
 Usage:
-    python benchmarks/bench_conditional.py            # --threads 1
+    python benchmarks/bench_conditional.py            # --threads 1 --clock cpu --repeats 7
     python benchmarks/bench_conditional.py --quick
-Writes benchmarks/results/conditional.json (one entry per mode, others kept) and prints a table.
+    python benchmarks/bench_conditional.py --clock wall   # on a quiet machine
+Writes benchmarks/results/conditional.json (one entry per mode, others kept) and prints a table;
+the figures for the README come from a quiet machine (load average in the JSON).
 """
 
 from __future__ import annotations
@@ -32,6 +46,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -158,20 +173,55 @@ def own_work(net: torch.nn.Module, out_channels: int, run: Callable[[], object])
         del net.forward
 
 
+CLOCKS: dict[str, Callable[[], float]] = {"cpu": time.process_time, "wall": time.perf_counter}
+clock = CLOCKS["cpu"]
+
+
 def timed(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
+    """Seconds of ``fn()`` on :data:`clock` (``--clock``)."""
+    start = clock()
     fn()
-    return time.perf_counter() - start
+    return clock() - start
 
 
 def interleaved(cases: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+    """Seconds of each case per round, ``repeats`` rounds after a warm-up, the order of the
+    cases reversed every other round."""
     for fn in cases.values():  # warm-up
         fn()
     runs: dict[str, list[float]] = {name: [] for name in cases}
-    for _ in range(repeats):
-        for name, fn in cases.items():
-            runs[name].append(timed(fn))
+    names = list(cases)
+    for r in range(repeats):
+        for name in names if r % 2 == 0 else names[::-1]:
+            runs[name].append(timed(cases[name]))
     return runs
+
+
+def paired_overhead(
+    runs: dict[str, list[float]], run: str, baseline: tuple[str, ...]
+) -> dict[str, Any]:
+    """The overhead of ``run`` over the sum of the ``baseline`` cases, in percent, per round
+    (cases timed next to each other), as median and spread; and from the best times."""
+    base = [sum(parts) for parts in zip(*(runs[b] for b in baseline), strict=True)]
+    pct = [100 * (full / ref - 1) for full, ref in zip(runs[run], base, strict=True)]
+    best = 100 * (min(runs[run]) / sum(min(runs[b]) for b in baseline) - 1)
+    return {
+        "overhead_pct": statistics.median(pct),
+        "overhead_min_pct": min(pct),
+        "overhead_max_pct": max(pct),
+        "overhead_best_pct": best,
+        "overhead_per_round_pct": pct,
+    }
+
+
+def own_work_pct(seconds: list[float], forward_s: float) -> dict[str, Any]:
+    """The zero-cost runs' seconds as a share of the median forward-only time."""
+    return {
+        "own_work_s": statistics.median(seconds),
+        "own_work_pct": 100 * statistics.median(seconds) / forward_s,
+        "own_work_min_pct": 100 * min(seconds) / forward_s,
+        "own_work_runs_s": seconds,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,18 +254,16 @@ def bench_sample(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
         cases[f"sample {name}"] = run
         cases[f"forward only {name}"] = replay(unets[name], calls[name], model.data_shape)
     runs = interleaved(cases, args.repeats)
-    best = {name: min(ts) for name, ts in runs.items()}
     for name in models:
-        fwd, full = best[f"forward only {name}"], best[f"sample {name}"]
-        own = min(own_work(unets[name], 3, cases[f"sample {name}"]) for _ in range(3))
+        fwd = statistics.median(runs[f"forward only {name}"])
+        own = [own_work(unets[name], 3, cases[f"sample {name}"]) for _ in range(args.repeats)]
         out[name] = {
             "model_calls": len(calls[name]),
             "call_batches": sorted({b for b, _, _ in calls[name]}),
             "forward_only_s": fwd,
-            "sample_s": full,
-            "overhead_pct": 100 * (full / fwd - 1),
-            "own_work_s": own,
-            "own_work_pct": 100 * own / fwd,
+            "sample_s": statistics.median(runs[f"sample {name}"]),
+            **paired_overhead(runs, f"sample {name}", (f"forward only {name}",)),
+            **own_work_pct(own, fwd),
             "runs": {
                 "forward_only": runs[f"forward only {name}"],
                 "sample": runs[f"sample {name}"],
@@ -265,13 +313,13 @@ def bench_reconstruct(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
         "forward only": replay(net, calls, model.data_shape),
         "vae encode": lambda: latent.encode(x),
     }
-    runs = interleaved(cases, args.repeats)
-    best = {name: min(ts) for name, ts in runs.items()}
-    base = best["forward only"] + best["vae encode"]
+    runs = interleaved(cases, 2 * args.repeats)  # short runs: twice the rounds
+    median = {name: statistics.median(ts) for name, ts in runs.items()}
     latents = latent.encode(x)  # the zero-cost run: its own work, without the VAE
-    own = min(
-        own_work(net, 8, lambda: api.reconstruct(model, latents, t=ts, seed=0)) for _ in range(3)
-    )
+    own = [
+        own_work(net, 8, lambda: api.reconstruct(model, latents, t=ts, seed=0))
+        for _ in range(2 * args.repeats)
+    ]
     return {
         "model": "DiTTransformer2DModel 4 heads x 16, 2 layers, patch 2, on 4x16x16 latents; "
         "AutoencoderKL [16, 32] 3x32x32",
@@ -284,15 +332,24 @@ def bench_reconstruct(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
         "call_batches": sorted({b for b, _, _ in calls}),
         "vae_encode_calls": len(encodes),
         "vae_encode_rows": sum(encodes),
-        "forward_only_s": best["forward only"],
-        "vae_encode_s": best["vae encode"],
-        "reconstruct_s": best["reconstruct"],
-        "overhead_pct": 100 * (best["reconstruct"] / base - 1),
-        "overhead_vs_denoiser_only_pct": 100 * (best["reconstruct"] / best["forward only"] - 1),
-        "own_work_s": own,
-        "own_work_pct": 100 * own / best["forward only"],
+        "forward_only_s": median["forward only"],
+        "vae_encode_s": median["vae encode"],
+        "reconstruct_s": median["reconstruct"],
+        **paired_overhead(runs, "reconstruct", ("forward only", "vae encode")),
+        "overhead_vs_denoiser_only_pct": paired_overhead(runs, "reconstruct", ("forward only",))[
+            "overhead_pct"
+        ],
+        **own_work_pct(own, median["forward only"]),
         "runs": runs,
     }
+
+
+def spread_text(r: dict[str, Any]) -> str:
+    """``+1.2% (-0.5 .. +3.0, best +1.0)``: median, spread and best-time overhead."""
+    return (
+        f"{r['overhead_pct']:+.1f}% (rounds {r['overhead_min_pct']:+.1f} .. "
+        f"{r['overhead_max_pct']:+.1f}, best times {r['overhead_best_pct']:+.1f})"
+    )
 
 
 def rss_bytes() -> int:
@@ -307,7 +364,9 @@ def memory_case(folder: Path, n: int, k: int) -> dict[str, Any]:
     ts = spread(model.schedule.num_steps, k)
     api.reconstruct(model, x[:1], t=[0], seed=0)  # warm-up: lazy init
     before = rss_bytes()
-    seconds = timed(lambda: api.reconstruct(model, x, t=ts, seed=0))
+    start = time.perf_counter()
+    api.reconstruct(model, x, t=ts, seed=0)
+    seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
     return {
         "n_images": n,
@@ -346,9 +405,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "conditional.json")
     parser.add_argument("--note", default=None, help="conditions of the run, kept in the JSON")
+    parser.add_argument(
+        "--clock", choices=list(CLOCKS), default="cpu", help="process CPU time or wall clock"
+    )
     parser.add_argument("--_child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    global clock
+    clock = CLOCKS[args.clock]
     if args._child:
         folder, n, k = json.loads(args._child)
         print(json.dumps(memory_case(Path(folder), n, k)))
@@ -358,7 +422,7 @@ def main() -> None:
     args.n_sample, args.steps = (4, 4) if quick else (8, 20)
     args.n_rec, args.k_rec = (4, 4) if quick else (32, 32)
     args.memory_sizes = [(4, 8), (16, 32)] if quick else [(8, 32), (64, 256)]
-    args.repeats = args.repeats or (1 if quick else 5)
+    args.repeats = args.repeats or (2 if quick else 7)
     load_before = os.getloadavg()
     print(
         f"conditional/latent benchmark, cpu x{os.cpu_count()}, torch {torch.__version__}, "
@@ -383,7 +447,7 @@ def main() -> None:
             print(
                 f"  {name:10s}: {r['model_calls']:3d} model calls of batch {r['call_batches']}; "
                 f"forward only {r['forward_only_s']:.3f} s, sample {r['sample_s']:.3f} s, "
-                f"overhead {r['overhead_pct']:+.1f}%; own work {r['own_work_pct']:.2f}%",
+                f"overhead {spread_text(r)}; own work {r['own_work_pct']:.2f}%",
                 flush=True,
             )
         r = bench_reconstruct(args, dit_dir)
@@ -396,7 +460,7 @@ def main() -> None:
             f"  {r['model_calls']} model calls of batch {r['call_batches']}; VAE encode calls "
             f"{r['vae_encode_calls']} ({r['vae_encode_rows']} images); forward only "
             f"{r['forward_only_s']:.3f} s + encode {r['vae_encode_s']:.3f} s, reconstruct "
-            f"{r['reconstruct_s']:.3f} s, overhead {r['overhead_pct']:+.1f}%; own work "
+            f"{r['reconstruct_s']:.3f} s, overhead {spread_text(r)}; own work "
             f"{r['own_work_pct']:.2f}%",
             flush=True,
         )
@@ -408,7 +472,8 @@ def main() -> None:
         "diffusers": __import__("diffusers").__version__,
         "torch_threads": args.threads,
         "repeats": args.repeats,
-        "timing": "best of the interleaved repeats",
+        "timing": "median and spread of the overhead per interleaved round (times: medians)",
+        "clock": "process CPU time" if args.clock == "cpu" else "wall clock",
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "loadavg_before": list(load_before),
         "loadavg_after": list(os.getloadavg()),
