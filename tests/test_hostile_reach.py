@@ -477,3 +477,18 @@ def test_a_prompt_that_is_not_a_string_is_named(dit: Path, prompt: object, shown
     with pytest.raises(ParameterError) as info:
         ddpmcli.load(dit, prompt=prompt)
     assert str(info.value) == f"prompt must be a string, got {shown}"
+
+
+def test_a_tensor_that_requires_grad_is_taken_without_a_warning() -> None:
+    """A training loop's batch may require grad: references gave torch's 'Converting a tensor
+    that requires grad to a scalar' warning on stderr."""
+    import warnings
+
+    model = _plain()
+    batch = torch.randn((4, 2), generator=torch.Generator().manual_seed(2), requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run = ddpmcli.sample(model, n=2, steps=2, references=batch)
+        rows = ddpmcli.reconstruct(model, batch, t=[0, 10]).rows
+    assert run.rows[0]["xt_std_expected"] > 0 and len(rows) == 2
+    assert run.references is not None and not run.references.requires_grad

@@ -305,7 +305,7 @@ def samples_of(
         DataError: not real numbers, not a non-empty batch of the model's shape, or NaN/Inf.
     """
     try:
-        x = torch.as_tensor(data)
+        x = torch.as_tensor(data).detach()  # a training loop's batch: measured, not trained
     except (TypeError, ValueError, RuntimeError) as exc:
         raise DataError.naming(
             f"{{{name}}}: not an array of numbers ({verbatim(type(exc).__name__)}: "
