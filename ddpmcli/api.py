@@ -331,12 +331,14 @@ def reconstruct(
         batch_size: (sample, t) pairs per model call (default: adaptive).
         device, dtype: where and in which dtype the model runs (default: the model's own).
         compare_optimal: an :class:`~ddpmcli.run.OptimalDenoiser`, or True for the data's own
-            (the closed form of ``gmm``, else the finite set of the given samples).
+            (the closed form of ``gmm``, else the given samples' set); not on a latent model.
         decode: a latent model on images: also decode each x0_hat with the VAE and add its
             image-space error, ``mse_image`` and ``psnr_image``, to the per-t rows.
         observers: called with progress events.
         ranks: a torchrun process group (the CLI's); None: one process.
     """
+    if model.latent is not None and compare_optimal not in (None, False):  # as the CLI says
+        raise ParameterError("{compare_optimal} is not available on a latent model")
     picked = _data(model, x0, n, seed, compare_optimal=compare_optimal is True)
     optimal = compare_optimal if isinstance(compare_optimal, OptimalDenoiser) else picked.optimal
     indices = default_timesteps(model.schedule.num_steps) if t is None else _timesteps(t)

@@ -492,3 +492,18 @@ def test_a_tensor_that_requires_grad_is_taken_without_a_warning() -> None:
         rows = ddpmcli.reconstruct(model, batch, t=[0, 10]).rows
     assert run.rows[0]["xt_std_expected"] > 0 and len(rows) == 2
     assert run.references is not None and not run.references.requires_grad
+
+
+def test_compare_optimal_on_a_latent_model_is_refused_by_the_api_as_by_the_cli(
+    cli: Callable[..., Result], dit: Path, data_file: Path
+) -> None:
+    """The CLI refused it; the API, given a tensor, ran it and labelled latent-space errors
+    optimal_mse (no _latent)."""
+    line = "compare_optimal is not available on a latent model"
+    result = cli("reconstruct", str(dit), "--data", str(data_file), "--class-label", "0", "-q",
+                 "--compare-optimal")  # fmt: skip
+    _one_line(result, 2, f"--{line.replace('_', '-')}")
+    model = ddpmcli.load(dit, class_label="0")
+    images = torch.from_numpy(np.load(data_file))
+    with pytest.raises(ParameterError, match=rf"^{line}$"):
+        ddpmcli.reconstruct(model, images, t=[0, 10], compare_optimal=True)
