@@ -362,6 +362,19 @@ class Labelled(nn.Module):
         return x + self.embed(labels)
 
 
+def schedule_name(path, load_weights):
+    return nn.Linear(2, 2), {"schedule": "cosine", "prediction_type": "eps", "data_shape": [2]}
+
+
+class Plain(nn.Module):
+    def forward(self, x, t):
+        return 0.1 * x
+
+
+def list_betas(path, load_weights):
+    return Plain(), {"schedule": [0.1, 0.2, 0.3], "prediction_type": "eps", "data_shape": [2]}
+
+
 def numpy_counts(path, load_weights):
     import numpy as np
 
@@ -507,3 +520,19 @@ def test_compare_optimal_on_a_latent_model_is_refused_by_the_api_as_by_the_cli(
     images = torch.from_numpy(np.load(data_file))
     with pytest.raises(ParameterError, match=rf"^{line}$"):
         ddpmcli.reconstruct(model, images, t=[0, 10], compare_optimal=True)
+
+
+def test_factory_metadata_errors_name_the_factory_once(
+    cli: Callable[..., Result], tmp_path: Path
+) -> None:
+    """'f.py:x metadata: f.py:x metadata: schedule must be ...': the place was said twice."""
+    (tmp_path / "factories.py").write_text(FACTORIES)
+    (tmp_path / "ckpt.pt").write_bytes(b"")
+    spec = f"{tmp_path / 'factories.py'}:schedule_name"
+    result = cli("info", "--model", spec, str(tmp_path / "ckpt.pt"))
+    line = f"{spec} metadata: schedule must be a schedule spec dict or a tensor (or list) of betas"
+    _one_line(result, 1, line)
+    spec = f"{tmp_path / 'factories.py'}:list_betas"  # a plain list of betas is taken
+    result = cli("info", "--model", spec, str(tmp_path / "ckpt.pt"), "-f", "json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)[0]["timesteps"] == 3

@@ -76,8 +76,11 @@ def _parse_meta(raw: Mapping[str, Any], where: str) -> _Meta:
             meta.data_shape = _shape(raw["data_shape"], where)
         if raw.get("data_range") is not None:
             meta.data_range = _range(raw["data_range"], where)
-    except DdpmError as exc:
-        raise CheckpointError(f"{where}: {exc}") from None
+    except DdpmError as exc:  # named once: some of these already say where
+        text = str(exc)
+        raise CheckpointError(
+            text if text.startswith(f"{where}: ") else f"{where}: {text}"
+        ) from None
     refs = raw.get("reference_samples")
     if refs is not None:
         if not isinstance(refs, Tensor):
@@ -91,9 +94,9 @@ def _parse_meta(raw: Mapping[str, Any], where: str) -> _Meta:
 
 def _schedule_from_stored(value: Any, where: str) -> core.Schedule:
     """A stored schedule, its length checked before any per-t array is built."""
-    if isinstance(value, Tensor):
+    if isinstance(value, Tensor | list | tuple):  # betas, as a tensor or a plain list
         _check_length(value, "schedule")
-        return core.schedule_from_betas(value.to(torch.float64))
+        return core.schedule_from_betas(_f64(value))
     if isinstance(value, Mapping):
         if "kind" not in value and "betas" in value:
             _check_length(value["betas"], "schedule.betas")
@@ -106,7 +109,9 @@ def _schedule_from_stored(value: Any, where: str) -> core.Schedule:
             steps = int(steps) if isinstance(steps, float) and steps.is_integer() else steps
             limits.check_timesteps(steps, "schedule.timesteps", error=CheckpointError)
         return core.schedule_from_spec(value)
-    raise CheckpointError(f"{where}: schedule must be a schedule spec dict or a tensor of betas")
+    raise CheckpointError(
+        f"{where}: schedule must be a schedule spec dict or a tensor (or list) of betas"
+    )
 
 
 def _check_length(values: Any, field_name: str) -> None:
