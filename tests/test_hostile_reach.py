@@ -536,3 +536,17 @@ def test_factory_metadata_errors_name_the_factory_once(
     result = cli("info", "--model", spec, str(tmp_path / "ckpt.pt"), "-f", "json")
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)[0]["timesteps"] == 3
+
+
+def test_wrap_of_an_unconditional_module_with_classes_says_labels() -> None:
+    """num_classes on a module that takes no labels was blamed on data_shape alone."""
+    with pytest.raises(CheckpointError) as info:
+        ddpmcli.wrap(
+            _Plain(), schedule=ddpmcli.schedule("linear", 20), data_shape=(2,), num_classes=4,
+            class_label=1,
+        )  # fmt: skip
+    assert str(info.value) == (
+        "_Plain: the model fails on inputs of data shape [2] with class labels "
+        "(_Plain.forward() takes 3 positional arguments but 4 were given); pass the right "
+        "data_shape, or a module called module(x_t, t, labels)"
+    )

@@ -173,6 +173,15 @@ def module_mover(module: nn.Module) -> _Mover:
     return move
 
 
+def _condition_words(conditioning: object) -> tuple[str, str]:
+    """What a failed check call carried besides x_t and t, and the other way to fix it."""
+    if isinstance(conditioning, Conditioning):
+        return " with class labels", ", or a module called module(x_t, t, labels)"
+    if isinstance(conditioning, TextConditioning):
+        return " with the prompt's states", ", or a module called module(x_t, t, states)"
+    return "", ""
+
+
 def check_output_shape(loaded: LoadedModel, where: str) -> None:
     """One forward pass on a batch of distinct rows (different x and t): the output must be
     ``[B, C, ...]`` (or ``[B, 2C, ...]`` with a learned variance), so a model that ignores the
@@ -189,9 +198,11 @@ def check_output_shape(loaded: LoadedModel, where: str) -> None:
             else:  # the labels of samples 0..B-1, guided if asked: the run's own call
                 out = loaded.conditioning.call(loaded.denoiser, x, t, None, learned_variance=False)
     except Exception as exc:  # the model's own error: shape mismatch inside it, most likely
+        cond = _condition_words(loaded.conditioning)
         raise CheckpointError.naming(
             f"{verbatim(where)}: the model fails on inputs of data shape "
-            f"{list(loaded.data_shape)} ({verbatim(one_line(exc))}); pass the right {{data_shape}}"
+            f"{list(loaded.data_shape)}{cond[0]} ({verbatim(one_line(exc))}); pass the right "
+            f"{{data_shape}}{cond[1]}"
         ) from None
     want = list(x.shape)
     if (
