@@ -247,8 +247,10 @@ def wrap(
     finished = (schedule, pred, bool(learned_variance), shape, (lo, hi))
     info: dict[str, Any] = {"format": "in-memory", "architecture": kind, "path": name or kind}
     info.update(class_keys(num_classes, null_label))
-    model = loaded_model(denoiser, finished, info, references=reference_samples, mover=mover)
+    model = loaded_model(denoiser, finished, info, mover=mover)
     model.device, model.dtype = device, dtype
+    if reference_samples is not None:  # checked as data are: NaN here was a NaN in every run
+        model.reference_samples = samples_of(model, reference_samples, "reference_samples")[0]
     model = attach(model, class_label, guidance_scale, label_seed, name or kind)
     if check:
         check_output_shape(model, name or kind)

@@ -550,3 +550,22 @@ def test_wrap_of_an_unconditional_module_with_classes_says_labels() -> None:
         "(_Plain.forward() takes 3 positional arguments but 4 were given); pass the right "
         "data_shape, or a module called module(x_t, t, labels)"
     )
+
+
+@pytest.mark.parametrize(
+    ("refs", "message"),
+    [
+        (torch.tensor([[float("nan"), 0.0]]), "reference_samples: 1 value(s) are NaN or Inf"),
+        (torch.zeros((3, 5)), "reference_samples samples have shape [5], the model wants [2]"),
+        (torch.zeros((0, 2)), "reference_samples of shape [0, 2] is not a batch of samples"),
+    ],
+)
+def test_wrap_checks_its_reference_samples(refs: Tensor, message: str) -> None:
+    """They were stored as given: a NaN made every sample run's xt_std_expected NaN, an empty
+    set warned from torch, another shape compared the samples with vectors of another size."""
+    with pytest.raises(DataError) as info:
+        ddpmcli.wrap(
+            _Plain(), schedule=ddpmcli.schedule("linear", 20), data_shape=(2,),
+            reference_samples=refs,
+        )  # fmt: skip
+    assert str(info.value) == message
