@@ -375,6 +375,18 @@ def list_betas(path, load_weights):
     return Plain(), {"schedule": [0.1, 0.2, 0.3], "prediction_type": "eps", "data_shape": [2]}
 
 
+def nan_refs(path, load_weights):
+    refs = torch.zeros(3, 2)
+    refs[1, 1] = float("nan")
+    return Plain(), {"schedule": [0.1, 0.2], "prediction_type": "eps", "data_shape": [2],
+                     "reference_samples": refs}
+
+
+def wide_refs(path, load_weights):
+    return Plain(), {"schedule": [0.1, 0.2], "prediction_type": "eps", "data_shape": [2],
+                     "reference_samples": torch.zeros(3, 5)}
+
+
 def numpy_counts(path, load_weights):
     import numpy as np
 
@@ -569,3 +581,25 @@ def test_wrap_checks_its_reference_samples(refs: Tensor, message: str) -> None:
             reference_samples=refs,
         )  # fmt: skip
     assert str(info.value) == message
+
+
+@pytest.mark.parametrize(
+    ("factory", "line"),
+    [
+        ("nan_refs", "{spec} metadata: reference_samples hold 1 NaN or infinite value(s)"),
+        (
+            "wide_refs",
+            "--model {spec}: metadata reference_samples have shape [5], data shape is [2]",
+        ),
+    ],
+)
+def test_metadata_reference_samples_are_checked(
+    cli: Callable[..., Result], tmp_path: Path, factory: str, line: str
+) -> None:
+    """A NaN in a checkpoint's (or a factory's) reference samples made sample's
+    xt_std_expected NaN; a factory's of another shape were taken as they were."""
+    (tmp_path / "factories.py").write_text(FACTORIES)
+    (tmp_path / "ckpt.pt").write_bytes(b"")
+    spec = f"{tmp_path / 'factories.py'}:{factory}"
+    result = cli("sample", "--model", spec, str(tmp_path / "ckpt.pt"), "-n", "2", "--steps", "2")
+    _one_line(result, 1, line.format(spec=spec))

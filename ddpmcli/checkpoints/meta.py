@@ -88,6 +88,13 @@ def _parse_meta(raw: Mapping[str, Any], where: str) -> _Meta:
                 refs = torch.tensor(refs, dtype=torch.float32)
             except (TypeError, ValueError, RuntimeError):
                 raise CheckpointError(f"{where}: reference_samples is not an array") from None
+        if refs.ndim < 2 or refs.shape[0] < 1:
+            raise CheckpointError(
+                f"{where}: reference_samples of shape {list(refs.shape)} hold no samples"
+            )
+        if refs.is_floating_point() and not bool(torch.isfinite(refs).all()):
+            bad = int((~torch.isfinite(refs)).sum())
+            raise CheckpointError(f"{where}: reference_samples hold {bad} NaN or infinite value(s)")
         meta.reference_samples = refs
     return meta
 

@@ -192,6 +192,12 @@ def load_user_model(p: Path, spec: str, given: _Meta, *, inspect_only: bool) -> 
         references=meta.reference_samples,
         mover=module_mover(module),
     )
+    refs = loaded.reference_samples
+    if refs is not None and tuple(refs.shape[1:]) != tuple(loaded.data_shape):
+        raise CheckpointError.naming(
+            f"{{model}} {verbatim(spec)}: metadata reference_samples have shape "
+            f"{list(refs.shape[1:])}, data shape is {list(loaded.data_shape)}"
+        )
     if inspect_only and loaded.info["learned_variance_inferred"]:
         # the user chose to run this code: one tiny forward pass tells a learned variance apart
         _check_inferred(loaded, classes, where)
