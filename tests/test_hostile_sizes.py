@@ -423,3 +423,48 @@ def test_n_beyond_the_data_is_said(hostile: Path) -> None:
             result.stderr
         )
         assert result.stdout.count("\n") > 2
+
+
+# ---------------------------------------------------------------------------------------------
+# a diffusers config's label table and time embedding count toward the allocation check
+
+
+@pytest.mark.parametrize(
+    ("config", "what"),
+    [
+        (  # a 32-channel UNet whose label table alone is 2**20 x 65536 floats (256 GiB)
+            {
+                "_class_name": "UNet2DModel", "sample_size": 8, "block_out_channels": [32],
+                "down_block_types": ["DownBlock2D"], "up_block_types": ["UpBlock2D"],
+                "num_class_embeds": 1 << 20, "time_embedding_dim": 65536,
+            },
+            "the UNet2DModel it describes",
+        ),
+        (  # a one-layer DiT of width 2048 (0.3 GB of blocks); its label table is 8 GiB
+            {
+                "_class_name": "DiTTransformer2DModel", "sample_size": 8, "in_channels": 4,
+                "num_attention_heads": 2, "attention_head_dim": 1024, "num_layers": 1,
+                "num_embeds_ada_norm": 1 << 20,
+            },
+            "the DiT it describes",
+        ),
+    ],
+)  # fmt: skip
+def test_diffusers_label_tables_are_checked_before_allocating(
+    tmp_path: Path, config: dict[str, object], what: str
+) -> None:
+    folder = tmp_path / "pipe"
+    net = folder / ("unet" if config["_class_name"] == "UNet2DModel" else "transformer")
+    net.mkdir(parents=True)
+    (net / "config.json").write_text(json.dumps(config))
+    sched = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000}
+    (folder / "scheduler").mkdir()
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched))
+    cap = "import resource; resource.setrlimit(resource.RLIMIT_AS, (8 * 1024**3, -1))\n"
+    code = cap + "from ddpmcli.cli.app import main; main()"
+    proc = subprocess.run(
+        [sys.executable, "-c", code, "info", str(folder)], capture_output=True, text=True
+    )
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and what in lines[0], lines

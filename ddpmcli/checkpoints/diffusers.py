@@ -303,9 +303,14 @@ def _check_dit_sizes(config: Mapping[str, Any], where: Path) -> None:
         raise CheckpointError(f"{where}: heads x head dim {width} is more than {MAX_CHANNELS}")
     layers = count("num_layers", 28, 256)
     count("patch_size", 2, size)
-    # about 18 d^2 weights per block (attention 4, feed-forward 8, adaLN-zero 6)
+    # about 18 d^2 weights per block (attention 4, feed-forward 8, adaLN-zero 6), and the label
+    # table: num_embeds_ada_norm + 1 rows of the width
+    labels = config.get("num_embeds_ada_norm", 1000)
+    rows = labels + 1 if isinstance(labels, int) and 1 <= labels <= 1 << 20 else 0
     limits.check_allocation(
-        18 * width * width * layers * 4, f"{where}: the DiT it describes", error=CheckpointError
+        (18 * width * width * layers + rows * width) * 4,
+        f"{where}: the DiT it describes",
+        error=CheckpointError,
     )
 
 
@@ -423,6 +428,13 @@ def _check_unet_sizes(config: Mapping[str, Any], where: Path) -> None:
         )
     # about two 3x3 convolutions per layer, down and up: a bound on the weights it allocates
     weights = sum(2 * 9 * c * c * (2 * layers + 1) for c in blocks)
+    embed = 4 * int(blocks[0])  # time_embedding_dim, which configs save as null by default
+    if config.get("time_embedding_dim") is not None:
+        embed = count("time_embedding_dim", embed, 4 * MAX_CHANNELS)
+    weights += embed * embed  # the time embedding's second linear layer
+    classes = config.get("num_class_embeds")  # its label table: one time-embedding row each
+    if isinstance(classes, int) and not isinstance(classes, bool) and 1 <= classes <= 1 << 20:
+        weights += classes * embed
     what = f"{where}: the UNet2DModel it describes"
     limits.check_allocation(weights * 4, what, error=CheckpointError)
 
