@@ -603,3 +603,23 @@ def test_metadata_reference_samples_are_checked(
     spec = f"{tmp_path / 'factories.py'}:{factory}"
     result = cli("sample", "--model", spec, str(tmp_path / "ckpt.pt"), "-n", "2", "--steps", "2")
     _one_line(result, 1, line.format(spec=spec))
+
+
+def test_a_prompt_longer_than_the_text_encoder_reads_is_warned_about(
+    cli: Callable[..., Result], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The tiny SD folder's tokenizer reads 8 tokens (start and end included): a 10-letter word
+    is 12 tokens, cut to 8 as diffusers' pipelines cut it, with one Warning line; a short prompt
+    gives none."""
+    pytest.importorskip("transformers")
+    sd = test_conditional.sd_folder(tmp_path_factory.mktemp("sd"))
+    args = ["info", str(sd), "--format", "json"]
+    long = cli(*args, "--prompt", "abcdefghij")
+    assert long.exit_code == 0, long.stderr
+    assert long.stderr == (
+        "Warning: the prompt is 12 tokens; the text encoder reads the first 8, as diffusers' "
+        "pipelines do\n"
+    )
+    assert json.loads(long.stdout)[0]["prompt"] == "abcdefghij"
+    short = cli(*args, "--prompt", "a cat")
+    assert (short.exit_code, short.stderr) == (0, "")

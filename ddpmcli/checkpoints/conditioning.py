@@ -223,6 +223,10 @@ class TextConditioning:
     encode: Callable[[str], Tensor]
     prompt: str = ""
     guidance_scale: float = 1.0
+    count_tokens: Callable[[str], int] | None = None
+    """The prompt's token count before truncation (None: unknown)."""
+    max_tokens: int | None = None
+    """How many tokens the text encoder reads; the rest of a longer prompt is cut off."""
     _cache: dict[tuple[str, str, str], Tensor] = field(default_factory=dict, repr=False)
 
     def states(self, prompt: str, like: Tensor) -> Tensor:
@@ -247,7 +251,15 @@ class TextConditioning:
         return guide(both, self.guidance_scale, learned_variance=learned_variance)
 
     def describe(self) -> dict[str, object]:
-        return {"prompt": self.prompt, "guidance_scale": self.guidance_scale}
+        shown: dict[str, object] = {"prompt": self.prompt, "guidance_scale": self.guidance_scale}
+        if self.count_tokens is not None and self.max_tokens is not None:
+            tokens = self.count_tokens(self.prompt)
+            if tokens > self.max_tokens:
+                shown["prompt_truncated"] = (
+                    f"the prompt is {tokens} tokens; the text encoder reads the first "
+                    f"{self.max_tokens}, as diffusers' pipelines do"
+                )
+        return shown
 
 
 def make_conditioning(

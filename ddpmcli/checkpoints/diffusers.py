@@ -486,7 +486,10 @@ def _load_text(p: Path, where: str) -> TextConditioning:
         states: Tensor = encoder(ids)[0]
         return states
 
-    return TextConditioning(encode)
+    def count(prompt: str) -> int:
+        return len(tokenizer(prompt, truncation=False, verbose=False).input_ids)
+
+    return TextConditioning(encode, count_tokens=count, max_tokens=length)
 
 
 def _read_text_weights(enc_dir: Path) -> dict[str, Tensor]:

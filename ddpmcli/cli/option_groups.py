@@ -133,7 +133,7 @@ class ModelFlags:
         from ddpmcli import api
         from ddpmcli.run import resolve_device, resolve_dtype
 
-        return api.load(
+        model = api.load(
             checkpoint,
             **loader_options(
                 self.kind, self.timesteps, self.prediction_type, self.data_shape,
@@ -145,6 +145,11 @@ class ModelFlags:
             dtype=None if dtype is None else resolve_dtype(dtype),
             **({"inspect_only": True} if inspect_only else {}),
         )  # fmt: skip
+        if "prompt_truncated" in model.info:
+            from ddpmcli.output import warn
+
+            warn(str(model.info["prompt_truncated"]))
+        return model
 
 
 NO_MODEL_FLAGS = ModelFlags()
