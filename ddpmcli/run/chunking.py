@@ -14,7 +14,8 @@ Never below one timestep's batch: on the CPU a smaller chunk saves memory but co
 At google/ddpm-cifar10-32's size (``benchmarks/bench_chunk.py``, 16 images x 5 t) a chunk of 8
 holds 0.88x the plain loop's peak memory and takes 1.33x its time (median of 5), while the
 chunk of 16 matches it (0.99x time, 0.995x peak; live memory, with a fixed malloc threshold,
-643 MB against 633 MB, the extra in the loaded process, not in the sweep).
+643 MB against 633 MB: the sweep itself adds less than the loop, the extra is ~7 MB more of
+libtorch's code paged in by the float64 schedule math, shared and clean).
 """
 
 from __future__ import annotations
