@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -623,3 +624,25 @@ def test_a_prompt_longer_than_the_text_encoder_reads_is_warned_about(
     assert json.loads(long.stdout)[0]["prompt"] == "abcdefghij"
     short = cli(*args, "--prompt", "a cat")
     assert (short.exit_code, short.stderr) == (0, "")
+
+
+def test_a_model_returning_inf_stops_sample_even_when_clipping_hides_it() -> None:
+    """x0_hat of an Inf epsilon is -Inf, clipped to -1: every x_t stayed finite, and sample used
+    to exit 0 with x0_std NaN. The model's own output is checked (read with the statistics)."""
+    from ddpmcli.run import NonFiniteSampleError
+
+    sched = ddpmcli.schedule("linear", timesteps=50)
+    calls: list[int] = []
+
+    def late_inf(x: Tensor, t: Tensor) -> Tensor:
+        calls.append(1)
+        return torch.full_like(x, math.inf) if len(calls) > 3 else 0.1 * x
+
+    model = ddpmcli.wrap(late_inf, schedule=sched, data_shape=(2,), check=False)
+    with pytest.raises(NonFiniteSampleError) as caught:
+        ddpmcli.sample(model, n=4, steps=6, seed=0)
+    assert str(caught.value) == (
+        "the model returned NaN/Inf (8 values) at step 3 of 6 (t = 24); stopped there (4 rows kept)"
+    )
+    assert [r["step"] for r in caught.value.rows] == [0, 1, 2, 3]
+    assert math.isnan(caught.value.rows[-1]["x0_std"])  # the row shows it

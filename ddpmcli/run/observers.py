@@ -118,6 +118,7 @@ class StepStatistics:
         ]
         if self.variances is None:
             parts.append(tensors["variance"].to(x.dtype))
+        parts.append(tensors["bad_output"].to(x.dtype))  # last: NaN/Inf values the model returned
         return torch.stack(parts)
 
     def flush(self) -> None:
@@ -141,6 +142,15 @@ class StepStatistics:
             "update_norm": values[5],
         }
         self.rows.append(row)
+        if values[-1] > 0:  # the model's own output, before any x0_hat arithmetic or clipping
+            step, t = int(row["step"]), int(row["t"])
+            raise NonFiniteSampleError(
+                f"the model returned NaN/Inf ({int(values[-1])} values) at step {step} of "
+                f"{self.num_steps} (t = {t}); stopped there ({len(self.rows)} rows kept)",
+                list(self.rows),
+                step,
+                t,
+            )
         notify(self.observers, Event(event.loop, event.done, event.total, event.step, event.t,
                                      row=row))  # fmt: skip
 
@@ -163,7 +173,7 @@ class StepMoments:
         self.events.append(event)
         f64 = torch.float64
         if not tensors:
-            self.sums.append(torch.zeros(9, dtype=f64))
+            self.sums.append(torch.zeros(10, dtype=f64))
             self.extremes.append(torch.full((2,), -math.inf, dtype=f64))
             return
         x, x_next, x0 = tensors["x"], tensors["x_next"], tensors["x0_raw"]
@@ -174,7 +184,8 @@ class StepMoments:
         parts = [x.sum(dtype=f64), x.to(f64).square().sum(), x0.sum(dtype=f64),
                  x0.to(f64).square().sum(), clipped, norms, var]  # fmt: skip
         count = torch.tensor([x.numel(), x.shape[0]], dtype=f64, device=x.device)
-        self.sums.append(torch.cat([torch.stack(parts), count]).cpu())
+        bad = tensors["bad_output"].to(f64).reshape(1)
+        self.sums.append(torch.cat([torch.stack(parts), count, bad]).cpu())
         lo_hi = torch.aminmax(x0)
         self.extremes.append(torch.stack([-lo_hi.min, lo_hi.max]).to("cpu", f64))
 
@@ -195,6 +206,7 @@ class StepMoments:
         stats += [std(sums[:, 2], sums[:, 3]), sums[:, 4] / values, sums[:, 5] / samples]
         if self.measure:
             stats.append(sums[:, 6] / values)
+        stats.append(sums[:, 9])  # NaN/Inf values the model returned, over every rank
         table = torch.stack(stats, dim=1)
         return list(zip(self.events, table, strict=True))
 

@@ -332,7 +332,7 @@ def _one_step(
     dev = x.device
     t_idx = torch.arange(loop.sched.num_steps, device=dev)[i].expand(n)  # a view: no kernel
     t_vec = torch.full((n,), t_model, dtype=torch.long, device=dev)
-    raws, used, nexts, var_sums = [], [], [], []
+    raws, used, nexts, var_sums, bad = [], [], [], [], []
     for start in range(0, n, loop.batch):
         sl = slice(start, min(start + loop.batch, n))
         xb, tb = x[sl], t_idx[sl]
@@ -341,6 +341,7 @@ def _one_step(
             sample_index=torch.arange(first + sl.start, first + sl.stop, device=dev),
         )  # fmt: skip
         out = out.to(x.dtype)
+        bad.append(torch.isfinite(out).logical_not_().sum())  # read with the statistics: no sync
         x0 = loop.sched.predict_x0(out, xb, tb, loop.kind)
         x0c = _limit_x0(x0, loop.settings)
         ctx = StepContext(
@@ -356,6 +357,7 @@ def _one_step(
         if loop.measure and i > 0 and log_var is not None:
             var_sums.append(torch.exp(log_var).sum(dtype=torch.float64))
     tensors = {"x": x, "x0_raw": _cat(raws), "x_next": _cat(nexts)}
+    tensors["bad_output"] = bad[0] if len(bad) == 1 else torch.stack(bad).sum()
     if loop.keep_x0:
         tensors["x0"] = _cat(used)
     if loop.measure:
@@ -415,7 +417,8 @@ def sample(
 
     Raises:
         ParameterError: impossible settings (checked before any model call).
-        NonFiniteSampleError: x_{t-1} became NaN/Inf; carries the rows computed so far.
+        NonFiniteSampleError: the model returned NaN/Inf, or x_{t-1} became NaN/Inf; carries
+            the rows computed so far.
         ModelFailure: the model raised; carries the rows computed so far.
     """
     settings = settings or SampleSettings()
