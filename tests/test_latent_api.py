@@ -26,6 +26,14 @@ dit, sd, data_file = test_conditional.dit, test_conditional.sd, test_conditional
 
 pytestmark = [pytest.mark.diffusers, pytest.mark.usefixtures("one_thread")]
 
+
+@pytest.fixture(autouse=True)
+def cli_one_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI on one thread too (its default follows the idle cores: on a quiet machine 2, and
+    the last bits of a float32 convolution depend on the thread count), as the API runs here."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+
 LATENT_COLUMNS = ["t", "alpha_bar", "snr", "mse_latent", "psnr_latent", "eps_mse_latent",
                   "clip_fraction_latent"]  # fmt: skip
 
