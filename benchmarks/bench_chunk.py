@@ -14,8 +14,10 @@ activations stay small (``ddpmcli.run.chunking``). This runs, each case in a fre
   batch 16, ``step(...).pred_original_sample``, the mse), ``auto`` (``load_checkpoint`` and
   ``reconstruction_sweep`` with the default chunk), ``chunk16`` and ``chunk8`` (fixed chunks:
   the plain loop's batch, and half of it); ``chunk80`` (the old automatic choice) on request.
-- ``mlp``: the built-in 2-D MLP, 256 samples at every 10th of 1000 t: ``plain`` (the sweep at a
-  chunk of one timestep's batch, what a per-t loop does), ``auto``, ``chunk4096``.
+- ``mlp``: the built-in 2-D MLP, 256 samples at every 10th of 1000 t: ``diffusers`` (the same
+  plain diffusers loop: DDPMScheduler ``add_noise``/``step`` around the bare network at batch
+  256), ``plain`` (the sweep at a chunk of one timestep's batch, what a per-t loop does),
+  ``auto``, ``chunk4096``.
 
 Statistics. Each case runs ``--repeats`` times (default 5), interleaved (repeat r runs the cases
 in an order rotated by r, so no case always follows the same one), each a fresh subprocess. Per
@@ -112,6 +114,32 @@ def diffusers_loop(folder: Path) -> tuple[float, float]:
         return time.perf_counter() - began, loaded
 
 
+def diffusers_mlp_loop(folder: Path) -> tuple[float, float]:
+    """The plain diffusers loop over the MLP: for each t, ``add_noise``, the network at batch 256,
+    ``step(...).pred_original_sample`` and the mse, with diffusers' DDPMScheduler (linear, 1000
+    steps: the checkpoint's schedule). The network is loaded as ddpm loads it (diffusers has no
+    MLP), and called bare."""
+    from diffusers import DDPMScheduler
+
+    from ddpmcli.checkpoints import load_checkpoint
+
+    net = load_checkpoint(folder / "mlp.pt").denoiser
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
+    x0 = torch.from_numpy(np.load(folder / "ring.npy"))
+    gen = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        net(x0[:1], torch.zeros(1, dtype=torch.long))  # warm-up, as the sweep's first chunk
+        loaded = peak_rss_mb()
+        began = time.perf_counter()
+        for t in MLP_T:
+            noise = torch.randn(x0.shape, generator=gen)
+            x_t = sched.add_noise(x0, noise, torch.tensor([t]))
+            eps = net(x_t, torch.full((len(x0),), t, dtype=torch.long))
+            x0_hat = sched.step(eps, t, x_t).pred_original_sample
+            float(((x0_hat - x0) ** 2).mean())
+        return time.perf_counter() - began, loaded
+
+
 def sweep(ckpt: Path, data: Path, ts: list[int], chunk: int | None) -> tuple[float, float, int]:
     from ddpmcli.checkpoints import load_checkpoint
     from ddpmcli.run import reconstruction_sweep
@@ -141,6 +169,8 @@ def run_case(case: str, folder: Path) -> dict[str, Any]:
     elif case.startswith("cifar:"):
         fixed = {"auto": None, "chunk16": 16, "chunk8": 8, "chunk80": 80}[case.split(":")[1]]
         seconds, loaded, chunk_used = sweep(folder, folder / "x.npy", CIFAR_T, fixed)
+    elif case == "mlp:diffusers":
+        seconds, loaded = diffusers_mlp_loop(folder)
     else:
         fixed = {"plain": 256, "auto": None, "chunk4096": 4096}[case.split(":")[1]]
         seconds, loaded, chunk_used = sweep(folder / "mlp.pt", folder / "ring.npy", MLP_T, fixed)
@@ -191,7 +221,7 @@ def measure(names: list[str], folder: Path, repeats: int) -> list[dict[str, Any]
 
 CASES = {
     "cifar": ["cifar:diffusers", "cifar:auto", "cifar:chunk16", "cifar:chunk8"],
-    "mlp": ["mlp:plain", "mlp:auto", "mlp:chunk4096"],
+    "mlp": ["mlp:diffusers", "mlp:plain", "mlp:auto", "mlp:chunk4096"],
 }
 LIVE_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 

@@ -651,10 +651,18 @@ def test_cli_train_records_the_range_of_file_data_outside_minus_one_one(
     assert info["data_max"] == pytest.approx(3.0, abs=1e-6)
 
 
-def test_chunk_cap_is_one_timesteps_batch_for_a_large_image_model() -> None:
+def test_chunk_cap_is_below_one_timesteps_batch_for_a_large_image_model() -> None:
     from ddpmcli.run import chunk_cap
+    from ddpmcli.run.chunking import EXTRA_MEMORY
 
-    assert chunk_cap(3 * 32 * 32, 16, 80) == 16  # the cifar-10 case of issue 8: not all 80
+    # the cifar-10 case of issue 8: not all 80 pairs, and fewer than the plain loop's 16 (its
+    # activations, estimated at 3 MiB an image, exceed the 32 MiB allowance): the allowance's
+    # worth, 10, which is more than half of 16
+    assert EXTRA_MEMORY // (3 * 32 * 32 * 4 * 256) == 10
+    assert chunk_cap(3 * 32 * 32, 16, 80) == 10
+    assert chunk_cap(3 * 32 * 32, 64, 64 * 1000) == 32  # half: more than the allowance's 10
+    assert chunk_cap(4 * 64 * 64, 4, 40) == 2  # SD latents: half of 4
+    assert chunk_cap(16 * 16, 6, 60) == 60  # small images: the allowance holds them all
     assert chunk_cap(2, 64, 64 * 1000) == 4096  # 2-D data: activations are tiny
     assert chunk_cap(2, 64, 100) == 100
 

@@ -10,12 +10,15 @@ The choice is a function of the sizes alone, never of measured timings: a float3
 can change in its last bits with the batch it is called at, so a timing-dependent chunk would
 make two runs with the same seed print different digits.
 
-Never below one timestep's batch: on the CPU a smaller chunk saves memory but costs more time.
-At google/ddpm-cifar10-32's size (``benchmarks/bench_chunk.py``, 16 images x 5 t) a chunk of 8
-holds 0.88x the plain loop's peak memory and takes 1.33x its time (median of 5), while the
-chunk of 16 matches it (0.99x time, 0.995x peak; live memory, with a fixed malloc threshold,
-643 MB against 633 MB: the sweep itself adds less than the loop, the extra is ~7 MB more of
-libtorch's code paged in by the float64 schedule math, shared and clean).
+When one timestep's batch alone is estimated to hold more activations than that allowance (large
+images), the chunk is half of it (or the allowance's worth of items, if more) on the CPU and MPS,
+so the sweep holds clearly less than the plain loop: its own float64 buffers and the few MB of
+libtorch code its float64 schedule math pages in then fit under the loop's peak. At
+google/ddpm-cifar10-32's size (``benchmarks/bench_chunk.py``, 16 images x 5 t, quiet machine,
+median of 5) a chunk of 16 held 1.005x and 1.031x the diffusers loop's peak RSS in two runs (live
+memory with a fixed malloc threshold: 643 MB against 633 MB), a chunk of 8 held 0.91x in both,
+at 0.955x and 0.975x the loop's time. On CUDA the allowance is a quarter of the free memory and
+the chunk is never below one timestep's batch.
 """
 
 from __future__ import annotations
@@ -41,11 +44,17 @@ def chunk_cap(
     """The largest chunk allowed: ``per_step`` (the batch of a plain loop over t, so never
     hungrier than it), or more when that many items' estimated activations
     (``numel x bytes x 256``) fit in :data:`EXTRA_MEMORY` (a quarter of the free memory on
-    CUDA). Within ``[1, min(total, 4096)]``."""
+    CUDA); off CUDA, when ``per_step`` items' activations alone exceed it, half of ``per_step``
+    (rounded up) or the allowance's worth of items, whichever is more. Within
+    ``[1, min(total, 4096)]``."""
     dev = torch.device(device)
     budget = EXTRA_MEMORY
     if dev.type == "cuda":
         free, _ = torch.cuda.mem_get_info(dev)
         budget = max(budget, free // 4)
     per_item = max(1, numel_per_item) * bytes_per_element * _ACTIVATION_FACTOR
-    return max(1, min(total, _MAX_CHUNK, max(per_step, budget // per_item)))
+    fits = budget // per_item
+    floor = per_step
+    if dev.type != "cuda" and fits < per_step:
+        floor = max(-(-per_step // 2), fits)
+    return max(1, min(total, _MAX_CHUNK, max(floor, fits)))
