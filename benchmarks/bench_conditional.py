@@ -45,7 +45,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -90,24 +89,37 @@ def build_unet_folder(root: Path, channels: tuple[int, ...]) -> Path:
     return root
 
 
-def build_dit_folder(root: Path) -> Path:
-    """transformer/ (DiT, learned sigma), vae/ (AutoencoderKL 3x32x32 -> 4x16x16), scheduler/."""
+DIT_SIZES: dict[str, dict[str, Any]] = {
+    # a toy DiT on 4x16x16 latents of 3x32x32 images
+    "tiny": {"heads": 4, "head_dim": 16, "layers": 2, "latent": 16, "image": 32, "vae": (16, 32)},
+    # DiT-S/2's transformer (Peebles & Xie: width 384, 12 layers, 6 heads, patch 2) on 4x32x32
+    # latents of 256x256 images, with a small VAE of the same downsampling (8x)
+    "s2": {"heads": 6, "head_dim": 64, "layers": 12, "latent": 32, "image": 256,
+           "vae": (16, 32, 32, 32)},
+}  # fmt: skip
+
+
+def build_dit_folder(root: Path, size: str = "tiny") -> Path:
+    """transformer/ (DiT, learned sigma), vae/ (AutoencoderKL images -> 4-channel latents),
+    scheduler/, at one of :data:`DIT_SIZES`."""
     from diffusers import AutoencoderKL, DDPMScheduler, DiTTransformer2DModel
 
+    dims = DIT_SIZES[size]
     torch.manual_seed(0)
     net = DiTTransformer2DModel(
-        num_attention_heads=4, attention_head_dim=16, in_channels=4, out_channels=8,
-        num_layers=2, sample_size=16, patch_size=2, num_embeds_ada_norm=CLASSES,
-        norm_num_groups=4,
+        num_attention_heads=dims["heads"], attention_head_dim=dims["head_dim"], in_channels=4,
+        out_channels=8, num_layers=dims["layers"], sample_size=dims["latent"], patch_size=2,
+        num_embeds_ada_norm=CLASSES, norm_num_groups=4,
     )  # fmt: skip
     with torch.no_grad():  # diffusers zero-initialises the adaLN-zero and output layers
         for p in net.parameters():
             p.normal_(0.0, 0.05)
     net.save_pretrained(root / "transformer", safe_serialization=True)
+    blocks = dims["vae"]
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32),
-        latent_channels=4, norm_num_groups=8, sample_size=32, layers_per_block=1,
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * len(blocks),
+        up_block_types=("UpDecoderBlock2D",) * len(blocks), block_out_channels=blocks,
+        latent_channels=4, norm_num_groups=8, sample_size=dims["image"], layers_per_block=1,
     )  # fmt: skip
     vae.save_pretrained(root / "vae", safe_serialization=True)
     DDPMScheduler(num_train_timesteps=1000, variance_type="learned_range").save_pretrained(
@@ -276,9 +288,9 @@ def bench_sample(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
 # (b) reconstruct on a DiT pipeline
 
 
-def images(n: int) -> Tensor:
+def images(n: int, side: int = 32) -> Tensor:
     gen = torch.Generator().manual_seed(1)
-    return torch.rand((n, 3, 32, 32), generator=gen) * 2 - 1
+    return torch.rand((n, 3, side, side), generator=gen) * 2 - 1
 
 
 def spread(T: int, k: int) -> list[int]:
@@ -293,7 +305,8 @@ def bench_reconstruct(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
     net = model.denoiser.unet  # type: ignore[attr-defined]
     n, k = args.n_rec, args.k_rec
     ts = spread(model.schedule.num_steps, k)
-    x = images(n)
+    dims = DIT_SIZES[args.dit_size]
+    x = images(n, dims["image"])
 
     def run() -> object:
         return api.reconstruct(model, x, t=ts, seed=0)
@@ -321,8 +334,9 @@ def bench_reconstruct(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
         for _ in range(2 * args.repeats)
     ]
     return {
-        "model": "DiTTransformer2DModel 4 heads x 16, 2 layers, patch 2, on 4x16x16 latents; "
-        "AutoencoderKL [16, 32] 3x32x32",
+        "model": f"DiTTransformer2DModel {dims['heads']} heads x {dims['head_dim']}, "
+        f"{dims['layers']} layers, patch 2, on 4x{dims['latent']}x{dims['latent']} latents; "
+        f"AutoencoderKL {list(dims['vae'])} 3x{dims['image']}x{dims['image']}",
         "parameters": {"dit": parameters(net), "vae": parameters(latent.vae)},
         "n_images": n,
         "timesteps": k,
@@ -352,22 +366,30 @@ def spread_text(r: dict[str, Any]) -> str:
     )
 
 
+def peak_rss_bytes() -> int:
+    """This process's own peak RSS (``VmHWM``; ``ru_maxrss`` would carry the parent's peak over
+    fork and exec, and the parent holds both models)."""
+    with open("/proc/self/status") as status:
+        line = next(s for s in status if s.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+
+
 def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def memory_case(folder: Path, n: int, k: int) -> dict[str, Any]:
+def memory_case(folder: Path, n: int, k: int, args_size: str = "tiny") -> dict[str, Any]:
     """Peak RSS growth of one reconstruct of n images x k timesteps (run in a fresh process)."""
     model = load_checkpoint(folder, class_label=LABELS)
-    x = images(n)
+    x = images(n, DIT_SIZES[args_size]["image"])
     ts = spread(model.schedule.num_steps, k)
     api.reconstruct(model, x[:1], t=[0], seed=0)  # warm-up: lazy init
     before = rss_bytes()
     start = time.perf_counter()
     api.reconstruct(model, x, t=ts, seed=0)
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    peak = peak_rss_bytes() - before
     return {
         "n_images": n,
         "timesteps": k,
@@ -381,7 +403,7 @@ def memory_case(folder: Path, n: int, k: int) -> dict[str, Any]:
 def bench_memory(args: argparse.Namespace, folder: Path) -> list[dict[str, Any]]:
     rows = []
     for n, k in args.memory_sizes:
-        child = json.dumps([str(folder), n, k])
+        child = json.dumps([str(folder), n, k, args.dit_size])
         cmd = [sys.executable, __file__, "--threads", str(args.threads), "--_child", child]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
         row = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -408,14 +430,18 @@ def main() -> None:
     parser.add_argument(
         "--clock", choices=list(CLOCKS), default="cpu", help="process CPU time or wall clock"
     )
+    parser.add_argument(
+        "--dit-size", choices=list(DIT_SIZES), default="tiny",
+        help="s2: only the DiT reconstruct, at DiT-S/2's size (8 images x 4 t; minutes)",
+    )  # fmt: skip
     parser.add_argument("--_child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     global clock
     clock = CLOCKS[args.clock]
     if args._child:
-        folder, n, k = json.loads(args._child)
-        print(json.dumps(memory_case(Path(folder), n, k)))
+        folder, n, k, args.dit_size = json.loads(args._child)
+        print(json.dumps(memory_case(Path(folder), n, k, args.dit_size)))
         return
     quick = args.quick
     args.channels = (16, 32) if quick else (32, 64)
@@ -423,6 +449,10 @@ def main() -> None:
     args.n_rec, args.k_rec = (4, 4) if quick else (32, 32)
     args.memory_sizes = [(4, 8), (16, 32)] if quick else [(8, 32), (64, 256)]
     args.repeats = args.repeats or (2 if quick else 7)
+    big = args.dit_size != "tiny"
+    if big:
+        args.n_rec, args.k_rec, args.memory_sizes = 8, 4, []
+        args.repeats = min(args.repeats, 2)
     load_before = os.getloadavg()
     print(
         f"conditional/latent benchmark, cpu x{os.cpu_count()}, torch {torch.__version__}, "
@@ -434,22 +464,23 @@ def main() -> None:
     dlogging.set_verbosity_error()
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        unet_dir = build_unet_folder(Path(tmp) / "cc", args.channels)
-        dit_dir = build_dit_folder(Path(tmp) / "dit")
-        s = bench_sample(args, unet_dir)
-        print(
-            f"(a) {s['model']} ({s['parameters']} params), ddpm sample n={s['n']}, "
-            f"{s['steps']} steps, labels {LABELS}",
-            flush=True,
-        )
-        for name in ("plain", "guided s=3"):
-            r = s[name]
+        dit_dir = build_dit_folder(Path(tmp) / "dit", args.dit_size)
+        s = {} if big else bench_sample(args, build_unet_folder(Path(tmp) / "cc", args.channels))
+        if not big:
             print(
-                f"  {name:10s}: {r['model_calls']:3d} model calls of batch {r['call_batches']}; "
-                f"forward only {r['forward_only_s']:.3f} s, sample {r['sample_s']:.3f} s, "
-                f"overhead {spread_text(r)}; own work {r['own_work_pct']:.2f}%",
+                f"(a) {s['model']} ({s['parameters']} params), ddpm sample n={s['n']}, "
+                f"{s['steps']} steps, labels {LABELS}",
                 flush=True,
             )
+            for name in ("plain", "guided s=3"):
+                r = s[name]
+                print(
+                    f"  {name:10s}: {r['model_calls']:3d} model calls of batch "
+                    f"{r['call_batches']}; forward only {r['forward_only_s']:.3f} s, "
+                    f"sample {r['sample_s']:.3f} s, "
+                    f"overhead {spread_text(r)}; own work {r['own_work_pct']:.2f}%",
+                    flush=True,
+                )
         r = bench_reconstruct(args, dit_dir)
         print(
             f"(b) DiT {r['parameters']['dit']} params + VAE {r['parameters']['vae']}: reconstruct "
@@ -488,7 +519,7 @@ def main() -> None:
     results: dict[str, Any] = {}
     if args.out.exists():
         results = json.loads(args.out.read_text())
-    key = f"cpu-threads{args.threads}" + ("-quick" if quick else "")
+    key = f"cpu-threads{args.threads}" + ("-quick" if quick else "") + ("-dit-s2" if big else "")
     results[key] = entry
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
