@@ -16,8 +16,9 @@ so the sweep holds clearly less than the plain loop: its own float64 buffers and
 libtorch code its float64 schedule math pages in then fit under the loop's peak. At
 google/ddpm-cifar10-32's size (``benchmarks/bench_chunk.py``, 16 images x 5 t, quiet machine,
 median of 5) a chunk of 16 held 1.005x and 1.031x the diffusers loop's peak RSS in two runs (live
-memory with a fixed malloc threshold: 643 MB against 633 MB), a chunk of 8 held 0.91x in both,
-at 0.955x and 0.975x the loop's time. On CUDA the allowance is a quarter of the free memory and
+memory with a fixed malloc threshold: 643 MB against 633 MB); the chunk this gives, 10, held
+0.85x (live 598 MB) at 1.01x the loop's time (``benchmarks/bench_chunk_time.py``, one process,
+interleaved; chunk 16 1.00x, 8 0.98x). On CUDA the allowance is a quarter of the free memory and
 the chunk is never below one timestep's batch.
 """
 
