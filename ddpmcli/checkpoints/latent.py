@@ -111,14 +111,10 @@ class LatentSpace:
                 the VAE runs).
         """
         field = "{" + name + "}"
-        if data.ndim < 2 or data.shape[0] < 1:
-            raise DataError.naming(f"{field} of shape {list(data.shape)} is not a batch of samples")
-        shape = tuple(int(d) for d in data.shape[1:])
+        shape = _sample_shape(data, field)
         if shape not in (tuple(self.image_shape), tuple(self.latent_shape)):
             raise self.shape_error(field, shape)
-        if data.is_floating_point() and not bool(torch.isfinite(data).all()):
-            bad = int((~torch.isfinite(data)).sum())
-            raise DataError.naming(f"{field}: {bad} value(s) are NaN or Inf")
+        _check_finite(data, field)
         if shape == tuple(self.image_shape):
             return self.encode(data), data.to("cpu", torch.float64)
         return data.to("cpu", torch.float64), None
@@ -157,6 +153,20 @@ class LatentSpace:
                 raise self.shape_error(f"{verbatim(source)}:", exc.shape) from None
             return latents, None
         return self.encode(images), images
+
+
+def _sample_shape(x: Tensor, field: str) -> tuple[int, ...]:
+    """One sample's shape of ``x``, a non-empty batch (DataError naming ``field`` otherwise)."""
+    if x.ndim < 2 or x.shape[0] < 1:
+        raise DataError.naming(f"{field} of shape {list(x.shape)} is not a batch of samples")
+    return tuple(int(d) for d in x.shape[1:])
+
+
+def _check_finite(x: Tensor, field: str) -> None:
+    """DataError naming ``field`` when ``x`` holds NaN/Inf."""
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).sum())
+        raise DataError.naming(f"{field}: {bad} value(s) are NaN or Inf")
 
 
 def _finite(out: Tensor, part: str) -> Tensor:
@@ -323,14 +333,11 @@ def samples_of(
         x = x.to(torch.float64)
     if latent is not None:
         return latent.latents_of(x, name)
-    if x.ndim < 2 or x.shape[0] < 1:
-        raise DataError.naming(f"{{{name}}} of shape {list(x.shape)} is not a batch of samples")
+    field = "{" + name + "}"
     want = [int(d) for d in model.data_shape]
-    if list(x.shape[1:]) != want:
+    if list(_sample_shape(x, field)) != want:
         raise DataError.naming(
-            f"{{{name}}} samples have shape {list(x.shape[1:])}, the model wants {want}"
+            f"{field} samples have shape {list(x.shape[1:])}, the model wants {want}"
         )
-    if bool(torch.isfinite(x).all()):
-        return x, None
-    bad = int((~torch.isfinite(x)).sum())
-    raise DataError.naming(f"{{{name}}}: {bad} value(s) are NaN or Inf")
+    _check_finite(x, field)
+    return x, None
