@@ -88,3 +88,46 @@ def test_ctrl_c_ends_a_model_stuck_in_native_code(tmp_path: Path, at: int, where
     ], stderr
     assert "Traceback" not in stderr and "DDPM_DEBUG" not in stderr
     assert out == b""  # the model's print went to stderr; no row was finished
+
+
+def test_ctrl_c_during_an_import_is_delivered_when_the_import_ends() -> None:
+    """A SIGINT that lands while a module is being imported (torch's import crosses C++ frames,
+    which abort the process when an exception passes through them) is held until no import is
+    running, then raised; a second Ctrl-C meanwhile raises at once."""
+    code = (
+        "import os, signal, sys, time, types\n"
+        "from importlib.machinery import ModuleSpec\n"
+        "from ddpmcli.cli import app\n"
+        "from ddpmcli.errors import Interrupted\n"
+        "signal.signal(signal.SIGINT, app._on_sigint)\n"
+        "def importing(name):\n"
+        "    module = types.ModuleType(name)\n"
+        "    module.__spec__ = ModuleSpec(name, None)\n"
+        "    module.__spec__._initializing = True\n"
+        "    sys.modules[name] = module\n"
+        "    return module\n"
+        "slow = importing('slow_extension')\n"
+        "os.kill(os.getpid(), signal.SIGINT)\n"
+        "time.sleep(0.2)\n"
+        "print('held', flush=True)\n"
+        "try:\n"
+        "    slow.__spec__._initializing = False\n"
+        "    time.sleep(2)\n"
+        "    print('never raised', flush=True)\n"
+        "except Interrupted:\n"
+        "    print('raised after the import', flush=True)\n"
+        "app._sigint['deferred'] = False\n"
+        "importing('another')\n"
+        "os.kill(os.getpid(), signal.SIGINT)\n"
+        "time.sleep(0.2)\n"
+        "try:\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    time.sleep(2)\n"
+        "    print('second never raised', flush=True)\n"
+        "except Interrupted:\n"
+        "    print('second raised at once', flush=True)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.stdout.split("\n")[:3] == [
+        "held", "raised after the import", "second raised at once"
+    ], done.stderr  # fmt: skip

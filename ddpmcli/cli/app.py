@@ -51,7 +51,7 @@ _UNSAFE_CONTROL = {i: f"\\x{i:02x}" for i in (*range(0x20), 0x7F, *range(0x80, 0
 # Set by the SIGINT handler. A handler's exception can be swallowed where Python ignores
 # exceptions (a __del__, a weakref or GC callback, a library's broad except): the flag still says
 # the run was interrupted, and wins over whatever error the swallowing caused.
-_sigint = {"seen": False, "reported": False}
+_sigint = {"seen": False, "reported": False, "deferred": False}
 
 
 def error_line(message: str) -> None:
@@ -83,7 +83,36 @@ def quiet_stdout() -> None:
 
 def _on_sigint(signum: int, frame: FrameType | None) -> None:
     _sigint["seen"] = True
+    if not _sigint["deferred"] and _import_in_progress():
+        # Raised inside a module's import, the exception can cross a C++ extension's frames,
+        # which abort the process ("terminate called ..." in torch's), or be swallowed by the
+        # module's own `except Exception` around an optional import, and the run goes on: deliver
+        # it once no import is running. A second Ctrl-C meanwhile raises at once.
+        _sigint["deferred"] = True
+        import threading
+
+        threading.Thread(target=_interrupt_after_imports, daemon=True).start()
+        return
     raise Interrupted
+
+
+def _import_in_progress() -> bool:
+    """Whether a module is being imported right now (importlib marks its spec meanwhile)."""
+    return any(
+        getattr(getattr(module, "__spec__", None), "_initializing", False)
+        for module in list(sys.modules.values())
+    )
+
+
+def _interrupt_after_imports() -> None:
+    """Wait until no import is running, then deliver SIGINT to the main thread again (its
+    handler raises then)."""
+    import _thread
+    import time
+
+    while _import_in_progress():
+        time.sleep(0.005)
+    _thread.interrupt_main()
 
 
 def _unraisable(hook: Any) -> Any:
