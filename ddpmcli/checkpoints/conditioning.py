@@ -54,6 +54,32 @@ def whole_number(value: object) -> int | None:
         return None
 
 
+def class_counts(num_classes: object, null_label: object) -> tuple[int, int | None] | None:
+    """``(num_classes, null_label)`` a caller or a factory's metadata declares, checked (None when
+    it declares neither): ``num_classes`` a whole number in 1..MAX_CLASSES, ``null_label`` (or
+    None) one outside the classes, num_classes..MAX_CLASSES; numpy integers are taken, bools,
+    floats and strings are not.
+
+    Raises:
+        ValueError: ``args[0]`` names what is wrong: ``null_label without num_classes``,
+            ``num_classes`` or ``null_label`` (then ``args[1]`` is the class count); the caller
+            words the error for its own options.
+    """
+    if num_classes is None:
+        if null_label is not None:
+            raise ValueError("null_label without num_classes")
+        return None
+    num = whole_number(num_classes)
+    if num is None or not 1 <= num <= MAX_CLASSES:
+        raise ValueError("num_classes")
+    if null_label is None:
+        return num, None
+    null = whole_number(null_label)
+    if null is None or not num <= null <= MAX_CLASSES:
+        raise ValueError("null_label", num)
+    return num, null
+
+
 def guidance_value(scale: object) -> float:
     """A guidance scale checked: a finite real number (not a bool, not a string).
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ddpmcli.checkpoints.conditioning import MAX_CLASSES, whole_number
+from ddpmcli.checkpoints.conditioning import MAX_CLASSES, class_counts
 from ddpmcli.errors import ParameterError, verbatim
 
 Mover = Callable[[torch.device, torch.dtype | None], Callable[[Tensor, Tensor], Tensor]]
@@ -87,25 +87,23 @@ def callable_mover(fn: Callable[[Tensor, Tensor], Any]) -> Mover:
 
 def class_keys(num_classes: object, null_label: object) -> dict[str, int | None]:
     """The class keys of ``info`` (what ``conditioning.attach`` reads) for ``wrap``, checked as a
-    factory's metadata is: ``num_classes`` in 1..MAX_CLASSES, ``null_label`` outside the classes
-    (num_classes..MAX_CLASSES); numpy integers are taken, bools, floats and strings are not."""
-    if num_classes is None:
-        if null_label is not None:
-            raise ParameterError("{null_label} needs {num_classes}")
-        return {}
-    num = whole_number(num_classes)
-    if num is None or not 1 <= num <= MAX_CLASSES:
-        raise ParameterError(
-            f"{{num_classes}} must be a positive integer (at most {MAX_CLASSES}), got "
-            f"{verbatim(repr(num_classes))}"
-        )
-    if null_label is None:
-        return {"num_classes": num, "null_label": None}
-    null = whole_number(null_label)
-    if null is None or not num <= null <= MAX_CLASSES:
+    factory's metadata is (:func:`~ddpmcli.checkpoints.conditioning.class_counts`)."""
+    try:
+        counts = class_counts(num_classes, null_label)
+    except ValueError as exc:
+        if exc.args[0] == "null_label without num_classes":
+            raise ParameterError("{null_label} needs {num_classes}") from None
+        if exc.args[0] == "num_classes":
+            raise ParameterError(
+                f"{{num_classes}} must be a positive integer (at most {MAX_CLASSES}), got "
+                f"{verbatim(repr(num_classes))}"
+            ) from None
+        num = exc.args[1]
         raise ParameterError(
             f"{{null_label}} must be an integer outside the classes 0..{num - 1} (usually "
             f"{num}, the label table's extra row; at most {MAX_CLASSES}), got "
             f"{verbatim(repr(null_label))}"
-        )
-    return {"num_classes": num, "null_label": null}
+        ) from None
+    if counts is None:
+        return {}
+    return {"num_classes": counts[0], "null_label": counts[1]}

@@ -37,7 +37,12 @@ from typing import Any
 from torch import Tensor, nn
 
 from ddpmcli import limits
-from ddpmcli.checkpoints.conditioning import MAX_CLASSES, Conditioning, LabelChoice, whole_number
+from ddpmcli.checkpoints.conditioning import (
+    MAX_CLASSES,
+    Conditioning,
+    LabelChoice,
+    class_counts,
+)
 from ddpmcli.checkpoints.loaded import LoadedModel, check_output_shape, loaded_model, module_mover
 from ddpmcli.checkpoints.meta import _finish, _merge, _Meta, _parse_meta
 from ddpmcli.checkpoints.unpickler import one_line, safe_torch_load
@@ -205,34 +210,31 @@ def load_user_model(p: Path, spec: str, given: _Meta, *, inspect_only: bool) -> 
 
 
 def _classes(raw: Mapping[str, Any], spec: str) -> tuple[int, int | None] | None:
-    """``(num_classes, null_label)`` declared by the factory's metadata, None if it has none.
+    """``(num_classes, null_label)`` declared by the factory's metadata, None if it has none
+    (checked by :func:`~ddpmcli.checkpoints.conditioning.class_counts`).
 
     Labels 0..N-1 are the classes; the null label, where there is one, is none of them (so
     ``all`` and ``random`` never pick it, as with diffusers' and DiT's label tables).
     """
     given_num, given_null = raw.get("num_classes"), raw.get("null_label")
-    num, null = whole_number(given_num), whole_number(given_null)  # numpy integers too
-    if given_num is None:
-        if given_null is not None:
+    try:
+        return class_counts(given_num, given_null)
+    except ValueError as exc:
+        where = f"{{model}} {verbatim(spec)}"
+        if exc.args[0] == "null_label without num_classes":
             raise CheckpointError.naming(
-                f"{{model}} {verbatim(spec)}: the factory's metadata gives null_label but no "
-                "num_classes"
-            )
-        return None
-    if num is None or not 1 <= num <= MAX_CLASSES:
+                f"{where}: the factory's metadata gives null_label but no num_classes"
+            ) from None
+        if exc.args[0] == "num_classes":
+            raise CheckpointError.naming(
+                f"{where}: metadata num_classes must be an integer in 1..{MAX_CLASSES}, got "
+                f"{verbatim(repr(given_num))}"
+            ) from None
+        num = exc.args[1]
         raise CheckpointError.naming(
-            f"{{model}} {verbatim(spec)}: metadata num_classes must be an integer in "
-            f"1..{MAX_CLASSES}, got {verbatim(repr(given_num))}"
-        )
-    if given_null is None:
-        return num, None
-    if null is None or not num <= null <= MAX_CLASSES:
-        raise CheckpointError.naming(
-            f"{{model}} {verbatim(spec)}: metadata null_label must be an integer outside the "
-            f"classes 0..{num - 1} (usually {num}, the label table's extra row), got "
-            f"{verbatim(repr(given_null))}"
-        )
-    return num, null
+            f"{where}: metadata null_label must be an integer outside the classes 0..{num - 1} "
+            f"(usually {num}, the label table's extra row), got {verbatim(repr(given_null))}"
+        ) from None
 
 
 def _check_inferred(
