@@ -291,11 +291,7 @@ def dit_folder(root: Path) -> Path:
         for p in net.parameters():
             p.normal_(0.0, 0.3)
     net.save_pretrained(root / "transformer", safe_serialization=True)
-    vae = diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
-        norm_num_groups=4, sample_size=8, layers_per_block=1,
-    )  # fmt: skip
+    vae = _tiny_vae()
     vae.half().save_pretrained(root / "vae", safe_serialization=True)
     diffusers.DDPMScheduler(num_train_timesteps=20, variance_type="learned_range").save_pretrained(
         root / "scheduler"
@@ -418,6 +414,15 @@ def sd(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return sd_folder(tmp_path_factory.mktemp("sd"))
 
 
+def _tiny_vae() -> Any:
+    """The pipelines' AutoencoderKL: 3x8x8 images <-> 4x4x4 latents."""
+    return diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
+        norm_num_groups=4, sample_size=8, layers_per_block=1,
+    )  # fmt: skip
+
+
 def sd_folder(root: Path) -> Path:
     """unet/ (UNet2DConditionModel), text_encoder/ (a tiny CLIPTextModel), tokenizer/ (a
     letters-only vocab.json and merges.txt written here), vae/, scheduler/. Also used by
@@ -448,11 +453,7 @@ def sd_folder(root: Path) -> Path:
         attention_head_dim=2, norm_num_groups=4,
     )  # fmt: skip
     unet.save_pretrained(root / "unet", safe_serialization=True)
-    vae = diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
-        norm_num_groups=4, sample_size=8, layers_per_block=1,
-    )  # fmt: skip
+    vae = _tiny_vae()
     vae.save_pretrained(root / "vae", safe_serialization=True)
     diffusers.DDPMScheduler(num_train_timesteps=20).save_pretrained(root / "scheduler")
     return root
