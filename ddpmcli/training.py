@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,7 +28,14 @@ from ddpmcli import core, limits, models
 from ddpmcli.errors import DdpmError, UsageError
 from ddpmcli.run.events import Event, Observer, ParameterError, notify
 
-__all__ = ["TrainResult", "default_architecture", "train_denoiser", "training_target", "vlb_term"]
+__all__ = [
+    "TrainResult",
+    "default_architecture",
+    "refuse_overwrite",
+    "train_denoiser",
+    "training_target",
+    "vlb_term",
+]
 
 VLB_WEIGHT = 0.001  # improved-diffusion's lambda for the hybrid objective
 # Defaults that train a 2-D moons MLP to a good denoiser in 2000 steps (~15 s on one CPU core).
@@ -47,6 +56,19 @@ class TrainResult:
     final_loss: float  # mean loss over the last 10% of steps
     seconds: float
     losses: list[float] = field(repr=False, default_factory=list)
+
+
+def refuse_overwrite(path: str | os.PathLike[str], force: bool, flag: str = "--out") -> None:
+    """The one rule for a checkpoint that already exists: it is replaced only when asked
+    (``force``, the CLI's ``--force``), else UsageError saying how. Called before any training,
+    so a finished run can never be lost to a name that was already taken."""
+    target = Path(path)
+    if force or not target.exists():
+        return
+    raise UsageError(
+        f"{flag} {str(target)!r} already exists; pass --force to replace it, or "
+        f"choose another {flag}"
+    )
 
 
 def default_architecture(data_shape: tuple[int, ...]) -> str:

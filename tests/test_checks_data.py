@@ -127,7 +127,10 @@ def test_train_data_range_and_train_steps(cli, files, tmp_path: Path) -> None:
     row = dict(zip(info[0].split("\t"), info[1].split("\t"), strict=True))
     assert (row["data_min"], row["data_max"], row["train_steps"]) == ("-1.0", "1.0", "2")
     # --steps, the README's spelling, is an alias of --train-steps
-    again = cli("train", "--data", str(files["ring"]), "--steps", "3", "--out", str(out), "-q")
+    # (a second run onto the same --out needs --force: issue 20)
+    again = cli(
+        "train", "--data", str(files["ring"]), "--steps", "3", "--out", str(out), "-q", "--force"
+    )
     assert again.exit_code == 0, again.stderr
     assert again.stderr == ""  # its own range [-3, 3] is recorded: nothing outside
     info = cli("info", str(out), "--format", "tsv").stdout.splitlines()

@@ -202,6 +202,10 @@ def train(
     out: Annotated[
         Path, typer.Option("--out", "-o", help="Where to write the native checkpoint.")
     ] = Path("ckpt.pt"),
+    force: Annotated[
+        bool,
+        typer.Option("--force", help="Replace the --out file if it exists (default: refuse)."),
+    ] = False,
     n: Annotated[
         int | None,
         typer.Option(
@@ -280,7 +284,8 @@ def train(
     Loss: MSE to the prediction type's target (eps, x0 or v) at t uniform over the schedule; with
     --learned-variance the improved-diffusion hybrid L_simple + 0.001 L_vlb. Any schedule kind and
     its options, as for `ddpm schedule`. Same seed, same weights. The checkpoint is written
-    atomically; a progress bar with the loss shows on a terminal.
+    atomically, and an existing --out file is replaced only with --force; a progress bar with the
+    loss shows on a terminal.
 
     Examples:
 
@@ -294,9 +299,10 @@ def train(
     from ddpmcli.configs import build_schedule
     from ddpmcli.run import progress_observer, resolve_device
     from ddpmcli.run.runtime import default_threads
-    from ddpmcli.training import default_architecture, train_denoiser
+    from ddpmcli.training import default_architecture, refuse_overwrite, train_denoiser
 
     check_writable(out, what="checkpoint")
+    refuse_overwrite(out, force)
     if not 0.0 <= ema < 1.0:
         raise UsageError(f"--ema {ema}: decay must lie in [0, 1) (0 turns EMA off)")
     schedule = build_schedule(flags.request()).schedule
