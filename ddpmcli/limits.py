@@ -400,14 +400,20 @@ def _too_deep(data: Any) -> bool:
     return False
 
 
-def parse_json(text: str | bytes, where: str, *, error: type[DdpmError] = DataError) -> Any:
+def parse_json(
+    text: str | bytes,
+    where: str,
+    *,
+    error: type[DdpmError] = DataError,
+    limit: int = MAX_JSON_BYTES,
+) -> Any:
     """Parse JSON text with the size, nesting-depth and number limits of :func:`read_json`.
 
     ``where`` names the source in the one-line error, e.g. ``"ckpt.pt: metadata"``.
     """
     size = len(text.encode("utf-8") if isinstance(text, str) else text)
-    if size > MAX_JSON_BYTES:
-        raise error(f"{where}: JSON is larger than the {_size_text(MAX_JSON_BYTES)} limit")
+    if size > limit:
+        raise error(f"{where}: JSON is larger than the {_size_text(limit)} limit")
     if isinstance(text, bytes):
         try:
             text = text.decode("utf-8-sig")

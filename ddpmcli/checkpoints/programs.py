@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from ddpmcli import limits
 from ddpmcli.checkpoints.loaded import Denoiser, LoadedModel, loaded_model, module_mover
 from ddpmcli.checkpoints.meta import METADATA_NAME, _finish, _merge, _Meta, _sidecar_meta
+from ddpmcli.checkpoints.opvet import vet_graph_json, vet_graph_module
 from ddpmcli.checkpoints.unpickler import (
     RefusedGlobal,
     iter_tensors,
@@ -52,6 +53,7 @@ TRUST_HINT = (
 )
 """A template naming the parameter ``trust_program`` (``CheckpointError.naming``)."""
 MAX_ARCHIVE_MEMBER_BYTES = 4 * 1024**3  # one pickled member of a program archive
+MAX_GRAPH_JSON_BYTES = 512 * 1024**2  # one serialized graph (a large UNet's is a few MiB)
 
 
 @contextlib.contextmanager
@@ -203,6 +205,9 @@ def scan_pt2(p: Path) -> None:
                     f"{where}: refused to load: member {name} is a TorchBind object, restored by "
                     "torch's own pickler, which can run code"
                 )
+            if kind == "graph":
+                _vet_graph_member(zf, name, where)
+                continue
             if kind == "skip":
                 continue
             data = _read_member(zf, name, where)
@@ -215,6 +220,8 @@ def _member_kind(inner: str, use_pickle: bool) -> str:
     """How torch reads a member: compiled/torchbind (refused), pickle, torch_save, sniff, skip."""
     if inner.startswith(_COMPILED_DIRS):
         return "compiled"
+    if inner.startswith("models/") and inner.endswith(".json"):
+        return "graph"
     if inner.endswith(".json") or inner.startswith(("extra/", ".data/")) or inner in _PLAIN_FILES:
         return "skip"
     if inner.startswith(_PAYLOAD_DIRS):
@@ -245,6 +252,17 @@ def _pickled_payloads(zf: zipfile.ZipFile, names: list[str], where: str) -> set[
             if isinstance(entry, Mapping) and entry.get("use_pickle"):
                 found.add(f"{folder}/{entry.get('path_name')}")
     return found
+
+
+def _vet_graph_member(zf: zipfile.ZipFile, name: str, where: str) -> None:
+    """Every operator a serialized graph names, checked before torch deserializes it."""
+    size = zf.getinfo(name).file_size
+    if size > MAX_GRAPH_JSON_BYTES:
+        raise CheckpointError(f"{where}: graph {name} is too large ({size} bytes)")
+    limits.check_allocation(8 * size, f"reading the graph {name}", error=CheckpointError)
+    text = _read_member(zf, name, where)
+    graph = limits.parse_json(text, f"{where}: {name}", error=CheckpointError, limit=size)
+    vet_graph_json(graph, f"{where}: {name}")
 
 
 def _looks_pickled(data: bytes) -> bool:
@@ -293,18 +311,33 @@ def _no_unsafe_unpickling() -> Iterator[None]:
         _package.pickle = real_pickle
 
 
+@contextlib.contextmanager
+def _quiet_torch_loggers() -> Iterator[None]:
+    """torch's own loggers silenced while it reads an archive: a corrupt one makes them print
+    tracebacks (15-36 lines) before the error that becomes our one line."""
+    import logging
+
+    saved = logging.root.manager.disable
+    logging.disable(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logging.disable(saved)
+
+
 def load_exported(p: Path, given: _Meta) -> LoadedModel:
     """A ``torch.export`` archive, scanned first (:func:`scan_pt2`), then read by torch."""
     where = str(p)
     scan_pt2(p)
     extra: dict[str, Any] = {METADATA_NAME: ""}
     try:
-        with _quiet_deprecation(), _no_unsafe_unpickling():
+        with _quiet_deprecation(), _quiet_torch_loggers(), _no_unsafe_unpickling():
             program = torch.export.load(str(p), extra_files=extra)
-    except Exception as exc:  # torch.export raises many types for a bad archive
+    except (Exception, RecursionError) as exc:  # torch.export raises many types for a bad archive
         raise CheckpointError(
             f"{where}: corrupt torch.export archive ({one_line(exc)[:120]})"
         ) from None
+    vet_graph_module(program.graph_module, where)
     meta = _merge(_sidecar_meta(p, extra.get(METADATA_NAME), where), given)
     finished = _finish(meta, where, flags_hint=True)
     module = program.module()
