@@ -34,7 +34,7 @@ live at once and repeats to within ~1 MB: the allocator-independent comparison. 
 load average before and after is recorded.
 
 Usage: python benchmarks/bench_chunk.py [--repeats 5] [--cases cifar:auto,...] [--no-live]
-  -> benchmarks/results/chunk.json
+  -> benchmarks/out/chunk.json (--record: benchmarks/results/chunk.json)
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from _results import add_output_options, output_path  # noqa: E402  (benchmarks/)
 
 ROOT = Path(__file__).resolve().parent
 CIFAR_T = [0, 250, 500, 750, 999]
@@ -233,6 +234,7 @@ def main() -> None:
     parser.add_argument("--no-live", action="store_true", help="skip the fixed-threshold runs")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
+    add_output_options(parser, "chunk.json")
     args = parser.parse_args()
     if args.case:
         print(json.dumps(run_case(args.case, Path(args.folder))))
@@ -258,7 +260,7 @@ def main() -> None:
                 "load_peak_rss_mb": {r["case"]: r["load_peak_rss_mb"] for r in live},
             }
     out["load_after"] = os.getloadavg()[0]
-    path = ROOT / "results" / "chunk.json"
+    path = output_path(args, "chunk.json")
     path.write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps(out, indent=2))
 

@@ -6,7 +6,8 @@ costs each case its own start-up and spreads its timings by ~10% on a 2-core mac
 model is loaded once and the cases take turns, so their times compare directly. Same folder and
 cases as ``bench_chunk.py`` (google/ddpm-cifar10-32's UNet, random weights, 16 images x 5 t).
 
-Usage: python benchmarks/bench_chunk_time.py [--repeats 5]  -> benchmarks/results/chunk_time.json
+Usage: python benchmarks/bench_chunk_time.py [--repeats 5] [--record]
+  -> benchmarks/out/chunk_time.json (--record: benchmarks/results/chunk_time.json)
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_chunk  # noqa: E402  (the same folder, loop and timesteps)
+from _results import add_output_options, output_path  # noqa: E402  (benchmarks/)
 
 from ddpmcli.checkpoints import load_checkpoint  # noqa: E402
 from ddpmcli.run import reconstruction_sweep  # noqa: E402
@@ -34,6 +36,7 @@ from ddpmcli.run import reconstruction_sweep  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
+    add_output_options(parser, "chunk_time.json")
     args = parser.parse_args()
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
@@ -70,7 +73,7 @@ def main() -> None:
             for c, v in times.items()
         },  # fmt: skip
     }
-    path = Path(__file__).resolve().parent / "results" / "chunk_time.json"
+    path = output_path(args, "chunk_time.json")
     path.write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps(out, indent=2))
 

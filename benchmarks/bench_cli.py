@@ -7,7 +7,8 @@ its baseline and the ratio is checked against the target:
 - ``ddpm schedule --kind cosine --format csv`` within 1.2x of ``python -c "import torch"``;
 - ``-T 1000000 --every 100000`` within 1.5x of ``-T 1000`` (the core is vectorised over t).
 
-Usage: python benchmarks/bench_cli.py [--runs 9] [--out benchmarks/results/cli.json]
+Usage: python benchmarks/bench_cli.py [--runs 9] [--record | --out PATH]
+  -> benchmarks/out/cli.json (--record: benchmarks/results/cli.json)
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import subprocess
 import sys
 import time
 from importlib import metadata
-from pathlib import Path
+
+from _results import add_output_options, output_path  # noqa: E402  (benchmarks/)
 
 DDPM = [shutil.which("ddpm") or "ddpm"]
 PY = [sys.executable]
@@ -56,8 +58,9 @@ def paired(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=9)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/cli.json"))
+    add_output_options(parser, "cli.json")
     args = parser.parse_args()
+    args.out = output_path(args, "cli.json")
 
     complete_env = {"_DDPM_COMPLETE": "complete_bash", "COMP_WORDS": "ddpm sch", "COMP_CWORD": "1"}
     cases = [

@@ -35,7 +35,8 @@ Usage:
     python benchmarks/bench_conditional.py            # --threads 1 --clock cpu --repeats 7
     python benchmarks/bench_conditional.py --quick
     python benchmarks/bench_conditional.py --clock wall   # on a quiet machine
-Writes benchmarks/results/conditional.json (one entry per mode, others kept) and prints a table;
+Writes benchmarks/out/conditional.json (--record: the tracked
+benchmarks/results/conditional.json) (one entry per mode, others kept) and prints a table;
 the figures for the README come from a quiet machine (load average in the JSON).
 """
 
@@ -55,6 +56,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _results import add_output_options, output_path  # noqa: E402  (benchmarks/)
 from torch import Tensor
 
 from ddpmcli import api
@@ -425,7 +427,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--out", type=Path, default=ROOT / "results" / "conditional.json")
+    add_output_options(parser, "conditional.json")
     parser.add_argument("--note", default=None, help="conditions of the run, kept in the JSON")
     parser.add_argument(
         "--clock", choices=list(CLOCKS), default="cpu", help="process CPU time or wall clock"
@@ -436,6 +438,7 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--_child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.out = output_path(args, "conditional.json")
     torch.set_num_threads(args.threads)
     global clock
     clock = CLOCKS[args.clock]

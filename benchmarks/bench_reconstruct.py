@@ -23,7 +23,8 @@ t for the timings); with ``--device cuda``: 16x16, base 32 channels, every t.
 Usage:
     python benchmarks/bench_reconstruct.py                 # CPU
     python benchmarks/bench_reconstruct.py --device cuda   # GPU
-Writes benchmarks/results/reconstruct.json (one entry per device, others kept).
+Writes benchmarks/out/reconstruct.json (--record: the tracked
+benchmarks/results/reconstruct.json) (one entry per device, others kept).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _results import add_output_options, output_path  # noqa: E402  (benchmarks/)
 
 from ddpmcli import core, models
 from ddpmcli.checkpoints import LoadedModel, load_checkpoint, save_native_checkpoint
@@ -308,11 +310,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--no-diffusers", action="store_true")
-    parser.add_argument("--out", type=Path, default=ROOT / "results" / "reconstruct.json")
+    add_output_options(parser, "reconstruct.json")
     parser.add_argument("--note", default=None, help="conditions of the run, kept in the JSON")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--_child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.out = output_path(args, "reconstruct.json")
     if args._child:
         ckpt, n, n_t, chunk = json.loads(args._child)
         print(json.dumps(memory_case(Path(ckpt), "cpu", n, n_t, chunk)))

@@ -18,7 +18,8 @@ Defaults fit 2 CPU cores in a few minutes (16 images of 3x32x32, a 2-level UNet,
 Usage:
     python benchmarks/bench_sample.py                  # CPU
     python benchmarks/bench_sample.py --device cuda    # GPU
-Writes benchmarks/results/sample.json (one entry per device, others kept) and prints a table.
+Writes benchmarks/out/sample.json (--record: the tracked
+benchmarks/results/sample.json) (one entry per device, others kept) and prints a table.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _results import add_output_options, output_path  # noqa: E402  (benchmarks/)
 
 from ddpmcli.checkpoints import load_checkpoint
 from ddpmcli.run import SampleSettings, respaced_schedule, sample
@@ -86,8 +88,9 @@ def main() -> None:
         help="torch CPU threads (default: torch's choice). On a shared or busy machine, 1 avoids "
         "OpenMP threads waiting on each other, which inflates every small op by milliseconds.",
     )
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/sample.json"))
+    add_output_options(parser, "sample.json")
     args = parser.parse_args()
+    args.out = output_path(args, "sample.json")
 
     from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler
 

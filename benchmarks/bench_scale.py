@@ -8,7 +8,8 @@ fixed cost. Every command runs with ``--threads 1`` per process, so 2 processes 
 
 Usage:
     python benchmarks/bench_scale.py [--arch mlp|unet] [--n 2000] [--repeats 3]
-Writes benchmarks/results/scale.json and prints a table.
+Writes benchmarks/out/scale.json (--record: the tracked
+benchmarks/results/scale.json) and prints a table.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+from _results import add_output_options, output_path  # noqa: E402  (benchmarks/)
 
 from ddpmcli import core, models
 from ddpmcli.checkpoints import save_native_checkpoint
@@ -64,8 +66,9 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=2000, help="samples per command")
     parser.add_argument("--steps", type=int, default=200, help="the schedule's T")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results/scale.json")
+    add_output_options(parser, "scale.json")
     opts = parser.parse_args()
+    opts.out = output_path(opts, "scale.json")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         ckpt, _ = _checkpoint(root, opts.arch, opts.steps)

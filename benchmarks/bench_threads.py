@@ -8,7 +8,8 @@ best count. OMP_NUM_THREADS is removed from the commands' environment so the def
 
 Usage:
     python benchmarks/bench_threads.py [--repeats 3] [--no-busy]
-Writes benchmarks/results/threads.json and prints a table.
+Writes benchmarks/out/threads.json (--record: the tracked
+benchmarks/results/threads.json) and prints a table.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+from _results import add_output_options, output_path  # noqa: E402  (benchmarks/)
 
 from ddpmcli import core, models
 from ddpmcli.checkpoints import save_native_checkpoint
@@ -62,8 +64,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-busy", action="store_true")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results/threads.json")
+    add_output_options(parser, "threads.json")
     opts = parser.parse_args()
+    opts.out = output_path(opts, "threads.json")
     busy = None if opts.no_busy else multiprocessing.Process(target=_spin, daemon=True)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -74,8 +77,9 @@ def main() -> None:
             cases[f"sample {arch}"] = ["sample", ckpt, "-n", n, "--steps", "50", "-f", "csv"]
             cases[f"nll {arch}"] = ["nll", ckpt, "-n", n, "--every", "4", "-f", "csv"]
             cases[f"reconstruct {arch}"] = ["reconstruct", ckpt, "-n", n, "-f", "csv"]
-        cases["train mlp"] = ["train", "--data", "moons", "--steps", "300", "--out", "t.pt"]
-        cases["train unet"] = ["train", "--data", "shapes", "--steps", "20", "--out", "u.pt"]
+        # each repeat replaces the last one's checkpoint: --force
+        cases["train mlp"] = ["train", "--force", "--data", "moons", "--steps", "300", "-o", "t"]
+        cases["train unet"] = ["train", "--force", "--data", "shapes", "--steps", "20", "-o", "u"]
         if busy is not None:
             busy.start()
         times: dict[tuple[str, str], list[float]] = {}
