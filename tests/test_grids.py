@@ -177,3 +177,220 @@ def test_sigma_to_timestep_matches_diffusers(beta_schedule: str) -> None:
 def test_bad_parameters_name_themselves(call, word: str) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(ScheduleParameterError, match=word):
         call()
+
+
+# ---- diffusers' set_timesteps, reproduced (ddpmcli.core.scheduler_grids) --------------------
+# Scheduler configs as published on the Hugging Face hub (scheduler/scheduler_config.json of each
+# pipeline; values copied here, no download). Keys that do not touch the grid are left out.
+SD3 = {"num_train_timesteps": 1000, "shift": 3.0}  # stabilityai/stable-diffusion-3-medium-diffusers
+FLUX_DEV = {  # black-forest-labs/FLUX.1-dev
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+    "base_shift": 0.5,
+    "max_shift": 1.15,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
+}
+LTX = {  # Lightricks/LTX-Video
+    "num_train_timesteps": 1000,
+    "shift": 1.0,
+    "use_dynamic_shifting": True,
+    "base_shift": 0.95,
+    "max_shift": 2.05,
+    "base_image_seq_len": 1024,
+    "max_image_seq_len": 4096,
+    "shift_terminal": 0.1,
+}
+COGVIEW4 = {  # THUDM/CogView4-6B
+    "num_train_timesteps": 1000,
+    "shift": 1.0,
+    "use_dynamic_shifting": True,
+    "time_shift_type": "linear",
+    "base_shift": 0.25,
+    "max_shift": 0.75,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
+}
+# Efficient-Large-Model/Sana_1600M_1024px_diffusers (DPMSolverMultistepScheduler)
+SANA = {"use_flow_sigmas": True, "flow_shift": 3.0, "prediction_type": "flow_prediction"}
+# Wan-AI/Wan2.1-T2V-1.3B-Diffusers (UniPCMultistepScheduler; 3.0 is Wan's default per diffusers'
+# docs/source/en/api/pipelines/wan.md, 5.0 its 720p recommendation)
+WAN = {"use_flow_sigmas": True, "flow_shift": 3.0, "prediction_type": "flow_prediction"}
+# runwayml/stable-diffusion-v1-5's scheduler values, with Karras sigmas switched on
+SD15_KARRAS = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
+
+STEPS = [1, 2, 8, 28, 50]
+_PIPELINE_KEYS = ("base_shift", "max_shift", "base_image_seq_len", "max_image_seq_len")
+
+
+def _grid_args(config: dict[str, object]) -> dict[str, object]:
+    """The config's keys set_timesteps reads (the others feed the pipeline's mu)."""
+    return {key: value for key, value in config.items() if key not in _PIPELINE_KEYS}
+
+
+def _same(theirs, ours, *, timestep_atol: float = 0.0) -> None:  # type: ignore[no-untyped-def]
+    """diffusers' float32 tensors equal ours value for value (timesteps within ``timestep_atol``
+    where stated: numpy's float32 log of a VP table differs from torch's by an ulp in ~15% of
+    entries, and a timestep interpolated in log sigma moves by ulp(log)/spacing, ~1e-5)."""
+    assert torch.equal(theirs.sigmas.to(torch.float64), ours.sigmas), (theirs.sigmas, ours.sigmas)
+    t_theirs = theirs.timesteps.to(torch.float64)
+    assert t_theirs.shape == ours.timesteps.shape
+    if timestep_atol == 0:
+        assert torch.equal(t_theirs, ours.timesteps), (t_theirs, ours.timesteps)
+    else:
+        assert float((t_theirs - ours.timesteps).abs().max()) <= timestep_atol
+
+
+@pytest.mark.parametrize("n", STEPS)
+def test_sd3_grid_is_diffusers(n: int) -> None:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from ddpmcli.core import scheduler_grids as sg
+
+    sched = FlowMatchEulerDiscreteScheduler(**SD3)
+    sched.set_timesteps(n)
+    _same(sched, sg.flow_match_euler_grid(n, **SD3))
+
+
+def test_sd3_shifts_sigma_min_twice_as_diffusers_does() -> None:
+    # diffusers #13243: at 8 steps the last sigma is 0.008929; shift(1/1000) = 0.002994 was meant
+    from ddpmcli.core import scheduler_grids as sg
+
+    grid = sg.flow_match_euler_grid(8, **SD3)
+    assert grid.sigmas[-2].item() == pytest.approx(0.008929, abs=5e-7)
+    once = grids.flow_shift(torch.tensor([1 / 1000], dtype=torch.float64), 3.0)
+    assert once.item() == pytest.approx(0.002994, abs=5e-7)
+
+
+@pytest.mark.parametrize("n", STEPS)
+@pytest.mark.parametrize(("height", "width"), [(512, 512), (1024, 1024)])
+def test_flux_grid_at_two_resolutions_is_the_pipelines(n: int, height: int, width: int) -> None:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    from ddpmcli.core import scheduler_grids as sg
+
+    seq = grids.image_seq_len(height, width)
+    mu = grids.flux_mu(seq)
+    assert mu == calculate_shift(seq)
+    sched = FlowMatchEulerDiscreteScheduler(**FLUX_DEV)
+    # what FluxPipeline.__call__ passes: sigmas = np.linspace(1.0, 1 / n, n) and mu
+    sched.set_timesteps(n, sigmas=np.linspace(1.0, 1 / n, n), mu=mu)
+    _same(
+        sched,
+        sg.flow_match_euler_grid(
+            n, **_grid_args(FLUX_DEV), mu=mu, sigmas=sg.pipeline_flow_sigmas(n)
+        ),
+    )
+    # and the scheduler alone, without the pipeline's sigmas
+    sched.set_timesteps(n, mu=mu)
+    _same(sched, sg.flow_match_euler_grid(n, **_grid_args(FLUX_DEV), mu=mu))
+
+
+@pytest.mark.parametrize("n", [2, 8, 28, 50])
+@pytest.mark.parametrize("seq", [1024, 6000])
+def test_ltx_shift_terminal_grid_is_the_pipelines(n: int, seq: int) -> None:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from ddpmcli.core import scheduler_grids as sg
+
+    mu = grids.flux_mu(seq, 1024, 4096, 0.95, 2.05)
+    sched = FlowMatchEulerDiscreteScheduler(**LTX)
+    sched.set_timesteps(n, sigmas=np.linspace(1.0, 1 / n, n), mu=mu)
+    ours = sg.flow_match_euler_grid(n, **_grid_args(LTX), mu=mu, sigmas=sg.pipeline_flow_sigmas(n))
+    _same(sched, ours)
+    assert ours.sigmas[-2].item() == pytest.approx(0.1, abs=1e-7)
+
+
+@pytest.mark.parametrize("n", STEPS)
+def test_cogview4_linear_time_shift_is_the_pipelines(n: int) -> None:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.cogview4.pipeline_cogview4 import calculate_shift
+
+    from ddpmcli.core import scheduler_grids as sg
+
+    mu = grids.cogview4_mu(4096)
+    assert mu == calculate_shift(4096)
+    timesteps, sigmas = sg.cogview4_pipeline_inputs(n)
+    sched = FlowMatchEulerDiscreteScheduler(**COGVIEW4)
+    sched.set_timesteps(
+        n, sigmas=sigmas.numpy().astype(np.float32), timesteps=timesteps.numpy(), mu=mu
+    )
+    _same(
+        sched,
+        sg.flow_match_euler_grid(
+            n, **_grid_args(COGVIEW4), mu=mu, sigmas=sigmas, timesteps=timesteps
+        ),
+    )
+    sched.set_timesteps(n, mu=mu)
+    _same(sched, sg.flow_match_euler_grid(n, **_grid_args(COGVIEW4), mu=mu))
+
+
+@pytest.mark.parametrize("n", STEPS)
+@pytest.mark.parametrize("shift", [1.0, 3.0, 5.0])
+def test_sana_and_wan_flow_sigmas_are_diffusers(n: int, shift: float) -> None:
+    from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
+
+    from ddpmcli.core import scheduler_grids as sg
+
+    dpm = DPMSolverMultistepScheduler(**{**SANA, "flow_shift": shift})
+    dpm.set_timesteps(n)
+    _same(dpm, sg.dpm_solver_flow_grid(n, flow_shift=shift))
+    unipc = UniPCMultistepScheduler(**{**WAN, "flow_shift": shift})
+    unipc.set_timesteps(n)
+    _same(unipc, sg.unipc_flow_grid(n, flow_shift=shift))
+    dyn = DPMSolverMultistepScheduler(**SANA, use_dynamic_shifting=True)
+    dyn.set_timesteps(n, mu=1.1)
+    _same(dyn, sg.dpm_solver_flow_grid(n, flow_shift=3.0, mu=1.1))
+
+
+@pytest.mark.parametrize("n", STEPS)
+@pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
+@pytest.mark.parametrize(
+    "conversion", [{}, {"use_karras_sigmas": True}, {"use_exponential_sigmas": True}]
+)
+def test_euler_discrete_grids_are_diffusers(
+    n: int, spacing: str, conversion: dict[str, bool]
+) -> None:
+    from diffusers import EulerDiscreteScheduler
+
+    from ddpmcli.core import scheduler_grids as sg
+
+    sched = EulerDiscreteScheduler(
+        **SD15_KARRAS, timestep_spacing=spacing, steps_offset=1, **conversion
+    )
+    sched.set_timesteps(n)
+    table = sg.diffusers_train_sigmas(**SD15_KARRAS)
+    assert torch.equal(table, ((1 - sched.alphas_cumprod) / sched.alphas_cumprod) ** 0.5)
+    ours = sg.euler_discrete_grid(n, table, timestep_spacing=spacing, steps_offset=1, **conversion)
+    # sigmas exact; a timestep interpolated in float32 log sigma within 1e-4 (of 0..999)
+    _same(sched, ours, timestep_atol=1e-4 if conversion else 0.0)
+
+
+def test_flow_grids_with_karras_and_exponential_conversions() -> None:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from ddpmcli.core import scheduler_grids as sg
+
+    for conversion in (
+        {"use_karras_sigmas": True},
+        {"use_exponential_sigmas": True},
+        {"invert_sigmas": True},
+    ):
+        sched = FlowMatchEulerDiscreteScheduler(**SD3, **conversion)
+        sched.set_timesteps(20)
+        _same(sched, sg.flow_match_euler_grid(20, **SD3, **conversion))
+
+
+def test_grid_inputs_are_checked() -> None:
+    from ddpmcli.core import scheduler_grids as sg
+
+    with pytest.raises(ScheduleParameterError, match="mu"):
+        sg.flow_match_euler_grid(8, **_grid_args(FLUX_DEV))
+    with pytest.raises(ScheduleParameterError, match="mu"):
+        sg.flow_match_euler_grid(8, **SD3, mu=1.0)
+    with pytest.raises(ScheduleParameterError, match="steps"):
+        sg.flow_match_euler_grid(0, **SD3)
+    with pytest.raises(ScheduleParameterError, match="only one"):
+        sg.flow_match_euler_grid(8, use_karras_sigmas=True, use_beta_sigmas=True)

@@ -261,6 +261,19 @@ def flux_mu(
 calculate_shift = flux_mu
 
 
+def cogview4_mu(
+    image_seq_len: int, base_seq_len: int = 256, base_shift: float = 0.25, max_shift: float = 0.75
+) -> float:
+    """CogView4's pipeline ``calculate_shift`` (used with the linear time shift):
+    ``mu = sqrt(image_seq_len / base_seq_len) max_shift + base_shift``."""
+    if isinstance(image_seq_len, bool) or not isinstance(image_seq_len, int) or image_seq_len < 1:
+        raise ScheduleParameterError(
+            f"image_seq_len must be a whole number >= 1, got {image_seq_len!r}"
+        )
+    m = (image_seq_len / base_seq_len) ** 0.5
+    return m * max_shift + base_shift
+
+
 def image_seq_len(height: int, width: int, vae_scale_factor: int = 8, patch_size: int = 2) -> int:
     """Tokens of a packed latent image: ``(height // f) * (width // f)``, f = vae_scale_factor *
     patch_size (Flux packs 2x2 latent patches: 1024x1024 is 4096 tokens, as SD3's patchify)."""
