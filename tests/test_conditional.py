@@ -506,16 +506,18 @@ def test_cli_sd_info_reconstruct_sample_nll(
     )
 
 
-def test_sdxl_style_folder_is_one_line(cli: Callable[..., Result], tmp_path: Path) -> None:
+def test_unsupported_added_embedding_is_one_line(
+    cli: Callable[..., Result], tmp_path: Path
+) -> None:
+    """SDXL-style folders load (tests/test_sdxl.py); another added embedding is one line."""
     (tmp_path / "unet").mkdir()
-    (tmp_path / "text_encoder_2").mkdir()
-    config = {"_class_name": "UNet2DConditionModel", "addition_embed_type": "text_time"}
+    config = {"_class_name": "UNet2DConditionModel", "addition_embed_type": "image"}
     (tmp_path / "unet" / "config.json").write_text(json.dumps(config))
     result = cli("info", str(tmp_path))
     assert result.exit_code == 1
     assert result.stderr == (
-        f"Error: {tmp_path}: SDXL-style pipelines (two text encoders, added time conditioning) "
-        "are not supported; Stable Diffusion 1.x/2.x-style folders are\n"
+        f"Error: {tmp_path / 'unet' / 'config.json'}: addition_embed_type 'image' is not "
+        "supported (SDXL-style 'text_time' is)\n"
     )
 
 

@@ -101,6 +101,7 @@ def load_checkpoint(
     guidance_scale: float | None = None,
     label_seed: int = 0,
     prompt: str | None = None,
+    time_ids: str | Sequence[float] | None = None,
 ) -> LoadedModel:
     """Load a checkpoint of any supported format as a :class:`LoadedModel`.
 
@@ -125,6 +126,9 @@ def load_checkpoint(
             ``A-B``, ``all``, ``random`` keyed by ``label_seed`` and the sample index, ``null``;
             default its null label) and classifier-free guidance scale (:mod:`.conditioning`).
         prompt: a text-conditional model's prompt (default empty; the text encoder runs once).
+        time_ids: an SDXL-style model's added time ids, ``(original h, w, crop top, left, target
+            h, w)`` in pixels (a refiner's: ``(..., aesthetic score)``); default: the image size
+            of the data shape, no crop.
 
     Raises:
         CheckpointError: one line saying what is wrong (or which flag to pass).
@@ -151,7 +155,7 @@ def load_checkpoint(
     loaded.info.setdefault("file_size", _size(p))
     loaded = conditioning.attach(
         loaded, class_label, guidance_scale, label_seed, str(p), inspect_only=inspect_only,
-        prompt=prompt,
+        prompt=prompt, time_ids=time_ids,
     )  # fmt: skip
     if inspect_only:
         return loaded

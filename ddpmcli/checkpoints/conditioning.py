@@ -237,30 +237,76 @@ def guide(both: Tensor, scale: float, *, learned_variance: bool) -> Tensor:
     return torch.cat([guided, cond[:, c:]], dim=1)
 
 
+Prompt = Tensor | dict[str, Tensor]
+"""What a text encoder gives for one prompt: its hidden states ``[1, L, D]``, or named tensors
+(each with a batch dimension of 1: states, pooled embedding, an SDXL's time ids, ...)."""
+
+GUIDANCE_MODES = ("classifier-free", "embedded", "none")
+"""How a text-conditional model takes ``guidance_scale``: classifier-free guidance (a conditional
+and a null row in one call), an embedded guidance input (Flux-dev: one call, the scale given to
+the network as ``guidance``), or none (the scale must stay 1)."""
+
+
+def _rows(cond: Prompt, b: int) -> Prompt:
+    """``cond`` with ``b`` rows (a view: the one prompt's tensors, expanded)."""
+    if isinstance(cond, Tensor):
+        return cond.expand(b, *cond.shape[1:])
+    return {k: v.expand(b, *v.shape[1:]) for k, v in cond.items()}
+
+
+def _stack(first: Prompt, second: Prompt) -> Prompt:
+    """The rows of ``first``, then those of ``second``."""
+    if isinstance(first, Tensor):
+        return torch.cat([first, cast(Tensor, second)])
+    other = cast(dict[str, Tensor], second)  # one encoder gives both: the same form
+    return {k: torch.cat([first[k], other[k]]) for k in first}
+
+
+def _placed(cond: Prompt, like: Tensor) -> Prompt:
+    if isinstance(cond, Tensor):
+        return cond.to(like.device, like.dtype)
+    return {k: v.to(like.device, like.dtype) for k, v in cond.items()}
+
+
 @dataclass
 class TextConditioning:
     """The prompt and guidance of a text-conditional model (Stable Diffusion-style).
 
-    ``encode(prompt)`` is the text encoder: ``[1, L, D]`` hidden states; it runs once per
-    prompt (cached), and the denoiser takes them as ``(x_t, t, states [B, L, D])``. The empty
-    prompt is the default and the null condition of guidance, as in diffusers' pipelines.
+    ``encode(prompt)`` is the text encoder: ``[1, L, D]`` hidden states, or a dict of named
+    tensors (:data:`Prompt`); it runs once per prompt (cached), and the denoiser takes them as
+    ``(x_t, t, states)`` with ``B`` rows. The empty prompt is the default and the null condition
+    of guidance, as in diffusers' pipelines; ``encode_null`` replaces it where a pipeline uses
+    another (SDXL's zeros). ``guidance`` is one of :data:`GUIDANCE_MODES`; ``default_guidance``
+    the scale used when none is given (Flux-dev's pipeline default, 3.5).
     """
 
-    encode: Callable[[str], Tensor]
+    encode: Callable[[str], Prompt]
     prompt: str = ""
     guidance_scale: float = 1.0
     count_tokens: Callable[[str], int] | None = None
     """The prompt's token count before truncation (None: unknown)."""
     max_tokens: int | None = None
     """How many tokens the text encoder reads; the rest of a longer prompt is cut off."""
-    _cache: dict[tuple[str, str, str], Tensor] = field(default_factory=dict, repr=False)
+    encode_null: Callable[[], Prompt] | None = None
+    guidance: str = "classifier-free"
+    default_guidance: float = 1.0
+    set_time_ids: Callable[[object], None] | None = None
+    """An SDXL-style model's setter of its added time ids (None: the model has none)."""
+    shown: dict[str, object] = field(default_factory=dict)
+    """Further ``info`` fields of the family (an SDXL's time ids, a Flux's guidance input)."""
+    _cache: dict[tuple[str | None, str, str], Prompt] = field(default_factory=dict, repr=False)
 
-    def states(self, prompt: str, like: Tensor) -> Tensor:
-        """The encoder's states of ``prompt`` on ``like``'s device, in its dtype (cached)."""
+    def states(self, prompt: str | None, like: Tensor) -> Prompt:
+        """The encoder's output for ``prompt`` (None: the null condition) on ``like``'s device,
+        in its dtype (cached)."""
         key = (prompt, str(like.device), str(like.dtype))
         if key not in self._cache:
             with torch.inference_mode():
-                self._cache[key] = self.encode(prompt).to(like.device, like.dtype)
+                if prompt is None:
+                    raw = self.encode_null() if self.encode_null is not None else self.encode("")
+                else:
+                    raw = self.encode(prompt)
+                self._cache[key] = _placed(raw, like)
         return self._cache[key]
 
     def call(
@@ -269,15 +315,24 @@ class TextConditioning:
     ) -> Tensor:  # fmt: skip
         """The (guided) raw output; every row has the one prompt (``sample_index`` unused)."""
         b = x_t.shape[0]
-        cond = self.states(self.prompt, x_t).expand(b, -1, -1)
+        cond = _rows(self.states(self.prompt, x_t), b)
+        if self.guidance == "embedded":
+            scale = torch.full((b,), self.guidance_scale, device=x_t.device, dtype=x_t.dtype)
+            return denoiser(x_t, t, {**cast(dict[str, Tensor], cond), "guidance": scale})
         if self.guidance_scale == 1.0:
             return denoiser(x_t, t, cond)
-        null = self.states("", x_t).expand(b, -1, -1)
-        both = denoiser(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, null]))
+        null = _rows(self.states(None, x_t), b)
+        both = denoiser(torch.cat([x_t, x_t]), torch.cat([t, t]), _stack(cond, null))
         return guide(both, self.guidance_scale, learned_variance=learned_variance)
 
     def describe(self) -> dict[str, object]:
         shown: dict[str, object] = {"prompt": self.prompt, "guidance_scale": self.guidance_scale}
+        shown.update(self.shown)
+        if self.guidance != "classifier-free":
+            shown["guidance"] = {
+                "embedded": "embedded (the network's guidance input, one call; not CFG)",
+                "none": "none (the model takes no guidance)",
+            }[self.guidance]
         if self.count_tokens is not None and self.max_tokens is not None:
             tokens = self.count_tokens(self.prompt)
             if tokens > self.max_tokens:
@@ -333,8 +388,11 @@ def attach(
     *,
     inspect_only: bool = False,
     prompt: str | None = None,
+    time_ids: object = None,
 ) -> LoadedModel:
     """``loaded`` with its conditioning built from the loader's options.
+
+    ``time_ids``: an SDXL-style model's added time ids (:mod:`.sdxl`), default from its data shape.
 
     A text-conditional loader gives the model a :class:`TextConditioning`, which takes
     ``prompt`` (default empty). A loader marks a class-conditional model with
@@ -345,13 +403,23 @@ def attach(
     if prompt is not None and not isinstance(prompt, str):  # the tokenizer's error blamed the shape
         raise ParameterError(f"{{prompt}} must be a string, got {verbatim(repr(prompt))}")
     text = loaded.conditioning if isinstance(loaded.conditioning, TextConditioning) else None
+    if time_ids is not None:
+        if text is None or text.set_time_ids is None:
+            raise CheckpointError.naming(
+                f"{verbatim(where)}: {{time_ids}} given, but the model is not SDXL-style"
+            )
+        text.set_time_ids(time_ids)
     if text is not None:
         if class_label is not None:
             raise CheckpointError.naming(
                 f"{verbatim(where)}: {{class_label}} given, but the model is text-conditional "
                 "(give {prompt})"
             )
-        scale = 1.0 if guidance_scale is None else guidance_value(guidance_scale)
+        scale = text.default_guidance if guidance_scale is None else guidance_value(guidance_scale)
+        if text.guidance == "none" and scale != 1.0:
+            raise CheckpointError.naming(
+                f"{verbatim(where)}: {{guidance_scale}} given, but this model takes no guidance"
+            )
         text.prompt, text.guidance_scale = prompt or "", scale
         loaded.info.update(text.describe())
         return loaded

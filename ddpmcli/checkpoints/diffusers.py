@@ -13,17 +13,19 @@ import functools
 import logging
 import os
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from torch import Tensor
 
 from ddpmcli import core, limits, models
+from ddpmcli.checkpoints import sdxl, text_encoders
 from ddpmcli.checkpoints.conditioning import TextConditioning
 from ddpmcli.checkpoints.latent import LATENT_BOUND, LatentSpace
-from ddpmcli.checkpoints.loaded import LoadedModel, load_state, loaded_model
+from ddpmcli.checkpoints.loaded import Denoiser, LoadedModel, load_state, loaded_model
 from ddpmcli.checkpoints.meta import _finish, _merge, _Meta, check_data_shape
+from ddpmcli.checkpoints.text_encoders import config_count as _config_count
 from ddpmcli.checkpoints.unpickler import one_line, safe_torch_load
 from ddpmcli.errors import CheckpointError, DdpmError
 
@@ -158,8 +160,9 @@ def _read_diffusers_weights(unet_dir: Path) -> dict[str, Tensor]:
 
 
 def load_diffusers(p: Path, given: _Meta) -> LoadedModel:
-    """A diffusers folder: its denoiser (``UNet2DModel``, class-conditional or not, or a DiT
-    ``DiTTransformer2DModel``), scheduler config and, in a latent pipeline, its ``vae/``."""
+    """A diffusers folder: its denoiser (``UNet2DModel``, class-conditional or not, a DiT
+    ``DiTTransformer2DModel``, or a text-conditional ``UNet2DConditionModel``: Stable Diffusion
+    1.x/2.x or SDXL-style), scheduler config and, in a latent pipeline, its ``vae/``."""
     where = str(p)
     net_dir, scheduler_file = _diffusers_layout(p)
     diffusers = _import_diffusers()
@@ -176,14 +179,10 @@ def load_diffusers(p: Path, given: _Meta) -> LoadedModel:
     else:
         raise CheckpointError(f"{where}: {_unsupported(class_name)}")
     net = _build(diffusers, class_name, config, net_dir, where)
-    text = _load_text(p, where) if class_name == "UNet2DConditionModel" else None
     latent = (
         _load_vae(p / "vae", diffusers, where) if (p / "vae" / "config.json").is_file() else None
     )
-
-    file_meta = _Meta()
-    if scheduler_file is not None:
-        file_meta = _diffusers_scheduler_meta(scheduler_file)
+    file_meta = _diffusers_scheduler_meta(scheduler_file) if scheduler_file else _Meta()
     in_ch = int(net.config.in_channels)
     out_ch = int(net.config.out_channels or in_ch)
     size = net.config.sample_size
@@ -192,52 +191,88 @@ def load_diffusers(p: Path, given: _Meta) -> LoadedModel:
     file_meta.learned_variance = out_ch == 2 * in_ch
     file_meta.data_range = (-1.0, 1.0)
     if latent is not None:
-        latent.latent_shape = (in_ch, h, w)
         file_meta.data_range = (-LATENT_BOUND, LATENT_BOUND)
-    meta = _merge(file_meta, given)
-    finished = _finish(meta, where, flags_hint=True)
+    finished = _finish(_merge(file_meta, given), where, flags_hint=True)
+    if latent is not None:
+        latent.latent_shape = finished[3]
     info: dict[str, Any] = {
         "format": "diffusers",
         "architecture": class_name,
-        "parameters": models.count_parameters(net),
-        "weights_dtype": str(next(iter(net.parameters())).dtype).removeprefix("torch."),
-        "diffusers_version": getattr(diffusers, "__version__", "?"),
-        "scheduler_config": None if scheduler_file is None else str(scheduler_file),
-        **{f"scheduler_{k}": v for k, v in file_meta.extra.items()},
+        **_described(net, diffusers, scheduler_file, file_meta),
     }
     if classes is not None:
         info["num_classes"], info["null_label"] = classes
     if latent is not None:
         info.update(latent.describe())
+    text, wrapper = _text_conditioning(p, class_name, config, finished[3], latent, where)
+    if text is not None and sdxl.is_sdxl(config):
+        info["architecture"] = f"{class_name} (SDXL-style)"
 
-    keyword = "class_labels" if text is None else "encoder_hidden_states"
-
-    def move(d: Any, dt: Any) -> _DiffusersDenoiser:
-        return _DiffusersDenoiser(models.placed(net, d, dt), keyword)
+    def move(d: Any, dt: Any) -> Denoiser:
+        return wrapper(models.placed(net, d, dt))
 
     return loaded_model(
-        _DiffusersDenoiser(net, keyword), finished, info, mover=move, latent=latent,
-        conditioning=text, dtype=next(iter(net.parameters())).dtype,
+        wrapper(net), finished, info, mover=move, latent=latent, conditioning=text,
+        dtype=next(iter(net.parameters())).dtype,
     )  # fmt: skip
+
+
+def _described(
+    net: Any, diffusers: Any, scheduler_file: Path | None, meta: _Meta
+) -> dict[str, Any]:
+    """The ``info`` fields every diffusers folder shows: size, dtype, versions, scheduler."""
+    return {
+        "parameters": models.count_parameters(net),
+        "weights_dtype": str(next(iter(net.parameters())).dtype).removeprefix("torch."),
+        "diffusers_version": getattr(diffusers, "__version__", "?"),
+        "scheduler_config": None if scheduler_file is None else str(scheduler_file),
+        **{f"scheduler_{k}": v for k, v in meta.extra.items()},
+    }
+
+
+def _text_conditioning(
+    p: Path, class_name: str, config: Mapping[str, Any], shape: tuple[int, ...],
+    latent: LatentSpace | None, where: str,
+) -> tuple[TextConditioning | None, Callable[[Any], Denoiser]]:  # fmt: skip
+    """A text-conditional unet's conditioning and the wrapper that calls its network."""
+    if class_name != "UNet2DConditionModel":
+        return None, lambda net: _DiffusersDenoiser(net, "class_labels")
+    if not sdxl.is_sdxl(config):
+        return _load_text(p, where), lambda net: _DiffusersDenoiser(net, "encoder_hidden_states")
+    scale = 1
+    if latent is not None:
+        scale = 2 ** (len(latent.vae.config.block_out_channels) - 1)
+    image_hw = (int(shape[-2]) * scale, int(shape[-1]) * scale)
+    with _offline_quiet():
+        text = sdxl.load_sdxl_text(p, config, where, image_hw)
+    return text, lambda net: cast(Denoiser, sdxl.SDXLDenoiser(net))
 
 
 def _unsupported(class_name: str) -> str:
     return (
         f"diffusers model {class_name} is not supported (UNet2DModel, class-conditional or not, "
-        "DiTTransformer2DModel and Stable Diffusion 1.x/2.x-style UNet2DConditionModel)"
+        "DiTTransformer2DModel, and Stable Diffusion 1.x/2.x- or SDXL-style "
+        "UNet2DConditionModel)"
     )
 
 
 def _check_text_unet(p: Path, config: Mapping[str, Any], where: Path) -> None:
-    """A Stable Diffusion 1.x/2.x-style unet: one text encoder, no added conditioning."""
-    if config.get("addition_embed_type") or (p / "text_encoder_2").is_dir():
+    """A Stable Diffusion 1.x/2.x-style unet (one text encoder, no added conditioning) or an
+    SDXL-style one (added text and time embedding: :mod:`.sdxl`)."""
+    kind = config.get("addition_embed_type")
+    if kind is not None and not sdxl.is_sdxl(config):
         raise CheckpointError(
-            f"{p}: SDXL-style pipelines (two text encoders, added time conditioning) are not "
-            "supported; Stable Diffusion 1.x/2.x-style folders are"
+            f"{where}: addition_embed_type {kind!r} is not supported (SDXL-style 'text_time' is)"
         )
     if config.get("class_embed_type") or config.get("num_class_embeds"):
         raise CheckpointError(f"{where}: a class-conditional UNet2DConditionModel is not supported")
+    if config.get("time_cond_proj_dim") is not None:
+        raise CheckpointError(
+            f"{where}: time_cond_proj_dim (a distilled model's guidance embedding) is not supported"
+        )
     _check_unet_sizes(config, where)
+    if sdxl.is_sdxl(config):
+        return
     if not (p / "text_encoder" / "config.json").is_file() or not (p / "tokenizer").is_dir():
         raise CheckpointError(
             f"{p}: a UNet2DConditionModel pipeline needs text_encoder/ and tokenizer/ folders"
@@ -278,16 +313,6 @@ def _dit_classes(config: Mapping[str, Any], net_dir: Path) -> tuple[int, int | N
     if isinstance(num, bool) or not isinstance(num, int) or not 1 <= num <= 1 << 20:
         raise CheckpointError(f"{where}: num_embeds_ada_norm must be an integer in 1..{1 << 20}")
     return num, num  # the table's row num; diffusers builds it (class_dropout_prob 0.1)
-
-
-def _config_count(
-    config: Mapping[str, Any], where: Path, name: str, default: int, maximum: int
-) -> int:
-    """``config[name]`` (``default`` when absent), checked to be an integer in 1..``maximum``."""
-    value = config.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= maximum:
-        raise CheckpointError(f"{where}: {name} must be an integer in 1..{maximum}, got {value!r}")
-    return value
 
 
 def _check_dit_sizes(config: Mapping[str, Any], where: Path) -> None:
@@ -439,99 +464,22 @@ def _check_unet_sizes(config: Mapping[str, Any], where: Path) -> None:
     limits.check_allocation(weights * 4, what, error=CheckpointError)
 
 
-TEXT_HINT = "pip install 'ddpmcli[sd]'"
-
-
 def _load_text(p: Path, where: str) -> TextConditioning:
-    """The CLIP text encoder (``text_encoder/``) and tokenizer (``tokenizer/``: vocab.json,
-    merges.txt) of a Stable Diffusion-style folder, as a :class:`TextConditioning` whose
-    ``encode`` runs them on the CPU (float32) once per prompt."""
-    try:
-        with _offline_quiet():
-            import transformers
-    except ImportError:
-        raise CheckpointError(
-            f"a text-conditional pipeline needs transformers for its text encoder: {TEXT_HINT}"
-        ) from None
-    enc_dir, tok_dir = p / "text_encoder", p / "tokenizer"
-    config = _read_json(enc_dir / "config.json")
-    length = _check_text_sizes(config, enc_dir / "config.json")
-    files = {
-        name: limits.check_regular_file(tok_dir / name, "tokenizer file", error=CheckpointError)
-        for name in ("vocab.json", "merges.txt")
-    }
-    tok_config = tok_dir / "tokenizer_config.json"
-    wanted = _read_json(tok_config).get("model_max_length") if tok_config.is_file() else None
-    if isinstance(wanted, int) and not isinstance(wanted, bool) and 1 <= wanted <= length:
-        length = wanted
+    """The CLIP text encoder (``text_encoder/``) and tokenizer (``tokenizer/``, any layout) of a
+    Stable Diffusion 1.x/2.x-style folder, as a :class:`TextConditioning` whose ``encode`` runs
+    them on the CPU (float32) once per prompt: the last hidden states."""
     with _offline_quiet():
-        try:
-            tokenizer = transformers.CLIPTokenizer(
-                str(files["vocab.json"]), str(files["merges.txt"]), model_max_length=length
-            )
-            encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig.from_dict(config))
-        except Exception as exc:
-            raise CheckpointError(f"{p}: bad tokenizer or text encoder ({one_line(exc)})") from None
-        state = _read_text_weights(enc_dir)
-        own = set(encoder.state_dict())
-        load_state(
-            encoder, {k: v for k, v in state.items() if k in own or "position_ids" not in k}, where
+        encoder, positions = text_encoders.clip_text_encoder(
+            p / "text_encoder", where, projection=False
         )
-    encoder = encoder.float().eval().requires_grad_(False)
+        tokenizer = text_encoders.load_tokenizer(p / "tokenizer", "clip")
+    length = text_encoders.clip_length(tokenizer, positions)
 
     def encode(prompt: str) -> Tensor:
-        ids = tokenizer(
-            [prompt], padding="max_length", max_length=length, truncation=True, return_tensors="pt"
-        ).input_ids
-        states: Tensor = encoder(ids)[0]
+        states: Tensor = encoder(text_encoders.token_ids(tokenizer, prompt, length))[0]
         return states
 
-    def count(prompt: str) -> int:
-        return len(tokenizer(prompt, truncation=False, verbose=False).input_ids)
-
-    return TextConditioning(encode, count_tokens=count, max_tokens=length)
-
-
-def _read_text_weights(enc_dir: Path) -> dict[str, Tensor]:
-    """``model.safetensors`` (or ``pytorch_model.bin`` through the safe loader)."""
-    safe = enc_dir / "model.safetensors"
-    if safe.is_file():
-        from safetensors.torch import load_file
-
-        try:
-            return dict(
-                load_file(
-                    str(limits.check_regular_file(safe, "weights file", error=CheckpointError)),
-                    device="cpu",
-                )
-            )
-        except CheckpointError:
-            raise
-        except Exception as exc:
-            raise CheckpointError(
-                f"{safe}: truncated or corrupt safetensors file ({one_line(exc)})"
-            ) from None
-    binary = enc_dir / "pytorch_model.bin"
-    if not binary.is_file():
-        raise CheckpointError(f"{enc_dir}: no weights (model.safetensors or pytorch_model.bin)")
-    loaded = safe_torch_load(binary, str(binary))
-    if not isinstance(loaded, Mapping):
-        raise CheckpointError(f"{binary}: not a state dict")
-    return dict(loaded)
-
-
-def _check_text_sizes(config: Mapping[str, Any], where: Path) -> int:
-    """A CLIP text config's sizes, checked before the encoder is built; its sequence length."""
-
-    count = functools.partial(_config_count, config, where)
-
-    width = count("hidden_size", 512, MAX_CHANNELS)
-    layers = count("num_hidden_layers", 12, 256)
-    vocab = count("vocab_size", 49408, 1 << 20)
-    count("intermediate_size", 2048, 4 * MAX_CHANNELS)
-    length = count("max_position_embeddings", 77, 4096)
-    weights = vocab * width + layers * 12 * width * width
-    limits.check_allocation(
-        weights * 4, f"{where}: the text encoder it describes", error=CheckpointError
-    )
-    return length
+    return TextConditioning(
+        encode, count_tokens=functools.partial(text_encoders.token_count, tokenizer),
+        max_tokens=length,
+    )  # fmt: skip

@@ -67,6 +67,8 @@ MODEL_COLUMNS = (
     "class_label",
     "guidance_scale",
     "prompt",
+    "guidance",
+    "time_ids",
     "latent_shape",
     "vae",
 )

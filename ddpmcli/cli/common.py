@@ -93,10 +93,24 @@ DeviceOpt = Annotated[
     DeviceName,
     typer.Option("--device", help="Where to run: auto (cuda, then mps, then cpu), cpu, cuda, mps."),
 ]
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+
+
+def _seed(value: int) -> int:
+    """`--seed` is a 64-bit integer. Checked here rather than with click's min/max, whose help
+    shows a 40-character range that breaks mid-number at 80 columns."""
+    if not SEED_MIN <= value <= SEED_MAX:
+        raise typer.BadParameter(f"{value} is not in the range of a 64-bit integer (-2^63..2^63-1)")
+    return value
+
+
 SeedOpt = Annotated[
     int,
     typer.Option(
-        "--seed", min=-(2**63), max=2**63 - 1, help="Random seed: same seed, same numbers."
+        "--seed",
+        metavar="INT",
+        callback=_seed,
+        help="Random seed, a 64-bit integer: same seed, same numbers.",
     ),
 ]
 ThreadsOpt = Annotated[
@@ -146,7 +160,9 @@ def _prediction_type(value: str | None) -> str | None:
     return canonical
 
 
-PREDICTION_HELP = "epsilon | sample | v_prediction (aliases eps, x0, v)."
+PREDICTION_HELP = (
+    "epsilon | sample | v_prediction | flow (aliases eps, x0, v, flow_prediction, velocity)."
+)
 PredictionTypeOpt = Annotated[
     str,
     typer.Option("--prediction-type", help=PREDICTION_HELP, callback=_prediction_type),
@@ -243,6 +259,17 @@ PromptOpt = Annotated[
         rich_help_panel=PANEL_CONDITIONING,
     ),
 ]
+TimeIdsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--time-ids",
+        metavar="H,W,TOP,LEFT,H,W",
+        help="An SDXL-style model's added time ids: original height, width, crop top, left, "
+        "target height, width in pixels (a refiner's: ..., aesthetic score); default the image "
+        "size of the data shape, no crop.",
+        rich_help_panel=PANEL_CONDITIONING,
+    ),
+]
 DecodeOpt = Annotated[
     bool,
     typer.Option(
@@ -255,15 +282,20 @@ DecodeOpt = Annotated[
 
 
 def conditioning_options(
-    class_label: str | None, guidance_scale: float | None, seed: int = 0, prompt: str | None = None
+    class_label: str | None,
+    guidance_scale: float | None,
+    seed: int = 0,
+    prompt: str | None = None,
+    time_ids: str | None = None,
 ) -> dict[str, Any]:
-    """--class-label, --guidance-scale, --prompt (and --seed for random labels) as keyword
-    arguments for `checkpoints.load_checkpoint`."""
+    """--class-label, --guidance-scale, --prompt, --time-ids (and --seed for random labels) as
+    keyword arguments for `checkpoints.load_checkpoint`."""
     return {
         "class_label": class_label,
         "guidance_scale": guidance_scale,
         "label_seed": seed,
         "prompt": prompt,
+        **({"time_ids": time_ids} if time_ids is not None else {}),
     }
 
 
@@ -274,12 +306,47 @@ def conditioning_options(
 OPTIONAL_VALUE_OPTIONS: dict[str, str] = {"--plot": PLOT_DEFAULT}
 
 
+# Image types matplotlib could be asked for that we do not write: a word after `--plot` ending in
+# one of them was meant as the figure, and is taken as --plot's PATH so its suffix is refused.
+_OTHER_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".eps", ".ps")
+
+
 def _takes_value(token: str) -> bool:
-    """Whether the token after a bare `--plot` is its PATH: exactly when it ends in a figure
-    suffix (.png, .svg, .pdf, any case). Anything else (`cosine`, `sched.json`, a folder, an
-    option) leaves `--plot` bare; write `--plot=PATH` to give another name, which is then
-    refused by its suffix."""
-    return token.lower().endswith(PLOT_SUFFIXES) and not token.startswith("-")
+    """Whether the token after a bare `--plot` is its PATH: when it ends in a figure suffix
+    (.png, .svg, .pdf, any case), or in another image type's (.jpg, ...: then refused by its
+    suffix). Anything else (`cosine`, `sched.json`, a folder, an option) leaves `--plot` bare;
+    write `--plot=PATH` to give another name. A word left over that way that the command cannot
+    place gets the suffix rule (:func:`misread_plot_path`), not click's "extra argument"."""
+    lowered = token.lower()
+    return lowered.endswith(PLOT_SUFFIXES + _OTHER_IMAGE_SUFFIXES) and not token.startswith("-")
+
+
+def plot_suffix_error(value: str) -> UsageError:
+    """The one message for a `--plot` PATH of a type we do not write."""
+    suffix = Path(value).suffix
+    return UsageError(
+        f"--plot {value!r}: unknown figure type {suffix or '(no suffix)'!r}; allowed suffixes: "
+        f"{', '.join(PLOT_SUFFIXES)} (write --plot {Path(value).with_suffix('.png')}, or "
+        "--plot=PATH)"
+    )
+
+
+def misread_plot_path(message: str, args: Sequence[str]) -> UsageError | None:
+    """The suffix rule, for click's ``Got unexpected extra argument(s) (WORD ...)`` when WORD is
+    the word right after a bare `--plot` in ``args``: it was meant as the figure (`--plot
+    myplot`). None for any other message."""
+    match = re.fullmatch(r"Got unexpected extra argument(?:\(s\)|s)? \((.*)\)", message, re.S)
+    if match is None:
+        return None
+    extra = match.group(1)
+    tokens = list(args)
+    for i, token in enumerate(tokens[:-1]):
+        if token == "--":
+            break
+        word = tokens[i + 1]
+        if token == "--plot" and not _takes_value(word) and extra.split(" ")[0] == word:
+            return plot_suffix_error(word)
+    return None
 
 
 def expand_optional_values(args: Sequence[str]) -> list[str]:
@@ -327,7 +394,8 @@ def parse_t_selection(spec: str | None, num_steps: int, *, flag: str = "--t") ->
 
     def check(value: int, item: str) -> int:
         if not 0 <= value < num_steps:
-            raise UsageError(f"{flag} {value} (in {item!r}) is out of range; {allowed}")
+            where = "" if item == str(value) else f" (in {item!r})"  # `--t 60`, said once
+            raise UsageError(f"{flag} {value}{where} is out of range; {allowed}")
         return value
 
     for raw in spec.split(","):
@@ -461,10 +529,7 @@ def resolve_plot_path(value: str | None, command: str) -> Path | None:
         return None
     path = PLOT_FOLDER / f"{command}.png" if value in (PLOT_DEFAULT, "") else Path(value)
     if path.suffix.lower() not in PLOT_SUFFIXES:
-        raise UsageError(
-            f"--plot {str(path)!r}: unknown figure type {path.suffix or '(no suffix)'!r}; "
-            f"allowed suffixes: {', '.join(PLOT_SUFFIXES)}"
-        )
+        raise plot_suffix_error(str(path))
     from ddpmcli.files import check_writable
 
     # the default folder plots/ is ours to create; a folder the user names must exist

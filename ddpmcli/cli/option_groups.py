@@ -35,6 +35,7 @@ from ddpmcli.cli.common import (
     PromptOpt,
     QuietOpt,
     ShapeOpt,
+    TimeIdsOpt,
     TrustOpt,
     TSelectOpt,
     check_format_flags,
@@ -116,6 +117,7 @@ class ModelFlags:
     class_label: ClassLabelOpt = None
     guidance_scale: GuidanceOpt = None
     prompt: PromptOpt = None
+    time_ids: TimeIdsOpt = None
 
     def load(
         self,
@@ -140,7 +142,9 @@ class ModelFlags:
                 self.learned_variance, trust_program=self.trust_program,
             ),
             **data_load_options(checkpoint, data, self.data_shape, self.data_range),
-            **conditioning_options(self.class_label, self.guidance_scale, seed, self.prompt),
+            **conditioning_options(
+                self.class_label, self.guidance_scale, seed, self.prompt, self.time_ids
+            ),
             model=self.model_factory, device=resolve_device(device),
             dtype=None if dtype is None else resolve_dtype(dtype),
             **({"inspect_only": True} if inspect_only else {}),
