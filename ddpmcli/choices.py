@@ -11,10 +11,18 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
-PredictionType = Literal["epsilon", "sample", "v_prediction"]
+PredictionType = Literal["epsilon", "sample", "v_prediction", "flow"]
 PREDICTION_TYPES: tuple[str, ...] = get_args(PredictionType)
-PREDICTION_ALIASES: dict[str, str] = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
-"""Accepted everywhere a prediction type is taken, documented in `--help`."""
+PREDICTION_ALIASES: dict[str, str] = {
+    "eps": "epsilon",
+    "x0": "sample",
+    "v": "v_prediction",
+    "flow_prediction": "flow",
+    "velocity": "flow",
+}
+"""Accepted everywhere a prediction type is taken, documented in `--help`. ``flow`` is the
+rectified-flow velocity v = eps - x0 (SD3, Flux); ``v``/``v_prediction`` keep their VP meaning
+sqrt(ab) eps - sqrt(1 - ab) x0."""
 
 VarianceType = Literal["fixed_small", "fixed_large", "learned_range"]
 VARIANCE_TYPES: tuple[str, ...] = get_args(VarianceType)
@@ -25,12 +33,39 @@ DEFAULT_SPACING: SpacingName = "trailing"
 """Spacing when neither the flags nor a checkpoint's scheduler config name one: it always
 visits t = T-1 (leading skips it; `ddpm check` warns about that)."""
 
-SamplerName = Literal["ddpm", "ddim"]
+SigmaSpacingName = Literal["karras", "exponential", "beta", "lu"]
+SIGMA_SPACINGS: tuple[str, ...] = get_args(SigmaSpacingName)
+"""Grids of noise levels rather than of training timesteps (`ddpm sample --spacing`): Karras
+et al. 2022's rho grid, uniform in log sigma, Lee et al. 2024's beta grid, uniform log-SNR (Lu et
+al. 2022's "lu"), between the training schedule's sigma_min and sigma_max."""
+
+SampleSpacingName = Literal[
+    "leading", "trailing", "linspace", "karras", "exponential", "beta", "lu"
+]  # fmt: skip
+SAMPLE_SPACINGS: tuple[str, ...] = get_args(SampleSpacingName)
+"""What `ddpm sample --spacing` takes: the respacings and the sigma grids."""
+
+SamplerName = Literal[
+    "ddpm", "ddim", "dpmpp-2m", "dpmpp-3m", "dpmpp-2m-sde", "flow-euler", "euler", "euler-a",
+    "heun", "unipc",
+]  # fmt: skip
 SAMPLERS: tuple[str, ...] = get_args(SamplerName)
 """The built-in samplers; `ddpmcli.run.samplers` registers exactly these."""
 
 DecoderName = Literal["discretized", "discretized_tanh", "continuous"]
 DECODERS: tuple[str, ...] = get_args(DecoderName)
+
+NllMethod = Literal["vb", "ode", "both"]
+NLL_METHODS: tuple[str, ...] = get_args(NllMethod)
+"""`ddpm nll`: the variational bound, the probability-flow ODE's likelihood, or both."""
+
+ProbeKind = Literal["rademacher", "gaussian"]
+PROBE_KINDS: tuple[str, ...] = get_args(ProbeKind)
+"""Hutchinson-Skilling probes of the ODE's divergence estimate."""
+
+Dequantization = Literal["auto", "none", "uniform"]
+DEQUANTIZATIONS: tuple[str, ...] = get_args(Dequantization)
+"""The ODE likelihood's data: none (continuous), uniform (8-bit; auto for images)."""
 
 DtypeName = Literal["float32", "bfloat16", "float16", "float64"]
 DTYPES: tuple[str, ...] = get_args(DtypeName)

@@ -85,12 +85,14 @@ def default_architecture(data_shape: tuple[int, ...]) -> str:
 def training_target(
     schedule: core.Schedule, x0: Tensor, noise: Tensor, t: Tensor, prediction_type: str
 ) -> Tensor:
-    """What the network learns to output at index ``t``: eps, x0 or v."""
+    """What the network learns to output at index ``t``: eps, x0, v or the flow v = eps - x0."""
     kind = core.canonical_prediction_type(prediction_type)
     if kind == "epsilon":
         return noise
     if kind == "sample":
         return x0
+    if kind == "flow":
+        return noise - x0
     return schedule.v_target(x0, noise, t)
 
 

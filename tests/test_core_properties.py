@@ -89,6 +89,16 @@ def kind_params(draw, kind: str, n: int) -> dict[str, float]:
             "sigma_max": draw(_u(10.0, 160.0)),
             "rho": draw(_u(1.0, 10.0)),
         }
+    if kind == "edm_sigma":
+        return {
+            "sigma_min": draw(_log_u(1e-3, 0.1)),
+            "sigma_max": draw(_u(10.0, 160.0)),
+            "rho": draw(_u(1.0, 10.0)),
+        }
+    if kind == "ve":
+        return {"sigma_min": draw(_log_u(1e-3, 0.1)), "sigma_max": draw(_u(10.0, 100.0))}
+    if kind == "flow":
+        return {"shift": draw(_log_u(0.2, 10.0))}
     raise AssertionError(kind)
 
 
@@ -129,6 +139,8 @@ def schedules(draw, respace: bool | None = None, zsnr: bool | None = None) -> Dr
     n = draw(st.integers(max(2, core.SCHEDULE_KINDS[kind].min_timesteps), 2000))
     params = draw(kind_params(kind, n))
     zsnr = draw(st.booleans()) if zsnr is None else zsnr
+    # zero terminal SNR rescales a VP schedule (a flow path reaches SNR 0 through its s = 1)
+    zsnr = zsnr and core.SCHEDULE_KINDS[kind].path == "vp"
     shift = draw(st.sampled_from([0.0, 0.0, -1.0, 2.5]))
     s = core.make_schedule(kind, n, zero_terminal_snr=zsnr, logsnr_shift=shift, **params)
     if respace is None:
@@ -329,6 +341,7 @@ def test_posterior_matches_gaussian_conditioning(d: Drawn, data: st.DataObject) 
     The schedule's beta, alpha_bar_prev and 1 - alpha_bar_prev are taken as exact inputs; the core
     computes 1 - alpha_bar its own (stable) way, so agreement is to 1e-11 relative."""
     s = d.s
+    assume(s.path == "vp")  # VP coordinates; other paths: tests/test_core_paths.py
     ts = data.draw(st.lists(st.integers(0, s.num_steps - 1), min_size=1, max_size=8, unique=True))
     t = torch.tensor(ts)
     g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
@@ -361,6 +374,7 @@ def test_ddim_eta_one_is_the_ancestral_posterior(d: Drawn, seed: int) -> None:
     """With eta = 1 the DDIM step's noise variance is beta_tilde, and with eps consistent with
     (x_t, x0) its mean is mu_tilde (Song et al. 2021, DDPM as the eta = 1 case)."""
     s = d.s
+    assume(s.path == "vp")  # VP coordinates; other paths: tests/test_core_paths.py
     x0, noise = _data(s, seed, width=4)
     t = _all_t(s)
     x_t = s.q_sample(x0, t, noise)
@@ -396,6 +410,7 @@ def test_ddim_eta_one_at_the_zero_snr_step() -> None:
 @given(schedules())
 def test_learned_range_ends_are_the_fixed_variances(d: Drawn) -> None:
     s = d.s
+    assume(s.path == "vp")  # VP coordinates; other paths: tests/test_core_paths.py
     like = torch.zeros(s.num_steps, 2, 3, dtype=F64)
     t = _all_t(s)
     small = s.model_log_variance("fixed_small", t, like)

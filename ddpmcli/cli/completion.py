@@ -19,7 +19,7 @@ from typing import Any
 # run's STEP/BOUND/AGGREGATE/OPTIMAL_COLUMNS).
 KINDS = (
     "linear", "scaled_linear", "cosine", "sigmoid", "sigmoid_logsnr", "sqrt", "laplace", "exp",
-    "shifted_cosine", "vp", "edm",
+    "shifted_cosine", "vp", "edm", "flow", "edm_sigma", "ve",
 )  # fmt: skip
 KIND_ALIASES = ("squaredcos_cap_v2",)
 CUSTOM_KIND = "custom"  # betas or alpha_bars from a file (schedule_options' --betas-file)

@@ -19,6 +19,7 @@ Modules, each importing torch and the standard library only (never printing, nev
 
 from __future__ import annotations
 
+from ddpmcli.core.assemble import schedule_from_alpha_bars, schedule_from_betas
 from ddpmcli.core.kinds import (
     F64,
     PREDICTION_ALIASES,
@@ -41,13 +42,9 @@ from ddpmcli.core.likelihood import (
     normal_kl,
     vb_terms,
 )
-from ddpmcli.core.schedule import (
-    QUANTITIES,
-    Schedule,
-    extract,
-    schedule_from_alpha_bars,
-    schedule_from_betas,
-)
+from ddpmcli.core.path_kinds import PATHS
+from ddpmcli.core.paths import schedule_from_path
+from ddpmcli.core.schedule import QUANTITIES, Schedule, extract
 from ddpmcli.core.thresholding import DEFAULT_THRESHOLD_PERCENTILE, dynamic_threshold
 from ddpmcli.core.transforms import (
     make_schedule,
@@ -64,6 +61,7 @@ __all__ = [
     "DEFAULT_THRESHOLD_PERCENTILE",
     "F64",
     "PREDICTION_ALIASES",
+    "PATHS",
     "PREDICTION_TYPES",
     "QUANTITIES",
     "SCHEDULE_ALIASES",
@@ -89,6 +87,7 @@ __all__ = [
     "respaced_timesteps",
     "schedule_from_alpha_bars",
     "schedule_from_betas",
+    "schedule_from_path",
     "schedule_from_spec",
     "shift_logsnr",
     "vb_terms",

@@ -24,6 +24,7 @@ from torch import Tensor
 from ddpmcli.choices import PREDICTION_ALIASES, PREDICTION_TYPES, prediction_type_of
 from ddpmcli.choices import SPACINGS as SPACINGS
 from ddpmcli.choices import VARIANCE_TYPES as VARIANCE_TYPES
+from ddpmcli.core.path_kinds import PathParts, _edm_sigma, _flow, _ve
 from ddpmcli.errors import ScheduleParameterError
 
 F64 = torch.float64
@@ -97,8 +98,9 @@ class KindInfo:
     summary: str
     defaults: Mapping[str, float]
     source: str
-    build: Callable[[int, Params], _Parts] = field(repr=False)
+    build: Callable[[int, Params], _Parts | PathParts] = field(repr=False)
     min_timesteps: int = 1
+    path: str = "vp"
 
 
 def _grid(n: int) -> Tensor:
@@ -329,13 +331,52 @@ SCHEDULE_KINDS: dict[str, KindInfo] = {
             _edm,
             min_timesteps=2,
         ),
+        KindInfo(
+            "flow",
+            "rectified flow x_t = (1 - s) x0 + s eps, s = shift u/(1 + (shift - 1) u), u = (t+1)/T",
+            {"shift": 1.0, "mu": 0.0, "linear_time_shift": 0.0, "shift_terminal": 0.0},
+            "Liu et al. 2022, Esser et al. 2024 (SD3); diffusers FlowMatchEulerDiscreteScheduler's "
+            "training sigmas, model timestep s T; mu: dynamic shifting (shift e^mu, or mu with "
+            "linear_time_shift=1), shift_terminal: LTX's stretch (0: off)",
+            _flow,
+            path="flow",
+        ),
+        KindInfo(
+            "edm_sigma",
+            "EDM in sigma space x = x0 + sigma eps, Karras sigmas, timestep ln(sigma)/4",
+            {"sigma_min": 0.002, "sigma_max": 80.0, "rho": 7.0},
+            "Karras et al. 2022 (EDM), c_noise = ln(sigma)/4; `edm` is the same sigmas as a VP "
+            "schedule",
+            _edm_sigma,
+            min_timesteps=2,
+            path="ve",
+        ),
+        KindInfo(
+            "ve",
+            "VE-SDE x = x0 + sigma eps, sigmas geometric in [sigma_min, sigma_max], timestep sigma",
+            {"sigma_min": 0.01, "sigma_max": 50.0},
+            "Song et al. 2021, score_sde VESDE (NCSN++ takes sigma)",
+            _ve,
+            min_timesteps=2,
+            path="ve",
+        ),
     )
 }
 SCHEDULE_ALIASES: dict[str, str] = {"squaredcos_cap_v2": "cosine"}
 
 # Parameters that must lie in (0, 1) or be positive; checked before building.
 _UNIT_INTERVAL = {"beta_start", "beta_end", "clip_min"}
-_POSITIVE = {"tau", "rate", "base", "resolution", "rho", "sigma_min", "sigma_max", "beta_max"}
+_POSITIVE = {
+    "tau",
+    "rate",
+    "base",
+    "resolution",
+    "rho",
+    "sigma_min",
+    "sigma_max",
+    "beta_max",
+    "shift",
+}
 
 
 def canonical_kind(name: str) -> str:
@@ -349,7 +390,8 @@ def canonical_kind(name: str) -> str:
 
 
 def canonical_prediction_type(name: str) -> str:
-    """``epsilon``, ``sample`` or ``v_prediction`` (aliases ``eps``, ``x0``, ``v``)."""
+    """``epsilon``, ``sample``, ``v_prediction`` or ``flow`` (aliases ``eps``, ``x0``, ``v``,
+    ``flow_prediction``, ``velocity``)."""
     key = prediction_type_of(name)
     if key is None:
         allowed = ", ".join([*PREDICTION_TYPES, *PREDICTION_ALIASES])

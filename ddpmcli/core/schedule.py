@@ -17,18 +17,11 @@ import torch
 from torch import Tensor
 
 from ddpmcli.core.kinds import (
-    F64,
-    SCHEDULE_KINDS,
     VARIANCE_TYPES,
-    Params,
-    _betas_from_log_alpha_bar,
-    _check_param,
-    _Parts,
-    _parts_from_betas,
     canonical_prediction_type,
 )
 from ddpmcli.core.likelihood import normal_kl
-from ddpmcli.errors import ScheduleError, ScheduleParameterError
+from ddpmcli.errors import ScheduleParameterError
 
 QUANTITIES: tuple[str, ...] = (
     "beta",
@@ -100,8 +93,23 @@ class Schedule:
     fixed_large_log_variance: Tensor = _tensor_field()
     variance_ratio: Tensor = _tensor_field()
     index: Tensor = _tensor_field()
+    # ---- the Gaussian path x_t = alpha_t x0 + sigma_t eps in its own coordinates (VP: the same
+    # values as sqrt_alpha_bar, sqrt_one_minus_alpha_bar; see ddpmcli.core.paths) ----
+    alpha_t: Tensor = _tensor_field()
+    sigma_t: Tensor = _tensor_field()
+    alpha_t_prev: Tensor = _tensor_field()
+    sigma_t_prev: Tensor = _tensor_field()
+    model_timestep: Tensor = _tensor_field()
+    path_scale: Tensor = _tensor_field()
+    log_path_scale_sq_prev: Tensor = _tensor_field()
+    path_posterior_coef_xt: Tensor = _tensor_field()
+    path_posterior_coef_x0: Tensor = _tensor_field()
+    path_posterior_variance: Tensor = _tensor_field()
     prior_sqrt_alpha_bar: Tensor = _scalar_field()
     prior_one_minus_alpha_bar: Tensor = _scalar_field()
+    prior_alpha_t: Tensor = _scalar_field()
+    prior_sigma_t: Tensor = _scalar_field()
+    path: str = "vp"
 
     @property
     def num_steps(self) -> int:
@@ -143,42 +151,54 @@ class Schedule:
         return value
 
     # ---- forward process and conversions (Ho et al. 2020 eq. 4, 15; Salimans & Ho 2022 for v) ----
+    # On a path other than VP, x_t is c_t = sqrt(alpha_t^2 + sigma_t^2) times the VP-equivalent
+    # x'_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps; the VP formulas act on x'_t = x_t / c_t. On VP
+    # nothing is divided, so every digit stays what it was.
 
     def _c(self, values: Tensor, t: Tensor, like: Tensor) -> Tensor:
         return extract(values, t, like.ndim, like=like)
 
+    def _vp(self, x_t: Tensor, t: Tensor) -> Tensor:
+        """x'_t = x_t / c_t, the VP-equivalent of x_t (x_t itself on a VP schedule)."""
+        if self.path == "vp":
+            return x_t
+        return x_t / self._c(self.path_scale, t, x_t)
+
     def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
-        """x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps. Shapes (B, ...); t int64 (B,) indices."""
-        return (
-            self._c(self.sqrt_alpha_bar, t, x0) * x0
-            + self._c(self.sqrt_one_minus_alpha_bar, t, x0) * noise
-        )
+        """x_t = alpha_t x0 + sigma_t eps (VP: sqrt(ab_t) x0 + sqrt(1 - ab_t) eps).
+        Shapes (B, ...); t int64 (B,) indices."""
+        return self._c(self.alpha_t, t, x0) * x0 + self._c(self.sigma_t, t, x0) * noise
 
     def x0_from_eps(self, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
-        """x0 = x_t/sqrt(ab_t) - sqrt(1/ab_t - 1) eps (Ho et al. 2020 eq. 15)."""
+        """x0 = (x_t - sigma_t eps)/alpha_t; on VP x_t/sqrt(ab_t) - sqrt(1/ab_t - 1) eps
+        (Ho et al. 2020 eq. 15)."""
+        x = self._vp(x_t, t)
         return (
-            self._c(self.sqrt_recip_alpha_bar, t, x_t) * x_t
-            - self._c(self.sqrt_recipm1_alpha_bar, t, x_t) * eps
+            self._c(self.sqrt_recip_alpha_bar, t, x) * x
+            - self._c(self.sqrt_recipm1_alpha_bar, t, x) * eps
         )
 
     def eps_from_x0(self, x_t: Tensor, t: Tensor, x0: Tensor) -> Tensor:
-        """eps = (x_t - sqrt(ab_t) x0)/sqrt(1 - ab_t); finite also where ab_t = 0."""
-        return (x_t - self._c(self.sqrt_alpha_bar, t, x_t) * x0) / self._c(
-            self.sqrt_one_minus_alpha_bar, t, x_t
+        """eps = (x_t - alpha_t x0)/sigma_t; finite also where alpha_t = 0."""
+        x = self._vp(x_t, t)
+        return (x - self._c(self.sqrt_alpha_bar, t, x) * x0) / self._c(
+            self.sqrt_one_minus_alpha_bar, t, x
         )
 
     def x0_from_v(self, x_t: Tensor, t: Tensor, v: Tensor) -> Tensor:
-        """x0 = sqrt(ab_t) x_t - sqrt(1 - ab_t) v."""
+        """x0 = sqrt(ab_t) x'_t - sqrt(1 - ab_t) v (v of the VP-equivalent path)."""
+        x = self._vp(x_t, t)
         return (
-            self._c(self.sqrt_alpha_bar, t, x_t) * x_t
-            - self._c(self.sqrt_one_minus_alpha_bar, t, x_t) * v
+            self._c(self.sqrt_alpha_bar, t, x) * x
+            - self._c(self.sqrt_one_minus_alpha_bar, t, x) * v
         )
 
     def eps_from_v(self, x_t: Tensor, t: Tensor, v: Tensor) -> Tensor:
-        """eps = sqrt(1 - ab_t) x_t + sqrt(ab_t) v."""
+        """eps = sqrt(1 - ab_t) x'_t + sqrt(ab_t) v."""
+        x = self._vp(x_t, t)
         return (
-            self._c(self.sqrt_one_minus_alpha_bar, t, x_t) * x_t
-            + self._c(self.sqrt_alpha_bar, t, x_t) * v
+            self._c(self.sqrt_one_minus_alpha_bar, t, x) * x
+            + self._c(self.sqrt_alpha_bar, t, x) * v
         )
 
     def v_target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
@@ -187,6 +207,17 @@ class Schedule:
             self._c(self.sqrt_alpha_bar, t, x0) * noise
             - self._c(self.sqrt_one_minus_alpha_bar, t, x0) * x0
         )
+
+    def x0_from_flow(self, x_t: Tensor, t: Tensor, v: Tensor) -> Tensor:
+        """x0 = (x_t - sigma_t v)/(alpha_t + sigma_t) for the flow velocity v = eps - x0
+        (rectified flow, alpha = 1 - s, sigma = s: x0 = x_t - s v)."""
+        sigma = self._c(self.sigma_t, t, x_t)
+        return (x_t - sigma * v) / (self._c(self.alpha_t, t, x_t) + sigma)
+
+    def eps_from_flow(self, x_t: Tensor, t: Tensor, v: Tensor) -> Tensor:
+        """eps = (x_t + alpha_t v)/(alpha_t + sigma_t) (rectified flow: x_t + (1 - s) v)."""
+        alpha = self._c(self.alpha_t, t, x_t)
+        return (x_t + alpha * v) / (alpha + self._c(self.sigma_t, t, x_t))
 
     def predict_x0(
         self, model_output: Tensor, x_t: Tensor, t: Tensor, prediction_type: str
@@ -197,6 +228,8 @@ class Schedule:
             return self.x0_from_eps(x_t, t, model_output)
         if kind == "v_prediction":
             return self.x0_from_v(x_t, t, model_output)
+        if kind == "flow":
+            return self.x0_from_flow(x_t, t, model_output)
         return model_output
 
     def predict_eps(
@@ -208,25 +241,44 @@ class Schedule:
             return model_output
         if kind == "v_prediction":
             return self.eps_from_v(x_t, t, model_output)
+        if kind == "flow":
+            return self.eps_from_flow(x_t, t, model_output)
         return self.eps_from_x0(x_t, t, model_output)
 
     # ---- posterior q(x_{t-1} | x_t, x0) = N(mu_tilde, beta_tilde I) (Ho et al. 2020 eq. 6-7) ----
+    # On another path the mean and variance are the path's own (Kingma et al. 2021): the VP
+    # variances times c_s^2 = alpha_s^2 + sigma_s^2 (log_path_scale_sq_prev, 0 before entry 0).
 
     def posterior_mean_variance(
         self, x0: Tensor, x_t: Tensor, t: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
         """mu_tilde = coef_x0 x0 + coef_xt x_t, beta_tilde, log beta_tilde (clipped at t = 0)."""
         mean = self.posterior_mean(x0, x_t, t)
-        var = self._c(self.posterior_variance, t, x_t).expand_as(x_t)
-        log_var = self._c(self.posterior_log_variance_clipped, t, x_t).expand_as(x_t)
-        return mean, var, log_var
+        if self.path == "vp":
+            var = self._c(self.posterior_variance, t, x_t).expand_as(x_t)
+        else:
+            var = self._c(self.path_posterior_variance, t, x_t).expand_as(x_t)
+        log_var = self._c(self._path_log_variance(self.posterior_log_variance_clipped), t, x_t)
+        return mean, var, log_var.expand_as(x_t)
 
     def posterior_mean(self, x0: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
-        """mu_tilde = coef_x0 x0 + coef_xt x_t alone (Ho et al. 2020 eq. 7)."""
+        """mu_tilde = coef_x0 x0 + coef_xt x_t alone (Ho et al. 2020 eq. 7; on another path its
+        own coefficients, ``path_posterior_coef_*``)."""
+        if self.path != "vp":
+            return (
+                self._c(self.path_posterior_coef_x0, t, x_t) * x0
+                + self._c(self.path_posterior_coef_xt, t, x_t) * x_t
+            )
         return (
             self._c(self.posterior_mean_coef_x0, t, x_t) * x0
             + self._c(self.posterior_mean_coef_xt, t, x_t) * x_t
         )
+
+    def _path_log_variance(self, vp_log_variance: Tensor) -> Tensor:
+        # a VP-equivalent log variance of x_{t-1} in the path's coordinates: + log c_s^2
+        if self.path == "vp":
+            return vp_log_variance
+        return vp_log_variance + self.log_path_scale_sq_prev.to(vp_log_variance.device)
 
     def model_log_variance(
         self, variance_type: str, t: Tensor, like: Tensor, var_values: Tensor | None = None
@@ -239,11 +291,14 @@ class Schedule:
         if variance_type == "learned_range":
             if var_values is None:
                 raise ScheduleParameterError("learned_range needs the model's variance values")
-            return _learned_range(
+            log_var = _learned_range(
                 var_values,
                 self._c(self.log_beta, t, like),
                 self._c(self.posterior_log_variance_clipped, t, like),
             )
+            if self.path == "vp":
+                return log_var
+            return log_var + self._c(self.log_path_scale_sq_prev, t, like)
         return self._c(self._fixed_log_variance(variance_type), t, like).expand_as(like)
 
     def sampler_log_variance(self, variance_type: str, v: Tensor | None = None) -> Tensor:
@@ -260,14 +315,15 @@ class Schedule:
             if v is None:
                 raise ScheduleParameterError("learned_range needs the model's variance values")
             v = v.to(dtype=self.log_beta.dtype, device=self.log_beta.device)
-            return _learned_range(v, self.log_beta, self.posterior_log_variance_clipped)
+            learned = _learned_range(v, self.log_beta, self.posterior_log_variance_clipped)
+            return self._path_log_variance(learned)
         return self._fixed_log_variance(variance_type)
 
     def _fixed_log_variance(self, variance_type: str) -> Tensor:
         if variance_type == "fixed_small":
-            return self.posterior_log_variance_clipped
+            return self._path_log_variance(self.posterior_log_variance_clipped)
         if variance_type == "fixed_large":
-            return self.fixed_large_log_variance
+            return self._path_log_variance(self.fixed_large_log_variance)
         raise ScheduleParameterError(
             f"unknown variance type {variance_type!r}; allowed: {', '.join(VARIANCE_TYPES)}"
         )
@@ -277,11 +333,15 @@ class Schedule:
         eta^2 (1 - ab_prev)/(1 - ab) (1 - ab/ab_prev) = eta^2 beta_tilde on this schedule."""
         if not math.isfinite(eta) or eta < 0:
             raise ScheduleParameterError(f"eta must be finite and >= 0, got {eta}")
+        if self.path != "vp":
+            return eta**2 * self.path_posterior_variance
         return eta**2 * self.posterior_variance
 
     def expected_xt_std(self, data_variance: float = 1.0) -> Tensor:
         """The std of x_t = sqrt(ab) x0 + sqrt(1 - ab) eps for data of variance ``data_variance``
         (independent of eps): sqrt(ab var + 1 - ab) for every index, a (N,) table."""
+        if self.path != "vp":  # sqrt(alpha_t^2 var + sigma_t^2) in the path's coordinates
+            return torch.sqrt(self.alpha_t**2 * data_variance + self.sigma_t**2)
         # Written as ab var + 1 - ab (not with one_minus_alpha_bar) so that the numbers equal the
         # ones `ddpm sample` has always printed, bit for bit; the difference is ~1e-16 absolute.
         return torch.sqrt(self.alpha_bar * data_variance + 1 - self.alpha_bar)
@@ -299,8 +359,13 @@ class Schedule:
         self, x_t: Tensor, t: Tensor, x0: Tensor, eps: Tensor, eta: float, noise: Tensor
     ) -> Tensor:
         """x_{t-1} = sqrt(ab_prev) x0 + sqrt(1 - ab_prev - s^2) eps + s z (Song et al. 2021 eq. 12),
-        s^2 = :meth:`ddim_variance` (eta)."""
+        s^2 = :meth:`ddim_variance` (eta); on another path alpha_s x0 + sqrt(sigma_s^2 - s^2) eps
+        + s z, with eta = 0 the flow Euler step x_t + (s_next - s) v on a rectified flow."""
         var = self._c(self.ddim_variance(eta), t, x_t)
+        if self.path != "vp":
+            sigma_s = self._c(self.sigma_t_prev, t, x_t)
+            direction = sigma_s if eta == 0 else torch.sqrt(torch.clamp(sigma_s**2 - var, min=0))
+            return self._c(self.alpha_t_prev, t, x_t) * x0 + direction * eps + var.sqrt() * noise
         direction = torch.sqrt(
             torch.clamp(self._c(self.one_minus_alpha_bar_prev, t, x_t) - var, min=0)
         )
@@ -357,149 +422,3 @@ def extract(values: Tensor, t: Tensor, ndim: int, *, like: Tensor | None = None)
     else:
         values = values.to(device=t.device)
     return values[t].reshape(t.shape[0], *([1] * (ndim - 1)))
-
-
-def _assemble(
-    name: str, spec: dict[str, Any], parts: _Parts, timesteps: Tensor, num_train: int
-) -> Schedule:
-    beta, log_ab, om = parts.beta, parts.log_alpha_bar, parts.one_minus_alpha_bar
-    ab = torch.exp(log_ab)
-    one = torch.ones(1, dtype=F64)
-    ab_prev = torch.cat([one, ab[:-1]])
-    om_prev = torch.cat([torch.zeros(1, dtype=F64), om[:-1]])
-    # alpha = 1 - beta loses digits where beta nears 1; there alpha = ab_t/ab_{t-1} is exact.
-    ratio = torch.exp(torch.diff(log_ab, prepend=torch.zeros(1, dtype=F64)))
-    alpha = torch.where(beta < 0.5, 1 - beta, ratio)
-    # log(1 - ab) from ab itself where ab is small: log(om) would keep only om's absolute digits.
-    log_om = torch.where(ab < 0.5, torch.log1p(-ab), torch.log(om))
-    log_om_prev = torch.cat([torch.full((1,), -math.inf, dtype=F64), log_om[:-1]])
-    post_var = beta * om_prev / om
-    # The posterior variance is 0 at t = 0, so its log is clipped to the value at t = 1. Summing
-    # logs keeps its digits where 1 - ab_prev is within ulps of 1 (the zero-SNR step).
-    log_post_var = torch.log(beta) + log_om_prev - log_om
-    # (A one-step schedule has no t = 1; it keeps log beta, as fixed_large does.)
-    clipped = torch.cat([log_post_var[1:2], log_post_var[1:]]) if len(beta) > 1 else torch.log(beta)
-    log_beta = torch.log(beta)
-    # fixed_large: log beta, with log beta_tilde_1 at index 0 (improved-diffusion), as log of the
-    # stored beta_tilde_1 exactly as it always was computed
-    fixed_large = torch.cat([torch.log(post_var[1:2]), log_beta[1:]]) if len(beta) > 1 else log_beta
-    return Schedule(
-        name=name,
-        spec=spec,
-        num_train_timesteps=num_train,
-        timesteps=timesteps,
-        beta=beta,
-        alpha=alpha,
-        alpha_bar=ab,
-        alpha_bar_prev=ab_prev,
-        one_minus_alpha_bar=om,
-        one_minus_alpha_bar_prev=om_prev,
-        log_alpha_bar=log_ab,
-        sqrt_alpha_bar=torch.exp(0.5 * log_ab),
-        sqrt_one_minus_alpha_bar=torch.sqrt(om),
-        snr=ab / om,
-        log_snr=log_ab - log_om,
-        sigma=torch.exp(0.5 * (log_om - log_ab)),
-        posterior_variance=post_var,
-        posterior_log_variance_clipped=clipped,
-        posterior_mean_coef_x0=torch.sqrt(ab_prev) * beta / om,
-        posterior_mean_coef_xt=torch.sqrt(alpha) * om_prev / om,
-        sqrt_recip_alpha_bar=torch.exp(-0.5 * log_ab),
-        sqrt_recipm1_alpha_bar=torch.exp(0.5 * (log_om - log_ab)),
-        log_beta=log_beta,
-        fixed_large_log_variance=fixed_large,
-        variance_ratio=post_var / beta,
-        index=torch.arange(len(beta), dtype=torch.long),
-        prior_sqrt_alpha_bar=torch.exp(0.5 * log_ab[-1]),
-        prior_one_minus_alpha_bar=om[-1].clone(),
-    )
-
-
-def _validate(parts: _Parts, error: type[ScheduleError], what: str) -> None:
-    beta, log_ab, om = parts.beta, parts.log_alpha_bar, parts.one_minus_alpha_bar
-    if beta.numel() == 0:
-        raise error(f"{what}: empty schedule")
-    bad = ~torch.isfinite(beta) | (beta <= 0) | (beta > 1) | torch.isnan(log_ab) | torch.isnan(om)
-    if bool(bad.any()):
-        i = int(torch.nonzero(bad)[0])
-        raise error(f"{what}: beta[{i}] = {float(beta[i])!r} is outside (0, 1]")
-    ones = torch.nonzero(beta >= 1)
-    if ones.numel() and int(ones[0]) != len(beta) - 1:
-        i = int(ones[0])
-        raise error(
-            f"{what}: beta[{i}] = 1 makes alpha_bar zero before the last step "
-            f"(index {len(beta) - 1})"
-        )
-
-
-def _base_schedule(kind: str, timesteps: int, params: Params) -> Schedule:
-    info = SCHEDULE_KINDS[kind]
-    if isinstance(timesteps, bool) or not isinstance(timesteps, int):
-        raise ScheduleParameterError(f"timesteps must be an integer, got {timesteps!r}")
-    if timesteps < info.min_timesteps:
-        raise ScheduleParameterError(
-            f"{kind} needs at least {info.min_timesteps} timesteps, got T = {timesteps}"
-        )
-    merged: dict[str, float] = dict(info.defaults)
-    for name, value in params.items():
-        if name not in info.defaults:
-            allowed = ", ".join(info.defaults) or "none"
-            raise ScheduleParameterError(
-                f"unknown parameter {name!r} for schedule {kind!r}; allowed: {allowed}"
-            )
-        merged[name] = float(value)
-    for name, value in merged.items():
-        _check_param(kind, name, value)
-    parts = info.build(timesteps, merged)
-    _validate(parts, ScheduleParameterError, f"schedule {kind} with {merged}")
-    changed = {k: v for k, v in merged.items() if v != info.defaults[k]}
-    spec: dict[str, Any] = {"kind": kind, "timesteps": timesteps, "params": changed}
-    ident = torch.arange(timesteps, dtype=torch.long)
-    return _assemble(kind, spec, parts, ident, timesteps)
-
-
-def _as_f64(values: Sequence[float] | Tensor, what: str) -> Tensor:
-    try:
-        tensor = torch.as_tensor(values, dtype=F64).flatten()
-    except (TypeError, ValueError, RuntimeError) as exc:
-        raise ScheduleError(f"{what}: not a list of numbers ({exc})") from None
-    if tensor.numel() == 0:
-        raise ScheduleError(f"{what}: empty")
-    bad = ~torch.isfinite(tensor)
-    if bool(bad.any()):
-        i = int(torch.nonzero(bad)[0])
-        raise ScheduleError(f"{what}: value at index {i} is {float(tensor[i])!r} (must be finite)")
-    return tensor
-
-
-def schedule_from_betas(betas: Sequence[float] | Tensor, *, name: str = "custom") -> Schedule:
-    """A schedule from explicit betas in (0, 1] (only the last may be 1)."""
-    beta = _as_f64(betas, "betas")
-    parts = _parts_from_betas(beta)
-    _validate(parts, ScheduleError, "betas")
-    spec: dict[str, Any] = {"kind": "custom", "betas": beta.tolist()}
-    return _assemble(name, spec, parts, torch.arange(len(beta)), len(beta))
-
-
-def schedule_from_alpha_bars(
-    alpha_bars: Sequence[float] | Tensor, *, name: str = "custom"
-) -> Schedule:
-    """A schedule from explicit alpha_bars: strictly decreasing in [0, 1), only the last 0."""
-    ab = _as_f64(alpha_bars, "alpha_bars")
-    outside = (ab < 0) | (ab >= 1)
-    if bool(outside.any()):
-        i = int(torch.nonzero(outside)[0])
-        raise ScheduleError(f"alpha_bars: value at index {i} is {float(ab[i])!r}, outside [0, 1)")
-    rising = torch.diff(ab) >= 0
-    if bool(rising.any()):
-        i = int(torch.nonzero(rising)[0]) + 1
-        raise ScheduleError(
-            f"alpha_bars: not strictly decreasing at index {i} "
-            f"({float(ab[i - 1])!r} -> {float(ab[i])!r})"
-        )
-    log_ab = torch.log(ab)
-    om = 1 - ab  # exact: ab is given data, and 1 - ab is exact for ab >= 0.5 (Sterbenz)
-    parts = _Parts(_betas_from_log_alpha_bar(log_ab, om), log_ab, om)
-    _validate(parts, ScheduleError, "alpha_bars")
-    spec: dict[str, Any] = {"kind": "custom", "alpha_bars": ab.tolist()}
-    return _assemble(name, spec, parts, torch.arange(len(ab)), len(ab))

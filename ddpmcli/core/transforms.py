@@ -8,7 +8,16 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from torch import Tensor
 
+from ddpmcli.core.assemble import (
+    _assemble,
+    _base_schedule,
+    _validate,
+    assemble_path,
+    schedule_from_alpha_bars,
+    schedule_from_betas,
+)
 from ddpmcli.core.kinds import (
     F64,
     SPACINGS,
@@ -17,14 +26,9 @@ from ddpmcli.core.kinds import (
     _parts_from_logsnr,
     canonical_kind,
 )
-from ddpmcli.core.schedule import (
-    Schedule,
-    _assemble,
-    _base_schedule,
-    _validate,
-    schedule_from_alpha_bars,
-    schedule_from_betas,
-)
+from ddpmcli.core.path_kinds import PathParts
+from ddpmcli.core.paths import schedule_from_path
+from ddpmcli.core.schedule import Schedule
 from ddpmcli.errors import ScheduleError, ScheduleParameterError
 
 
@@ -53,6 +57,14 @@ def make_schedule(
     return schedule
 
 
+def _vp_only(schedule: Schedule, what: str) -> None:
+    if schedule.path != "vp":
+        raise ScheduleParameterError(
+            f"{what} applies to VP schedules; {schedule.name} is a {schedule.path} path "
+            "(a flow's shift parameter moves its log-SNR)"
+        )
+
+
 def _with_transform(schedule: Schedule, step: list[Any]) -> dict[str, Any]:
     spec = dict(schedule.spec)
     spec["transforms"] = [*spec.get("transforms", []), step]
@@ -66,6 +78,7 @@ def rescale_zero_terminal_snr(schedule: Schedule) -> Schedule:
     s_t - s_T is a reverse cumulative sum of the positive steps d_j = s_{j-1} - s_j
     = s_{j-1} beta_j/(1 + sqrt(alpha_j)), and 1 - s' = (s_0 (1 - s) - s_T (1 - s_0))/(s_0 - s_T).
     """
+    _vp_only(schedule, "zero terminal SNR")
     if schedule.num_steps < 2:
         raise ScheduleParameterError("zero terminal SNR needs at least 2 timesteps")
     s = schedule.sqrt_alpha_bar
@@ -100,8 +113,30 @@ def shift_logsnr(schedule: Schedule, shift: float) -> Schedule:
     """Add ``shift`` to every log-SNR: alpha_bar' = sigmoid(log_snr + shift)."""
     if not math.isfinite(shift):
         raise ScheduleParameterError(f"log-SNR shift must be finite, got {shift}")
+    if schedule.path != "vp":
+        return _shift_path_logsnr(schedule, shift)
     parts = _parts_from_logsnr(schedule.log_snr + shift)
     return _assemble(
+        f"{schedule.name}{shift:+g}logsnr",
+        _with_transform(schedule, ["logsnr_shift", float(shift)]),
+        parts,
+        schedule.timesteps,
+        schedule.num_train_timesteps,
+    )
+
+
+def _shift_path_logsnr(schedule: Schedule, shift: float) -> Schedule:
+    # the same family at lambda + shift (the steps between entries do not change):
+    # flow alpha = sigmoid(lambda/2), sigma = sigmoid(-lambda/2); sigma space sigma = e^(-lambda/2)
+    lam = schedule.log_snr + shift
+    if schedule.path == "flow":
+        alpha, sigma = torch.sigmoid(lam / 2), torch.sigmoid(-lam / 2)
+    else:
+        alpha, sigma = torch.ones_like(lam), torch.exp(-lam / 2)
+    parts = PathParts(
+        schedule.path, alpha, sigma, schedule.model_timestep, lam, torch.diff(schedule.log_snr)
+    )
+    return assemble_path(
         f"{schedule.name}{shift:+g}logsnr",
         _with_transform(schedule, ["logsnr_shift", float(shift)]),
         parts,
@@ -191,11 +226,33 @@ def respace(schedule: Schedule, timesteps: Sequence[int]) -> Schedule:
             f"got {kept[0] if kept else None}..{kept[-1] if kept else None}"
         )
     idx = torch.tensor(kept, dtype=torch.long)
+    if schedule.path != "vp":
+        return _respace_path(schedule, kept, idx)
     log_ab = schedule.log_alpha_bar[idx]
     om = schedule.one_minus_alpha_bar[idx]
     parts = _Parts(_betas_from_log_alpha_bar(log_ab, om), log_ab, om)
     _validate(parts, ScheduleParameterError, f"respacing of {schedule.name}")
     return _assemble(
+        f"{schedule.name}@{len(kept)}",
+        _with_transform(schedule, ["respace", kept]),
+        parts,
+        schedule.timesteps[idx],
+        schedule.num_train_timesteps,
+    )
+
+
+def _respace_path(schedule: Schedule, kept: list[int], idx: Tensor) -> Schedule:
+    # the path's entries at the kept indices; the log-SNR steps between them are new differences
+    log_snr = schedule.log_snr[idx]
+    parts = PathParts(
+        schedule.path,
+        schedule.alpha_t[idx],
+        schedule.sigma_t[idx],
+        schedule.model_timestep[idx],
+        log_snr,
+        torch.diff(log_snr),
+    )
+    return assemble_path(
         f"{schedule.name}@{len(kept)}",
         _with_transform(schedule, ["respace", kept]),
         parts,
@@ -218,7 +275,11 @@ def schedule_from_spec(spec: Mapping[str, Any]) -> Schedule:
     """Rebuild a schedule from :attr:`Schedule.spec` (as stored in checkpoints)."""
     try:
         kind = spec["kind"]
-        if kind == "custom":
+        if kind == "path":
+            schedule = schedule_from_path(
+                spec["path"], spec["alpha_t"], spec["sigma_t"], spec["model_timestep"]
+            )
+        elif kind == "custom":
             if "betas" in spec:
                 schedule = schedule_from_betas(spec["betas"])
             else:
