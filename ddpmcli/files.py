@@ -8,10 +8,16 @@ The rules, the same for every output option (`--out`, `--save`, `--plot`) and ev
 - a missing parent folder is a usage error (as `cp` and `torch.save` do), except where the caller
   owns the folder (the default `plots/`) and asks for it to be created;
 - writing through a symlink writes the link's target and keeps the link;
-- the file is written to a temporary name in the same folder whose suffix is the output's suffix in
-  lower case (numpy appends `.npz`/`.npy` to any other name), then moved over the output in one
-  `os.replace`; on any failure, Ctrl-C included, the temporary file is removed and the output is
-  left as it was.
+- the file is written to a temporary name in the same folder whose suffix is the suffix of the
+  name given, in lower case (numpy appends `.npz`/`.npy` to any other name: a link `out.npz` to
+  `data.bin` must still write `.npz`), then moved over the output in one `os.replace`; on any
+  failure, Ctrl-C included, the temporary file is removed and the output is left as it was;
+- an output that replaces an existing file keeps that file's permission bits (a 0600 file stays
+  0600); being a new inode, other hard links to the old file keep the old content, and the owner is
+  the writer's;
+- no output may be a file the command reads (`check_apart`: same device and inode after symlinks
+  and hard links, or an existing file directly in a folder it reads): a usage error before any
+  work.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 from ddpmcli.errors import DdpmError, UsageError
@@ -40,10 +46,11 @@ def _limit(folder: Path, name: str, default: int) -> int:
         return default
 
 
-def _tmp_name(target: Path) -> str:
+def _tmp_name(given: Path) -> str:
+    """A temporary name with the suffix of the name the user gave (not of a link's target)."""
     import secrets  # here, not at the top: `ddpm --help` imports this module (start-up time)
 
-    return f"{_TMP_PREFIX}{secrets.token_hex(_TMP_RANDOM_CHARS // 2)}.tmp{target.suffix.lower()}"
+    return f"{_TMP_PREFIX}{secrets.token_hex(_TMP_RANDOM_CHARS // 2)}.tmp{given.suffix.lower()}"
 
 
 def _real_target(path: Path) -> Path:
@@ -131,7 +138,7 @@ def check_writable(
     if not existing.is_dir():
         raise UsageError(f"cannot write {what} {shown!r}: {str(existing)!r} is not a directory")
     path_max = _limit(existing, "PC_PATH_MAX", _DEFAULT_PATH_MAX)
-    if len(os.fsencode(os.path.abspath(folder / _tmp_name(real)))) >= path_max:
+    if len(os.fsencode(os.path.abspath(folder / _tmp_name(target)))) >= path_max:
         raise UsageError(f"cannot write {what} {shown!r}: path is longer than {path_max} bytes")
     # Probe by creating a file: os.access says yes to root on read-only or virtual filesystems.
     import tempfile
@@ -169,7 +176,7 @@ def atomic_write(
     real = _real_target(target)
     _check_existing(shown, real, "output file")
     folder = real.parent if str(real.parent) else Path(".")
-    tmp = folder / _tmp_name(real)
+    tmp = folder / _tmp_name(target)
     try:
         if make_parents:
             folder.mkdir(parents=True, exist_ok=True)
@@ -179,10 +186,8 @@ def atomic_write(
     os.close(fd)
     try:
         write_fn(tmp)
-        # the file was created 0600; give it the permissions a plain open() would have.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        _check_written(tmp, shown)
+        os.chmod(tmp, _final_mode(real))
         os.replace(tmp, real)
     except BaseException as exc:
         with contextlib.suppress(OSError):
@@ -191,6 +196,29 @@ def atomic_write(
             raise DdpmError(f"cannot write {shown!r}: {exc.strerror or exc}") from exc
         raise
     return target
+
+
+def _final_mode(real: Path) -> int:
+    """The permission bits of the file being replaced, else those a plain open() would give."""
+    try:
+        return stat.S_IMODE(os.stat(real).st_mode)
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
+def _check_written(tmp: Path, shown: str) -> None:
+    """A writer that wrote beside the temporary file (numpy appending a suffix) is a bug: its
+    stray file is removed and nothing replaces the output."""
+    for extra in (".npz", ".npy"):
+        stray = Path(f"{tmp}{extra}")
+        if stray.exists():
+            with contextlib.suppress(OSError):
+                stray.unlink()
+            raise DdpmError(
+                f"cannot write {shown!r}: the writer did not write the file it was given"
+            )
 
 
 def atomic_write_text(
@@ -202,4 +230,49 @@ def atomic_write_text(
     )
 
 
-__all__ = ["atomic_write", "atomic_write_text", "check_writable"]
+def _identity(path: str | os.PathLike[str]) -> tuple[int, int, int] | None:
+    """(device, inode, mode) of what ``path`` names after symlinks, or None if nothing."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return st.st_dev, st.st_ino, st.st_mode
+
+
+def check_apart(
+    outputs: Mapping[str, str | os.PathLike[str]],
+    inputs: Mapping[str, Iterable[str | os.PathLike[str]]],
+) -> None:
+    """Raise UsageError if an output names a file the command reads: the same file after symlinks
+    and hard links (same device and inode), or an existing file directly in a folder it reads (an
+    image folder is read without its subfolders).
+
+    ``outputs`` maps a flag to its path; ``inputs`` a flag to the paths its value may name (a value
+    that names nothing on disk is skipped). Call it before any work.
+    """
+    for flag, out in outputs.items():
+        found = _identity(out)
+        if found is None or not stat.S_ISREG(found[2]):
+            continue  # a new file, or one check_writable refuses by kind
+        real_out = os.path.realpath(out)
+        for source, candidates in inputs.items():
+            for candidate in candidates:
+                other = _identity(candidate)
+                if other is None:
+                    continue
+                if other[:2] == found[:2]:
+                    raise UsageError(
+                        f"{flag} {str(out)!r} is the same file as {source} {str(candidate)!r}, "
+                        "which this command reads; write the output elsewhere"
+                    )
+                if stat.S_ISDIR(other[2]) and os.path.samefile(
+                    os.path.dirname(real_out), candidate
+                ):
+                    raise UsageError(
+                        f"{flag} {str(out)!r} is a file inside the folder {source} "
+                        f"{str(candidate)!r} names, which this command reads; write the output "
+                        "elsewhere"
+                    )
+
+
+__all__ = ["atomic_write", "atomic_write_text", "check_apart", "check_writable"]

@@ -93,6 +93,21 @@ class _ReaderGone(Exception):
 class DdpmGroup(TyperGroup):
     """The root group: runs click in non-standalone mode and turns every failure into one line."""
 
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        command: Any = super().get_command(ctx, cmd_name)
+        if command is not None and not getattr(command, "_ddpm_apart", False):
+            run_command = command.invoke
+
+            def invoke(sub_ctx: Any) -> Any:
+                from ddpmcli.cli.apart import check_command_paths
+
+                check_command_paths(sub_ctx)  # no output over an input, before any work
+                return run_command(sub_ctx)
+
+            command.invoke = invoke
+            command._ddpm_apart = True
+        return command
+
     def invoke(self, ctx: Any) -> Any:
         # typer's own main turns KeyboardInterrupt into a silent exit 130 and EPIPE into exit 1
         # before our boundary sees them: pass them on as exceptions it does not catch.
