@@ -15,7 +15,6 @@ called with ``schedule.timesteps[i]`` (the identity unless respaced); ``t = 0`` 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,13 +23,18 @@ import torch
 from torch import Tensor
 
 from ddpmcli import core, limits
-from ddpmcli.errors import check_choice
+from ddpmcli.run import (  # noqa: F401  (the solver families register their steps)
+    dpm_solver,
+    flow_euler,
+    k_samplers,
+    unipc,
+)
+from ddpmcli.run import steps as _steps
 from ddpmcli.run.distributed import Ranks
 from ddpmcli.run.events import (
     Event,
     ModelFailure,
     Observer,
-    ParameterError,
     call_model,
     notify,
 )
@@ -43,6 +47,21 @@ from ddpmcli.run.observers import (
     TrajectoryFrame,
     TrajectoryRecorder,
     finite_check,
+)
+from ddpmcli.run.solver_grid import PathGrid, model_timesteps, path_grid
+from ddpmcli.run.steps import (
+    DEFAULT_THRESHOLD_PERCENTILE,
+    Sampler,
+    SampleSettings,
+    StepContext,
+    check_init,
+    check_sample_settings,
+    dynamic_threshold,
+    limit_x0,
+    register_sampler,
+    registered,
+    respaced_schedule,
+    sampler_names,
 )
 
 __all__ = [
@@ -57,6 +76,7 @@ __all__ = [
     "StepStatistics",
     "TrajectoryFrame",
     "TrajectoryRecorder",
+    "check_init",
     "check_sample_settings",
     "dynamic_threshold",
     "finite_check",
@@ -68,230 +88,8 @@ __all__ = [
 
 PredictFn = Callable[[Tensor, Tensor], tuple[Tensor, "Tensor | None"]]
 
-DEFAULT_THRESHOLD_PERCENTILE = core.DEFAULT_THRESHOLD_PERCENTILE
-dynamic_threshold = core.dynamic_threshold
-
-
-@dataclass(frozen=True)
-class SampleSettings:
-    """How to sample.
-
-    Args:
-        sampler: a registered sampler: ``ddpm`` (ancestral, Ho et al. 2020 Algorithm 2) or
-            ``ddim`` (Song et al. 2021), or one added with :func:`register_sampler`.
-        variance: the ancestral variance: ``fixed_small`` (beta_tilde), ``fixed_large`` (beta, with
-            beta_tilde_1 at t = 0, improved-diffusion's convention) or ``learned_range`` (the
-            model's variance channel, Nichol & Dhariwal 2021 eq. 15). Ignored by ``ddim``.
-        eta: DDIM's noise scale (0 = deterministic, 1 = the ancestral sampler's fixed_small).
-        clip: clamp x0_hat to ``data_range`` before the posterior step.
-        dynamic_threshold: a percentile p in (0, 1) for dynamic thresholding (Saharia et al. 2022);
-            replaces ``clip`` when set.
-        data_range: the data's value range (what clipping and ``clip_fraction`` refer to).
-        trajectory_every: keep x0_hat every K steps (and at the last step) for a figure.
-        trajectory_samples: how many samples (the first ones) a trajectory frame keeps.
-    """
-
-    sampler: str = "ddpm"
-    variance: str = "fixed_small"
-    eta: float = 0.0
-    clip: bool = True
-    dynamic_threshold: float | None = None
-    data_range: tuple[float, float] = (-1.0, 1.0)
-    trajectory_every: int | None = None
-    trajectory_samples: int = 16
-
-
-# ---------------------------------------------------------------------------------------------
-# steps, registered by name
-
-
-@dataclass(frozen=True)
-class StepContext:
-    """One batch at one schedule index, as a step sees it (tensors in the sampler's dtype).
-
-    ``x0`` is x0_hat as the step should use it (clipped or thresholded); ``x0_raw`` the model's
-    own (the same object when nothing changed it); ``noise`` is z ~ N(0, I), zeros when the
-    sampler draws none at this index.
-    """
-
-    schedule: core.Schedule
-    x: Tensor
-    t: Tensor
-    out: Tensor
-    var_values: Tensor | None
-    x0: Tensor
-    x0_raw: Tensor
-    noise: Tensor
-    prediction_type: str
-    settings: SampleSettings
-
-
-StepFn = Callable[[StepContext], tuple[Tensor, "Tensor | None"]]
-"""``step(ctx) -> (x_next, log_var)``: log_var of the noise added, or None (not measured)."""
-
-
-@dataclass(frozen=True)
-class Sampler:
-    """A registered sampler: its step, whether it draws noise, its per-index noise variances."""
-
-    name: str
-    step: StepFn
-    uses_noise: Callable[[SampleSettings], bool]
-    variances: Callable[[core.Schedule, SampleSettings], list[float] | None]
-
-
-_REGISTRY: dict[str, Sampler] = {}
-
-
-def _always(settings: SampleSettings) -> bool:
-    return True
-
-
-def _measured(schedule: core.Schedule, settings: SampleSettings) -> list[float] | None:
-    return None
-
-
-def register_sampler(
-    name: str,
-    *,
-    uses_noise: Callable[[SampleSettings], bool] = _always,
-    variances: Callable[[core.Schedule, SampleSettings], list[float] | None] = _measured,
-) -> Callable[[StepFn], StepFn]:
-    """Register ``step`` under ``name`` (a decorator); :func:`sample` then runs it by name.
-
-    Args:
-        uses_noise: whether the sampler draws z at indices > 0 (default: always).
-        variances: the variance of the noise added at each index, host side (default None:
-            measured from the log_var each step returns, 0 where it returns None).
-    """
-
-    def add(step: StepFn) -> StepFn:
-        _REGISTRY[name] = Sampler(name, step, uses_noise, variances)
-        return step
-
-    return add
-
-
-def sampler_names() -> tuple[str, ...]:
-    """The registered samplers' names, in registration order."""
-    return tuple(_REGISTRY)
-
-
-def _fixed_variances(schedule: core.Schedule, variance: str) -> list[float]:
-    """exp(log variance) per index of a fixed ancestral variance (host side); 0 at index 0,
-    where no noise is added."""
-    var = torch.exp(schedule.sampler_log_variance(variance).to(torch.float64))
-    var[0] = 0.0
-    return [float(v) for v in var]
-
-
-def _ancestral_variances(schedule: core.Schedule, settings: SampleSettings) -> list[float] | None:
-    if settings.variance == "learned_range":
-        return None
-    return _fixed_variances(schedule, settings.variance)
-
-
-def _ddim_variances(schedule: core.Schedule, settings: SampleSettings) -> list[float]:
-    var = schedule.ddim_variance(settings.eta).to(torch.float64)  # Song et al. 2021 eq. 16
-    var[0] = 0.0  # no noise is added at index 0
-    return [float(v) for v in var]
-
-
-@register_sampler("ddpm", variances=_ancestral_variances)
-def ancestral_step(ctx: StepContext) -> tuple[Tensor, Tensor | None]:
-    """x_{t-1} = mu_tilde(x_t, x0_hat) + sigma z with the chosen variance (no noise at t = 0)."""
-    vv = ctx.var_values
-    log_var = ctx.schedule.model_log_variance(ctx.settings.variance, ctx.t, ctx.x, vv)
-    return ctx.schedule.ancestral_step(ctx.x, ctx.t, ctx.x0, log_var, ctx.noise), log_var
-
-
-@register_sampler("ddim", uses_noise=lambda s: s.eta > 0, variances=_ddim_variances)
-def ddim_step(ctx: StepContext) -> tuple[Tensor, Tensor | None]:
-    """DDIM (Song et al. 2021 eq. 12) with eps consistent with the x0_hat actually used
-    (improved-diffusion's ddim_sample); the model's own eps where x0_hat was not changed."""
-    sched, x, t = ctx.schedule, ctx.x, ctx.t
-    if ctx.x0 is ctx.x0_raw:
-        eps = sched.predict_eps(ctx.out, x, t, ctx.prediction_type)
-    else:
-        eps = sched.eps_from_x0(x, t, ctx.x0)
-    return sched.ddim_step(x, t, ctx.x0, eps, ctx.settings.eta, ctx.noise), None
-
-
 SAMPLERS: tuple[str, ...] = sampler_names()  # the built-in ones
-
-
-# ---------------------------------------------------------------------------------------------
-# settings, respacing, thresholding
-
-
-def check_sample_settings(settings: SampleSettings, *, learned_variance: bool) -> None:
-    """Raise :class:`ParameterError` (exit 2) for settings that cannot run, before any work."""
-    if settings.sampler not in _REGISTRY:
-        raise ParameterError(
-            f"{{sampler}} {settings.sampler!r} is unknown; allowed: {', '.join(_REGISTRY)}"
-        )
-    if settings.variance not in core.VARIANCE_TYPES:
-        raise ParameterError(
-            f"{{variance}} {settings.variance!r} is unknown; "
-            f"allowed: {', '.join(core.VARIANCE_TYPES)}"
-        )
-    if settings.sampler == "ddpm" and settings.variance == "learned_range" and not learned_variance:
-        raise ParameterError(
-            "{variance} learned_range needs a model with a variance channel; this checkpoint "
-            "predicts no variance (use fixed_small or fixed_large)"
-        )
-    if not math.isfinite(settings.eta) or not 0 <= settings.eta <= 1e100:  # eta**2 stays finite
-        raise ParameterError(
-            f"{{eta}} must be a finite number >= 0 (at most 1e100), got {settings.eta}"
-        )
-    if settings.eta != 0 and settings.sampler != "ddim":
-        raise ParameterError("{eta} applies to {sampler} ddim only")
-    p = settings.dynamic_threshold
-    if p is not None and not 0 < p < 1:
-        raise ParameterError(f"{{dynamic_threshold}} percentile must lie in (0, 1), got {p}")
-    lo, hi = settings.data_range
-    if not lo < hi:
-        raise ParameterError(f"data range must have lo < hi, got [{lo}, {hi}]")
-    if settings.trajectory_every is not None and settings.trajectory_every < 1:
-        raise ParameterError(f"{{trajectory_every}} must be >= 1, got {settings.trajectory_every}")
-
-
-def respaced_schedule(
-    schedule: core.Schedule,
-    steps: int | str | None,
-    spacing: str = "leading",
-    offset: int = 0,
-) -> core.Schedule:
-    """The schedule a sampler runs: ``schedule`` itself when ``steps`` is None or T, else
-    :func:`core.respaced` (``steps`` a count or a section string such as ``ddim50`` /
-    ``10,20,30``; ``offset`` is diffusers' ``steps_offset``, added under leading spacing). A count
-    outside 1..T is a :class:`ParameterError`."""
-    big_t = schedule.num_steps
-    if steps is None:
-        return schedule
-    if isinstance(steps, str) and steps.strip().isdigit():
-        steps = int(steps.strip())
-    if isinstance(steps, int):
-        if steps < 1:
-            raise ParameterError(f"{{steps}} must be at least 1, got {steps}")
-        if steps > big_t:
-            raise ParameterError(
-                f"{{steps}} {steps} is more than the model's T = {big_t} training timesteps"
-            )
-        if steps == big_t:
-            return schedule
-    check_choice(spacing, core.SPACINGS, "spacing")
-    return core.respaced(schedule, steps, spacing, offset)
-
-
-def _limit_x0(x0: Tensor, settings: SampleSettings) -> Tensor:
-    """x0_hat as the step uses it: thresholded, clipped, or ``x0`` itself (the same object)."""
-    if settings.dynamic_threshold is not None:
-        return core.dynamic_threshold(x0, settings.dynamic_threshold, settings.data_range)
-    if settings.clip:
-        return x0.clamp(*settings.data_range)
-    return x0
-
+_REGISTRY = _steps._REGISTRY  # (tests unregister a sampler they added)
 
 # ---------------------------------------------------------------------------------------------
 # the loop
@@ -321,6 +119,34 @@ class _Loop:
     model_dtype: torch.dtype
     measure: bool  # measure the added variance from the steps' log_var
     keep_x0: bool  # hand the used x0_hat to observers (a trajectory is recorded)
+    grid: PathGrid | None = None
+    states: dict[int, Any] = field(default_factory=dict)  # the step's state per batch start
+    model_t: tuple[float, ...] = ()  # the model's timestep per index (float grids)
+
+
+def _t_vector(loop: _Loop, i: int, n: int, dev: torch.device) -> Tensor:
+    """The model's timestep at index ``i`` for ``n`` samples: int64, or float32 on a grid whose
+    model timesteps are not whole (a VP model on a Karras grid, a flow model)."""
+    value = loop.model_t[i]
+    if value != round(value):
+        return torch.full((n,), value, dtype=torch.float32, device=dev)
+    return torch.full((n,), round(value), dtype=torch.long, device=dev)
+
+
+def _model_x0(
+    loop: _Loop, xb: Tensor, i: int, t_vec: Tensor, where: tuple[int, Tensor]
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """One model call on batch ``xb`` at index ``i``: (output, var values, raw x0_hat), in x's
+    dtype; ``where`` = (the step, the batch's global sample indices)."""
+    t_event = round(loop.model_t[i])
+    out, var_values = call_model(
+        loop.predict, xb.to(loop.model_dtype), t_vec, step=where[0], t=(t_event, t_event),
+        sample_index=where[1],
+    )  # fmt: skip
+    out = out.to(xb.dtype)
+    t_idx = torch.arange(loop.sched.num_steps, device=xb.device)[i].expand(xb.shape[0])
+    x0 = loop.sched.predict_x0(out, xb, t_idx, loop.kind)
+    return out, None if var_values is None else var_values.to(xb.dtype), x0
 
 
 def _one_step(
@@ -331,24 +157,20 @@ def _one_step(
     n = x.shape[0]
     dev = x.device
     t_idx = torch.arange(loop.sched.num_steps, device=dev)[i].expand(n)  # a view: no kernel
-    t_vec = torch.full((n,), t_model, dtype=torch.long, device=dev)
+    t_vec = _t_vector(loop, i, n, dev)
     raws, used, nexts, var_sums, bad = [], [], [], [], []
     for start in range(0, n, loop.batch):
         sl = slice(start, min(start + loop.batch, n))
         xb, tb = x[sl], t_idx[sl]
-        out, var_values = call_model(
-            loop.predict, xb.to(loop.model_dtype), t_vec[sl], step=step, t=(t_model, t_model),
-            sample_index=torch.arange(first + sl.start, first + sl.stop, device=dev),
-        )  # fmt: skip
-        out = out.to(x.dtype)
+        where = (step, torch.arange(first + sl.start, first + sl.stop, device=dev))
+        out, var_values, x0 = _model_x0(loop, xb, i, t_vec[sl], where)
         bad.append(torch.isfinite(out).logical_not_().sum())  # read with the statistics: no sync
-        x0 = loop.sched.predict_x0(out, xb, tb, loop.kind)
-        x0c = _limit_x0(x0, loop.settings)
+        x0c = limit_x0(x0, loop.settings)
         ctx = StepContext(
-            schedule=loop.sched, x=xb, t=tb, out=out,
-            var_values=None if var_values is None else var_values.to(x.dtype),
+            schedule=loop.sched, x=xb, t=tb, out=out, var_values=var_values,
             x0=x0c, x0_raw=x0, noise=noise[sl] if noise is not None else torch.zeros_like(xb),
-            prediction_type=loop.kind, settings=loop.settings,
+            prediction_type=loop.kind, settings=loop.settings, index=i, grid=loop.grid,
+            state=_state(loop, start), evaluate=_evaluator(loop, where, sl),
         )  # fmt: skip
         x_next, log_var = loop.sampler.step(ctx)
         raws.append(x0)
@@ -364,6 +186,28 @@ def _one_step(
         total = torch.stack(var_sums).sum() if var_sums else torch.zeros((), device=dev)
         tensors["variance"] = total / x.numel()
     return tensors
+
+
+def _state(loop: _Loop, start: int) -> Any:
+    """The step's own state for the batch that starts at sample ``start`` (made at first use)."""
+    if loop.sampler.new_state is None:
+        return None
+    if start not in loop.states:
+        loop.states[start] = loop.sampler.new_state()
+    return loop.states[start]
+
+
+def _evaluator(
+    loop: _Loop, where: tuple[int, Tensor], sl: slice
+) -> Callable[[Tensor, int], Tensor]:
+    """``evaluate(x, j)``: x0_hat at ``x`` and index ``j`` for this batch, limited as ``x0``."""
+
+    def evaluate(xb: Tensor, j: int) -> Tensor:
+        t_vec = _t_vector(loop, j, xb.shape[0], xb.device)
+        x0 = _model_x0(loop, xb, j, t_vec, where)[2]
+        return limit_x0(x0, loop.settings)
+
+    return evaluate
 
 
 def _cat(parts: list[Tensor]) -> Tensor:
@@ -385,6 +229,7 @@ def sample(
     data_variance: float = 1.0,
     observers: Sequence[Observer] = (),
     ranks: Ranks | None = None,
+    init: Tensor | None = None,
 ) -> SampleRun:
     """Draw ``n`` samples by running ``schedule`` from its last index down to 0.
 
@@ -408,6 +253,10 @@ def sample(
             share of the samples (the noise is still drawn for all ``n`` and sliced, so every
             sample is the single-process one); rows are built from statistics added over ranks at
             the end, and every rank returns all samples. None: one process.
+        init: the standard-normal draw ``[n, *data_shape]`` the run starts from (diffusers'
+            ``latents``, before any ``init_noise_sigma`` scaling) instead of the seed's; the
+            noise the steps add still follows ``seed`` (the seed's first block is drawn and
+            dropped). Checked by :func:`check_init`.
 
     Each row: ``step`` (0 = the first, noisiest step), ``t`` (model timestep), ``variance`` (the
     variance of the noise added by the step, mean over elements; 0 where none is added),
@@ -424,9 +273,7 @@ def sample(
     settings = settings or SampleSettings()
     limits.check_count(n, "n")
     batch = n if batch_size is None else limits.check_count(batch_size, "batch_size")
-    if settings.sampler not in _REGISTRY:
-        check_sample_settings(settings, learned_variance=True)
-    sampler = _REGISTRY[settings.sampler]
+    sampler = registered(settings.sampler)
     dev = torch.device(device)
     state_dtype = torch.float64 if model_dtype == torch.float64 else torch.float32
     variances = sampler.variances(schedule, settings)
@@ -434,6 +281,7 @@ def sample(
         predict, schedule.to(dev, state_dtype), sampler, settings,
         core.canonical_prediction_type(prediction_type), batch, model_dtype,
         measure=variances is None, keep_x0=settings.trajectory_every is not None,
+        grid=path_grid(schedule, settings.final_sigma), model_t=model_timesteps(schedule),
     )  # fmt: skip
     num = schedule.num_steps
     stats = StepStatistics(schedule, variances, float(data_variance), settings.data_range)
@@ -445,7 +293,9 @@ def sample(
         recorder = TrajectoryRecorder(settings.trajectory_every, keep)
         watchers.append(recorder)
     watchers.extend(observers)
-    job = _Job(loop, stats, recorder, watchers, n, data_shape, seed, schedule)
+    if init is not None:
+        init = check_init(init, n, data_shape).to(dev, state_dtype)
+    job = _Job(loop, stats, recorder, watchers, n, data_shape, seed, schedule, init)
     return _run_ranks(job, ranks) if ranks is not None and ranks.active else _run(job)
 
 
@@ -461,6 +311,13 @@ class _Job:
     data_shape: Sequence[int]
     seed: int
     schedule: core.Schedule
+    init: Tensor | None = None
+
+    def start(self, draw: Callable[[], Tensor]) -> Tensor:
+        """x at the last index: the seed's first block, or ``init`` (the block is still drawn,
+        so that every later step's noise is the same either way)."""
+        first = draw()
+        return first if self.init is None else self.init
 
     def noise(self) -> Callable[[], Tensor]:
         """The run's noise source: each call draws the next ``(n, *data_shape)`` block (the
@@ -478,11 +335,12 @@ def _run(job: _Job) -> SampleRun:
     timesteps = job.schedule.timesteps.tolist()
     draw = job.noise()
     uses_noise = loop.sampler.uses_noise(loop.settings)
+    at_zero = loop.sampler.noise_at_zero is not None and loop.sampler.noise_at_zero(loop.settings)
     try:
         with torch.inference_mode():
-            x = draw()
+            x = job.start(draw)
             for step, i in enumerate(range(num - 1, -1, -1)):
-                noise = draw() if i > 0 and uses_noise else None
+                noise = draw() if (i > 0 or at_zero) and uses_noise else None
                 tensors = _one_step(loop, x, i, timesteps[i], step, noise)
                 t = (timesteps[i], timesteps[i])
                 notify(watchers, Event("sample", n * (step + 1), n * num, step, t, tensors))
@@ -512,15 +370,16 @@ def _run_ranks(job: _Job, ranks: Ranks) -> SampleRun:
     draw = job.noise()
     lo, hi = ranks.share(n)
     uses_noise = loop.sampler.uses_noise(loop.settings)
+    at_zero = loop.sampler.noise_at_zero is not None and loop.sampler.noise_at_zero(loop.settings)
     moments = StepMoments(stats.data_range, measure=stats.variances is None)
     own = [w for w in job.watchers if w is not stats]  # rows come at the end, from every rank
     failure: Exception | None = None
     x = torch.empty(0)
     try:
         with torch.inference_mode():
-            x = draw()[lo:hi]
+            x = job.start(draw)[lo:hi]
             for step, i in enumerate(range(num - 1, -1, -1)):
-                noise = draw()[lo:hi] if i > 0 and uses_noise else None
+                noise = draw()[lo:hi] if (i > 0 or at_zero) and uses_noise else None
                 tensors = _one_step(loop, x, i, timesteps[i], step, noise, lo) if hi > lo else {}
                 t = (timesteps[i], timesteps[i])
                 moments.add(Event("sample", n * (step + 1), n * num, step, t), tensors)
