@@ -5,6 +5,7 @@ its baseline and the ratio is checked against the target:
 
 - ``ddpm --help`` and shell completion within 1.5x of ``python -c "import typer"``;
 - ``ddpm schedule --kind cosine --format csv`` within 1.2x of ``python -c "import torch"``;
+- ``ddpm schedule --kind flow --param shift=3 --format csv`` the same (issue 16);
 - ``-T 1000000 --every 100000`` within 1.5x of ``-T 1000`` (the core is vectorised over t).
 
 Usage: python benchmarks/bench_cli.py [--runs 9] [--record | --out PATH]
@@ -69,6 +70,13 @@ def main() -> None:
         (
             "ddpm schedule --kind cosine --format csv",
             DDPM + ["schedule", "--kind", "cosine", "--format", "csv"],
+            None,
+            PY + ["-c", "import torch"],
+            1.2,
+        ),
+        (
+            "ddpm schedule --kind flow --param shift=3 --format csv",
+            DDPM + ["schedule", "--kind", "flow", "--param", "shift=3", "--format", "csv"],
             None,
             PY + ["-c", "import torch"],
             1.2,

@@ -43,10 +43,13 @@ TIMESTEP_NOTE = (
 
 def _columns_of(built: BuiltSchedule) -> tuple[list[str], list[str]]:
     """(available, default) columns of a schedule table: t, timestep (respaced), the quantities."""
-    from ddpmcli.core import QUANTITIES
+    from ddpmcli.core import PATH_DEFAULT_QUANTITIES, PATH_QUANTITIES, QUANTITIES
 
+    available = ["t", "timestep", *QUANTITIES, *PATH_QUANTITIES]
+    if built.schedule.path != "vp":  # README "Flows and sigma-space models": which columns
+        return available, ["t", "timestep", *PATH_DEFAULT_QUANTITIES]
     default = ["t", *(["timestep"] if built.respaced else []), *QUANTITIES]
-    return ["t", "timestep", *QUANTITIES], default
+    return available, default
 
 
 def schedule_rows(
@@ -61,7 +64,10 @@ def schedule_rows(
     idx = torch.as_tensor(list(indices), dtype=torch.long)
     values: dict[str, list[Any]] = {
         "t": list(indices),
-        "timestep": schedule.timesteps[idx].tolist(),
+        # what the network is called with: an integer on VP, a float on other paths
+        "timestep": (
+            schedule.timesteps if schedule.path == "vp" else schedule.model_timestep
+        )[idx].tolist(),
     }
     for name in columns:
         if name not in values and name not in (extra or {}):

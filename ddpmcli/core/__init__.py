@@ -44,7 +44,13 @@ from ddpmcli.core.likelihood import (
 )
 from ddpmcli.core.path_kinds import PATHS
 from ddpmcli.core.paths import schedule_from_path
-from ddpmcli.core.schedule import QUANTITIES, Schedule, extract
+from ddpmcli.core.schedule import (
+    PATH_DEFAULT_QUANTITIES,
+    PATH_QUANTITIES,
+    QUANTITIES,
+    Schedule,
+    extract,
+)
 from ddpmcli.core.thresholding import DEFAULT_THRESHOLD_PERCENTILE, dynamic_threshold
 from ddpmcli.core.transforms import (
     make_schedule,
@@ -62,6 +68,8 @@ __all__ = [
     "F64",
     "PREDICTION_ALIASES",
     "PATHS",
+    "PATH_DEFAULT_QUANTITIES",
+    "PATH_QUANTITIES",
     "PREDICTION_TYPES",
     "QUANTITIES",
     "SCHEDULE_ALIASES",

@@ -153,7 +153,8 @@ def _edm_sigma(n: int, p: Mapping[str, float]) -> PathParts:
     log_sigma = rho * torch.log(roots)
     # lambda_i - lambda_{i-1} = -2 rho log1p(dr/r_{i-1}): no cancellation
     step = -2 * rho * torch.log1p(((r_hi - r_lo) / (n - 1)) / roots[:-1])
-    sigma = torch.exp(log_sigma)
+    sigma = roots**rho
+    sigma[0], sigma[-1] = lo, hi  # the ends as given (the root and power cost a few ulps)
     return PathParts("ve", torch.ones(n, dtype=F64), sigma, 0.25 * log_sigma, -2 * log_sigma, step)
 
 

@@ -42,6 +42,31 @@ QUANTITIES: tuple[str, ...] = (
 )
 
 
+PATH_QUANTITIES: tuple[str, ...] = (
+    "alpha_t",
+    "sigma_t",
+    "path_posterior_variance",
+    "path_posterior_coef_x0",
+    "path_posterior_coef_xt",
+)
+"""The path's own per-t quantities (x_t = alpha_t x0 + sigma_t eps); on VP equal to
+sqrt_alpha_bar, sqrt_one_minus_alpha_bar and the posterior columns."""
+
+PATH_DEFAULT_QUANTITIES: tuple[str, ...] = (
+    "alpha_t",
+    "sigma_t",
+    "alpha_bar",
+    "snr",
+    "log_snr",
+    "sigma",
+    "path_posterior_variance",
+    "path_posterior_coef_x0",
+    "path_posterior_coef_xt",
+)
+"""What a table of a path other than VP shows by default: the rest of :data:`QUANTITIES`
+(beta, alpha, alpha_bar_prev, sqrt_*, posterior_*) describe the VP-equivalent x_t/c_t, not x_t."""
+
+
 def _tensor_field() -> Any:
     return field(repr=False, compare=False)
 
@@ -142,11 +167,10 @@ class Schedule:
         return self._map_arrays(lambda v: v[idx.to(v.device)], per_t_only=True)
 
     def quantity(self, name: str) -> Tensor:
-        """One of :data:`QUANTITIES` by name."""
-        if name not in QUANTITIES:
-            raise ScheduleParameterError(
-                f"unknown quantity {name!r}; allowed: {', '.join(QUANTITIES)}"
-            )
+        """One of :data:`QUANTITIES` or :data:`PATH_QUANTITIES` by name."""
+        if name not in QUANTITIES and name not in PATH_QUANTITIES:
+            allowed = ", ".join([*QUANTITIES, *PATH_QUANTITIES])
+            raise ScheduleParameterError(f"unknown quantity {name!r}; allowed: {allowed}")
         value: Tensor = getattr(self, name)
         return value
 
