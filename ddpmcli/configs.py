@@ -15,16 +15,19 @@ more accurate of the two. ``trained_betas`` are taken as given (in float64).
 
 from __future__ import annotations
 
-import csv
-import io
-import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
-from ddpmcli import limits
-from ddpmcli.errors import ParameterError, ScheduleError, UsageError, check_choice, verbatim
+from ddpmcli import limits, scheduler_classes
+from ddpmcli.errors import ParameterError, ScheduleError, check_choice, verbatim
+from ddpmcli.schedule_files import CUSTOM_SUFFIXES as CUSTOM_SUFFIXES
+from ddpmcli.schedule_files import MAX_SCHEDULE_FILE_BYTES as MAX_SCHEDULE_FILE_BYTES
+from ddpmcli.schedule_files import What as What
+from ddpmcli.schedule_files import load_custom_schedule as load_custom_schedule
+from ddpmcli.schedule_files import read_numbers as read_numbers
+from ddpmcli.scheduler_classes import FlowSettings
 
 if TYPE_CHECKING:
     from ddpmcli.core import Schedule
@@ -55,11 +58,6 @@ DIFFUSERS_DEFAULTS: dict[str, Any] = {
     "rescale_betas_zero_snr": False,
 }
 CONFIG_NAMES: tuple[str, ...] = ("scheduler_config.json", "scheduler/scheduler_config.json")
-CUSTOM_SUFFIXES: tuple[str, ...] = (".npy", ".txt", ".csv", ".tsv", ".json")
-MAX_SCHEDULE_FILE_BYTES: int = 64 * 1024**2
-"""Size limit of a custom schedule file (text, table or .npy): 64 MiB."""
-
-What = Literal["betas", "alpha_bars"]
 
 
 @dataclass(frozen=True)
@@ -70,6 +68,8 @@ class SchedulerConfig:
     ``raw`` keeps every key of the file (e.g. ``_class_name``, ``thresholding``) untouched.
     ``declared_timesteps`` is the file's own ``num_train_timesteps``, which differs from
     ``num_train_timesteps`` when ``trained_betas`` has another length (``ddpm check`` reports it).
+    ``flow``: the settings of a rectified-flow config (FlowMatch classes, ``use_flow_sigmas``);
+    then ``schedule`` is the flow's training table and ``beta_schedule`` is ``flow``.
     """
 
     path: Path
@@ -86,6 +86,7 @@ class SchedulerConfig:
     class_name: str | None
     raw: Mapping[str, Any] = field(repr=False)
     declared_timesteps: int | None = None
+    flow: FlowSettings | None = None
 
     def respaced(self, steps: int | str, spacing: str | None = None) -> Schedule:
         """The schedule respaced to ``steps`` inference steps with this config's spacing and
@@ -164,18 +165,28 @@ def _config_schedule(raw: Mapping[str, Any], file: Path, big_t: int) -> Schedule
 def load_scheduler_config(path: str | Path) -> SchedulerConfig:
     """Read a diffusers ``scheduler_config.json`` (or a folder holding one) into the same schedule
     diffusers builds: ``beta_schedule`` linear | scaled_linear | squaredcos_cap_v2 | sigmoid, or
-    ``trained_betas``; then ``rescale_betas_zero_snr`` (Lin et al. 2024, Algorithm 1).
+    ``trained_betas``; then ``rescale_betas_zero_snr`` (Lin et al. 2024, Algorithm 1). A
+    rectified-flow config (``FlowMatchEulerDiscreteScheduler``, ``use_flow_sigmas``) gives the
+    flow's training table; a class ddpm does not model, or a key no scheduler knows, is an error.
 
     Missing keys take DDPMScheduler's defaults. Any problem with the file -> ScheduleError (exit 1)
     naming the file and the key.
     """
-    from ddpmcli import core
-
     file = find_scheduler_config(path)
     raw = _read_json(file)
     if not isinstance(raw, dict):
         raise ScheduleError(f"{file}: expected a JSON object of scheduler settings")
+    return scheduler_config_from_mapping(raw, file)
 
+
+def scheduler_config_from_mapping(raw: Mapping[str, Any], file: Path) -> SchedulerConfig:
+    """A scheduler config already parsed (a file's, a preset's, the API's ``from_config``);
+    ``file`` names it in errors."""
+    from ddpmcli import core
+
+    class_name = scheduler_classes.check_class_and_keys(raw, file)
+    if scheduler_classes.is_flow_config(raw, class_name):
+        return _flow_config(raw, file, class_name)
     big_t = _typed(raw, "num_train_timesteps", int, file)
     limits.check_timesteps(big_t, f"{file}: num_train_timesteps", error=ScheduleError)
     beta_schedule = _typed(raw, "beta_schedule", str, file)
@@ -201,7 +212,6 @@ def load_scheduler_config(path: str | Path) -> SchedulerConfig:
     steps_offset = _typed(raw, "steps_offset", int, file)
     if steps_offset < 0:
         raise ScheduleError(f"{file}: steps_offset = {steps_offset} must be >= 0")
-    class_name = raw.get("_class_name")
     return SchedulerConfig(
         path=file,
         schedule=schedule,
@@ -214,178 +224,45 @@ def load_scheduler_config(path: str | Path) -> SchedulerConfig:
         clip_sample=_typed(raw, "clip_sample", bool, file),
         clip_sample_range=_typed(raw, "clip_sample_range", float, file),
         variance_type=str(raw.get("variance_type") or DIFFUSERS_DEFAULTS["variance_type"]),
-        class_name=class_name if isinstance(class_name, str) else None,
+        class_name=raw.get("_class_name"),
         raw=dict(raw),
         declared_timesteps=big_t,
     )
 
 
-# ---------------------------------------------------------------------------------------------
-# custom betas / alpha_bars files
-
-
-_COLUMN_NAMES: dict[str, tuple[str, ...]] = {
-    "betas": ("betas", "beta"),
-    "alpha_bars": ("alpha_bars", "alpha_bar", "alphas_cumprod"),
-}
-
-
-def _parse_number(text: str, path: Path, where: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise ScheduleError(f"{path}: {where}: {text.strip()!r} is not a number") from None
-
-
-def _numbers_from_text(text: str, path: Path) -> list[float]:
-    values: list[float] = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        content = line.split("#", 1)[0].replace(",", " ").split()
-        values.extend(_parse_number(tok, path, f"line {lineno}") for tok in content)
-    return values
-
-
-def _numbers_from_table(text: str, path: Path, what: What, delimiter: str) -> list[float]:
-    rows = [
-        row
-        for row in csv.reader(io.StringIO(text), delimiter=delimiter)
-        if any(c.strip() for c in row)
-    ]
-    if not rows:
-        return []
-    header = [cell.strip() for cell in rows[0]]
-    column = 0
-    body = rows
-    if any(_is_word(cell) for cell in header):
-        names = _COLUMN_NAMES[what]
-        matches = [i for i, name in enumerate(header) if name in names]
-        if matches:
-            column = matches[0]
-        elif len(header) == 1:
-            column = 0
-        else:
-            raise ScheduleError(
-                f"{path}: no {what} column; header has {', '.join(header)} "
-                f"(name one column {' or '.join(names)})"
-            )
-        body = rows[1:]
-    elif len(header) != 1:
-        raise ScheduleError(
-            f"{path}: {len(header)} columns and no header; give one number per line, or a header "
-            f"naming the {_COLUMN_NAMES[what][0]} column"
-        )
-    values = []
-    for lineno, row in enumerate(body, start=len(rows) - len(body) + 1):
-        if column >= len(row):
-            raise ScheduleError(f"{path}: line {lineno} has no column {column + 1}")
-        values.append(_parse_number(row[column], path, f"line {lineno}"))
-    return values
-
-
-def _is_word(cell: str) -> bool:
-    try:
-        float(cell)
-    except ValueError:
-        return True
-    return False
-
-
-def _numbers_from_json(data: Any, path: Path, what: What) -> list[float]:
-    names = _COLUMN_NAMES[what]
-    if isinstance(data, dict):
-        key = next((name for name in names if name in data), None)
-        if key is None:
-            raise ScheduleError(f"{path}: expected a list or an object with key {names[0]!r}")
-        data = data[key]
-    if isinstance(data, list) and data and all(isinstance(item, dict) for item in data):
-        # rows as `ddpm schedule --format json` prints them
-        key = next((name for name in names if name in data[0]), None)
-        if key is None:
-            raise ScheduleError(f"{path}: rows have no {names[0]!r} or {names[1]!r} key")
-        data = [item.get(key) for item in data]
-    if not isinstance(data, list):
-        raise ScheduleError(f"{path}: expected a list of numbers")
-    values = []
-    for i, item in enumerate(data):
-        if item is None:
-            values.append(math.nan)  # null is how JSON writers spell nan/inf; reported below
-        elif isinstance(item, int | float) and not isinstance(item, bool):
-            values.append(float(item))
-        elif isinstance(item, str):
-            values.append(_parse_number(item, path, f"index {i}"))
-        else:
-            raise ScheduleError(f"{path}: index {i}: {item!r} is not a number")
-    return values
-
-
-def _numbers_from_npy(path: Path) -> list[float]:
-    """The numbers of a 1-D numeric .npy file, its header checked against the file size before
-    any array is allocated (a header may claim 10^12 rows)."""
-    import numpy as np
-
-    data = limits.read_bytes(
-        path, "schedule file", limit=MAX_SCHEDULE_FILE_BYTES, error=ScheduleError
-    )
-    stream = io.BytesIO(data)
-    shape, dtype = limits.npy_header(stream, len(data), str(path), error=ScheduleError)
-    if len(shape) != 1:
-        raise ScheduleError(f"{path}: expected a 1-D numeric array, got shape {shape} {dtype}")
-    limits.check_timesteps(shape[0], f"{path}: array length", error=ScheduleError)
-    array = np.frombuffer(data, dtype=dtype, count=shape[0], offset=stream.tell())
-    return [float(x) for x in array.tolist()]
-
-
-def read_numbers(path: str | Path, what: What = "betas") -> list[float]:
-    """The numbers of a custom schedule file: .npy (1-D), .txt (one per line, `#` comments),
-    .csv/.tsv (one column, or a header naming the column), .json (a list, or {"betas": [...]})."""
-    p = Path(path)
-    suffix = p.suffix.lower()
-    if suffix not in CUSTOM_SUFFIXES:
-        raise ScheduleError(
-            f"{p}: unsupported file type {suffix or '(no suffix)'!r}; "
-            f"allowed: {', '.join(CUSTOM_SUFFIXES)}"
-        )
-    limits.check_regular_file(p, "schedule file", error=ScheduleError)
-    if suffix == ".npy":
-        return _numbers_from_npy(p)
-    data = limits.read_bytes(p, "schedule file", limit=MAX_SCHEDULE_FILE_BYTES, error=ScheduleError)
-    if suffix == ".json":
-        return _numbers_from_json(limits.parse_json(data, str(p), error=ScheduleError), p, what)
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise ScheduleError(f"{p}: not UTF-8 text (byte {exc.start})") from None
-    if suffix == ".txt":
-        return _numbers_from_text(text, p)
-    return _numbers_from_table(text, p, what, "," if suffix == ".csv" else "\t")
-
-
-def load_custom_schedule(path: str | Path, what: What = "betas") -> Schedule:
-    """A custom schedule from a file of betas or alpha_bars (see :func:`read_numbers`).
-
-    NaN/Inf, betas outside (0, 1], alpha_bars outside [0, 1) or not strictly decreasing ->
-    ScheduleError (exit 1) naming the file and the bad index (0-based).
-    """
+def _flow_config(raw: Mapping[str, Any], file: Path, class_name: str) -> SchedulerConfig:
+    """A rectified-flow config: its settings and its training table (unshifted where the shift
+    waits for a resolution)."""
     from ddpmcli import core
 
-    if what not in _COLUMN_NAMES:
-        raise UsageError(f"what must be betas or alpha_bars, got {what!r}")
-    values = read_numbers(path, what)
-    if not values:
-        raise ScheduleError(f"{path}: no numbers in file")
-    limits.check_timesteps(len(values), f"{path}: number of {what}", error=ScheduleError)
-    for i, value in enumerate(values):
-        if not math.isfinite(value):
-            raise ScheduleError(
-                f"{path}: {what} index {i} is {value!r}; every value must be finite"
-            )
-    name = f"custom:{Path(path).name}"
+    flow = scheduler_classes.flow_settings(raw, class_name, file)
+    limits.check_timesteps(
+        flow.num_train_timesteps, f"{file}: num_train_timesteps", error=ScheduleError
+    )
     try:
-        if what == "betas":
-            return core.schedule_from_betas(values, name=name)
-        return core.schedule_from_alpha_bars(values, name=name)
+        schedule = scheduler_classes.training_schedule(flow, None)
+        prediction_type = core.canonical_prediction_type(
+            _typed({"prediction_type": "flow", **raw}, "prediction_type", str, file)
+        )
     except ScheduleError as exc:
-        raise ScheduleError(f"{path}: {exc}") from None
+        raise ScheduleError(f"{file}: {exc}") from None
+    return SchedulerConfig(
+        path=file,
+        schedule=schedule,
+        beta_schedule="flow",
+        num_train_timesteps=flow.num_train_timesteps,
+        prediction_type=prediction_type,
+        timestep_spacing="linspace",
+        steps_offset=0,
+        rescale_betas_zero_snr=False,
+        clip_sample=False,
+        clip_sample_range=1.0,
+        variance_type="fixed_small",
+        class_name=class_name,
+        raw=dict(raw),
+        declared_timesteps=flow.num_train_timesteps,
+        flow=flow,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -397,8 +274,11 @@ class ScheduleRequest:
     """Everything that picks a schedule on the command line or in a compare spec.
 
     Exactly one source: ``kind`` (a core kind or alias, or ``custom`` with a betas/alpha_bars file),
-    ``from_file`` (a diffusers config). Transforms apply in order: zero terminal SNR, log-SNR shift,
-    respacing to ``steps``.
+    ``from_file`` (a diffusers config, or a preset's name: :mod:`ddpmcli.presets`), ``from_config``
+    (a config already parsed). Transforms apply in order: zero terminal SNR, log-SNR shift,
+    respacing to ``steps`` (a flow config's ``steps`` is its scheduler's own inference grid).
+    ``mu``, ``image_seq_len``, ``resolution``: the dynamic shift of a flow, given or as a
+    pipeline computes it from the image size (``resolution`` px square: (res/16)^2 tokens).
     """
 
     kind: str | None = None
@@ -412,6 +292,10 @@ class ScheduleRequest:
     steps: str | None = None
     spacing: str | None = None
     steps_offset: int | None = None
+    from_config: Mapping[str, Any] | None = None
+    mu: float | None = None
+    image_seq_len: int | None = None
+    resolution: int | None = None
 
 
 @dataclass(frozen=True)
@@ -428,7 +312,7 @@ def _check_request(request: ScheduleRequest) -> str | None:
     any file is read; the kind, lower-cased, or None."""
     from ddpmcli import core
 
-    sources = ("from_file", "betas_file", "alpha_bars_file")
+    sources = ("from_file", "from_config", "betas_file", "alpha_bars_file")
     given = ["{" + name + "}" for name in sources if getattr(request, name) is not None]
     if len(given) > 1:
         raise ParameterError(f"{' and '.join(given)} cannot be used together")
@@ -441,11 +325,14 @@ def _check_request(request: ScheduleRequest) -> str | None:
         )
     if kind == "custom" and not file_given:
         raise ParameterError("{kind} custom needs {betas_file} FILE or {alpha_bars_file} FILE")
-    if request.from_file is not None and kind is not None:
-        raise ParameterError(f"{{from_file}} and {{kind}} {verbatim(kind)} cannot be used together")
-    if (request.from_file is not None or file_given) and (
-        request.timesteps is not None or request.params
-    ):
+    config_given = request.from_file is not None or request.from_config is not None
+    if config_given and kind is not None:
+        name = "{from_file}" if request.from_file is not None else "{from_config}"
+        raise ParameterError(f"{name} and {{kind}} {verbatim(kind)} cannot be used together")
+    if config_given and set(request.params) == {"mu"}:
+        # the one parameter a config leaves open: the dynamic shift of a flow
+        request.mu, request.params = request.params["mu"], {}
+    if (config_given or file_given) and (request.timesteps is not None or request.params):
         what = "{timesteps}" if request.timesteps is not None else "schedule parameters"
         raise ParameterError(
             f"{what} cannot be combined with {given[0]} (the file fixes the schedule)"
@@ -453,19 +340,143 @@ def _check_request(request: ScheduleRequest) -> str | None:
     for name in ("steps_offset", "spacing"):
         if getattr(request, name) is not None and request.steps is None:
             raise ParameterError(f"{{{name}}} needs {{steps}}")
+    _check_image_size(request)
     if request.spacing is not None:
         check_choice(request.spacing, core.SPACINGS, "spacing")
     return kind
+
+
+def _check_image_size(request: ScheduleRequest) -> None:
+    if request.resolution is not None and request.image_seq_len is not None:
+        raise ParameterError("{resolution} and {image_seq_len} cannot be used together")
+    for name in ("resolution", "image_seq_len"):
+        value = getattr(request, name)
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 1
+        ):
+            raise ParameterError(f"{{{name}}} must be a whole number >= 1, got {value!r}")
+    if request.resolution is not None and request.resolution < 16:
+        raise ParameterError(f"{{resolution}} {request.resolution} is below one 16-pixel token")
+    if request.mu is not None and (
+        request.resolution is not None or request.image_seq_len is not None
+    ):
+        raise ParameterError(
+            "{mu} and an image size ({resolution}, {image_seq_len}) both set the shift"
+        )
+
+
+def image_tokens(request: ScheduleRequest) -> int | None:
+    """The image sequence length a request gives: ``image_seq_len``, or ``(resolution // 16)^2``
+    (a square image through an 8x VAE and 2x2 patches: Flux, SD3, CogView4)."""
+    from ddpmcli.core import grids
+
+    if request.image_seq_len is not None:
+        return request.image_seq_len
+    if request.resolution is not None:
+        return grids.image_seq_len(request.resolution, request.resolution)
+    return None
+
+
+def _preset_request(request: ScheduleRequest) -> tuple[ScheduleRequest, str]:
+    """``from_file`` naming a preset (``sd3``, ``flux@1024``; a file of that name wins) becomes
+    the preset's config or kind; the origin names it in errors."""
+    from ddpmcli import presets
+
+    source = request.from_file
+    found = None if source is None or Path(source).exists() else presets.parse(source)
+    if found is None:
+        return request, "from_config" if source is None else source
+    preset, resolution = found
+    if request.timesteps is not None or set(request.params) - {"mu"}:
+        raise ParameterError(
+            f"{{from_file}} {preset.name} fixes the schedule; drop {{timesteps}}/--param"
+        )
+    if resolution is not None and (
+        request.resolution is not None or request.image_seq_len is not None
+    ):
+        raise ParameterError(f"{{from_file}} {source} gives the resolution; drop {{resolution}}")
+    if preset.config is None:
+        return replace(
+            request,
+            from_file=None,
+            kind=preset.kind,
+            timesteps=preset.timesteps,
+            params=dict(preset.params),
+        ), preset.name
+    open_shift = request.mu is None and "mu" not in request.params and request.image_seq_len is None
+    default = (
+        preset.resolution if preset.config.get("use_dynamic_shifting") and open_shift else None
+    )
+    return replace(
+        request,
+        from_file=None,
+        from_config=preset.config,
+        resolution=resolution or request.resolution or default,
+    ), preset.name
+
+
+def _config_of(request: ScheduleRequest, origin: str) -> SchedulerConfig:
+    if request.from_config is not None:
+        if not isinstance(request.from_config, Mapping):
+            raise ParameterError("{from_config} must be a mapping of scheduler settings")
+        return scheduler_config_from_mapping(request.from_config, Path(origin))
+    return load_scheduler_config(str(request.from_file))
+
+
+def _flow_built(request: ScheduleRequest, config: SchedulerConfig) -> BuiltSchedule:
+    """A flow config's schedule: its inference grid with ``steps``, else its training table."""
+    flow = config.flow
+    if flow is None:
+        raise ScheduleError(f"{config.path}: not a flow scheduler config")
+    if request.zero_terminal_snr or request.logsnr_shift:
+        raise ParameterError(
+            f"{verbatim(config.path)} is a flow; {{zero_terminal_snr}} and {{logsnr_shift}} "
+            "apply to VP schedules (a flow's shift moves its log-SNR)"
+        )
+    if request.spacing is not None or request.steps_offset is not None:
+        raise ParameterError(
+            f"{verbatim(config.path)} is a flow scheduler ({flow.class_name}): its --steps grid is "
+            "the scheduler's own; {spacing} and {steps_offset} do not apply"
+        )
+    mu = scheduler_classes.mu_of(flow, request.mu, image_tokens(request))
+    if request.steps is None:
+        return BuiltSchedule(scheduler_classes.training_schedule(flow, mu), config, False)
+    steps = request.steps.strip()
+    if not steps.isdigit() or int(steps) < 1:
+        raise ParameterError(f"{{steps}} of a flow scheduler must be a step count, got {steps!r}")
+    limits.check_timesteps(int(steps), "{steps}", error=ParameterError)
+    grid = scheduler_classes.inference_grid(flow, int(steps), mu)
+    try:
+        schedule = scheduler_classes.grid_schedule(grid, f"{config.path}:steps={steps}")
+    except ScheduleError as exc:
+        settings = [f"shift {flow.shift:g}"]
+        if flow.shift_terminal:
+            settings.append(f"shift_terminal {flow.shift_terminal:g}")
+        if mu is not None:
+            settings.append(f"mu {mu:g}")
+        raise ScheduleError(
+            f"{config.path}: the {steps}-step grid of these settings ({', '.join(settings)}) "
+            f"is not a noise schedule: {exc}"
+        ) from None
+    return BuiltSchedule(schedule, config, True)
 
 
 def build_schedule(request: ScheduleRequest) -> BuiltSchedule:
     """Turn a request into a schedule through the core, rejecting conflicting choices first."""
     from ddpmcli import core
 
+    request, origin = _preset_request(request)
     kind = _check_request(request)
     config: SchedulerConfig | None = None
-    if request.from_file is not None:
-        config = load_scheduler_config(request.from_file)
+    if request.from_file is not None or request.from_config is not None:
+        config = _config_of(request, origin)
+        if config.flow is not None:
+            return _flow_built(request, config)
+        if request.mu is not None or image_tokens(request) is not None:
+            raise ParameterError(
+                f"{verbatim(config.path)} is not a flow with dynamic shifting; "
+                "{mu}, {resolution} and {image_seq_len} do not apply"
+            )
         schedule = config.schedule
     elif request.betas_file is not None:
         schedule = load_custom_schedule(request.betas_file, "betas")
@@ -474,8 +485,12 @@ def build_schedule(request: ScheduleRequest) -> BuiltSchedule:
     else:
         timesteps = 1000 if request.timesteps is None else request.timesteps
         limits.check_timesteps(timesteps, "{timesteps}", error=ParameterError)
+        params = dict(request.params)
+        tokens = image_tokens(request)
+        if tokens is not None or request.mu is not None:
+            params.update(_kind_shift(kind or "linear", request.mu, tokens, params))
         schedule = core.make_schedule(
-            kind or "linear", timesteps, zero_terminal_snr=False, logsnr_shift=0.0, **request.params
+            kind or "linear", timesteps, zero_terminal_snr=False, logsnr_shift=0.0, **params
         )
     if request.zero_terminal_snr:
         if config is not None and config.rescale_betas_zero_snr:
@@ -495,3 +510,20 @@ def build_schedule(request: ScheduleRequest) -> BuiltSchedule:
         steps: int | str = int(request.steps) if request.steps.strip().isdigit() else request.steps
         schedule = core.respaced(schedule, steps, spacing, offset)
     return BuiltSchedule(schedule=schedule, config=config, respaced=respaced)
+
+
+def _kind_shift(
+    kind: str, mu: float | None, tokens: int | None, params: Mapping[str, float]
+) -> dict[str, float]:
+    """``mu`` for the kind ``flow`` from ``mu`` or an image size (Flux's defaults: base_shift 0.5
+    at 256 tokens, max_shift 1.15 at 4096)."""
+    from ddpmcli import core
+    from ddpmcli.core import grids
+
+    if core.canonical_kind(kind) != "flow":
+        raise ParameterError(
+            f"{{mu}}, {{resolution}} and {{image_seq_len}} apply to kind flow, not {kind}"
+        )
+    if "mu" in params or "shift" in params and params["shift"] != 1.0:
+        raise ParameterError("an image size sets mu (dynamic shifting); drop --param mu/shift")
+    return {"mu": mu if mu is not None else grids.flux_mu(tokens)}  # type: ignore[arg-type]

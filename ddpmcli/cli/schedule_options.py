@@ -1,7 +1,7 @@
 """The schedule flags, one group spliced into every command that builds a schedule.
 
-`@schedule_options()` replaces a command's ``flags: ScheduleFlags`` parameter with the fifteen
-schedule options (``--kind``/``-k`` ... ``--scale-to-timesteps``) at that place in its
+`@schedule_options()` replaces a command's ``flags: ScheduleFlags`` parameter with the
+schedule options (``--kind``/``-k`` ... ``--image-seq-len``) at that place in its
 signature, and hands the command the parsed values as one :class:`ScheduleFlags`;
 `respacing=False` leaves out ``--steps``/``--spacing``/``--steps-offset`` (train). Nothing here
 imports torch.
@@ -118,8 +118,31 @@ ScaleOpt = Annotated[
     ),
 ]
 
+ResolutionOpt = Annotated[
+    int | None,
+    _option(
+        "--resolution",
+        metavar="PX",
+        help="Flow with dynamic shifting (Flux, --kind flow): the image size, PX x PX, that sets "
+        "mu as the pipeline does ((PX/16)^2 tokens).",
+    ),
+]
+ImageSeqLenOpt = Annotated[
+    int | None,
+    _option(
+        "--image-seq-len",
+        metavar="N",
+        help="Flow with dynamic shifting: the image (or video) sequence length that sets mu.",
+    ),
+]
+
 RESPACING_FLAGS = ("steps", "spacing", "steps_offset")
-SCHEDULE_FLAG_NAMES = {"from_file": "--from", "timesteps": "-T/--timesteps"}
+SCHEDULE_FLAG_NAMES = {
+    "from_file": "--from",
+    "timesteps": "-T/--timesteps",
+    "mu": "--param mu=...",
+    "from_config": "--from",
+}
 """The schedule parameters whose flag is not ``--`` + the name (``cli.common.as_flags``)."""
 
 
@@ -142,6 +165,8 @@ class ScheduleFlags:
     spacing: SpacingOpt = None
     steps_offset: StepsOffsetOpt = None
     scale_to_timesteps: ScaleOpt = False
+    resolution: ResolutionOpt = None
+    image_seq_len: ImageSeqLenOpt = None
 
     def request(self, *, respacing: bool = True) -> ScheduleRequest:
         """One request for `configs.build_schedule`; ``respacing=False`` leaves --steps,
@@ -170,6 +195,8 @@ class ScheduleFlags:
             steps=self.steps if respacing else None,
             spacing=self.spacing if respacing else None,
             steps_offset=self.steps_offset if respacing else None,
+            resolution=self.resolution,
+            image_seq_len=self.image_seq_len,
         )
 
 
