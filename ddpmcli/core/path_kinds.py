@@ -82,10 +82,11 @@ def flow_shift_factor(p: Mapping[str, float]) -> float:
 
 def shifted_unit_grid(u_num: Tensor, n: int, shift: float) -> tuple[Tensor, Tensor]:
     """(s, 1 - s) for s = shift u/(1 + (shift - 1) u), u = u_num/n, both without cancellation:
-    1 - s = (1 - u)/(1 + (shift - 1) u), with 1 - u = (n - u_num)/n."""
+    1 - s = (1 - u)/(1 + (shift - 1) u), with 1 - u = (n - u_num)/n and the denominator as
+    (1 - u) + shift u, a sum of two positive terms (1 + (shift - 1) u cancels for small shifts)."""
     u = u_num / n
     one_minus_u = (n - u_num) / n
-    denom = 1 + (shift - 1) * u
+    denom = one_minus_u + shift * u
     return shift * u / denom, one_minus_u / denom
 
 
@@ -95,10 +96,10 @@ def _flow(n: int, p: Mapping[str, float]) -> PathParts:
     shift = flow_shift_factor(p)
     u_num = torch.arange(1, n + 1, dtype=F64)
     s, one_minus_s = shifted_unit_grid(u_num, n, shift)
-    # s_i - s_{i-1} = shift (u_i - u_{i-1})/((1 + k u_{i-1})(1 + k u_i)), k = shift - 1
-    k = shift - 1
+    # s_i - s_{i-1} = shift (u_i - u_{i-1})/(d_{i-1} d_i), d = 1 + (shift - 1) u = (1 - u) + shift u
     u = u_num / n
-    ds = shift * (1.0 / n) / ((1 + k * u[:-1]) * (1 + k * u[1:]))
+    d = (n - u_num) / n + shift * u
+    ds = shift * (1.0 / n) / (d[:-1] * d[1:])
     terminal = p.get("shift_terminal", 0.0)
     if terminal:
         # LTX's stretch (diffusers stretch_shift_to_terminal):
