@@ -135,6 +135,8 @@ def _json_value(value: Any) -> Any:
         return value
     if isinstance(value, list | tuple):  # a list cell (check's t) stays a JSON array
         return [_json_value(v) for v in value]
+    if isinstance(value, Mapping):  # a mapping cell (check's numbers) stays a JSON object
+        return {str(k): _json_value(v) for k, v in value.items()}
     return str(value)
 
 
@@ -179,7 +181,13 @@ def _print_stderr(prefix: Any, message: str) -> None:
 
     text = Text.assemble(prefix, escape_control(str(message)))  # Text: no markup is interpreted
     try:
-        stderr_console().print(text)
+        console = stderr_console()
+        # On a terminal, wrapped between words at its width (the terminal itself would cut a word
+        # in two); piped, one line per message, for grep and logs.
+        if console.is_terminal:
+            console.print(text, soft_wrap=False, overflow="fold")
+        else:
+            console.print(text)
     except (OSError, ValueError):
         pass  # stderr closed or full: a note is not worth failing the command for
 

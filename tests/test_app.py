@@ -22,7 +22,8 @@ def test_reflow_joins_prose_and_keeps_examples() -> None:
         "Summary line.\n\n"
         "A paragraph that was wrapped in the source at column 100.\n\n"
         "Examples:\n\n"
-        "  ddpm schedule --kind cosine\n  ddpm schedule --kind linear"
+        # \b: click keeps the examples' lines as written (issue 20: never wrapped mid-command)
+        "\b\n  ddpm schedule --kind cosine\n  ddpm schedule --kind linear"
     )
 
 

@@ -511,7 +511,7 @@ def test_parse_t_selection() -> None:
     assert parse_t_selection(None, 3) == [0, 1, 2]
     for bad, fragment in [
         ("5", "0..4"),
-        ("-1", "'-1'"),
+        ("-1", "^--t -1 is out of range; allowed: 0..4$"),  # said once (issue 20)
         ("1:2:0", "step"),
         ("", "empty"),
         ("1:2:3:4", "start:stop"),
@@ -541,8 +541,10 @@ def test_plot_option_takes_an_optional_value(tmp_path: Path) -> None:
     # exact rule: the next word is the figure only when it ends in a figure suffix, any case
     assert expand_optional_values(["--plot", "A.PNG"]) == ["--plot", "A.PNG"]
     assert expand_optional_values(["--plot", "dir/fig.pdf"]) == ["--plot", "dir/fig.pdf"]
-    for word in ("sched.json", "figs/", "out.jpg", "linear:beta_end=0.012"):
+    for word in ("sched.json", "figs/", "linear:beta_end=0.012"):
         assert expand_optional_values(["--plot", word]) == [f"--plot={PLOT_DEFAULT}", word]
+    # another image type was meant as the figure: taken, then refused by its suffix (issue 20)
+    assert expand_optional_values(["--plot", "out.jpg"]) == ["--plot", "out.jpg"]
     assert expand_optional_values(["--plot=sched.json"]) == ["--plot=sched.json"]
     assert expand_optional_values(["--", "--plot"]) == ["--", "--plot"]
     assert resolve_plot_path(PLOT_DEFAULT, "posterior") == Path("plots/posterior.png")

@@ -84,3 +84,76 @@ def test_package_data_names_only_files_that_exist() -> None:
     for package, patterns in config["tool"]["setuptools"]["package-data"].items():
         for pattern in patterns:
             assert list((ROOT / package).glob(pattern)), f"{package}/{pattern} matches nothing"
+
+
+# ---------------------------------------------------------------------------------------------
+# errors that say what was meant
+
+
+@pytest.mark.parametrize(
+    ("word", "suffix", "better"),
+    [("out.jpg", "'.jpg'", "out.png"), ("myplot", "'(no suffix)'", "myplot.png")],
+)
+def test_a_word_after_plot_that_is_no_figure_gets_the_suffix_rule(cli, word, suffix, better):
+    expected = [
+        f"Error: --plot '{word}': unknown figure type {suffix}; allowed suffixes: .png, .svg, "
+        f".pdf (write --plot {better}, or --plot=PATH)"
+    ]
+    for args in (("--plot", word), (f"--plot={word}",)):
+        result = cli("sample", "missing.pt", *args)
+        assert result.exit_code == 2
+        assert result.stderr.splitlines() == expected
+
+
+def test_a_t_out_of_range_is_said_once(cli) -> None:
+    alone = cli("schedule", "-T", "50", "--t", "60")
+    assert alone.exit_code == 2
+    assert alone.stderr.splitlines() == ["Error: --t 60 is out of range; allowed: 0..49"]
+    in_range = cli("schedule", "-T", "50", "--t", "0-60")
+    assert in_range.stderr.splitlines() == [
+        "Error: --t 60 (in '0-60') is out of range; allowed: 0..49"
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# help and notes at 80 columns
+
+HELP_COMMANDS = ("schedule", "compare", "posterior", "check", "reconstruct", "sample", "nll",
+                 "info", "train")  # fmt: skip
+
+
+def test_help_fits_80_columns_with_whole_examples(cli) -> None:
+    for command in HELP_COMMANDS:
+        text = cli(command, "--help", env={"COLUMNS": "80"}).stdout
+        assert "--seed <int range>" not in text and "9223372036854775807" not in text
+        if "Examples:" not in text:
+            continue
+        examples = text.split("Examples:")[1].split("\nArguments:")[0].split("\nOptions:")[0]
+        continued = False
+        for line in filter(str.strip, examples.splitlines()):
+            # each example is a whole command, or a shell continuation of the line before
+            assert line.lstrip().startswith("ddpm ") or continued, (command, line)
+            assert len(line) <= 80, (command, line)
+            continued = line.endswith(" \\")
+        assert not continued, command
+    seed = cli("sample", "--help", env={"COLUMNS": "80"}).stdout
+    assert "--seed INT" in seed
+
+
+def test_a_note_wraps_between_words_on_a_terminal(monkeypatch) -> None:
+    import io
+
+    from rich.console import Console
+
+    from ddpmcli import output
+
+    buffer = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", buffer)
+    console = Console(file=buffer, force_terminal=True, width=80, color_system=None)
+    monkeypatch.setattr(output, "_stderr_console", console)
+    words = [f"column_number_{i}" for i in range(12)]
+    output.note("left out to fit 80 columns: " + ", ".join(words))
+    lines = buffer.getvalue().splitlines()
+    assert len(lines) > 1 and all(len(line) <= 80 for line in lines)
+    assert " ".join(" ".join(lines).split()) == "left out to fit 80 columns: " + ", ".join(words)
+    assert all(line.rstrip().endswith((",", ":")) for line in lines[:-1])  # no word cut in two

@@ -32,7 +32,7 @@ from ddpmcli.cli import nll as nll_commands
 from ddpmcli.cli import reconstruct as reconstruct_commands
 from ddpmcli.cli import sample as sample_commands
 from ddpmcli.cli import schedule as schedule_commands
-from ddpmcli.cli.common import expand_optional_values, flag_name
+from ddpmcli.cli.common import expand_optional_values, flag_name, misread_plot_path
 from ddpmcli.errors import DdpmError, ExitStatus, Interrupted
 
 EXIT_OK = ExitStatus.OK
@@ -127,17 +127,26 @@ class DdpmGroup(TyperGroup):
         windows_expand_args: bool = True,
         **extra: Any,
     ) -> Any:
-        argv = expand_optional_values(sys.argv[1:] if args is None else args)
-        code = run_guarded(
-            lambda: super(DdpmGroup, self).main(
-                args=argv,
-                prog_name=prog_name,
-                complete_var=complete_var,
-                standalone_mode=False,
-                windows_expand_args=windows_expand_args,
-                **extra,
-            )
-        )
+        given = list(sys.argv[1:] if args is None else args)
+        argv = expand_optional_values(given)
+
+        def parse_and_run() -> Any:
+            try:
+                return super(DdpmGroup, self).main(
+                    args=argv,
+                    prog_name=prog_name,
+                    complete_var=complete_var,
+                    standalone_mode=False,
+                    windows_expand_args=windows_expand_args,
+                    **extra,
+                )
+            except typer.TyperException as exc:  # `--plot myplot`: the suffix rule, not click's
+                better = misread_plot_path(exc.format_message(), given)
+                if better is None:
+                    raise
+                raise better from None
+
+        code = run_guarded(parse_and_run)
         if standalone_mode:
             sys.exit(code)
         return code
@@ -238,15 +247,43 @@ def _root(
     """See a DDPM noise schedule, its posterior, and what a checkpoint does at every noise level."""
 
 
+HELP_EXAMPLE_WIDTH = 78  # an example's lines fit 80 columns after click's 2-space indent
+
+
+def _fold(line: str, width: int = HELP_EXAMPLE_WIDTH) -> list[str]:
+    """An example command longer than ``width`` as shell continuation lines (``\\`` at the end),
+    broken before an option where possible: it still copies and pastes as one command."""
+    if len(line) <= width:
+        return [line]
+    indent = line[: len(line) - len(line.lstrip())]
+    words = line.split()
+    lines: list[str] = []
+    current = indent + words[0]
+    for i, word in enumerate(words[1:], start=1):
+        # keep an option with its value: break before a word that starts an option, unless the
+        # line would overflow anyway
+        fits = len(current) + 1 + len(word) + 2 <= width
+        rest_fits = len(current) + len(" ".join(words[i:])) + 1 <= width
+        if fits and (rest_fits or not word.startswith("-") or len(current) < width // 2):
+            current += " " + word
+        else:
+            lines.append(current + " \\")
+            current = indent + "  " + word
+    return [*lines, current]
+
+
 def reflow_help(doc: str) -> str:
     """A command docstring as help text: lines of a prose paragraph joined into one (rich keeps
     a docstring's line breaks, which then wrap badly at the terminal's width); indented
-    paragraphs (examples) kept line by line."""
+    paragraphs (examples) kept line by line, and marked (click's ``\\b``) so that click never
+    rewraps them: an example stays one line, whole, to copy and paste, even at 80 columns."""
     paragraphs = inspect.cleandoc(doc).split("\n\n")
     out = []
     for para in paragraphs:
         lines = para.splitlines()
-        if any(line.startswith((" ", "- ", "* ")) for line in lines):
+        if any(line.startswith(" ") for line in lines):
+            out.append("\n".join(["\b", *(part for line in lines for part in _fold(line))]))
+        elif any(line.startswith(("- ", "* ")) for line in lines):
             out.append(para)
         else:
             out.append(" ".join(line.strip() for line in lines))
