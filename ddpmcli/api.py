@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from ddpmcli import core, limits
+from ddpmcli.api_ode import NllComparison, OdeResult, OdeSettings, nll_ode
 from ddpmcli.checkpoints import LoadedModel, load_checkpoint
 from ddpmcli.checkpoints.conditioning import attach
 from ddpmcli.checkpoints.in_memory import (
@@ -47,6 +48,7 @@ from ddpmcli.choices import (
     DecoderName,
     DeviceName,
     DtypeName,
+    NllMethod,
     SamplerName,
     SpacingName,
     VarianceType,
@@ -528,9 +530,11 @@ def nll(
     dtype: DtypeLike | None = None,
     observers: Sequence[Observer] = (),
     ranks: Ranks | None = None,
-) -> BoundResult:
+    method: NllMethod = "vb",
+    ode: OdeSettings | None = None,
+) -> BoundResult | OdeResult | NllComparison:
     """The variational bound on ``-log p(x0)`` term by term, in bits/dim: the numbers of
-    `ddpm nll` (:func:`ddpmcli.run.variational_bound`).
+    `ddpm nll` (:func:`ddpmcli.run.variational_bound`); ``method`` ode, both: api_ode.nll_ode.
 
     ``r.rows``: one dict per evaluated t (``term`` kl, or the decoder at t = 0), then ``prior``,
     then ``total`` (every t) or ``total_estimate`` (``t_random``); ``r.total_bpd`` and
@@ -554,6 +558,8 @@ def nll(
     """
     if t is not None and t_random is not None:
         raise ParameterError("{t} and {t_random} cannot be used together")
+    if method == "both" and t is not None:  # a fixed subset of t has no total to compare
+        raise ParameterError("method both compares totals: use every t or {t_random}, not {t}")
     if model.latent is not None and decoder not in ("auto", "continuous"):  # 256 bins of what?
         raise ParameterError(
             f"{{decoder}} {verbatim(decoder)} is for 8-bit data; a latent model's latents are "
@@ -573,15 +579,21 @@ def nll(
     dev, mdtype = _run_place(model, device, dtype)
     if (dev, mdtype) != (model.device, model.dtype):
         model = model.to(dev, mdtype)
-    try:
-        result = variational_bound(
-            model.predict, model.schedule, model.prediction_type, data, t_indices=indices,
-            strata=strata, variance=variance, learned_variance=model.learned_variance,
-            decoder=dec, clip=clip, data_range=model.data_range, seed=seed,
-            batch_size=batch_size, device=model.device, model_dtype=model.dtype,
-            observers=observers, ranks=ranks,
-        )  # fmt: skip
-    except RunError as exc:  # the terms so far, named as the result's would be
-        exc.rows = space_rows(model, exc.rows)
-        raise
-    return dataclasses.replace(result, rows=space_rows(model, result.rows))
+
+    def bound() -> BoundResult:
+        try:
+            result = variational_bound(
+                model.predict, model.schedule, model.prediction_type, data, t_indices=indices,
+                strata=strata, variance=variance, learned_variance=model.learned_variance,
+                decoder=dec, clip=clip, data_range=model.data_range, seed=seed,
+                batch_size=batch_size, device=model.device, model_dtype=model.dtype,
+                observers=observers, ranks=ranks,
+            )  # fmt: skip
+        except RunError as exc:  # the terms so far, named as the result's would be
+            exc.rows = space_rows(model, exc.rows)
+            raise
+        return dataclasses.replace(result, rows=space_rows(model, result.rows))
+
+    if method == "vb":
+        return bound()
+    return nll_ode(model, data, method, ode, bound, observers=observers, ranks=ranks)

@@ -81,6 +81,9 @@ OPTION_CHOICES = {
     "sampler": "SAMPLERS",
     "variance": "VARIANCE_TYPES",
     "architecture": "ARCHITECTURES",
+    "method": "NLL_METHODS",
+    "probe-kind": "PROBE_KINDS",
+    "dequantization": "DEQUANTIZATIONS",
 }
 
 

@@ -60,7 +60,9 @@ class LoadedModel:
         ``[B]``, the global sample index of each row) picks each row's label on a conditional
         model (:mod:`.conditioning`; default ``0..B-1``); an unconditional model ignores it.
         """
-        t = t.to(device=x_t.device, dtype=torch.long)
+        # integer timesteps as the models take them; a float tensor keeps its fractions (the
+        # probability-flow ODE calls the model between the schedule's entries)
+        t = t.to(device=x_t.device, dtype=t.dtype if t.is_floating_point() else torch.long)
         with model_call():
             if self.conditioning is None:
                 out = self.denoiser(x_t, t)

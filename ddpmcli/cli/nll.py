@@ -28,6 +28,21 @@ from ddpmcli.cli.common import (
     use_threads,
 )
 from ddpmcli.cli.data_options import evaluation_data
+from ddpmcli.cli.nll_ode import (
+    AtolOpt,
+    BoundArgs,
+    DequantizationOpt,
+    ExactDivergenceOpt,
+    MaxEvalsOpt,
+    MethodOpt,
+    OdeStepsOpt,
+    ProbeKindOpt,
+    ProbesOpt,
+    RtolOpt,
+    TEpsOpt,
+    ode_settings,
+    run_ode,
+)
 from ddpmcli.cli.option_groups import (
     NO_MODEL_FLAGS,
     NO_TABLE_FLAGS,
@@ -89,6 +104,16 @@ def nll(
         int | None,
         typer.Option("--batch-size", help="(sample, t) pairs per model call; default: auto."),
     ] = None,
+    method: MethodOpt = "vb",
+    exact_divergence: ExactDivergenceOpt = False,
+    probes: ProbesOpt = 1,
+    probe_kind: ProbeKindOpt = "rademacher",
+    rtol: RtolOpt = 1e-5,
+    atol: AtolOpt = 1e-5,
+    max_evals: MaxEvalsOpt = 4000,
+    ode_steps: OdeStepsOpt = None,
+    t_eps: TEpsOpt = None,
+    dequantization: DequantizationOpt = "auto",
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
     table: TableFlags = NO_TABLE_FLAGS,
@@ -117,7 +142,7 @@ def nll(
     """
     from ddpmcli import api
     from ddpmcli.checkpoints.latent import space_columns
-    from ddpmcli.run import BOUND_COLUMNS, RunError, progress_observer
+    from ddpmcli.run import BOUND_COLUMNS, BoundResult, RunError, progress_observer
 
     table.check()
     reject_conflicts(
@@ -125,6 +150,10 @@ def nll(
     )
     if batch_size is not None:
         limits.check_count(batch_size, "batch_size")
+    ode = ode_settings(
+        method, t is not None or every is not None, exact_divergence, probes, probe_kind, rtol,
+        atol, max_evals, ode_steps, t_eps, dequantization, seed, batch_size,
+    )  # fmt: skip
     if per_sample and t_random is None and (t is not None or every is not None):
         raise UsageError(
             "--per-sample needs a total: every t, or --t-random K (a fixed --t/--every has none)"
@@ -145,6 +174,10 @@ def nll(
     picked = evaluation_data(model, data, n, seed, show=ranks.is_main, quiet=table.quiet)
     x0 = picked.x0
     cols = space_columns(model, cols)  # a latent model's columns say so (x0_mse_latent, ...)
+    if ode is not None:  # --method ode|both (ddpmcli.cli.nll_ode); the bound's note is ours
+        bound = BoundArgs(None if strata else indices, t_random, variance, decoder, clip, pairs)
+        run_ode(model, picked, ode, (method, bound, per_sample, checkpoint.name), table, ranks)
+        return
     count = pairs * x0.shape[0]
     try:
         with progress(count, "bound", table.quiet) as bar, as_flags():
@@ -157,6 +190,8 @@ def nll(
         if exc.rows:
             table.emit(exc.rows, cols, f"nll {checkpoint.name}")
         raise
+    if not isinstance(result, BoundResult):  # pragma: no cover - method vb returns the bound
+        raise TypeError(type(result).__name__)
     rows = result.rows  # named as the model's space says (bits_per_dim_latent, ...)
     if per_sample and result.per_sample_total is not None:
         totals = result.per_sample_total.tolist()
