@@ -25,6 +25,7 @@ from ddpmcli.checkpoints.conditioning import TextConditioning
 from ddpmcli.checkpoints.latent import LATENT_BOUND, LatentSpace
 from ddpmcli.checkpoints.loaded import Denoiser, LoadedModel, load_state, loaded_model
 from ddpmcli.checkpoints.meta import _finish, _merge, _Meta, check_data_shape
+from ddpmcli.checkpoints.sizes import count_on_meta
 from ddpmcli.checkpoints.text_encoders import config_count as _config_count
 from ddpmcli.checkpoints.unpickler import one_line, safe_torch_load
 from ddpmcli.errors import CheckpointError, DdpmError
@@ -289,6 +290,8 @@ def _build(
         # it eagerly pulls in), no pipeline; a precise submodule path imports exactly as much
         # (tests/test_diffusers_imports.py measures that floor)
         cls = getattr(diffusers, class_name)
+        what = f"{net_dir / 'config.json'}: the {class_name} it describes"
+        count_on_meta(lambda: cls.from_config(config), what)  # before anything is allocated
         try:
             net = cls.from_config(config)
         except Exception as exc:

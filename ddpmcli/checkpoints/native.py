@@ -22,6 +22,7 @@ from ddpmcli.checkpoints.meta import (
     _plain,
     checkpoint_metadata,
 )
+from ddpmcli.checkpoints.sizes import checked_build
 from ddpmcli.checkpoints.unpickler import safe_torch_load
 from ddpmcli.errors import CheckpointError
 from ddpmcli.files import atomic_write
@@ -99,7 +100,9 @@ def _native_network(
     if hparams is None:
         raise CheckpointError(f"{where}: hparams must be a dict")
     try:
-        module = models.build_model(arch, hparams)
+        module = checked_build(
+            lambda: models.build_model(arch, hparams), f"the {arch} network its hparams describe"
+        )
         fitted = models.default_hparams(arch, shape)
     except CheckpointError as exc:
         raise CheckpointError(f"{where}: {exc}") from None

@@ -53,6 +53,7 @@ TRUST_HINT = (
 )
 """A template naming the parameter ``trust_program`` (``CheckpointError.naming``)."""
 MAX_ARCHIVE_MEMBER_BYTES = 4 * 1024**3  # one pickled member of a program archive
+MAX_PICKLED_STRUCTURE_BYTES = 256 * 1024**2  # data.pkl, sample inputs: structure, small tensors
 MAX_GRAPH_JSON_BYTES = 512 * 1024**2  # one serialized graph (a large UNet's is a few MiB)
 
 
@@ -79,6 +80,8 @@ def load_torchscript(p: Path, given: _Meta, *, trust: bool, inspect_only: bool) 
         if inspect_only:
             return _inspect_torchscript(p, given)
         raise CheckpointError.naming(f"{verbatim(where)}: {TRUST_HINT}")
+    with _open_zip(p):
+        pass  # the declared sizes, before torch inflates anything
     extra = {METADATA_NAME: ""}
     try:
         with _quiet_deprecation():
@@ -150,6 +153,7 @@ def _inspect_torchscript(p: Path, given: _Meta) -> LoadedModel:
 def _open_zip(p: Path) -> Iterator[zipfile.ZipFile]:
     try:
         with zipfile.ZipFile(p) as zf:
+            _check_declared_sizes(zf, str(p))
             yield zf
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as exc:
         raise CheckpointError(f"{p}: corrupt archive ({one_line(exc)})") from None
@@ -157,10 +161,28 @@ def _open_zip(p: Path) -> Iterator[zipfile.ZipFile]:
         raise CheckpointError(f"{p}: cannot read ({exc.strerror or exc})") from None
 
 
+def _check_declared_sizes(zf: zipfile.ZipFile, where: str) -> None:
+    """The archive's members, as their headers declare them inflated, must fit in memory together
+    (torch reads every tensor member whole): a zip bomb is refused before a byte is inflated."""
+    total = sum(info.file_size for info in zf.infolist())
+    what = f"{where}: the archive's inflated members"
+    limits.check_allocation(total, what, error=CheckpointError)
+
+
 def _read_member(zf: zipfile.ZipFile, name: str, where: str) -> bytes:
+    """One member's bytes, its declared (uncompressed) size checked first: against the format's
+    limit (a pickled structure holds no tensor data, so it is small) and the memory available
+    for it and what the unpickler builds from it."""
     size = zf.getinfo(name).file_size
-    if size > MAX_ARCHIVE_MEMBER_BYTES:
-        raise CheckpointError(f"{where}: archive member {name} is too large ({size} bytes)")
+    inner = name.split("/", 1)[1] if "/" in name else name
+    structure = inner == "data.pkl" or inner.startswith(("data/sample_inputs/", "constants.pkl"))
+    limit = MAX_PICKLED_STRUCTURE_BYTES if structure else MAX_ARCHIVE_MEMBER_BYTES
+    if size > limit:
+        raise CheckpointError(
+            f"{where}: archive member {name} is too large ({size} bytes when inflated; at most "
+            f"{limit})"
+        )
+    limits.check_allocation(2 * size, f"{where}: archive member {name}", error=CheckpointError)
     try:
         return zf.read(name)
     except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError) as exc:

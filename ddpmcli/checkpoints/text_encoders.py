@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from ddpmcli import limits
 from ddpmcli.checkpoints.loaded import load_state
+from ddpmcli.checkpoints.sizes import count_on_meta
 from ddpmcli.checkpoints.unpickler import one_line, safe_torch_load
 from ddpmcli.errors import CheckpointError
 
@@ -215,6 +216,10 @@ def clip_text_encoder(enc_dir: Path, where: str, *, projection: bool) -> tuple[n
         error=CheckpointError,
     )  # fmt: skip
     name = "CLIPTextModelWithProjection" if projection else "CLIPTextModel"
+    count_on_meta(
+        lambda: getattr(transformers, name)(transformers.CLIPTextConfig.from_dict(config)),
+        f"{enc_dir / 'config.json'}: the text encoder it describes",
+    )
     try:
         encoder = getattr(transformers, name)(transformers.CLIPTextConfig.from_dict(config))
     except Exception as exc:
@@ -234,6 +239,10 @@ def t5_text_encoder(enc_dir: Path, where: str) -> nn.Module:
         t5_parameters(config, enc_dir / "config.json") * 4,
         f"{enc_dir / 'config.json'}: the text encoder it describes", error=CheckpointError,
     )  # fmt: skip
+    count_on_meta(
+        lambda: transformers.T5EncoderModel(transformers.T5Config.from_dict(config)),
+        f"{enc_dir / 'config.json'}: the text encoder it describes",
+    )
     try:
         encoder = transformers.T5EncoderModel(transformers.T5Config.from_dict(config))
     except Exception as exc:
