@@ -396,12 +396,18 @@ def _preset_request(request: ScheduleRequest) -> tuple[ScheduleRequest, str]:
     ):
         raise ParameterError(f"{{from_file}} {source} gives the resolution; drop {{resolution}}")
     if preset.config is None:
+        steps, timesteps = request.steps, preset.timesteps
+        if preset.steps_set_timesteps and steps is not None and steps.strip().isdigit():
+            timesteps, steps = int(steps), None  # N steps: the kind's own N-point grid
+        spacing = request.spacing or (preset.spacing if steps is not None else None)
         return replace(
             request,
             from_file=None,
             kind=preset.kind,
-            timesteps=preset.timesteps,
+            timesteps=timesteps,
             params=dict(preset.params),
+            steps=steps,
+            spacing=spacing,
         ), preset.name
     open_shift = request.mu is None and "mu" not in request.params and request.image_seq_len is None
     default = (

@@ -22,7 +22,9 @@ from ddpmcli.errors import UsageError
 class Preset:
     """A published model's schedule: ``config`` (a diffusers scheduler config) or ``kind`` with
     ``params`` and ``timesteps``; ``resolution``: the image size its pipeline defaults to
-    (used for a dynamic shift when ``@RES`` is not given)."""
+    (used for a dynamic shift when ``@RES`` is not given). ``steps_set_timesteps``: N inference
+    steps are the kind's own N-point grid (EDM's Karras sigmas); ``spacing``: how a kind preset is
+    respaced to N steps (improved-diffusion's even sections: ``linspace``)."""
 
     name: str
     summary: str
@@ -32,6 +34,8 @@ class Preset:
     params: Mapping[str, float] = field(default_factory=dict)
     timesteps: int | None = None
     resolution: int | None = None
+    steps_set_timesteps: bool = False
+    spacing: str | None = None
 
 
 # SD 1.x/2.x/XL: the scaled_linear beta table (Rombach et al. 2022), beta 0.00085 .. 0.012.
@@ -200,6 +204,7 @@ PRESETS: dict[str, Preset] = {
             kind="edm_sigma",
             params={"sigma_min": 0.002, "sigma_max": 80.0, "rho": 7.0},
             timesteps=1000,
+            steps_set_timesteps=True,
         ),
         Preset(
             "improved-cosine",
@@ -208,6 +213,7 @@ PRESETS: dict[str, Preset] = {
             "(ImageNet 64 / CIFAR-10 runs), s = 0.008, beta capped at 0.999",
             kind="cosine",
             timesteps=4000,
+            spacing="linspace",
         ),
     )
 }

@@ -1,5 +1,6 @@
 """The schedule specs of ``ddpm compare``: one schedule named in one string,
-``KIND[+zsnr][:key=value,...]`` or a diffusers config file, built through
+``KIND[+zsnr][:key=value,...]``, a preset ``NAME[@RES][:key=value,...]`` (``sd15``, ``sd3``,
+``flux@1024``: :mod:`ddpmcli.presets`) or a diffusers config file, built through
 :func:`ddpmcli.configs.build_schedule`."""
 
 from __future__ import annotations
@@ -7,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ddpmcli import presets
 from ddpmcli.configs import BuiltSchedule, ScheduleRequest, build_schedule
 from ddpmcli.errors import DdpmError, ParameterError, ScheduleParameterError, UsageError
 
@@ -35,10 +37,12 @@ def _looks_like_file(text: str) -> bool:
     return p.suffix.lower() == ".json" or p.is_dir() or ("/" in text and p.exists())
 
 
-def parse_compare_spec(text: str) -> CompareSpec:
-    """Parse one compare spec into a schedule.
+def parse_compare_spec(text: str, steps: str | None = None) -> CompareSpec:
+    """Parse one compare spec into a schedule; ``steps`` (compare's ``--steps``) applies where the
+    spec names none.
 
-    Grammar: ``KIND[+zsnr][:key=value,...]`` or a path to a diffusers config (file or folder).
+    Grammar: ``KIND[+zsnr][:key=value,...]``, ``PRESET[@RES][:key=value,...]`` or a path to a
+    diffusers config (file or folder); a file of a preset's name wins over the preset.
     Keys: ``T`` (or ``timesteps``), ``zsnr``/``zero_terminal_snr`` (0/1), ``logsnr_shift``,
     ``steps``, ``spacing``, ``steps_offset``, ``betas``/``alpha_bars`` (a file; kind ``custom``),
     and the kind's constants (``beta_end=0.012``, ``s=0.008``, ...). Examples: ``cosine``,
@@ -49,13 +53,14 @@ def parse_compare_spec(text: str) -> CompareSpec:
         raise UsageError("empty schedule spec; e.g. cosine, linear:beta_end=0.012,T=500")
     if _looks_like_file(spec):
         try:
-            built = build_schedule(ScheduleRequest(from_file=spec))
+            built = build_schedule(ScheduleRequest(from_file=spec, steps=steps))
         except DdpmError as exc:
             raise type(exc)(f"spec {spec!r}: {exc}") from None
         return CompareSpec(label=spec, built=built)
     head, _, tail = spec.partition(":")
     kind, *modifiers = [part.strip() for part in head.split("+")]
-    request = ScheduleRequest(kind=kind)
+    is_preset = presets.parse(kind) is not None  # a usage error for a bad @RES
+    request = ScheduleRequest(from_file=kind) if is_preset else ScheduleRequest(kind=kind)
     for modifier in modifiers:
         if modifier.lower() not in _SPEC_FLAG_KEYS:
             raise UsageError(f"spec {spec!r}: unknown modifier +{modifier}; allowed: +zsnr")
@@ -67,6 +72,8 @@ def parse_compare_spec(text: str) -> CompareSpec:
         if not sep or not key or not value:
             raise UsageError(f"spec {spec!r}: {item!r} is not key=value")
         _apply_spec_item(request, key, value, spec)
+    if request.steps is None:
+        request.steps = steps
     if request.kind is not None and request.kind.lower() != "custom":
         request.kind = core_kind(request.kind, spec)
     try:
@@ -86,7 +93,10 @@ def core_kind(name: str, spec: str) -> str:
     try:
         return core.canonical_kind(name)
     except ScheduleParameterError as exc:
-        raise ScheduleParameterError(f"spec {spec!r}: {exc}; or custom, or a config file") from None
+        raise ScheduleParameterError(
+            f"spec {spec!r}: {exc}; or custom, a config file, or a preset "
+            f"({', '.join(presets.names())})"
+        ) from None
 
 
 def _apply_spec_item(request: ScheduleRequest, key: str, value: str, spec: str) -> None:

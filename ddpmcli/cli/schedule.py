@@ -8,7 +8,6 @@ inside the commands, so `ddpm --help` stays fast.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -23,7 +22,7 @@ from ddpmcli.cli.common import (
     select_columns,
     select_rows,
 )
-from ddpmcli.cli.completion import complete_spec
+from ddpmcli.cli.compare import compare
 from ddpmcli.cli.option_groups import NO_TABLE_FLAGS, TableFlags, table_options
 from ddpmcli.cli.schedule_options import ScheduleFlags, schedule_options
 from ddpmcli.errors import UsageError
@@ -180,67 +179,6 @@ def _list_kinds(fmt: str, no_header: bool) -> None:
     )
     kind_columns = ["kind", "defaults", "summary", "source"]
     emit(rows, kind_columns, fmt, no_header=no_header, columns_option=False)
-
-
-# ---------------------------------------------------------------------------------------------
-# ddpm compare
-
-
-@table_options()
-def compare(
-    specs: Annotated[
-        list[str],
-        typer.Argument(
-            metavar="SPEC...",
-            help="Schedules: KIND[+zsnr][:key=value,...] or a diffusers config file, e.g. cosine, "
-            "linear:beta_end=0.012,T=500, scaled_linear+zsnr, cosine:steps=50,spacing=trailing.",
-            autocompletion=complete_spec,
-        ),
-    ],
-    table: TableFlags = NO_TABLE_FLAGS,
-) -> None:
-    """Compare schedules side by side: long-format rows with a `schedule` column.
-
-    The key columns (schedule, t, and timestep when respaced) always lead; --columns picks the rest.
-    Timesteps are 0-based as models take them (t = 0 is one noising step). --t and --every select
-    rows in every schedule; a t outside any schedule is an error.
-
-    Examples:
-
-      ddpm compare linear cosine scaled_linear+zsnr --every 100 --columns alpha_bar,snr
-
-      ddpm compare cosine linear:beta_end=0.012,T=500 --format csv > compare.csv
-
-      ddpm compare cosine sigmoid_logsnr laplace --plot plots/compare.png
-    """
-    from ddpmcli.specs import parse_compare_spec
-
-    table.check()
-    plot_path = table.plot_path("compare")
-    parsed = [parse_compare_spec(spec) for spec in specs]
-    respaced = any(p.built.respaced for p in parsed)
-    available, default = _columns_of(parsed[0].built)
-    default = ["schedule", *(["t", "timestep"] if respaced else ["t"]), *default[1:]]
-    default = list(dict.fromkeys(default))
-    keys = default[: default.index("t") + (2 if respaced else 1)]  # schedule, t (, timestep)
-    # long format: the key columns always lead, so rows stay attributable under --columns
-    picked = select_columns(table.columns, ["schedule", *available], default)
-    cols = list(dict.fromkeys([*keys, *picked]))
-    rows: list[dict[str, Any]] = []
-    marks: list[Sequence[int]] = []  # the rows picked, dotted on the figure
-    for p in parsed:
-        try:
-            indices = select_rows(table.t, table.every, p.built.schedule.num_steps)
-        except UsageError as exc:
-            raise UsageError(f"{exc} in schedule {p.label!r}") from None
-        marks.append(indices)
-        rows += schedule_rows(p.built.schedule, indices, cols, extra={"schedule": p.label})
-    table.emit(rows, cols, "compare")
-    from ddpmcli.plotting.schedule import plot_compare
-
-    selected = table.t is not None or table.every is not None
-    figure = partial(plot_compare, marks=marks if selected else None)
-    _plot(figure, plot_path, table.quiet, [(p.label, p.built.schedule) for p in parsed])
 
 
 # ---------------------------------------------------------------------------------------------

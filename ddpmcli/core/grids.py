@@ -309,3 +309,31 @@ def sigma_to_timestep(sigma: Tensor, train_sigmas: Tensor) -> Tensor:
     lo, hi = log_table[low], log_table[high]
     w = torch.clamp((lo - log_sigma) / (lo - hi), 0, 1)
     return ((1 - w) * low + w * high).reshape(sigma.shape)
+
+
+# --------------------------------------------------------------------------------------------
+# One view across families: normalised time and the per-step log-SNR gap
+# --------------------------------------------------------------------------------------------
+
+
+def log_snr_gaps(log_snr: Tensor) -> Tensor:
+    """The log-SNR gap a sampler crosses at each entry, h_i = lambda_{i-1} - lambda_i (entry 0
+    the least noisy; lambda = log SNR here, twice DPM-Solver's half log-SNR, so h is twice its h).
+    Entry 0's step lands on clean data, lambda = +inf: h_0 = inf. Shape as ``log_snr``."""
+    gaps = torch.full_like(log_snr, math.inf)
+    gaps[1:] = log_snr[:-1] - log_snr[1:]
+    return gaps
+
+
+def normalised_time(
+    path: str, timesteps: Tensor, sigma_t: Tensor, num_train_timesteps: int
+) -> Tensor:
+    """Each entry's time in (0, 1], 1 the noisiest end of training: a VP model's (t + 1)/T (its
+    0-based training timestep), a flow's s itself (sigma_t), and for sigma-space paths, whose
+    time is the noise level, the entry's rank (i + 1)/N."""
+    if path == "vp":
+        return (timesteps.to(F64) + 1) / num_train_timesteps
+    if path == "flow":
+        return sigma_t.to(F64)
+    n = sigma_t.numel()
+    return torch.arange(1, n + 1, dtype=F64) / n

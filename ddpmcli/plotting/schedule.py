@@ -94,34 +94,79 @@ def _mark(ax: Any, line: Any, x: Any, y: Any, marks: Sequence[int] | None) -> No
     ax.plot(np.asarray(x)[idx], np.asarray(y)[idx], "o", color=line.get_color(), markersize=3)
 
 
+def _finite(values: Any) -> Any:
+    """Values for a plot: +-inf (a flow's log-SNR at s = 1, h at the clean end) become NaN."""
+    import numpy as np
+
+    array = np.asarray(values, dtype=float)
+    return np.where(np.isfinite(array), array, np.nan)
+
+
+def _terminal(schedule: Schedule) -> str:
+    snr = float(schedule.snr[-1])
+    return "terminal SNR 0" if snr == 0 else f"terminal SNR {snr:.3g}"
+
+
 def plot_compare(
     schedules: Sequence[tuple[str, Schedule]],
     path: str | Path,
     *,
     marks: Sequence[Sequence[int]] | None = None,
 ) -> Path:
-    """Overlays of alpha_bar, log-SNR, beta (log axis) and beta_tilde/beta, a line per schedule;
-    ``marks`` (one index list per schedule, the rows `--t`/`--every` picked) are drawn as dots."""
-    normalise = len({s.num_train_timesteps for _, s in schedules}) > 1
-    xlabel = "t / T" if normalise else "timestep t (0-based)"
+    """One view across families (VP, flow, sigma space), a line per schedule: log-SNR against
+    normalised time and against the sampling step, the log-SNR gap h of each step (log axis), and
+    the VP-equivalent alpha_bar; the legend gives each schedule's terminal SNR. ``marks`` (one index
+    list per schedule, the rows `--t`/`--every` picked) are drawn as dots."""
+    import numpy as np
+
+    from ddpmcli.core import grids
+
     with paper_figure(2, 2) as (fig, ax):
         for k, (label, schedule) in enumerate(schedules):
-            x = _x(schedule, normalise)
+            time = _np(
+                grids.normalised_time(
+                    schedule.path,
+                    schedule.timesteps,
+                    schedule.sigma_t,
+                    schedule.num_train_timesteps,
+                )
+            )
+            n = schedule.num_steps
+            step = n - 1 - np.arange(n)  # sampling order: step 0 starts from noise
+            log_snr = _finite(_np(schedule.log_snr))
+            gaps = _finite(_np(grids.log_snr_gaps(schedule.log_snr)))
             picked = None if marks is None else marks[k]
-            for a, y in (
-                (ax[0, 0], _np(schedule.alpha_bar)),
-                (ax[0, 1], _np(schedule.log_snr)),
-                (ax[1, 0], _positive(_np(schedule.beta))),
-                (ax[1, 1], _np(schedule.posterior_variance / schedule.beta)),
+            name = f"{literal(label)} ({_terminal(schedule)})"
+            for a, x, y in (
+                (ax[0, 0], time, log_snr),
+                (ax[0, 1], step, log_snr),
+                (ax[1, 0], step, _positive(gaps)),
+                (ax[1, 1], time, _np(schedule.alpha_bar)),
             ):
-                (line,) = a.plot(x, y, label=literal(label))
+                (line,) = a.plot(x, y, ".-" if n <= 64 else "-", markersize=2.5, label=name)
                 _mark(a, line, x, y, picked)
-        ax[0, 0].set(xlabel=xlabel, ylabel=r"$\bar\alpha_t$", title="alpha_bar")
-        ax[0, 1].set(xlabel=xlabel, ylabel=r"$\log \mathrm{SNR}_t$", title="log-SNR")
-        ax[1, 0].set(xlabel=xlabel, ylabel=r"$\beta_t$", title="beta", yscale="log")
-        ax[1, 1].set(xlabel=xlabel, ylabel=r"$\tilde\beta_t/\beta_t$", title="posterior / beta")
-        for a in ax.flat:
-            a.legend()
+        ax[0, 0].set(
+            xlabel="normalised time ((t+1)/T; flow: s)",
+            ylabel=r"$\log \mathrm{SNR}$",
+            title="log-SNR against time",
+        )
+        ax[0, 1].set(
+            xlabel="sampling step (0 = first, from noise)",
+            ylabel=r"$\log \mathrm{SNR}$",
+            title="log-SNR against step",
+        )
+        ax[1, 0].set(
+            xlabel="sampling step (0 = first, from noise)",
+            ylabel=r"$h = \lambda_{\mathrm{next}} - \lambda$",
+            title="log-SNR gap per step",
+            yscale="log",
+        )
+        ax[1, 1].set(
+            xlabel="normalised time ((t+1)/T; flow: s)",
+            ylabel=r"$\bar\alpha = \alpha^2/(\alpha^2+\sigma^2)$",
+            title="alpha_bar (VP-equivalent)",
+        )
+        ax[0, 0].legend(fontsize=6)
         if marks is not None:
             fig.suptitle("dots: the rows printed", fontsize=9)
         return save_figure(fig, path)
