@@ -157,3 +157,57 @@ def test_a_note_wraps_between_words_on_a_terminal(monkeypatch) -> None:
     assert len(lines) > 1 and all(len(line) <= 80 for line in lines)
     assert " ".join(" ".join(lines).split()) == "left out to fit 80 columns: " + ", ".join(words)
     assert all(line.rstrip().endswith((",", ":")) for line in lines[:-1])  # no word cut in two
+
+
+# ---------------------------------------------------------------------------------------------
+# usage errors before the slow part: no torch import, no checkpoint load
+
+KINDS_ALLOWED = (
+    "allowed: linear, scaled_linear, cosine, sigmoid, sigmoid_logsnr, sqrt, laplace, exp, "
+    "shifted_cosine, vp, edm"
+)
+EARLY_ERRORS = [
+    (["sample", "missing.pt", "--n", "0"], "Error: --n must be at least 1, got 0"),
+    (["sample", "missing.pt", "--eta", "0.5"], "Error: --eta applies to --sampler ddim only"),
+    (
+        ["sample", "missing.pt", "--trajectory-every", "10"],
+        "Error: --trajectory-every has no effect without --plot; add --plot or drop "
+        "--trajectory-every",
+    ),
+    (["schedule", "--kind", "cosin"], "Error: unknown schedule kind 'cosin' (did you mean"),
+    (["check", "-k", "cosin"], "Error: unknown schedule kind 'cosin' (did you mean 'cosine'?)"),
+    (["reconstruct", "missing.pt", "--kind", "cosin"], "Error: unknown schedule kind 'cosin'"),
+]
+_PROBE = (
+    "import atexit, sys\n"
+    "atexit.register(lambda: sys.__stderr__.write('torch imported: %s\\n' % ('torch' in "
+    "sys.modules)))\n"
+    "from ddpmcli.cli.app import main\n"
+    "sys.argv = ['ddpm', *sys.argv[1:]]\n"
+    "main()\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"), EARLY_ERRORS, ids=[" ".join(a) for a, _ in EARLY_ERRORS]
+)
+def test_usage_errors_come_before_torch_and_the_checkpoint(
+    args: list[str], message: str, tmp_path: Path
+) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", _PROBE, *args], cwd=tmp_path, capture_output=True, text=True,
+        timeout=60, check=False,
+    )  # fmt: skip
+    lines = done.stderr.splitlines()
+    assert done.returncode == 2, done.stderr
+    assert lines[0].startswith(message), lines
+    assert lines[-1] == "torch imported: False"
+
+
+def test_a_kind_typo_lists_every_name_custom_included(cli) -> None:
+    result = cli("schedule", "--kind", "cosin")
+    assert result.exit_code == 2
+    line = result.stderr.strip()
+    assert "(did you mean 'cosine'?)" in line and KINDS_ALLOWED in line
+    assert line.endswith(", squaredcos_cap_v2, custom")
+    assert cli("schedule", "-k", "COSINE", "--t", "0", "-f", "csv").exit_code == 0

@@ -27,7 +27,7 @@ from ddpmcli.choices import (
     prediction_type_choices,
     prediction_type_of,
 )
-from ddpmcli.cli.completion import complete_columns, complete_data, complete_kind
+from ddpmcli.cli.completion import check_kind, complete_columns, complete_data, complete_kind
 from ddpmcli.errors import UsageError
 
 PLOT_SUFFIXES: tuple[str, ...] = (".png", ".svg", ".pdf")
@@ -142,6 +142,7 @@ MetaKindOpt = Annotated[
         help="Training schedule kind.",
         rich_help_panel=PANEL_META,
         autocompletion=complete_kind,
+        callback=check_kind,
     ),
 ]
 MetaTimestepsOpt = Annotated[

@@ -44,6 +44,21 @@ def kind_names() -> list[str]:
     return [*KINDS, *KIND_ALIASES, CUSTOM_KIND]
 
 
+def check_kind(value: str | None) -> str | None:
+    """`--kind` checked while the command line is parsed, before torch is imported (issue 20: a
+    typo answers in well under a second): a kind, an alias or ``custom``, any case, else a usage
+    error with the closest names and the whole list. The core resolves the name itself later."""
+    if value is None or value.strip().lower() in kind_names():
+        return value
+    import difflib
+
+    from ddpmcli.errors import UsageError
+
+    close = difflib.get_close_matches(value.strip().lower(), kind_names(), n=3, cutoff=0.6)
+    hint = f" (did you mean {' or '.join(repr(name) for name in close)}?)" if close else ""
+    raise UsageError(f"unknown schedule kind {value!r}{hint}; allowed: {', '.join(kind_names())}")
+
+
 def complete_kind(incomplete: str) -> list[str]:
     """`--kind`: the kinds and aliases starting with what is typed."""
     return [name for name in kind_names() if name.startswith(incomplete)]

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Annotated
 
 from ddpmcli.choices import SpacingName
 from ddpmcli.cli.common import as_flags, in_panel, parse_key_values
-from ddpmcli.cli.completion import complete_kind
+from ddpmcli.cli.completion import check_kind, complete_kind
 from ddpmcli.cli.option_groups import Command, option_group
 from ddpmcli.errors import UsageError
 
@@ -38,6 +38,7 @@ KindOpt = Annotated[
         "an alias such as squaredcos_cap_v2, or custom (with --betas-file/--alpha-bars-file). "
         "Default: linear.",
         autocompletion=complete_kind,
+        callback=check_kind,
     ),
 ]
 TimestepsOpt = Annotated[
