@@ -19,12 +19,18 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-_API = ("schedule", "load", "wrap", "reconstruct", "sample", "nll", "LoadedModel", "SampleResult")
+_API = (
+    "schedule", "load", "wrap", "reconstruct", "sample", "nll", "check", "LoadedModel",
+    "SampleResult",
+)  # fmt: skip
+_API_ELSEWHERE = {"check": "ddpmcli.api_check"}
+"""API names defined outside :mod:`ddpmcli.api` (which stays under the module size limit)."""
 
 __all__ = [
     "LoadedModel",
     "SampleResult",
     "__version__",
+    "check",
     "load",
     "nll",
     "reconstruct",
@@ -44,12 +50,14 @@ if TYPE_CHECKING:
         schedule,
         wrap,
     )
+    from ddpmcli.api_check import check
 
 
 def __getattr__(name: str) -> Any:
     """The API's names, imported from :mod:`ddpmcli.api` (and torch) on first use."""
     if name in _API:
-        value = getattr(importlib.import_module("ddpmcli.api"), name)
+        module = _API_ELSEWHERE.get(name, "ddpmcli.api")
+        value = getattr(importlib.import_module(module), name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'ddpmcli' has no attribute {name!r}")

@@ -13,6 +13,14 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from ddpmcli.cli.check_ckpt import (
+    NO_CHECKPOINT_FLAGS,
+    CheckpointArgOpt,
+    CheckpointFlags,
+    check_checkpoint,
+    checkpoint_options,
+    checkpoint_to_check,
+)
 from ddpmcli.cli.common import (
     FormatOpt,
     MaybePredictionTypeOpt,
@@ -24,7 +32,7 @@ from ddpmcli.cli.common import (
 )
 from ddpmcli.cli.compare import compare
 from ddpmcli.cli.option_groups import NO_TABLE_FLAGS, TableFlags, table_options
-from ddpmcli.cli.schedule_options import ScheduleFlags, schedule_options
+from ddpmcli.cli.schedule_options import NO_FLAGS, ScheduleFlags, schedule_options
 from ddpmcli.errors import UsageError
 from ddpmcli.output import emit, note, resolve_format
 
@@ -280,11 +288,14 @@ CHECK_COLUMNS: tuple[str, ...] = ("severity", "code", "t", "message")
 
 
 @schedule_options()
+@checkpoint_options()
 def check(
-    flags: ScheduleFlags,
+    checkpoint: CheckpointArgOpt = None,
+    flags: ScheduleFlags = NO_FLAGS,
     prediction_type: MaybePredictionTypeOpt = None,
     fmt: FormatOpt = "auto",
     no_header: NoHeaderOpt = False,
+    ckpt_flags: CheckpointFlags = NO_CHECKPOINT_FLAGS,
 ) -> None:
     """Lint a schedule or a diffusers config for known pitfalls, one finding per line.
 
@@ -311,6 +322,9 @@ def check(
     from ddpmcli.checks import SPAN_RUNS, lint_schedule, probe_steps, span_text
     from ddpmcli.configs import build_schedule
 
+    checkpoint, flags = checkpoint_to_check(checkpoint, flags)  # --from CKPT: with a note
+    if checkpoint is not None:
+        return check_checkpoint(checkpoint, flags, ckpt_flags, prediction_type, fmt, no_header)
     check_format_flags(fmt, no_header)
     # --steps/--spacing/--steps-offset are probed below, not built into the schedule
     steps, spacing, steps_offset = flags.steps, flags.spacing, flags.steps_offset
@@ -338,6 +352,10 @@ def check(
         probe_spacing=steps is None,
         declared_timesteps=config.declared_timesteps if config else None,
     )
+    if config is not None and config.flow is not None:  # a flow: the checks of its own grid
+        from ddpmcli.flow_checks import lint_built_flow
+
+        findings = lint_built_flow(built, steps, findings)
     # JSON: t is always a list of ints (the timesteps concerned, [] for none); text: a span,
     # shortened only in a table
     as_list = fmt in ("json", "jsonl")
