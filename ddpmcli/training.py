@@ -235,7 +235,7 @@ def _train(
     gen = torch.Generator().manual_seed(seed)
     data = data.to(torch.float32)
     n_data = data.shape[0]
-    model_t = schedule.timesteps
+    model_t = schedule.network_timesteps(torch.arange(schedule.num_steps))  # 1000 s on a flow
     losses: list[float] = []
     smoothed = math.nan
     start = time.perf_counter()

@@ -108,8 +108,8 @@ def _schedule_from_stored(value: Any, where: str) -> core.Schedule:
         if "kind" not in value and "betas" in value:
             _check_length(value["betas"], "schedule.betas")
             return core.schedule_from_betas(_f64(value["betas"]))
-        for name in ("betas", "alpha_bars"):
-            if name in value:
+        for name in ("betas", "alpha_bars", "alpha_t", "sigma_t", "model_timestep"):
+            if name in value:  # a path's arrays (core.schedule_from_path's spec) too
                 _check_length(value[name], f"schedule.{name}")
         if "timesteps" in value:
             steps = value["timesteps"]

@@ -71,8 +71,12 @@ MODEL_COLUMNS = (
     "time_ids",
     "latent_shape",
     "vae",
+    "noise_path",
+    "shift",
+    "grid",
 )
-"""Fields of conditional and latent models: shown by default only when a checkpoint has them."""
+"""Fields of conditional and latent models, and of paths other than VP (flow, sigma space): shown
+by default only when a checkpoint has them."""
 
 
 def info_row(model: LoadedModel) -> dict[str, Any]:
@@ -100,7 +104,28 @@ def info_row(model: LoadedModel) -> dict[str, Any]:
         "train_steps": training.get("steps"),
         "train_loss": training.get("final_loss"),
         **{name: model.info.get(name) for name in MODEL_COLUMNS},
+        **_path_fields(sched),
     }
+
+
+def _path_fields(sched: Any) -> dict[str, Any]:
+    """noise_path, shift (a flow's static shift, e^mu under dynamic shifting) and the grid's
+    sigma_t and model timestep ranges, for a schedule off VP."""
+    if sched.path == "vp":
+        return {}
+    from ddpmcli import core
+
+    shift = None
+    kind = sched.spec.get("kind")
+    if sched.path == "flow" and kind in core.SCHEDULE_KINDS:
+        params = {**core.SCHEDULE_KINDS[kind].defaults, **sched.spec.get("params", {})}
+        shift = core.flow_shift_factor(params)
+    sig, ts = sched.sigma_t, sched.model_timestep
+    grid = (
+        f"{sched.num_steps} entries, sigma_t {float(sig[0]):.6g}..{float(sig[-1]):.6g}, "
+        f"timestep {float(ts[0]):.6g}..{float(ts[-1]):.6g}"
+    )
+    return {"noise_path": sched.path, "shift": shift, "grid": grid}
 
 
 @model_options(leave_out=())

@@ -43,7 +43,7 @@ from ddpmcli.core.likelihood import (
     vb_terms,
 )
 from ddpmcli.core.path_kinds import PATHS
-from ddpmcli.core.paths import schedule_from_path
+from ddpmcli.core.paths import flow_shift_factor, schedule_from_path
 from ddpmcli.core.schedule import (
     PATH_DEFAULT_QUANTITIES,
     PATH_QUANTITIES,
@@ -87,6 +87,7 @@ __all__ = [
     "discretized_gaussian_log_likelihood_tanh",
     "dynamic_threshold",
     "extract",
+    "flow_shift_factor",
     "make_schedule",
     "normal_kl",
     "rescale_zero_terminal_snr",

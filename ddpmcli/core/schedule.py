@@ -166,6 +166,14 @@ class Schedule:
         idx = torch.tensor(list(indices), dtype=torch.long)
         return self._map_arrays(lambda v: v[idx.to(v.device)], per_t_only=True)
 
+    def network_timesteps(self, t: Tensor) -> Tensor:
+        """What the network is called with at indices ``t``: ``timesteps[t]`` (int64) on a VP
+        schedule, ``model_timestep[t]`` as float32 on another path (1000 s for a flow, as
+        diffusers' FlowMatchEulerDiscreteScheduler passes it; ln(sigma)/4 for EDM)."""
+        if self.path == "vp":
+            return self.timesteps[t.to(self.timesteps.device)]
+        return self.model_timestep[t.to(self.model_timestep.device)].to(torch.float32)
+
     def quantity(self, name: str) -> Tensor:
         """One of :data:`QUANTITIES` or :data:`PATH_QUANTITIES` by name."""
         if name not in QUANTITIES and name not in PATH_QUANTITIES:
@@ -182,11 +190,14 @@ class Schedule:
     def _c(self, values: Tensor, t: Tensor, like: Tensor) -> Tensor:
         return extract(values, t, like.ndim, like=like)
 
-    def _vp(self, x_t: Tensor, t: Tensor) -> Tensor:
-        """x'_t = x_t / c_t, the VP-equivalent of x_t (x_t itself on a VP schedule)."""
+    def vp_equivalent(self, x_t: Tensor, t: Tensor) -> Tensor:
+        """x'_t = x_t / c_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps, the VP-equivalent of x_t
+        (x_t itself on a VP schedule)."""
         if self.path == "vp":
             return x_t
         return x_t / self._c(self.path_scale, t, x_t)
+
+    _vp = vp_equivalent
 
     def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
         """x_t = alpha_t x0 + sigma_t eps (VP: sqrt(ab_t) x0 + sqrt(1 - ab_t) eps).

@@ -206,7 +206,7 @@ def _chunk_terms(setup: _BoundSetup, start: int, stop: int) -> tuple[Tensor, Ten
         tuple(data.shape[1:]),
     ).to(dtype=dtype, device=dev)
     x_t = sched.q_sample(xb, tb, eps)
-    t_model = sched.timesteps[tb]
+    t_model = sched.network_timesteps(tb)
     ts = sorted({setup.selected[p % k] for p in range(start, stop)})
     where = (setup.model_ts[ts[0]], setup.model_ts[ts[-1]])
     out, var_values = call_model(

@@ -99,8 +99,9 @@ class OptimalDenoiser:
         )
 
     def predict_x0(self, x_t: Tensor, t: Tensor, schedule: Schedule) -> Tensor:
-        """``E[x0 | x_t]`` for ``x_t`` ``[B, *shape]`` at schedule indices ``t`` ``[B]``."""
-        flat = x_t.reshape(x_t.shape[0], -1)
+        """``E[x0 | x_t]`` for ``x_t`` ``[B, *shape]`` at schedule indices ``t`` ``[B]`` (on a
+        path other than VP, of its VP-equivalent x_t/c_t: the same posterior)."""
+        flat = schedule.vp_equivalent(x_t, t).reshape(x_t.shape[0], -1)
         if flat.shape[1] != self.dim:
             raise DataError(
                 f"the optimal denoiser's data have {self.dim} values per sample, x_t has "

@@ -315,9 +315,15 @@ class _Job:
 
     def start(self, draw: Callable[[], Tensor]) -> Tensor:
         """x at the last index: the seed's first block, or ``init`` (the block is still drawn,
-        so that every later step's noise is the same either way)."""
+        so that every later step's noise is the same either way). Off VP the block is scaled to
+        the prior N(0, (alpha_T^2 + sigma_T^2) I) in the path's coordinates (VE: sigma_max)."""
         first = draw()
-        return first if self.init is None else self.init
+        if self.init is not None:
+            first = self.init
+        sched = self.loop.sched
+        if sched.path != "vp":
+            first = first * torch.hypot(sched.prior_alpha_t, sched.prior_sigma_t).to(first.dtype)
+        return first
 
     def noise(self) -> Callable[[], Tensor]:
         """The run's noise source: each call draws the next ``(n, *data_shape)`` block (the

@@ -260,7 +260,11 @@ def _chunk_metrics(
     x_t = sched.q_sample(x0c, tc, eps)
     where = (run.ts[j], run.ts[(b - 1) // size])
     out, _ = call_model(
-        run.net.predict, x_t.to(run.mdtype), sched.timesteps[ti], t=where, sample_index=si + g0
+        run.net.predict,
+        x_t.to(run.mdtype),
+        sched.network_timesteps(ti),
+        t=where,
+        sample_index=si + g0,
     )
     out = out.to(x_t.dtype)
     x0_hat = sched.predict_x0(out, x_t, tc, run.pred_type)

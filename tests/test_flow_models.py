@@ -1,0 +1,144 @@
+"""Flow-prediction models end to end (issue 16): a rectified-flow model declared through
+``ddpmcli.wrap`` or a native checkpoint runs through reconstruct, sample (DDIM with eta 0 on the
+path = flow Euler) and nll in the path's own coordinates, and `ddpm info` shows its path.
+
+The reference model is the exact optimal velocity of a point set, computed from the network's
+timestep alone (s = timestep/1000): it knows nothing of ddpm's arrays, so it checks that the model
+is called with 1000 s and that its output is read as v = eps - x0.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import ddpmcli
+from ddpmcli import core
+from ddpmcli.run import OptimalDenoiser
+
+T = 200
+POINTS = torch.tensor([[-0.6, 0.2], [0.5, -0.4], [0.1, 0.7], [0.3, 0.3]], dtype=torch.float64)
+
+
+class OptimalFlow(nn.Module):
+    """v*(x, s) = (x - E[x0 | x_t = x])/s for x_t = (1 - s) x0 + s eps, x0 uniform on POINTS."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("points", POINTS.clone())
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        s = (t.to(torch.float64) / T)[:, None]
+        x64 = x.to(torch.float64)
+        diff = x64[:, None, :] - (1 - s)[:, None] * self.points[None]
+        w = torch.softmax(-(diff**2).sum(-1) / (2 * s**2), dim=1)
+        return ((x64 - w @ self.points) / s).to(x.dtype)
+
+
+def _flow_model(shift: float = 3.0) -> ddpmcli.LoadedModel:
+    sched = ddpmcli.schedule("flow", T, shift=shift)
+    return ddpmcli.wrap(
+        OptimalFlow(), schedule=sched, prediction_type="flow", data_shape=(2,),
+        reference_samples=POINTS.to(torch.float32),
+    )  # fmt: skip
+
+
+def test_reconstruct_of_the_optimal_flow_is_the_optimal_denoiser() -> None:
+    model = _flow_model()
+    r = ddpmcli.reconstruct(
+        model, POINTS.repeat(4, 1), t=[0, 20, 100, 199], clip=False, dtype="float64",
+        compare_optimal=OptimalDenoiser.from_points(POINTS),
+    )  # fmt: skip
+    for row in r.rows:
+        # the model sees its timestep in float32 (as diffusers passes it): 1e-7 relative in s
+        assert row["mse"] == pytest.approx(row["optimal_mse"], rel=1e-6, abs=1e-12), row
+        assert row["eps_mse"] == pytest.approx(row["optimal_eps_mse"], rel=1e-6, abs=1e-12)
+
+
+def test_ddim_on_a_flow_is_the_flow_euler_loop() -> None:
+    """Deterministic DDIM (eta 0) on the flow path: x <- x + (s_next - s) v, from x_T = eps."""
+    model = _flow_model()
+    init = torch.randn(6, 2, generator=torch.Generator().manual_seed(1))
+    r = ddpmcli.sample(
+        model, n=6, steps=20, spacing="linspace", sampler="ddim", init=init, clip=False,
+        dtype="float64",
+    )  # fmt: skip
+    sched = r.schedule
+    x = init.to(torch.float64)
+    net = OptimalFlow()
+    s = sched.sigma_t.tolist()
+    for i in range(sched.num_steps - 1, -1, -1):
+        t = torch.full((6,), float(sched.model_timestep[i]), dtype=torch.float64)
+        x = x + ((s[i - 1] if i else 0.0) - s[i]) * net(x, t)
+    assert sched.num_steps == 20 and float(sched.sigma_t[0]) < 0.02
+    assert torch.allclose(r.samples.to(torch.float64), x, rtol=1e-6, atol=1e-6)  # float32 out
+    # the optimal flow brings every sample onto one of the points
+    nearest = torch.cdist(x, POINTS).min(dim=1).values
+    assert float(nearest.max()) < 1e-3
+
+
+def test_nll_of_a_flow_model_is_finite_and_the_prior_term_is_the_vp_one() -> None:
+    model = _flow_model()
+    r = ddpmcli.nll(model, POINTS.repeat(2, 1), dtype="float64")
+    total = [row for row in r.rows if row.get("term") == "total"][0]
+    assert math.isfinite(total["bits_per_dim"])
+    # the flow ends at s = 1: x_T = eps exactly, so the prior term is 0
+    prior = [row for row in r.rows if row.get("term") == "prior"][0]
+    assert prior["bits_per_dim"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_native_flow_checkpoint_through_the_cli(tmp_path: Path, cli) -> None:
+    from ddpmcli import models
+    from ddpmcli.checkpoints import save_native_checkpoint
+
+    torch.manual_seed(0)
+    hp = models.default_hparams("mlp", (2,))
+    path = save_native_checkpoint(
+        tmp_path / "flow.pt", models.build_model("mlp", hp), architecture="mlp", hparams=hp,
+        schedule=core.make_schedule("flow", 50, shift=3.0), prediction_type="flow",
+        data_shape=(2,), reference_samples=POINTS.to(torch.float32),
+    )  # fmt: skip
+    info = cli("info", str(path), "--format", "json")
+    assert info.exit_code == 0, info.stderr
+    row = json.loads(info.stdout)[0]
+    assert (row["noise_path"], row["shift"], row["prediction_type"]) == ("flow", 3.0, "flow")
+    assert row["grid"].startswith("50 entries, sigma_t 0.0")
+    for args in (
+        ("reconstruct", str(path), "--format", "csv"),
+        ("sample", str(path), "--sampler", "ddim", "--steps", "5", "-n", "8", "--format", "csv"),
+        ("nll", str(path), "-n", "4", "--format", "csv"),
+    ):
+        result = cli(*args)
+        assert result.exit_code == 0, (args, result.stderr)
+        assert "nan" not in result.stdout.lower(), args
+
+
+def test_training_feeds_a_flow_model_its_model_timesteps() -> None:
+    from ddpmcli import training
+
+    sched = core.make_schedule("flow", 10, shift=2.0)
+    seen: list[torch.Tensor] = []
+
+    class Spy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(()))
+
+        def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            seen.append(t.detach().clone())
+            return x * self.w
+
+    x0 = torch.zeros(4, 2)
+    t = torch.tensor([0, 3, 9, 9])
+    loss = training._loss(  # the one loss step of train_denoiser
+        Spy(), sched, sched.network_timesteps(torch.arange(10)), x0, t, torch.ones(4, 2),
+        "flow", False,
+    )  # fmt: skip
+    assert torch.allclose(seen[0].double(), sched.model_timestep[t], rtol=1e-7)
+    # flow target v = eps - x0 = 1, the output 0: loss 1
+    assert float(loss.detach()) == pytest.approx(1.0)
