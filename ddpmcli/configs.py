@@ -300,11 +300,14 @@ class ScheduleRequest:
 
 @dataclass(frozen=True)
 class BuiltSchedule:
-    """A schedule with where it came from: the diffusers config (if any), and whether respaced."""
+    """A schedule with where it came from: the diffusers config (if any), whether respaced, and
+    a flow's dynamic shift (``mu``, from ``image_seq_len`` when that was given)."""
 
     schedule: Schedule
     config: SchedulerConfig | None = None
     respaced: bool = False
+    mu: float | None = None
+    image_seq_len: int | None = None
 
 
 def _check_request(request: ScheduleRequest) -> str | None:
@@ -444,9 +447,12 @@ def _flow_built(request: ScheduleRequest, config: SchedulerConfig) -> BuiltSched
             f"{verbatim(config.path)} is a flow scheduler ({flow.class_name}): its --steps grid is "
             "the scheduler's own; {spacing} and {steps_offset} do not apply"
         )
-    mu = scheduler_classes.mu_of(flow, request.mu, image_tokens(request))
+    tokens = image_tokens(request)
+    mu = scheduler_classes.mu_of(flow, request.mu, tokens)
     if request.steps is None:
-        return BuiltSchedule(scheduler_classes.training_schedule(flow, mu), config, False)
+        return BuiltSchedule(
+            scheduler_classes.training_schedule(flow, mu), config, False, mu, tokens
+        )
     steps = request.steps.strip()
     if not steps.isdigit() or int(steps) < 1:
         raise ParameterError(f"{{steps}} of a flow scheduler must be a step count, got {steps!r}")
@@ -464,7 +470,7 @@ def _flow_built(request: ScheduleRequest, config: SchedulerConfig) -> BuiltSched
             f"{config.path}: the {steps}-step grid of these settings ({', '.join(settings)}) "
             f"is not a noise schedule: {exc}"
         ) from None
-    return BuiltSchedule(schedule, config, True)
+    return BuiltSchedule(schedule, config, True, mu, tokens)
 
 
 def build_schedule(request: ScheduleRequest) -> BuiltSchedule:

@@ -218,3 +218,62 @@ def test_cli_from_a_flow_folder(cli, tmp_path: Path) -> None:  # type: ignore[no
     assert (
         result.exit_code == 2 and "--resolution" in result.stderr and "--param mu=" in result.stderr
     )
+
+
+# ---- ddpm check on flow configs ---------------------------------------------------------------
+
+
+def _findings(cli, *args: str) -> dict[str, dict[str, Any]]:  # type: ignore[no-untyped-def]
+    result = cli("check", *args, "--format", "json")
+    assert result.exit_code == 0, result.stderr
+    return {row["code"]: row for row in json.loads(result.stdout)}
+
+
+def test_check_finds_the_double_shift_of_sd3(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    found = _findings(cli, "--from", str(_folder(tmp_path, SD3)), "--steps", "8")
+    twice = found["shift_applied_twice"]
+    assert twice["severity"] == "warning" and twice["t"] == [0]
+    assert "0.00892857" in twice["message"] and "0.00299401" in twice["message"]
+    assert "flow_starts_at_s1" in found
+    # no VP alpha_bar precision findings on a flow
+    assert not any(code.startswith(("float32_alpha", "float16_alpha")) for code in found)
+    # Flux's pipeline passes its own sigmas: no double shift there
+    assert "shift_applied_twice" not in _findings(cli, "--from", "flux@1024", "--steps", "8")
+
+
+def test_check_dynamic_shift_needs_mu_and_warns_outside_the_fitted_range(
+    cli, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    folder = str(_folder(tmp_path, FLUX))
+    missing = _findings(cli, "--from", folder)["dynamic_shift_without_mu"]
+    assert "--resolution" in missing["message"] and "--param mu=X" in missing["message"]
+    inside = _findings(cli, "--from", folder, "--image-seq-len", "4096")
+    assert "seq_len_extrapolated" not in inside and "dynamic_shift_without_mu" not in inside
+    outside = _findings(cli, "--from", folder, "--image-seq-len", "8192")["seq_len_extrapolated"]
+    assert "[256, 4096]" in outside["message"] and "1.84333" in outside["message"]
+    # the config records shift 3 but the grid at 512 px is shifted by e^0.63
+    differs = _findings(cli, "--from", folder, "--resolution", "512")["training_shift_differs"]
+    assert differs["severity"] == "info" and "1.878" in differs["message"]
+
+
+def test_check_integer_and_low_precision_grids(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    wan = {**WAN, "flow_shift": 5.0}
+    found = _findings(cli, "--from", str(_folder(tmp_path, wan)), "--steps", "500")
+    repeats = found["timestep_repeats"]
+    from ddpmcli.core import scheduler_grids as sg
+
+    grid = sg.unipc_flow_grid(500, flow_shift=5.0)
+    values = grid.timesteps.tolist()
+    count = sum(values[i] == values[i - 1] for i in range(1, 500))
+    assert repeats["message"].startswith(f"{count} of the 500 timesteps repeat") and count > 0
+    assert "bfloat16_s_rounds_to_1" in found and "bfloat16_timesteps_collide" in found
+
+
+def test_lint_flow_library_training_shift() -> None:
+    from ddpmcli.flow_checks import lint_flow
+    from ddpmcli.scheduler_classes import flow_settings
+
+    settings = flow_settings(SD3, "FlowMatchEulerDiscreteScheduler", "sd3")
+    codes = {f.code for f in lint_flow(settings, steps=28, train_shift=1.0)}
+    assert "training_shift_differs" in codes
+    assert "training_shift_differs" not in {f.code for f in lint_flow(settings, train_shift=3.0)}
