@@ -123,14 +123,16 @@ def schedule(
 
     Args:
         kind: a schedule kind or alias (``linear``, ``cosine``, ``sigmoid``, ...; default
-            ``linear``), or ``custom`` with ``betas_file``/``alpha_bars_file``.
+            ``linear``; the paths ``flow``, ``edm_sigma``, ``ve``), or ``custom`` with
+            ``betas_file``/``alpha_bars_file``.
         timesteps: T (default 1000).
         zero_terminal_snr, logsnr_shift: transforms applied in that order.
         steps, spacing, steps_offset: respace to ``steps`` (a count or a section string such as
             ``ddim50``); spacing default ``leading`` (or the config file's).
         from_file: a diffusers ``scheduler_config.json`` (or a folder holding one).
         betas_file, alpha_bars_file: a custom schedule from a file of numbers.
-        **params: the kind's own parameters (``beta_start``, ``beta_end``, ``s``, ...).
+        **params: the kind's own parameters (``beta_start``, ``beta_end``, ``s``, a flow's
+            ``shift`` or ``mu``, ...).
 
     Raises:
         ParameterError: conflicting or out-of-range choices. ScheduleError: bad parameters.
@@ -204,7 +206,8 @@ def wrap(
 
     Args:
         schedule: the training schedule (:func:`schedule`).
-        prediction_type: ``epsilon``, ``sample`` or ``v_prediction`` (aliases eps, x0, v).
+        prediction_type: ``epsilon``, ``sample``, ``v_prediction`` or ``flow`` (the rectified
+            flow velocity eps - x0; aliases eps, x0, v, flow_prediction, velocity).
         data_shape: one sample's shape, ``(D,)`` or ``(C, H, W)``.
         data_range: the data's range (what clipping and ``clip_fraction`` refer to).
         learned_variance: the output holds improved-diffusion's variance values too.

@@ -142,3 +142,42 @@ def test_training_feeds_a_flow_model_its_model_timesteps() -> None:
     assert torch.allclose(seen[0].double(), sched.model_timestep[t], rtol=1e-7)
     # flow target v = eps - x0 = 1, the output 0: loss 1
     assert float(loss.detach()) == pytest.approx(1.0)
+
+
+FACTORY = """
+import torch
+from torch import nn
+
+
+class Flow(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, x, t):
+        return self.lin(torch.cat([x, t.to(x.dtype)[:, None] / 1000], dim=1))
+
+
+def make(path, load_weights):
+    return Flow(), {
+        "schedule": {"kind": "flow", "timesteps": 100, "params": {"shift": 3.0}},
+        "prediction_type": "velocity",
+        "data_shape": [2],
+    }
+"""
+
+
+def test_a_model_factory_declares_a_flow_path(tmp_path: Path, cli) -> None:
+    (tmp_path / "flowfactory.py").write_text(FACTORY)
+    weights = tmp_path / "weights.pt"
+    torch.save({}, weights)
+    spec = f"{tmp_path / 'flowfactory.py'}:make"
+    info = cli("info", "--model", spec, str(weights), "--format", "json")
+    assert info.exit_code == 0, info.stderr
+    row = json.loads(info.stdout)[0]
+    assert (row["noise_path"], row["shift"], row["prediction_type"]) == ("flow", 3.0, "flow")
+    result = cli(
+        "sample", "--model", spec, str(weights), "--sampler", "ddim", "--steps", "4", "-n", "4",
+        "--format", "csv",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
