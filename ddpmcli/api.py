@@ -31,6 +31,12 @@ from torch import Tensor, nn
 
 from ddpmcli import core, limits
 from ddpmcli.api_ode import NllComparison, OdeResult, OdeSettings, nll_ode
+from ddpmcli.api_sampling import (
+    resolve_sampler,
+    sampling_schedule,
+    sampling_spacing,
+    solver_options,
+)
 from ddpmcli.checkpoints import LoadedModel, load_checkpoint
 from ddpmcli.checkpoints.conditioning import attach
 from ddpmcli.checkpoints.in_memory import (
@@ -43,13 +49,12 @@ from ddpmcli.checkpoints.in_memory import (
 from ddpmcli.checkpoints.latent import decoded_error, samples_of, space_result, space_rows
 from ddpmcli.checkpoints.loaded import check_output_shape, loaded_model
 from ddpmcli.choices import (
-    DEFAULT_SPACING,
-    SPACINGS,
     DecoderName,
     DeviceName,
     DtypeName,
     NllMethod,
     SamplerName,
+    SampleSpacingName,
     SpacingName,
     VarianceType,
     prediction_type_choices,
@@ -73,7 +78,6 @@ from ddpmcli.run import (
     reconstruction_sweep,
     resolve_device,
     resolve_dtype,
-    respaced_schedule,
     variational_bound,
 )
 from ddpmcli.run import sample as run_sample
@@ -376,23 +380,6 @@ class SampleResult(SampleRun):
     references: Tensor | None = None
 
 
-def sampling_spacing(model: LoadedModel, spacing: str | None = None) -> tuple[str, int]:
-    """The spacing and offset :func:`sample` respaces with: ``spacing``, else the checkpoint's
-    own (a diffusers scheduler's ``timestep_spacing``), else ``trailing`` (it visits t = T-1);
-    with the checkpoint's ``steps_offset`` (diffusers adds it under leading spacing)."""
-    own = model.info.get("scheduler_timestep_spacing")
-    chosen = spacing or (own if own in SPACINGS else DEFAULT_SPACING)
-    return chosen, int(model.info.get("scheduler_steps_offset") or 0)
-
-
-def sampling_schedule(
-    model: LoadedModel, steps: int | str | None, spacing: SpacingName | None = None
-) -> core.Schedule:
-    """The schedule :func:`sample` runs: the model's, respaced to ``steps`` (a count or a
-    section string such as ``ddim50``; None: all T) as :func:`sampling_spacing` says."""
-    return respaced_schedule(model.schedule, steps, *sampling_spacing(model, spacing))
-
-
 def sample_settings(
     model: LoadedModel,
     n: int = 64,
@@ -404,9 +391,11 @@ def sample_settings(
     dynamic_threshold: float | None = None,
     trajectory_every: int | None = None,
     trajectory_samples: int | None = None,
+    **solver: Any,
 ) -> SampleSettings:
     """The checked settings :func:`sample` runs with (the same parameters); the CLI calls it
-    first, so a setting that cannot run is refused before any data is read.
+    first, so a setting that cannot run is refused before any data is read. ``solver``: the
+    solver options (:func:`ddpmcli.api_sampling.solver_options`).
 
     Raises:
         ParameterError: an unknown sampler or variance, eta with ddpm, learned_range without a
@@ -420,6 +409,7 @@ def sample_settings(
         sampler=sampler, variance=variance, eta=float(eta), clip=clip,
         dynamic_threshold=dynamic_threshold, data_range=model.data_range,
         trajectory_every=trajectory_every, trajectory_samples=trajectory_samples,
+        **solver_options(model, solver),
     )  # fmt: skip
     check_sample_settings(settings, learned_variance=model.learned_variance)
     return settings
@@ -429,12 +419,14 @@ def sample(
     model: LoadedModel,
     n: int = 64,
     steps: int | str | None = None,
-    sampler: SamplerName | str = "ddpm",
+    sampler: SamplerName | str | None = None,
     *,
     seed: int = 0,
     variance: VarianceType = "fixed_small",
     eta: float = 0.0,
-    spacing: SpacingName | None = None,
+    spacing: SampleSpacingName | None = None,
+    grid: SampleSpacingName | Sequence[float] | None = None,
+    init: Tensor | None = None,
     clip: bool = True,
     dynamic_threshold: float | None = None,
     batch_size: int | None = None,
@@ -446,6 +438,7 @@ def sample(
     trajectory_samples: int | None = None,
     observers: Sequence[Observer] = (),
     ranks: Ranks | None = None,
+    **solver: Any,
 ) -> SampleResult:
     """Draw ``n`` samples and watch every step: the numbers of `ddpm sample`.
 
@@ -453,8 +446,15 @@ def sample(
         model: from :func:`load` or :func:`wrap`.
         n: number of samples.
         steps: respace to this many steps (or a section string such as ``ddim50``); None: all T.
-        sampler: ``ddpm`` (ancestral) or ``ddim``, or one registered with
-            :func:`ddpmcli.run.register_sampler`.
+        sampler: ``ddpm`` (ancestral), ``ddim``, ``dpmpp-2m``/``-3m``/``-2m-sde``, ``unipc``,
+            ``euler``, ``euler-a``, ``heun``, ``flow-euler``, or one registered with
+            :func:`ddpmcli.run.register_sampler`; None: a diffusers folder's own scheduler
+            where ddpm has it (:func:`ddpmcli.api_sampling.own_scheduler`), else ``ddpm``.
+        grid: a spacing (as ``spacing``, e.g. ``karras``) or explicit EDM sigmas, descending.
+        init: the standard-normal x_T ``[n, *data_shape]`` to start from (diffusers' latents).
+        solver: ``order``, ``solver_type``, ``lower_order_final``, ``euler_at_final``,
+            ``final_sigmas_type``, ``corrector``, ``s_churn``/``s_tmin``/``s_tmax``/``s_noise``,
+            ``stochastic`` (:mod:`ddpmcli.api_sampling`).
         seed: same seed, same samples (whatever ``batch_size``).
         variance: the ancestral variance (``fixed_small``, ``fixed_large``, ``learned_range``).
         eta: DDIM's noise scale (ddim only).
@@ -475,12 +475,13 @@ def sample(
         ParameterError: settings that cannot run (before any model call).
         NonFiniteSampleError, ModelFailure: the run failed; ``rows`` holds the steps so far.
     """
+    name, how, sigmas, solver, _ = resolve_sampler(model, sampler, spacing, grid, solver)
     settings = sample_settings(
-        model, n, sampler, variance=variance, eta=eta, clip=clip,
+        model, n, name, variance=variance, eta=eta, clip=clip,
         dynamic_threshold=dynamic_threshold, trajectory_every=trajectory_every,
-        trajectory_samples=trajectory_samples,
+        trajectory_samples=trajectory_samples, **solver,
     )  # fmt: skip
-    sched = sampling_schedule(model, steps, spacing)
+    sched = sampling_schedule(model, steps, how, name, sigmas)
     refs = _references(model, references, seed)
     if data_variance is None:
         data_variance = 1.0 if refs is None else float(refs.double().var(correction=0))
@@ -490,7 +491,7 @@ def sample(
     run = run_sample(
         model.predict, sched, model.prediction_type, model.data_shape, n=n, settings=settings,
         seed=seed, batch_size=batch_size, device=model.device, model_dtype=model.dtype,
-        data_variance=data_variance, observers=observers, ranks=ranks,
+        data_variance=data_variance, observers=observers, ranks=ranks, init=init,
     )  # fmt: skip
     return SampleResult(
         samples=run.samples, rows=run.rows, trajectory=run.trajectory,

@@ -113,6 +113,10 @@ def test_typer_choices_are_the_library_choices() -> None:
         if option == "decoder":  # nll: auto picks by the data's shape
             assert offered == ("auto", *choices.DECODERS), command
             continue
+        if (command, option) == ("sample", "spacing"):  # respacings and sigma grids
+            assert offered == choices.SAMPLE_SPACINGS, command
+            assert offered == (*choices.SPACINGS, *choices.SIGMA_SPACINGS)
+            continue
         assert option in OPTION_CHOICES, f"{command} --{option}: add it to ddpmcli.choices"
         assert offered == getattr(choices, OPTION_CHOICES[option]), f"{command} --{option}"
 

@@ -16,7 +16,7 @@ from ddpmcli import limits
 from ddpmcli.choices import (
     DtypeName,
     SamplerName,
-    SpacingName,
+    SampleSpacingName,
     VarianceType,
 )
 from ddpmcli.cli.common import (
@@ -40,6 +40,24 @@ from ddpmcli.cli.option_groups import (
     TableFlags,
     model_options,
     table_options,
+)
+from ddpmcli.cli.solver_options import (
+    ChurnOpt,
+    CorrectorOpt,
+    EulerAtFinalOpt,
+    FinalSigmasOpt,
+    InitOpt,
+    LowerOrderFinalOpt,
+    OrderOpt,
+    SigmasOpt,
+    SnoiseOpt,
+    SolverTypeOpt,
+    StochasticOpt,
+    TmaxOpt,
+    TminOpt,
+    parse_sigmas,
+    read_init,
+    solver_flags,
 )
 from ddpmcli.errors import UsageError
 from ddpmcli.output import check_writable, note, progress
@@ -87,6 +105,17 @@ def _spacing(model: LoadedModel, spacing: str | None) -> tuple[str, int]:
     return sampling_spacing(model, spacing)
 
 
+def _reference_flag(
+    reference: str | None, old: str | None, n: int, batch: int | None
+) -> str | None:
+    """--references (or the old, hidden --reference); the counts checked before loading."""
+    reject_conflicts(("--references", reference is not None), ("--reference", old is not None))
+    limits.check_count(n, "n")  # before loading: the one count check and message
+    if batch is not None:
+        limits.check_count(batch, "batch_size")
+    return reference if old is None else old
+
+
 def _check_save(save: Path | None) -> Path | None:
     if save is None:
         return None
@@ -104,12 +133,15 @@ def sample(
     ctx: typer.Context,
     checkpoint: CheckpointArg,
     sampler: Annotated[
-        SamplerName,
+        SamplerName | None,
         _sampler_option(
             "--sampler",
-            help="ddpm: ancestral (Ho et al. 2020, Alg. 2); ddim: Song et al. 2021 with --eta.",
+            help="ddpm: ancestral (Ho et al. 2020, Alg. 2); ddim: Song et al. 2021 with --eta; "
+            "dpmpp-2m/-3m/-2m-sde: DPM-Solver++ (Lu et al. 2022b); unipc (Zhao et al. 2023); "
+            "euler, euler-a, heun (Karras et al. 2022); flow-euler. Default: a diffusers "
+            "folder's own scheduler where ddpm has it (said on stderr), else ddpm.",
         ),
-    ] = "ddpm",
+    ] = None,
     variance: VarianceOpt = "fixed_small",
     eta: Annotated[
         float,
@@ -128,11 +160,13 @@ def sample(
         ),
     ] = None,
     spacing: Annotated[
-        SpacingName | None,
+        SampleSpacingName | None,
         _sampler_option(
             "--spacing",
-            help="How N steps are spread. Default: the checkpoint's own (a diffusers scheduler's "
-            "timestep_spacing, with its steps_offset), else trailing (it visits t = T-1).",
+            help="How N steps are spread: leading/trailing/linspace over the training timesteps, "
+            "or N noise levels between the model's sigma_min and sigma_max: karras (rho 7), "
+            "exponential, beta, lu (uniform log-SNR). Default: the checkpoint's own (a diffusers "
+            "scheduler's timestep_spacing, with its steps_offset), else trailing.",
         ),
     ] = None,
     clip: Annotated[
@@ -198,6 +232,19 @@ def sample(
     table: TableFlags = NO_TABLE_FLAGS,
     model_flags: ModelFlags = NO_MODEL_FLAGS,
     threads: ThreadsOpt = None,
+    order: OrderOpt = None,
+    solver_type: SolverTypeOpt = None,
+    lower_order_final: LowerOrderFinalOpt = None,
+    euler_at_final: EulerAtFinalOpt = None,
+    final_sigmas: FinalSigmasOpt = None,
+    corrector: CorrectorOpt = None,
+    s_churn: ChurnOpt = None,
+    s_tmin: TminOpt = None,
+    s_tmax: TmaxOpt = None,
+    s_noise: SnoiseOpt = None,
+    stochastic: StochasticOpt = None,
+    init: InitOpt = None,
+    sigmas: SigmasOpt = None,
 ) -> None:
     """Sample from a checkpoint and show every step: one row per step.
 
@@ -221,60 +268,82 @@ def sample(
     """
     table.check()
     reject_conflicts(("--summary", summary), ("--columns", table.columns is not None))
-    _reject_idle_options(ctx, sampler, dynamic_threshold, table.plot is not None)
-    reject_conflicts(("--references", reference is not None), ("--reference", old is not None))
-    reference = reference if old is None else old  # --reference: the old, hidden spelling
-    limits.check_count(n, "n")  # before loading: the one count check and message
-    if batch_size is not None:
-        limits.check_count(batch_size, "batch_size")
-    plot_path = table.plot_path("sample")
-    save_path = _check_save(save)
+    _reject_idle_options(ctx, sampler or "", dynamic_threshold, table.plot is not None)
+    reference = _reference_flag(reference, old, n, batch_size)
+    plot_path, save_path = table.plot_path("sample"), _check_save(save)
     # usage errors above answer before torch is imported (issue 20: well under a second)
     from ddpmcli import api
+    from ddpmcli.api_sampling import resolve_sampler
     from ddpmcli.run import RunError, progress_observer
 
     ranks, run_device = join_ranks(device)
+    solver = solver_flags(
+        order=order, solver_type=solver_type, lower_order_final=lower_order_final,
+        euler_at_final=euler_at_final, final_sigmas=final_sigmas, corrector=corrector,
+        s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise, stochastic=stochastic,
+    )  # fmt: skip
+    grid, x_init = parse_sigmas(sigmas), read_init(init)
+    reject_conflicts(("--sigmas", grid is not None), ("--steps", steps is not None))
     model = model_flags.load(checkpoint, run_device, dtype, data=reference, seed=seed)
     use_threads(threads, model, ranks)
     limits.check_run_sizes(model.data_shape, n=n, batch_size=batch_size, one_batch_default=True)
     threshold = percentile if dynamic_threshold else None
     with as_flags():  # settings that cannot run are refused before any data is read
+        name, how, grid, solver, said = resolve_sampler(model, sampler, spacing, grid, solver)
         settings = api.sample_settings(
-            model, n, sampler, variance=variance, eta=eta, clip=clip,
-            dynamic_threshold=threshold, trajectory_every=trajectory_every,
+            model, n, name, variance=variance, eta=eta, clip=clip,
+            dynamic_threshold=threshold, trajectory_every=trajectory_every, **solver,
         )  # fmt: skip
-        schedule = api.sampling_schedule(model, steps, spacing)
+        schedule = api.sampling_schedule(model, steps, how, name, grid)
+    if said and not table.quiet:
+        note(said)
     if save_path is not None and save_path.suffix.lower() == ".png" and len(model.data_shape) != 3:
         raise UsageError(f"--save {str(save_path)!r}: a .png grid needs image data; use .npz")
-    title = f"sample {checkpoint.name} ({sampler}, {schedule.num_steps} steps)"
+    title = f"sample {checkpoint.name} ({name}, {schedule.num_steps} steps)"
     cols = select_columns(table.columns, _step_columns())
     try:
         with progress(n * schedule.num_steps, "sampling", table.quiet) as bar, as_flags():
             run = api.sample(
-                model, n, steps, sampler, seed=seed, variance=variance, eta=eta, spacing=spacing,
-                clip=clip, dynamic_threshold=threshold, batch_size=batch_size,
-                references=reference, trajectory_every=trajectory_every,
-                observers=[progress_observer(bar)], ranks=ranks,
+                model, n, steps, name, seed=seed, variance=variance, eta=eta,
+                grid=grid if grid is not None else how,  # type: ignore[arg-type]
+                clip=clip,
+                dynamic_threshold=threshold, batch_size=batch_size, references=reference,
+                trajectory_every=trajectory_every, observers=[progress_observer(bar)],
+                ranks=ranks, init=x_init, **solver,
             )  # fmt: skip
     except RunError as exc:  # NaN/Inf or the model's own failure: the rows so far, then the error
         if not summary and exc.rows:
             table.emit(exc.rows, cols, title)
         raise
     refs = run.references  # a latent model's: latents (its images encoded by the VAE)
+    distances = _report(
+        run, model, table, summary, (settings, schedule.num_steps, n, seed), cols, title
+    )
+    if save_path is not None and ranks.is_main:
+        _save_samples(save_path, run.samples, model, schedule.name, table.quiet)
+    if plot_path is not None and ranks.is_main:
+        _plot(run, plot_path, model, refs, distances, title, table.quiet)
+
+
+def _report(
+    run: Any, model: LoadedModel, table: Any, summary: bool, what: tuple[Any, int, int, int],
+    cols: list[str], title: str,
+) -> dict[str, float]:  # fmt: skip
+    """The rows (or the --summary row) and the distances to the references, which it returns;
+    ``what`` = (settings, steps, n, seed)."""
+    settings, steps, n, seed = what
+    refs = run.references
     if not table.quiet:
         _reference_note(model, refs)
     distances = _distances(run.samples, refs, model.data_shape, seed)
     if summary:
-        row = _summary_row(settings, schedule.num_steps, n, seed, run.samples, distances)
+        row = _summary_row(settings, steps, n, seed, run.samples, distances)
         table.emit([row], list(SUMMARY_COLUMNS), title, columns_option=False)
     else:
         table.emit(run.rows, cols, title)
         if distances and not table.quiet:
             note(", ".join(f"{k} {v:.6g}" for k, v in distances.items()) + " (to the reference)")
-    if save_path is not None and ranks.is_main:
-        _save_samples(save_path, run.samples, model, schedule.name, table.quiet)
-    if plot_path is not None and ranks.is_main:
-        _plot(run, plot_path, model, refs, distances, title, table.quiet)
+    return distances
 
 
 def _plot(

@@ -125,10 +125,11 @@ class _Loop:
 
 
 def _t_vector(loop: _Loop, i: int, n: int, dev: torch.device) -> Tensor:
-    """The model's timestep at index ``i`` for ``n`` samples: int64, or float32 on a grid whose
-    model timesteps are not whole (a VP model on a Karras grid, a flow model)."""
+    """The model's timestep at index ``i`` for ``n`` samples: int64, or float32 off VP and on a
+    grid whose model timesteps are not whole (a VP model on a Karras grid): as
+    ``Schedule.network_timesteps`` on a schedule's own entries."""
     value = loop.model_t[i]
-    if value != round(value):
+    if value != round(value) or loop.sched.path != "vp":  # (a flow's 1000 s: float32 always)
         return torch.full((n,), value, dtype=torch.float32, device=dev)
     return torch.full((n,), round(value), dtype=torch.long, device=dev)
 
@@ -338,7 +339,7 @@ def _run(job: _Job) -> SampleRun:
     """The generic loop: noise, step, emit; from the last index down to 0."""
     loop, stats, recorder, watchers, n = job.loop, job.stats, job.recorder, job.watchers, job.n
     num = job.schedule.num_steps
-    timesteps = job.schedule.timesteps.tolist()
+    timesteps = [round(v) for v in loop.model_t]  # the model's (rounded where fractional)
     draw = job.noise()
     uses_noise = loop.sampler.uses_noise(loop.settings)
     at_zero = loop.sampler.noise_at_zero is not None and loop.sampler.noise_at_zero(loop.settings)
@@ -372,7 +373,7 @@ def _run_ranks(job: _Job, ranks: Ranks) -> SampleRun:
     assembled in sample order."""
     loop, stats, recorder, n = job.loop, job.stats, job.recorder, job.n
     num = job.schedule.num_steps
-    timesteps = job.schedule.timesteps.tolist()
+    timesteps = [round(v) for v in loop.model_t]  # the model's (rounded where fractional)
     draw = job.noise()
     lo, hi = ranks.share(n)
     uses_noise = loop.sampler.uses_noise(loop.settings)

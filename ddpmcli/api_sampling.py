@@ -1,0 +1,225 @@
+"""The solver side of :func:`ddpmcli.sample`: the grid a sampler runs (respacings, the sigma
+grids ``karras``/``exponential``/``beta``/``lu``, an explicit list of sigmas), the solver options
+as the library names them, and the sampler a diffusers folder's own scheduler config implies.
+
+Kept apart from :mod:`ddpmcli.api` (which calls it) so that module stays one screenful per
+command.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from ddpmcli import core
+from ddpmcli.checkpoints import LoadedModel
+from ddpmcli.choices import DEFAULT_SPACING, SIGMA_SPACINGS, SPACINGS
+from ddpmcli.errors import ParameterError
+from ddpmcli.run.samplers import respaced_schedule
+from ddpmcli.run.solver_grid import grid_schedule, sigma_grid
+
+__all__ = [
+    "FINAL_SIGMAS_TYPES",
+    "MULTISTEP",
+    "own_scheduler",
+    "resolve_sampler",
+    "sampling_schedule",
+    "sampling_spacing",
+    "solver_options",
+    "solver_schedule",
+]
+
+FINAL_SIGMAS_TYPES = ("zero", "sigma_min")
+MULTISTEP = ("dpmpp-2m", "dpmpp-3m", "dpmpp-2m-sde", "unipc")
+"""Samplers whose sigma grids call the model at whole timesteps (diffusers rounds them)."""
+
+_OPTION_NAMES = (
+    "order", "solver_type", "lower_order_final", "euler_at_final", "final_sigmas_type",
+    "corrector", "s_churn", "s_tmin", "s_tmax", "s_noise", "stochastic",
+)  # fmt: skip
+
+
+def solver_options(model: LoadedModel, options: Mapping[str, Any]) -> dict[str, Any]:
+    """The :class:`~ddpmcli.run.SampleSettings` fields of the library's solver options:
+    ``final_sigmas_type`` (``zero`` or ``sigma_min``, diffusers' names) becomes ``final_sigma``,
+    the EDM sigma of the model's first training timestep or 0. An unknown name is a
+    :class:`ParameterError`."""
+    out: dict[str, Any] = {}
+    for name, value in options.items():
+        if name not in _OPTION_NAMES:
+            raise ParameterError(
+                f"unknown solver option {name!r}; allowed: {', '.join(_OPTION_NAMES)}"
+            )
+        if name == "final_sigmas_type":
+            if value not in FINAL_SIGMAS_TYPES:
+                raise ParameterError(
+                    f"{{final_sigmas_type}} {value!r} is unknown; allowed: zero, sigma_min"
+                )
+            out["final_sigma"] = float(model.schedule.sigma[0]) if value == "sigma_min" else 0.0
+        elif value is not None or name in ("order", "solver_type"):
+            out[name] = value
+    return out
+
+
+def sampling_spacing(model: LoadedModel, spacing: str | None = None) -> tuple[str, int]:
+    """The spacing and offset :func:`ddpmcli.sample` respaces with: ``spacing``, else the
+    checkpoint's own (a diffusers scheduler's ``timestep_spacing``), else ``trailing`` (it
+    visits t = T-1); with the checkpoint's ``steps_offset`` (diffusers adds it under leading
+    spacing)."""
+    own = model.info.get("scheduler_timestep_spacing")
+    chosen = spacing or (own if own in SPACINGS else DEFAULT_SPACING)
+    return chosen, int(model.info.get("scheduler_steps_offset") or 0)
+
+
+def sampling_schedule(
+    model: LoadedModel,
+    steps: int | str | None,
+    spacing: str | None = None,
+    sampler: str = "ddpm",
+    sigmas: Sequence[float] | None = None,
+) -> core.Schedule:
+    """The schedule :func:`ddpmcli.sample` runs: the model's, respaced to ``steps`` (a count or
+    a section string such as ``ddim50``; None: all T) as :func:`sampling_spacing` says, or a
+    sigma grid (:func:`solver_schedule`)."""
+    return solver_schedule(model, steps, *sampling_spacing(model, spacing), sampler, sigmas)
+
+
+def resolve_sampler(
+    model: LoadedModel,
+    sampler: str | None,
+    spacing: str | None,
+    grid: str | Sequence[float] | None,
+    solver: Mapping[str, Any],
+) -> tuple[str, str | None, list[float] | None, dict[str, Any], str | None]:
+    """(sampler, spacing, explicit sigmas, solver options, note) of :func:`ddpmcli.sample`'s
+    arguments: ``grid`` is a spacing or a list of sigmas; with no ``sampler``, a diffusers
+    folder's own scheduler (and its spacing and options) where ddpm has it, with a note saying
+    so, else ``ddpm``."""
+    sigmas: list[float] | None = None
+    if grid is not None:
+        if spacing is not None:
+            raise ParameterError("{grid} and {spacing} cannot be used together")
+        if isinstance(grid, str):
+            spacing = grid
+        else:
+            sigmas = [float(v) for v in grid]
+    if sampler is not None:
+        return sampler, spacing, sigmas, dict(solver), None
+    own = own_scheduler(model)
+    if own is None:
+        return "ddpm", spacing, sigmas, dict(solver), None
+    name, options, own_spacing, words = own
+    note = f"sampling with the folder's own scheduler: {words} (--sampler overrides)"
+    return name, spacing or own_spacing, sigmas, {**options, **solver}, note
+
+
+def solver_schedule(
+    model: LoadedModel,
+    steps: int | str | None,
+    spacing: str,
+    offset: int,
+    sampler: str,
+    sigmas: Sequence[float] | None = None,
+) -> core.Schedule:
+    """The schedule ``sampler`` runs: explicit EDM ``sigmas`` (descending or not, no final 0),
+    ``steps`` noise levels of a sigma ``spacing`` between the model's smallest and largest sigma,
+    or the model's schedule respaced (``leading``/``trailing``/``linspace``, ``offset``). On a
+    sigma grid the model's timesteps are interpolated in log sigma on its training table
+    (diffusers' ``_sigma_to_t``), whole for the multistep solvers as diffusers rounds them."""
+    whole = sampler in MULTISTEP
+    if sigmas is not None:
+        values = torch.as_tensor(list(sigmas), dtype=torch.float64)
+        return grid_schedule(
+            model.schedule, values, _timesteps_of(model.schedule, values, whole), name="sigmas"
+        )
+    if spacing in SIGMA_SPACINGS:
+        count = _count(steps, spacing)
+        return sigma_grid(model.schedule, count, spacing, whole_timesteps=whole)
+    return respaced_schedule(model.schedule, steps, spacing, offset)
+
+
+def _count(steps: int | str | None, spacing: str) -> int:
+    text = str(steps).strip() if steps is not None else ""
+    if not text.isdigit() or int(text) < 1:
+        raise ParameterError(f"{{spacing}} {spacing} needs {{steps}} N (a count >= 1), got {steps}")
+    return int(text)
+
+
+def _timesteps_of(train: core.Schedule, sigmas: torch.Tensor, whole: bool) -> torch.Tensor:
+    from ddpmcli.core import grids
+
+    if not bool(torch.isfinite(sigmas).all()) or bool((sigmas <= 0).any()):
+        raise ParameterError("{sigmas} must be finite and > 0")
+    ts = grids.sigma_to_timestep(sigmas, train.sigma.to(torch.float64))
+    return torch.round(ts) if whole else ts
+
+
+# diffusers' scheduler classes ddpm has, and the sampler each is
+_OWN = {
+    "DDPMScheduler": "ddpm",
+    "DDIMScheduler": "ddim",
+    "EulerDiscreteScheduler": "euler",
+    "EulerAncestralDiscreteScheduler": "euler-a",
+    "HeunDiscreteScheduler": "heun",
+    "UniPCMultistepScheduler": "unipc",
+    "FlowMatchEulerDiscreteScheduler": "flow-euler",
+}
+
+
+def own_scheduler(model: LoadedModel) -> tuple[str, dict[str, Any], str | None, str] | None:
+    """(sampler, solver options, sigma spacing or None, description) of a diffusers folder's own
+    scheduler config where ddpm has that scheduler, else None."""
+    path = model.info.get("scheduler_config")
+    if not path:
+        return None
+    try:
+        with open(path, encoding="utf-8") as fh:
+            raw = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    name = raw.get("_class_name")
+    options: dict[str, Any] = {}
+    if name == "DPMSolverMultistepScheduler":
+        if raw.get("algorithm_type", "dpmsolver++") not in ("dpmsolver++", "sde-dpmsolver++"):
+            return None
+        order = int(raw.get("solver_order", 2))
+        sde = raw.get("algorithm_type") == "sde-dpmsolver++"
+        sampler = "dpmpp-2m-sde" if sde else ("dpmpp-3m" if order == 3 else "dpmpp-2m")
+        options = {"order": order if order == 1 else None, "solver_type": raw.get("solver_type")}
+        options.update(_final_options(raw))
+    elif name in _OWN:
+        sampler = _OWN[name]
+        if name == "UniPCMultistepScheduler":
+            options = {
+                "order": int(raw.get("solver_order", 2)),
+                "solver_type": raw.get("solver_type"),
+            }
+            options.update(_final_options(raw, euler=False))
+    else:
+        return None
+    spacing = _sigma_spacing_of(raw)
+    words = f"{name} -> --sampler {sampler}" + (f" --spacing {spacing}" if spacing else "")
+    return sampler, {k: v for k, v in options.items() if v is not None}, spacing, words
+
+
+def _final_options(raw: Mapping[str, Any], euler: bool = True) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "lower_order_final": bool(raw.get("lower_order_final", True)),
+        "final_sigmas_type": raw.get("final_sigmas_type", "zero") or "zero",
+    }
+    if euler:
+        out["euler_at_final"] = bool(raw.get("euler_at_final", False))
+    return out
+
+
+def _sigma_spacing_of(raw: Mapping[str, Any]) -> str | None:
+    for key, spacing in (
+        ("use_karras_sigmas", "karras"), ("use_exponential_sigmas", "exponential"),
+        ("use_beta_sigmas", "beta"), ("use_lu_lambdas", "lu"),
+    ):  # fmt: skip
+        if raw.get(key):
+            return spacing
+    return None
