@@ -211,3 +211,48 @@ def test_a_kind_typo_lists_every_name_custom_included(cli) -> None:
     assert "(did you mean 'cosine'?)" in line and KINDS_ALLOWED in line
     assert line.endswith(", squaredcos_cap_v2, custom")
     assert cli("schedule", "-k", "COSINE", "--t", "0", "-f", "csv").exit_code == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# same seed, same numbers, on every thread count
+
+
+def test_cloud_distances_are_the_same_on_one_and_two_threads() -> None:
+    import torch
+
+    from ddpmcli.run.distances import cloud_distances
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(512, 2, generator=gen) * 0.5, torch.randn(512, 2, generator=gen) * 0.5
+    before = torch.get_num_threads()
+    try:
+        got = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            got.append(cloud_distances(x, y, seed=0))
+    finally:
+        torch.set_num_threads(before)
+    assert got[0] == got[1]  # to the last digit (main: ...8792 vs ...6571)
+
+
+def test_energy_distance_against_an_exactly_summed_reference() -> None:
+    import itertools
+    import math
+
+    import torch
+
+    from ddpmcli.run.distances import energy_distance
+
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(40, 3, generator=gen), torch.randn(30, 3, generator=gen) + 0.2
+    a, b = x.double().tolist(), y.double().tolist()
+
+    def mean_distance(p: list[list[float]], q: list[list[float]], same: bool) -> float:
+        pairs = [math.dist(u, v) for (i, u), (j, v) in itertools.product(enumerate(p), enumerate(q))
+                 if not (same and i == j)]  # fmt: skip
+        return math.fsum(pairs) / len(pairs)
+
+    expected = (
+        2 * mean_distance(a, b, False) - mean_distance(a, a, True) - mean_distance(b, b, True)
+    )
+    assert energy_distance(x, y) == pytest.approx(expected, rel=1e-13, abs=1e-15)
