@@ -145,6 +145,12 @@ def load_state(module: nn.Module, state: Mapping[str, Any], where: str) -> None:
                 f"{where}: state dict does not match the architecture: {key!r} has shape {got}, "
                 f"the model wants {list(own[key].shape)}"
             )
+        if value.layout != torch.strided or value.device.type == "meta":
+            where_kind = "a meta-device" if value.device.type == "meta" else f"a {value.layout}"
+            raise CheckpointError(
+                f"{where}: state dict entry {key!r} is {where_kind} tensor; weights must be "
+                "dense tensors with data"
+            )
     assign = _can_assign(own, state)
     del own  # so that each replaced parameter is freed as soon as it is replaced
     module.load_state_dict(dict(state), strict=True, assign=assign)

@@ -9,6 +9,7 @@ the loader copies it into ``LoadedModel.info``.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -115,10 +116,39 @@ def _schedule_from_stored(value: Any, where: str) -> core.Schedule:
             steps = value["timesteps"]
             steps = int(steps) if isinstance(steps, float) and steps.is_integer() else steps
             limits.check_timesteps(steps, "schedule.timesteps", error=CheckpointError)
-        return core.schedule_from_spec(value)
+        _check_spec_schema(value)
+        try:
+            return core.schedule_from_spec(value)
+        except (TypeError, ValueError, OverflowError, AttributeError, KeyError) as exc:
+            raise CheckpointError(f"schedule: not a valid schedule spec ({exc})") from None
     raise CheckpointError(
         f"{where}: schedule must be a schedule spec dict or a tensor (or list) of betas"
     )
+
+
+def _check_spec_schema(value: Mapping[str, Any]) -> None:
+    """The types of a stored schedule spec's fields, checked at the edge (one line each)."""
+    kind = value.get("kind")
+    if "kind" in value and not isinstance(kind, str):
+        raise CheckpointError(f"schedule.kind must be a name, got {type(kind).__name__}")
+    params = value.get("params", {})
+    if not isinstance(params, Mapping):
+        raise CheckpointError(
+            f"schedule.params must be a dict of numbers, got {type(params).__name__}"
+        )
+    for name, number in params.items():
+        if not _is_finite_number(number):
+            shown = repr(number) if len(repr(number)) < 40 else f"{type(number).__name__} ..."
+            raise CheckpointError(f"schedule.params.{name} must be a finite number, got {shown}")
+
+
+def _is_finite_number(value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:  # an integer past float range (10**400)
+        return False
 
 
 def _check_length(values: Any, field_name: str) -> None:

@@ -50,7 +50,7 @@ def load_native(p: Path, given: _Meta) -> LoadedModel:
         "architecture": arch,
         "hparams": hparams,
         "parameters": models.count_parameters(module),
-        "training": dict(obj.get("training") or {}),
+        "training": _training(obj.get("training"), where),
     }
     return loaded_model(
         module,
@@ -59,6 +59,23 @@ def load_native(p: Path, given: _Meta) -> LoadedModel:
         references=None if refs is None else refs.to(torch.float32),
         mover=module_mover(module),
     )
+
+
+def _training(value: Any, where: str) -> dict[str, Any]:
+    """The ``training`` record: a dict of plain values (numbers, text, flags, lists of them)."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise CheckpointError(f"{where}: training must be a dict, got {type(value).__name__}")
+    plain = (str, int, float, bool, type(None))
+    for key, item in value.items():
+        items = item if isinstance(item, list | tuple) else [item]
+        if not isinstance(key, str) or not all(isinstance(v, plain) for v in items):
+            raise CheckpointError(
+                f"{where}: training.{key} must be a number, text or a list of them, got "
+                f"{type(item).__name__}"
+            )
+    return dict(value)
 
 
 def _native_dict(p: Path, where: str) -> Mapping[str, Any]:

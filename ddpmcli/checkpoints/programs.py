@@ -267,13 +267,28 @@ def _pickled_payloads(zf: zipfile.ZipFile, names: list[str], where: str) -> set[
         if not name.endswith("_config.json") or "/data/" not in f"/{name}":
             continue
         folder = name.rsplit("/", 1)[0]
+        shown = f"{where}: {_inner(name)}"
         text = _member_text(zf, names, name) or "{}"
-        config = limits.parse_json(text, f"{where}: {name}", error=CheckpointError)
+        config = limits.parse_json(text, shown, error=CheckpointError)
         entries = config.get("config") if isinstance(config, Mapping) else None
+        if entries is not None and not isinstance(entries, Mapping):
+            raise CheckpointError(f"{shown}: config must be a JSON object")
         for entry in (entries or {}).values():
-            if isinstance(entry, Mapping) and entry.get("use_pickle"):
-                found.add(f"{folder}/{entry.get('path_name')}")
+            if not isinstance(entry, Mapping) or not isinstance(entry.get("path_name"), str):
+                raise CheckpointError(f"{shown}: each entry must name its member (path_name)")
+            member = f"{folder}/{entry['path_name']}"
+            if member not in names:
+                raise CheckpointError(
+                    f"{shown}: names the member {_inner(member)}, which the archive lacks"
+                )
+            if entry.get("use_pickle"):
+                found.add(member)
     return found
+
+
+def _inner(name: str) -> str:
+    """A member's name inside the archive's top folder (which is named after the file saved)."""
+    return name.split("/", 1)[1] if "/" in name else name
 
 
 def _vet_graph_member(zf: zipfile.ZipFile, name: str, where: str) -> None:
@@ -283,8 +298,23 @@ def _vet_graph_member(zf: zipfile.ZipFile, name: str, where: str) -> None:
         raise CheckpointError(f"{where}: graph {name} is too large ({size} bytes)")
     limits.check_allocation(8 * size, f"reading the graph {name}", error=CheckpointError)
     text = _read_member(zf, name, where)
-    graph = limits.parse_json(text, f"{where}: {name}", error=CheckpointError, limit=size)
-    vet_graph_json(graph, f"{where}: {name}")
+    shown = f"{where}: {_inner(name)}"
+    graph = limits.parse_json(text, shown, error=CheckpointError, limit=size)
+    _check_schema_version(graph, shown)
+    vet_graph_json(graph, shown)
+
+
+def _check_schema_version(graph: Any, shown: str) -> None:
+    """The graph's serialization schema must be one this torch reads (same major version)."""
+    from torch._export.serde.schema import SCHEMA_VERSION
+
+    version = graph.get("schema_version") if isinstance(graph, Mapping) else None
+    major = version.get("major") if isinstance(version, Mapping) else None
+    if major != SCHEMA_VERSION[0]:
+        raise CheckpointError(
+            f"{shown}: written in torch.export schema version {major!r}; this torch "
+            f"({torch.__version__}) reads version {SCHEMA_VERSION[0]}"
+        )
 
 
 def _looks_pickled(data: bytes) -> bool:
