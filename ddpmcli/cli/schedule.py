@@ -72,9 +72,9 @@ def schedule_rows(
     values: dict[str, list[Any]] = {
         "t": list(indices),
         # what the network is called with: an integer on VP, a float on other paths
-        "timestep": (
-            schedule.timesteps if schedule.path == "vp" else schedule.model_timestep
-        )[idx].tolist(),
+        "timestep": (schedule.timesteps if schedule.path == "vp" else schedule.model_timestep)[
+            idx
+        ].tolist(),
     }
     for name in columns:
         if name not in values and name not in (extra or {}):
@@ -248,7 +248,13 @@ def posterior(
     built = build_schedule(flags.request())
     sched = built.schedule
     default = [c for c in POSTERIOR_COLUMNS if c != "timestep" or built.respaced]
-    cols = select_columns(table.columns, POSTERIOR_COLUMNS, default)
+    available = list(POSTERIOR_COLUMNS)
+    if sched.path != "vp":  # the path's own posterior; the VP columns on request
+        from ddpmcli.core import PATH_QUANTITIES
+
+        available += PATH_QUANTITIES
+        default = ["t", "timestep", *PATH_QUANTITIES, "fixed_small", "fixed_large", "learned_range"]
+    cols = select_columns(table.columns, available, default)
     rows = posterior_rows(sched, select_rows(table.t, table.every, sched.num_steps), cols, v)
     table.emit(rows, cols, f"{sched.name} posterior")
     if not table.quiet:
