@@ -341,3 +341,45 @@ def test_bad_parameters_name_the_parameter(kind, params, match) -> None:
 def test_zero_terminal_snr_is_refused_on_a_path() -> None:
     with pytest.raises(ScheduleParameterError, match="VP"):
         core.make_schedule("ve", 100, zero_terminal_snr=True)
+
+
+# --------------------------------------------------------------------------------------------
+# The command line prints what the API builds
+# --------------------------------------------------------------------------------------------
+
+
+def test_cli_flow_table_is_the_api_schedule(cli) -> None:
+    import csv
+    import io
+
+    import ddpmcli
+
+    result = cli("schedule", "--kind", "flow", "--param", "shift=3", "--format", "csv")
+    assert result.exit_code == 0, result.stderr
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert list(rows[0]) == ["t", "timestep", *core.PATH_DEFAULT_QUANTITIES]
+    s = ddpmcli.schedule("flow", shift=3.0)
+    assert s.path == "flow" and len(rows) == s.num_steps
+    for name in ("alpha_t", "sigma_t", "log_snr", "path_posterior_variance"):
+        assert [float(r[name]) for r in rows] == getattr(s, name).tolist(), name
+    assert [float(r["timestep"]) for r in rows] == s.model_timestep.tolist()
+    # a VP table keeps its columns
+    vp = cli("schedule", "-T", "3", "--format", "csv").stdout.splitlines()[0]
+    assert vp.split(",") == ["t", *core.QUANTITIES]
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (("--kind", "flow", "--param", "shift=0"), "shift"),
+        (("--kind", "flow", "--param", "mu=1", "--param", "shift=2"), "mu"),
+        (("--kind", "edm_sigma", "--param", "sigma_min=100"), "sigma_min"),
+        (("--kind", "ve", "--param", "sigma_max=0.001"), "sigma_min"),
+        (("--kind", "flow", "--zero-terminal-snr"), "VP"),
+    ],
+)
+def test_cli_bad_path_parameters_are_one_error_line(cli, args, fragment) -> None:
+    result = cli("schedule", *args)
+    assert result.exit_code == 2, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and fragment in lines[0], lines
