@@ -514,6 +514,9 @@ def build_schedule(request: ScheduleRequest) -> BuiltSchedule:
     if request.logsnr_shift:
         schedule = core.shift_logsnr(schedule, request.logsnr_shift)
     respaced = request.steps is not None
+    grid = _sigma_grid(request, config)
+    if grid is not None:
+        return BuiltSchedule(schedule=grid, config=config, respaced=True)
     if request.steps is not None:
         spacing = request.spacing or (config.timestep_spacing if config else "leading")
         offset = request.steps_offset
@@ -522,6 +525,21 @@ def build_schedule(request: ScheduleRequest) -> BuiltSchedule:
         steps: int | str = int(request.steps) if request.steps.strip().isdigit() else request.steps
         schedule = core.respaced(schedule, steps, spacing, offset)
     return BuiltSchedule(schedule=schedule, config=config, respaced=respaced)
+
+
+def _sigma_grid(request: ScheduleRequest, config: SchedulerConfig | None) -> Schedule | None:
+    """An Euler config's karras/exponential/beta grid of ``steps`` (None where none applies)."""
+    if config is None or request.steps is None or not request.steps.strip().isdigit():
+        return None
+    grid = scheduler_classes.euler_sigma_grid(config.raw, config.path, int(request.steps))
+    if grid is not None and (
+        request.zero_terminal_snr or request.logsnr_shift or request.spacing is not None
+    ):
+        raise ParameterError(
+            f"{verbatim(config.path)} samples on its own sigma grid; {{zero_terminal_snr}}, "
+            "{logsnr_shift} and {spacing} do not apply to it"
+        )
+    return grid
 
 
 def _kind_shift(

@@ -316,3 +316,43 @@ def grid_schedule(grid: InferenceGrid, name: str) -> Schedule:
         return core.schedule_from_path("flow", 1 - sigmas, sigmas, timesteps, name=name)
     alpha = 1 / torch.sqrt(1 + sigmas**2)
     return core.schedule_from_path("vp", alpha, sigmas * alpha, timesteps, name=name)
+
+
+def euler_sigma_grid(raw: Mapping[str, Any], file: Path | str, steps: int) -> Schedule | None:
+    """An EulerDiscreteScheduler config with karras/exponential/beta sigmas: the schedule of its
+    ``set_timesteps(steps)`` grid (VP path, float timesteps interpolated in log sigma); None for
+    any other config (respaced as its spacing says)."""
+    if raw.get("_class_name") != "EulerDiscreteScheduler":
+        return None
+    conversions = [SIGMA_CONVERSIONS[key] for key in SIGMA_CONVERSIONS if raw.get(key) is True]
+    if not conversions:
+        return None
+    from ddpmcli.core import scheduler_grids as sg
+
+    if raw.get("rescale_betas_zero_snr") or raw.get("timestep_type", "discrete") != "discrete":
+        raise ScheduleError(
+            f"{file}: an Euler {conversions[0]} grid with rescale_betas_zero_snr or continuous "
+            "timesteps is not reproduced by ddpm"
+        )
+    get = lambda key, default, kind: _get(raw, key, default, kind, file)  # noqa: E731
+    trained = raw.get("trained_betas")
+    table = sg.diffusers_train_sigmas(
+        get("beta_schedule", "linear", str),
+        get("beta_start", 0.0001, float),
+        get("beta_end", 0.02, float),
+        get("num_train_timesteps", 1000, int),
+        trained if isinstance(trained, list) else None,
+    )
+    grid = sg.euler_discrete_grid(
+        steps,
+        table,
+        timestep_spacing=get("timestep_spacing", "linspace", str),
+        steps_offset=get("steps_offset", 0, int),
+        use_karras_sigmas=conversions[0] == "karras",
+        use_exponential_sigmas=conversions[0] == "exponential",
+        use_beta_sigmas=conversions[0] == "beta",
+        sigma_min=get("sigma_min", None, float),
+        sigma_max=get("sigma_max", None, float),
+        final_sigmas_type=get("final_sigmas_type", "zero", str),
+    )
+    return grid_schedule(grid, f"{file}:{conversions[0]}@{steps}")

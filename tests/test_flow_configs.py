@@ -277,3 +277,29 @@ def test_lint_flow_library_training_shift() -> None:
     codes = {f.code for f in lint_flow(settings, steps=28, train_shift=1.0)}
     assert "training_shift_differs" in codes
     assert "training_shift_differs" not in {f.code for f in lint_flow(settings, train_shift=3.0)}
+
+
+@pytest.mark.parametrize("key", ["use_karras_sigmas", "use_exponential_sigmas"])
+def test_euler_sigma_grid_config_steps_is_diffusers(cli, tmp_path: Path, key: str) -> None:  # type: ignore[no-untyped-def]
+    # stabilityai/stable-diffusion-xl-base-1.0's Euler config with a sigma grid switched on
+    config = {
+        "_class_name": "EulerDiscreteScheduler",
+        "beta_schedule": "scaled_linear",
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "timestep_spacing": "leading",
+        "steps_offset": 1,
+        key: True,
+    }
+    built = build_schedule(ScheduleRequest(from_file=str(_folder(tmp_path, config)), steps="12"))
+    sched = _diffusers(config)
+    sched.set_timesteps(12)
+    schedule = built.schedule
+    assert schedule.path == "vp" and built.respaced
+    assert torch.equal(schedule.sigma.flip(0).to(torch.float32), sched.sigmas[:-1])
+    # timesteps interpolated in float32 log sigma: within 1e-4 of diffusers' (numpy's float32 log)
+    torch.testing.assert_close(
+        schedule.model_timestep.flip(0), sched.timesteps.to(torch.float64), rtol=0, atol=1e-4
+    )
+    result = cli("schedule", "--from", str(tmp_path / "model"), "--steps", "12", "-f", "csv")
+    assert result.exit_code == 0 and result.stdout.splitlines()[1].split(",")[1] != "0"

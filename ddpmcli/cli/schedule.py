@@ -71,10 +71,11 @@ def schedule_rows(
     idx = torch.as_tensor(list(indices), dtype=torch.long)
     values: dict[str, list[Any]] = {
         "t": list(indices),
-        # what the network is called with: an integer on VP, a float on other paths
-        "timestep": (schedule.timesteps if schedule.path == "vp" else schedule.model_timestep)[
-            idx
-        ].tolist(),
+        # what the network is called with: an integer on VP, a float on other paths and on a
+        # VP model's sigma grid (an Euler karras config's --steps: log-sigma interpolated t)
+        "timestep": (
+            schedule.timesteps if _integer_timesteps(schedule) else schedule.model_timestep
+        )[idx].tolist(),
     }
     for name in columns:
         if name not in values and name not in (extra or {}):
@@ -85,6 +86,12 @@ def schedule_rows(
         row.update({name: values[name][k] for name in columns if name in values})
         rows.append(row)
     return rows
+
+
+def _integer_timesteps(schedule: Schedule) -> bool:
+    return schedule.path == "vp" and bool(
+        (schedule.model_timestep == schedule.timesteps.to(schedule.model_timestep.dtype)).all()
+    )
 
 
 def _plot(figure: Any, path: Path | None, quiet: bool, *args: Any) -> None:

@@ -66,12 +66,38 @@ ParamOpt = Annotated[
         help="Any other constant of the kind, repeatable: --param s=0.01 (see --list-kinds).",
     ),
 ]
+# The first bytes of what a model checkpoint starts with: a zip archive (torch.save, TorchScript,
+# .pt2) or a bare pickle (protocol 2-5).
+_CHECKPOINT_MAGIC = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
+
+
+def _not_a_checkpoint(value: Path | None) -> Path | None:
+    """`--from` given a model checkpoint says so and what to run instead (issue 20: it read as
+    `not UTF-8 text (byte 128)`). Only the first bytes are read; anything else is left to the
+    config reader and its own messages."""
+    if value is None:
+        return value
+    try:
+        with open(value, "rb") as file:
+            head = file.read(4)
+    except OSError:
+        return value
+    if head.startswith(_CHECKPOINT_MAGIC):
+        raise UsageError(
+            f"--from {str(value)!r} is a model checkpoint, not a scheduler config: its schedule is "
+            f"in `ddpm info {value}` (kind, T, terminal SNR), and `ddpm reconstruct/sample/nll "
+            f"{value}` use it; --from takes a diffusers scheduler_config.json or its folder"
+        )
+    return value
+
+
 FromOpt = Annotated[
     Path | None,
     _option(
         "--from",
         metavar="FILE",
         help="A diffusers scheduler_config.json (or a folder holding one).",
+        callback=_not_a_checkpoint,
     ),
 ]
 BetasFileOpt = Annotated[
