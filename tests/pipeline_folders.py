@@ -162,3 +162,84 @@ def _replace_tokenizers(root: Path, names: tuple[str, ...], layout: str) -> None
             shutil.rmtree(root / name)
             write_clip_tokenizer(root / name, layout)
     shutil.rmtree(root / "_tok", ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# SD3 and Flux
+
+
+def _t5_pair(root: Path, enc: str, tok: str) -> tuple[Any, Any]:
+    """A tiny T5 encoder (32 wide) and its tokenizer, as a pipeline holds them."""
+    import transformers
+
+    torch.manual_seed(1)
+    tokenizer = transformers.T5Tokenizer.from_pretrained(write_t5_tokenizer(root / f"_{tok}"))
+    return t5_encoder(len(T5_PIECES), width=32), tokenizer
+
+
+def sd3_folder(root: Path, *, t5: bool = True) -> Path:
+    """An SD3-style pipeline saved by StableDiffusion3Pipeline: transformer/
+    (SD3Transformer2DModel, 4x4x4 latents, patch 2, 16 wide), text_encoder/ and text_encoder_2/
+    (CLIPTextModelWithProjection, 16 wide, projection 8), text_encoder_3/ (T5, 32 wide; left out
+    with ``t5=False``, as diffusers allows), tokenizers, vae/ (scaling 1.5035, shift 0.0609),
+    scheduler/ (FlowMatchEulerDiscreteScheduler, shift 3)."""
+    import diffusers
+    import transformers
+
+    torch.manual_seed(0)
+    net = diffusers.SD3Transformer2DModel(
+        sample_size=4, patch_size=2, in_channels=4, out_channels=4, num_layers=1,
+        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+        caption_projection_dim=16, pooled_projection_dim=16, pos_embed_max_size=8,
+    )  # fmt: skip
+    clip_tok = transformers.CLIPTokenizer.from_pretrained(write_clip_tokenizer(root / "_clip"))
+    encoders = [transformers.CLIPTextModelWithProjection(clip_config(8)) for _ in range(2)]
+    t5_model, t5_tok = _t5_pair(root, "text_encoder_3", "tokenizer_3") if t5 else (None, None)
+    pipe = diffusers.StableDiffusion3Pipeline(
+        transformer=net, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=tiny_vae(4, scaling_factor=1.5035, shift_factor=0.0609),
+        text_encoder=encoders[0], tokenizer=clip_tok, text_encoder_2=encoders[1],
+        tokenizer_2=clip_tok, text_encoder_3=t5_model, tokenizer_3=t5_tok,
+    )  # fmt: skip
+    pipe.save_pretrained(root, safe_serialization=True)
+    _clean(root)
+    return root
+
+
+def flux_folder(root: Path, *, guidance: bool = True) -> Path:
+    """A Flux pipeline saved by FluxPipeline (Flux-dev with ``guidance``, else schnell-style):
+    transformer/ (FluxTransformer2DModel, 16 input channels = 4 latent channels packed 2x2, 16
+    wide), text_encoder/ (CLIPTextModel, 16 wide), text_encoder_2/ (T5, 32 wide), tokenizers,
+    vae/ (scaling 0.3611, shift 0.1159 as Flux's), scheduler/ (FlowMatchEulerDiscreteScheduler
+    with dynamic shifting, as Flux-dev's)."""
+    import diffusers
+    import transformers
+
+    torch.manual_seed(0)
+    net = diffusers.FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16,
+        guidance_embeds=guidance, axes_dims_rope=(2, 2, 4),
+    )  # fmt: skip
+    clip_tok = transformers.CLIPTokenizer.from_pretrained(write_clip_tokenizer(root / "_clip"))
+    t5_model, t5_tok = _t5_pair(root, "text_encoder_2", "tokenizer_2")
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(
+        shift=3.0, use_dynamic_shifting=True, base_image_seq_len=256, max_image_seq_len=4096,
+        base_shift=0.5, max_shift=1.15,
+    )  # fmt: skip
+    pipe = diffusers.FluxPipeline(
+        transformer=net, scheduler=scheduler,
+        vae=tiny_vae(4, scaling_factor=0.3611, shift_factor=0.1159),
+        text_encoder=transformers.CLIPTextModel(clip_config()), tokenizer=clip_tok,
+        text_encoder_2=t5_model, tokenizer_2=t5_tok,
+    )  # fmt: skip
+    pipe.save_pretrained(root, safe_serialization=True)
+    _clean(root)
+    return root
+
+
+def _clean(root: Path) -> None:
+    import shutil
+
+    for scratch in root.glob("_*"):
+        shutil.rmtree(scratch)

@@ -18,10 +18,12 @@ the classes a folder needs, however they are named: ``diffusers.UNet2DModel`` an
 So importing from the precise submodules gains nothing, and ``ddpmcli.checkpoints.diffusers``
 takes the classes from the lazy top-level module. These tests load a tiny unconditional
 ``UNet2DModel`` folder, a class-conditional one, a DiT pipeline (with its VAE) and a Stable
-Diffusion-style pipeline (with its CLIP text encoder and tokenizer) in fresh interpreters and
+Diffusion-style pipeline (with its CLIP text encoder and tokenizer), an SDXL-style one (two CLIP
+encoders), an SD3 one (CLIP-L, CLIP-G, T5) and a Flux one (CLIP, T5) in fresh interpreters and
 check that the modules of diffusers, transformers and their helpers loaded afterwards are a subset
 of that floor (the same classes imported by name, nothing else): no pipeline, no scheduler class
-beyond the floor, no other model family, and transformers' CLIP only for the text pipeline.
+beyond the floor, no other model family, transformers' CLIP only for the text pipelines and T5
+only for SD3 and Flux.
 """
 
 from __future__ import annotations
@@ -56,6 +58,24 @@ FLOORS = {
         "diffusers.AutoencoderKL\ntransformers.CLIPTextModel\ntransformers.CLIPTextConfig\n"
         "transformers.CLIPTokenizer\n"
     ),
+    "sdxl": (
+        "import diffusers, transformers\ndiffusers.UNet2DConditionModel\n"
+        "diffusers.AutoencoderKL\ntransformers.CLIPTextModel\n"
+        "transformers.CLIPTextModelWithProjection\ntransformers.CLIPTextConfig\n"
+        "transformers.CLIPTokenizer\n"
+    ),
+    "sd3": (
+        "import diffusers, transformers\ndiffusers.SD3Transformer2DModel\n"
+        "diffusers.AutoencoderKL\ntransformers.CLIPTextModelWithProjection\n"
+        "transformers.CLIPTextConfig\ntransformers.CLIPTokenizer\ntransformers.T5EncoderModel\n"
+        "transformers.T5Config\ntransformers.T5Tokenizer\n"
+    ),
+    "flux": (
+        "import diffusers, transformers\ndiffusers.FluxTransformer2DModel\n"
+        "diffusers.AutoencoderKL\ntransformers.CLIPTextModel\ntransformers.CLIPTextConfig\n"
+        "transformers.CLIPTokenizer\ntransformers.T5EncoderModel\ntransformers.T5Config\n"
+        "transformers.T5Tokenizer\n"
+    ),
 }
 OPTIONS = {"unet": "", "class-conditional unet": ", class_label='1'", "dit": ", class_label='2'"}
 
@@ -86,8 +106,9 @@ def _plain_unet_folder(root: Path) -> Path:
 @pytest.fixture(scope="module")
 def snapshots(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[set[str], set[str]]]:
     """``{case: (floor, ours)}``: the modules after importing the classes a folder needs, and
-    after ``load_checkpoint`` of the folder; 6 fresh interpreters, two at a time."""
-    import test_conditional as tc  # the conditional suite's builders (tests/ is on sys.path)
+    after ``load_checkpoint`` of the folder; 12 fresh interpreters, two at a time."""
+    import pipeline_folders as pf  # the SDXL/SD3/Flux builders (tests/ is on sys.path)
+    import test_conditional as tc  # the conditional suite's builders
 
     root = tmp_path_factory.mktemp("imports")
     folders = {
@@ -95,6 +116,9 @@ def snapshots(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[set[s
         "class-conditional unet": tc._unet_folder(root / "cc"),
         "dit": tc.dit_folder(root / "dit"),
         "sd": tc.sd_folder(tmp_path_factory.mktemp("sd")),  # writes into an existing root
+        "sdxl": pf.sdxl_folder(tmp_path_factory.mktemp("sdxl")),
+        "sd3": pf.sd3_folder(tmp_path_factory.mktemp("sd3")),
+        "flux": pf.flux_folder(tmp_path_factory.mktemp("flux")),
     }
     calls = {
         case: f"load_checkpoint({str(folder)!r}{OPTIONS.get(case, '')})\n"
@@ -123,9 +147,11 @@ def test_loading_imports_nothing_beyond_the_floor(
     assert [m for m in ours if m.startswith("diffusers.pipelines")] == []
     assert [m for m in ours if m.startswith("diffusers.models.controlnets")] == []
     assert [m for m in ours if m.startswith("diffusers.schedulers.scheduling_ddpm")] == []
-    has_vae = case in ("dit", "sd")
+    has_vae = case != "unet" and case != "class-conditional unet"
     assert any(m.startswith("diffusers.models.autoencoders") for m in ours) == has_vae
-    assert ("transformers.models.clip.modeling_clip" in ours) == (case == "sd")
+    text = case in ("sd", "sdxl", "sd3", "flux")
+    assert ("transformers.models.clip.modeling_clip" in ours) == text
+    assert ("transformers.models.t5.modeling_t5" in ours) == (case in ("sd3", "flux"))
 
 
 def test_a_placed_model_is_not_walked_again(tmp_path: Path) -> None:

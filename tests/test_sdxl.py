@@ -165,3 +165,27 @@ def test_cli_info_reconstruct_sample_nll(
     assert moved[0]["time_ids"] == "16,16,0,0,16,16"
     bad = cli("info", str(sdxl), "--time-ids", "1,2")
     assert bad.exit_code == 2 and bad.stderr.startswith("Error: --time-ids must be 6 numbers")
+
+
+def test_loading_runs_no_probe_and_the_first_call_checks(
+    sdxl: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Loading runs no forward pass (the load-time probe would be a whole extra SDXL forward);
+    the first real call checks the shape instead, with the probe's one-line error."""
+    calls: list[int] = []
+    forward = diffusers.UNet2DConditionModel.forward
+
+    def counting(self: Any, sample: Tensor, *args: Any, **kwargs: Any) -> Any:
+        calls.append(sample.shape[0])
+        return forward(self, sample, *args, **kwargs)
+
+    monkeypatch.setattr(diffusers.UNet2DConditionModel, "forward", counting)
+    model = load_checkpoint(sdxl, prompt="a", guidance_scale=2.0)
+    assert calls == []
+    model.predict(torch.randn(1, 4, 4, 4), torch.tensor([4]))
+    assert calls == [2]
+    from ddpmcli.errors import CheckpointError
+
+    wrong = load_checkpoint(sdxl, data_shape=(3, 4, 4))  # 3 channels: the unet takes 4
+    with pytest.raises(CheckpointError, match=r"the model fails on inputs of data shape \[3, 4"):
+        wrong.predict(torch.randn(1, 3, 4, 4), torch.tensor([4]))

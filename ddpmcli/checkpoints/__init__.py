@@ -161,7 +161,7 @@ def load_checkpoint(
         return loaded
     if device != "cpu" or dtype not in (None, loaded.dtype):  # None: the weights' own dtype
         loaded = loaded.to(device, dtype)
-    if check:
+    if check and not getattr(loaded.denoiser, "checks_itself", False):  # SDXL/SD3/Flux: 1st call
         check_output_shape(loaded, str(p))
     return loaded
 

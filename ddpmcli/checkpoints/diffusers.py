@@ -20,7 +20,7 @@ from typing import Any, cast
 from torch import Tensor
 
 from ddpmcli import core, limits, models
-from ddpmcli.checkpoints import sdxl, text_encoders
+from ddpmcli.checkpoints import flow_pipelines, sdxl, text_encoders
 from ddpmcli.checkpoints.conditioning import TextConditioning
 from ddpmcli.checkpoints.latent import LATENT_BOUND, LatentSpace
 from ddpmcli.checkpoints.loaded import Denoiser, LoadedModel, load_state, loaded_model
@@ -111,7 +111,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 def _weight_file(unet_dir: Path, name: Any) -> Path:
     """A weight file named by an index: a plain name inside the unet folder, a regular file."""
     text = str(name)
-    if not text or "/" in text or "\\" in text or text in (".", ".."):
+    if not text or "/" in text or "\\" in text or "\x00" in text or text in (".", ".."):
         raise CheckpointError(f"{unet_dir}: weight index names {text!r}, not a file in the folder")
     return limits.check_regular_file(unet_dir / text, "weights file", error=CheckpointError)
 
@@ -177,6 +177,8 @@ def load_diffusers(p: Path, given: _Meta) -> LoadedModel:
     elif class_name == "UNet2DConditionModel":
         _check_text_unet(p, config, net_dir / "config.json")
         classes = None
+    elif class_name in flow_pipelines.FLOW_CLASSES:
+        return _load_flow(p, diffusers, class_name, config, net_dir, scheduler_file, given)
     else:
         raise CheckpointError(f"{where}: {_unsupported(class_name)}")
     net = _build(diffusers, class_name, config, net_dir, where)
@@ -218,6 +220,48 @@ def load_diffusers(p: Path, given: _Meta) -> LoadedModel:
     )  # fmt: skip
 
 
+def _load_flow(
+    p: Path, diffusers: Any, class_name: str, config: dict[str, Any], net_dir: Path,
+    scheduler_file: Path | None, given: _Meta,
+) -> LoadedModel:  # fmt: skip
+    """An SD3 or Flux pipeline (:mod:`.flow_pipelines`): transformer, VAE, text encoders and the
+    flow schedule its scheduler config gives at the data shape's resolution."""
+    where = str(p)
+    flow_pipelines.check_transformer_sizes(class_name, config, net_dir / "config.json")
+    if not (p / "vae" / "config.json").is_file() or scheduler_file is None:
+        raise CheckpointError(f"{p}: a {class_name} pipeline needs vae/ and scheduler/ folders")
+    latent = _load_vae(p / "vae", diffusers, where)
+    shape = flow_pipelines.flow_data_shape(class_name, config, latent, given, net_dir)
+    sd3 = class_name == "SD3Transformer2DModel"
+    patch = int(config.get("patch_size", 2)) if sd3 else 2
+    file_meta = flow_pipelines.flow_scheduler_meta(
+        scheduler_file, (shape[1] // patch) * (shape[2] // patch)
+    )
+    file_meta.data_shape, file_meta.learned_variance = shape, False
+    file_meta.data_range = (-LATENT_BOUND, LATENT_BOUND)
+    finished = _finish(_merge(file_meta, given), where, flags_hint=True)
+    latent.latent_shape = finished[3]
+    net = _build(diffusers, class_name, config, net_dir, where)
+    with _offline_quiet():
+        make_text = flow_pipelines.sd3_text if sd3 else flow_pipelines.flux_text
+        text = make_text(p, config, where)
+    info: dict[str, Any] = {
+        "format": "diffusers", "architecture": class_name,
+        **_described(net, diffusers, scheduler_file, file_meta), **latent.describe(),
+    }  # fmt: skip
+    wrapper = functools.partial(
+        flow_pipelines.SD3Denoiser if sd3 else flow_pipelines.FluxDenoiser, where=where
+    )
+
+    def move(d: Any, dt: Any) -> Denoiser:
+        return cast(Denoiser, wrapper(models.placed(net, d, dt)))
+
+    return loaded_model(
+        cast(Denoiser, wrapper(net)), finished, info, mover=move, latent=latent,
+        conditioning=text, dtype=next(iter(net.parameters())).dtype,
+    )  # fmt: skip
+
+
 def _described(
     net: Any, diffusers: Any, scheduler_file: Path | None, meta: _Meta
 ) -> dict[str, Any]:
@@ -246,14 +290,14 @@ def _text_conditioning(
     image_hw = (int(shape[-2]) * scale, int(shape[-1]) * scale)
     with _offline_quiet():
         text = sdxl.load_sdxl_text(p, config, where, image_hw)
-    return text, lambda net: cast(Denoiser, sdxl.SDXLDenoiser(net))
+    return text, lambda net: cast(Denoiser, sdxl.SDXLDenoiser(net, where))
 
 
 def _unsupported(class_name: str) -> str:
     return (
         f"diffusers model {class_name} is not supported (UNet2DModel, class-conditional or not, "
-        "DiTTransformer2DModel, and Stable Diffusion 1.x/2.x- or SDXL-style "
-        "UNet2DConditionModel)"
+        "DiTTransformer2DModel, Stable Diffusion 1.x/2.x- or SDXL-style "
+        "UNet2DConditionModel, SD3Transformer2DModel and FluxTransformer2DModel)"
     )
 
 

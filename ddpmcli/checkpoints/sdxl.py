@@ -25,6 +25,7 @@ from torch import Tensor
 from ddpmcli import limits
 from ddpmcli.checkpoints import text_encoders
 from ddpmcli.checkpoints.conditioning import Prompt, TextConditioning
+from ddpmcli.checkpoints.first_call import CheckedOnFirstCall
 from ddpmcli.errors import CheckpointError, ParameterError, verbatim
 
 AESTHETIC_SCORE = 6.0
@@ -37,16 +38,13 @@ def is_sdxl(config: Mapping[str, Any]) -> bool:
     return config.get("addition_embed_type") == "text_time"
 
 
-class SDXLDenoiser:
+class SDXLDenoiser(CheckedOnFirstCall):
     """``unet(x_t, t, encoder_hidden_states, added_cond_kwargs).sample`` for a condition dict
     ``{"states", "pooled", "time_ids"}`` with ``B`` rows."""
 
-    def __init__(self, unet: Any) -> None:
-        self.unet = unet
-
-    def __call__(self, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
         added = {"text_embeds": cond["pooled"], "time_ids": cond["time_ids"]}
-        out: Tensor = self.unet(
+        out: Tensor = self.net(
             x, t, encoder_hidden_states=cond["states"], added_cond_kwargs=added, return_dict=False
         )[0]
         return out

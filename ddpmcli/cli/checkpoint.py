@@ -69,6 +69,7 @@ MODEL_COLUMNS = (
     "prompt",
     "guidance",
     "time_ids",
+    "text_encoders",
     "latent_shape",
     "vae",
     "noise_path",

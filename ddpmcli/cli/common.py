@@ -283,12 +283,9 @@ DecodeOpt = Annotated[
 
 
 def conditioning_options(
-    class_label: str | None,
-    guidance_scale: float | None,
-    seed: int = 0,
-    prompt: str | None = None,
-    time_ids: str | None = None,
-) -> dict[str, Any]:
+    class_label: str | None, guidance_scale: float | None, seed: int = 0,
+    prompt: str | None = None, time_ids: str | None = None,
+) -> dict[str, Any]:  # fmt: skip
     """--class-label, --guidance-scale, --prompt, --time-ids (and --seed for random labels) as
     keyword arguments for `checkpoints.load_checkpoint`."""
     return {

@@ -58,7 +58,8 @@ def data_load_options(
 ) -> dict[str, Any]:
     """Keyword arguments for `checkpoints.load_checkpoint` beyond `loader_options`: the
     ``--data-range`` and, for a program (TorchScript/export) without ``--data-shape``, the
-    sample shape of ``--data`` (used only when the program's metadata has none)."""
+    sample shape of ``--data`` (used only when the program's metadata has none), and for a
+    diffusers folder (an SD3/Flux pipeline takes its resolution from the data's images)."""
     options: dict[str, Any] = {"data_range": parse_range(data_range)}
     if data is not None and data_shape is None:
         options["shape_from_data"] = _program_data_shape(checkpoint, data)
@@ -71,7 +72,7 @@ def _program_data_shape(checkpoint: Path, data: str) -> tuple[int, ...] | None:
     from ddpmcli.checkpoints import detect_format
 
     try:
-        if detect_format(checkpoint) not in ("torchscript", "export"):
+        if detect_format(checkpoint) not in ("torchscript", "export", "diffusers"):
             return None
         builtin = datasets.BUILTIN_DATASETS.get(data)
         if builtin is not None and not Path(data).exists():
