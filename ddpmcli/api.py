@@ -126,17 +126,15 @@ def schedule(
     """A noise schedule in float64, built exactly as `ddpm schedule` builds it.
 
     Args:
-        kind: a schedule kind or alias (``linear``, ``cosine``, ``sigmoid``, ...; default
-            ``linear``; the paths ``flow``, ``edm_sigma``, ``ve``), or ``custom`` with
-            ``betas_file``/``alpha_bars_file``.
+        kind: a schedule kind or alias (``linear``, ``cosine``, ``flow``, ``edm_sigma``, ...;
+            default ``linear``), or ``custom`` with ``betas_file``/``alpha_bars_file``.
         timesteps: T (default 1000).
         zero_terminal_snr, logsnr_shift: transforms applied in that order.
         steps, spacing, steps_offset: respace to ``steps`` (a count or a section string such as
             ``ddim50``); spacing default ``leading`` (or the config file's).
         from_file: a diffusers ``scheduler_config.json`` (or a folder holding one).
         betas_file, alpha_bars_file: a custom schedule from a file of numbers.
-        **params: the kind's own parameters (``beta_start``, ``beta_end``, ``s``, a flow's
-            ``shift`` or ``mu``, ...).
+        **params: the kind's own parameters (``beta_start``, ``beta_end``, ``s``, ``shift``...).
 
     Raises:
         ParameterError: conflicting or out-of-range choices. ScheduleError: bad parameters.
@@ -210,8 +208,7 @@ def wrap(
 
     Args:
         schedule: the training schedule (:func:`schedule`).
-        prediction_type: ``epsilon``, ``sample``, ``v_prediction`` or ``flow`` (the rectified
-            flow velocity eps - x0; aliases eps, x0, v, flow_prediction, velocity).
+        prediction_type: ``epsilon``, ``sample``, ``v_prediction``, ``flow`` (v = eps - x0).
         data_shape: one sample's shape, ``(D,)`` or ``(C, H, W)``.
         data_range: the data's range (what clipping and ``clip_fraction`` refer to).
         learned_variance: the output holds improved-diffusion's variance values too.
