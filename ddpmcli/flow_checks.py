@@ -38,9 +38,9 @@ LOW_PRECISIONS: tuple[str, ...] = ("float16", "bfloat16")
 
 
 def _t(grid: InferenceGrid, indices: list[int]) -> tuple[int, ...]:
-    """Grid positions (sampling order, 0 = first step) as schedule entries (0 = least noisy)."""
-    n = grid.timesteps.numel()
-    return tuple(sorted(n - 1 - i for i in indices))
+    """The model timesteps (whole part) of grid positions (sampling order, 0 = first step): the
+    t column of `ddpm check`, on the training scale (a flow's 1000 s)."""
+    return tuple(sorted({int(grid.timesteps[i]) for i in indices}))
 
 
 def check_double_shift(settings: FlowSettings, grid: InferenceGrid, steps: int) -> list[Finding]:
@@ -66,7 +66,7 @@ def check_double_shift(settings: FlowSettings, grid: InferenceGrid, steps: int) 
         f"of {steps} sigmas is {last:.6g}, where shift {settings.shift:g} applied once to "
         f"1/{big_t} gives {meant:.6g} ({last / meant:.3g}x the noise left for the final step)"
     )
-    return [Finding("warning", "shift_applied_twice", (0,), message)]
+    return [Finding("warning", "shift_applied_twice", _t(grid, [steps - 1]), message)]
 
 
 def check_dynamic_inputs(
@@ -132,12 +132,11 @@ def check_training_shift(
 def check_starts_at_one(grid: InferenceGrid) -> list[Finding]:
     if float(grid.sigmas[0]) != 1.0:
         return []
-    n = grid.timesteps.numel()
     return [
         Finding(
             "info",
             "flow_starts_at_s1",
-            (n - 1,),
+            _t(grid, [0]),
             "the grid starts at s = 1: terminal SNR 0, x_T is pure noise (flow prediction "
             "handles it: x0 = x_t - v); the first step's log-SNR gap is infinite, which "
             "log-SNR multistep solvers (DPM-Solver, UniPC) cannot take as a step",
