@@ -20,6 +20,7 @@ from ddpmcli.choices import DEFAULT_SPACING, SIGMA_SPACINGS, SPACINGS
 from ddpmcli.errors import ParameterError
 from ddpmcli.run.samplers import respaced_schedule
 from ddpmcli.run.solver_grid import grid_schedule, sigma_grid
+from ddpmcli.run.step_sweep import SweepResult
 
 __all__ = [
     "FINAL_SIGMAS_TYPES",
@@ -30,6 +31,7 @@ __all__ = [
     "sampling_spacing",
     "solver_options",
     "solver_schedule",
+    "step_sweep",
 ]
 
 FINAL_SIGMAS_TYPES = ("zero", "sigma_min")
@@ -80,11 +82,13 @@ def sampling_schedule(
     spacing: str | None = None,
     sampler: str = "ddpm",
     sigmas: Sequence[float] | None = None,
+    whole: bool | None = None,
 ) -> core.Schedule:
     """The schedule :func:`ddpmcli.sample` runs: the model's, respaced to ``steps`` (a count or
     a section string such as ``ddim50``; None: all T) as :func:`sampling_spacing` says, or a
     sigma grid (:func:`solver_schedule`)."""
-    return solver_schedule(model, steps, *sampling_spacing(model, spacing), sampler, sigmas)
+    how, offset = sampling_spacing(model, spacing)
+    return solver_schedule(model, steps, how, offset, sampler, sigmas, whole)
 
 
 def resolve_sampler(
@@ -123,13 +127,15 @@ def solver_schedule(
     offset: int,
     sampler: str,
     sigmas: Sequence[float] | None = None,
+    whole: bool | None = None,
 ) -> core.Schedule:
     """The schedule ``sampler`` runs: explicit EDM ``sigmas`` (descending or not, no final 0),
     ``steps`` noise levels of a sigma ``spacing`` between the model's smallest and largest sigma,
     or the model's schedule respaced (``leading``/``trailing``/``linspace``, ``offset``). On a
     sigma grid the model's timesteps are interpolated in log sigma on its training table
-    (diffusers' ``_sigma_to_t``), whole for the multistep solvers as diffusers rounds them."""
-    whole = sampler in MULTISTEP
+    (diffusers' ``_sigma_to_t``), whole for the multistep solvers as diffusers rounds them
+    (``whole`` None; True/False: for every sampler)."""
+    whole = sampler in MULTISTEP if whole is None else whole
     if sigmas is not None:
         values = torch.as_tensor(list(sigmas), dtype=torch.float64)
         return grid_schedule(
@@ -223,3 +229,47 @@ def _sigma_spacing_of(raw: Mapping[str, Any]) -> str | None:
         if raw.get(key):
             return spacing
     return None
+
+
+def step_sweep(
+    model: LoadedModel,
+    samplers: Sequence[str],
+    steps: Sequence[int],
+    *,
+    n: int = 256,
+    seed: int = 0,
+    spacing: str | None = "karras",
+    clip: bool = False,
+    exact: Any = None,
+    reference_sampler: str = "unipc",
+    reference_steps: int = 500,
+    batch_size: int | None = None,
+) -> SweepResult:
+    """How many steps: one row per (sampler, steps) from the same x_T against a reference
+    (:func:`ddpmcli.run.step_sweep.step_sweep`; the numbers of `ddpm steps`), every sampler on
+    one grid rule (``spacing``, default karras) and the one loaded model (no reloading).
+    ``exact``: ``x_T -> samples`` where the exact solution is known; else a converged run of
+    ``reference_sampler`` at ``reference_steps`` steps, checked by halving."""
+    from ddpmcli.api import sample_settings
+    from ddpmcli.run.step_sweep import step_sweep as sweep
+
+    for name in (*samplers, reference_sampler):
+        sample_settings(model, n, name, clip=clip)  # unknown names: one error, before any run
+    return sweep(
+        model.predict,
+        # fractional timesteps for all: one grid whatever the sampler, and no repeats at many steps
+        lambda name, count: sampling_schedule(model, count, spacing, name, whole=False),
+        model.prediction_type,
+        model.data_shape,
+        samplers=samplers,
+        steps=steps,
+        settings_for=lambda name: sample_settings(model, n, name, clip=clip),
+        n=n,
+        seed=seed,
+        exact=exact,
+        reference_sampler=reference_sampler,
+        reference_steps=reference_steps,
+        data=model.reference_samples,
+        data_range=model.data_range,
+        run_options={"device": model.device, "model_dtype": model.dtype, "batch_size": batch_size},
+    )

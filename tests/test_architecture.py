@@ -113,7 +113,7 @@ def test_typer_choices_are_the_library_choices() -> None:
         if option == "decoder":  # nll: auto picks by the data's shape
             assert offered == ("auto", *choices.DECODERS), command
             continue
-        if (command, option) == ("sample", "spacing"):  # respacings and sigma grids
+        if command in ("sample", "steps") and option == "spacing":  # respacings and sigma grids
             assert offered == choices.SAMPLE_SPACINGS, command
             assert offered == (*choices.SPACINGS, *choices.SIGMA_SPACINGS)
             continue

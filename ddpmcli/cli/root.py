@@ -32,6 +32,7 @@ from ddpmcli.cli import nll as nll_commands
 from ddpmcli.cli import reconstruct as reconstruct_commands
 from ddpmcli.cli import sample as sample_commands
 from ddpmcli.cli import schedule as schedule_commands
+from ddpmcli.cli import steps as steps_commands
 from ddpmcli.cli.common import expand_optional_values, flag_name, misread_plot_path
 from ddpmcli.errors import DdpmError, ExitStatus, Interrupted
 
@@ -47,6 +48,7 @@ COMMAND_GROUPS: tuple[Any, ...] = (
     schedule_commands,  # schedule, compare, posterior, check
     reconstruct_commands,  # reconstruct
     sample_commands,  # sample
+    steps_commands,  # steps
     nll_commands,  # nll
     checkpoint_commands,  # info, train
 )

@@ -196,7 +196,8 @@ def _check_distinct(values: list[float], what: str) -> None:
     for k in range(1, len(values)):
         if values[k] == values[k - 1]:
             raise ParameterError(
-                f"the grid repeats a {what} ({values[k]!r}); each step needs its own noise level"
+                f"the grid repeats a {what} ({values[k]!r}); each step needs its own noise level "
+                "(on a sigma grid at many steps the rounded timesteps meet: fewer {steps})"
             )
 
 
