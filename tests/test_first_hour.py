@@ -256,3 +256,18 @@ def test_energy_distance_against_an_exactly_summed_reference() -> None:
         2 * mean_distance(a, b, False) - mean_distance(a, a, True) - mean_distance(b, b, True)
     )
     assert energy_distance(x, y) == pytest.approx(expected, rel=1e-13, abs=1e-15)
+
+
+@pytest.mark.parametrize("command", ["schedule", "check"])
+def test_from_a_checkpoint_says_so_and_what_to_run(cli, command: str, tmp_path: Path) -> None:
+    import torch
+
+    ckpt = tmp_path / "ckpt.pt"
+    torch.save({"format": "ddpmcli"}, ckpt)  # a zip archive, as every torch.save since 1.6
+    result = cli(command, "--from", str(ckpt))
+    assert result.exit_code == 2
+    assert result.stderr.splitlines() == [
+        f"Error: --from {str(ckpt)!r} is a model checkpoint, not a scheduler config: its schedule "
+        f"is in `ddpm info {ckpt}` (kind, T, terminal SNR), and `ddpm reconstruct/sample/nll "
+        f"{ckpt}` use it; --from takes a diffusers scheduler_config.json or its folder"
+    ]
