@@ -11,6 +11,7 @@ ddpm train --data moons --steps 2000 --out "$work/ckpt.pt" --force -q
 ddpm train --data shapes --steps 400 --out "$work/shapes.pt" --force -q
 ddpm schedule --kind cosine --plot "$out/schedule_cosine.png" >/dev/null
 ddpm compare linear cosine scaled_linear+zsnr sigmoid_logsnr edm --plot "$out/compare.png" >/dev/null
+ddpm compare sd15 sd3 flux@1024 edm --steps 28 --plot "$out/compare_families.png" >/dev/null
 ddpm posterior --kind linear --plot "$out/posterior_linear.png" >/dev/null
 ddpm reconstruct "$work/ckpt.pt" --plot "$out/reconstruct_moons.png" >/dev/null
 ddpm sample "$work/ckpt.pt" --n 512 --trajectory-every 100 --plot "$out/sample_moons.png" >/dev/null
