@@ -181,3 +181,31 @@ def test_a_model_factory_declares_a_flow_path(tmp_path: Path, cli) -> None:
         "--format", "csv",
     )  # fmt: skip
     assert result.exit_code == 0, result.stderr
+
+
+class OptimalSigmaSpace(nn.Module):
+    """E[x0 | x0 + sigma eps = x] for x0 uniform on POINTS, sigma = exp(4 c_noise) (EDM)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("points", POINTS.clone())
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        sigma = torch.exp(4 * t.to(torch.float64))[:, None]
+        x64 = x.to(torch.float64)
+        diff = x64[:, None, :] - self.points[None]
+        w = torch.softmax(-(diff**2).sum(-1) / (2 * sigma**2), dim=1)
+        return (w @ self.points).to(x.dtype)
+
+
+def test_a_sigma_space_model_is_called_with_c_noise() -> None:
+    sched = ddpmcli.schedule("edm_sigma", 100)
+    model = ddpmcli.wrap(
+        OptimalSigmaSpace(), schedule=sched, prediction_type="sample", data_shape=(2,)
+    )
+    r = ddpmcli.reconstruct(
+        model, POINTS.repeat(4, 1), t=[0, 50, 99], clip=False, dtype="float64",
+        compare_optimal=OptimalDenoiser.from_points(POINTS),
+    )  # fmt: skip
+    for row in r.rows:
+        assert row["mse"] == pytest.approx(row["optimal_mse"], rel=1e-5, abs=1e-12), row
