@@ -173,3 +173,35 @@ def test_cli_reconstruct_sample_nll(
     ]
     nll = _json(cli("nll", folder, "--data", str(data_file), *common))
     assert nll[-1]["term"] == "total"
+
+
+def test_hostile_sizes_are_one_line_before_anything_is_built(
+    folders: dict[str, Path], tmp_path: Path
+) -> None:
+    """Transformer and T5 configs that describe a huge network: one Error line, nothing built."""
+    import shutil
+
+    from ddpmcli.errors import CheckpointError
+
+    cases = [
+        ("flux-dev", "transformer", {"num_layers": 10**5}, "num_layers must be an integer in 1"),
+        ("flux-dev", "transformer", {"num_attention_heads": 1024, "attention_head_dim": 4096},
+         "heads x head dim 4194304 is more than 16384"),
+        ("sd3", "transformer", {"num_attention_heads": 1024, "attention_head_dim": 16,
+         "num_layers": 256}, "the SD3Transformer2DModel it describes"),
+        ("sd3", "text_encoder_3", {"d_ff": 1 << 18, "num_layers": 256}, "the text encoder it"),
+    ]  # fmt: skip
+    for i, (case, part, change, message) in enumerate(cases):
+        folder = tmp_path / str(i)
+        shutil.copytree(folders[case], folder)
+        config = json.loads((folder / part / "config.json").read_text())
+        (folder / part / "config.json").write_text(json.dumps({**config, **change}))
+        with pytest.raises(CheckpointError, match=message):
+            load_checkpoint(folder, inspect_only=True)
+
+
+def test_time_ids_need_an_sdxl_model(folders: dict[str, Path]) -> None:
+    from ddpmcli.errors import DdpmError
+
+    with pytest.raises(DdpmError, match="time_ids given, but the model is not SDXL-style"):
+        load_checkpoint(folders["sd3"], inspect_only=True, time_ids="8,8,0,0,8,8")

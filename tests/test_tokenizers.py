@@ -102,3 +102,14 @@ def test_hostile_tokenizer_folders(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     (corrupt / "tokenizer.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="bad tokenizer"):
         text_encoders.load_tokenizer(corrupt, "clip")
+
+
+def test_spiece_model_without_sentencepiece_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "t5"
+    folder.mkdir()
+    (folder / "spiece.model").write_bytes(b"\x00" * 16)
+    monkeypatch.setattr(text_encoders, "_has_module", lambda name: name != "sentencepiece")
+    with pytest.raises(CheckpointError, match=r"needs sentencepiece: pip install 'ddpmcli\[t5\]'"):
+        text_encoders.load_tokenizer(folder, "t5")
