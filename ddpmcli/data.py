@@ -342,6 +342,9 @@ def _read_npz(p: Path) -> np.ndarray:
         key = next((k for k in ("x", "samples", "images", "data", "arr_0") if k in names), names[0])
         info = archive.getinfo(key + ".npy")
         where = f"{p}: array {key!r}"
+        readable = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
+        if info.flag_bits & 0x1 or info.compress_type not in readable:
+            raise DataError(f"{where}: encrypted or compressed in a way numpy does not read")
         with archive.open(info) as member:
             _checked_header(member, info.file_size, where)
         with archive.open(info) as member:

@@ -150,6 +150,31 @@ def check_allocation(nbytes: int, what: str, *, error: type[DdpmError] = UsageEr
         raise error(f"{what} needs ~{_gib(nbytes)} GiB, more than the {_gib(free)} GiB available")
 
 
+MAX_THREADS: int = 1024
+"""Most CPU threads (``--threads``, ``OMP_NUM_THREADS``): libgomp creates each one on first use,
+and past what the system allows it prints ``libgomp: Thread creation failed`` and exits (or, at
+100,000, crashes with SIGSEGV), which no Python handler can catch."""
+
+THREAD_STACK_BYTES: int = 8 * 1024**2
+"""Address space one thread reserves for its stack (glibc's default under an 8 MiB stack limit)."""
+
+
+def check_threads(value: int, name: str) -> int:
+    """``value`` as a thread count: 1 to :data:`MAX_THREADS`, and its stacks within the address
+    space left under ``RLIMIT_AS``; else one ParameterError naming the parameter ``name`` (or,
+    not an identifier, the text ``name``: ``OMP_NUM_THREADS variable``)."""
+    check_count(value, name, maximum=MAX_THREADS)
+    room = _rlimit_free()
+    need = value * THREAD_STACK_BYTES
+    if room is not None and need > room * MEMORY_MARGIN:
+        field = "{" + name + "}" if name.isidentifier() else verbatim(name)
+        raise ParameterError(
+            f"{field} {value}: the threads' stacks need ~{_gib(need)} GiB of address space, more "
+            f"than the {_gib(room * MEMORY_MARGIN)} GiB left under the address-space limit"
+        )
+    return value
+
+
 def _range_text(minimum: int, maximum: int | None) -> str:
     if maximum is None:
         return f"at least {minimum}"

@@ -50,12 +50,16 @@ DRIVER = textwrap.dedent(
 
 
 def run_capped(cases: list[list[str]], cwd: Path) -> list[tuple[int, str, float]]:
-    """Each argv run in one subprocess under the memory cap: (exit code, stderr, seconds)."""
+    """Each argv run in one subprocess under the memory cap: (exit code, stderr, seconds).
+
+    The process's own stderr must stay empty: only the captured ``Error:`` lines may appear
+    (torch's loggers write to the real stderr, past the capture)."""
     proc = subprocess.run(
         [sys.executable, "-c", DRIVER.format(cap=CAP), json.dumps(cases)],
         capture_output=True, text=True, cwd=cwd, timeout=len(cases) * TIME_LIMIT + 60,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.strip() == "", proc.stderr[-3000:]
     return [tuple(row) for row in json.loads(proc.stdout.strip().splitlines()[-1])]  # type: ignore[misc]
 
 
@@ -155,7 +159,48 @@ def hostile(tmp_path_factory: pytest.TempPathFactory) -> Path:
         _forge_size(root / name, member, size)
     save_torchscript(net, root / "script.pt", meta)
     _forge_size(root / "script.pt", "data.pkl", 0xF000_0000)
+    save_exported_program(net, root / "base.pt2", example, {**meta, "prediction_type": "epsilon"})
+    _malformed_programs(root)
+    _native(root / "small.pt")
     return root
+
+
+def _rewrite(root: Path, name: str, change: object) -> None:
+    """A copy of base.pt2 with ``change(member name, bytes)`` applied (None drops a member)."""
+    with zipfile.ZipFile(root / "base.pt2") as src, zipfile.ZipFile(root / name, "w") as dst:
+        for info in src.infolist():
+            data = change(info.filename, src.read(info))  # type: ignore[operator]
+            if data is not None:
+                dst.writestr(info, data)
+
+
+def _graph(edit: object) -> object:
+    def change(name: str, data: bytes) -> bytes:
+        if not name.endswith("models/model.json"):
+            return data
+        graph = json.loads(data)
+        edit(graph)  # type: ignore[operator]
+        return json.dumps(graph).encode()
+
+    return change
+
+
+def _malformed_programs(root: Path) -> None:
+    def target(g: dict) -> None:
+        g["graph_module"]["graph"]["nodes"][0]["target"] = "torch.ops.aten.linear.nonexistent"
+
+    def major(g: dict) -> None:
+        g["schema_version"]["major"] = 999
+
+    def deep(g: dict) -> None:
+        g["graph_module"]["graph"]["nodes"][0]["extra"] = json.loads("[" * 200 + "]" * 200)
+
+    _rewrite(root, "target.pt2", _graph(target))
+    _rewrite(root, "major.pt2", _graph(major))
+    _rewrite(root, "deep.pt2", _graph(deep))
+    _rewrite(root, "missing.pt2", lambda n, d: None if n.endswith("weights/weight_0") else d)
+    config = b'{"config": 5}'
+    _rewrite(root, "config5.pt2", lambda n, d: config if n.endswith("weights_config.json") else d)
 
 
 def test_sizes_and_bombs_are_one_line_under_a_memory_cap(hostile: Path) -> None:
@@ -169,9 +214,140 @@ def test_sizes_and_bombs_are_one_line_under_a_memory_cap(hostile: Path) -> None:
         (["info", "weights.pt2"], "the archive's inflated members needs"),
         (["info", "--trust-program", "script.pt"], "the archive's inflated members needs"),
         (["info", "script.pt"], "the archive's inflated members needs"),
+        (["info", "target.pt2"], "operator torch.ops.aten.linear.nonexistent is not a pure"),
+        (["info", "major.pt2"], "written in torch.export schema version 999"),
+        (["info", "deep.pt2"], "models/model.json: JSON nests deeper than 64 levels"),
+        (["info", "missing.pt2"], "names the member data/weights/weight_0, which the archive"),
+        (["info", "config5.pt2"], "model_weights_config.json: config must be a JSON object"),
     ]
     start = time.perf_counter()
     rows = run_capped([args for args, _ in cases], hostile)
     for (_, fragment), row in zip(cases, rows, strict=True):
         assert_one_line(row, 1, fragment)
     assert time.perf_counter() - start < TIME_LIMIT * 3
+    threads = ["reconstruct", "small.pt", "--data", "moons", "-n", "4", "--threads", "1024"]
+    (row,) = run_capped([threads], hostile)  # libgomp would print and exit 1
+    assert_one_line(row, 2, "--threads 1024: the threads' stacks need ~8.0 GiB")
+
+
+# ---------------------------------------------------------------------------------------------
+# malformed metadata and inputs: one line each, in-process
+
+
+def _edited(path: Path, out: Path, edit: object) -> Path:
+    obj = torch.load(path, weights_only=True)
+    edit(obj)  # type: ignore[operator]
+    torch.save(obj, out)
+    return out
+
+
+_NATIVE_EDITS = {
+    "params list": (lambda o: o["schedule"].update(params=[1, 2]), "schedule.params must be a"),
+    "params text": (lambda o: o["schedule"].update(params="x"), "schedule.params must be a"),
+    "params null": (lambda o: o["schedule"].update(params=None), "schedule.params must be a"),
+    "beta 10**400": (
+        lambda o: o["schedule"].update(params={"beta_start": 10**400}),
+        "schedule.params.beta_start must be a finite number",
+    ),
+    "kind list": (lambda o: o["schedule"].update(kind=["linear"]), "schedule.kind must be a"),
+    "kind null": (lambda o: o["schedule"].update(kind=None), "schedule.kind must be a name"),
+    "betas text": (lambda o: o.update(schedule={"kind": "custom", "betas": ["0.1"] * 10}), "betas"),
+    "training list": (lambda o: o.update(training=[1, 2]), "training must be a dict"),
+    "training text": (lambda o: o.update(training="x"), "training must be a dict"),
+    "training int": (lambda o: o.update(training=5), "training must be a dict"),
+    "training tensor": (
+        lambda o: o.update(training={"steps": torch.tensor([1, 2])}),
+        "training.steps must be",
+    ),
+    "meta tensor": (
+        lambda o: o["state_dict"].update(
+            {k: torch.empty(v.shape, device="meta") for k, v in list(o["state_dict"].items())[:1]}
+        ),
+        "is a meta-device tensor",
+    ),
+    "sparse tensor": (
+        lambda o: o["state_dict"].update(
+            {k: v.to_sparse() for k, v in list(o["state_dict"].items())[:1]}
+        ),
+        "is a torch.sparse_coo tensor",
+    ),
+}
+
+
+def _cli_one_line(result, code: int, fragment: str) -> None:  # type: ignore[no-untyped-def]
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == code, result.stderr
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    assert BUG_HINT not in lines[0] and fragment in lines[0], lines[0]
+
+
+def test_malformed_native_metadata_is_one_line(cli, hostile: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    for name, (edit, fragment) in _NATIVE_EDITS.items():
+        path = _edited(hostile / "small.pt", tmp_path / f"{name.replace(' ', '_')}.pt", edit)
+        _cli_one_line(cli("info", str(path)), 1, fragment)
+
+
+def test_malformed_inputs_are_one_line(cli, hostile: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import numpy as np
+
+    np.savez(tmp_path / "ok.npz", x=np.zeros((8, 2), np.float32))
+    raw = (tmp_path / "ok.npz").read_bytes()
+    for name, (local, central, value) in {
+        "encrypted": (6, 8, None),
+        "method99": (8, 10, 99),
+    }.items():
+        data = bytearray(raw)
+        at, cd = data.find(b"PK\x03\x04"), data.find(b"PK\x01\x02")
+        if value is None:
+            data[at + local] |= 1
+            data[cd + central] |= 1
+        else:
+            struct.pack_into("<H", data, at + local, value)
+            struct.pack_into("<H", data, cd + central, value)
+        (tmp_path / f"{name}.npz").write_bytes(bytes(data))
+        data_file = str(tmp_path / f"{name}.npz")
+        result = cli("reconstruct", str(hostile / "small.pt"), "--data", data_file)
+        _cli_one_line(result, 1, "encrypted or compressed in a way numpy does not read")
+    rlo = tmp_path / "x\u202ey.pt"
+    result = cli("info", str(rlo))
+    _cli_one_line(result, 1, "x\\u202ey.pt")
+    assert "\u202e" not in result.stderr
+    _cli_one_line(cli("posterior", "--v", "nan"), 2, "--v must be a number in [-1, 1], got nan")
+    result = cli(
+        "reconstruct", str(hostile / "small.pt"), "--data", "moons", "-n", "4",
+        env={"OMP_NUM_THREADS": "100000"},
+    )  # fmt: skip
+    _cli_one_line(result, 2, "OMP_NUM_THREADS='100000' must be a whole number from 1 to 1024")
+    unet = tmp_path / "pipe" / "unet"
+    unet.mkdir(parents=True)
+    config = {"_class_name": "UNet2DModel", "sample_size": 8, "in_channels": 1,
+              "out_channels": 1, "block_out_channels": [8], "layers_per_block": 1,
+              "down_block_types": ["DownBlock2D"], "up_block_types": ["UpBlock2D"],
+              "norm_num_groups": 4}  # fmt: skip
+    (unet / "config.json").write_text(json.dumps(config))
+    index = {"weight_map": {"a": "bad\u0000name.safetensors"}}
+    (unet / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
+    (tmp_path / "pipe" / "scheduler").mkdir()
+    sched = {"_class_name": "DDPMScheduler", "num_train_timesteps": 10}
+    (tmp_path / "pipe" / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched))
+    _cli_one_line(cli("info", str(tmp_path / "pipe")), 1, "not a file in the folder")
+
+
+def test_ascii_stdout_prints_a_table_and_a_non_ascii_path() -> None:
+    env = {**__import__("os").environ, "PYTHONIOENCODING": "ascii"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "ddpmcli", "schedule", "-T", "3", "-f", "table", "--plot",
+         "\u00e9t\u00e9/x.png"],
+        capture_output=True, text=True, env=env, timeout=TIME_LIMIT,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert (
+        proc.stderr.strip() == "Error: cannot write plot '\\xe9t\\xe9/x.png': folder "
+        "'\\xe9t\\xe9' does not exist"
+    ), proc.stderr
+    proc = subprocess.run(
+        [sys.executable, "-m", "ddpmcli", "schedule", "-T", "3", "-f", "table"],
+        capture_output=True, text=True, env=env, timeout=TIME_LIMIT,
+    )  # fmt: skip
+    assert proc.returncode == 0 and "Error" not in proc.stderr, proc.stderr
+    assert len(proc.stdout.strip().splitlines()) >= 4

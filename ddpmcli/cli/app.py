@@ -46,6 +46,8 @@ from typing import Any  # noqa: E402
 from ddpmcli.errors import ExitStatus, Interrupted  # noqa: E402
 
 _UNSAFE_CONTROL = {i: f"\\x{i:02x}" for i in (*range(0x20), 0x7F, *range(0x80, 0xA0))}
+_BIDI = (0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A))
+_UNSAFE_CONTROL.update({i: f"\\u{i:04x}" for i in _BIDI})  # U+202E reverses the line after it
 
 
 # Set by the SIGINT handler. A handler's exception can be swallowed where Python ignores
@@ -191,8 +193,18 @@ def run_main(argv: Sequence[str] | None = None) -> int:
     return int(code)
 
 
+def _escape_unencodable() -> None:
+    """stdout and stderr write what their encoding cannot hold as backslash escapes (a table's
+    box drawing or a non-ASCII path under ``PYTHONIOENCODING=ascii`` or a C locale) instead of
+    raising UnicodeEncodeError midway."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(AttributeError, ValueError, OSError):
+            stream.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Console-script entry point: run `ddpm` and exit with its status."""
+    _escape_unencodable()
     try:
         code = run_main(argv)
     except (Interrupted, KeyboardInterrupt):  # between the handler's install and the try

@@ -248,6 +248,10 @@ def posterior(
 
       ddpm posterior --kind cosine --plot plots/posterior.pdf
     """
+    import math
+
+    if not math.isfinite(v):  # click's range lets nan through: every comparison with it is false
+        raise UsageError(f"--v must be a number in [-1, 1], got {v}")
     from ddpmcli.configs import build_schedule
 
     table.check()

@@ -12,6 +12,7 @@ from collections.abc import Iterator, Mapping
 
 import torch
 
+from ddpmcli import limits
 from ddpmcli.errors import DdpmError, ParameterError, UsageError
 
 __all__ = [
@@ -295,8 +296,14 @@ def default_threads(
     env = os.environ if environ is None else environ
     text = env.get("OMP_NUM_THREADS", "").strip()
     launcher_default = text == "1" and local_world > 1 and bool(env.get("TORCHELASTIC_RUN_ID"))
-    if text.isdigit() and int(text) > 0 and not launcher_default:
-        return int(text)
+    if text and not launcher_default:
+        text = text.split(",", 1)[0].strip()  # OpenMP's list form "4,2": the outer level's
+        if not text.isdigit() or not 1 <= int(text) <= limits.MAX_THREADS:
+            raise UsageError(
+                f"OMP_NUM_THREADS={text[:20]!r} must be a whole number from 1 to "
+                f"{limits.MAX_THREADS} (as --threads)"
+            )
+        return limits.check_threads(int(text), "OMP_NUM_THREADS variable")
     if work_per_item is not None and work_per_item < SMALL_MODEL_WORK:
         return 1
     total = free_cores() if cores is None else cores
@@ -328,5 +335,6 @@ def apply_threads(threads: int | None) -> int:
     if threads is not None:
         if threads < 1:
             raise ParameterError(f"{{threads}} {threads}: must be at least 1")
+        limits.check_threads(threads, "threads")
         torch.set_num_threads(threads)
     return torch.get_num_threads()
