@@ -32,7 +32,7 @@ QUANTITIES = (
 )  # fmt: skip
 STEP_COLUMNS = (
     "step", "t", "variance", "xt_std", "xt_std_expected", "x0_min", "x0_max", "x0_std",
-    "clip_fraction", "update_norm",
+    "clip_fraction", "update_norm", "log_snr_gap", "order",
 )  # fmt: skip
 BOUND_COLUMNS = ("t", "term", "bits_per_dim", "stderr", "weight", "x0_mse", "eps_mse")
 AGGREGATE_COLUMNS = ("t", "alpha_bar", "snr", "mse", "psnr", "eps_mse", "clip_fraction")

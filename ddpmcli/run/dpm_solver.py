@@ -173,13 +173,19 @@ def _new_history() -> MultistepHistory:
     return MultistepHistory(keep=2)
 
 
-@register_sampler("dpmpp-2m", uses_noise=lambda s: False, new_state=_new_history, check=check_dpm)
+@register_sampler(
+    "dpmpp-2m", uses_noise=lambda s: False, new_state=_new_history, check=check_dpm,
+    order=dpm_order,
+)  # fmt: skip
 def dpmpp_2m_step(ctx: StepContext) -> tuple[Tensor, Tensor | None]:
     """DPM-Solver++(2M): multistep, second order by default (Lu et al. 2022b, Algorithm 2)."""
     return _step(ctx, sde=False)
 
 
-@register_sampler("dpmpp-3m", uses_noise=lambda s: False, new_state=_new_history, check=check_dpm)
+@register_sampler(
+    "dpmpp-3m", uses_noise=lambda s: False, new_state=_new_history, check=check_dpm,
+    order=dpm_order,
+)  # fmt: skip
 def dpmpp_3m_step(ctx: StepContext) -> tuple[Tensor, Tensor | None]:
     """DPM-Solver++(3M): multistep, third order by default."""
     return _step(ctx, sde=False)
@@ -187,7 +193,7 @@ def dpmpp_3m_step(ctx: StepContext) -> tuple[Tensor, Tensor | None]:
 
 @register_sampler(
     "dpmpp-2m-sde", new_state=_new_history, check=check_dpm,
-    noise_at_zero=lambda s: s.final_sigma > 0,
+    noise_at_zero=lambda s: s.final_sigma > 0, order=dpm_order,
 )  # fmt: skip
 def dpmpp_2m_sde_step(ctx: StepContext) -> tuple[Tensor, Tensor | None]:
     """SDE-DPM-Solver++(2M): the reverse SDE in data prediction and log-SNR."""

@@ -106,7 +106,7 @@ def _heun_evaluations(num: int, settings: SampleSettings) -> int:
 
 @register_sampler(
     "heun", uses_noise=_uses_churn, check=_check_heun, noise_at_zero=_uses_churn,
-    evaluations=_heun_evaluations,
+    evaluations=_heun_evaluations, order=lambda i, num, s: 1 if i == 0 else 2,
 )  # fmt: skip
 def heun_step(ctx: StepContext) -> tuple[Tensor, Tensor | None]:
     """Karras et al. 2022 Algorithm 1/2: Euler, then the trapezoidal correction (2 calls)."""

@@ -38,6 +38,8 @@ STEP_COLUMNS: tuple[str, ...] = (
     "x0_std",
     "clip_fraction",
     "update_norm",
+    "log_snr_gap",
+    "order",
 )
 
 
@@ -90,6 +92,10 @@ class StepStatistics:
         self.observers = list(observers)
         self.rows: list[dict[str, Any]] = []
         self._pending: tuple[Event, Tensor] | None = None
+        # per index: the step's gap in lambda = log(alpha/sigma) and the solver order it used
+        # (set by the sampling loop, host side)
+        self.gaps: list[float] = []
+        self.orders: list[int] = []
 
     def __call__(self, event: Event) -> None:
         if event.step is None or "x_next" not in event.tensors:
@@ -140,6 +146,8 @@ class StepStatistics:
             "x0_std": values[3],
             "clip_fraction": values[4],
             "update_norm": values[5],
+            "log_snr_gap": self.gaps[i] if self.gaps else None,
+            "order": self.orders[i] if self.orders else None,
         }
         self.rows.append(row)
         if values[-1] > 0:  # the model's own output, before any x0_hat arithmetic or clipping

@@ -286,6 +286,8 @@ def sample(
     )  # fmt: skip
     num = schedule.num_steps
     stats = StepStatistics(schedule, variances, float(data_variance), settings.data_range)
+    stats.gaps = [loop.grid.gap(i) for i in range(num)] if loop.grid is not None else []
+    stats.orders = [sampler.order(i, num, settings) if sampler.order else 1 for i in range(num)]
     stats.observers = [*observers, finite_check(stats.rows, num)]
     watchers: list[Observer] = [stats]
     recorder = None

@@ -142,6 +142,7 @@ class Sampler:
     check: Callable[[SampleSettings], None] | None = None
     noise_at_zero: Callable[[SampleSettings], bool] | None = None
     evaluations: Callable[[int, SampleSettings], int] | None = None
+    order: Callable[[int, int, SampleSettings], int] | None = None
 
 
 _REGISTRY: dict[str, Sampler] = {}
@@ -164,6 +165,7 @@ def register_sampler(
     check: Callable[[SampleSettings], None] | None = None,
     noise_at_zero: Callable[[SampleSettings], bool] | None = None,
     evaluations: Callable[[int, SampleSettings], int] | None = None,
+    order: Callable[[int, int, SampleSettings], int] | None = None,
 ) -> Callable[[StepFn], StepFn]:
     """Register ``step`` under ``name`` (a decorator); :func:`sample` then runs it by name.
 
@@ -175,11 +177,13 @@ def register_sampler(
         check: raises :class:`ParameterError` for settings the sampler does not take.
         noise_at_zero: whether the step also draws z at index 0 (Euler's churn).
         evaluations: model evaluations of a run of N indices per sample (default N).
+        order: ``(i, N, settings) ->`` the order of the step at index ``i`` (the ``order``
+            column; default 1).
     """
 
     def add(step: StepFn) -> StepFn:
         _REGISTRY[name] = Sampler(
-            name, step, uses_noise, variances, new_state, check, noise_at_zero, evaluations
+            name, step, uses_noise, variances, new_state, check, noise_at_zero, evaluations, order
         )
         return step
 

@@ -114,7 +114,10 @@ def _new_history() -> MultistepHistory:
     return MultistepHistory(keep=3)
 
 
-@register_sampler("unipc", uses_noise=lambda s: False, new_state=_new_history, check=_check)
+@register_sampler(
+    "unipc", uses_noise=lambda s: False, new_state=_new_history, check=_check,
+    order=unipc_order,
+)  # fmt: skip
 def unipc_step(ctx: StepContext) -> tuple[Tensor, Tensor | None]:
     """UniC on the last update (with this index's x0_hat), then UniP to the next point."""
     grid, hist, i = step_grid(ctx), ctx.state, ctx.index
