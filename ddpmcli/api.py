@@ -37,6 +37,7 @@ from ddpmcli.api_sampling import (
     sampling_spacing,
     solver_options,
 )
+from ddpmcli.api_schedule import schedule as schedule
 from ddpmcli.checkpoints import LoadedModel, load_checkpoint
 from ddpmcli.checkpoints.conditioning import attach
 from ddpmcli.checkpoints.in_memory import (
@@ -55,12 +56,10 @@ from ddpmcli.choices import (
     NllMethod,
     SamplerName,
     SampleSpacingName,
-    SpacingName,
     VarianceType,
     prediction_type_choices,
     prediction_type_of,
 )
-from ddpmcli.configs import ScheduleRequest, build_schedule
 from ddpmcli.errors import ParameterError, verbatim
 from ddpmcli.run import (
     BoundResult,
@@ -109,45 +108,6 @@ DeviceLike = DeviceName | str | torch.device
 DtypeLike = DtypeName | torch.dtype
 
 
-def schedule(
-    kind: str | None = None,
-    timesteps: int | None = None,
-    *,
-    zero_terminal_snr: bool = False,
-    logsnr_shift: float = 0.0,
-    steps: int | str | None = None,
-    spacing: SpacingName | None = None,
-    steps_offset: int | None = None,
-    from_file: str | os.PathLike[str] | None = None,
-    betas_file: str | os.PathLike[str] | None = None,
-    alpha_bars_file: str | os.PathLike[str] | None = None,
-    **params: float,
-) -> core.Schedule:
-    """A noise schedule in float64, built exactly as `ddpm schedule` builds it.
-
-    Args:
-        kind: a schedule kind or alias (``linear``, ``cosine``, ``flow``, ``edm_sigma``, ...;
-            default ``linear``), or ``custom`` with ``betas_file``/``alpha_bars_file``.
-        timesteps: T (default 1000).
-        zero_terminal_snr, logsnr_shift: transforms applied in that order.
-        steps, spacing, steps_offset: respace to ``steps`` (a count or a section string such as
-            ``ddim50``); spacing default ``leading`` (or the config file's).
-        from_file: a diffusers ``scheduler_config.json`` (or a folder holding one).
-        betas_file, alpha_bars_file: a custom schedule from a file of numbers.
-        **params: the kind's own parameters (``beta_start``, ``beta_end``, ``s``, ``shift``...).
-
-    Raises:
-        ParameterError: conflicting or out-of-range choices. ScheduleError: bad parameters.
-    """
-    request = ScheduleRequest(
-        kind=kind, timesteps=timesteps, params=dict(params),
-        from_file=None if from_file is None else str(from_file),
-        betas_file=None if betas_file is None else str(betas_file),
-        alpha_bars_file=None if alpha_bars_file is None else str(alpha_bars_file),
-        zero_terminal_snr=zero_terminal_snr, logsnr_shift=logsnr_shift,
-        steps=None if steps is None else str(steps), spacing=spacing, steps_offset=steps_offset,
-    )  # fmt: skip
-    return build_schedule(request).schedule
 
 
 def load(

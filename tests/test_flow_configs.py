@@ -303,3 +303,19 @@ def test_euler_sigma_grid_config_steps_is_diffusers(cli, tmp_path: Path, key: st
     )
     result = cli("schedule", "--from", str(tmp_path / "model"), "--steps", "12", "-f", "csv")
     assert result.exit_code == 0 and result.stdout.splitlines()[1].split(",")[1] != "0"
+
+
+def test_api_schedule_from_config_is_what_the_cli_prints(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import ddpmcli
+
+    ours = ddpmcli.schedule(from_config=FLUX, steps=8, resolution=512)
+    folder = _folder(tmp_path, FLUX)
+    result = cli(
+        "schedule", "--from", str(folder), "--steps", "8", "--resolution", "512", "-f", "json"
+    )
+    assert result.exit_code == 0, result.stderr
+    rows = json.loads(result.stdout)
+    assert [row["sigma_t"] for row in rows] == ours.sigma_t.tolist()
+    assert [row["timestep"] for row in rows] == ours.model_timestep.tolist()
+    with pytest.raises(ScheduleError, match="unknown key"):
+        ddpmcli.schedule(from_config={**SD3, "shfit": 1.0})
