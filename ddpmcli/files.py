@@ -194,8 +194,20 @@ def atomic_write(
             tmp.unlink()
         if isinstance(exc, OSError) and not isinstance(exc, BrokenPipeError):
             raise DdpmError(f"cannot write {shown!r}: {exc.strerror or exc}") from exc
+        if isinstance(exc, Exception) and _full(folder):
+            # a writer that hides the failed write behind its own error (matplotlib's PDF
+            # backend: zlib's "Error -2 while flushing")
+            raise DdpmError(f"cannot write {shown!r}: No space left on device") from exc
         raise
     return target
+
+
+def _full(folder: Path) -> bool:
+    """Whether the filesystem of ``folder`` has no block left for this user."""
+    try:
+        return os.statvfs(folder).f_bavail == 0
+    except (OSError, AttributeError):
+        return False
 
 
 def _final_mode(real: Path) -> int:

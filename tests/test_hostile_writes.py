@@ -160,3 +160,24 @@ def test_check_apart_passes_new_and_separate_files(tmp_path: Path) -> None:
     check_apart({"--plot": b}, {"CKPT": [a], "--data": ["moons", str(tmp_path / "sub")]})
     (tmp_path / "sub").mkdir()
     check_apart({"--plot": b}, {"--data": [tmp_path / "sub"]})  # b is not in sub
+
+
+def test_a_writer_failing_on_a_full_disk_is_one_error(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """matplotlib's PDF backend reports a full disk as zlib's 'Error -2 while flushing'."""
+    import zlib
+
+    from ddpmcli import files
+
+    victim = _victim(tmp_path / "x.pdf")
+
+    def writer(tmp: Path) -> None:
+        raise zlib.error("Error -2 while flushing: inconsistent stream state")
+
+    monkeypatch.setattr(files, "_full", lambda folder: True)
+    with pytest.raises(DdpmError, match=r"x\.pdf': No space left on device$"):
+        atomic_write(victim, writer)
+    _unchanged(victim, b"precious")
+    _no_strays(tmp_path)
+    monkeypatch.setattr(files, "_full", lambda folder: False)
+    with pytest.raises(zlib.error):  # not full: a writer's own error stays a bug
+        atomic_write(victim, writer)
