@@ -229,7 +229,7 @@ def test_cli_rows_formats_and_note(cli, ckpt) -> None:  # type: ignore[no-untype
     assert "continuous Gaussian density" in result.stderr and "bound:" in result.stderr
     rows = json.loads(cli("nll", str(ckpt), "--n", "16", "--batch-size", "7", "-f", "json").stdout)
     assert rows[-1]["term"] == "total" and rows[-1]["t"] is None
-    assert rows[-2]["term"] == "prior" and rows[-2]["t"] == 19
+    assert rows[-2]["term"] == "prior" and rows[-2]["t"] is None  # not t = 19's label (issue 20)
 
 
 def test_cli_fixed_subset_has_no_total(cli, ckpt) -> None:  # type: ignore[no-untyped-def]

@@ -549,6 +549,14 @@ def parse_key_values(items: Sequence[str] | None, flag: str = "--param") -> dict
     return params
 
 
+def samples_from(n: int, source: str) -> str:
+    """How a run names its data on stderr: ``256 samples of moons``, ``256 of the checkpoint's
+    reference samples`` (not "256 samples of reference samples")."""
+    if source == "reference samples":
+        return f"{n} of the checkpoint's reference samples"
+    return f"{n} samples of {source}"
+
+
 def flag_name(parameter: str) -> str:
     """The CLI flag of a library parameter: ``batch_size`` -> ``--batch-size``."""
     return "--" + parameter.replace("_", "-")

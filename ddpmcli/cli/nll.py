@@ -24,6 +24,7 @@ from ddpmcli.cli.common import (
     join_ranks,
     reject_conflicts,
     select_columns,
+    samples_from,
     select_rows,
     use_threads,
 )
@@ -222,7 +223,7 @@ def _nll_note(result: Any, dec: str, asked: str, n: int, source: str) -> None:
     what = "estimated bound (± includes the choice of t)" if result.estimate else "bound"
     note(
         f"{what}: {result.total_bpd:.6g} ± {result.total_stderr or 0:.2g} bits/dim on "
-        f"{n} samples of {source}; {used}"
+        f"{samples_from(n, source)}; {used}"
     )
 
 

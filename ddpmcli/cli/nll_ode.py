@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from ddpmcli.choices import Dequantization, NllMethod, ProbeKind
-from ddpmcli.cli.common import as_flags, select_columns
+from ddpmcli.cli.common import as_flags, samples_from, select_columns
 from ddpmcli.errors import UsageError
 from ddpmcli.output import note, progress
 
@@ -185,6 +185,7 @@ def _ode_note(result: OdeResult, n: int, source: str) -> None:
     spread = "" if result.total_stderr is None else f" ± {result.total_stderr:.2g} (samples)"
     evals = float(result.evals.double().mean())
     note(
-        f"ode ({result.convention}): {result.total_bpd:.6g}{spread}{probes} bits/dim on {n} "
-        f"samples of {source}, {evals:.0f} model evaluations per sample; {result.description}"
+        f"ode ({result.convention}): {result.total_bpd:.6g}{spread}{probes} bits/dim on "
+        f"{samples_from(n, source)}, {evals:.0f} model evaluations per sample; "
+        f"{result.description}"
     )

@@ -390,7 +390,8 @@ def _bound_result(
                 "eps_mse": float(sums[3, j] / n),
             }
         )
-    rows.append(_summary_row("prior", prior, timesteps[num - 1]))
+    # the prior term has no t of its own (issue 20: it was labelled t = T-1 like that t's kl row)
+    rows.append(_summary_row("prior", prior, None))
     if bad:
         raise NonFiniteError(
             f"the bound's term is NaN/Inf at {len(bad)} of {len(selected)} timestep(s), first "
