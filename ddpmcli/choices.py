@@ -52,6 +52,11 @@ SamplerName = Literal[
 SAMPLERS: tuple[str, ...] = get_args(SamplerName)
 """The built-in samplers; `ddpmcli.run.samplers` registers exactly these."""
 
+TimeShiftType = Literal["exponential", "linear"]
+TIME_SHIFT_TYPES: tuple[str, ...] = get_args(TimeShiftType)
+"""A flow's resolution-dependent time shift (diffusers' ``time_shift_type``): Flux's
+exponential ``e^mu/(e^mu + (1/s - 1))`` or CogView4's linear ``mu/(mu + (1/s - 1))``."""
+
 DecoderName = Literal["discretized", "discretized_tanh", "continuous"]
 DECODERS: tuple[str, ...] = get_args(DecoderName)
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ddpmcli.choices import TIME_SHIFT_TYPES
 from ddpmcli.errors import ParameterError, ScheduleError
 
 if TYPE_CHECKING:
@@ -154,8 +155,10 @@ def flow_settings(raw: Mapping[str, Any], class_name: str, file: Path | str) -> 
         raise ScheduleError(f"{file}: {'shift' if match else 'flow_shift'} = {shift!r} must be > 0")
     dynamic = get("use_dynamic_shifting", False, bool)
     time_shift_type = get("time_shift_type", "exponential", str)
-    if time_shift_type not in ("exponential", "linear"):
-        raise ScheduleError(f"{file}: time_shift_type {time_shift_type!r}: exponential or linear")
+    if time_shift_type not in TIME_SHIFT_TYPES:
+        raise ScheduleError(
+            f"{file}: time_shift_type {time_shift_type!r}; allowed: {', '.join(TIME_SHIFT_TYPES)}"
+        )
     terminal = get("shift_terminal", None, float)
     if terminal is not None and not 0 < terminal < 1:
         raise ScheduleError(f"{file}: shift_terminal = {terminal!r} must lie in (0, 1)")

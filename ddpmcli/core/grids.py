@@ -21,17 +21,15 @@ grid cast to float32 gives diffusers' float32 digits. Imports torch and the stan
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
 from torch import Tensor
 
+from ddpmcli.choices import TIME_SHIFT_TYPES as TIME_SHIFT_TYPES
+from ddpmcli.choices import TimeShiftType
 from ddpmcli.errors import ScheduleParameterError
 
 F64 = torch.float64
-
-TimeShiftType = Literal["exponential", "linear"]
-TIME_SHIFT_TYPES: tuple[str, ...] = ("exponential", "linear")
 
 
 def _count(n: int, name: str = "n") -> int:
