@@ -46,17 +46,39 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-# improved-diffusion's script_util defaults for what ddpm needs to know (its README's flags
-# override them; guided-diffusion differs in rescale_timesteps and the image size)
-DEFAULTS: dict[str, Any] = {
+# improved-diffusion's script_util.model_and_diffusion_defaults() (and image_train.py's own keys
+# that travel in MODEL_FLAGS): argparse types each flag by its default, as these do. Used when the
+# package is not importable; otherwise its own defaults are read (guided-diffusion's differ).
+PACKAGE_DEFAULTS: dict[str, Any] = {
     "image_size": 64,
+    "num_channels": 128,
+    "num_res_blocks": 2,
+    "num_heads": 4,
+    "num_heads_upsample": -1,
+    "attention_resolutions": "16,8",
+    "dropout": 0.0,
     "learn_sigma": False,
+    "sigma_small": False,
     "class_cond": False,
     "diffusion_steps": 1000,
     "noise_schedule": "linear",
+    "timestep_respacing": "",
+    "use_kl": False,
     "predict_xstart": False,
     "rescale_timesteps": True,
+    "rescale_learned_sigmas": True,
+    "use_checkpoint": False,
+    "use_scale_shift_norm": True,
+    "use_fp16": False,
 }
+DEFAULTS = {
+    k: PACKAGE_DEFAULTS[k]
+    for k in (
+        "image_size", "learn_sigma", "class_cond", "diffusion_steps", "noise_schedule",
+        "predict_xstart", "rescale_timesteps", "sigma_small",
+    )
+}  # fmt: skip
+"""What ddpm needs to know, at improved-diffusion's defaults (the flags override them)."""
 DIFFUSION_KEYS = (
     "diffusion_steps",
     "noise_schedule",
@@ -83,35 +105,66 @@ class RescaledTimesteps(nn.Module):
         return self.net(x, scaled) if y is None else self.net(x, scaled, y)
 
 
-def parse_flags(text: str) -> dict[str, Any]:
-    """``--name value`` pairs, as the projects' argparse reads them (True/False, numbers, words)."""
+TRUE_WORDS = ("yes", "true", "t", "y", "1")
+FALSE_WORDS = ("no", "false", "f", "n", "0")
+"""The words improved-diffusion's ``str2bool`` reads as True and False (any case)."""
+
+
+def _typed(name: str, value: str, defaults: Mapping[str, Any]) -> Any:
+    """``value`` as argparse reads ``--name value`` with ``type(default)`` (a bool default:
+    ``str2bool``; no default: a string). ``attention_resolutions 16`` stays the string "16"."""
+    if name not in defaults or defaults[name] is None or isinstance(defaults[name], str):
+        return value
+    default = defaults[name]
+    if isinstance(default, bool):
+        if value.lower() in TRUE_WORDS:
+            return True
+        if value.lower() in FALSE_WORDS:
+            return False
+        raise ValueError(f"--{name} {value!r}: improved-diffusion wants a boolean")
+    try:
+        return type(default)(value)
+    except ValueError:
+        kind = type(default).__name__
+        raise ValueError(f"--{name} {value!r}: improved-diffusion reads it as {kind}") from None
+
+
+def parse_flags(text: str, defaults: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``--name value`` pairs, each typed as the project's argparse types it: by the type of
+    its default in ``defaults`` (default: :func:`package_defaults`)."""
+    known = package_defaults() if defaults is None else defaults
     words = shlex.split(text)
+    if len(words) % 2:
+        raise ValueError(f"flags come in --name value pairs: {text!r}")
     out: dict[str, Any] = {}
-    for name, value in zip(words[::2], words[1::2], strict=False):
+    for name, value in zip(words[::2], words[1::2], strict=True):
         key = name.lstrip("-")
-        if value in ("True", "true", "False", "false"):
-            out[key] = value.lower() == "true"
-        else:
-            out[key] = _number(value)
+        out[key] = _typed(key, value, known)
     return out
 
 
-def _number(value: str) -> int | float | str:
-    """``4000`` -> 4000, ``0.1`` -> 0.1, anything else (``16,8``, ``cosine``) unchanged."""
-    for kind in (int, float):
-        try:
-            return kind(value)
-        except ValueError:
-            pass
-    return value
+def package_defaults() -> dict[str, Any]:
+    """The installed project's ``script_util.model_and_diffusion_defaults()`` (improved_diffusion,
+    or ``$DDPM_UNET_PACKAGE``) over :data:`PACKAGE_DEFAULTS`; the latter alone when it is not
+    importable."""
+    out = dict(PACKAGE_DEFAULTS)
+    package = os.environ.get("DDPM_UNET_PACKAGE", "improved_diffusion")
+    try:
+        script_util: Any = importlib.import_module(f"{package}.script_util")
+    except ImportError:
+        return out
+    out.update(script_util.model_and_diffusion_defaults())
+    return out
 
 
 def settings_from_env(env: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """DEFAULTS overridden by ``$MODEL_FLAGS`` and ``$DIFFUSION_FLAGS``."""
+    """DEFAULTS (the installed project's own, where it differs) overridden by ``$MODEL_FLAGS``
+    and ``$DIFFUSION_FLAGS``, each flag typed as the project types it."""
     env = os.environ if env is None else env
-    settings = dict(DEFAULTS)
-    settings.update(parse_flags(env.get("MODEL_FLAGS", "")))
-    settings.update(parse_flags(env.get("DIFFUSION_FLAGS", "")))
+    defaults = package_defaults()
+    settings = {k: defaults.get(k, v) for k, v in DEFAULTS.items()}
+    settings.update(parse_flags(env.get("MODEL_FLAGS", ""), defaults))
+    settings.update(parse_flags(env.get("DIFFUSION_FLAGS", ""), defaults))
     null = env.get("DDPM_NULL_LABEL", "").strip()
     if null:
         try:

@@ -224,7 +224,7 @@ def _ddp_checkpoint(m: Any, root: Path) -> dict[str, Any]:
     path = root / "model-1.pt"
     torch.save(trainer, path)
     meta = {
-        "schedule": {"betas": online.betas.double().tolist()},
+        "schedule": {"betas": _sigmoid_betas(T).tolist()},  # as the adapter recovers them
         "prediction_type": "v",
         "data_shape": [3, SIZE, SIZE],
         "learned_variance": False,
@@ -320,16 +320,18 @@ def test_ddp_info_reads_objective_and_stored_betas(
     assert row["learned_variance"] is False
     assert row["data_shape"] == f"3x{SIZE}x{SIZE}"
     assert row["timesteps"] == T
-    ab = torch.cumprod(1 - zoo["ddp_betas"].double(), 0)
+    ab = torch.cumprod(1 - _sigmoid_betas(T), 0)  # the float64 betas the stored ones round
     assert row["terminal_alpha_bar"] == pytest.approx(float(ab[-1]), rel=1e-12)
 
 
-def test_ddp_schedule_is_the_stored_float32_betas(zoo: dict[str, Any]) -> None:
+def test_ddp_schedule_is_the_recovered_float64_betas(zoo: dict[str, Any]) -> None:
+    """The stored float32 betas are the rounding of the package's float64 sigmoid schedule,
+    which the adapter recovers (issue 18: its buffers were computed from the float64 ones)."""
     loaded = load_checkpoint(zoo["ddp"], model=_factory(zoo, "ddp"))
     stored = zoo["ddp_betas"]
     assert stored.dtype == torch.float32
-    assert torch.equal(loaded.schedule.beta, stored.double())
-    assert not torch.equal(stored.double(), _sigmoid_betas(T))  # float32 rounding kept, not redone
+    assert torch.equal(loaded.schedule.beta, _sigmoid_betas(T))
+    assert not torch.equal(stored.double(), _sigmoid_betas(T))  # the float32 rounding undone
 
 
 def test_ddp_uses_ema_weights_not_online(zoo: dict[str, Any]) -> None:
@@ -600,7 +602,7 @@ def test_python_api_load_takes_the_factory(zoo: dict[str, Any]) -> None:
 
     loaded = ddpmcli.load(zoo["ddp"], model=_factory(zoo, "ddp"))
     assert (loaded.prediction_type, loaded.info["format"]) == ("v_prediction", "user")
-    assert torch.equal(loaded.schedule.beta, zoo["ddp_betas"].double())
+    assert torch.equal(loaded.schedule.beta, _sigmoid_betas(T))
 
 
 # -- class-conditional improved/guided-diffusion (label_emb), through checkpoints.conditioning ---

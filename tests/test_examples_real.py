@@ -1,0 +1,207 @@
+"""The examples/ adapters against the real packages they adapt: denoising-diffusion-pytorch
+2.3.4's own ``GaussianDiffusion``, ``Trainer`` checkpoints and ``model_predictions``, and
+openai/improved-diffusion's own ``script_util`` flags, ``UNetModel`` and diffusion.
+
+Each test skips when its package is not importable. Neither is a dependency of ddpm:
+denoising-diffusion-pytorch pulls torchvision, accelerate, scipy and pytorch-fid (a torchvision
+matching the installed torch is not always on offer), and improved-diffusion is not on PyPI
+(``pip install -e`` a clone of github.com/openai/improved-diffusion, or put it on PYTHONPATH).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import shlex
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+import torch
+
+import ddpmcli
+from ddpmcli import core
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _example(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+# ---------------------------------------------------------------------------------------------
+# lucidrains/denoising-diffusion-pytorch
+
+
+@pytest.fixture(scope="module")
+def ddp() -> Any:
+    return pytest.importorskip("denoising_diffusion_pytorch")
+
+
+def _diffusion(ddp: Any, schedule: str, timesteps: int = 1000) -> Any:
+    torch.manual_seed(0)
+    unet = ddp.Unet(dim=8, dim_mults=(1, 2), flash_attn=False)
+    return ddp.GaussianDiffusion(unet, image_size=8, timesteps=timesteps, beta_schedule=schedule)
+
+
+@pytest.mark.parametrize("schedule", ["sigmoid", "cosine", "linear"])
+@pytest.mark.parametrize("timesteps", [1000, 37])
+def test_recovered_schedule_is_the_trainers(ddp, schedule, timesteps) -> None:
+    """The adapter's float64 betas give the package's own float32 buffers to their rounding
+    (half an ulp, 2^-24 relative); the stored float32 betas did not (1.3e-5 at T-1)."""
+    adapter = _example("adapt_denoising_diffusion_pytorch")
+    gd = _diffusion(ddp, schedule, timesteps)
+    betas, name = adapter.recover_betas(gd.betas)
+    assert name == schedule and betas.dtype == torch.float64
+    module = sys.modules[type(gd).__module__]  # the package's own schedule functions
+    assert torch.equal(betas, getattr(module, f"{schedule}_beta_schedule")(timesteps))
+    ours = core.schedule_from_betas(betas)
+    pairs = {
+        "alphas_cumprod": ours.alpha_bar,
+        "sqrt_alphas_cumprod": ours.sqrt_alpha_bar,
+        "sqrt_one_minus_alphas_cumprod": ours.sqrt_one_minus_alpha_bar,
+        "sqrt_recip_alphas_cumprod": ours.sqrt_recip_alpha_bar,
+        "sqrt_recipm1_alphas_cumprod": ours.sqrt_recipm1_alpha_bar,
+        "posterior_variance": ours.posterior_variance,
+        "posterior_mean_coef1": ours.posterior_mean_coef_x0,
+        "posterior_mean_coef2": ours.posterior_mean_coef_xt,
+    }
+    for buffer, mine in pairs.items():
+        theirs = getattr(gd, buffer).double()
+        assert torch.equal(mine.float().double(), theirs) or bool(
+            ((mine - theirs).abs() <= 2**-24 * theirs.abs() + 1e-300).all()
+        ), buffer
+    stored = core.schedule_from_betas(gd.betas.double())  # what the adapter used to do
+    gap = float((stored.alpha_bar[-1] - gd.alphas_cumprod[-1].double()).abs())
+    if schedule != "linear":  # their last beta is the 0.999 clip, rounded to 0.99900001287
+        assert gap > 100 * float((ours.alpha_bar[-1] - gd.alphas_cumprod[-1].double()).abs())
+
+
+def test_custom_betas_are_taken_as_stored(ddp) -> None:
+    adapter = _example("adapt_denoising_diffusion_pytorch")
+    stored = torch.linspace(1e-4, 0.03, 50, dtype=torch.float32)
+    betas, name = adapter.recover_betas(stored)
+    assert name == "custom" and torch.equal(betas, stored.double())
+
+
+@pytest.fixture(scope="module")
+def trainer_checkpoint(ddp: Any, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
+    """``Trainer.save`` after one step on 100 8x8 images (its minimum), sigmoid schedule,
+    T = 100, pred_v (the package's defaults)."""
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("ddp")
+    images = root / "images"
+    images.mkdir()
+    gen = np.random.default_rng(0)
+    for i in range(100):
+        Image.fromarray((gen.random((8, 8, 3)) * 255).astype("uint8")).save(images / f"{i}.png")
+    gd = _diffusion(ddp, "sigmoid", 100)
+    trainer = ddp.Trainer(
+        gd, str(images), train_batch_size=16, train_num_steps=1, results_folder=str(root),
+        calculate_fid=False, amp=False, save_and_sample_every=10**9,
+    )  # fmt: skip
+    trainer.train()
+    trainer.save(1)
+    return root / "model-1.pt", trainer
+
+
+def test_trainer_checkpoint_predictions_equal_the_packages(
+    trainer_checkpoint, monkeypatch, cli
+) -> None:
+    path, trainer = trainer_checkpoint
+    monkeypatch.setenv(
+        "DDPM_UNET", json.dumps({"dim": 8, "dim_mults": [1, 2], "flash_attn": False})
+    )
+    monkeypatch.setenv("DDPM_IMAGE_SIZE", "8")
+    spec = f"{EXAMPLES / 'adapt_denoising_diffusion_pytorch.py'}:make"
+    model = ddpmcli.load(path, model=spec)
+    gd = trainer.ema.ema_model  # the EMA copy, which the adapter reads by default
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3, 8, 8, generator=gen)
+    t = torch.tensor([0, 31, 64, 99])
+    with torch.no_grad():
+        theirs = gd.model_predictions(x, t, clip_x_start=False)
+    out, _ = model.predict(x, t)
+    x0 = model.schedule.predict_x0(out.double(), x.double(), t, model.prediction_type)
+    torch.testing.assert_close(x0.float(), theirs.pred_x_start, rtol=1e-5, atol=1e-5)
+    eps = model.schedule.predict_eps(out.double(), x.double(), t, model.prediction_type)
+    torch.testing.assert_close(eps.float(), theirs.pred_noise, rtol=1e-4, atol=1e-4)
+    info = cli("info", str(path), "--model", spec, "--format", "json")
+    assert info.exit_code == 0, info.stderr
+    row = json.loads(info.stdout)[0]
+    assert row["timesteps"] == 100 and row["prediction_type"] == "v_prediction"
+    assert row["terminal_alpha_bar"] == pytest.approx(float(gd.alphas_cumprod[-1]), rel=2**-23)
+
+
+# ---------------------------------------------------------------------------------------------
+# openai/improved-diffusion
+
+MODEL_FLAGS = (
+    "--image_size 32 --num_channels 32 --num_res_blocks 1 --attention_resolutions 16 "
+    "--learn_sigma False --dropout 0.1 --use_scale_shift_norm yes"
+)
+DIFFUSION_FLAGS = "--diffusion_steps 50 --noise_schedule cosine"
+
+
+@pytest.fixture(scope="module")
+def script_util() -> Any:
+    return pytest.importorskip("improved_diffusion.script_util")
+
+
+def test_flags_are_typed_as_the_package_types_them(script_util) -> None:
+    """The adapter reads MODEL_FLAGS as improved-diffusion's own argparse does
+    (``add_dict_to_argparser``: each flag by its default's type): attention_resolutions "16"
+    stays the string the UNet splits (typed by its look it became 4, and failed)."""
+    adapter = _example("adapt_improved_diffusion")
+    words = shlex.split(MODEL_FLAGS + " " + DIFFUSION_FLAGS)
+    parser = argparse.ArgumentParser()
+    script_util.add_dict_to_argparser(parser, script_util.model_and_diffusion_defaults())
+    theirs = vars(parser.parse_args(words))
+    ours = adapter.parse_flags(MODEL_FLAGS + " " + DIFFUSION_FLAGS)
+    assert ours == {k: theirs[k] for k in ours}
+    assert ours["attention_resolutions"] == "16" and ours["use_scale_shift_norm"] is True
+    with pytest.raises(ValueError, match="reads it as int"):
+        adapter.parse_flags("--num_channels 16.5")
+
+
+def test_package_unet_through_make(script_util, tmp_path, monkeypatch, cli) -> None:
+    """`ddpm info --model examples/adapt_improved_diffusion.py:make` on the package's own
+    UNetModel (the AttributeError of the issue), and ddpm's x0 prediction equal to the
+    package's ``p_mean_variance`` pred_xstart (rescale_timesteps on, as improved-diffusion's)."""
+    monkeypatch.setenv("MODEL_FLAGS", MODEL_FLAGS)
+    monkeypatch.setenv("DIFFUSION_FLAGS", DIFFUSION_FLAGS)
+    adapter = _example("adapt_improved_diffusion")
+    settings = adapter.settings_from_env()
+    defaults = script_util.model_and_diffusion_defaults()
+    torch.manual_seed(0)
+    net, diffusion = script_util.create_model_and_diffusion(
+        **{k: settings.get(k, v) for k, v in defaults.items()}
+    )
+    path = tmp_path / "ema_0.9999_000000.pt"
+    torch.save(net.state_dict(), path)
+    spec = f"{EXAMPLES / 'adapt_improved_diffusion.py'}:make"
+    info = cli("info", str(path), "--model", spec, "--format", "json")
+    assert info.exit_code == 0, info.stderr
+    model = ddpmcli.load(path, model=spec)
+    net.eval()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 3, 32, 32, generator=gen)
+    t = torch.tensor([0, 20, 49])
+    with torch.no_grad():
+        theirs = diffusion.p_mean_variance(net, x, t, clip_denoised=False)
+    out, _ = model.predict(x, t)
+    x0 = model.schedule.predict_x0(out.double(), x.double(), t, model.prediction_type)
+    torch.testing.assert_close(x0.float(), theirs["pred_xstart"].float(), rtol=1e-4, atol=1e-4)
+    alpha_bar = torch.from_numpy(diffusion.alphas_cumprod)
+    torch.testing.assert_close(model.schedule.alpha_bar, alpha_bar, rtol=1e-12, atol=1e-15)
