@@ -319,3 +319,37 @@ def test_api_schedule_from_config_is_what_the_cli_prints(cli, tmp_path: Path) ->
     assert [row["timestep"] for row in rows] == ours.model_timestep.tolist()
     with pytest.raises(ScheduleError, match="unknown key"):
         ddpmcli.schedule(from_config={**SD3, "shfit": 1.0})
+
+
+@pytest.mark.parametrize(
+    ("config", "args", "code", "words"),
+    [
+        ({**SD3, "shift": 0}, [], 1, "shift = 0.0 must be > 0"),
+        (SD3, ["--param", "mu=1"], 2, "shifts statically"),
+        (FLUX, ["--steps", "4", "--image-seq-len", "0"], 2, "--image-seq-len must be"),
+        (
+            {
+                "_class_name": "EulerDiscreteScheduler",
+                "use_karras_sigmas": True,
+                "sigma_min": 20.0,
+                "sigma_max": 10.0,
+            },
+            ["--steps", "4"],
+            2,
+            "sigma_min (20.0) must be below sigma_max (10.0)",
+        ),
+        (
+            {**SD3, "shift": 1.0, "shift_terminal": 0.5, "use_dynamic_shifting": True},
+            ["--steps", "1", "--param", "mu=1"],
+            1,
+            "is not a noise schedule",
+        ),
+    ],
+)
+def test_bad_flow_input_is_one_error_line(  # type: ignore[no-untyped-def]
+    cli, tmp_path: Path, config: dict[str, Any], args: list[str], code: int, words: str
+) -> None:
+    result = cli("schedule", "--from", str(_folder(tmp_path, config)), *args)
+    assert result.exit_code == code, result.stderr
+    assert result.stderr.startswith("Error: ") and result.stderr.count("\n") == 1
+    assert words in result.stderr
