@@ -167,5 +167,6 @@ def _ve(n: int, p: Mapping[str, float]) -> PathParts:
     ramp = torch.arange(n, dtype=F64) / (n - 1)
     log_sigma = math.log(lo) + ramp * (math.log(hi) - math.log(lo))
     sigma = torch.exp(log_sigma)
+    sigma[0], sigma[-1] = lo, hi  # the ends as given
     step = torch.full((n - 1,), -2 * (math.log(hi) - math.log(lo)) / (n - 1), dtype=F64)
     return PathParts("ve", torch.ones(n, dtype=F64), sigma, sigma.clone(), -2 * log_sigma, step)

@@ -242,9 +242,10 @@ def respace(schedule: Schedule, timesteps: Sequence[int]) -> Schedule:
 
 
 def _respace_path(schedule: Schedule, kept: list[int], idx: Tensor) -> Schedule:
-    # the path's entries at the kept indices; the log-SNR steps between them are new differences
+    # the path's entries at the kept indices (the log-SNR steps between them are new
+    # differences), and the VP-equivalent respaced as a VP schedule is, digit for digit
     log_snr = schedule.log_snr[idx]
-    parts = PathParts(
+    path = PathParts(
         schedule.path,
         schedule.alpha_t[idx],
         schedule.sigma_t[idx],
@@ -252,12 +253,16 @@ def _respace_path(schedule: Schedule, kept: list[int], idx: Tensor) -> Schedule:
         log_snr,
         torch.diff(log_snr),
     )
-    return assemble_path(
+    log_ab, om = schedule.log_alpha_bar[idx], schedule.one_minus_alpha_bar[idx]
+    parts = _Parts(_betas_from_log_alpha_bar(log_ab, om), log_ab, om)
+    _validate(parts, ScheduleParameterError, f"respacing of {schedule.name}")
+    return _assemble(
         f"{schedule.name}@{len(kept)}",
         _with_transform(schedule, ["respace", kept]),
         parts,
         schedule.timesteps[idx],
         schedule.num_train_timesteps,
+        path,
     )
 
 
