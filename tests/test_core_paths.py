@@ -383,3 +383,34 @@ def test_cli_bad_path_parameters_are_one_error_line(cli, args, fragment) -> None
     assert result.exit_code == 2, (result.stdout, result.stderr)
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: ") and fragment in lines[0], lines
+
+
+# --------------------------------------------------------------------------------------------
+# The bound is the same in a path's coordinates and in its VP-equivalent's
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kind", "params"), [("flow", {"shift": 3.0}), ("edm_sigma", {}), ("ve", {"sigma_max": 5.0})]
+)
+def test_vb_terms_on_a_path_equal_the_vp_equivalent(kind, params) -> None:
+    """KL is invariant under scaling both Gaussians by c_s: the bound of a path, with its own
+    posterior and the samplers' variances in its coordinates, is its VP-equivalent's."""
+    s = core.make_schedule(kind, 50, **params)
+    v = core.schedule_from_alpha_bars(s.alpha_bar)
+    g = torch.Generator().manual_seed(3)
+    t = torch.arange(50)
+    x0 = torch.randn(50, 4, generator=g, dtype=F64)
+    eps = torch.randn(50, 4, generator=g, dtype=F64)
+    x0_hat = x0 + 0.1 * torch.randn(50, 4, generator=g, dtype=F64)
+    x_path, x_vp = s.q_sample(x0, t, eps), v.q_sample(x0, t, eps)
+    assert torch.allclose(x_path / s.path_scale[:, None], x_vp, rtol=1e-12, atol=1e-14)
+    for variance in ("fixed_small", "fixed_large"):
+        terms = []
+        for sched, x in ((s, x_path), (v, x_vp)):
+            mean = sched.posterior_mean(x0_hat, x, t)
+            log_var = sched.model_log_variance(variance, t, x)
+            terms.append(core.vb_terms(sched, x0, x, t, mean, log_var))
+        assert torch.allclose(terms[0], terms[1], rtol=1e-9, atol=1e-12), variance
+    # eta = 1 DDIM is the path's ancestral posterior: its noise variance
+    assert torch.allclose(s.ddim_variance(1.0), s.path_posterior_variance, rtol=0, atol=0)
