@@ -9,6 +9,10 @@ Modules, each importing torch and the standard library only (never printing, nev
 - :mod:`~ddpmcli.core.kinds`: the registry of schedule kinds and their stable constructors;
 - :mod:`~ddpmcli.core.schedule`: :class:`Schedule`, every per-t array as a stored field, and
   :func:`extract`;
+- :mod:`~ddpmcli.core.assemble`: every array of a schedule from a kind's stable parts, and the
+  schedules of explicit betas or alpha_bars;
+- :mod:`~ddpmcli.core.path_kinds`, :mod:`~ddpmcli.core.paths`: Gaussian paths other than VP
+  (rectified flow, sigma space), their kinds and :func:`schedule_from_path`;
 - :mod:`~ddpmcli.core.transforms`: zero terminal SNR, log-SNR shift, respacing, and
   :func:`make_schedule` / :func:`schedule_from_spec` that apply them;
 - :mod:`~ddpmcli.core.likelihood`: the Gaussian KL, the decoders of x0 and :func:`vb_terms`;
