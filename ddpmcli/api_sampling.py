@@ -159,7 +159,14 @@ def _timesteps_of(train: core.Schedule, sigmas: torch.Tensor, whole: bool) -> to
 
     if not bool(torch.isfinite(sigmas).all()) or bool((sigmas <= 0).any()):
         raise ParameterError("{sigmas} must be finite and > 0")
-    ts = grids.sigma_to_timestep(sigmas, train.sigma.to(torch.float64))
+    table = train.sigma.to(torch.float64)
+    lo, hi = float(table[0]), float(table[-1])
+    outside = [v for v in sigmas.tolist() if not lo <= v <= hi]
+    if outside:  # the model was never trained there (and the timesteps would clamp and repeat)
+        raise ParameterError(
+            f"{{sigmas}} {outside[0]:g} is outside the model's sigma range [{lo:.6g}, {hi:.6g}]"
+        )
+    ts = grids.sigma_to_timestep(sigmas, table)
     return torch.round(ts) if whole else ts
 
 

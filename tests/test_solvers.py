@@ -327,3 +327,79 @@ def test_bad_init_is_refused(init, words) -> None:
     run = core.respace(_train(), [0, 500, 999])
     with pytest.raises(ParameterError, match=words):
         sample(lambda x, t: (x, None), run, "epsilon", (2,), n=5, init=init)
+
+
+# ---- a diffusers folder's own scheduler; the command line --------------------------------------
+
+
+def _folder_model(tmp_path, config: dict):
+    import json
+    from types import SimpleNamespace
+
+    path = tmp_path / "scheduler_config.json"
+    path.write_text(json.dumps(config))
+    return SimpleNamespace(info={"scheduler_config": str(path)})
+
+
+@pytest.mark.parametrize(
+    ("config", "want", "spacing", "options"),
+    [
+        ({"_class_name": "DPMSolverMultistepScheduler", "use_karras_sigmas": True,
+          "solver_order": 2, "final_sigmas_type": "sigma_min"}, "dpmpp-2m", "karras",
+         {"final_sigmas_type": "sigma_min", "lower_order_final": True}),
+        ({"_class_name": "DPMSolverMultistepScheduler", "solver_order": 3,
+          "lower_order_final": False}, "dpmpp-3m", None, {"lower_order_final": False}),
+        ({"_class_name": "DPMSolverMultistepScheduler", "algorithm_type": "sde-dpmsolver++"},
+         "dpmpp-2m-sde", None, {}),
+        ({"_class_name": "UniPCMultistepScheduler", "solver_type": "bh1"}, "unipc", None,
+         {"solver_type": "bh1", "order": 2}),
+        ({"_class_name": "EulerAncestralDiscreteScheduler"}, "euler-a", None, {}),
+    ],
+)  # fmt: skip
+def test_a_folder_samples_with_its_own_scheduler(tmp_path, config, want, spacing, options) -> None:
+    from ddpmcli.api_sampling import resolve_sampler
+
+    model = _folder_model(tmp_path, config)
+    name, how, _, solver, note = resolve_sampler(model, None, None, None, {})  # type: ignore[arg-type]
+    assert (name, how) == (want, spacing)
+    assert options.items() <= solver.items()
+    assert note is not None and config["_class_name"] in note and "--sampler overrides" in note
+    # --sampler overrides it; an explicit spacing wins over the folder's
+    assert resolve_sampler(model, "ddim", "trailing", None, {})[:2] == ("ddim", "trailing")  # type: ignore[arg-type]
+
+
+def test_a_folder_with_a_scheduler_ddpm_lacks_keeps_ddpm(tmp_path) -> None:
+    from ddpmcli.api_sampling import resolve_sampler
+
+    model = _folder_model(tmp_path, {"_class_name": "LMSDiscreteScheduler"})
+    assert resolve_sampler(model, None, None, None, {})[0] == "ddpm"  # type: ignore[arg-type]
+
+
+def test_sample_cli_takes_init_sigmas_and_solver_options(cli, tmp_path) -> None:
+    import numpy as np
+    from conftest import tiny_mlp_checkpoint
+
+    ckpt = str(tiny_mlp_checkpoint(tmp_path / "m.pt", timesteps=50))
+    x_t = np.random.default_rng(0).standard_normal((4, 2))
+    np.save(tmp_path / "x.npy", x_t)
+    base = ["sample", ckpt, "--n", "4", "--format", "csv", "--no-clip"]
+    x_path = str(tmp_path / "x.npy")
+    cols = ["--columns", "step,t,log_snr_gap,order"]
+    done = cli(*base, "--sampler", "dpmpp-3m", "--steps", "6", "--spacing", "karras",
+               "--init", x_path, *cols)  # fmt: skip
+    assert done.exit_code == 0, done.stderr
+    orders = [line.split(",")[-1] for line in done.stdout.splitlines()[1:]]
+    assert orders == ["1", "2", "3", "3", "2", "1"]  # warm-up, then lower_order_final (< 15)
+    done = cli(*base, "--sampler", "heun", "--sigmas", "0.7,0.3,0.1", "--columns", "step")
+    assert done.exit_code == 0, done.stderr
+    for extra, words in [
+        (["--sampler", "euler", "--steps", "5", "--order", "2"], "--order does not apply"),
+        (["--sampler", "unipc", "--steps", "5", "--order", "4"], "--order 4 is not one unipc"),
+        (["--sampler", "heun", "--sigmas", "0.3,0.1,0.1"], "repeats a sigma"),
+        (["--sampler", "heun", "--sigmas", "30,0.1"], "--sigmas 30 is outside the model's"),
+        (["--sampler", "unipc", "--steps", "5", "--init", str(tmp_path / "x.npy"), "--n", "3"],
+         "--init has shape [4, 2]"),
+    ]:  # fmt: skip
+        bad = cli(*base, *extra)
+        assert bad.exit_code == 2, (extra, bad.stderr)
+        assert words in bad.stderr and bad.stderr.count("\n") == 1, bad.stderr
