@@ -271,3 +271,20 @@ def test_from_a_checkpoint_says_so_and_what_to_run(cli, command: str, tmp_path: 
         f"is in `ddpm info {ckpt}` (kind, T, terminal SNR), and `ddpm reconstruct/sample/nll "
         f"{ckpt}` use it; --from takes a diffusers scheduler_config.json or its folder"
     ]
+
+
+def test_nll_names_its_data_once_and_the_prior_row_has_no_t(cli, tmp_path: Path) -> None:
+    import json
+
+    from conftest import tiny_mlp_checkpoint
+
+    ckpt = tiny_mlp_checkpoint(tmp_path / "m.pt", 20, references=16)
+    result = cli("nll", str(ckpt), "--n", "16", "-f", "json")
+    assert result.exit_code == 0, result.stderr
+    assert "bits/dim on 16 of the checkpoint's reference samples;" in result.stderr
+    rows = json.loads(result.stdout)
+    assert [(r["t"], r["term"]) for r in rows[-3:]] == [
+        (19, "kl"),
+        (None, "prior"),
+        (None, "total"),
+    ]
