@@ -168,11 +168,19 @@ def _path_columns(path: PathParts) -> dict[str, Tensor]:
 
 
 def assemble_path(
-    name: str, spec: dict[str, Any], path: PathParts, timesteps: Tensor, num_train: int
+    name: str,
+    spec: dict[str, Any],
+    path: PathParts,
+    timesteps: Tensor,
+    num_train: int,
+    *,
+    error: type[ScheduleError] = ScheduleError,
+    what: str | None = None,
 ) -> Schedule:
-    """A schedule of a path: its VP-equivalent (alpha_bar = sigmoid(lambda)) and its own arrays."""
+    """A schedule of a path: its VP-equivalent (alpha_bar = sigmoid(lambda)) and its own arrays;
+    ``error``/``what``: how a degenerate VP-equivalent (a grid float64 cannot hold) is reported."""
     parts = _parts_from_logsnr(path.log_snr, path.log_snr_step)
-    _validate(parts, ScheduleError, f"{name} path")
+    _validate(parts, error, what or f"{name} path")
     return _assemble(name, spec, parts, timesteps, num_train, path)
 
 
@@ -216,7 +224,10 @@ def _base_schedule(kind: str, timesteps: int, params: Params) -> Schedule:
     spec: dict[str, Any] = {"kind": kind, "timesteps": timesteps, "params": changed}
     ident = torch.arange(timesteps, dtype=torch.long)
     if isinstance(built, PathParts):
-        return assemble_path(kind, spec, built, ident, timesteps)
+        what = f"schedule {kind} with {merged}"
+        return assemble_path(
+            kind, spec, built, ident, timesteps, error=ScheduleParameterError, what=what
+        )
     _validate(built, ScheduleParameterError, f"schedule {kind} with {merged}")
     return _assemble(kind, spec, built, ident, timesteps)
 
