@@ -403,3 +403,23 @@ def test_sample_cli_takes_init_sigmas_and_solver_options(cli, tmp_path) -> None:
         bad = cli(*base, *extra)
         assert bad.exit_code == 2, (extra, bad.stderr)
         assert words in bad.stderr and bad.stderr.count("\n") == 1, bad.stderr
+
+
+def test_the_api_call_of_the_issue(tmp_path) -> None:
+    from conftest import tiny_mlp_checkpoint
+
+    import ddpmcli
+
+    model = ddpmcli.load(str(tiny_mlp_checkpoint(tmp_path / "m.pt", timesteps=50)))
+    x_t = torch.randn(5, 2, generator=torch.Generator().manual_seed(1))
+    r = ddpmcli.sample(model, 5, sampler="dpmpp-2m", steps=6, grid="karras", init=x_t, clip=False)
+    grid = sigma_grid(model.schedule, 6, "karras", whole_timesteps=True)
+    assert torch.equal(r.schedule.model_timestep, grid.model_timestep)
+    direct = sample(
+        model.predict, grid, model.prediction_type, (2,), n=5, init=x_t,
+        settings=SampleSettings(sampler="dpmpp-2m", clip=False, data_range=model.data_range),
+    )  # fmt: skip
+    assert torch.equal(r.samples, direct.samples)
+    sigmas = [float(s) for s in grid.sigma.flip(0)]
+    same = ddpmcli.sample(model, 5, sampler="dpmpp-2m", grid=sigmas, init=x_t, clip=False)
+    assert torch.equal(same.samples, r.samples)
