@@ -351,3 +351,38 @@ def test_ascii_stdout_prints_a_table_and_a_non_ascii_path() -> None:
     )  # fmt: skip
     assert proc.returncode == 0 and "Error" not in proc.stderr, proc.stderr
     assert len(proc.stdout.strip().splitlines()) >= 4
+
+
+# ---------------------------------------------------------------------------------------------
+# work that never ends: figures decimate, tables of many rows thin out, and say so
+
+
+def test_a_figure_of_many_timesteps_draws_evenly_spaced_ones(cli, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from ddpmcli import core
+    from ddpmcli.plotting import schedule as plots
+
+    big = core.make_schedule("linear", 50_000)
+    thin = plots.thinned(big)
+    assert thin.num_steps == plots.MAX_PLOT_POINTS
+    assert float(thin.alpha_bar[0]) == float(big.alpha_bar[0])
+    assert float(thin.alpha_bar[-1]) == float(big.alpha_bar[-1])
+    assert int(thin.timesteps[-1]) == 49_999
+    assert plots.thinned(core.make_schedule("linear", 100)).num_steps == 100
+    monkeypatch.setattr(plots, "MAX_PLOT_POINTS", 50)
+    result = cli("schedule", "-T", "400", "--t", "0", "--plot", str(tmp_path / "s.png"))
+    assert result.exit_code == 0, result.stderr
+    assert "the figure draws 50 of the 400 timesteps, evenly spaced" in result.stderr
+    assert (tmp_path / "s.png").stat().st_size > 0
+
+
+def test_a_table_of_many_rows_shows_evenly_spaced_ones(cli, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from ddpmcli import output
+
+    monkeypatch.setattr(output, "MAX_TABLE_ROWS", 10)
+    result = cli("schedule", "-T", "1000", "-f", "table", "--columns", "t,beta")
+    assert result.exit_code == 0, result.stderr
+    assert "a table shows at most 10 rows: 10 evenly spaced of 1000" in result.stderr
+    body = [line.split()[0] for line in result.stdout.splitlines() if line.strip()[:1].isdigit()]
+    assert body[0] == "0" and body[-1] == "999" and len(body) == 10
+    tsv = cli("schedule", "-T", "1000", "-f", "tsv", "--columns", "beta")
+    assert len(tsv.stdout.splitlines()) == 1001 and "table shows" not in tsv.stderr

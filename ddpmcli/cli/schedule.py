@@ -97,6 +97,12 @@ def _integer_timesteps(schedule: Schedule) -> bool:
 def _plot(figure: Any, path: Path | None, quiet: bool, *args: Any) -> None:
     if path is None:
         return
+    from ddpmcli.plotting.schedule import MAX_PLOT_POINTS
+
+    steps = max((getattr(a, "num_steps", 0) for a in args), default=0)
+    name = getattr(getattr(figure, "func", figure), "__name__", "")  # compare: a partial
+    if steps > MAX_PLOT_POINTS and name != "plot_compare":
+        note(f"the figure draws {MAX_PLOT_POINTS} of the {steps} timesteps, evenly spaced")
     written = figure(*args, path)
     if not quiet:
         note(f"wrote {written}")
@@ -141,6 +147,7 @@ def schedule(
         return _list_kinds(table.fmt, table.no_header)
     plot_path = table.plot_path("schedule")
     built = build_schedule(flags.request())
+    flags.warn_respacing(built)
     available, default = _columns_of(built)
     cols = select_columns(table.columns, available, default)
     indices = select_rows(table.t, table.every, built.schedule.num_steps)
@@ -257,6 +264,7 @@ def posterior(
     table.check()
     plot_path = table.plot_path("posterior")
     built = build_schedule(flags.request())
+    flags.warn_respacing(built)
     sched = built.schedule
     default = [c for c in POSTERIOR_COLUMNS if c != "timestep" or built.respaced]
     available = list(POSTERIOR_COLUMNS)
@@ -337,7 +345,7 @@ def check(
     """
     from ddpmcli import core
     from ddpmcli.checks import SPAN_RUNS, lint_schedule, probe_steps, span_text
-    from ddpmcli.configs import build_schedule
+    from ddpmcli.configs import build_schedule, spacing_of
 
     checkpoint, flags = checkpoint_to_check(checkpoint, flags)  # --from CKPT: with a note
     if checkpoint is not None:
@@ -352,7 +360,7 @@ def check(
     pred = core.canonical_prediction_type(
         prediction_type or (config.prediction_type if config else "epsilon")
     )
-    used_spacing = spacing or (config.timestep_spacing if config else "leading")
+    used_spacing = spacing_of(spacing, config)  # the one rule (sample's too)
     respaced = None
     if steps is not None or config is not None:
         offset = (
