@@ -337,12 +337,18 @@ class SampleResult(SampleRun):
     references: Tensor | None = None
 
 
+def declared_variance(model: LoadedModel, variance: VarianceType | str | None) -> str:
+    """``variance``, else the one the checkpoint declares its trainer used (an adapter's
+    metadata ``variance``: improved-diffusion's bound uses fixed_large), else fixed_small."""
+    return str(variance or model.info.get("variance") or "fixed_small")
+
+
 def sample_settings(
     model: LoadedModel,
     n: int = 64,
     sampler: SamplerName | str = "ddpm",
     *,
-    variance: VarianceType = "fixed_small",
+    variance: VarianceType | None = None,
     eta: float = 0.0,
     clip: bool = True,
     dynamic_threshold: float | None = None,
@@ -363,7 +369,7 @@ def sample_settings(
     if trajectory_samples is None:  # a few images, or the points of a scatter
         trajectory_samples = 8 if len(model.data_shape) > 1 else min(n, 2000)
     settings = SampleSettings(
-        sampler=sampler, variance=variance, eta=float(eta), clip=clip,
+        sampler=sampler, variance=declared_variance(model, variance), eta=float(eta), clip=clip,
         dynamic_threshold=dynamic_threshold, data_range=model.data_range,
         trajectory_every=trajectory_every, trajectory_samples=trajectory_samples,
         **solver_options(model, solver),
@@ -379,7 +385,7 @@ def sample(
     sampler: SamplerName | str | None = None,
     *,
     seed: int = 0,
-    variance: VarianceType = "fixed_small",
+    variance: VarianceType | None = None,
     eta: float = 0.0,
     spacing: SampleSpacingName | None = None,
     grid: SampleSpacingName | Sequence[float] | None = None,
@@ -413,7 +419,8 @@ def sample(
             ``final_sigmas_type``, ``corrector``, ``s_churn``/``s_tmin``/``s_tmax``/``s_noise``,
             ``stochastic`` (:mod:`ddpmcli.api_sampling`).
         seed: same seed, same samples (whatever ``batch_size``).
-        variance: the ancestral variance (``fixed_small``, ``fixed_large``, ``learned_range``).
+        variance: the ancestral variance (``fixed_small``, ``fixed_large``, ``learned_range``;
+            default: the checkpoint's declared one, else ``fixed_small``).
         eta: DDIM's noise scale (ddim only).
         spacing: how ``steps`` are spread (default: the checkpoint's own, else trailing).
         clip: clip x0_hat to the data range before each step.
@@ -482,7 +489,7 @@ def nll(
     seed: int = 0,
     t: Sequence[int] | Tensor | None = None,
     t_random: int | None = None,
-    variance: VarianceType = "fixed_small",
+    variance: VarianceType | None = None,
     decoder: DecoderName | Literal["auto"] = "auto",
     clip: bool = False,
     n: int | None = None,
@@ -509,7 +516,7 @@ def nll(
         t: a fixed subset of t (terms only, no total); t_random: about K t drawn in strata (an
             unbiased estimate of the total). Default: every t, the bound itself.
         variance: the model's reverse variance (``fixed_small``, ``fixed_large``,
-            ``learned_range``).
+            ``learned_range``; default: the checkpoint's declared one, else ``fixed_small``).
         decoder: the t = 0 term: ``discretized`` (8-bit data), ``discretized_tanh``,
             ``continuous``, or ``auto`` (discretized for images, continuous for vectors and
             latents; a latent model takes continuous only).
@@ -541,11 +548,13 @@ def nll(
     if (dev, mdtype) != (model.device, model.dtype):
         model = model.to(dev, mdtype)
 
+    reverse = declared_variance(model, variance)
+
     def bound() -> BoundResult:
         try:
             result = variational_bound(
                 model.predict, model.schedule, model.prediction_type, data, t_indices=indices,
-                strata=strata, variance=variance, learned_variance=model.learned_variance,
+                strata=strata, variance=reverse, learned_variance=model.learned_variance,
                 decoder=dec, clip=clip, data_range=model.data_range, seed=seed,
                 batch_size=batch_size, device=model.device, model_dtype=model.dtype,
                 observers=observers, ranks=ranks,

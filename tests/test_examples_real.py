@@ -205,3 +205,70 @@ def test_package_unet_through_make(script_util, tmp_path, monkeypatch, cli) -> N
     torch.testing.assert_close(x0.float(), theirs["pred_xstart"].float(), rtol=1e-4, atol=1e-4)
     alpha_bar = torch.from_numpy(diffusion.alphas_cumprod)
     torch.testing.assert_close(model.schedule.alpha_bar, alpha_bar, rtol=1e-12, atol=1e-15)
+
+
+FACTORY = """
+import importlib.util, sys
+from torch import nn
+spec = importlib.util.spec_from_file_location("ex_iddpm", {path!r})
+ex = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(ex)
+
+
+class Net(nn.Conv2d):  # called net(x, t), as improved-diffusion's UNetModel is
+    def forward(self, x, t):
+        return super().forward(x)
+
+
+def make(path, load_weights):
+    net = Net(3, 3, 1)
+    settings = ex.settings_from_env()
+    settings["image_size"] = 8
+    return ex.adapt(net, load_weights(path), settings)
+"""
+
+
+@pytest.mark.parametrize(
+    ("flags", "declared"),
+    [("", "fixed_large"), ("--sigma_small True", "fixed_small"), ("--learn_sigma True", None)],
+)
+def test_adapter_declares_the_trainers_variance(flags, declared, tmp_path, monkeypatch) -> None:
+    """improved-diffusion evaluates a model without learned sigma with fixed_large (its
+    ``sigma_small`` False default; fixed_small with it): the adapter declares it, and sample's
+    and nll's default variance is then that one (an explicit variance still wins)."""
+    monkeypatch.setenv("MODEL_FLAGS", flags)
+    monkeypatch.setenv("DIFFUSION_FLAGS", "--diffusion_steps 20")
+    (tmp_path / "fac.py").write_text(
+        FACTORY.format(path=str(EXAMPLES / "adapt_improved_diffusion.py"))
+    )
+    torch.manual_seed(0)
+    width = 6 if declared is None else 3
+    torch.save(torch.nn.Conv2d(3, width, 1).state_dict(), tmp_path / "w.pt")
+    if declared is None:
+        pytest.skip("a learned variance declares none (its default stays fixed_small)")
+    model = ddpmcli.load(tmp_path / "w.pt", model=f"{tmp_path / 'fac.py'}:make")
+    assert model.info.get("variance") == declared
+    x0 = torch.rand(2, 3, 8, 8) * 2 - 1
+    rows = {
+        v: ddpmcli.nll(model, x0, t=[1, 7], variance=v).rows for v in ("fixed_small", "fixed_large")
+    }
+    assert rows["fixed_small"] != rows["fixed_large"]
+    assert ddpmcli.nll(model, x0, t=[1, 7]).rows == rows[declared]
+    settings = ddpmcli.api.sample_settings(model, 2)
+    assert settings.variance == declared
+
+
+def test_package_bound_uses_fixed_large(script_util) -> None:
+    """The fact the adapter encodes, from the package itself."""
+    gd = pytest.importorskip("improved_diffusion.gaussian_diffusion")
+    for sigma_small, kind in (
+        (False, gd.ModelVarType.FIXED_LARGE),
+        (True, gd.ModelVarType.FIXED_SMALL),
+    ):
+        args = {**script_util.model_and_diffusion_defaults(), "sigma_small": sigma_small}
+        diffusion = script_util.create_gaussian_diffusion(
+            steps=10, learn_sigma=False, sigma_small=sigma_small, noise_schedule="linear",
+            use_kl=False, predict_xstart=False, rescale_timesteps=True,
+            rescale_learned_sigmas=True, timestep_respacing="",
+        )  # fmt: skip
+        assert diffusion.model_var_type == kind, args

@@ -36,6 +36,7 @@ class _Meta:
     data_shape: tuple[int, ...] | None = None
     data_range: tuple[float, float] | None = None
     reference_samples: Tensor | None = None
+    variance: str | None = None  # the reverse variance its trainer evaluated with (an adapter's)
     extra: dict[str, Any] = field(default_factory=dict)
     shape_from_data: tuple[int, ...] | None = None  # the --data's sample shape: used only when
     # neither the file nor the caller gives a data shape
@@ -77,6 +78,8 @@ def _parse_meta(raw: Mapping[str, Any], where: str) -> _Meta:
             meta.data_shape = _shape(raw["data_shape"], where)
         if raw.get("data_range") is not None:
             meta.data_range = _range(raw["data_range"], where)
+        if raw.get("variance") is not None:
+            meta.variance = _variance(raw["variance"])
     except DdpmError as exc:  # named once: some of these already say where
         text = str(exc)
         raise CheckpointError(
@@ -98,6 +101,15 @@ def _parse_meta(raw: Mapping[str, Any], where: str) -> _Meta:
             raise CheckpointError(f"{where}: reference_samples hold {bad} NaN or infinite value(s)")
         meta.reference_samples = refs
     return meta
+
+
+def _variance(value: Any) -> str:
+    """A declared reverse variance: one of ``core.VARIANCE_TYPES``."""
+    if value not in core.VARIANCE_TYPES:
+        raise CheckpointError(
+            f"variance {value!r} is unknown; allowed: {', '.join(core.VARIANCE_TYPES)}"
+        )
+    return str(value)
 
 
 def _schedule_from_stored(value: Any, where: str) -> core.Schedule:
@@ -233,6 +245,7 @@ def _merge(file_meta: _Meta, given: _Meta) -> _Meta:
         "data_range",
         "reference_samples",
         "shape_from_data",
+        "variance",
     ):
         value = getattr(given, name)
         setattr(merged, name, value if value is not None else getattr(file_meta, name))

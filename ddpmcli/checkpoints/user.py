@@ -190,6 +190,8 @@ def load_user_model(p: Path, spec: str, given: _Meta, *, inspect_only: bool) -> 
     }
     if classes is not None:  # conditioning.attach reads these, as it does a diffusers loader's
         info["num_classes"], info["null_label"] = classes
+    if meta.variance is not None:  # the variance its trainer used: sample's and nll's default
+        info["variance"] = meta.variance
     loaded = loaded_model(
         module,
         _finish(meta, where, flags_hint=True),
