@@ -474,4 +474,4 @@ def read_json(
     :data:`MAX_JSON_DEPTH` deep, integers of at most :data:`MAX_JSON_INT_DIGITS` digits.
     Any problem -> one ``error`` line naming the file."""
     data = read_bytes(path, what, limit=limit, error=error)
-    return parse_json(data, str(Path(path)), error=error)
+    return parse_json(data, str(Path(path)), error=error, limit=limit)

@@ -386,3 +386,19 @@ def test_a_table_of_many_rows_shows_evenly_spaced_ones(cli, monkeypatch) -> None
     assert body[0] == "0" and body[-1] == "999" and len(body) == 10
     tsv = cli("schedule", "-T", "1000", "-f", "tsv", "--columns", "beta")
     assert len(tsv.stdout.splitlines()) == 1001 and "table shows" not in tsv.stderr
+
+
+def test_a_vocabulary_with_text_ids_is_refused_when_loaded(tmp_path: Path) -> None:
+    """String ids in vocab.json failed only when a prompt was encoded (the bug handler)."""
+    pytest.importorskip("transformers")
+    sys.path.insert(0, str(Path(__file__).parent))
+    import pipeline_folders
+
+    from ddpmcli.checkpoints import text_encoders
+    from ddpmcli.errors import CheckpointError
+
+    folder = pipeline_folders.write_clip_tokenizer(tmp_path / "tok", "vocab.json")
+    vocab = json.loads((folder / "vocab.json").read_text())
+    (folder / "vocab.json").write_text(json.dumps({k: str(v) for k, v in vocab.items()}))
+    with pytest.raises(CheckpointError, match=r"vocab\.json: must map each token to a whole"):
+        text_encoders.load_tokenizer(folder, "clip")

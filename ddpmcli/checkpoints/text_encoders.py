@@ -105,9 +105,11 @@ def load_tokenizer(tok_dir: Path, family: str) -> Any:
     cls = transformers.CLIPTokenizer if family == "clip" else transformers.T5Tokenizer
     extra = {"extra_ids": 0} if family == "t5" and "tokenizer.json" not in present else {}
     try:
-        return cls.from_pretrained(
+        tokenizer = cls.from_pretrained(
             str(tok_dir), local_files_only=True, trust_remote_code=False, **extra
         )
+        tokenizer("a", verbose=False)  # a broken vocabulary fails here, not mid-run
+        return tokenizer
     except Exception as exc:  # the loader's own error: a corrupt file, most likely
         raise CheckpointError(f"{tok_dir}: bad tokenizer ({one_line(exc)})") from None
 
@@ -135,6 +137,8 @@ def _check_tokenizer_files(tok_dir: Path) -> set[str]:
                 f"{path}: tokenizer file is larger than the {MAX_TOKENIZER_BYTES >> 20} MiB limit"
             )
         present.add(name)
+    if "vocab.json" in present:
+        _check_vocab(tok_dir / "vocab.json")
     if "tokenizer_config.json" in present:
         config = limits.read_json(
             tok_dir / "tokenizer_config.json", "tokenizer config", error=CheckpointError
@@ -149,6 +153,20 @@ def _check_tokenizer_files(tok_dir: Path) -> set[str]:
                     "in the tokenizer folder"
                 )
     return present
+
+
+def _check_vocab(path: Path) -> None:
+    """``vocab.json``: an object of token -> whole-number id (string ids made the tokenizer fail
+    only when a prompt was encoded, mid-run)."""
+    vocab = limits.read_json(path, "tokenizer vocabulary", limit=MAX_TOKENIZER_BYTES,
+                             error=CheckpointError)  # fmt: skip
+    if not isinstance(vocab, dict) or not all(
+        isinstance(i, int) and not isinstance(i, bool) and 0 <= i < MAX_VOCAB
+        for i in vocab.values()
+    ):
+        raise CheckpointError(
+            f"{path}: must map each token to a whole-number id in 0..{MAX_VOCAB - 1}"
+        )
 
 
 def token_ids(tokenizer: Any, prompt: str, length: int) -> Tensor:
