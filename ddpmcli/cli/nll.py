@@ -79,7 +79,7 @@ def nll(
             "the choice of t.",
         ),
     ] = None,
-    variance: VarianceOpt = "fixed_small",
+    variance: VarianceOpt = None,
     decoder: Annotated[
         Literal["auto", "discretized", "discretized_tanh", "continuous"],
         typer.Option(
@@ -176,7 +176,8 @@ def nll(
     x0 = picked.x0
     cols = space_columns(model, cols)  # a latent model's columns say so (x0_mse_latent, ...)
     if ode is not None:  # --method ode|both (ddpmcli.cli.nll_ode); the bound's note is ours
-        bound = BoundArgs(None if strata else indices, t_random, variance, decoder, clip, pairs)
+        reverse = api.declared_variance(model, variance)  # the checkpoint's, by default
+        bound = BoundArgs(None if strata else indices, t_random, reverse, decoder, clip, pairs)
         run_ode(model, picked, ode, (method, bound, per_sample, checkpoint.name), table, ranks)
         return
     count = pairs * x0.shape[0]

@@ -82,11 +82,13 @@ SUMMARY_COLUMNS = (
 )
 
 VarianceOpt = Annotated[
-    VarianceType,
+    VarianceType | None,
     _sampler_option(
         "--variance",
         help="Reverse-process variance: fixed_small (beta_tilde), fixed_large (beta; beta_tilde_1 "
-        "at t = 0, improved-diffusion), learned_range (the model's variance channel).",
+        "at t = 0, improved-diffusion), learned_range (the model's variance channel). Default: "
+        "the one the checkpoint declares its trainer used (an adapter's), else fixed_small.",
+        show_default=False,
     ),
 ]
 BatchOpt = Annotated[
@@ -142,7 +144,7 @@ def sample(
             "folder's own scheduler where ddpm has it (said on stderr), else ddpm.",
         ),
     ] = None,
-    variance: VarianceOpt = "fixed_small",
+    variance: VarianceOpt = None,
     eta: Annotated[
         float,
         _sampler_option(
