@@ -480,6 +480,7 @@ def build_schedule(request: ScheduleRequest) -> BuiltSchedule:
     request, origin = _preset_request(request)
     kind = _check_request(request)
     config: SchedulerConfig | None = None
+    kind_mu: float | None = None
     if request.from_file is not None or request.from_config is not None:
         config = _config_of(request, origin)
         if config.flow is not None:
@@ -504,6 +505,17 @@ def build_schedule(request: ScheduleRequest) -> BuiltSchedule:
         schedule = core.make_schedule(
             kind or "linear", timesteps, zero_terminal_snr=False, logsnr_shift=0.0, **params
         )
+        if schedule.spec.get("kind") == "flow":
+            # the kind flow as FlowMatchEulerDiscreteScheduler settings: --steps N is its grid,
+            # and `ddpm check` lints that grid
+            settings = scheduler_classes.kind_flow_settings(params, timesteps)
+            kind_mu = params.get("mu") if settings.dynamic else None
+            config = SchedulerConfig(
+                **{**_FLOW_KIND_CONFIG, "schedule": schedule, "flow": settings}
+            )
+            if _scheduler_steps(request) is not None:
+                kind_request = replace(request, mu=kind_mu, image_seq_len=None, resolution=None)
+                return _flow_built(kind_request, config)
     if request.zero_terminal_snr:
         if config is not None and config.rescale_betas_zero_snr:
             raise ParameterError(
@@ -518,13 +530,23 @@ def build_schedule(request: ScheduleRequest) -> BuiltSchedule:
     if grid is not None:
         return BuiltSchedule(schedule=grid, config=config, respaced=True)
     if request.steps is not None:
-        spacing = request.spacing or (config.timestep_spacing if config else "leading")
+        spacing = spacing_of(request.spacing, config)
         offset = request.steps_offset
         if offset is None:
             offset = config.steps_offset if config else 0
         steps: int | str = int(request.steps) if request.steps.strip().isdigit() else request.steps
         schedule = core.respaced(schedule, steps, spacing, offset)
-    return BuiltSchedule(schedule=schedule, config=config, respaced=respaced)
+    return BuiltSchedule(schedule=schedule, config=config, respaced=respaced, mu=kind_mu)
+
+
+def spacing_of(spacing: str | None, config: SchedulerConfig | None) -> str:
+    """The one rule for how ``--steps N`` is spread (schedule, compare, posterior, check and
+    sample alike): the spacing asked for, else the config's own ``timestep_spacing`` (a config
+    without the key has diffusers' default, leading), else ``trailing``, which visits t = T-1
+    (:data:`ddpmcli.choices.DEFAULT_SPACING`)."""
+    from ddpmcli.choices import DEFAULT_SPACING
+
+    return spacing or (config.timestep_spacing if config else DEFAULT_SPACING)
 
 
 def _sigma_grid(request: ScheduleRequest, config: SchedulerConfig | None) -> Schedule | None:
@@ -540,6 +562,30 @@ def _sigma_grid(request: ScheduleRequest, config: SchedulerConfig | None) -> Sch
             "{logsnr_shift} and {spacing} do not apply to it"
         )
     return grid
+
+
+_FLOW_KIND_CONFIG: dict[str, Any] = {
+    "path": Path("flow"),
+    "beta_schedule": "flow",
+    "num_train_timesteps": 0,
+    "prediction_type": "flow",
+    "timestep_spacing": "linspace",
+    "steps_offset": 0,
+    "rescale_betas_zero_snr": False,
+    "clip_sample": False,
+    "clip_sample_range": 1.0,
+    "variance_type": "fixed_small",
+    "class_name": "FlowMatchEulerDiscreteScheduler",
+    "raw": {},
+}
+
+
+def _scheduler_steps(request: ScheduleRequest) -> int | None:
+    """A step count to take as a scheduler's own grid: --steps N without --spacing/--steps-offset
+    (with them, the training table is respaced as they say)."""
+    if request.steps is None or request.spacing is not None or request.steps_offset is not None:
+        return None
+    return int(request.steps) if request.steps.strip().isdigit() else None
 
 
 def _kind_shift(

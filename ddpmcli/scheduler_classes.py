@@ -197,6 +197,21 @@ def _pipeline_of(class_name: str, dynamic: bool, time_shift_type: str) -> str | 
     return "cogview4" if time_shift_type == "linear" else "flux"
 
 
+def kind_flow_settings(params: Mapping[str, float], num_train_timesteps: int) -> FlowSettings:
+    """The FlowMatchEulerDiscreteScheduler settings of the kind ``flow``'s parameters: ``shift``,
+    or dynamic shifting by ``mu`` (linear with ``linear_time_shift=1``), ``shift_terminal``."""
+    dynamic = float(params.get("mu", 0.0)) != 0.0
+    terminal = float(params.get("shift_terminal", 0.0))
+    return FlowSettings(
+        class_name="FlowMatchEulerDiscreteScheduler",
+        num_train_timesteps=num_train_timesteps,
+        shift=float(params.get("shift", 1.0)),
+        dynamic=dynamic,
+        time_shift_type="linear" if params.get("linear_time_shift") else "exponential",
+        shift_terminal=terminal or None,
+    )
+
+
 def mu_of(settings: FlowSettings, mu: float | None, image_seq_len: int | None) -> float | None:
     """The dynamic shift: ``mu`` as given, else from the image sequence length as the family's
     pipeline computes it (Flux's ``calculate_shift``, CogView4's square-root rule), else None."""

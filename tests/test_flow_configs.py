@@ -353,3 +353,34 @@ def test_bad_flow_input_is_one_error_line(  # type: ignore[no-untyped-def]
     assert result.exit_code == code, result.stderr
     assert result.stderr.startswith("Error: ") and result.stderr.count("\n") == 1
     assert words in result.stderr
+
+
+@pytest.mark.parametrize(
+    "params", [{"shift": 3.0}, {"mu": 1.15}, {"mu": 2.0, "linear_time_shift": 1.0}]
+)
+def test_kind_flow_steps_is_the_flow_match_grid(params: dict[str, float]) -> None:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    built = build_schedule(ScheduleRequest(kind="flow", params=dict(params), steps="28"))
+    dynamic = "mu" in params
+    sched = FlowMatchEulerDiscreteScheduler(
+        shift=params.get("shift", 1.0),
+        use_dynamic_shifting=dynamic,
+        time_shift_type="linear" if params.get("linear_time_shift") else "exponential",
+    )
+    sched.set_timesteps(28, mu=params.get("mu"))
+    assert built.respaced and built.schedule.path == "flow"
+    assert torch.equal(built.schedule.sigma_t.flip(0), sched.sigmas[:-1].to(torch.float64))
+    assert torch.equal(built.schedule.model_timestep.flip(0), sched.timesteps.to(torch.float64))
+    # with an explicit spacing, the training table respaced as before
+    spaced = build_schedule(
+        ScheduleRequest(kind="flow", params=dict(params), steps="28", spacing="trailing")
+    )
+    assert spaced.schedule.num_steps == 28 and not torch.equal(
+        spaced.schedule.sigma_t, built.schedule.sigma_t
+    )
+
+
+def test_check_on_the_kind_flow(cli) -> None:  # type: ignore[no-untyped-def]
+    found = _findings(cli, "--kind", "flow", "--param", "shift=3", "--steps", "8")
+    assert "shift_applied_twice" in found and "zero_snr_with_epsilon" not in found
