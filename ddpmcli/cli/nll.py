@@ -173,10 +173,9 @@ def nll(
         rows_per_sample=1 if per_sample else 0,
     )  # fmt: skip
     picked = evaluation_data(model, data, n, seed, show=ranks.is_main, quiet=table.quiet)
-    x0 = picked.x0
+    x0, reverse = picked.x0, api.declared_variance(model, variance)  # the checkpoint's
     cols = space_columns(model, cols)  # a latent model's columns say so (x0_mse_latent, ...)
     if ode is not None:  # --method ode|both (ddpmcli.cli.nll_ode); the bound's note is ours
-        reverse = api.declared_variance(model, variance)  # the checkpoint's, by default
         bound = BoundArgs(None if strata else indices, t_random, reverse, decoder, clip, pairs)
         run_ode(model, picked, ode, (method, bound, per_sample, checkpoint.name), table, ranks)
         return
