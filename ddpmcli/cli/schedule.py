@@ -333,11 +333,19 @@ def check(
     as runs (1-3,7; a table shortens long lists); in json/jsonl always a list of ints ([] for
     none).
 
+    With a checkpoint (CKPT, or --from a checkpoint file): its schedule as above, then probes of
+    what its model does on --data (default: its reference samples, else noise), each a finding
+    with a confidence: the prediction type and timestep convention that fit its outputs, its x0
+    range, a latent model's VAE scaling, the sampler's start, a null label. A declared setting
+    the model contradicts is an error.
+
     Timesteps are 0-based as models take them (t = 0 is one noising step, t = T-1 the last).
 
     Examples:
 
       ddpm check --from scheduler_config.json
+
+      ddpm check ckpt.pt --data moons --format json
 
       ddpm check --kind scaled_linear --zero-terminal-snr --prediction-type v_prediction
 
