@@ -214,6 +214,11 @@ def sigma_grid(
         raise ParameterError(f"{{steps}} must be at least 1, got {steps}")
     table = train.sigma.to("cpu", torch.float64)
     lo, hi = float(table[0]), float(table[-1])
+    if not math.isfinite(hi):
+        raise ParameterError(
+            f"{{spacing}} {spacing} needs a finite largest sigma; this schedule ends at sigma "
+            "= inf (a flow from s = 1, or zero terminal SNR): use leading, trailing or linspace"
+        )
     if spacing == "karras":
         sig = grids.karras_sigmas(steps, lo, hi)
     elif spacing == "exponential":
