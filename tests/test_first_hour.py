@@ -4,6 +4,7 @@ meant before the slow part, defaults that agree, the same numbers on every threa
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import subprocess
 import sys
@@ -274,8 +275,6 @@ def test_from_a_checkpoint_says_so_and_what_to_run(cli, command: str, tmp_path: 
 
 
 def test_nll_names_its_data_once_and_the_prior_row_has_no_t(cli, tmp_path: Path) -> None:
-    import json
-
     from conftest import tiny_mlp_checkpoint
 
     ckpt = tiny_mlp_checkpoint(tmp_path / "m.pt", 20, references=16)
@@ -288,3 +287,30 @@ def test_nll_names_its_data_once_and_the_prior_row_has_no_t(cli, tmp_path: Path)
         (None, "prior"),
         (None, "total"),
     ]
+
+
+# ---------------------------------------------------------------------------------------------
+# one spacing rule, one warning
+
+
+def test_schedule_and_sample_spread_steps_alike_and_warn_alike(cli, tmp_path: Path) -> None:
+    from conftest import tiny_mlp_checkpoint
+
+    base = ("--kind", "linear", "-T", "100", "--steps", "10", "-f", "csv")
+    default = cli("schedule", *base)
+    trailing = cli("schedule", *base, "--spacing", "trailing")
+    assert default.exit_code == 0 and default.stdout == trailing.stdout and default.stderr == ""
+    warning = (
+        "Warning: leading spacing with 10 steps never visits t = 99 (T-1): sampling starts at "
+        "t = 90, with less noise than the model was trained to remove; use --spacing trailing"
+    )
+    found = cli("check", *base[:-2], "--spacing", "leading", "-f", "json")
+    codes = {row["code"]: row["message"] for row in json.loads(found.stdout)}
+    assert "Warning: " + codes["respacing_skips_last_t"] == warning
+    for command in ("schedule", "posterior"):
+        leading = cli(command, *base, "--spacing", "leading")
+        assert leading.exit_code == 0 and leading.stderr.splitlines()[0] == warning, command
+    ckpt = tiny_mlp_checkpoint(tmp_path / "m.pt", 100)
+    run = ("sample", str(ckpt), "--n", "4", "--steps", "10", "--summary", "-f", "csv", "-q")
+    assert cli(*run).stderr == ""  # the checkpoint has no spacing of its own: trailing
+    assert cli(*run, "--spacing", "leading").stderr.splitlines() == [warning]

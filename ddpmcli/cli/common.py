@@ -557,6 +557,21 @@ def samples_from(n: int, source: str) -> str:
     return f"{n} samples of {source}"
 
 
+def warn_respacing(schedule: Any, spacing: str | None) -> None:
+    """Wherever ``--steps N`` spreads a schedule with ``spacing`` (schedule, posterior, sample),
+    the warning `ddpm check` reports as ``respacing_skips_last_t``, in the same words, when the
+    steps never visit t = T-1 (issue 20: one rule, one warning). Other grids say nothing."""
+    from ddpmcli.choices import SPACINGS
+
+    if spacing not in SPACINGS or getattr(schedule, "path", "vp") != "vp":
+        return
+    from ddpmcli.checks import check_respacing
+    from ddpmcli.output import warn
+
+    for finding in check_respacing(schedule, spacing, probe=False):
+        warn(finding.render(flag_name))
+
+
 def flag_name(parameter: str) -> str:
     """The CLI flag of a library parameter: ``batch_size`` -> ``--batch-size``."""
     return "--" + parameter.replace("_", "-")

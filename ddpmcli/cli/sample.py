@@ -31,6 +31,7 @@ from ddpmcli.cli.common import (
     reject_conflicts,
     select_columns,
     use_threads,
+    warn_respacing,
 )
 from ddpmcli.cli.completion import complete_data
 from ddpmcli.cli.option_groups import (
@@ -297,6 +298,8 @@ def sample(
             dynamic_threshold=threshold, trajectory_every=trajectory_every, **solver,
         )  # fmt: skip
         schedule = api.sampling_schedule(model, steps, how, name, grid)
+    if steps is not None and steps.strip().isdigit():  # the warning check gives (issue 20)
+        warn_respacing(schedule, api.sampling_spacing(model, how)[0])
     if said and not table.quiet:
         note(said)
     if save_path is not None and save_path.suffix.lower() == ".png" and len(model.data_shape) != 3:

@@ -12,10 +12,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 from ddpmcli.choices import SpacingName
-from ddpmcli.cli.common import as_flags, in_panel, parse_key_values
+from ddpmcli.cli.common import as_flags, in_panel, parse_key_values, warn_respacing
 from ddpmcli.cli.completion import check_kind, complete_kind
 from ddpmcli.cli.option_groups import Command, option_group
 from ddpmcli.errors import UsageError
@@ -131,7 +131,11 @@ StepsOpt = Annotated[
 ]
 SpacingOpt = Annotated[
     SpacingName | None,
-    _option("--spacing", help="Respacing: leading (default; a config's own), trailing, linspace."),
+    _option(
+        "--spacing",
+        help="How --steps N are spread: leading, trailing, linspace. Default: a config's own, "
+        "else trailing (it visits t = T-1), as for sample; leading warns when it skips T-1.",
+    ),
 ]
 StepsOffsetOpt = Annotated[
     int | None,
@@ -194,6 +198,15 @@ class ScheduleFlags:
     scale_to_timesteps: ScaleOpt = False
     resolution: ResolutionOpt = None
     image_seq_len: ImageSeqLenOpt = None
+
+    def warn_respacing(self, built: Any) -> None:
+        """`common.warn_respacing` for a schedule these flags built: only when ``--steps N``
+        respaced it (a count; a section string names its own timesteps)."""
+        if self.steps is None or not self.steps.strip().isdigit():
+            return
+        from ddpmcli.configs import spacing_of
+
+        warn_respacing(built.schedule, spacing_of(self.spacing, built.config))
 
     def request(self, *, respacing: bool = True) -> ScheduleRequest:
         """One request for `configs.build_schedule`; ``respacing=False`` leaves --steps,
