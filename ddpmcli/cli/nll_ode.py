@@ -182,6 +182,8 @@ def run_ode(
 def _ode_note(result: OdeResult, n: int, source: str) -> None:
     """The ODE total on stderr, its two ± and its convention."""
     probes = "" if result.probe_stderr is None else f" ± {result.probe_stderr:.2g} (probes)"
+    if result.probe_stderr is None and "Hutchinson" in result.description:
+        probes = " (one probe a sample: its spread is inside that ±; --probes 2 or more splits it)"
     spread = "" if result.total_stderr is None else f" ± {result.total_stderr:.2g} (samples)"
     evals = float(result.evals.double().mean())
     note(

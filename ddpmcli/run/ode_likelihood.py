@@ -422,6 +422,8 @@ def describe(setup: _Setup, data_range: tuple[float, float]) -> tuple[str, str]:
         if s.steps is not None
         else f"Dormand-Prince 5(4), rtol {s.rtol:g}, atol {s.atol:g}"
     )
+    v = geo.prior_variance
+    prior = "N(0, I)" if abs(v - 1.0) < 1e-12 else f"N(0, {v:.4g} I)"
     lo, hi = data_range
     if s.dequantization == "uniform":
         short = "ode_dequantized"
@@ -434,8 +436,8 @@ def describe(setup: _Setup, data_range: tuple[float, float]) -> tuple[str, str]:
         units = "density of continuous data, no dequantization (can be negative)"
     text = (
         f"probability-flow ODE of the {geo.path} path from t = {t0:g} (sigma/alpha = "
-        f"{float(s0 / a0):.3g}) to t = {float(geo.timesteps[-1]):g}, prior N(0, "
-        f"{geo.prior_variance:.4g} I); {div}; {solver}; {units}"
+        f"{float(s0 / a0):.3g}) to t = {float(geo.timesteps[-1]):g}, prior {prior}; {div}; "
+        f"{solver}; {units}"
     )
     return short, text
 
