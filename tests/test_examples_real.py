@@ -258,6 +258,27 @@ def test_adapter_declares_the_trainers_variance(flags, declared, tmp_path, monke
     assert settings.variance == declared
 
 
+def test_cli_nll_default_is_the_declared_variance(tmp_path, monkeypatch, cli) -> None:
+    """`ddpm nll --model` without --variance uses the adapter's fixed_large."""
+    import numpy as np
+
+    monkeypatch.setenv("MODEL_FLAGS", "")
+    monkeypatch.setenv("DIFFUSION_FLAGS", "--diffusion_steps 20")
+    (tmp_path / "fac.py").write_text(
+        FACTORY.format(path=str(EXAMPLES / "adapt_improved_diffusion.py"))
+    )
+    torch.manual_seed(0)
+    torch.save(torch.nn.Conv2d(3, 3, 1).state_dict(), tmp_path / "w.pt")
+    np.save(tmp_path / "x.npy", (torch.rand(2, 3, 8, 8) * 2 - 1).numpy())
+    args = ("nll", str(tmp_path / "w.pt"), "--model", f"{tmp_path / 'fac.py'}:make",
+            "--data", str(tmp_path / "x.npy"), "--t", "1,7", "--format", "json")  # fmt: skip
+    runs = {v: cli(*args, "--variance", v) for v in ("fixed_small", "fixed_large")}
+    default = cli(*args)
+    assert default.exit_code == 0, default.stderr
+    assert json.loads(default.stdout) == json.loads(runs["fixed_large"].stdout)
+    assert json.loads(default.stdout) != json.loads(runs["fixed_small"].stdout)
+
+
 def test_package_bound_uses_fixed_large(script_util) -> None:
     """The fact the adapter encodes, from the package itself."""
     gd = pytest.importorskip("improved_diffusion.gaussian_diffusion")
