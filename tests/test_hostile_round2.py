@@ -402,3 +402,14 @@ def test_a_vocabulary_with_text_ids_is_refused_when_loaded(tmp_path: Path) -> No
     (folder / "vocab.json").write_text(json.dumps({k: str(v) for k, v in vocab.items()}))
     with pytest.raises(CheckpointError, match=r"vocab\.json: must map each token to a whole"):
         text_encoders.load_tokenizer(folder, "clip")
+
+
+def test_compare_checks_the_rows_of_all_its_schedules_together(cli, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Each spec's rows fit (2 MiB); the 40 specs' rows together (80 MiB) do not."""
+    from ddpmcli import limits
+
+    monkeypatch.setattr(limits, "available_memory", lambda: 3 * 1024**2)
+    result = cli("compare", *["linear:T=1000"] * 40, "-f", "tsv")
+    assert result.exit_code == 2, result.stderr
+    assert result.stderr.startswith("Error: 40000 rows of 40 schedules needs ~"), result.stderr
+    assert result.stdout == ""
