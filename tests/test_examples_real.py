@@ -288,7 +288,7 @@ def test_package_bound_uses_fixed_large(script_util) -> None:
     ):
         args = {**script_util.model_and_diffusion_defaults(), "sigma_small": sigma_small}
         diffusion = script_util.create_gaussian_diffusion(
-            steps=10, learn_sigma=False, sigma_small=sigma_small, noise_schedule="linear",
+            steps=10, learn_sigma=False, sigma_small=sigma_small, noise_schedule="cosine",
             use_kl=False, predict_xstart=False, rescale_timesteps=True,
             rescale_learned_sigmas=True, timestep_respacing="",
         )  # fmt: skip
