@@ -371,3 +371,23 @@ def test_two_ranks_give_one_process_rows(ckpt: Path) -> None:
     ]
     assert outs[0].returncode == 0 and outs[1].returncode == 0, outs[1].stderr
     assert outs[0].stdout == outs[1].stdout  # the same chunks, each solved by one rank
+
+
+def test_exact_divergence_on_data_too_large_is_one_line_with_the_size(cli, tmp_path: Path) -> None:
+    from ddpmcli import models
+    from ddpmcli.checkpoints import save_native_checkpoint
+
+    hp = models.default_hparams("mlp", (80,))
+    refs = torch.zeros(4, 80)
+    path = save_native_checkpoint(
+        tmp_path / "wide.pt", models.build_model("mlp", hp), architecture="mlp", hparams=hp,
+        schedule=core.make_schedule("linear", 20), prediction_type="epsilon", data_shape=(80,),
+        reference_samples=refs,
+    )  # fmt: skip
+    done = cli("nll", str(path), "-n", "2", "--method", "ode", "--exact-divergence")
+    assert done.exit_code == 2
+    assert (
+        "--exact-divergence takes one backward pass per value: the data have 80 values per "
+        "sample, the limit is 64" in done.stderr
+    )
+    assert done.stdout == "" and done.stderr.count("Error") == 1
