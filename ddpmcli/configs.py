@@ -343,41 +343,10 @@ def _check_request(request: ScheduleRequest) -> str | None:
     for name in ("steps_offset", "spacing"):
         if getattr(request, name) is not None and request.steps is None:
             raise ParameterError(f"{{{name}}} needs {{steps}}")
-    _check_image_size(request)
+    scheduler_classes.check_image_size(request)
     if request.spacing is not None:
         check_choice(request.spacing, core.SPACINGS, "spacing")
     return kind
-
-
-def _check_image_size(request: ScheduleRequest) -> None:
-    if request.resolution is not None and request.image_seq_len is not None:
-        raise ParameterError("{resolution} and {image_seq_len} cannot be used together")
-    for name in ("resolution", "image_seq_len"):
-        value = getattr(request, name)
-        if value is not None and (
-            isinstance(value, bool) or not isinstance(value, int) or value < 1
-        ):
-            raise ParameterError(f"{{{name}}} must be a whole number >= 1, got {value!r}")
-    if request.resolution is not None and request.resolution < 16:
-        raise ParameterError(f"{{resolution}} {request.resolution} is below one 16-pixel token")
-    if request.mu is not None and (
-        request.resolution is not None or request.image_seq_len is not None
-    ):
-        raise ParameterError(
-            "{mu} and an image size ({resolution}, {image_seq_len}) both set the shift"
-        )
-
-
-def image_tokens(request: ScheduleRequest) -> int | None:
-    """The image sequence length a request gives: ``image_seq_len``, or ``(resolution // 16)^2``
-    (a square image through an 8x VAE and 2x2 patches: Flux, SD3, CogView4)."""
-    from ddpmcli.core import grids
-
-    if request.image_seq_len is not None:
-        return request.image_seq_len
-    if request.resolution is not None:
-        return grids.image_seq_len(request.resolution, request.resolution)
-    return None
 
 
 def _preset_request(request: ScheduleRequest) -> tuple[ScheduleRequest, str]:
@@ -447,7 +416,7 @@ def _flow_built(request: ScheduleRequest, config: SchedulerConfig) -> BuiltSched
             f"{verbatim(config.path)} is a flow scheduler ({flow.class_name}): its --steps grid is "
             "the scheduler's own; {spacing} and {steps_offset} do not apply"
         )
-    tokens = image_tokens(request)
+    tokens = scheduler_classes.image_tokens(request)
     mu = scheduler_classes.mu_of(flow, request.mu, tokens)
     if request.steps is None:
         return BuiltSchedule(
@@ -475,47 +444,60 @@ def _flow_built(request: ScheduleRequest, config: SchedulerConfig) -> BuiltSched
 
 def build_schedule(request: ScheduleRequest) -> BuiltSchedule:
     """Turn a request into a schedule through the core, rejecting conflicting choices first."""
-    from ddpmcli import core
-
     request, origin = _preset_request(request)
     kind = _check_request(request)
-    config: SchedulerConfig | None = None
-    kind_mu: float | None = None
     if request.from_file is not None or request.from_config is not None:
         config = _config_of(request, origin)
         if config.flow is not None:
             return _flow_built(request, config)
-        if request.mu is not None or image_tokens(request) is not None:
+        if request.mu is not None or scheduler_classes.image_tokens(request) is not None:
             raise ParameterError(
                 f"{verbatim(config.path)} is not a flow with dynamic shifting; "
                 "{mu}, {resolution} and {image_seq_len} do not apply"
             )
-        schedule = config.schedule
-    elif request.betas_file is not None:
-        schedule = load_custom_schedule(request.betas_file, "betas")
-    elif request.alpha_bars_file is not None:
-        schedule = load_custom_schedule(request.alpha_bars_file, "alpha_bars")
-    else:
-        timesteps = 1000 if request.timesteps is None else request.timesteps
-        limits.check_timesteps(timesteps, "{timesteps}", error=ParameterError)
-        params = dict(request.params)
-        tokens = image_tokens(request)
-        if tokens is not None or request.mu is not None:
-            params.update(_kind_shift(kind or "linear", request.mu, tokens, params))
-        schedule = core.make_schedule(
-            kind or "linear", timesteps, zero_terminal_snr=False, logsnr_shift=0.0, **params
-        )
-        if schedule.spec.get("kind") == "flow":
-            # the kind flow as FlowMatchEulerDiscreteScheduler settings: --steps N is its grid,
-            # and `ddpm check` lints that grid
-            settings = scheduler_classes.kind_flow_settings(params, timesteps)
-            kind_mu = params.get("mu") if settings.dynamic else None
-            config = SchedulerConfig(
-                **{**_FLOW_KIND_CONFIG, "schedule": schedule, "flow": settings}
-            )
-            if _scheduler_steps(request) is not None:
-                kind_request = replace(request, mu=kind_mu, image_seq_len=None, resolution=None)
-                return _flow_built(kind_request, config)
+        return _finish(request, config.schedule, config)
+    if request.betas_file is not None:
+        return _finish(request, load_custom_schedule(request.betas_file, "betas"), None)
+    if request.alpha_bars_file is not None:
+        return _finish(request, load_custom_schedule(request.alpha_bars_file, "alpha_bars"), None)
+    return _kind_built(request, kind)
+
+
+def _kind_built(request: ScheduleRequest, kind: str | None) -> BuiltSchedule:
+    """A registry kind's schedule; the kind flow as FlowMatchEulerDiscreteScheduler settings
+    (--steps N is its grid, and `ddpm check` lints that grid)."""
+    from ddpmcli import core
+
+    timesteps = 1000 if request.timesteps is None else request.timesteps
+    limits.check_timesteps(timesteps, "{timesteps}", error=ParameterError)
+    params = dict(request.params)
+    tokens = scheduler_classes.image_tokens(request)
+    if tokens is not None or request.mu is not None:
+        params.update(scheduler_classes.kind_shift(kind or "linear", request.mu, tokens, params))
+    schedule = core.make_schedule(
+        kind or "linear", timesteps, zero_terminal_snr=False, logsnr_shift=0.0, **params
+    )
+    if schedule.spec.get("kind") != "flow":
+        return _finish(request, schedule, None)
+    settings = scheduler_classes.kind_flow_settings(params, timesteps)
+    kind_mu = params.get("mu") if settings.dynamic else None
+    config = SchedulerConfig(**{**_FLOW_KIND_CONFIG, "schedule": schedule, "flow": settings})
+    if _scheduler_steps(request) is not None:
+        kind_request = replace(request, mu=kind_mu, image_seq_len=None, resolution=None)
+        return _flow_built(kind_request, config)
+    return _finish(request, schedule, config, kind_mu)
+
+
+def _finish(
+    request: ScheduleRequest,
+    schedule: Schedule,
+    config: SchedulerConfig | None,
+    mu: float | None = None,
+) -> BuiltSchedule:
+    """The transforms (zero terminal SNR, log-SNR shift) and the respacing, in that order; an
+    Euler config's sigma grid instead of a respacing."""
+    from ddpmcli import core
+
     if request.zero_terminal_snr:
         if config is not None and config.rescale_betas_zero_snr:
             raise ParameterError(
@@ -525,7 +507,6 @@ def build_schedule(request: ScheduleRequest) -> BuiltSchedule:
         schedule = core.rescale_zero_terminal_snr(schedule)
     if request.logsnr_shift:
         schedule = core.shift_logsnr(schedule, request.logsnr_shift)
-    respaced = request.steps is not None
     grid = _sigma_grid(request, config)
     if grid is not None:
         return BuiltSchedule(schedule=grid, config=config, respaced=True)
@@ -536,7 +517,7 @@ def build_schedule(request: ScheduleRequest) -> BuiltSchedule:
             offset = config.steps_offset if config else 0
         steps: int | str = int(request.steps) if request.steps.strip().isdigit() else request.steps
         schedule = core.respaced(schedule, steps, spacing, offset)
-    return BuiltSchedule(schedule=schedule, config=config, respaced=respaced, mu=kind_mu)
+    return BuiltSchedule(schedule, config, request.steps is not None, mu)
 
 
 def spacing_of(spacing: str | None, config: SchedulerConfig | None) -> str:
@@ -586,20 +567,3 @@ def _scheduler_steps(request: ScheduleRequest) -> int | None:
     if request.steps is None or request.spacing is not None or request.steps_offset is not None:
         return None
     return int(request.steps) if request.steps.strip().isdigit() else None
-
-
-def _kind_shift(
-    kind: str, mu: float | None, tokens: int | None, params: Mapping[str, float]
-) -> dict[str, float]:
-    """``mu`` for the kind ``flow`` from ``mu`` or an image size (Flux's defaults: base_shift 0.5
-    at 256 tokens, max_shift 1.15 at 4096)."""
-    from ddpmcli import core
-    from ddpmcli.core import grids
-
-    if core.canonical_kind(kind) != "flow":
-        raise ParameterError(
-            f"{{mu}}, {{resolution}} and {{image_seq_len}} apply to kind flow, not {kind}"
-        )
-    if "mu" in params or "shift" in params and params["shift"] != 1.0:
-        raise ParameterError("an image size sets mu (dynamic shifting); drop --param mu/shift")
-    return {"mu": mu if mu is not None else grids.flux_mu(tokens)}  # type: ignore[arg-type]

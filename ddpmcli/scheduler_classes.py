@@ -25,6 +25,7 @@ from ddpmcli.choices import TIME_SHIFT_TYPES
 from ddpmcli.errors import ParameterError, ScheduleError
 
 if TYPE_CHECKING:
+    from ddpmcli.configs import ScheduleRequest
     from ddpmcli.core import Schedule
     from ddpmcli.core.scheduler_grids import InferenceGrid
 
@@ -374,3 +375,55 @@ def euler_sigma_grid(raw: Mapping[str, Any], file: Path | str, steps: int) -> Sc
         final_sigmas_type=get("final_sigmas_type", "zero", str),
     )
     return grid_schedule(grid, f"{file}:{conversions[0]}@{steps}")
+
+
+# the image size of a request (moved here from ddpmcli.configs, which stays under 600 lines)
+
+
+def check_image_size(request: ScheduleRequest) -> None:
+    """The image-size fields of a request: one of them, whole numbers, not with mu."""
+    if request.resolution is not None and request.image_seq_len is not None:
+        raise ParameterError("{resolution} and {image_seq_len} cannot be used together")
+    for name in ("resolution", "image_seq_len"):
+        value = getattr(request, name)
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 1
+        ):
+            raise ParameterError(f"{{{name}}} must be a whole number >= 1, got {value!r}")
+    if request.resolution is not None and request.resolution < 16:
+        raise ParameterError(f"{{resolution}} {request.resolution} is below one 16-pixel token")
+    if request.mu is not None and (
+        request.resolution is not None or request.image_seq_len is not None
+    ):
+        raise ParameterError(
+            "{mu} and an image size ({resolution}, {image_seq_len}) both set the shift"
+        )
+
+
+def image_tokens(request: ScheduleRequest) -> int | None:
+    """The image sequence length a request gives: ``image_seq_len``, or ``(resolution // 16)^2``
+    (a square image through an 8x VAE and 2x2 patches: Flux, SD3, CogView4)."""
+    from ddpmcli.core import grids
+
+    if request.image_seq_len is not None:
+        return request.image_seq_len
+    if request.resolution is not None:
+        return grids.image_seq_len(request.resolution, request.resolution)
+    return None
+
+
+def kind_shift(
+    kind: str, mu: float | None, tokens: int | None, params: Mapping[str, float]
+) -> dict[str, float]:
+    """``mu`` for the kind ``flow`` from ``mu`` or an image size (Flux's defaults: base_shift 0.5
+    at 256 tokens, max_shift 1.15 at 4096)."""
+    from ddpmcli import core
+    from ddpmcli.core import grids
+
+    if core.canonical_kind(kind) != "flow":
+        raise ParameterError(
+            f"{{mu}}, {{resolution}} and {{image_seq_len}} apply to kind flow, not {kind}"
+        )
+    if "mu" in params or "shift" in params and params["shift"] != 1.0:
+        raise ParameterError("an image size sets mu (dynamic shifting); drop --param mu/shift")
+    return {"mu": mu if mu is not None else grids.flux_mu(tokens)}  # type: ignore[arg-type]
