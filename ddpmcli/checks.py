@@ -180,9 +180,13 @@ def check_respacing(schedule: Schedule, spacing: str | None, probe: bool) -> lis
     ]
 
 
-def check_precision(schedule: Schedule, dtype_name: str) -> list[Finding]:
+def check_precision(schedule: Schedule, dtype_name: str, in_play: bool = True) -> list[Finding]:
     """Values that a float32/float16 copy of the schedule loses: alpha_bar rounding to 1 (no noise
-    added at all) or to the previous t's value, and 1/sqrt(alpha_bar) overflowing."""
+    added at all) or to the previous t's value, and 1/sqrt(alpha_bar) overflowing. A loss is a
+    warning only where the dtype is ``in_play`` (the run uses it: a ``--dtype``, a config or
+    checkpoint that says so), else an info-level note (issue 20: float16 findings warned users who
+    never use float16)."""
+    loss: Severity = "warning" if in_play else "info"
     import torch
 
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[
@@ -195,7 +199,7 @@ def check_precision(schedule: Schedule, dtype_name: str) -> list[Finding]:
     if ones:
         findings.append(
             Finding(
-                "warning",
+                loss,
                 f"{dtype_name}_alpha_bar_is_1",
                 _model_t(schedule, ones),
                 f"alpha_bar rounds to 1 in {dtype_name} at {len(ones)} t: there x_t = x0, "
@@ -231,7 +235,7 @@ def check_precision(schedule: Schedule, dtype_name: str) -> list[Finding]:
     if over:
         findings.append(
             Finding(
-                "warning",
+                loss,
                 f"{dtype_name}_recip_overflow",
                 _model_t(schedule, over),
                 f"1/sqrt(alpha_bar) overflows (or alpha_bar underflows to 0) in {dtype_name} at "
@@ -283,10 +287,12 @@ def lint_schedule(
     probe_spacing: bool = False,
     dtypes: Sequence[str] = ("float32", "float16"),
     declared_timesteps: int | None = None,
+    in_play: Sequence[str] = ("float32",),
 ) -> list[Finding]:
     """Every check, in a fixed order, on the training ``schedule``; the respacing check on
     ``respaced`` (the inference steps a sampler would take), when given; ``declared_timesteps``
-    is a config's ``num_train_timesteps``, checked against the schedule's length."""
+    is a config's ``num_train_timesteps``, checked against the schedule's length; ``in_play``:
+    the dtypes the run uses (a precision loss in any other dtype is a note, not a warning)."""
     findings = [
         *check_declared_timesteps(schedule, declared_timesteps),
         *check_monotonic(schedule),
@@ -296,7 +302,7 @@ def lint_schedule(
         *check_prediction_type(schedule, prediction_type),
     ]
     for dtype in dtypes:
-        findings += check_precision(schedule, dtype)
+        findings += check_precision(schedule, dtype, dtype in in_play)
     return findings
 
 

@@ -74,8 +74,8 @@ def test_every_benchmark_writes_to_an_ignored_folder_unless_recording() -> None:
     assert output_path(parser.parse_args(["--record"]), "x.json").parent.name == "results"
     for script in sorted((ROOT / "benchmarks").glob("bench_*.py")):
         text = script.read_text()
-        assert "add_output_options(parser" in text, script.name
-        assert "results/" not in text.replace("benchmarks/results/", ""), script.name
+        writes = ".write_text(" in text or "json.dump(" in text  # json.dumps prints
+        assert not writes or "output_path(" in text, script.name
 
 
 def test_package_data_names_only_files_that_exist() -> None:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from ddpmcli.choices import DtypeName
 from ddpmcli.cli.check_ckpt import (
     NO_CHECKPOINT_FLAGS,
     CheckpointArgOpt,
@@ -321,6 +322,14 @@ def check(
     fmt: FormatOpt = "auto",
     no_header: NoHeaderOpt = False,
     ckpt_flags: CheckpointFlags = NO_CHECKPOINT_FLAGS,
+    dtype: Annotated[
+        DtypeName | None,
+        typer.Option(
+            "--dtype",
+            help="The dtype the model runs in: its precision losses are warnings (float16's "
+            "and bfloat16's are notes unless it is the one; float32's always warn).",
+        ),
+    ] = None,
 ) -> None:
     """Lint a schedule or a diffusers config for known pitfalls, one finding per line.
 
@@ -384,6 +393,7 @@ def check(
         spacing=used_spacing,
         probe_spacing=steps is None,
         declared_timesteps=config.declared_timesteps if config else None,
+        in_play=("float32",) if dtype is None else ("float32", dtype),
     )
     if config is not None and config.flow is not None:  # a flow: the checks of its own grid
         from ddpmcli.flow_checks import lint_built_flow
