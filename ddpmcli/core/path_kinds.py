@@ -12,6 +12,7 @@ Imports torch and the standard library only.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -56,6 +57,9 @@ def _log_snr_step(alpha: Tensor, sigma: Tensor, d_alpha: Tensor, d_sigma: Tensor
 # --------------------------------------------------------------------------------------------
 
 
+_LOG_MAX = math.log(sys.float_info.max)
+
+
 def flow_shift_factor(p: Mapping[str, float]) -> float:
     """The static shift the parameters give: ``shift``, or, with dynamic shifting by ``mu``,
     e^mu (exponential time shift) or mu (linear), as diffusers' ``time_shift`` with sigma 1."""
@@ -77,6 +81,10 @@ def flow_shift_factor(p: Mapping[str, float]) -> float:
                 f"flow parameter mu={mu} must be > 0 with a linear time shift"
             )
         return mu
+    if mu > _LOG_MAX:  # e^mu is past float64 (an absurd mu, or one from a huge resolution)
+        raise ScheduleParameterError(
+            f"flow parameter mu={mu} is too large: e^mu overflows float64 (mu <= {_LOG_MAX:.2f})"
+        )
     return math.exp(mu) if mu != 0.0 else shift
 
 

@@ -23,6 +23,7 @@ Imports torch and the standard library only.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -88,10 +89,17 @@ def _shift_static(sigmas: Tensor, shift: float) -> Tensor:
     return out.to(sigmas.dtype)
 
 
+def _exp_mu(mu: float) -> float:
+    # e^mu, or one line where it is past float64 (math.exp raised OverflowError)
+    if mu > math.log(sys.float_info.max):
+        raise ScheduleParameterError(f"mu={mu} is too large: e^mu overflows float64")
+    return math.exp(mu)
+
+
 def _shift_dynamic(sigmas: Tensor, mu: float, time_shift_type: str) -> Tensor:
     # diffusers' order: e^mu / (e^mu + (1/s - 1)^1) (the exponent 1 is exact), or mu / (mu + ...)
     if time_shift_type == "exponential":
-        scale = math.exp(mu)
+        scale = _exp_mu(mu)
     elif time_shift_type == "linear":
         scale = mu
     else:
@@ -258,7 +266,7 @@ def dpm_solver_flow_grid(
     appended terminal value (0 for ``final_sigmas_type = "zero"``)."""
     _steps(n)
     big_t = num_train_timesteps
-    shift = math.exp(mu) if mu is not None else flow_shift
+    shift = _exp_mu(mu) if mu is not None else flow_shift
     s = 1.0 - linspace(1.0, 1.0 / big_t, n + 1)
     s = _shift_static(s, shift).flip(0)[:-1]
     timesteps = _truncated(s * big_t)

@@ -1,0 +1,117 @@
+"""Hostile input, third round: the Gaussian paths, the new samplers and their grids, --init,
+ddpm steps, nll --method ode and check CKPT, used as a careless or hostile user would.
+
+Every case ends in one ``Error:`` line (never the bug hint) with the right exit status, within a
+memory cap and a time limit. The cases run in one subprocess under ``RLIMIT_AS`` 4 GiB (one
+interpreter start for the batch): a case that allocated what it asks for would die of the cap
+(MemoryError, reaching the bug handler) instead of printing its line.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+np = pytest.importorskip("numpy")
+
+CAP = 4 * 1024**3
+TIME_LIMIT = 60.0
+BUG_HINT = "set DDPM_DEBUG=1"
+
+DRIVER = textwrap.dedent(
+    """
+    import io, json, resource, sys, time
+    resource.setrlimit(resource.RLIMIT_AS, ({cap}, {cap}))
+    from ddpmcli.cli.root import run
+    out = []
+    for args in json.loads(sys.argv[1]):
+        err, saved, saved_out = io.StringIO(), sys.stderr, sys.stdout
+        sys.stderr, sys.stdout = err, io.StringIO()
+        start = time.perf_counter()
+        try:
+            code = run(args)
+        except SystemExit as exc:
+            code = exc.code
+        finally:
+            sys.stderr, sys.stdout = saved, saved_out
+        out.append([code, err.getvalue(), time.perf_counter() - start])
+    print(json.dumps(out))
+    """
+)
+
+
+def run_capped(cases: list[list[str]], cwd: Path) -> list[tuple[int, str, float]]:
+    """Each argv run in one subprocess under the memory cap: (exit code, stderr, seconds)."""
+    proc = subprocess.run(
+        [sys.executable, "-c", DRIVER.format(cap=CAP), json.dumps(cases)],
+        capture_output=True, text=True, cwd=cwd, timeout=len(cases) * TIME_LIMIT + 60,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [tuple(row) for row in json.loads(proc.stdout.strip().splitlines()[-1])]  # type: ignore[misc]
+
+
+def _native(path: Path, kind: str, prediction_type: str) -> Path:
+    from ddpmcli import checkpoints, core, models
+
+    base = models.default_hparams("mlp", (2,))
+    checkpoints.save_native_checkpoint(
+        path, models.build_model("mlp", base), architecture="mlp", hparams=base,
+        schedule=core.make_schedule(kind, 1000), prediction_type=prediction_type,
+        data_shape=(2,),
+    )  # fmt: skip
+    return path
+
+
+def _forged_npy(path: Path, shape: tuple[int, ...]) -> Path:
+    """A .npy whose header claims ``shape`` of float32, followed by 64 bytes."""
+    header = f"{{'descr': '<f4', 'fortran_order': False, 'shape': {shape}, }}"
+    header = header + " " * (118 - len(header)) + "\n"
+    blob = b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header.encode()
+    path.write_bytes(blob + b"\0" * 64)
+    return path
+
+
+# (argv, exit status, fragments of the one Error line)
+CASES: list[tuple[list[str], int, list[str]]] = [
+    # a flow's dynamic shift e^mu past float64: math.exp's OverflowError reached the bug handler
+    (["schedule", "--kind", "flow", "--param", "mu=800"], 2, ["mu=800", "overflows"]),
+    (["schedule", "--from", "flux-dev", "--resolution", "1000000000"], 2, ["overflows"]),
+    (["schedule", "--from", "flux-dev@99999999999999999999"], 2, ["overflows"]),
+    (["schedule", "--from", "flux-dev", "--param", "mu=1e308", "--steps", "4"], 2, ["overflows"]),
+    # a sigma spacing's count was allocated before any check (8 GB for 10**9, then the OOM killer)
+    (["sample", "vp.pt", "--n", "4", "--steps", "1000000000", "--spacing", "karras"], 2,
+     ["--steps must be between 1 and"]),
+    (["steps", "vp.pt", "--n", "4", "--steps", "5,1000000000"], 2,
+     ["--steps must be between 1 and"]),
+    # euler, euler-a and heun on a flow starting at s = 1 (alpha = 0): ZeroDivisionError
+    (["sample", "flow.pt", "--n", "4", "--sampler", "euler", "--steps", "3"], 2,
+     ["alpha_t = 0", "flow-euler"]),
+    (["sample", "flow.pt", "--n", "4", "--sampler", "euler-a", "--steps", "3"], 2,
+     ["alpha_t = 0"]),
+    (["sample", "flow.pt", "--n", "4", "--sampler", "heun", "--steps", "3"], 2, ["alpha_t = 0"]),
+    # --init whose header claims 745 GiB: np.load's MemoryError reached the bug handler
+    (["sample", "vp.pt", "--n", "4", "--init", "huge.npy"], 2, ["header claims shape"]),
+]  # fmt: skip
+
+
+def test_hostile_round3_cases(tmp_path: Path) -> None:
+    _native(tmp_path / "vp.pt", "linear", "epsilon")
+    _native(tmp_path / "flow.pt", "flow", "flow")
+    _forged_npy(tmp_path / "huge.npy", (100_000_000_000, 2))
+    rows = run_capped([argv for argv, _, _ in CASES], tmp_path)
+    for (argv, code, fragments), (status, stderr, seconds) in zip(CASES, rows, strict=True):
+        lines = stderr.strip().splitlines()
+        where = f"{argv}: {stderr}"
+        assert status == code, where
+        assert len(lines) == 1 and lines[0].startswith("Error: "), where
+        assert BUG_HINT not in lines[0], where
+        for fragment in fragments:
+            assert fragment in lines[0], where
+        assert seconds < TIME_LIMIT, (seconds, where)
