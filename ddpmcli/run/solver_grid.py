@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ddpmcli import core
+from ddpmcli import core, limits
 from ddpmcli.run.events import ParameterError
 
 __all__ = [
@@ -210,8 +210,8 @@ def sigma_grid(
     rounded to whole numbers with ``whole_timesteps``, as its multistep schedulers do)."""
     from ddpmcli.core import grids
 
-    if steps < 1:
-        raise ParameterError(f"{{steps}} must be at least 1, got {steps}")
+    # a count past MAX_TIMESTEPS allocated it (--steps 10**9 --spacing karras: 8 GB, then OOM)
+    limits.check_count(steps, "steps", maximum=limits.MAX_TIMESTEPS)
     table = train.sigma.to("cpu", torch.float64)
     lo, hi = float(table[0]), float(table[-1])
     if not math.isfinite(hi):
