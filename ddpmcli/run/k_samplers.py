@@ -28,7 +28,7 @@ import math
 from torch import Tensor
 
 from ddpmcli.run.events import ParameterError
-from ddpmcli.run.solver_grid import solver_options_unused, step_grid
+from ddpmcli.run.solver_grid import PathGrid, solver_options_unused, step_grid
 from ddpmcli.run.steps import SampleSettings, StepContext, register_sampler
 
 __all__ = ["churn_gamma"]
@@ -55,10 +55,21 @@ def _check_heun(settings: SampleSettings) -> None:
     _check_churn(settings)
 
 
+def _k_sigma(grid: PathGrid, i: int) -> float:
+    """The EDM sigma at index i; one line where it is infinite (alpha = 0: a flow's s = 1)."""
+    if grid.alpha[i] == 0:
+        raise ParameterError(
+            "euler, euler-a and heun step in sigma_t/alpha_t, infinite where the grid starts at "
+            "alpha_t = 0 (a flow at s = 1): use flow-euler, dpmpp-2m or unipc, or a grid that "
+            "starts below it (--spacing leading, --sigmas)"
+        )
+    return grid.edm_sigma(i)
+
+
 def _churned(ctx: StepContext) -> tuple[Tensor, float]:
     """(x'_hat, sigma'_hat) at the step's index: the state in k-space after the churn."""
     grid, i = step_grid(ctx), ctx.index
-    sigma = grid.edm_sigma(i)
+    sigma = _k_sigma(grid, i)
     xk = ctx.x / grid.alpha[i]
     gamma = churn_gamma(sigma, grid.num_steps, ctx.settings)
     if gamma == 0:
@@ -92,7 +103,7 @@ def _check_ancestral(settings: SampleSettings) -> None:
 def euler_ancestral_step(ctx: StepContext) -> tuple[Tensor, Tensor | None]:
     """Euler to sigma_down, then noise of std sigma_up (the ancestral split of the step)."""
     grid, i = step_grid(ctx), ctx.index
-    sigma, sigma_to = grid.edm_sigma(i), grid.edm_sigma_to(i)
+    sigma, sigma_to = _k_sigma(grid, i), grid.edm_sigma_to(i)
     up = math.sqrt(sigma_to**2 * (sigma**2 - sigma_to**2) / sigma**2)
     down = math.sqrt(sigma_to**2 - up**2)
     xk = ctx.x / grid.alpha[i]
