@@ -6,6 +6,8 @@ imports this.
 
 from __future__ import annotations
 
+import math
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -118,7 +120,17 @@ def read_init(path: Path | None) -> Tensor | None:
     import numpy as np
     import torch
 
+    from ddpmcli import limits
+
     try:
+        # the header's shape is checked against the file's bytes before anything is allocated
+        # (a 100-byte file claiming shape (10**11, 2) reached the bug handler as MemoryError)
+        with open(path, "rb") as stream:
+            shape, _ = limits.npy_header(
+                stream, os.fstat(stream.fileno()).st_size, f"--init {str(path)!r}",
+                error=UsageError,
+            )  # fmt: skip
+        limits.check_allocation(8 * math.prod(shape), f"--init {str(path)!r}")
         array = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as exc:
         raise UsageError(f"--init {str(path)!r}: not a readable .npy array ({exc})") from None
