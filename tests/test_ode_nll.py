@@ -300,7 +300,8 @@ def test_k_diffusion_log_likelihood_agrees(tmp_path: Path, monkeypatch: pytest.M
     # differ by D (log alpha_T - log alpha_eps) (z = x/alpha), and their latent is ours / alpha_T
     theirs_delta = ll - torch.distributions.Normal(0, sigma_max).log_prob(mine.latent / at).sum(1)
     want = theirs_delta + 2 * (math.log(float(at)) - math.log(float(a0)))
-    assert torch.allclose(mine.delta, want, rtol=0, atol=1e-4), (mine.delta, want)
+    # both solvers at tol 1e-7; measured 3.1e-6 nats apart (torchdiffeq's batch-shared step)
+    assert torch.allclose(mine.delta, want, rtol=0, atol=1e-5), (mine.delta, want)
     assert info["fevals"] > 0
 
 
