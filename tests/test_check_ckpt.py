@@ -243,10 +243,9 @@ def test_cli_native(cli, native) -> None:
         "check", str(native["v_prediction"]), "--prediction-type", "eps", "--format", "json"
     )
     assert fixed.exit_code == 0, fixed.stdout
-    # --from a checkpoint is checked as one, with a note; a schedule flag is refused
+    # --from a checkpoint is refused with a hint (schedule_options); a schedule flag is refused
     via = cli("check", "--from", str(native["epsilon"]), "--format", "json")
-    assert via.exit_code == 0 and "is a checkpoint" in via.stderr
-    assert json.loads(via.stdout) == json.loads(ok.stdout)
+    assert via.exit_code == 2 and "is a model checkpoint" in via.stderr
     refused = cli("check", str(native["epsilon"]), "--beta-start", "0.001")
     assert refused.exit_code == 2 and "--beta-start" in refused.stderr
 

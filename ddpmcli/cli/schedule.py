@@ -342,7 +342,7 @@ def check(
     as runs (1-3,7; a table shortens long lists); in json/jsonl always a list of ints ([] for
     none).
 
-    With a checkpoint (CKPT, or --from a checkpoint file): its schedule as above, then probes of
+    With a checkpoint (CKPT; --from refuses one, with a hint): its schedule as above, then probes of
     what its model does on --data (default: its reference samples, else noise), each a finding
     with a confidence: the prediction type and timestep convention that fit its outputs, its x0
     range, a latent model's VAE scaling, the sampler's start, a null label. A declared setting
