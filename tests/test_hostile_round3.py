@@ -96,6 +96,12 @@ CASES: list[tuple[list[str], int, list[str]]] = [
     (["sample", "flow.pt", "--n", "4", "--sampler", "euler-a", "--steps", "3"], 2,
      ["alpha_t = 0"]),
     (["sample", "flow.pt", "--n", "4", "--sampler", "heun", "--steps", "3"], 2, ["alpha_t = 0"]),
+    # steps --target nan/-1/inf ran the sweep and answered nonsense; --reference-steps 10**8
+    # was refused naming --steps
+    (["steps", "vp.pt", "--n", "4", "--steps", "2", "--target", "nan"], 2, ["--target"]),
+    (["steps", "vp.pt", "--n", "4", "--steps", "2", "--target", "-1"], 2, ["--target"]),
+    (["steps", "vp.pt", "--n", "4", "--steps", "2", "--reference-steps", "100000000"], 2,
+     ["--reference-steps must be"]),
     # --init whose header claims 745 GiB: np.load's MemoryError reached the bug handler
     (["sample", "vp.pt", "--n", "4", "--init", "huge.npy"], 2, ["header claims shape"]),
 ]  # fmt: skip

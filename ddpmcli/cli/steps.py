@@ -7,6 +7,7 @@ under ``--target``. torch and matplotlib are imported only inside the command.
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any
 
 import typer
@@ -114,6 +115,7 @@ def steps(
     """
     table.check()
     names, counts = _names(sampler), _counts(steps)
+    _check_target(target, reference_steps)
     plot_path = table.plot_path("steps")
     from ddpmcli.api_sampling import step_sweep
     from ddpmcli.run.step_sweep import SWEEP_COLUMNS, cheapest
@@ -131,11 +133,23 @@ def steps(
     table.emit(result.rows, select_columns(table.columns, list(SWEEP_COLUMNS)), title)
     if not table.quiet:
         note(result.reference.describe())
-        note(", ".join(f"{k} order {v:.2f}" for k, v in result.orders.items()))
+        if result.orders:  # one count per sampler has no slope: no empty line
+            note(", ".join(f"{k} order {v:.2f}" for k, v in result.orders.items()))
     if target is not None:
         note(_answer(cheapest(result.rows, target), target))
     if plot_path is not None and ranks.is_main:
         _plot(result, plot_path, title, target, table.quiet)
+
+
+def _check_target(target: float | None, reference_steps: int) -> None:
+    # --target nan/-1/inf ran the whole sweep and then answered nonsense; a reference count
+    # past the limit was refused as '--steps must be ...', naming the wrong flag
+    if target is not None and not (math.isfinite(target) and target > 0):
+        raise UsageError(f"--target must be a finite RMS error > 0, got {target}")
+    if reference_steps > limits.MAX_TIMESTEPS:
+        raise UsageError(
+            f"--reference-steps must be between 2 and {limits.MAX_TIMESTEPS}, got {reference_steps}"
+        )
 
 
 def _answer(row: dict[str, Any] | None, target: float) -> str:
