@@ -314,3 +314,40 @@ def test_schedule_and_sample_spread_steps_alike_and_warn_alike(cli, tmp_path: Pa
     run = ("sample", str(ckpt), "--n", "4", "--steps", "10", "--summary", "-f", "csv", "-q")
     assert cli(*run).stderr == ""  # the checkpoint has no spacing of its own: trailing
     assert cli(*run, "--spacing", "leading").stderr.splitlines() == [warning]
+
+
+# ---------------------------------------------------------------------------------------------
+# figures with real names, and no library warning on stderr
+
+
+def test_compare_labels_are_short_and_unique() -> None:
+    from ddpmcli.plotting import short_labels
+
+    labels = [
+        "linear",
+        "runs/a/sd15/scheduler/scheduler_config.json",
+        "runs/b/sd15/scheduler/scheduler_config.json",
+        "/a/very/long/path/that/would/cover/the/axes/of/the/figure/my_schedule.json",
+        "linear",
+    ]
+    assert short_labels(labels) == ["linear", "a/sd15", "b/sd15", "my_schedule", "linear #2"]
+
+
+def test_compare_plot_of_long_config_paths_says_nothing_but_where_it_wrote(tmp_path: Path) -> None:
+    config = {"beta_schedule": "linear", "num_train_timesteps": 50}
+    specs = []
+    for k in range(6):
+        folder = tmp_path / ("a-folder-with-a-long-descriptive-name-" * 2 + str(k)) / "scheduler"
+        folder.mkdir(parents=True)
+        (folder / "scheduler_config.json").write_text(json.dumps(config))
+        specs.append(str(folder / "scheduler_config.json"))
+    out = tmp_path / "c.png"
+    # a real process: pytest would catch the warning before it reached stderr
+    result = subprocess.run(
+        [sys.executable, "-m", "ddpmcli", "compare", *specs, "--plot", str(out), "--t", "0",
+         "-f", "csv"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == [f"wrote {out}"]  # no matplotlib warning
+    assert out.stat().st_size > 0

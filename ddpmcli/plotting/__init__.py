@@ -5,7 +5,8 @@ and an atomic save by suffix (PNG, SVG or PDF). Each command group has its own m
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import warnings
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -75,8 +76,46 @@ def literal(text: str) -> str:
     return escape_control(str(text)).replace("$", r"\$")
 
 
+# Names a diffusers layout gives every scheduler config: the folder around them names it better.
+_GENERIC_NAMES = frozenset({"scheduler_config", "config", "scheduler", "model_index"})
+
+
+def short_labels(labels: Sequence[str]) -> list[str]:
+    """Legend names for schedule specs: a spec that names a file or folder (a config) is shown by
+    its own name, or by the folder that holds it where the name is diffusers' generic one
+    (``sd15/scheduler/scheduler_config.json`` -> ``sd15``); others as given. Names that would
+    repeat take more of their path (``a/sd15``), then a number, so each stays unique and short
+    (issue 20: a 52-character path covered the axes)."""
+
+    def parts(label: str) -> list[str]:
+        if "/" not in label and not label.lower().endswith(".json"):
+            return [label]
+        path = Path(label)
+        names = [p for p in (*path.parent.parts, path.stem if path.suffix else path.name) if p]
+        while len(names) > 1 and names[-1].lower() in _GENERIC_NAMES:
+            names.pop()
+        return names or [label]
+
+    split = [parts(label) for label in labels]
+    depth = [1] * len(labels)
+    for _ in range(8):  # take one more folder where names repeat
+        shown = ["/".join(p[-d:]) for p, d in zip(split, depth, strict=True)]
+        repeated = {name for name in shown if shown.count(name) > 1}
+        if not repeated:
+            return shown
+        depth = [d + (s in repeated) for s, d in zip(shown, depth, strict=True)]
+    seen: dict[str, int] = {}
+    out = []
+    for name in shown:
+        seen[name] = seen.get(name, 0) + 1
+        out.append(name if seen[name] == 1 else f"{name} #{seen[name]}")
+    return out
+
+
 def save_figure(fig: Figure, path: str | Path) -> Path:
-    """Save ``fig`` atomically, the format taken from the suffix (.png, .svg, .pdf)."""
+    """Save ``fig`` atomically, the format taken from the suffix (.png, .svg, .pdf). Warnings
+    matplotlib raises while drawing (``constrained_layout not applied ...``, a missing glyph) are
+    kept from the user's terminal: the figure is written all the same (issue 20)."""
     target = Path(path)
     fmt = FIGURE_SUFFIXES.get(target.suffix.lower())
     if fmt is None:
@@ -84,5 +123,6 @@ def save_figure(fig: Figure, path: str | Path) -> Path:
             f"figure {str(target)!r}: unknown suffix {target.suffix or '(none)'!r}; "
             f"allowed: {', '.join(FIGURE_SUFFIXES)}"
         )
-    with pyplot().rc_context(PAPER_STYLE):
+    with pyplot().rc_context(PAPER_STYLE), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         return atomic_write(target, lambda tmp: fig.savefig(tmp, format=fmt), make_parents=True)

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ddpmcli.plotting import literal, paper_figure, save_figure
+from ddpmcli.plotting import literal, paper_figure, save_figure, short_labels
 
 if TYPE_CHECKING:
     from ddpmcli.core import Schedule
@@ -137,8 +137,9 @@ def plot_compare(
 
     from ddpmcli.core import grids
 
+    names = short_labels([label for label, _ in schedules])  # a config's own name, not its path
     with paper_figure(2, 2) as (fig, ax):
-        for k, (label, schedule) in enumerate(schedules):
+        for k, (_, schedule) in enumerate(schedules):
             time = _np(
                 grids.normalised_time(
                     schedule.path,
@@ -152,7 +153,7 @@ def plot_compare(
             log_snr = _finite(_np(schedule.log_snr))
             gaps = _finite(_np(grids.log_snr_gaps(schedule.log_snr)))
             picked = None if marks is None else marks[k]
-            name = f"{literal(label)} ({_terminal(schedule)})"
+            name = f"{literal(names[k])} ({_terminal(schedule)})"
             for a, x, y in (
                 (ax[0, 0], time, log_snr),
                 (ax[0, 1], step, log_snr),
