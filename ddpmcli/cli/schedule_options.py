@@ -75,9 +75,13 @@ def _not_a_checkpoint(value: Path | None) -> Path | None:
     """`--from` given a model checkpoint says so and what to run instead (issue 20: it read as
     `not UTF-8 text (byte 128)`). Only the first bytes are read; anything else is left to the
     config reader and its own messages."""
+    # a regular file only: opening a FIFO blocks until a writer comes (the config reader refuses
+    # FIFOs and devices without opening them)
     if value is None:
         return value
     try:
+        if not value.is_file():
+            return value
         with open(value, "rb") as file:
             head = file.read(4)
     except OSError:
