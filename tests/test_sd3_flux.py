@@ -137,6 +137,7 @@ def test_schedule_is_the_scheduler_configs_shift_at_the_resolution(
     assert bigger.info["scheduler_flow_mu"] == pytest.approx(calculate_shift(1024), rel=1e-12)
     images = load_checkpoint(folders["flux-dev"], inspect_only=True, shape_from_data=(3, 16, 16))
     assert images.data_shape == (4, 8, 8)  # the data's 16 px images: 8x8 latents, 16 tokens
+    assert images.latent is not None and images.latent.image_shape == (3, 16, 16)
     assert images.info["scheduler_flow_mu"] == pytest.approx(calculate_shift(16), rel=1e-12)
 
 
@@ -206,3 +207,22 @@ def test_time_ids_need_an_sdxl_model(folders: dict[str, Path]) -> None:
 
     with pytest.raises(DdpmError, match="time_ids given, but the model is not SDXL-style"):
         load_checkpoint(folders["sd3"], inspect_only=True, time_ids="8,8,0,0,8,8")
+
+
+def test_cli_takes_the_resolution_from_the_data(
+    cli: Callable[..., Result], folders: dict[str, Path], tmp_path: Path
+) -> None:
+    import numpy as np
+
+    data = tmp_path / "x16.npy"
+    gen = torch.Generator().manual_seed(2)
+    np.save(data, (torch.rand((2, 3, 16, 16), generator=gen) * 2 - 1).numpy())
+    common = ["--prompt", "a dog", "--format", "json", "-q"]
+    args = ["reconstruct", str(folders["flux-dev"]), "--t", "0", *common]
+    rows = _json(cli(*args, "--data", str(data)))
+    # 8x8 latents (16 tokens) shift less than 4x4 ones would: alpha_bar at t = 0 says which mu
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    shift = math.exp(calculate_shift(16, 256, 4096, 0.5, 1.15))
+    s = shift * 0.001 / (1 + (shift - 1) * 0.001)
+    assert rows[0]["alpha_bar"] == pytest.approx((1 - s) ** 2 / ((1 - s) ** 2 + s**2), rel=1e-9)

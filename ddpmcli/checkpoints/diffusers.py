@@ -241,6 +241,8 @@ def _load_flow(
     file_meta.data_range = (-LATENT_BOUND, LATENT_BOUND)
     finished = _finish(_merge(file_meta, given), where, flags_hint=True)
     latent.latent_shape = finished[3]
+    scale = 2 ** (len(latent.vae.config.block_out_channels) - 1)  # images at the data's size
+    latent.image_shape = (latent.image_shape[0], finished[3][-2] * scale, finished[3][-1] * scale)
     net = _build(diffusers, class_name, config, net_dir, where)
     with _offline_quiet():
         make_text = flow_pipelines.sd3_text if sd3 else flow_pipelines.flux_text
