@@ -102,6 +102,11 @@ CASES: list[tuple[list[str], int, list[str]]] = [
     (["steps", "vp.pt", "--n", "4", "--steps", "2", "--target", "-1"], 2, ["--target"]),
     (["steps", "vp.pt", "--n", "4", "--steps", "2", "--reference-steps", "100000000"], 2,
      ["--reference-steps must be"]),
+    # ve/edm_sigma sigma_max whose square leaves float64: ve printed inf and nan columns, exit 0
+    (["schedule", "--kind", "ve", "--param", "sigma_max=1e200"], 2, ["sigma_max", "too large"]),
+    (["compare", "ve:sigma_max=1e300", "--summary"], 2, ["too large"]),
+    # check CKPT --n 10**9 built the data set before any size check (8 GB)
+    (["check", "vp.pt", "--data", "moons", "--n", "1000000000"], 2, ["--n 1000000000 needs"]),
     # --init whose header claims 745 GiB: np.load's MemoryError reached the bug handler
     (["sample", "vp.pt", "--n", "4", "--init", "huge.npy"], 2, ["header claims shape"]),
 ]  # fmt: skip

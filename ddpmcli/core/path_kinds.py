@@ -144,10 +144,20 @@ def flow_path(s: Tensor, one_minus_s: Tensor, ds: Tensor, model_timestep: Tensor
 # --------------------------------------------------------------------------------------------
 
 
+_SIGMA_MAX = 1 / math.sqrt(sys.float_info.min)
+
+
 def _check_sigmas(kind: str, lo: float, hi: float) -> None:
     if not 0 < lo < hi:
         raise ScheduleParameterError(
             f"{kind} needs 0 < sigma_min < sigma_max, got sigma_min={lo}, sigma_max={hi}"
+        )
+    # past this, sigma^2 overflows and alpha_bar = 1/(1 + sigma^2) underflows: the table printed
+    # inf and nan (ve sigma_max=1e200) and check saw alpha_bar not decreasing
+    if not hi <= _SIGMA_MAX:
+        raise ScheduleParameterError(
+            f"{kind} parameter sigma_max={hi} is too large: sigma^2 leaves float64 "
+            f"(sigma_max <= {_SIGMA_MAX:.3g})"
         )
 
 
