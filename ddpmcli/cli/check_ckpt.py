@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from ddpmcli import limits
 from ddpmcli.cli.common import (
     NUM_SAMPLES_FLAGS,
     EvalDataOpt,
@@ -169,6 +170,8 @@ def check_checkpoint(
         model_factory=c.model_factory, prompt=c.prompt,
     ).load(path, data=c.data, seed=c.seed)  # fmt: skip
     use_threads(c.threads, model, current())
+    # --n 10**9 built the data set first (8 GB, the bug handler under a memory cap)
+    limits.check_run_sizes(model.data_shape, n=c.n, batch_size=None, one_batch_default=True)
     data: Any = None
     if c.data is not None or model.reference_samples is not None:
         data = evaluation_data(model, c.data, c.n, c.seed, show=True, quiet=True)
