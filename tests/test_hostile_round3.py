@@ -107,6 +107,10 @@ CASES: list[tuple[list[str], int, list[str]]] = [
     (["compare", "ve:sigma_max=1e300", "--summary"], 2, ["too large"]),
     # check CKPT --n 10**9 built the data set before any size check (8 GB)
     (["check", "vp.pt", "--data", "moons", "--n", "1000000000"], 2, ["--n 1000000000 needs"]),
+    # nll: ODE flags with the bound, and --t with the ODE, were ignored without a word
+    (["nll", "vp.pt", "--n", "4", "--probes", "5"], 2, ["--probes: ODE options"]),
+    (["nll", "vp.pt", "--n", "4", "--method", "ode", "--ode-steps", "2", "--t", "5"], 2,
+     ["--method ode has none"]),
     # --init whose header claims 745 GiB: np.load's MemoryError reached the bug handler
     (["sample", "vp.pt", "--n", "4", "--init", "huge.npy"], 2, ["header claims shape"]),
 ]  # fmt: skip

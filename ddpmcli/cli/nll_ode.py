@@ -113,7 +113,27 @@ def ode_settings(method: str, fixed_t: bool, *values: Any) -> OdeSettings | None
         settings.check(0)
     if method == "both" and fixed_t:
         raise UsageError("--method both compares totals: every t, or --t-random K")
+    if method == "ode" and fixed_t:  # it printed the ODE's totals, --t/--every unused
+        raise UsageError("--t/--every pick the bound's rows; --method ode has none (or: both)")
+    idle = _ode_flags_given(settings)
+    if method == "vb" and idle:  # they were ignored without a word
+        raise UsageError(f"{', '.join(idle)}: ODE options; add --method ode or --method both")
     return None if method == "vb" else settings
+
+
+def _ode_flags_given(settings: OdeSettings) -> list[str]:
+    """The ODE flags set away from their defaults (what `--method vb` would ignore)."""
+    return [
+        flag for flag, value, default in (
+            ("--exact-divergence", settings.exact_divergence, False),
+            ("--probes", settings.probes, 1), ("--probe-kind", settings.probe_kind, "rademacher"),
+            ("--rtol", settings.rtol, 1e-5), ("--atol", settings.atol, 1e-5),
+            ("--max-evals", settings.max_evals, 4000), ("--ode-steps", settings.steps, None),
+            ("--t-eps", settings.t_eps, None),
+            ("--dequantization", settings.dequantization, "auto"),
+        )
+        if value != default
+    ]  # fmt: skip
 
 
 def _observer(bar: Any, n: int, pairs: int) -> Any:
