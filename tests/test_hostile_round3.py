@@ -111,6 +111,11 @@ CASES: list[tuple[list[str], int, list[str]]] = [
     (["nll", "vp.pt", "--n", "4", "--probes", "5"], 2, ["--probes: ODE options"]),
     (["nll", "vp.pt", "--n", "4", "--method", "ode", "--ode-steps", "2", "--t", "5"], 2,
      ["--method ode has none"]),
+    # the flag is --final-sigmas: errors named --final-sigmas-type and --final-sigma
+    (["sample", "vp.pt", "--n", "4", "--sampler", "dpmpp-2m", "--final-sigmas", "nope"], 2,
+     ["--final-sigmas 'nope' is unknown"]),
+    (["sample", "vp.pt", "--n", "4", "--sampler", "ddim", "--final-sigmas", "sigma_min"], 2,
+     ["--final-sigmas does not apply"]),
     # --init whose header claims 745 GiB: np.load's MemoryError reached the bug handler
     (["sample", "vp.pt", "--n", "4", "--init", "huge.npy"], 2, ["header claims shape"]),
 ]  # fmt: skip

@@ -68,6 +68,7 @@ if TYPE_CHECKING:
 
 PANEL_SAMPLER = "Sampler"
 _sampler_option = in_panel(PANEL_SAMPLER)  # an option of the Sampler panel of the help
+_FLAGS = {"final_sigmas_type": "--final-sigmas", "final_sigma": "--final-sigmas"}
 SAVE_SUFFIXES = (".npz", ".png")
 SUMMARY_COLUMNS = (
     "sampler",
@@ -291,7 +292,8 @@ def sample(
     use_threads(threads, model, ranks)
     limits.check_run_sizes(model.data_shape, n=n, batch_size=batch_size, one_batch_default=True)
     threshold = percentile if dynamic_threshold else None
-    with as_flags():  # settings that cannot run are refused before any data is read
+    # the library's final_sigmas_type/final_sigma are the flag --final-sigmas (not -type, -sigma)
+    with as_flags(**_FLAGS):  # settings that cannot run are refused before any data is read
         name, how, grid, solver, said = resolve_sampler(model, sampler, spacing, grid, solver)
         settings = api.sample_settings(
             model, n, name, variance=variance, eta=eta, clip=clip,
@@ -307,7 +309,7 @@ def sample(
     title = f"sample {checkpoint.name} ({name}, {schedule.num_steps} steps)"
     cols = select_columns(table.columns, _step_columns())
     try:
-        with progress(n * schedule.num_steps, "sampling", table.quiet) as bar, as_flags():
+        with progress(n * schedule.num_steps, "sampling", table.quiet) as bar, as_flags(**_FLAGS):
             run = api.sample(
                 model, n, steps, name, seed=seed, variance=variance, eta=eta,
                 grid=grid if grid is not None else how,  # type: ignore[arg-type]
