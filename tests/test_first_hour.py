@@ -351,3 +351,15 @@ def test_compare_plot_of_long_config_paths_says_nothing_but_where_it_wrote(tmp_p
     assert result.returncode == 0, result.stderr
     assert result.stderr.splitlines() == [f"wrote {out}"]  # no matplotlib warning
     assert out.stat().st_size > 0
+
+
+def test_trajectory_panels_are_evenly_spaced_in_t() -> None:
+    from types import SimpleNamespace
+
+    from ddpmcli.plotting.sample import _frames
+
+    # sample --trajectory-every 100 on 1000 steps keeps steps 0, 100, ..., 900 and the last, 999
+    steps = [*range(0, 1000, 100), 999]
+    frames = [SimpleNamespace(step=s, t=999 - s, x0=None) for s in steps]
+    shown = [frame.t for frame in _frames(SimpleNamespace(trajectory=frames))]
+    assert shown == [999, 799, 599, 399, 199, 0]  # main: 999, 899, 699, 599, 399, 299, 99, 0

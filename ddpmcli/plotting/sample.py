@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING, Any
 
 from ddpmcli.files import atomic_write
 from ddpmcli.plotting import FULL_WIDTH_IN, PAPER_STYLE, literal, pyplot, save_figure
-from ddpmcli.run.runtime import spread
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -40,11 +39,21 @@ def _show(ax: Any, img: Any) -> None:
     ax.grid(False)
 
 
+def _even(count: int, k: int) -> list[int]:
+    """Up to ``k`` of ``count`` trajectory frames at one stride, and the last: the frames are kept
+    every K steps plus the final one, so a common stride keeps the panels evenly spaced in t
+    (issue 20: rounding ``spread`` showed t = 999, 899, 699, 599, ..., skipping 799, 499, 199)."""
+    if count <= k:
+        return list(range(count))
+    stride = -(-(count - 1) // (k - 1))  # ceil: at most k - 1 intervals
+    return [*range(0, count - 1, stride), count - 1]
+
+
 def _frames(run: SampleRun) -> list[TrajectoryFrame]:
     from ddpmcli.run import TrajectoryFrame
 
     if run.trajectory:
-        return [run.trajectory[i] for i in spread(len(run.trajectory), MAX_FRAMES)]
+        return [run.trajectory[i] for i in _even(len(run.trajectory), MAX_FRAMES)]
     last = run.rows[-1] if run.rows else {"step": 0, "t": 0}
     return [TrajectoryFrame(int(last["step"]), int(last["t"]), run.samples[: MAX_FRAMES * 8])]
 
