@@ -23,8 +23,8 @@ from ddpmcli.cli.common import (
     as_flags,
     join_ranks,
     reject_conflicts,
-    select_columns,
     samples_from,
+    select_columns,
     select_rows,
     use_threads,
 )
@@ -141,6 +141,7 @@ def nll(
 
       ddpm nll ckpt.pt --n 64 --t-random 50 --format json
     """
+    limits.check_count(n, "n")  # before torch and the checkpoint (issue 20)
     from ddpmcli import api
     from ddpmcli.checkpoints.latent import space_columns
     from ddpmcli.run import BOUND_COLUMNS, BoundResult, RunError, progress_observer
