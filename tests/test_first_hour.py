@@ -170,6 +170,7 @@ KINDS_ALLOWED = (
 EARLY_ERRORS = [
     (["sample", "missing.pt", "--n", "0"], "Error: --n must be at least 1, got 0"),
     (["sample", "missing.pt", "--eta", "0.5"], "Error: --eta applies to --sampler ddim only"),
+    (["nll", "missing.pt", "--n", "0"], "Error: --n must be at least 1, got 0"),
     (
         ["sample", "missing.pt", "--trajectory-every", "10"],
         "Error: --trajectory-every has no effect without --plot; add --plot or drop "
