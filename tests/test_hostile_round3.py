@@ -135,3 +135,14 @@ def test_hostile_round3_cases(tmp_path: Path) -> None:
         for fragment in fragments:
             assert fragment in lines[0], where
         assert seconds < TIME_LIMIT, (seconds, where)
+
+
+def test_max_gap_of_a_flow_grid_from_s_1_is_inf_not_nan() -> None:
+    """A flow's trailing grid starts at s = 1 (lambda = -inf): its first step's gap is infinite,
+    and only the last step onto data is left out (a 2-step grid printed nan)."""
+    from ddpmcli import core
+    from ddpmcli.run.step_sweep import max_gap
+    from ddpmcli.run.steps import SampleSettings, respaced_schedule
+
+    grid = respaced_schedule(core.make_schedule("flow", 1000), 2, "trailing", 0)
+    assert max_gap(grid, SampleSettings(sampler="flow-euler")) == float("inf")

@@ -101,7 +101,9 @@ def max_gap(schedule: core.Schedule, settings: SampleSettings) -> float:
     """The largest step in lambda = log(alpha/sigma) of a run of ``schedule`` (the last step
     onto clean data, an infinite gap, left out; a one-step grid: nan)."""
     grid = path_grid(schedule, settings.final_sigma)
-    gaps = [grid.gap(i) for i in range(grid.num_steps) if math.isfinite(grid.gap(i))]
+    # only the last step (index 0) onto data is left out: a flow's first step from s = 1 is an
+    # infinite gap too, and dropping it printed nan for a 2-step flow grid
+    gaps = [grid.gap(i) for i in range(grid.num_steps) if i > 0 or math.isfinite(grid.gap(i))]
     return max(gaps) if gaps else math.nan
 
 
