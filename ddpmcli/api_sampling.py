@@ -116,7 +116,9 @@ def resolve_sampler(
     if own is None:
         return "ddpm", spacing, sigmas, dict(solver), None
     name, options, own_spacing, words = own
-    note = f"sampling with the folder's own scheduler: {words} (--sampler overrides)"
+    note: str | None = f"sampling with the folder's own scheduler: {words} (--sampler overrides)"
+    if name == "ddpm" and not options and own_spacing is None:
+        note = None  # what sample always did: nothing to say
     return name, spacing or own_spacing, sigmas, {**options, **solver}, note
 
 
