@@ -146,3 +146,14 @@ def test_max_gap_of_a_flow_grid_from_s_1_is_inf_not_nan() -> None:
 
     grid = respaced_schedule(core.make_schedule("flow", 1000), 2, "trailing", 0)
     assert max_gap(grid, SampleSettings(sampler="flow-euler")) == float("inf")
+
+
+def test_steps_plot_of_deterministic_samplers_warns_nothing(tmp_path: Path) -> None:
+    """No stochastic sampler: matplotlib's 'No artists with labels found to put in legend'
+    UserWarning reached stderr."""
+    _native(tmp_path / "vp.pt", "linear", "epsilon")
+    argv = ["steps", "vp.pt", "--n", "4", "--steps", "2", "--sampler", "ddim",
+            "--reference-steps", "4", "--plot", "s.png", "-f", "csv"]  # fmt: skip
+    [(status, stderr, _)] = run_capped([argv], tmp_path)
+    assert status == 0, stderr
+    assert "Warning" not in stderr and (tmp_path / "s.png").is_file(), stderr

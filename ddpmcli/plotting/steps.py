@@ -39,7 +39,8 @@ def plot_steps(
         det.set_title(title or "deterministic samplers")
         if target is not None:
             det.axhline(target, color="0.5", lw=0.8, ls=":", label=f"target {target:g}")
-        det.legend(fontsize="small")
+        if det.get_legend_handles_labels()[0]:  # none: matplotlib warned on stderr
+            det.legend(fontsize="small")
         sto.set(xscale="log", xlabel=xlabel, ylabel="energy distance to reference")
         sto.axhline(0.0, color="0.5", lw=0.8)
         for a, stochastic in ((det, False), (sto, True)):
@@ -47,7 +48,7 @@ def plot_steps(
             a.set_xticks(ticks, [str(v) for v in ticks])
             a.minorticks_off()
         sto.set_title("stochastic samplers (distribution error)")
-        if sto.lines:
+        if sto.get_legend_handles_labels()[0]:  # its axhline at 0 has no label
             sto.legend(fontsize="small")
         if reference:
             fig.suptitle(reference, fontsize="small")
