@@ -253,6 +253,11 @@ def emit(
         raise  # the reader went away: main() exits quietly
     except OSError as exc:  # closed stdout, /dev/full, EIO
         raise OutputError(f"cannot write output: {exc.strerror or exc}") from None
+    if fmt == "table" and len(rows) > MAX_TABLE_ROWS:  # after the rows, as the note below
+        note(
+            f"a table shows at most {MAX_TABLE_ROWS} rows: {MAX_TABLE_ROWS} evenly spaced of "
+            f"{len(rows)} (--format tsv, csv or json prints every row)"
+        )
     if left_out:  # after the rows are out: a reader that went away hears nothing more
         how = "pick columns with --columns, or " if columns_option else ""
         note(
@@ -300,10 +305,6 @@ def _table_rows(rows: Sequence[Row]) -> Sequence[Row]:
     if len(rows) <= MAX_TABLE_ROWS:
         return rows
     step = (len(rows) - 1) / (MAX_TABLE_ROWS - 1)
-    note(
-        f"a table shows at most {MAX_TABLE_ROWS} rows: {MAX_TABLE_ROWS} evenly spaced of "
-        f"{len(rows)} (--format tsv, csv or json prints every row)"
-    )
     return [rows[round(i * step)] for i in range(MAX_TABLE_ROWS)]
 
 
