@@ -157,3 +157,14 @@ def test_steps_plot_of_deterministic_samplers_warns_nothing(tmp_path: Path) -> N
     [(status, stderr, _)] = run_capped([argv], tmp_path)
     assert status == 0, stderr
     assert "Warning" not in stderr and (tmp_path / "s.png").is_file(), stderr
+
+
+def test_guidance_scale_past_float32_is_refused() -> None:
+    """sample FLUX --guidance-scale 1e308 failed inside the model ('value cannot be converted to
+    type float without overflow', exit 1); now a usage error naming the flag."""
+    from ddpmcli.checkpoints.conditioning import guidance_value
+    from ddpmcli.errors import ParameterError
+
+    assert guidance_value(3e38) == 3e38
+    with pytest.raises(ParameterError, match="past float32"):
+        guidance_value(1e308)

@@ -80,6 +80,9 @@ def class_counts(num_classes: object, null_label: object) -> tuple[int, int | No
     return num, null
 
 
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
 def guidance_value(scale: object) -> float:
     """A guidance scale checked: a finite real number (not a bool, not a string).
 
@@ -92,6 +95,8 @@ def guidance_value(scale: object) -> float:
     value = float(scale)  # type: ignore[arg-type]
     if not math.isfinite(value):
         raise ParameterError(f"{{guidance_scale}} must be finite, got {value}")
+    if abs(value) > _FLOAT32_MAX:  # Flux's embedded guidance failed in the model's float32
+        raise ParameterError(f"{{guidance_scale}} {value:g} is past float32 (|S| <= 3.4e+38)")
     return value
 
 
