@@ -88,8 +88,8 @@ SigmasOpt = Annotated[
     _solver_option(
         "--sigmas",
         metavar="S1,S2,...",
-        help="An explicit grid of EDM sigmas sigma_t/alpha_t (descending, no final 0) instead "
-        "of --steps/--spacing.",
+        help="An explicit grid of EDM sigmas sigma_t/alpha_t (in any order: run from the "
+        "largest down; distinct, no final 0) instead of --steps/--spacing.",
     ),
 ]
 
