@@ -24,3 +24,12 @@ def assert_row_close(
             assert same, f"{key}: {g!r} != {w!r} (rel {rel}, abs {abs})"
         else:
             assert g == w, f"{key}: {g!r} != {w!r}"
+
+
+def as_json_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Result rows as the JSON format writes them: a non-finite float is null there (a last step's
+    log-SNR gap onto clean data is inf in the API's rows)."""
+    return [
+        {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
+        for row in rows
+    ]

@@ -86,6 +86,9 @@ def test_a_load_keeps_one_copy_of_the_weights() -> None:
 
 def _bench() -> Any:
     path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_chunk.py"
+    # the benchmarks import their shared helper (benchmarks/_results.py) as a script would
+    if str(path.parent) not in sys.path:
+        sys.path.insert(0, str(path.parent))
     spec = importlib.util.spec_from_file_location("bench_chunk", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

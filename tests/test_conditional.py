@@ -311,12 +311,14 @@ def test_dit_pipeline_loads_as_a_latent_conditional_model(dit: Path) -> None:
 
 
 def test_dit_guidance_guides_eps_and_keeps_the_conditional_variance(dit: Path) -> None:
-    x = torch.randn(2, 4, 4, 4)
+    x = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0))
     t = torch.tensor([3, 12])
     cond_eps, cond_v = load_checkpoint(dit, class_label="3").predict(x, t)
     null_eps, _ = load_checkpoint(dit, class_label="null").predict(x, t)
     eps, v = load_checkpoint(dit, class_label="3", guidance_scale=4.0).predict(x, t)
-    torch.testing.assert_close(eps, null_eps + 4.0 * (cond_eps - null_eps), rtol=1e-5, atol=1e-5)
+    # guidance runs both halves as one batch of 4, the references as batches of 2: float32 kernels
+    # round differently by batch size (~1e-6 here), and the scale 4 amplifies that up to 7x
+    torch.testing.assert_close(eps, null_eps + 4.0 * (cond_eps - null_eps), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(v, cond_v)
     assert float((eps - cond_eps).abs().max()) > 1e-3
 
