@@ -258,9 +258,9 @@ def sample(
     the raw x0_hat, clip_fraction (share of raw x0_hat outside the data range), update_norm (mean
     ||x_{t-1} - x_t||). Same seed, same samples: the noise does not depend on --batch-size. The
     sampler's state is float32 (float64 with --dtype float64); only the model sees --dtype. For
-    vector data with reference points, the energy distance and sliced W2 of the samples to them
-    go to stderr (or stdout with --summary). NaN/Inf in x_t stops the run: the rows so far are
-    printed, exit 1.
+    vector data with reference points, the energy distance (an unbiased estimate: it can dip
+    below 0 at small --n) and sliced W2 of the samples to them go to stderr (or stdout with
+    --summary). NaN/Inf in x_t stops the run: the rows so far are printed, exit 1.
 
     Examples:
 

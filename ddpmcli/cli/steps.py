@@ -102,7 +102,8 @@ def steps(
     One row per (sampler, steps): nfe (model evaluations per sample), rms_error of the final
     samples against the reference from the same x_T and rms_error_range (over the data range's
     width), reference_distance (energy distance of the sample set to the reference's: the fair
-    measure for stochastic samplers), data_distance (to the checkpoint's reference data, vector
+    measure for stochastic samplers; an unbiased estimate, below 0 at small --n is noise),
+    data_distance (to the checkpoint's reference data, vector
     data), max_log_snr_gap (largest step in lambda = log(alpha/sigma)), stochastic, wall_s. The
     reference is a converged unipc run at --reference-steps, checked by halving (its remaining
     error goes to stderr). The empirical order of each sampler (slope over its two largest
