@@ -253,6 +253,20 @@ def test_console_block_is_what_the_command_prints(
         )
 
 
+@pytest.mark.skipif(not (ROOT / ".git").exists(), reason="needs the git checkout")
+def test_what_the_examples_wrote_is_ignored_by_git(workdir: tuple[Shell, dict[str, str]]) -> None:
+    """Run in a clone's root, the README's examples leave `git status` clean: everything they
+    wrote (here, in the blocks' folder, after the tests above ran them) is ignored there."""
+    shell, _ = workdir
+    written = sorted(str(p.relative_to(shell.cwd)) for p in shell.cwd.rglob("*") if p.is_file())
+    assert written, "the examples wrote nothing (the main job's checkpoint at least)"
+    done = subprocess.run(
+        ["git", "check-ignore", "--no-index", *written], cwd=ROOT, capture_output=True,
+        text=True, check=False,
+    )  # fmt: skip
+    assert sorted(done.stdout.split()) == written, "add what they write to .gitignore"
+
+
 def test_the_matcher_is_strict() -> None:
     assert matches(["a", "...", "d"], ["a", "b", "c", "d"])
     assert matches(["a", "...", "b"], ["a", "b"])
