@@ -217,7 +217,8 @@ def test_dollar_in_a_name_shows_literally_in_the_figure(tmp_path: Path) -> None:
         ["compare", "linear", "a$x.json", "--plot", "c$.svg", "--format", "csv"], cwd=tmp_path
     )
     assert done.returncode == 0, done.stderr
-    assert "a$x.json" in (tmp_path / "c$.svg").read_text()  # svg.fonttype none: text is text
+    # the legend names the spec by its stem (issue 20: short labels); svg.fonttype none: text
+    assert "a$x (terminal SNR" in (tmp_path / "c$.svg").read_text()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a$x.json", "c$.svg"]
 
 
