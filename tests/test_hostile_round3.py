@@ -111,6 +111,8 @@ CASES: list[tuple[list[str], int, list[str]]] = [
     (["nll", "vp.pt", "--n", "4", "--probes", "5"], 2, ["--probes: ODE options"]),
     (["nll", "vp.pt", "--n", "4", "--method", "ode", "--ode-steps", "2", "--t", "5"], 2,
      ["--method ode has none"]),
+    (["nll", "vp.pt", "--n", "4", "--method", "ode", "--ode-steps", "2", "--t-random", "5"], 2,
+     ["--t-random pick the bound's rows"]),
     # the flag is --final-sigmas: errors named --final-sigmas-type and --final-sigma
     (["sample", "vp.pt", "--n", "4", "--sampler", "dpmpp-2m", "--final-sigmas", "nope"], 2,
      ["--final-sigmas 'nope' is unknown"]),

@@ -6,7 +6,7 @@ Thin: parse and validate the flags, load the checkpoint (as `ddpm sample` does),
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, cast
 
 import typer
 
@@ -152,9 +152,10 @@ def nll(
     )
     if batch_size is not None:
         limits.check_count(batch_size, "batch_size")
+    picks_t = t is not None or every is not None or (method == "ode" and t_random is not None)
     ode = ode_settings(
-        method, t is not None or every is not None, exact_divergence, probes, probe_kind, rtol,
-        atol, max_evals, ode_steps, t_eps, dequantization, seed, batch_size,
+        method, picks_t, exact_divergence, probes, probe_kind, rtol, atol, max_evals, ode_steps,
+        t_eps, dequantization, seed, batch_size,
     )  # fmt: skip
     if per_sample and t_random is None and (t is not None or every is not None):
         raise UsageError(
@@ -183,17 +184,15 @@ def nll(
     count = pairs * x0.shape[0]
     try:
         with progress(count, "bound", table.quiet) as bar, as_flags():
-            result = api.nll(
+            result = cast(BoundResult, api.nll(  # method vb returns the bound
                 model, x0, seed=seed, t=None if strata is not None else indices, t_random=t_random,
                 variance=variance, decoder=decoder, clip=clip, batch_size=batch_size,
                 observers=[progress_observer(bar)], ranks=ranks,
-            )  # fmt: skip
+            ))  # fmt: skip
     except RunError as exc:  # the finite terms so far, then the error
         if exc.rows:
             table.emit(exc.rows, cols, f"nll {checkpoint.name}")
         raise
-    if not isinstance(result, BoundResult):  # pragma: no cover - method vb returns the bound
-        raise TypeError(type(result).__name__)
     rows = result.rows  # named as the model's space says (bits_per_dim_latent, ...)
     if per_sample and result.per_sample_total is not None:
         totals = result.per_sample_total.tolist()

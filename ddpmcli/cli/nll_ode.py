@@ -113,8 +113,10 @@ def ode_settings(method: str, fixed_t: bool, *values: Any) -> OdeSettings | None
         settings.check(0)
     if method == "both" and fixed_t:
         raise UsageError("--method both compares totals: every t, or --t-random K")
-    if method == "ode" and fixed_t:  # it printed the ODE's totals, --t/--every unused
-        raise UsageError("--t/--every pick the bound's rows; --method ode has none (or: both)")
+    if method == "ode" and fixed_t:  # it printed the ODE's totals, --t/--every/--t-random unused
+        raise UsageError(
+            "--t/--every/--t-random pick the bound's rows; --method ode has none (or: both)"
+        )
     idle = _ode_flags_given(settings)
     if method == "vb" and idle:  # they were ignored without a word
         raise UsageError(f"{', '.join(idle)}: ODE options; add --method ode or --method both")
