@@ -22,9 +22,10 @@ Nothing here prints; torch only inside functions.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from ddpmcli.checks import PROBE_STEPS, Finding
+from ddpmcli.checks import PROBE_STEPS, Finding, Severity
 from ddpmcli.errors import ScheduleError
 from ddpmcli.scheduler_classes import FlowSettings, inference_grid, mu_of
 
@@ -158,11 +159,16 @@ def check_repeats(grid: InferenceGrid) -> list[Finding]:
     return [Finding("warning", "timestep_repeats", _t(grid, repeats), message)]
 
 
-def check_low_precision(grid: InferenceGrid, dtype_name: str) -> list[Finding]:
+def check_low_precision(
+    grid: InferenceGrid, dtype_name: str, in_play: bool = True
+) -> list[Finding]:
     """float16/bfloat16 copies of the grid: s rounding to 1 (alpha = 1 - s rounds to 0) before the
     first step, s rounding to 0, and timesteps (and the t/1000 Flux's transformer takes) that
-    collide."""
+    collide. Warnings where the dtype is ``in_play`` (a --dtype, a config or checkpoint that says
+    so), else info-level notes, as :func:`ddpmcli.checks.check_precision` (issue 20)."""
     import torch
+
+    level: Severity = "warning" if in_play else "info"
 
     dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}[dtype_name]
     findings: list[Finding] = []
@@ -171,7 +177,7 @@ def check_low_precision(grid: InferenceGrid, dtype_name: str) -> list[Finding]:
     if ones:
         findings.append(
             Finding(
-                "warning",
+                level,
                 f"{dtype_name}_s_rounds_to_1",
                 _t(grid, ones),
                 f"s rounds to 1 in {dtype_name} at {len(ones)} step(s) below 1: alpha = 1 - s "
@@ -182,7 +188,7 @@ def check_low_precision(grid: InferenceGrid, dtype_name: str) -> list[Finding]:
     if zeros:
         findings.append(
             Finding(
-                "warning",
+                level,
                 f"{dtype_name}_s_rounds_to_0",
                 _t(grid, zeros),
                 f"s rounds to 0 in {dtype_name} at {len(zeros)} step(s): no noise is left there "
@@ -196,7 +202,7 @@ def check_low_precision(grid: InferenceGrid, dtype_name: str) -> list[Finding]:
         if hits:
             findings.append(
                 Finding(
-                    "warning",
+                    level,
                     f"{dtype_name}_timesteps_collide",
                     _t(grid, hits),
                     f"{len(hits)} of the {len(low)} {what} equal the one before in "
@@ -214,10 +220,12 @@ def lint_flow(
     mu: float | None = None,
     image_seq_len: int | None = None,
     train_shift: float | None = None,
+    in_play: Sequence[str] = (),
 ) -> list[Finding]:
     """Every flow check, on the grid of ``steps`` (PROBE_STEPS when None). ``mu`` or
     ``image_seq_len`` as for ``build_schedule``; ``train_shift``: the shift the model was
-    trained with, when known."""
+    trained with, when known; ``in_play``: the low precisions the run uses (their findings are
+    warnings, the others notes)."""
     mu = mu_of(settings, mu, image_seq_len)
     findings = [
         *check_dynamic_inputs(settings, mu, image_seq_len),
@@ -234,12 +242,12 @@ def lint_flow(
     findings += check_starts_at_one(grid)
     findings += check_repeats(grid)
     for dtype in LOW_PRECISIONS:
-        findings += check_low_precision(grid, dtype)
+        findings += check_low_precision(grid, dtype, dtype in in_play)
     return findings
 
 
 def lint_built_flow(
-    built: BuiltSchedule, steps: str | None, findings: list[Finding]
+    built: BuiltSchedule, steps: str | None, findings: list[Finding], in_play: Sequence[str] = ()
 ) -> list[Finding]:
     """`ddpm check` on a flow config: the schedule findings, less the VP precision ones (a flow is
     computed as (1 - s) x0 + s eps, not from alpha_bar), plus :func:`lint_flow` on the grid of
@@ -250,5 +258,9 @@ def lint_built_flow(
     kept = [f for f in findings if not f.code.startswith(("float32_", "float16_", "bfloat16_"))]
     count = int(steps) if steps is not None and steps.strip().isdigit() else None
     return kept + lint_flow(
-        config.flow, steps=count, mu=built.mu, image_seq_len=built.image_seq_len
+        config.flow,
+        steps=count,
+        mu=built.mu,
+        image_seq_len=built.image_seq_len,
+        in_play=in_play,
     )

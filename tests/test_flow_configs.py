@@ -258,7 +258,8 @@ def test_check_dynamic_shift_needs_mu_and_warns_outside_the_fitted_range(
 
 def test_check_integer_and_low_precision_grids(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     wan = {**WAN, "flow_shift": 5.0}
-    found = _findings(cli, "--from", str(_folder(tmp_path, wan)), "--steps", "500")
+    folder = str(_folder(tmp_path, wan))
+    found = _findings(cli, "--from", folder, "--steps", "500")
     repeats = found["timestep_repeats"]
     from ddpmcli.core import scheduler_grids as sg
 
@@ -267,6 +268,10 @@ def test_check_integer_and_low_precision_grids(cli, tmp_path: Path) -> None:  # 
     count = sum(values[i] == values[i - 1] for i in range(1, 500))
     assert repeats["message"].startswith(f"{count} of the 500 timesteps repeat") and count > 0
     assert "bfloat16_s_rounds_to_1" in found and "bfloat16_timesteps_collide" in found
+    # bfloat16 is not in play without --dtype: its findings are notes there, warnings with it
+    assert found["bfloat16_s_rounds_to_1"]["severity"] == "info"
+    half = _findings(cli, "--from", folder, "--steps", "500", "--dtype", "bfloat16")
+    assert half["bfloat16_s_rounds_to_1"]["severity"] == "warning"
 
 
 def test_lint_flow_library_training_shift() -> None:

@@ -398,7 +398,7 @@ def check(
     if config is not None and config.flow is not None:  # a flow: the checks of its own grid
         from ddpmcli.flow_checks import lint_built_flow
 
-        findings = lint_built_flow(built, steps, findings)
+        findings = lint_built_flow(built, steps, findings, () if dtype is None else (dtype,))
     # JSON: t is always a list of ints (the timesteps concerned, [] for none); text: a span,
     # shortened only in a table
     as_list = fmt in ("json", "jsonl")
