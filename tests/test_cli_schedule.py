@@ -16,13 +16,13 @@ import pytest
 from ddpmcli import core
 from ddpmcli.cli.common import (
     PLOT_DEFAULT,
-    expand_optional_values,
     parse_key_values,
     parse_t_selection,
     resolve_plot_path,
     select_columns,
     select_rows,
 )
+from ddpmcli.cli.plot_args import expand_optional_values
 from ddpmcli.errors import UsageError
 
 ALL_COMMANDS = ("schedule", "compare", "posterior", "check")

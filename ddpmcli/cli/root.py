@@ -33,7 +33,8 @@ from ddpmcli.cli import reconstruct as reconstruct_commands
 from ddpmcli.cli import sample as sample_commands
 from ddpmcli.cli import schedule as schedule_commands
 from ddpmcli.cli import steps as steps_commands
-from ddpmcli.cli.common import expand_optional_values, flag_name, misread_plot_path
+from ddpmcli.cli.common import flag_name
+from ddpmcli.cli.plot_args import expand_optional_values, misread_plot_path
 from ddpmcli.errors import DdpmError, ExitStatus, Interrupted
 
 EXIT_OK = ExitStatus.OK
