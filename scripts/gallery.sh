@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Regenerate the README's gallery, docs/gallery/*.png: the one command that writes there (a bare
+# Regenerate the README's gallery, plots/gallery/*.png: the one command that writes there (a bare
 # `--plot` writes plots/<command>.png, which git ignores). Run from anywhere; takes a few minutes
 # (it trains the moons model and the shapes UNet into build/gallery/, also ignored).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 work=build/gallery
-out=docs/gallery
+out=plots/gallery
 mkdir -p "$work" "$out"
 ddpm train --data moons --steps 2000 --out "$work/ckpt.pt" --force -q
 ddpm train --data shapes --steps 400 --out "$work/shapes.pt" --force -q
