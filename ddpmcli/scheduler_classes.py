@@ -219,7 +219,9 @@ def mu_of(settings: FlowSettings, mu: float | None, image_seq_len: int | None) -
     from ddpmcli.core import grids
 
     if mu is not None:
-        if not settings.dynamic and settings.class_name in FLOW_MATCH_CLASSES:
+        # every class: FlowMatchEuler and DPMSolver refuse mu without use_dynamic_shifting,
+        # UniPC ignores it (`--from wan --param mu=1` printed the static grid without a word)
+        if not settings.dynamic:
             raise ParameterError(
                 f"mu is given but the config shifts statically (use_dynamic_shifting is off, "
                 f"shift {settings.shift:g}); drop mu"

@@ -331,6 +331,8 @@ def test_api_schedule_from_config_is_what_the_cli_prints(cli, tmp_path: Path) ->
     [
         ({**SD3, "shift": 0}, [], 1, "shift = 0.0 must be > 0"),
         (SD3, ["--param", "mu=1"], 2, "shifts statically"),
+        # UniPC ignores mu without use_dynamic_shifting, DPMSolver asserts: both a usage error here
+        (WAN, ["--steps", "4", "--param", "mu=1"], 2, "shifts statically"),
         (FLUX, ["--steps", "4", "--image-seq-len", "0"], 2, "--image-seq-len must be"),
         (
             {
