@@ -209,3 +209,17 @@ def test_a_sigma_space_model_is_called_with_c_noise() -> None:
     )  # fmt: skip
     for row in r.rows:
         assert row["mse"] == pytest.approx(row["optimal_mse"], rel=1e-5, abs=1e-12), row
+
+
+def test_train_on_a_flow_path_defaults_to_flow_prediction(tmp_path: Path, cli) -> None:  # type: ignore[no-untyped-def]
+    """An epsilon model cannot rebuild x0 at a flow's s = 1 (check calls it an error): train's
+    default prediction type follows the path; an explicit one still wins."""
+    for extra, want in (([], "flow"), (["--prediction-type", "epsilon"], "epsilon")):
+        out = tmp_path / f"m{len(extra)}.pt"
+        done = cli("train", "--data", "moons", "--kind", "flow", "--steps", "3", "--n", "64",
+                   "--out", str(out), "-q", *extra)  # fmt: skip
+        assert done.exit_code == 0, done.stderr
+        assert ddpmcli.load(str(out)).prediction_type == want
+    plain = tmp_path / "vp.pt"
+    done = cli("train", "--data", "moons", "--steps", "3", "--n", "64", "--out", str(plain), "-q")
+    assert done.exit_code == 0 and ddpmcli.load(str(plain)).prediction_type == "epsilon"

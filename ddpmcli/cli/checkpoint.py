@@ -17,8 +17,8 @@ from ddpmcli.cli.common import (
     ColumnsOpt,
     DeviceOpt,
     FormatOpt,
+    MaybePredictionTypeOpt,
     NoHeaderOpt,
-    PredictionTypeOpt,
     QuietOpt,
     SeedOpt,
     ThreadsOpt,
@@ -244,7 +244,7 @@ def train(
         str | None,
         typer.Option("--data-shape", metavar="D|C,H,W", help="Resize/check file data to it."),
     ] = None,
-    prediction_type: PredictionTypeOpt = "epsilon",
+    prediction_type: MaybePredictionTypeOpt = None,
     learned_variance: Annotated[
         bool,
         typer.Option(
@@ -309,7 +309,8 @@ def train(
 ) -> None:
     """Train a built-in network (an MLP for vectors, a small UNet for images); save a checkpoint.
 
-    Loss: MSE to the prediction type's target (eps, x0 or v) at t uniform over the schedule; with
+    Loss: MSE to the prediction type's target (eps, x0, v, or a flow's velocity eps - x0; the
+    default is flow on a --kind flow path, else epsilon) at t uniform over the schedule; with
     --learned-variance the improved-diffusion hybrid L_simple + 0.001 L_vlb. Any schedule kind and
     its options, as for `ddpm schedule`. Same seed, same weights. The checkpoint is written
     atomically, and an existing --out file is replaced only with --force; a progress bar with the
@@ -334,6 +335,8 @@ def train(
     if not 0.0 <= ema < 1.0:
         raise UsageError(f"--ema {ema}: decay must lie in [0, 1) (0 turns EMA off)")
     schedule = build_schedule(flags.request()).schedule
+    if prediction_type is None:  # a flow learns its velocity (epsilon cannot rebuild x0 at s = 1)
+        prediction_type = "flow" if schedule.path == "flow" else "epsilon"
     recorded = parse_range(data_range_opt)
     x, refs, data_range = _training_data(data, data_shape, n, references, width, batch_size, seed)
     if recorded is not None:
