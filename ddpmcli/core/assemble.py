@@ -232,13 +232,17 @@ def _base_schedule(kind: str, timesteps: int, params: Params) -> Schedule:
     return _assemble(kind, spec, built, ident, timesteps)
 
 
-def _as_f64(values: Sequence[float] | Tensor, what: str) -> Tensor:
+def _as_f64(values: Sequence[float] | Tensor, what: str, *, finite: bool = True) -> Tensor:
+    """``values`` as a flat float64 tensor, or one ScheduleError naming ``what``: not numbers,
+    empty, or (with ``finite``) a NaN/inf value."""
     try:
         tensor = torch.as_tensor(values, dtype=F64).flatten()
     except (TypeError, ValueError, RuntimeError) as exc:
         raise ScheduleError(f"{what}: not a list of numbers ({exc})") from None
     if tensor.numel() == 0:
         raise ScheduleError(f"{what}: empty")
+    if not finite:
+        return tensor
     bad = ~torch.isfinite(tensor)
     if bool(bad.any()):
         i = int(torch.nonzero(bad)[0])

@@ -17,9 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ddpmcli.core.assemble import assemble_path, path_posterior
+from ddpmcli.core.assemble import _as_f64, assemble_path, path_posterior
 from ddpmcli.core.path_kinds import (
-    F64,
     PATHS,
     PathParts,
     flow_path,
@@ -38,16 +37,6 @@ __all__ = [
     "schedule_from_path",
     "shifted_unit_grid",
 ]
-
-
-def _f64(values: Sequence[float] | Tensor, what: str) -> Tensor:
-    try:
-        tensor = torch.as_tensor(values, dtype=F64).flatten()
-    except (TypeError, ValueError, RuntimeError) as exc:
-        raise ScheduleError(f"{what}: not a list of numbers ({exc})") from None
-    if tensor.numel() == 0:
-        raise ScheduleError(f"{what}: empty")
-    return tensor
 
 
 def _check_path(path: str, alpha: Tensor, sigma: Tensor, timestep: Tensor) -> None:
@@ -97,8 +86,10 @@ def schedule_from_path(
     The log-SNR steps are formed from the arrays (lambda_i - lambda_{i-1}); kinds that know their
     increments exactly build :class:`PathParts` themselves.
     """
-    alpha, sigma = _f64(alpha_t, "alpha_t"), _f64(sigma_t, "sigma_t")
-    timestep = _f64(model_timestep, "model_timestep")
+    # non-finite values are named per field by _check_path
+    alpha = _as_f64(alpha_t, "alpha_t", finite=False)
+    sigma = _as_f64(sigma_t, "sigma_t", finite=False)
+    timestep = _as_f64(model_timestep, "model_timestep", finite=False)
     _check_path(path, alpha, sigma, timestep)
     log_snr = 2 * (torch.log(alpha) - torch.log(sigma))
     falling = torch.diff(log_snr) >= 0
