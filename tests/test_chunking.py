@@ -122,5 +122,9 @@ def test_bench_runs_every_case_interleaved_and_reports_medians(
 
 @pytest.mark.skipif(not STATUS.is_file(), reason="reads /proc/self/status")
 def test_bench_peak_is_this_process_own() -> None:
-    peak = _bench().peak_rss_mb()
-    assert peak == _status_mb("VmHWM") and peak >= _status_mb("VmRSS")
+    bench = _bench()
+    # read around the call: the interpreter may touch a new page between two reads (seen: VmRSS
+    # read after VmHWM came out 4 KiB higher), and the high-water mark only grows
+    rss, before = _status_mb("VmRSS"), _status_mb("VmHWM")
+    peak = bench.peak_rss_mb()
+    assert before <= peak <= _status_mb("VmHWM") and peak >= rss
