@@ -108,8 +108,6 @@ DeviceLike = DeviceName | str | torch.device
 DtypeLike = DtypeName | torch.dtype
 
 
-
-
 def load(
     path: str | os.PathLike[str],
     *,
