@@ -226,33 +226,6 @@ def respace(schedule: Schedule, timesteps: Sequence[int]) -> Schedule:
             f"got {kept[0] if kept else None}..{kept[-1] if kept else None}"
         )
     idx = torch.tensor(kept, dtype=torch.long)
-    if schedule.path != "vp":
-        return _respace_path(schedule, kept, idx)
-    log_ab = schedule.log_alpha_bar[idx]
-    om = schedule.one_minus_alpha_bar[idx]
-    parts = _Parts(_betas_from_log_alpha_bar(log_ab, om), log_ab, om)
-    _validate(parts, ScheduleParameterError, f"respacing of {schedule.name}")
-    return _assemble(
-        f"{schedule.name}@{len(kept)}",
-        _with_transform(schedule, ["respace", kept]),
-        parts,
-        schedule.timesteps[idx],
-        schedule.num_train_timesteps,
-    )
-
-
-def _respace_path(schedule: Schedule, kept: list[int], idx: Tensor) -> Schedule:
-    # the path's entries at the kept indices (the log-SNR steps between them are new
-    # differences), and the VP-equivalent respaced as a VP schedule is, digit for digit
-    log_snr = schedule.log_snr[idx]
-    path = PathParts(
-        schedule.path,
-        schedule.alpha_t[idx],
-        schedule.sigma_t[idx],
-        schedule.model_timestep[idx],
-        log_snr,
-        torch.diff(log_snr),
-    )
     log_ab, om = schedule.log_alpha_bar[idx], schedule.one_minus_alpha_bar[idx]
     parts = _Parts(_betas_from_log_alpha_bar(log_ab, om), log_ab, om)
     _validate(parts, ScheduleParameterError, f"respacing of {schedule.name}")
@@ -262,7 +235,21 @@ def _respace_path(schedule: Schedule, kept: list[int], idx: Tensor) -> Schedule:
         parts,
         schedule.timesteps[idx],
         schedule.num_train_timesteps,
-        path,
+        None if schedule.path == "vp" else _path_at(schedule, idx),
+    )
+
+
+def _path_at(schedule: Schedule, idx: Tensor) -> PathParts:
+    # the path's entries at the kept indices (the log-SNR steps between them are new
+    # differences); the VP-equivalent is respaced as a VP schedule is, digit for digit
+    log_snr = schedule.log_snr[idx]
+    return PathParts(
+        schedule.path,
+        schedule.alpha_t[idx],
+        schedule.sigma_t[idx],
+        schedule.model_timestep[idx],
+        log_snr,
+        torch.diff(log_snr),
     )
 
 
