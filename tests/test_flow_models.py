@@ -212,14 +212,27 @@ def test_a_sigma_space_model_is_called_with_c_noise() -> None:
 
 
 def test_train_on_a_flow_path_defaults_to_flow_prediction(tmp_path: Path, cli) -> None:  # type: ignore[no-untyped-def]
-    """An epsilon model cannot rebuild x0 at a flow's s = 1 (check calls it an error): train's
-    default prediction type follows the path; an explicit one still wins."""
-    for extra, want in (([], "flow"), (["--prediction-type", "epsilon"], "epsilon")):
-        out = tmp_path / f"m{len(extra)}.pt"
-        done = cli("train", "--data", "moons", "--kind", "flow", "--steps", "3", "--n", "64",
+    """An epsilon model cannot rebuild x0 where alpha_t = 0 (a flow's s = 1, a zero-terminal-SNR
+    VP schedule; check calls it an error): train's default follows the path (flow; v at zero
+    terminal SNR), another explicit type still wins, and an explicit epsilon there is refused."""
+    cases = (
+        (["--kind", "flow"], "flow"),
+        (["--kind", "flow", "--prediction-type", "x0"], "sample"),
+        (["--zero-terminal-snr"], "v_prediction"),
+    )
+    for i, (extra, want) in enumerate(cases):
+        out = tmp_path / f"m{i}.pt"
+        done = cli("train", "--data", "moons", "--steps", "3", "--n", "64",
                    "--out", str(out), "-q", *extra)  # fmt: skip
         assert done.exit_code == 0, done.stderr
         assert ddpmcli.load(str(out)).prediction_type == want
+    for extra in (["--kind", "flow"], ["--zero-terminal-snr"]):
+        out = tmp_path / "eps.pt"
+        done = cli("train", "--data", "moons", "--steps", "3", "--n", "64", "--out", str(out),
+                   "-q", "--prediction-type", "epsilon", *extra)  # fmt: skip
+        assert done.exit_code == 2 and not out.exists(), done.stderr
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("Error: --prediction-type epsilon with")
     plain = tmp_path / "vp.pt"
     done = cli("train", "--data", "moons", "--steps", "3", "--n", "64", "--out", str(plain), "-q")
     assert done.exit_code == 0 and ddpmcli.load(str(plain)).prediction_type == "epsilon"

@@ -215,6 +215,25 @@ def _training_data(
     return x, refs, data_range
 
 
+def _training_prediction(schedule: Any, prediction_type: str | None) -> str:
+    """The prediction type to train: the flag, else a flow's velocity, v where the terminal SNR is
+    zero (epsilon cannot rebuild x0 where alpha_t = 0), else epsilon; epsilon at zero terminal SNR
+    is refused, as `ddpm check` judges it an error."""
+    zero_terminal = float(schedule.snr[-1]) == 0.0
+    if prediction_type is None:
+        if schedule.path == "flow":
+            return "flow"
+        return "v_prediction" if zero_terminal else "epsilon"
+    from ddpmcli import core
+
+    if zero_terminal and core.canonical_prediction_type(prediction_type) == "epsilon":
+        raise UsageError(
+            "--prediction-type epsilon with a zero terminal SNR: at the last t, x_t is pure noise "
+            "and x0 = (x_t - eps)/0 is undefined; train v (or flow on a flow path) instead"
+        )
+    return prediction_type
+
+
 @schedule_options(respacing=False)
 def train(
     data: Annotated[
@@ -310,7 +329,7 @@ def train(
     """Train a built-in network (an MLP for vectors, a small UNet for images); save a checkpoint.
 
     Loss: MSE to the prediction type's target (eps, x0, v, or a flow's velocity eps - x0; the
-    default is flow on a --kind flow path, else epsilon) at t uniform over the schedule; with
+    default is flow on a --kind flow path, v at zero terminal SNR, else epsilon) at t uniform; with
     --learned-variance the improved-diffusion hybrid L_simple + 0.001 L_vlb. Any schedule kind and
     its options, as for `ddpm schedule`. Same seed, same weights. The checkpoint is written
     atomically, and an existing --out file is replaced only with --force; a progress bar with the
@@ -335,8 +354,7 @@ def train(
     if not 0.0 <= ema < 1.0:
         raise UsageError(f"--ema {ema}: decay must lie in [0, 1) (0 turns EMA off)")
     schedule = build_schedule(flags.request()).schedule
-    if prediction_type is None:  # a flow learns its velocity (epsilon cannot rebuild x0 at s = 1)
-        prediction_type = "flow" if schedule.path == "flow" else "epsilon"
+    prediction_type = _training_prediction(schedule, prediction_type)
     recorded = parse_range(data_range_opt)
     x, refs, data_range = _training_data(data, data_shape, n, references, width, batch_size, seed)
     if recorded is not None:
