@@ -58,6 +58,13 @@ def test_reconstruct_of_the_optimal_flow_is_the_optimal_denoiser() -> None:
         # the model sees its timestep in float32 (as diffusers passes it): 1e-7 relative in s
         assert row["mse"] == pytest.approx(row["optimal_mse"], rel=1e-6, abs=1e-12), row
         assert row["eps_mse"] == pytest.approx(row["optimal_eps_mse"], rel=1e-6, abs=1e-12)
+    # the path's own coordinates come with each row: alpha_t = 1 - s, sigma_t = s (shifted s)
+    sched = model.schedule
+    for row in r.rows:
+        assert list(row)[:3] == ["t", "alpha_t", "sigma_t"]
+        assert row["alpha_t"] == float(sched.alpha_t[row["t"]])
+        assert row["sigma_t"] == float(sched.sigma_t[row["t"]])
+        assert row["alpha_t"] + row["sigma_t"] == pytest.approx(1.0, abs=1e-15)
 
 
 def test_ddim_on_a_flow_is_the_flow_euler_loop() -> None:
@@ -116,6 +123,8 @@ def test_native_flow_checkpoint_through_the_cli(tmp_path: Path, cli) -> None:
         result = cli(*args)
         assert result.exit_code == 0, (args, result.stderr)
         assert "nan" not in result.stdout.lower(), args
+    head = cli("reconstruct", str(path), "--format", "csv", "--t", "25").stdout.splitlines()[0]
+    assert head.startswith("t,alpha_t,sigma_t,alpha_bar,"), head
 
 
 def test_training_feeds_a_flow_model_its_model_timesteps() -> None:

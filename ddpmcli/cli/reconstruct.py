@@ -152,16 +152,18 @@ def _shown_columns(
     a latent model's say so (mse -> mse_latent, ...), ``--decode`` adds the image errors."""
     from ddpmcli.checkpoints.latent import DECODED_COLUMNS, space_columns
 
-    available = [*_columns(per_sample, optimal), *DECODED_COLUMNS[: 2 * decode]]
+    available = [*_columns(model, per_sample, optimal), *DECODED_COLUMNS[: 2 * decode]]
     return space_columns(model, select_columns(columns, available))
 
 
-def _columns(per_sample: bool, optimal: bool) -> tuple[str, ...]:
+def _columns(model: Any, per_sample: bool, optimal: bool) -> tuple[str, ...]:
     """The columns a sweep's rows hold (``ReconstructionResult.columns``/``sample_columns``)."""
     from ddpmcli.run import AGGREGATE_COLUMNS, OPTIMAL_COLUMNS
+    from ddpmcli.run.sweep import path_columns
 
-    columns = AGGREGATE_COLUMNS + (OPTIMAL_COLUMNS if optimal else ())
-    return ("t", "sample", *columns[1:]) if per_sample else columns
+    rest = path_columns(model.schedule) + AGGREGATE_COLUMNS[1:]
+    rest += OPTIMAL_COLUMNS if optimal else ()
+    return ("t", "sample", *rest) if per_sample else ("t", *rest)
 
 
 def register(app: typer.Typer) -> None:

@@ -48,6 +48,7 @@ from ddpmcli.run.runtime import (
 __all__ = [
     "AGGREGATE_COLUMNS",
     "OPTIMAL_COLUMNS",
+    "path_columns",
     "SWEEP_DATA_BUDGET",
     "ReconstructionData",
     "ReconstructionExamples",
@@ -483,6 +484,17 @@ def _setup(
     return run, min(chunk, total), group
 
 
+def path_columns(schedule: Any) -> tuple[str, ...]:
+    """The path's own columns a sweep's rows add after ``t``: ``alpha_t`` and ``sigma_t`` of a
+    non-VP path (on VP they are sqrt(alpha_bar) and sqrt(1 - alpha_bar), which the alpha_bar
+    column already gives, so none)."""
+    return () if schedule.path == "vp" else ("alpha_t", "sigma_t")
+
+
+def _path_columns(schedule: Any, ts: Tensor) -> dict[str, list[float]]:
+    return {name: getattr(schedule, name)[ts].tolist() for name in path_columns(schedule)}
+
+
 def _result(
     run: _Sweep, model: SweepModel, x0: Tensor, chunk: int, dev: torch.device
 ) -> ReconstructionResult:
@@ -500,10 +512,12 @@ def _result(
     optimal = run.optimal is not None
     names = ["mse", "eps_mse", "clip_fraction"]
     names += ["optimal_mse", "optimal_eps_mse", "excess_sq"] if optimal else []
-    columns = list(AGGREGATE_COLUMNS) + (list(OPTIMAL_COLUMNS) if optimal else [])
+    path = _path_columns(model.schedule, ts_cpu)  # a flow's or sigma path's own alpha_t, sigma_t
+    columns = ["t", *path, *AGGREGATE_COLUMNS[1:]] + (list(OPTIMAL_COLUMNS) if optimal else [])
     rows: list[dict[str, Any]] = []
     for j, (t, mean) in enumerate(zip(ts, (got / n).tolist(), strict=True)):
         row: dict[str, Any] = {"t": t, "alpha_bar": alpha_bar[j], "snr": snr[j]}
+        row.update({name: values[j] for name, values in path.items()})
         row.update(zip(names, mean, strict=True))
         row["psnr"] = _psnr(row["mse"], peak)
         if optimal:
@@ -519,6 +533,7 @@ def _result(
             j, i = divmod(p, n)
             srow: dict[str, Any] = {"t": ts[j], "sample": i, "alpha_bar": alpha_bar[j]}
             srow["snr"] = snr[j]
+            srow.update({name: values[j] for name, values in path.items()})
             srow.update(zip(names, values, strict=True))
             srow["psnr"] = _psnr(srow["mse"], peak)
             if optimal:
