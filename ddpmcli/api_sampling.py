@@ -247,7 +247,7 @@ def step_sweep(
     *,
     n: int = 256,
     seed: int = 0,
-    spacing: str | None = "karras",
+    spacing: str | None = None,
     clip: bool = False,
     exact: Any = None,
     reference_sampler: str = "unipc",
@@ -256,18 +256,24 @@ def step_sweep(
 ) -> SweepResult:
     """How many steps: one row per (sampler, steps) from the same x_T against a reference
     (:func:`ddpmcli.run.step_sweep.step_sweep`; the numbers of `ddpm steps`), every sampler on
-    one grid rule (``spacing``, default karras) and the one loaded model (no reloading).
-    ``exact``: ``x_T -> samples`` where the exact solution is known; else a converged run of
-    ``reference_sampler`` at ``reference_steps`` steps, checked by halving."""
+    one grid rule and the one loaded model (no reloading). ``spacing``: as
+    :func:`ddpmcli.sample` takes it (None: :func:`sampling_spacing`'s rule, the checkpoint's own
+    timestep spacing, else trailing); the result's ``spacing`` says which ran. ``exact``:
+    ``x_T -> samples`` where the exact solution is known; else a converged run of
+    ``reference_sampler`` at ``reference_steps`` steps, checked by halving. On a latent model
+    ``rms_error_range`` is None: its samples are latents, whose range is not the data's."""
     from ddpmcli.api import sample_settings
+    from ddpmcli.run.step_sweep import check_lists
     from ddpmcli.run.step_sweep import step_sweep as sweep
 
+    check_lists(samplers, steps)
     for name in (*samplers, reference_sampler):
         sample_settings(model, n, name, clip=clip)  # unknown names: one error, before any run
-    return sweep(
+    how = sampling_spacing(model, spacing)[0]
+    result = sweep(
         model.predict,
         # fractional timesteps for all: one grid whatever the sampler, and no repeats at many steps
-        lambda name, count: sampling_schedule(model, count, spacing, name, whole=False),
+        lambda name, count: sampling_schedule(model, count, how, name, whole=False),
         model.prediction_type,
         model.data_shape,
         samplers=samplers,
@@ -279,6 +285,8 @@ def step_sweep(
         reference_sampler=reference_sampler,
         reference_steps=reference_steps,
         data=model.reference_samples,
-        data_range=model.data_range,
+        data_range=None if model.latent is not None else model.data_range,
         run_options={"device": model.device, "model_dtype": model.dtype, "batch_size": batch_size},
     )
+    result.spacing = how
+    return result

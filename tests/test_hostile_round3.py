@@ -88,7 +88,7 @@ CASES: list[tuple[list[str], int, list[str]]] = [
     # a sigma spacing's count was allocated before any check (8 GB for 10**9, then the OOM killer)
     (["sample", "vp.pt", "--n", "4", "--steps", "1000000000", "--spacing", "karras"], 2,
      ["--steps must be between 1 and"]),
-    (["steps", "vp.pt", "--n", "4", "--steps", "5,1000000000"], 2,
+    (["steps", "vp.pt", "--n", "4", "--steps", "5,1000000000", "--spacing", "karras"], 2,
      ["--steps must be between 1 and"]),
     # euler, euler-a and heun on a flow starting at s = 1 (alpha = 0): ZeroDivisionError
     (["sample", "flow.pt", "--n", "4", "--sampler", "euler", "--steps", "3"], 2,

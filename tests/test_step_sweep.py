@@ -133,3 +133,75 @@ def test_ddpm_steps_command(cli, tmp_path: Path) -> None:
     assert "cheapest under RMS error 10: dpmpp-2m at 2 steps (2 model evaluations" in done.stderr
     bad = cli("steps", str(ckpt), "--sampler", "ddim,nope")
     assert bad.exit_code == 2 and "--sampler 'nope' is unknown" in bad.stderr
+
+
+def _flow_checkpoint(path: Path) -> Path:
+    """An untrained native MLP of 2-D data on the flow path (prediction type flow), T = 50."""
+    from ddpmcli import models
+    from ddpmcli.checkpoints import save_native_checkpoint
+
+    torch.manual_seed(0)
+    hp = models.default_hparams("mlp", (2,))
+    return save_native_checkpoint(
+        path, models.build_model("mlp", hp), architecture="mlp", hparams=hp,
+        schedule=core.make_schedule("flow", 50), prediction_type="flow", data_shape=(2,),
+    )  # fmt: skip
+
+
+def test_steps_defaults_to_samples_spacing_and_says_so(cli, tmp_path: Path) -> None:
+    """Without --spacing, `steps` runs sample's rule (the checkpoint's own timestep spacing,
+    else trailing): a flow model, on which the old karras default failed (its sigma_max is
+    infinite), runs, and stderr names the spacing; --spacing karras still picks karras."""
+    from conftest import tiny_mlp_checkpoint
+
+    flow = _flow_checkpoint(tmp_path / "f.pt")
+    base = ["--steps", "2,4", "--n", "8", "--reference-steps", "8", "--format", "csv"]
+    done = cli("steps", str(flow), "--sampler", "flow-euler,dpmpp-2m", *base)
+    assert done.exit_code == 0, done.stderr
+    assert len(done.stdout.splitlines()) == 5
+    assert done.stderr.splitlines()[0] == (
+        "spacing trailing (sample's default for this checkpoint; --spacing overrides)"
+    )
+    vp = tiny_mlp_checkpoint(tmp_path / "m.pt", timesteps=50)
+    given = cli("steps", str(vp), "--sampler", "ddim", "--spacing", "karras", *base)
+    assert given.exit_code == 0 and "spacing" not in given.stderr, given.stderr
+    title = cli("steps", str(vp), "--sampler", "ddim", *base[:-2], "--format", "table")
+    assert "steps m.pt (trailing)" in title.stdout, title.stdout
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "line"),
+    [
+        ("--steps", "5,2,5", "Error: --steps lists 5 twice (it would rerun the same rows); "
+         "give each once"),
+        ("--sampler", "ddim,unipc,ddim", "Error: --sampler lists 'ddim' twice (it would rerun "
+         "the same rows); give each once"),
+    ],
+)  # fmt: skip
+def test_a_repeated_entry_is_refused(cli, tmp_path: Path, flag: str, value: str, line: str) -> None:
+    """A repeated step count or sampler would rerun the same row: one line, exit 2, before the
+    checkpoint is read (a path that does not exist is not even opened)."""
+    done = cli("steps", str(tmp_path / "absent.pt"), flag, value)
+    assert done.exit_code == 2 and done.stderr.strip() == line, done.stderr
+    assert done.stdout == ""
+
+
+def test_a_latent_model_has_no_range_error(tmp_path: Path) -> None:
+    """A latent model's samples are latents: the data range's width means nothing there, so
+    rms_error_range is None (rms_error stays); a pixel model divides by its range's width."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from conftest import tiny_mlp_checkpoint
+
+    import ddpmcli
+    from ddpmcli.api_sampling import step_sweep as api_sweep
+
+    model = ddpmcli.load(tiny_mlp_checkpoint(tmp_path / "m.pt", timesteps=20))
+    kw = {"n": 4, "reference_steps": 4}
+    pixel = api_sweep(model, ["ddim"], [2], **kw)
+    latent = api_sweep(dataclasses.replace(model, latent=SimpleNamespace()), ["ddim"], [2], **kw)
+    assert pixel.spacing == latent.spacing == "trailing"
+    [p], [q] = pixel.rows, latent.rows
+    assert p["rms_error_range"] == pytest.approx(p["rms_error"] / 2)  # data range [-1, 1]
+    assert q["rms_error_range"] is None and q["rms_error"] == p["rms_error"]

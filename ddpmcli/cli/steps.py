@@ -72,9 +72,14 @@ def steps(
         str, typer.Option("--steps", help="Step counts, comma-separated.")
     ] = "5,10,20,50",
     spacing: Annotated[
-        SampleSpacingName,
-        typer.Option("--spacing", help="The grid rule every sampler uses (one grid per count)."),
-    ] = "karras",
+        SampleSpacingName | None,
+        typer.Option(
+            "--spacing",
+            help="The grid rule every sampler uses (one grid per count), as sample takes it. "
+            "Default: sample's, the checkpoint's own (a diffusers scheduler's timestep_spacing), "
+            "else trailing.",
+        ),
+    ] = None,
     target: Annotated[
         float | None,
         typer.Option("--target", help="RMS error to reach: the cheapest row under it is named."),
@@ -101,7 +106,8 @@ def steps(
 
     One row per (sampler, steps): nfe (model evaluations per sample), rms_error of the final
     samples against the reference from the same x_T and rms_error_range (over the data range's
-    width), reference_distance (energy distance of the sample set to the reference's: the fair
+    width; empty on a latent model, whose samples are latents of no known range),
+    reference_distance (energy distance of the sample set to the reference's: the fair
     measure for stochastic samplers; an unbiased estimate, below 0 at small --n is noise),
     data_distance (to the checkpoint's reference data, vector
     data), max_log_snr_gap (largest step in lambda = log(alpha/sigma)), stochastic, wall_s. The
@@ -119,20 +125,26 @@ def steps(
     _check_target(target, reference_steps)
     plot_path = table.plot_path("steps")
     from ddpmcli.api_sampling import step_sweep
-    from ddpmcli.run.step_sweep import SWEEP_COLUMNS, cheapest
+    from ddpmcli.run.step_sweep import SWEEP_COLUMNS, cheapest, check_lists
+
+    with as_flags(samplers="--sampler"):  # a repeated entry: refused before the model loads
+        check_lists(names, counts)
 
     ranks, run_device = join_ranks(device)
     model = model_flags.load(checkpoint, run_device, dtype, seed=seed)
     use_threads(threads, model, ranks)
     limits.check_run_sizes(model.data_shape, n=n, batch_size=batch_size, one_batch_default=True)
-    with as_flags():
+    with as_flags(samplers="--sampler"):
         result = step_sweep(
             model, names, counts, n=n, seed=seed, spacing=spacing, clip=clip,
             reference_steps=reference_steps, batch_size=batch_size,
         )  # fmt: skip
-    title = f"steps {checkpoint.name} ({spacing})"
+    title = f"steps {checkpoint.name} ({result.spacing})"
     table.emit(result.rows, select_columns(table.columns, list(SWEEP_COLUMNS)), title)
     if not table.quiet:
+        if spacing is None:  # say which grid the default picked, as sample says its sampler
+            note(f"spacing {result.spacing} (sample's default for this checkpoint; --spacing "
+                 "overrides)")  # fmt: skip
         note(result.reference.describe())
         if result.orders:  # one count per sampler has no slope: no empty line
             note(", ".join(f"{k} order {v:.2f}" for k, v in result.orders.items()))

@@ -12,7 +12,8 @@ for a solver of order p the remaining error of the longer run is about
 Rows (:data:`SWEEP_COLUMNS`): ``sampler``, ``steps``, ``nfe`` (model evaluations per sample),
 ``rms_error`` (RMS over every element of the final samples against the reference from the same
 x_T; a stochastic sampler's is that of its own draw, dominated by its noise),
-``rms_error_range`` (the same over the data range's width), ``reference_distance`` (energy
+``rms_error_range`` (the same over the data range's width; None where that width is not known
+in the space the samples live in, e.g. a latent model's latents), ``reference_distance`` (energy
 distance of the sample set to the reference's samples: the distribution-level error, the fair
 measure for stochastic samplers), ``data_distance`` (energy distance to reference data points,
 vector data only), ``max_log_snr_gap`` (the grid's largest step in half log-SNR lambda, the last
@@ -43,6 +44,7 @@ __all__ = [
     "Reference",
     "SweepResult",
     "cheapest",
+    "check_lists",
     "empirical_orders",
     "max_gap",
     "step_sweep",
@@ -95,6 +97,8 @@ class SweepResult:
     rows: list[dict[str, Any]]
     reference: Reference
     orders: dict[str, float] = field(default_factory=dict)
+    spacing: str | None = None
+    """The grid rule the runs used, where the caller said (``ddpmcli.api_sampling``)."""
 
 
 def max_gap(schedule: core.Schedule, settings: SampleSettings) -> float:
@@ -157,7 +161,7 @@ def step_sweep(
     reference_sampler: str = "unipc",
     reference_steps: int = 500,
     data: Tensor | None = None,
-    data_range: tuple[float, float] = (-1.0, 1.0),
+    data_range: tuple[float, float] | None = (-1.0, 1.0),
     run_options: dict[str, Any] | None = None,
 ) -> SweepResult:
     """One row per (sampler, steps), every run from the same x_T (see the module).
@@ -169,13 +173,11 @@ def step_sweep(
         exact: ``x_T -> samples``, the exact solution, or None for a converged run of
             ``reference_sampler`` at ``reference_steps`` steps (checked by halving).
         data: reference data points for ``data_distance`` (vector data).
+        data_range: the samples' range, for ``rms_error_range``; None where it is not known in
+            the samples' own space (a latent model: the column is then None).
         run_options: passed to every run (device, model_dtype, batch_size).
     """
-    if not samplers or not steps:
-        raise ParameterError("give at least one {sampler} and one {steps} count")
-    for count in steps:
-        if count < 1:
-            raise ParameterError(f"{{steps}} counts must be >= 1, got {count}")
+    check_lists(samplers, steps)
     shape = tuple(int(s) for s in data_shape)
     x_t = randn(
         (n, *shape), generator(torch.device("cpu"), seed), torch.device("cpu"), torch.float64
@@ -188,7 +190,7 @@ def step_sweep(
         reference = Reference(exact(x_t).float(), "exact")
     else:
         reference = _converged(runner, reference_sampler, reference_steps)
-    width = data_range[1] - data_range[0]
+    width = None if data_range is None else data_range[1] - data_range[0]
     rows = []
     for name in samplers:
         for count in steps:
@@ -196,8 +198,30 @@ def step_sweep(
     return SweepResult(rows, reference, empirical_orders(rows))
 
 
+def check_lists(samplers: Sequence[str], steps: Sequence[int]) -> None:
+    """A :class:`ParameterError` for an empty list, a count below 1, or an entry given twice (a
+    repeated entry would rerun the same row: same x_T, same grid, the same numbers twice)."""
+    if not samplers or not steps:
+        raise ParameterError("give at least one {samplers} and one {steps} count")
+    for count in steps:
+        if count < 1:
+            raise ParameterError(f"{{steps}} counts must be >= 1, got {count}")
+    for what, values in (("samplers", list(samplers)), ("steps", list(steps))):
+        twice = [v for k, v in enumerate(values) if v in values[:k]]
+        if twice:
+            raise ParameterError(
+                f"{{{what}}} lists {twice[0]!r} twice (it would rerun the same rows); "
+                "give each once"
+            )
+
+
 def _row(
-    runner: _Runner, name: str, count: int, reference: Reference, data: Tensor | None, width: float
+    runner: _Runner,
+    name: str,
+    count: int,
+    reference: Reference,
+    data: Tensor | None,
+    width: float | None,
 ) -> dict[str, Any]:
     samples, sched, settings, wall = runner.run(name, count)
     sampler = registered(name)
@@ -209,7 +233,7 @@ def _row(
         "steps": count,
         "nfe": nfe,
         "rms_error": rms,
-        "rms_error_range": rms / width,
+        "rms_error_range": None if width is None else rms / width,
         "reference_distance": energy_distance(samples, reference.samples, seed=runner.seed)
         if vectors
         else None,
