@@ -1,33 +1,42 @@
-"""Probes of a checkpoint's behaviour (the run side of `ddpm check CKPT`).
+"""Probes of a checkpoint's behaviour (the run side of `ddpm check CKPT`): prediction type,
+timestep convention (:mod:`ddpmcli.run.probe_timesteps`), data range, VAE scaling, sampling
+start and null label, each a finding with a confidence and the numbers behind it.
 
-Each probe calls the model on ``x_t = q_sample(x0, t, eps)`` with known ``x0`` and ``eps`` and
-asks which reading of its output (or which timestep input) explains it best. The score of a
-reading is its x0 error relative to the best *linear* denoiser of data with the same variance
-(the Wiener filter, ``var (1 - ab)/(ab var + 1 - ab)`` per value), averaged geometrically over
-a few timesteps spread in log-SNR: 1 means "as good as a linear guess", a good model of its data
-scores below 1, a wrong reading scores well above. The x0 error of a reading is ``ab/(1 - ab)``
-times its eps error and ``1/(1 - ab)`` times its v error (``s x0_hat + r eps_hat = x_t`` for
-every reading), so the score is the same whichever space one measures in.
-
-A reading contradicts the checkpoint only when the best one is a good denoiser (score at most
-:data:`GOOD_SCORE`) and the declared one scores :data:`CONCLUSIVE_RATIO` times worse; a model
-that explains nothing (random weights, off-distribution noise probes) is inconclusive. Findings
-carry a ``confidence`` in [0, 1] and the scores behind it; nothing here prints.
+How a reading is scored, and when it contradicts the checkpoint, is said once in
+:mod:`ddpmcli.run.probe_base`, which holds what every probe shares. Nothing here prints.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from ddpmcli import core
-from ddpmcli.checks import Finding, Severity
-from ddpmcli.run.noise import pair_noise
+from ddpmcli.checks import Severity
+from ddpmcli.run.probe_base import (
+    CONCLUSIVE_RATIO,
+    GOOD_SCORE,
+    PROBE_LOG_SNRS,
+    TIE,
+    Batch,
+    ProbeData,
+    ProbeFinding,
+    batch_timesteps,
+    declared_output,
+    fit_confidence,
+    found,
+    geometric_score,
+    literal,
+    make_batches,
+    noise_probes,
+    probe_indices,
+    scores_text,
+    x0_error,
+)
+from ddpmcli.run.probe_timesteps import convention_finding
 
 __all__ = [
     "CONCLUSIVE_RATIO",
@@ -35,16 +44,11 @@ __all__ = [
     "PROBE_LOG_SNRS",
     "ProbeData",
     "ProbeFinding",
+    "noise_probes",
     "probe_indices",
     "probe_model",
 ]
 
-PROBE_LOG_SNRS = (4.6, 2.3, 0.0, -2.3, -4.6)
-"""log-SNR of the probe timesteps (SNR 100 to 0.01): where eps, x0 and v readings differ most."""
-GOOD_SCORE = 1.0
-"""The best reading must denoise at least as well as a linear guess to conclude anything."""
-CONCLUSIVE_RATIO = 1.5
-"""How much worse (score ratio) the declared reading must be than the best to contradict it."""
 VAE_STD_WARN = 2.0
 """Latent std outside [1/2, 2] on the data: the VAE scaling factor is off (a warning)."""
 VAE_STD_ERROR = 4.0
@@ -53,121 +57,9 @@ MAX_CLASSES_PROBED = 32
 """Class-conditional models with more classes than this skip the null-label probe."""
 NULL_SLACK = 1.2
 """The null label may score this much worse than the class average before a warning."""
-TIE = 1.05
-"""Scores within this ratio of the best count as fitting as well."""
 
 
-@dataclass(frozen=True)
-class ProbeFinding(Finding):
-    """A finding of a behaviour probe: ``confidence`` in [0, 1] (None: not a fit) and the
-    ``numbers`` it rests on (scores by reading, latent std, ...)."""
-
-    confidence: float | None = None
-    numbers: dict[str, float] = field(default_factory=dict, compare=False)
-
-
-@dataclass
-class ProbeData:
-    """What the probes run on: ``x0`` ``[n, *data_shape]`` float64 (a latent model's latents),
-    where it came from, and a latent model's ``images`` (None otherwise)."""
-
-    x0: Tensor
-    source: str
-    from_data: bool
-    images: Tensor | None = None
-
-
-Call = Callable[[Tensor, Tensor], Tensor]
-
-
-def probe_indices(schedule: core.Schedule) -> list[int]:
-    """The schedule indices nearest to each of :data:`PROBE_LOG_SNRS` (distinct, ascending);
-    log-SNRs beyond the schedule's own end take its nearest end."""
-    log_snr = schedule.log_snr
-    picked = {int(torch.argmin((log_snr - target).abs())) for target in PROBE_LOG_SNRS}
-    return sorted(picked)
-
-
-def noise_probes(model: Any, n: int, seed: int) -> Tensor:
-    """Stand-in data when none is given: Gaussian values centred in the model's range, with a
-    quarter of its width as std, clipped to it (float64, ``[n, *data_shape]``)."""
-    lo, hi = (float(v) for v in model.data_range)
-    if model.latent is not None:
-        lo, hi = -2.0, 2.0  # latents are meant to have unit variance
-    z = pair_noise(seed ^ 0x5EED, list(range(n)), [0] * n, model.data_shape)
-    mid, half = (lo + hi) / 2, (hi - lo) / 2
-    return (mid + half * (z / 2)).clamp(lo, hi)
-
-
-def _output(model: Any, x: Tensor, t: Tensor) -> Tensor:
-    """The model's prediction (variance channels dropped) for model input ``t``, float64."""
-    from ddpmcli.checkpoints.guard import model_call
-
-    with torch.inference_mode(), model_call():
-        if model.conditioning is None:
-            out = model.denoiser(x, t)
-        else:
-            out = model.conditioning.call(
-                model.denoiser, x, t, None, learned_variance=model.learned_variance
-            )
-    if model.learned_variance:
-        out = out[:, : out.shape[1] // 2]
-    result: Tensor = out.detach().to("cpu", torch.float64)
-    return result
-
-
-def _wiener(schedule: core.Schedule, i: int, variance: float) -> float:
-    """The x0 error per value of the best linear denoiser at index ``i`` for data of
-    ``variance``: var (1 - ab)/(ab var + 1 - ab)."""
-    ab = float(schedule.alpha_bar[i])
-    return variance * (1 - ab) / (ab * variance + 1 - ab)
-
-
-@dataclass
-class _Batch:
-    """One probe timestep: index, x0, x_t (float64 on the CPU) and its Wiener error."""
-
-    index: int
-    x0: Tensor
-    x_t: Tensor
-    wiener: float
-    out: Tensor | None = None  # the model's output at its 0-based timestep, once called
-
-
-def _batches(
-    model: Any, data: ProbeData, seed: int, indices: Sequence[int] | None = None
-) -> list[_Batch]:
-    sched = model.schedule
-    x0 = data.x0
-    n = x0.shape[0]
-    variance = max(float(x0.var(dim=0, unbiased=False).mean()), 1e-12)
-    out = []
-    for i in probe_indices(sched) if indices is None else indices:
-        eps = pair_noise(seed, list(range(n)), [i] * n, x0.shape[1:])
-        t = torch.full((n,), i, dtype=torch.long)
-        out.append(_Batch(i, x0, sched.q_sample(x0, t, eps), _wiener(sched, i, variance)))
-    return out
-
-
-def _score(errors: Sequence[float]) -> float:
-    """Geometric mean of per-t scores (each floored at 1e-12 so log stays finite)."""
-    logs = [math.log(max(e, 1e-12)) for e in errors]
-    return math.exp(sum(logs) / len(logs)) if logs else math.inf
-
-
-def _x0_error(sched: core.Schedule, b: _Batch, out: Tensor, reading: str) -> float:
-    t = torch.full((b.x0.shape[0],), b.index, dtype=torch.long)
-    x0_hat = sched.predict_x0(out, b.x_t, t, reading)
-    err = float(((x0_hat - b.x0) ** 2).mean())
-    return err / b.wiener if math.isfinite(err) else math.inf
-
-
-def _call_at(model: Any, x_t: Tensor, inputs: Tensor) -> Tensor:
-    x = x_t.to(device=model.device, dtype=model.dtype)
-    return _output(model, x, inputs.to(model.device))
-
-
-def fit_prediction_type(model: Any, batches: list[_Batch]) -> dict[str, float]:
+def fit_prediction_type(model: Any, batches: list[Batch]) -> dict[str, float]:
     """Score of each prediction type the core knows (eps, x0, v, ...) for the model's outputs at
     its 0-based timesteps."""
     sched = model.schedule
@@ -176,87 +68,10 @@ def fit_prediction_type(model: Any, batches: list[_Batch]) -> dict[str, float]:
         readings.discard("flow")
     errors: dict[str, list[float]] = {p: [] for p in sorted(readings)}
     for b in batches:
-        out = _declared_output(model, b)
+        out = declared_output(model, b)
         for p in errors:
-            errors[p].append(_x0_error(sched, b, out, p))
-    return {p: _score(e) for p, e in errors.items()}
-
-
-def convention_inputs(schedule: core.Schedule, index: int, n: int) -> dict[str, Tensor]:
-    """The model input of index ``index`` under each timestep convention: ``0-based`` (what
-    ddpm feeds), ``1-based`` (t + 1), ``unit`` ((t + 1)/T in (0, 1]), ``per-1000``
-    (t 1000/T, improved-diffusion's rescale_timesteps; only when T != 1000), ``sigma``
-    (sqrt((1 - ab)/ab)) and ``c_noise`` (EDM's log(sigma)/4; where sigma > 0 and finite)."""
-    big_t = schedule.num_train_timesteps
-    t = int(schedule.timesteps[index])
-    sigma = float(schedule.sigma[index])
-    values: dict[str, Tensor] = {
-        "0-based": torch.full((n,), t, dtype=torch.long),
-        "1-based": torch.full((n,), t + 1, dtype=torch.long),
-        "unit": torch.full((n,), (t + 1) / big_t, dtype=torch.float32),
-    }
-    if big_t != 1000:
-        values["per-1000"] = torch.full((n,), t * 1000.0 / big_t, dtype=torch.float32)
-    if math.isfinite(sigma) and sigma > 0:
-        values["sigma"] = torch.full((n,), sigma, dtype=torch.float32)
-        values["c_noise"] = torch.full((n,), 0.25 * math.log(sigma), dtype=torch.float32)
-    return values
-
-
-def fit_convention(model: Any, batches: list[_Batch], reading: str) -> dict[str, list[float]]:
-    """Per-t scores of each timestep convention, the output read as ``reading``; a convention
-    the model cannot be called with (an error, a wrong shape) is left out."""
-    sched = model.schedule
-    errors: dict[str, list[float]] = {}
-    failed: set[str] = set()
-    for b in batches:
-        for name, inputs in convention_inputs(sched, b.index, b.x0.shape[0]).items():
-            if name in failed:
-                continue
-            try:
-                out = (
-                    _declared_output(model, b)
-                    if name == "0-based"
-                    else _call_at(model, b.x_t, inputs)
-                )
-            except Exception:  # a program typed for int64 timesteps, say
-                failed.add(name)
-                continue
-            if out.shape != b.x_t.shape:
-                failed.add(name)
-                continue
-            errors.setdefault(name, []).append(_x0_error(sched, b, out, reading))
-    count = len(batches)
-    return {k: v for k, v in errors.items() if k not in failed and len(v) == count}
-
-
-def regrets(per_t: dict[str, list[float]]) -> dict[str, float]:
-    """Each convention's worst ratio, over the probe timesteps, of its score to the best score
-    any convention reaches there: 1 where it is the best everywhere. One step's shift of t
-    shows at the first timesteps only, where the noise level changes fastest; this keeps it
-    from being averaged away."""
-    names = list(per_t)
-    count = len(next(iter(per_t.values()))) if per_t else 0
-    best = [min(per_t[k][j] for k in names) for j in range(count)]
-    return {
-        k: max(
-            (e / b if b > 0 else (1.0 if e == 0 else math.inf))
-            for e, b in zip(per_t[k], best, strict=True)
-        )
-        for k in names
-    }
-
-
-def _confidence(scores: dict[str, float], best: str, from_data: bool) -> float:
-    """1 - best/runner-up (how clearly the best reading wins), halved on noise probes."""
-    others = [v for k, v in scores.items() if k != best]
-    runner = min(others) if others else math.inf
-    margin = 1.0 - scores[best] / runner if runner > 0 and math.isfinite(runner) else 1.0
-    return round(max(0.0, min(1.0, margin)) * (1.0 if from_data else 0.5), 3)
-
-
-def _scores_text(scores: dict[str, float]) -> str:
-    return ", ".join(f"{k} {v:.3g}" for k, v in sorted(scores.items(), key=lambda kv: kv[1]))
+            errors[p].append(x0_error(sched, b, out, p))
+    return {p: geometric_score(e) for p, e in errors.items()}
 
 
 def _verdict(
@@ -264,7 +79,7 @@ def _verdict(
 ) -> tuple[Severity, str, float]:
     """(severity, best reading, confidence) of a fit against the declared reading."""
     best = min(scores, key=lambda k: scores[k])
-    conf = _confidence(scores, best, data.from_data)
+    conf = fit_confidence(scores, best, data.from_data)
     contradicted = (
         best != declared
         and scores[best] <= GOOD_SCORE
@@ -275,12 +90,8 @@ def _verdict(
     return ("error" if data.from_data else "warning"), best, conf
 
 
-def _ts(model: Any, batches: list[_Batch]) -> tuple[int, ...]:
-    return tuple(int(model.schedule.timesteps[b.index]) for b in batches)
-
-
 def prediction_type_finding(
-    model: Any, batches: list[_Batch], data: ProbeData
+    model: Any, batches: list[Batch], data: ProbeData
 ) -> tuple[ProbeFinding, str]:
     """The prediction-type fit as a finding, and the reading the other probes use (the best one
     where it contradicts the declared one, else the declared one)."""
@@ -289,7 +100,7 @@ def prediction_type_finding(
     severity, best, conf = _verdict(scores, declared, data)
     numbers = {f"score_{k}": v for k, v in scores.items()}
     text = (
-        f"scores (x0 error / linear denoiser's, on {_literal(data.source)}): {_scores_text(scores)}"
+        f"scores (x0 error / linear denoiser's, on {literal(data.source)}): {scores_text(scores)}"
     )
     if severity == "info":
         fits = scores.get(declared, math.inf) <= TIE * scores[best] <= TIE * GOOD_SCORE
@@ -299,108 +110,26 @@ def prediction_type_finding(
             else f"inconclusive: no reading denoises clearly better than a linear guess or the "
             f"declared {declared} ({text})"
         )
-        return _found("info", "prediction_type_fit", _ts(model, batches), what, conf,
+        return found("info", "prediction_type_fit", batch_timesteps(model, batches), what, conf,
                       numbers), declared  # fmt: skip
     message = (
         f"the outputs fit {best}, not the declared {declared} ({text}): the checkpoint's "
         f"prediction type is wrong; declare {best} (or pass {{prediction_type}} {best})"
     )
-    ts = _ts(model, batches)
-    return _found(severity, "prediction_type_mismatch", ts, message, conf, numbers), best
+    ts = batch_timesteps(model, batches)
+    return found(severity, "prediction_type_mismatch", ts, message, conf, numbers), best
 
 
-def _found(
-    severity: Severity,
-    code: str,
-    t: tuple[int, ...],
-    template: str,
-    confidence: float | None = None,
-    numbers: dict[str, float] | None = None,
-) -> ProbeFinding:
-    """A probe finding whose message is a template (parameters as ``{data_range}``, literal
-    braces doubled): ``message`` names the parameters, ``render`` as the caller spells them."""
-    plain = Finding.naming(severity, code, t, template)
-    return ProbeFinding(
-        severity, code, t, plain.message, template, confidence=confidence, numbers=numbers or {}
-    )
-
-
-def _literal(text: str) -> str:
-    """``text`` (a path, say) as a literal inside a template."""
-    return text.replace("{", "{{").replace("}", "}}")
-
-
-CONVENTION_FIX = {
-    "1-based": "the network was trained with timesteps 1..T: its factory should call it with t + 1",
-    "unit": "the network takes t in (0, 1]: its factory should call it with (t + 1)/T",
-    "per-1000": "the network takes t 1000/T (improved-diffusion's rescale_timesteps)",
-    "sigma": "the network takes the noise level sigma = sqrt((1 - ab)/ab), not t",
-    "c_noise": "the network takes EDM's c_noise = log(sigma)/4, not t",
-}
-
-
-CONVENTION_INDICES = (0, 1, 2)
-"""Probe indices added for the timestep convention: where t and t + 1 differ most."""
-
-
-def convention_finding(model: Any, data: ProbeData, reading: str, seed: int) -> ProbeFinding | None:
-    """Which timestep input explains the outputs best, against the 0-based timesteps ddpm
-    feeds (scored by :func:`regrets`); None when only 0-based could be tried."""
-    sched = model.schedule
-    if getattr(sched, "path", "vp") != "vp":
-        return None  # flow and sigma-space models take their path's own model timesteps
-    first = [i for i in CONVENTION_INDICES if i < sched.num_steps]
-    batches = _batches(model, data, seed, sorted({*first, *probe_indices(sched)}))
-    per_t = fit_convention(model, batches, reading)
-    if len(per_t) < 2 or "0-based" not in per_t:
-        return None
-    worst = regrets(per_t)
-    scores = {k: _score(v) for k, v in per_t.items()}
-    best = min(worst, key=lambda k: (worst[k], k != "0-based"))
-    conf = _confidence(worst, best, data.from_data)
-    numbers = {f"regret_{k}": v for k, v in worst.items()}
-    numbers.update({f"score_{k}": v for k, v in scores.items()})
-    text = f"worst score ratio to the best, read as {reading}: {_scores_text(worst)}"
-    ts = _ts(model, batches)
-    contradicted = (
-        best != "0-based"
-        and worst["0-based"] >= CONCLUSIVE_RATIO
-        and worst[best] <= TIE
-        and scores[best] <= GOOD_SCORE
-    )
-    if not contradicted:
-        what = (
-            f"the outputs fit 0-based timesteps, as ddpm calls the model ({text})"
-            if worst["0-based"] <= TIE and scores["0-based"] <= GOOD_SCORE
-            else f"inconclusive ({text})"
-        )
-        return _found("info", "timestep_convention_fit", ts, what, conf, numbers)
-    severity: Severity = "error" if data.from_data else "warning"
-    message = (
-        f"the outputs fit {best} timesteps, not the 0-based t ddpm calls the model with "
-        f"({text}): {CONVENTION_FIX.get(best, '')}"
-    )
-    return _found(severity, "timestep_convention_mismatch", ts, message, conf, numbers)
-
-
-def _declared_output(model: Any, b: _Batch) -> Tensor:
-    """The model's output on the batch at the 0-based timestep ddpm calls it with (once)."""
-    if b.out is None:
-        t = model.schedule.timesteps[torch.full((b.x0.shape[0],), b.index, dtype=torch.long)]
-        b.out = _call_at(model, b.x_t, t.to(torch.long))
-    return b.out
-
-
-def _x0_hats(model: Any, batches: list[_Batch], reading: str) -> list[Tensor]:
+def _x0_hats(model: Any, batches: list[Batch], reading: str) -> list[Tensor]:
     sched = model.schedule
     out = []
     for b in batches:
         t = torch.full((b.x0.shape[0],), b.index, dtype=torch.long)
-        out.append(sched.predict_x0(_declared_output(model, b), b.x_t, t, reading))
+        out.append(sched.predict_x0(declared_output(model, b), b.x_t, t, reading))
     return out
 
 
-def range_finding(model: Any, batches: list[_Batch], reading: str, good: bool) -> ProbeFinding:
+def range_finding(model: Any, batches: list[Batch], reading: str, good: bool) -> ProbeFinding:
     """Where the model's x0 predictions lie against its declared data range: a warning when a
     good denoiser (``good``) puts a fifth of them more than a tenth of the width outside."""
     lo, hi = (float(v) for v in model.data_range)
@@ -414,13 +143,13 @@ def range_finding(model: Any, batches: list[_Batch], reading: str, good: bool) -
         f"x0 predictions span [{span[0]:.4g}, {span[1]:.4g}] for the declared range "
         f"[{lo:g}, {hi:g}] ({100 * outside:.3g}% more than a tenth of its width outside)"
     )
-    ts = _ts(model, batches)
+    ts = batch_timesteps(model, batches)
     if good and outside > 0.2:
         message = (
             text + ": the model was trained on data of another range; declare it ({data_range})"
         )
-        return _found("warning", "data_range_mismatch", ts, message, None, numbers)
-    return _found("info", "data_range_fit", ts, text, None, numbers)
+        return found("warning", "data_range_mismatch", ts, message, None, numbers)
+    return found("info", "data_range_fit", ts, text, None, numbers)
 
 
 def vae_finding(model: Any, data: ProbeData) -> ProbeFinding | None:
@@ -437,12 +166,12 @@ def vae_finding(model: Any, data: ProbeData) -> ProbeFinding | None:
     numbers["shift_factor"] = shift
     better = factor / std if std > 0 else math.inf
     text = (
-        f"latents of {_literal(data.source)} have std {std:.4g} and mean {mean:.4g} with "
+        f"latents of {literal(data.source)} have std {std:.4g} and mean {mean:.4g} with "
         f"scaling_factor {factor:g} and shift_factor {shift:g}"
     )
     off = max(std, 1 / std) if std > 0 else math.inf
     if off <= VAE_STD_WARN and abs(mean) <= 1.0:
-        return _found("info", "vae_scaling_fit", (), text + ": about unit variance", None, numbers)
+        return found("info", "vae_scaling_fit", (), text + ": about unit variance", None, numbers)
     parts = []
     if off > VAE_STD_WARN:
         parts.append(f"scaling_factor {better:.4g} gives them unit variance")
@@ -451,7 +180,7 @@ def vae_finding(model: Any, data: ProbeData) -> ProbeFinding | None:
     severity: Severity = "error" if off > VAE_STD_ERROR else "warning"
     message = f"{text}: the denoiser expects unit-variance latents; {'; '.join(parts)}"
     conf = round(min(1.0, math.log(off) / math.log(VAE_STD_ERROR)), 3) if off > 1 else 0.5
-    return _found(severity, "vae_scaling_mismatch", (), message, conf, numbers)
+    return found(severity, "vae_scaling_mismatch", (), message, conf, numbers)
 
 
 def spacing_finding(schedule: core.Schedule, spacing: str, offset: int, steps: int) -> ProbeFinding:
@@ -472,12 +201,12 @@ def spacing_finding(schedule: core.Schedule, spacing: str, offset: int, steps: i
             text + ": the zero terminal SNR the model was trained for is never reached, so "
             "sampling starts from pure noise at a t that expects signal; use {spacing} trailing"
         )
-        return _found("warning", "terminal_snr_unreachable", (start,), message, None, numbers)
-    return _found("info", "sampling_start", (start,), text, None, numbers)
+        return found("warning", "terminal_snr_unreachable", (start,), message, None, numbers)
+    return found("info", "sampling_start", (start,), text, None, numbers)
 
 
 def null_label_finding(
-    model: Any, batches: list[_Batch], reading: str, data: ProbeData
+    model: Any, batches: list[Batch], reading: str, data: ProbeData
 ) -> ProbeFinding | None:
     """A class-conditional model's null label should denoise data of all classes at least as
     well as the average of its class-conditional predictions (the unconditional denoiser is
@@ -504,26 +233,26 @@ def null_label_finding(
         avg = torch.stack(hats[:-1]).mean(0)
         for name, hat in (("null", hats[-1]), ("class_average", avg)):
             labelled[name].append(float(((hat - b.x0) ** 2).mean()) / b.wiener)
-    scores = {k: _score(v) for k, v in labelled.items()}
+    scores = {k: geometric_score(v) for k, v in labelled.items()}
     numbers = {f"score_{k}": v for k, v in scores.items()}
     text = (
         f"null label {cond.null_label} scores {scores['null']:.3g}, the average of the "
-        f"{classes} classes' predictions {scores['class_average']:.3g} (on {_literal(data.source)})"
+        f"{classes} classes' predictions {scores['class_average']:.3g} (on {literal(data.source)})"
     )
     ts = tuple(int(sched.timesteps[b.index]) for b in middle)
     if scores["null"] <= NULL_SLACK * scores["class_average"]:
-        return _found("info", "null_label_fit", ts, text + ": it acts as unconditional", None,
+        return found("info", "null_label_fit", ts, text + ": it acts as unconditional", None,
                       numbers)  # fmt: skip
     # the classes' average is no posterior-weighted mixture, so it may score a little above a
     # linear guess; beyond CONCLUSIVE_RATIO times one, the classes explain nothing either
     if scores["class_average"] > CONCLUSIVE_RATIO * GOOD_SCORE:
-        return _found("info", "null_label_fit", ts, text + ": inconclusive", None, numbers)
+        return found("info", "null_label_fit", ts, text + ": inconclusive", None, numbers)
     conf = round(1 - scores["class_average"] / scores["null"], 3)
     message = (
         text + ": the null label does not act as the unconditional model (trained without "
         "label dropout, or another null label); classifier-free guidance will be off"
     )
-    return _found("warning", "null_label_not_unconditional", ts, message, conf, numbers)
+    return found("warning", "null_label_not_unconditional", ts, message, conf, numbers)
 
 
 def _labelled(model: Any, x: Tensor, t: Tensor, labels: Tensor) -> Tensor:
@@ -548,7 +277,7 @@ def probe_model(
     """Every behaviour probe of ``model`` (a :class:`~ddpmcli.checkpoints.LoadedModel`) on
     ``data``, in a fixed order: prediction type, timestep convention, data range, VAE scaling,
     sampling start, null label. ``spacing`` is the sampler's (spacing, steps_offset)."""
-    batches = _batches(model, data, seed)
+    batches = make_batches(model, data, seed)
     pred, reading = prediction_type_finding(model, batches, data)
     good = float(pred.numbers.get(f"score_{reading}", math.inf)) <= GOOD_SCORE
     found: list[ProbeFinding | None] = [

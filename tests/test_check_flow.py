@@ -1,0 +1,166 @@
+"""`ddpm check CKPT` on flow-matching checkpoints: the timestep-convention probe on a flow path.
+
+ddpm calls a flow model with the path's ``model_timestep`` (1000 s for ``--kind flow``, as
+diffusers' FlowMatchEuler scheduler and the SD3 pipeline pass it). The probe tries the other
+conventions (s in [0, 1] as Flux's transformer takes it, the reversed 1 - s, the index, sigma,
+c_noise) and must flag a model that takes another one, with no false alarm on correct ones.
+Two kinds of model: the exact Bayes denoiser of a finite set as a flow network taking 1000 s or
+s (fast, deterministic), and a tiny MLP trained by ddpm's own trainer, saved as trained and
+saved declaring s (a planted misconfiguration).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import ddpmcli
+from ddpmcli import core
+from ddpmcli import data as datasets
+from ddpmcli.run import OptimalDenoiser
+from ddpmcli.run.probe_timesteps import declared_path_convention, path_convention_values
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+BAD = {"warning", "error"}
+
+
+class OptimalFlowNet(nn.Module):
+    """E[x0 | x_t] of ``points`` on a flow path as a network with flow output v = eps - x0,
+    called with ``scale`` s (1000 s like SD3, 1 like Flux's transformer)."""
+
+    def __init__(self, points: torch.Tensor, schedule: core.Schedule, scale: float) -> None:
+        super().__init__()
+        self.register_buffer("anchor", torch.zeros(1))
+        self.schedule, self.scale = schedule, scale
+        self.opt = OptimalDenoiser.from_points(points)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        s_in = t.double() / self.scale
+        i = torch.argmin((self.schedule.sigma_t[None, :] - s_in[:, None]).abs(), dim=1)
+        s = self.schedule.sigma_t[i][:, None]
+        xd = x.double()
+        x0 = self.opt.predict_x0(xd, i, self.schedule)
+        return ((xd - x0) / s).to(x.dtype)  # x_t = (1 - s) x0 + s eps: eps - x0 = (x_t - x0)/s
+
+
+@pytest.fixture(scope="module")
+def points() -> torch.Tensor:
+    return datasets.get_data("moons", n=48, seed=0, dtype=torch.float64)
+
+
+def _bad(rows: list[dict[str, Any]]) -> dict[str, str]:
+    return {r["code"]: r["severity"] for r in rows if r["severity"] in BAD}
+
+
+def _path(schedule: core.Schedule, model_timestep: torch.Tensor) -> core.Schedule:
+    return core.schedule_from_path("flow", schedule.alpha_t, schedule.sigma_t, model_timestep)
+
+
+def test_declared_convention_is_named() -> None:
+    flow = core.make_schedule("flow", 1000, shift=3.0)
+    idx = [0, 10, 500]
+    assert declared_path_convention(flow, idx) == "1000 s"
+    assert declared_path_convention(_path(flow, flow.sigma_t), idx) == "s"
+    assert declared_path_convention(_path(flow, flow.sigma_t * 7), idx) == "declared"
+    short = core.make_schedule("flow", 50)  # a 50-step training grid: 50 s is ddpm's input
+    assert declared_path_convention(short, [0, 20]) == "50 s"
+    values = path_convention_values(flow, 10)
+    s = float(flow.sigma_t[10])
+    assert values["s"] == s and values["1000 (1 - s)"] == pytest.approx(1000 * (1 - s))
+    assert values["c_noise"] == pytest.approx(0.25 * (torch.log(torch.tensor(s / (1 - s)))))
+    assert "sigma" not in path_convention_values(flow, 999)  # s = 1: sigma is infinite
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_exact_flow_models(points, shift) -> None:
+    flow = core.make_schedule("flow", 1000, shift=shift)
+    sd3_like = OptimalFlowNet(points, flow, 1000.0)
+    ok = ddpmcli.wrap(sd3_like, schedule=flow, prediction_type="flow", data_shape=(2,),
+                      reference_samples=points)  # fmt: skip
+    rows = ddpmcli.check(ok).rows
+    assert _bad(rows) == {}, rows
+    fit = next(r for r in rows if r["code"] == "timestep_convention_fit")
+    assert fit["message"].startswith("the outputs fit model timestep 1000 s, as the schedule")
+    assert fit["numbers"]["regret_1000 s"] <= 1.05 and fit["numbers"]["regret_s"] >= 1.5
+    # Flux-like: the network takes s, the schedule declares 1000 s: an error, the best named
+    flux_like = OptimalFlowNet(points, flow, 1.0)
+    bad = ddpmcli.wrap(flux_like, schedule=flow, prediction_type="flow", data_shape=(2,),
+                       reference_samples=points)  # fmt: skip
+    result = ddpmcli.check(bad)
+    assert _bad(result.rows) == {"timestep_convention_mismatch": "error"}, result.rows
+    row = next(r for r in result.rows if r["code"] == "timestep_convention_mismatch")
+    assert "fit model timestep s, not the declared 1000 s" in row["message"]
+    assert row["numbers"]["regret_1000 s"] >= 1.5 and row["numbers"]["regret_s"] <= 1.05
+    assert 0 < row["confidence"] <= 1 and result.failed
+    # the same network declared with model_timestep = s: fits, no finding
+    fixed = ddpmcli.wrap(flux_like, schedule=_path(flow, flow.sigma_t), prediction_type="flow",
+                         data_shape=(2,), reference_samples=points)  # fmt: skip
+    assert _bad(ddpmcli.check(fixed).rows) == {}
+
+
+def test_noise_probes_only_warn(points) -> None:
+    flow = core.make_schedule("flow", 1000)
+    model = ddpmcli.wrap(OptimalFlowNet(points, flow, 1.0), schedule=flow,
+                         prediction_type="flow", data_shape=(2,))  # fmt: skip
+    rows = ddpmcli.check(model).rows
+    assert all(r["severity"] != "error" for r in rows), rows
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny MLP trained as `ddpm train --kind flow --prediction-type flow` trains it (1000 s),
+    saved as trained, and saved with an explicit path schedule whose model_timestep is s."""
+    from ddpmcli import models
+    from ddpmcli.checkpoints import save_native_checkpoint
+    from ddpmcli.training import train_denoiser
+
+    root = tmp_path_factory.mktemp("flow")
+    x = datasets.get_data("moons", n=1024, seed=0, dtype=torch.float32)
+    flow = core.make_schedule("flow", 1000)
+    hp = {**models.default_hparams("mlp", (2,)), "hidden": 64}
+    r = train_denoiser(x, flow, prediction_type="flow", hparams=hp, steps=250, seed=0, threads=1)
+    out = {}
+    for name, sched in (("trained", flow), ("declared_s", _path(flow, flow.sigma_t))):
+        out[name] = save_native_checkpoint(
+            root / f"{name}.pt", r.model, architecture="mlp", hparams=r.hparams,
+            schedule=sched, prediction_type="flow", data_shape=(2,), reference_samples=x[:64],
+        )  # fmt: skip
+    return out
+
+
+def test_cli_trained_flow_model(cli, trained) -> None:
+    ok = cli("check", str(trained["trained"]), "--format", "json")
+    assert ok.exit_code == 0, ok.stderr
+    rows = json.loads(ok.stdout)
+    assert _bad(rows) == {}, rows
+    codes = {r["code"]: r for r in rows}
+    assert codes["prediction_type_fit"]["message"].startswith("the outputs fit flow, as declared")
+    assert "fit model timestep 1000 s" in codes["timestep_convention_fit"]["message"]
+    bad = cli("check", str(trained["declared_s"]), "--format", "json")
+    assert bad.exit_code == 1, bad.stderr
+    rows = json.loads(bad.stdout)
+    assert _bad(rows) == {"timestep_convention_mismatch": "error"}, rows
+    row = next(r for r in rows if r["code"] == "timestep_convention_mismatch")
+    assert "fit model timestep 1000 s, not the declared s" in row["message"]
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_cli_flow_pipelines_raise_no_probe_alarm(cli, tmp_path, family) -> None:
+    """Random-weight SD3 and Flux folders (saved by diffusers' own pipelines): every probe is
+    info, the timestep-convention probe included (it runs on their flow path)."""
+    pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
+    import pipeline_folders as pf
+
+    folder = pf.sd3_folder(tmp_path) if family == "sd3" else pf.flux_folder(tmp_path)
+    result = cli("check", str(folder), "--n", "4", "--format", "json", "--threads", "1")
+    rows = json.loads(result.stdout)
+    probes = [r for r in rows if r["numbers"]]
+    assert {"prediction_type_fit", "timestep_convention_fit"} <= {r["code"] for r in probes}
+    assert _bad(probes) == {}, probes
+    assert result.exit_code == (1 if any(r["severity"] == "error" for r in rows) else 0)
