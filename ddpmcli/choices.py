@@ -52,6 +52,12 @@ SamplerName = Literal[
 SAMPLERS: tuple[str, ...] = get_args(SamplerName)
 """The built-in samplers; `ddpmcli.run.samplers` registers exactly these."""
 
+DpmForm = Literal["diffusers", "exact"]
+DPM_FORMS: tuple[str, ...] = get_args(DpmForm)
+"""DPM-Solver++'s third-order update (`--dpm-form`): ``diffusers`` (its, k-diffusion's and Lu et
+al.'s code, second order in fact: its D2 term has half the Taylor coefficient) or ``exact`` (the
+Taylor coefficient and a DPM-Solver++(2S) first step, one more model call: third order)."""
+
 TimeShiftType = Literal["exponential", "linear"]
 TIME_SHIFT_TYPES: tuple[str, ...] = get_args(TimeShiftType)
 """A flow's resolution-dependent time shift (diffusers' ``time_shift_type``): Flux's

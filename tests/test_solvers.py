@@ -251,8 +251,8 @@ def _order(name: str, counts=(8, 16, 32), **options) -> list[float]:
 @pytest.mark.parametrize(
     ("name", "options", "want"),
     [("euler", {}, 1), ("heun", {}, 2), ("dpmpp-2m", {}, 2), ("unipc", {}, 3),
-     # 3M's first-order warm-up step (diffusers' rule) leaves an O(h^2) global error: the run is
-     # second order (its update's local slope measured 2.7-2.9 at h = 0.1 .. 0.025, not yet 4)
+     # diffusers' 3M weighs its third-order term by half the Taylor coefficient: local error
+     # O(h^3), a second-order run (its warm-up is not the cause; tests/test_solver_orders.py)
      ("dpmpp-3m", {}, 2)],
 )  # fmt: skip
 def test_empirical_order_on_the_gaussian_oracle(name, options, want) -> None:

@@ -126,6 +126,7 @@ _SOLVER_DEFAULTS: dict[str, Any] = {
     "euler_at_final": False,
     "final_sigma": 0.0,
     "corrector": True,
+    "dpm_form": "diffusers",
     "s_churn": 0.0,
     "s_tmin": 0.0,
     "s_tmax": math.inf,

@@ -69,6 +69,8 @@ class SampleSettings:
             sigma the last step lands on (0: clean data; diffusers' ``final_sigmas_type``),
             UniPC's corrector, Karras et al. 2022's churn (Euler, Heun), and flow Euler's
             ``stochastic_sampling``.
+        dpm_form: DPM-Solver++'s third-order update, ``diffusers`` (bit-compatible) or
+            ``exact`` (third order in fact; :mod:`ddpmcli.run.dpm_solver`).
     """
 
     sampler: str = "ddpm"
@@ -85,6 +87,7 @@ class SampleSettings:
     euler_at_final: bool = False
     final_sigma: float = 0.0
     corrector: bool = True
+    dpm_form: str = "diffusers"
     s_churn: float = 0.0
     s_tmin: float = 0.0
     s_tmax: float = math.inf

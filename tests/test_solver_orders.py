@@ -1,0 +1,167 @@
+"""The solvers' orders on the exact Gaussian oracle, DPM-Solver++'s third-order term against an
+independent 50-digit quadrature, and Karras et al. 2022's churn against k-diffusion.
+
+The oracle: data N(MU, S^2), so x0_hat = E[x0 | x_t] is affine in x_t and the probability-flow
+ODE solution from x_T is closed form: in Karras' variables x' = x/alpha, sigma' = sigma/alpha,
+x' - MU scales as sqrt(S^2 + sigma'^2). A run lands on the grid's own sigma_min (the last step a
+no-op), where the exact solution is known; the error is read from the last step's float64 x (an
+observer), not from the float32 samples.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ddpmcli import core
+from ddpmcli.run.samplers import SampleSettings, sample
+from ddpmcli.run.solver_grid import PathGrid, sigma_grid
+
+MU, S = 0.3, 0.5
+F64 = torch.float64
+
+
+def _train() -> core.Schedule:
+    return core.make_schedule("scaled_linear", 1000, beta_start=0.00085, beta_end=0.012)
+
+
+def _oracle_error(name: str, steps: int, spacing: str = "karras", **options) -> tuple[float, int]:
+    """(max |x - exact| of a float64 run of ``steps`` steps, model calls it made)."""
+    run = sigma_grid(_train(), steps, spacing)
+    sig, ts = run.sigma.tolist(), run.model_timestep.tolist()
+    calls = [0]
+
+    def predict(x, t):  # E[x0 | x_t] of N(MU, S^2) at the grid entry of this timestep
+        calls[0] += 1
+        k = min(range(len(ts)), key=lambda j: abs(ts[j] - float(t[0])))
+        a, s = 1 / math.sqrt(1 + sig[k] ** 2), sig[k] / math.sqrt(1 + sig[k] ** 2)
+        return MU + a * S * S / (a * a * S * S + s * s) * (x - a * MU), None
+
+    last: dict[str, torch.Tensor] = {}
+
+    def keep(event) -> None:
+        if "x_next" in event.tensors:
+            last["x"] = event.tensors["x_next"]
+
+    init = torch.linspace(-2, 2, 7, dtype=F64).reshape(7, 1)
+    settings = SampleSettings(sampler=name, clip=False, final_sigma=sig[0], **options)
+    sample(predict, run, "sample", (1,), n=7, settings=settings, init=init, model_dtype=F64,
+           observers=[keep])  # fmt: skip
+    s_max, s_min = sig[-1], sig[0]
+    xk = init * math.sqrt(1 + s_max**2)
+    exact = MU + (xk - MU) * math.sqrt((S * S + s_min * s_min) / (S * S + s_max * s_max))
+    return float((last["x"] - exact / math.sqrt(1 + s_min**2)).abs().max()), calls[0]
+
+
+def _slopes(name: str, counts=(16, 32, 64), **options) -> list[float]:
+    errors = [_oracle_error(name, n, **options)[0] for n in counts]
+    return [math.log2(errors[k] / errors[k + 1]) for k in range(len(errors) - 1)]
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "want", "counts"),
+    [
+        ("dpmpp-2m", {}, 2, (16, 32, 64)),  # measured 2.09
+        ("dpmpp-2m", {"dpm_form": "exact"}, 2, (16, 32, 64)),  # exact changes order 3 only
+        # diffusers' third-order term is half the Taylor one: second order (measured 1.80 at
+        # 32 -> 64 Karras steps, 1.95 at 128 -> 256), whatever its warm-up
+        ("dpmpp-3m", {}, 2, (16, 32, 64)),
+        ("dpmpp-3m", {"dpm_form": "exact"}, 3, (16, 32, 64)),  # 3.05 (3.02 at 128 -> 256)
+        ("dpmpp-3m", {"dpm_form": "exact", "solver_type": "heun"}, 3, (16, 32, 64)),
+        # UniP-p + UniC is of order p + 1 (Zhao et al. 2023, Theorem 3.3): 3.08 and 3.87
+        ("unipc", {}, 3, (16, 32, 64)),
+        ("unipc", {"order": 3}, 4, (16, 32, 64)),
+        ("unipc", {"corrector": False}, 2, (16, 32, 64)),  # 2.09
+        ("unipc", {"order": 3, "corrector": False}, 3, (32, 64, 128)),  # 2.91 (2.78 at 64)
+    ],
+)  # fmt: skip
+def test_empirical_order_on_the_gaussian_oracle(name, options, want, counts) -> None:
+    slopes = _slopes(name, counts, **options)
+    assert abs(slopes[-1] - want) < 0.3, slopes
+
+
+def test_the_exact_form_costs_one_more_model_call() -> None:
+    from ddpmcli.run.steps import registered
+
+    for steps in (1, 2, 16):
+        for form, extra in (("diffusers", 0), ("exact", 1 if steps > 1 else 0)):
+            settings = SampleSettings(sampler="dpmpp-3m", dpm_form=form)
+            _, calls = _oracle_error("dpmpp-3m", steps, dpm_form=form)
+            assert calls == steps + extra
+            evaluations = registered("dpmpp-3m").evaluations
+            assert evaluations is not None and evaluations(steps, settings) == steps + extra
+
+
+def _quadrature(lam_t: float, lam_s: float, x_t: float, coeffs: tuple[float, ...]) -> float:
+    """x_s of dx/dlambda for x0_hat(lambda) = sum c_k (lambda - lam_t)^k, VP path, by mpmath at
+    50 digits: x_s = sigma_s/sigma_t x_t + sigma_s int e^lambda x0_hat(lambda) dlambda (Lu et
+    al. 2022b, eq. 8)."""
+    mpmath = pytest.importorskip("mpmath")
+    mp = mpmath.mp
+    mp.dps = 50
+
+    def sigma(lam):
+        return 1 / mp.sqrt(1 + mp.exp(2 * lam))
+
+    def x0(lam):
+        return sum(c * (lam - lam_t) ** k for k, c in enumerate(coeffs))
+
+    integral = mp.quad(lambda lam: mp.exp(lam) * x0(lam), [lam_t, lam_s])
+    return float(sigma(lam_s) / sigma(lam_t) * x_t + sigma(lam_s) * integral)
+
+
+@pytest.mark.parametrize("form", ["diffusers", "exact"])
+def test_third_order_update_is_exact_for_a_quadratic_x0(form) -> None:
+    """A third-order multistep update integrates x0_hat = c0 + c1 tau + c2 tau^2 exactly (tau =
+    lambda - lambda_t); diffusers' weighs the quadratic term alpha_s (h^2/2 - h - phi) x0''
+    by half: its error is exactly -alpha_s c2 (h^2/2 - h - phi), phi = e^{-h} - 1 (-0.0123)."""
+    from ddpmcli.run.dpm_solver import dpm_solver_update
+
+    lam_t, h, h0, h1 = -0.4, 0.5, 0.35, 0.6
+    coeffs = (0.2, -0.7, 0.9)
+    lams = [lam_t, lam_t - h0, lam_t - h0 - h1]
+    m = [torch.tensor([sum(c * (v - lam_t) ** k for k, c in enumerate(coeffs))], dtype=F64)
+         for v in lams]  # fmt: skip
+
+    def point(lam: float) -> tuple[float, float]:
+        return 1 / math.sqrt(1 + math.exp(-2 * lam)), 1 / math.sqrt(1 + math.exp(2 * lam))
+
+    (a_t, s_t), (a_s, s_s) = point(lam_t), point(lam_t + h)
+    grid = PathGrid("vp", (a_t,), (s_t,), (lam_t,), (a_s,), (s_s,), (lam_t + h,))
+    x_t = 0.8
+    out = dpm_solver_update(torch.tensor([x_t], dtype=F64), m, lams, grid, 0, 3,
+                            exact=form == "exact")  # fmt: skip
+    want = _quadrature(lam_t, lam_t + h, x_t, coeffs)
+    if form == "exact":
+        assert abs(float(out) - want) < 1e-14
+    else:
+        half = -a_s * coeffs[2] * (h * h / 2 - h - math.expm1(-h))
+        assert abs(float(out) - want - half) < 1e-14 and abs(half) > 1e-2
+
+
+def test_singlestep_start_is_second_order() -> None:
+    """DPM-Solver++(2S) with r = 1 from exact x0_hat: local error O(h^3)."""
+    from ddpmcli.run.dpm_solver import dpm_singlestep_update
+
+    def exact_point(lam: float, c: float = 0.7) -> tuple[float, float, float, float]:
+        alpha = 1 / math.sqrt(1 + math.exp(-2 * lam))
+        sig = math.exp(-lam)
+        xk = MU + c * math.sqrt(S * S + sig * sig)
+        return alpha, alpha * sig, alpha * xk, MU + (xk - MU) * S * S / (S * S + sig * sig)
+
+    errors = []
+    for h in (0.1, 0.05, 0.025):
+        a_t, s_t, x_t, m0 = exact_point(0.0)
+        a_s, s_s, x_s, _ = exact_point(h)
+        grid = PathGrid("vp", (a_s, a_t), (s_s, s_t), (h, 0.0), (0, a_s), (0, s_s), (0, h))
+
+        def evaluate(u: torch.Tensor, j: int, a=a_s, s=s_s) -> torch.Tensor:
+            return MU + a * S * S / (a * a * S * S + s * s) * (u - a * MU)
+
+        x = torch.tensor([x_t], dtype=F64)
+        out = dpm_singlestep_update(x, torch.tensor([m0], dtype=F64), evaluate, grid, 1)
+        errors.append(abs(float(out) - x_s))
+    slope = math.log2(errors[1] / errors[2])
+    assert abs(slope - 3) < 0.3, (errors, slope)
