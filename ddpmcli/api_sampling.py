@@ -253,6 +253,7 @@ def step_sweep(
     reference_sampler: str = "unipc",
     reference_steps: int = 500,
     batch_size: int | None = None,
+    ranks: Any = None,
 ) -> SweepResult:
     """How many steps: one row per (sampler, steps) from the same x_T against a reference
     (:func:`ddpmcli.run.step_sweep.step_sweep`; the numbers of `ddpm steps`), every sampler on
@@ -261,7 +262,9 @@ def step_sweep(
     timestep spacing, else trailing); the result's ``spacing`` says which ran. ``exact``:
     ``x_T -> samples`` where the exact solution is known; else a converged run of
     ``reference_sampler`` at ``reference_steps`` steps, checked by halving. On a latent model
-    ``rms_error_range`` is None: its samples are latents, whose range is not the data's."""
+    ``rms_error_range`` is None: its samples are latents, whose range is not the data's.
+    ``ranks``: a torchrun process group (the CLI's): each run steps this rank's share of the
+    samples and gathers them, so every rank builds the one-process rows; None: one process."""
     from ddpmcli.api import sample_settings
     from ddpmcli.run.step_sweep import check_lists
     from ddpmcli.run.step_sweep import step_sweep as sweep
@@ -286,7 +289,10 @@ def step_sweep(
         reference_steps=reference_steps,
         data=model.reference_samples,
         data_range=None if model.latent is not None else model.data_range,
-        run_options={"device": model.device, "model_dtype": model.dtype, "batch_size": batch_size},
-    )
+        run_options={
+            "device": model.device, "model_dtype": model.dtype, "batch_size": batch_size,
+            "ranks": ranks,
+        },
+    )  # fmt: skip
     result.spacing = how
     return result

@@ -137,7 +137,7 @@ def steps(
     with as_flags(samplers="--sampler"):
         result = step_sweep(
             model, names, counts, n=n, seed=seed, spacing=spacing, clip=clip,
-            reference_steps=reference_steps, batch_size=batch_size,
+            reference_steps=reference_steps, batch_size=batch_size, ranks=ranks,
         )  # fmt: skip
     title = f"steps {checkpoint.name} ({result.spacing})"
     table.emit(result.rows, select_columns(table.columns, list(SWEEP_COLUMNS)), title)
