@@ -14,7 +14,6 @@ import json
 import struct
 import subprocess
 import sys
-import textwrap
 import time
 import zipfile
 from pathlib import Path
@@ -23,56 +22,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-CAP = 4 * 1024**3
-TIME_LIMIT = 60.0
-BUG_HINT = "set DDPM_DEBUG=1"
-
-DRIVER = textwrap.dedent(
-    """
-    import io, json, resource, sys, time
-    resource.setrlimit(resource.RLIMIT_AS, ({cap}, {cap}))
-    from ddpmcli.cli.root import run
-    out = []
-    for args in json.loads(sys.argv[1]):
-        err, saved = io.StringIO(), sys.stderr
-        sys.stderr = err
-        start = time.perf_counter()
-        try:
-            code = run(args)
-        except SystemExit as exc:
-            code = exc.code
-        finally:
-            sys.stderr = saved
-        out.append([code, err.getvalue(), time.perf_counter() - start])
-    print(json.dumps(out))
-    """
-)
-
-
-def run_capped(cases: list[list[str]], cwd: Path) -> list[tuple[int, str, float]]:
-    """Each argv run in one subprocess under the memory cap: (exit code, stderr, seconds).
-
-    The process's own stderr must stay empty: only the captured ``Error:`` lines may appear
-    (torch's loggers write to the real stderr, past the capture)."""
-    proc = subprocess.run(
-        [sys.executable, "-c", DRIVER.format(cap=CAP), json.dumps(cases)],
-        capture_output=True, text=True, cwd=cwd, timeout=len(cases) * TIME_LIMIT + 60,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stderr.strip() == "", proc.stderr[-3000:]
-    return [tuple(row) for row in json.loads(proc.stdout.strip().splitlines()[-1])]  # type: ignore[misc]
-
-
-def assert_one_line(row: tuple[int, str, float], code: int, *fragments: str) -> None:
-    status, stderr, seconds = row
-    lines = stderr.strip().splitlines()
-    assert status == code, stderr
-    assert len(lines) == 1 and lines[0].startswith("Error: "), stderr
-    assert BUG_HINT not in lines[0], lines[0]
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    assert seconds < TIME_LIMIT, (seconds, lines[0])
-
+from capped import BUG_HINT, TIME_LIMIT, assert_one_line, run_capped  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
 # archives with forged sizes
@@ -221,12 +171,12 @@ def test_sizes_and_bombs_are_one_line_under_a_memory_cap(hostile: Path) -> None:
         (["info", "config5.pt2"], "model_weights_config.json: config must be a JSON object"),
     ]
     start = time.perf_counter()
-    rows = run_capped([args for args, _ in cases], hostile)
+    rows = run_capped([args for args, _ in cases], hostile, quiet_process=True)
     for (_, fragment), row in zip(cases, rows, strict=True):
         assert_one_line(row, 1, fragment)
     assert time.perf_counter() - start < TIME_LIMIT * 3
     threads = ["reconstruct", "small.pt", "--data", "moons", "-n", "4", "--threads", "1024"]
-    (row,) = run_capped([threads], hostile)  # libgomp would print and exit 1
+    (row,) = run_capped([threads], hostile, quiet_process=True)  # libgomp would print and exit 1
     assert_one_line(row, 2, "--threads 1024: the threads' stacks need ~8.0 GiB")
 
 
