@@ -47,6 +47,13 @@ _SD_TABLE = {
     "trained_betas": None,
 }
 
+# SD3 and SD3.5: FlowMatchEulerDiscreteScheduler with the static shift 3 (one config, two presets).
+_SD3_FLOW = {
+    "_class_name": "FlowMatchEulerDiscreteScheduler",
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+}
+
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
@@ -106,11 +113,7 @@ PRESETS: dict[str, Preset] = {
             "Stable Diffusion 3 medium: rectified flow, static shift 3",
             "stabilityai/stable-diffusion-3-medium-diffusers scheduler/scheduler_config.json "
             "(FlowMatchEulerDiscreteScheduler: num_train_timesteps 1000, shift 3.0)",
-            config={
-                "_class_name": "FlowMatchEulerDiscreteScheduler",
-                "num_train_timesteps": 1000,
-                "shift": 3.0,
-            },
+            config=dict(_SD3_FLOW),
             resolution=1024,
         ),
         Preset(
@@ -118,11 +121,7 @@ PRESETS: dict[str, Preset] = {
             "Stable Diffusion 3.5 large: rectified flow, static shift 3",
             "stabilityai/stable-diffusion-3.5-large scheduler/scheduler_config.json "
             "(FlowMatchEulerDiscreteScheduler: num_train_timesteps 1000, shift 3.0)",
-            config={
-                "_class_name": "FlowMatchEulerDiscreteScheduler",
-                "num_train_timesteps": 1000,
-                "shift": 3.0,
-            },
+            config=dict(_SD3_FLOW),
             resolution=1024,
         ),
         Preset(
