@@ -164,3 +164,39 @@ def test_cli_flow_pipelines_raise_no_probe_alarm(cli, tmp_path, family) -> None:
     assert {"prediction_type_fit", "timestep_convention_fit"} <= {r["code"] for r in probes}
     assert _bad(probes) == {}, probes
     assert result.exit_code == (1 if any(r["severity"] == "error" for r in rows) else 0)
+
+
+def test_schedule_flags_with_a_checkpoint(cli, trained) -> None:
+    """-T without --kind was ignored without a word (check, reconstruct): a usage error now;
+    --kind (with -T) builds the schedule the checkpoint is read with, as reconstruct does."""
+    ckpt = str(trained["trained"])
+    for command in ("check", "reconstruct"):
+        r = cli(command, ckpt, "-T", "5", "--format", "tsv")
+        assert r.exit_code == 2 and r.stdout == "", (command, r.stdout)
+        assert r.stderr == (
+            "Error: -T 5 sets the length of a --kind schedule; without --kind the checkpoint's "
+            "own schedule is used\n"
+        )
+    own = json.loads(cli("check", ckpt, "--format", "json").stdout)
+    linear = json.loads(cli("check", ckpt, "--kind", "linear", "-T", "50", "--format",
+                            "json").stdout)  # fmt: skip
+    assert "zero_terminal_snr" in {r["code"] for r in own}
+    start = next(r for r in linear if r["code"] == "sampling_start")
+    assert start["t"] == [49] and start["numbers"]["terminal_snr"] > 0
+
+
+def test_reconstruct_says_why_eps_x0_is_nan_at_s_one(cli, trained) -> None:
+    ckpt = str(trained["trained"])
+    eps = cli("reconstruct", ckpt, "--prediction-type", "eps", "--t", "500,999", "--n", "8",
+              "--format", "json")  # fmt: skip
+    assert eps.exit_code == 0, eps.stderr
+    rows = json.loads(eps.stdout)
+    assert rows[0]["mse"] is not None and rows[1]["mse"] is None  # NaN: null in JSON
+    assert eps.stderr == (
+        "Warning: t = 999: alpha_t = 0 (x_t is pure noise), so x0 from an epsilon prediction, "
+        "(x_t - sigma_t eps)/alpha_t, is undefined: mse and psnr are NaN there (a v, x0 or flow "
+        "model rebuilds x0 at every t)\n"
+    )
+    flow = cli("reconstruct", ckpt, "--t", "500,999", "--n", "8", "--format", "json")
+    assert flow.exit_code == 0 and flow.stderr == ""
+    assert all(r["mse"] is not None for r in json.loads(flow.stdout))

@@ -133,8 +133,14 @@ class ModelFlags:
         program without metadata takes; ``seed``: for random class labels) on ``device`` in
         ``dtype`` (None: the file's own); ``inspect_only``: read, never run (``ddpm info``)."""
         from ddpmcli import api
+        from ddpmcli.errors import UsageError
         from ddpmcli.run import resolve_device, resolve_dtype
 
+        if self.timesteps is not None and self.kind is None:  # it was ignored without a word
+            raise UsageError(
+                f"-T {self.timesteps} sets the length of a --kind schedule; without --kind the "
+                "checkpoint's own schedule is used"
+            )
         model = api.load(
             checkpoint,
             **loader_options(

@@ -39,7 +39,7 @@ from ddpmcli.cli.option_groups import (
     model_options,
     table_options,
 )
-from ddpmcli.output import note, progress
+from ddpmcli.output import note, progress, warn
 
 
 @model_options()
@@ -119,6 +119,8 @@ def reconstruct(
         model, data, n, seed, show=ranks.is_main, quiet=table.quiet,
         compare_optimal=compare_optimal,
     )  # fmt: skip
+    if ranks.is_main and (why := _undefined_x0(model, indices)) is not None:
+        warn(why)
     title = f"reconstruct {checkpoint.name}"
     cols = _shown_columns(model, picked.optimal is not None, table.columns, per_sample, decode)
     try:
@@ -169,3 +171,21 @@ def _columns(model: Any, per_sample: bool, optimal: bool) -> tuple[str, ...]:
 def register(app: typer.Typer) -> None:
     """Add `ddpm reconstruct` to the app."""
     app.command("reconstruct")(reconstruct)
+
+
+def _undefined_x0(model: Any, indices: list[int]) -> str | None:
+    """Why an epsilon model's x0 is NaN at the ``indices`` where alpha_t = 0 (a flow's s = 1,
+    a zero terminal SNR): x0 = (x_t - sigma_t eps)/alpha_t divides by zero there. None if none."""
+    from ddpmcli import core
+
+    if core.canonical_prediction_type(model.prediction_type) != "epsilon":
+        return None
+    zero = [i for i in indices if float(model.schedule.alpha_t[i]) == 0.0]
+    if not zero:
+        return None
+    shown = ", ".join(str(i) for i in zero)
+    return (
+        f"t = {shown}: alpha_t = 0 (x_t is pure noise), so x0 from an epsilon prediction, "
+        "(x_t - sigma_t eps)/alpha_t, is undefined: mse and psnr are NaN there (a v, x0 or flow "
+        "model rebuilds x0 at every t)"
+    )
