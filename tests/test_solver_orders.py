@@ -10,7 +10,11 @@ observer), not from the float32 samples.
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import math
+import sys
+import types
 
 import pytest
 import torch
@@ -165,3 +169,143 @@ def test_singlestep_start_is_second_order() -> None:
         errors.append(abs(float(out) - x_s))
     slope = math.log2(errors[1] / errors[2])
     assert abs(slope - 3) < 0.3, (errors, slope)
+
+
+# ---- Karras et al. 2022 Algorithm 2 (churn) against k-diffusion ------------------------------
+
+
+def _k_diffusion_sampling(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
+    """k_diffusion.sampling without the package's __init__ (which imports its training stack):
+    a stub package whose utils module carries the one helper sampling.py needs here."""
+    spec = importlib.util.find_spec("k_diffusion")
+    if spec is None or spec.submodule_search_locations is None:
+        pytest.skip("k-diffusion is not installed (pip install --no-deps k-diffusion)")
+    for dep in ("torchdiffeq", "torchsde", "scipy", "tqdm"):
+        if importlib.util.find_spec(dep) is None:
+            pytest.skip(f"k_diffusion.sampling needs {dep}, which is not installed")
+    package = types.ModuleType("k_diffusion")
+    package.__path__ = list(spec.submodule_search_locations)
+    utils = types.ModuleType("k_diffusion.utils")
+    utils.append_dims = lambda x, n: x[(...,) + (None,) * (n - x.ndim)]  # type: ignore[attr-defined]
+    package.utils = utils  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "k_diffusion", package)
+    monkeypatch.setitem(sys.modules, "k_diffusion.utils", utils)
+    monkeypatch.delitem(sys.modules, "k_diffusion.sampling", raising=False)
+    try:
+        return importlib.import_module("k_diffusion.sampling")
+    except ImportError as exc:  # pragma: no cover - depends on the installed versions
+        pytest.skip(f"k_diffusion.sampling does not import: {exc}")
+
+
+class _SameNoise:
+    """Stands in for k-diffusion's ``torch``: ``randn_like`` hands out our loop's step noise
+    (the seed's blocks after x_T, one per step), everything else is torch's."""
+
+    def __init__(self, blocks: list[torch.Tensor]) -> None:
+        self.blocks = iter(blocks)
+
+    def randn_like(self, x: torch.Tensor) -> torch.Tensor:
+        return next(self.blocks).to(x)
+
+    def __getattr__(self, name: str):
+        return getattr(torch, name)
+
+
+def _eps_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """A smooth made-up epsilon model of x and the (float) timestep."""
+    tt = t.to(F64).reshape(-1, *([1] * (x.ndim - 1)))
+    return (0.5 * torch.tanh(x.double()) * torch.cos(tt / 400) + 0.1 * x.double() + 0.05).to(x)
+
+
+@pytest.mark.parametrize(
+    ("name", "k_name", "churn"),
+    [("euler", "sample_euler", {"s_churn": 3.0, "s_tmin": 0.2, "s_tmax": 8.0, "s_noise": 1.003}),
+     ("heun", "sample_heun", {"s_churn": 2.0, "s_tmin": 0.5, "s_noise": 0.9}),
+     ("euler", "sample_euler", {"s_churn": 40.0}),  # gamma capped at sqrt(2) - 1, every step
+     ("heun", "sample_heun", {})],
+)  # fmt: skip
+def test_churn_is_karras_algorithm_2_as_k_diffusion(monkeypatch, name, k_name, churn) -> None:
+    """Same denoiser, same grid, same noise: k-diffusion's sampler and ours agree to float64
+    rounding. The denoiser at a churned sigma_hat is the model at off_grid.timestep_at's
+    timestep (our rule for a point between grid points; k-diffusion's own wrapper would use the
+    training table), so what is compared is the algorithm."""
+    from ddpmcli.run.noise import generator, randn
+    from ddpmcli.run.off_grid import timestep_at
+    from ddpmcli.run.solver_grid import path_grid
+
+    kd = _k_diffusion_sampling(monkeypatch)
+    steps, n, dim = 10, 5, 3
+    run = sigma_grid(_train(), steps, "karras")
+    grid, model_t = path_grid(run), [float(v) for v in run.model_timestep]
+    gen = generator(torch.device("cpu"), 0)
+    blocks = [randn((n, dim), gen, torch.device("cpu"), F64) for _ in range(steps + 1)]
+    last: dict[str, torch.Tensor] = {}
+
+    def keep(event) -> None:
+        if "x_next" in event.tensors:
+            last["x"] = event.tensors["x_next"]
+
+    settings = SampleSettings(sampler=name, clip=False, **churn)
+    sample(lambda x, t: (_eps_model(x, t), None), run, "epsilon", (dim,), n=n,
+           settings=settings, model_dtype=F64, observers=[keep])  # fmt: skip
+
+    def denoiser(xk: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        s = float(sigma[0])
+        alpha, sig = 1 / math.sqrt(1 + s * s), s / math.sqrt(1 + s * s)
+        # the loop hands a VP model fractional timesteps in float32 (Schedule.network_timesteps)
+        t = torch.full((xk.shape[0],), timestep_at(s, grid, model_t), dtype=torch.float32)
+        return (alpha * xk - sig * _eps_model(alpha * xk, t)) / alpha
+
+    monkeypatch.setattr(kd, "torch", _SameNoise(blocks[1:]))
+    sigmas = torch.tensor([*reversed([grid.edm_sigma(i) for i in range(steps)]), 0.0], dtype=F64)
+    x_k = blocks[0] * math.sqrt(1 + float(sigmas[0]) ** 2)  # x_T in Karras' variables
+    theirs = getattr(kd, k_name)(denoiser, x_k, sigmas, disable=True, **churn)
+    assert float((last["x"] - theirs).abs().max()) < 1e-12 * float(theirs.abs().max())
+    if churn.get("s_churn", 0) > 0:  # and the churn did something: not the unchurned run
+        monkeypatch.setattr(kd, "torch", _SameNoise(blocks[1:]))
+        plain = getattr(kd, k_name)(denoiser, x_k, sigmas, disable=True)
+        assert float((plain - theirs).abs().max()) > 1e-3
+
+
+# ---- a churn that never applies --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("window", "words"),
+    [((100.0, 200.0), r"would never apply: no sigma of the grid lies in \[s_tmin, s_tmax\]"),
+     ((3.0, 2.0), "an empty window: s_tmin 3 is above s_tmax 2")],
+)  # fmt: skip
+@pytest.mark.parametrize("name", ["euler", "heun"])
+def test_an_empty_churn_window_is_refused_before_any_model_call(name, window, words) -> None:
+    from ddpmcli.errors import ParameterError, UsageError
+
+    calls = []
+    run = sigma_grid(_train(), 5, "karras")  # sigmas 0.0292 .. 14.6
+    settings = SampleSettings(sampler=name, s_churn=1.0, s_tmin=window[0], s_tmax=window[1])
+    with pytest.raises(ParameterError, match=words) as caught:
+        sample(lambda x, t: (calls.append(t) or x, None), run, "epsilon", (2,), n=3,
+               settings=settings)  # fmt: skip
+    assert isinstance(caught.value, UsageError) and not calls
+    # a window that holds one grid sigma is taken
+    one = SampleSettings(sampler=name, s_churn=1.0, s_tmin=14.0, s_tmax=15.0)
+    sample(lambda x, t: (torch.zeros_like(x), None), run, "epsilon", (2,), n=3, settings=one)
+
+
+@pytest.mark.parametrize(
+    ("flags", "words"),
+    [(["--s-tmin", "100", "--s-tmax", "200"],
+      "Error: --s-churn 1 would never apply: no sigma of the grid lies in [--s-tmin, --s-tmax] "
+      "= [100, 200]"),
+     (["--s-tmin", "3", "--s-tmax", "2"],
+      "Error: --s-churn 1 churns where --s-tmin <= sigma <= --s-tmax, an empty window: --s-tmin "
+      "3 is above --s-tmax 2")],
+)  # fmt: skip
+def test_an_empty_churn_window_is_one_line_exit_2(cli, tmp_path, flags, words) -> None:
+    from conftest import tiny_mlp_checkpoint
+
+    ckpt = tiny_mlp_checkpoint(tmp_path / "m.pt", 50)
+    result = cli("sample", str(ckpt), "--sampler", "euler", "--steps", "5", "--n", "4",
+                 "--s-churn", "1", *flags)  # fmt: skip
+    assert result.exit_code == 2, result.stderr
+    assert result.stdout == ""
+    assert result.stderr.startswith(words) and result.stderr.count("\n") == 1, result.stderr

@@ -7,18 +7,22 @@ denoiser x0_hat. The loop's state stays in the path's coordinates (a VP model's 
 ``scale_model_input`` of its k-space sample), so each step divides by alpha_t, steps in
 sigma', and multiplies by the target's alpha.
 
-- ``euler``: ``x'_next = x'_hat + (sigma'_next - sigma'_hat) (x'_hat - D)/sigma'_hat`` with the
-  churn of Karras et al. Algorithm 2: ``gamma = min(s_churn/N, sqrt 2 - 1)`` where
-  ``s_tmin <= sigma' <= s_tmax``, ``sigma'_hat = (1 + gamma) sigma'``,
-  ``x'_hat = x' + s_noise sqrt(sigma'_hat^2 - sigma'^2) z``. As in diffusers'
-  ``EulerDiscreteScheduler`` the model is evaluated before the churn (the loop's one call per
-  index), and D is that evaluation's x0_hat.
+- ``euler``: ``x'_next = x'_hat + (sigma'_next - sigma'_hat) (x'_hat - D(x'_hat, sigma'_hat))/
+  sigma'_hat`` with the churn of Karras et al. Algorithm 2: ``gamma = min(s_churn/N, sqrt 2 - 1)``
+  where ``s_tmin <= sigma' <= s_tmax``, ``sigma'_hat = (1 + gamma) sigma'``,
+  ``x'_hat = x' + s_noise sqrt(sigma'_hat^2 - sigma'^2) z``. The churn is the step's ``perturb``:
+  it runs before the model call, and the model is called at (x'_hat, sigma'_hat), as in the
+  paper and k-diffusion's ``sample_euler`` (diffusers' ``EulerDiscreteScheduler.step`` instead
+  applies the output of a call at the pre-churn point; without churn the two agree). The
+  timestep at sigma'_hat, between grid points, is :func:`ddpmcli.run.off_grid.timestep_at`'s.
+  A churn whose window [s_tmin, s_tmax] holds no sigma of the grid is refused before any work.
 - ``euler-a``: the ancestral step of k-diffusion / diffusers' ``EulerAncestralDiscreteScheduler``:
   ``sigma_up = sqrt(sigma_to^2 (sigma^2 - sigma_to^2)/sigma^2)``,
   ``sigma_down = sqrt(sigma_to^2 - sigma_up^2)``, an Euler step to sigma_down plus sigma_up z.
-- ``heun``: Karras et al. Algorithm 1 (2nd order): Euler to sigma'_next, a second model call
-  there (``ctx.evaluate``), the trapezoidal average of both slopes; Euler for a last step onto
-  clean data: 2N - 1 model evaluations, as diffusers' ``HeunDiscreteScheduler``.
+- ``heun``: Karras et al. Algorithm 2 (2nd order; Algorithm 1 without churn): the churn as
+  Euler's, Euler to sigma'_next, a second model call there (``ctx.evaluate``), the trapezoidal
+  average of both slopes; Euler for the last step: 2N - 1 model evaluations, as diffusers'
+  ``HeunDiscreteScheduler`` and k-diffusion's ``sample_heun``.
 """
 
 from __future__ import annotations
@@ -28,10 +32,10 @@ import math
 from torch import Tensor
 
 from ddpmcli.run.events import ParameterError
-from ddpmcli.run.solver_grid import PathGrid, solver_options_unused, step_grid
+from ddpmcli.run.solver_grid import PathGrid, path_point, solver_options_unused, step_grid
 from ddpmcli.run.steps import SampleSettings, StepContext, register_sampler
 
-__all__ = ["churn_gamma"]
+__all__ = ["churn", "churn_gamma"]
 
 _CHURN = ("s_churn", "s_tmin", "s_tmax", "s_noise")
 
@@ -49,6 +53,32 @@ def _check_churn(settings: SampleSettings) -> None:
         value = getattr(settings, name)
         if math.isnan(value) or value < 0 or (name != "s_tmax" and math.isinf(value)):
             raise ParameterError(f"{{{name}}} must be a finite number >= 0, got {value}")
+    _check_order(settings)
+
+
+def _check_order(settings: SampleSettings) -> None:
+    if settings.s_churn > 0 and settings.s_tmin > settings.s_tmax:
+        raise ParameterError(
+            f"{{s_churn}} {settings.s_churn:g} churns where {{s_tmin}} <= sigma <= {{s_tmax}}, an "
+            f"empty window: {{s_tmin}} {settings.s_tmin:g} is above {{s_tmax}} "
+            f"{settings.s_tmax:g}"
+        )
+
+
+def _check_window(grid: PathGrid, settings: SampleSettings) -> None:
+    """A churn that no sigma of the run's grid falls under is a usage error, not a no-op."""
+    if settings.s_churn == 0:
+        return
+    _check_order(settings)
+    sigmas = [grid.edm_sigma(i) for i in range(grid.num_steps) if grid.alpha[i] > 0]
+    if any(settings.s_tmin <= s <= settings.s_tmax for s in sigmas):
+        return
+    raise ParameterError(
+        f"{{s_churn}} {settings.s_churn:g} would never apply: no sigma of the grid lies in "
+        f"[{{s_tmin}}, {{s_tmax}}] = [{settings.s_tmin:g}, {settings.s_tmax:g}] (its sigmas "
+        f"sigma_t/alpha_t run from {min(sigmas, default=math.inf):.6g} to "
+        f"{max(sigmas, default=math.inf):.6g})"
+    )
 
 
 def _check_heun(settings: SampleSettings) -> None:
@@ -66,17 +96,28 @@ def _k_sigma(grid: PathGrid, i: int) -> float:
     return grid.edm_sigma(i)
 
 
-def _churned(ctx: StepContext) -> tuple[Tensor, float]:
-    """(x'_hat, sigma'_hat) at the step's index: the state in k-space after the churn."""
-    grid, i = step_grid(ctx), ctx.index
+def churn(
+    x: Tensor, noise: Tensor | None, i: int, grid: PathGrid, settings: SampleSettings
+) -> tuple[Tensor, float] | None:
+    """Karras et al. 2022 Algorithm 2, lines 4-6, before the model call at index ``i``:
+    (x_hat in the path's coordinates at sigma'_hat, sigma'_hat), or None where gamma = 0."""
     sigma = _k_sigma(grid, i)
-    xk = ctx.x / grid.alpha[i]
-    gamma = churn_gamma(sigma, grid.num_steps, ctx.settings)
-    if gamma == 0:
-        return xk, sigma
+    gamma = churn_gamma(sigma, grid.num_steps, settings)
+    if gamma == 0 or noise is None:
+        return None
     sigma_hat = sigma * (gamma + 1.0)
-    amount = ctx.settings.s_noise * math.sqrt(sigma_hat * sigma_hat - sigma * sigma)
-    return xk + amount * ctx.noise, sigma_hat
+    amount = settings.s_noise * math.sqrt(sigma_hat * sigma_hat - sigma * sigma)
+    xk_hat = x / grid.alpha[i] + amount * noise
+    return xk_hat * path_point(grid.path, sigma_hat)[0], sigma_hat
+
+
+def _churned(ctx: StepContext) -> tuple[Tensor, float]:
+    """(x', sigma') the step starts from in k-space: (x'_hat, sigma'_hat) after the churn (the
+    point the loop called the model at), else the index's own."""
+    grid, i = step_grid(ctx), ctx.index
+    if ctx.edm_sigma is None:
+        return ctx.x / grid.alpha[i], _k_sigma(grid, i)
+    return ctx.x / path_point(grid.path, ctx.edm_sigma)[0], ctx.edm_sigma
 
 
 def _uses_churn(settings: SampleSettings) -> bool:
@@ -84,7 +125,8 @@ def _uses_churn(settings: SampleSettings) -> bool:
 
 
 @register_sampler(
-    "euler", uses_noise=_uses_churn, check=_check_churn, noise_at_zero=_uses_churn
+    "euler", uses_noise=_uses_churn, check=_check_churn, noise_at_zero=_uses_churn,
+    perturb=churn, check_grid=_check_window,
 )  # fmt: skip
 def euler_step(ctx: StepContext) -> tuple[Tensor, Tensor | None]:
     """One Euler step of the probability-flow ODE in (x', sigma'), with Karras' churn."""
@@ -118,6 +160,7 @@ def _heun_evaluations(num: int, settings: SampleSettings) -> int:
 @register_sampler(
     "heun", uses_noise=_uses_churn, check=_check_heun, noise_at_zero=_uses_churn,
     evaluations=_heun_evaluations, order=lambda i, num, s: 1 if i == 0 else 2,
+    perturb=churn, check_grid=_check_window,
 )  # fmt: skip
 def heun_step(ctx: StepContext) -> tuple[Tensor, Tensor | None]:
     """Karras et al. 2022 Algorithm 1/2: Euler, then the trapezoidal correction (2 calls)."""

@@ -27,6 +27,7 @@ from ddpmcli.run import (  # noqa: F401  (the solver families register their ste
     dpm_solver,
     flow_euler,
     k_samplers,
+    off_grid,
     unipc,
 )
 from ddpmcli.run import steps as _steps
@@ -124,27 +125,35 @@ class _Loop:
     model_t: tuple[float, ...] = ()  # the model's timestep per index (float grids)
 
 
-def _t_vector(loop: _Loop, i: int, n: int, dev: torch.device) -> Tensor:
-    """The model's timestep at index ``i`` for ``n`` samples: int64, or float32 off VP and on a
-    grid whose model timesteps are not whole (a VP model on a Karras grid): as
-    ``Schedule.network_timesteps`` on a schedule's own entries."""
-    value = loop.model_t[i]
+def _t_vector(loop: _Loop, i: int | float, n: int, dev: torch.device) -> Tensor:
+    """The model's timestep at index ``i`` (or, a float, at that EDM sigma off the grid) for
+    ``n`` samples: int64, or float32 off VP and on a grid whose model timesteps are not whole (a
+    VP model on a Karras grid): as ``Schedule.network_timesteps`` on a schedule's own entries."""
+    if isinstance(i, float) and loop.grid is not None:
+        value = off_grid.timestep_at(i, loop.grid, loop.model_t)
+    else:
+        value = loop.model_t[int(i)]
     if value != round(value) or loop.sched.path != "vp":  # (a flow's 1000 s: float32 always)
         return torch.full((n,), value, dtype=torch.float32, device=dev)
     return torch.full((n,), round(value), dtype=torch.long, device=dev)
 
 
 def _model_x0(
-    loop: _Loop, xb: Tensor, i: int, t_vec: Tensor, where: tuple[int, Tensor]
-) -> tuple[Tensor, Tensor | None, Tensor]:
-    """One model call on batch ``xb`` at index ``i``: (output, var values, raw x0_hat), in x's
-    dtype; ``where`` = (the step, the batch's global sample indices)."""
+    loop: _Loop, xb: Tensor, i: int, t_vec: Tensor, where: tuple[int, Tensor],
+    at: float | None = None,
+) -> tuple[Tensor, Tensor | None, Tensor]:  # fmt: skip
+    """One model call on batch ``xb`` at index ``i`` (or off the grid at EDM sigma ``at``):
+    (output, var values, raw x0_hat), in x's dtype; ``where`` = (the step, the batch's global
+    sample indices)."""
     t_event = round(loop.model_t[i])
     out, var_values = call_model(
         loop.predict, xb.to(loop.model_dtype), t_vec, step=where[0], t=(t_event, t_event),
         sample_index=where[1],
     )  # fmt: skip
     out = out.to(xb.dtype)
+    if at is not None:
+        x0 = off_grid.x0_at(out, xb, loop.sched.path, at, loop.kind)
+        return out, None if var_values is None else var_values.to(xb.dtype), x0
     t_idx = torch.arange(loop.sched.num_steps, device=xb.device)[i].expand(xb.shape[0])
     x0 = loop.sched.predict_x0(out, xb, t_idx, loop.kind)
     return out, None if var_values is None else var_values.to(xb.dtype), x0
@@ -164,14 +173,24 @@ def _one_step(
         sl = slice(start, min(start + loop.batch, n))
         xb, tb = x[sl], t_idx[sl]
         where = (step, torch.arange(first + sl.start, first + sl.stop, device=dev))
-        out, var_values, x0 = _model_x0(loop, xb, i, t_vec[sl], where)
+        nb = noise[sl] if noise is not None else None
+        moved = None
+        if loop.sampler.perturb is not None and loop.grid is not None:
+            moved = loop.sampler.perturb(xb, nb, i, loop.grid, loop.settings)
+        if moved is None:
+            out, var_values, x0 = _model_x0(loop, xb, i, t_vec[sl], where)
+        else:  # the step moved x off the grid first (churn): the model is called there
+            xb, at = moved
+            t_at = _t_vector(loop, at, xb.shape[0], dev)
+            out, var_values, x0 = _model_x0(loop, xb, i, t_at, where, at)
         bad.append(torch.isfinite(out).logical_not_().sum())  # read with the statistics: no sync
         x0c = limit_x0(x0, loop.settings)
         ctx = StepContext(
             schedule=loop.sched, x=xb, t=tb, out=out, var_values=var_values,
-            x0=x0c, x0_raw=x0, noise=noise[sl] if noise is not None else torch.zeros_like(xb),
+            x0=x0c, x0_raw=x0, noise=nb if nb is not None else torch.zeros_like(xb),
             prediction_type=loop.kind, settings=loop.settings, index=i, grid=loop.grid,
             state=_state(loop, start), evaluate=_evaluator(loop, where, sl),
+            edm_sigma=None if moved is None else moved[1],
         )  # fmt: skip
         x_next, log_var = loop.sampler.step(ctx)
         raws.append(x0)
@@ -285,6 +304,8 @@ def sample(
         grid=path_grid(schedule, settings.final_sigma), model_t=model_timesteps(schedule),
     )  # fmt: skip
     num = schedule.num_steps
+    if sampler.check_grid is not None and loop.grid is not None:
+        sampler.check_grid(loop.grid, settings)
     stats = StepStatistics(schedule, variances, float(data_variance), settings.data_range)
     stats.gaps = [loop.grid.gap(i) for i in range(num)] if loop.grid is not None else []
     stats.orders = [sampler.order(i, num, settings) if sampler.order else 1 for i in range(num)]

@@ -110,7 +110,9 @@ class StepContext:
     (:class:`~ddpmcli.run.solver_grid.PathGrid`), ``state`` the step's own per-run state (its
     sampler's ``new_state()``, one per batch of samples: a multistep solver's history), and
     ``evaluate(x, j)`` x0_hat (limited as ``x0``) of the model at ``x`` and index ``j`` (a second
-    evaluation within the step, Heun's).
+    evaluation within the step, Heun's). ``edm_sigma``: where the sampler's ``perturb`` moved x
+    off the grid before the model call (Karras et al.'s churn), the EDM sigma sigma_t/alpha_t
+    that ``x`` (in that point's path coordinates) and ``x0`` belong to; None: index ``i``.
     """
 
     schedule: core.Schedule
@@ -127,10 +129,17 @@ class StepContext:
     grid: PathGrid | None = None
     state: Any = None
     evaluate: Callable[[Tensor, int], Tensor] | None = None
+    edm_sigma: float | None = None
 
 
 StepFn = Callable[[StepContext], tuple[Tensor, "Tensor | None"]]
 """``step(ctx) -> (x_next, log_var)``: log_var of the noise added, or None (not measured)."""
+
+PerturbFn = Callable[
+    [Tensor, "Tensor | None", int, PathGrid, SampleSettings], "tuple[Tensor, float] | None"
+]
+"""``perturb(x, noise, i, grid, settings) -> (x_hat, edm_sigma_hat) | None``: a new point for
+the model call at index ``i`` (x_hat in that point's path coordinates), or None to stay."""
 
 
 @dataclass(frozen=True)
@@ -146,6 +155,8 @@ class Sampler:
     noise_at_zero: Callable[[SampleSettings], bool] | None = None
     evaluations: Callable[[int, SampleSettings], int] | None = None
     order: Callable[[int, int, SampleSettings], int] | None = None
+    perturb: PerturbFn | None = None
+    check_grid: Callable[[PathGrid, SampleSettings], None] | None = None
 
 
 _REGISTRY: dict[str, Sampler] = {}
@@ -169,6 +180,8 @@ def register_sampler(
     noise_at_zero: Callable[[SampleSettings], bool] | None = None,
     evaluations: Callable[[int, SampleSettings], int] | None = None,
     order: Callable[[int, int, SampleSettings], int] | None = None,
+    perturb: PerturbFn | None = None,
+    check_grid: Callable[[PathGrid, SampleSettings], None] | None = None,
 ) -> Callable[[StepFn], StepFn]:
     """Register ``step`` under ``name`` (a decorator); :func:`sample` then runs it by name.
 
@@ -182,12 +195,17 @@ def register_sampler(
         evaluations: model evaluations of a run of N indices per sample (default N).
         order: ``(i, N, settings) ->`` the order of the step at index ``i`` (the ``order``
             column; default 1).
+        perturb: moves x before the model call at an index (see :data:`PerturbFn`); the model
+            is then called there, and the step sees the point as ``ctx.x``/``ctx.edm_sigma``.
+        check_grid: raises :class:`ParameterError` for settings the run's grid makes void
+            (called before any model call).
     """
 
     def add(step: StepFn) -> StepFn:
         _REGISTRY[name] = Sampler(
-            name, step, uses_noise, variances, new_state, check, noise_at_zero, evaluations, order
-        )
+            name, step, uses_noise, variances, new_state, check, noise_at_zero, evaluations,
+            order, perturb, check_grid,
+        )  # fmt: skip
         return step
 
     return add
