@@ -102,6 +102,7 @@ def load_checkpoint(
     label_seed: int = 0,
     prompt: str | None = None,
     time_ids: str | Sequence[float] | None = None,
+    max_sequence_length: int | None = None,
 ) -> LoadedModel:
     """Load a checkpoint of any supported format as a :class:`LoadedModel`.
 
@@ -129,6 +130,9 @@ def load_checkpoint(
         time_ids: an SDXL-style model's added time ids, ``(original h, w, crop top, left, target
             h, w)`` in pixels (a refiner's: ``(..., aesthetic score)``); default: the image size
             of the data shape, no crop.
+        max_sequence_length: the T5 tokens an SD3 or Flux model's prompt encoding reads, as
+            diffusers' ``max_sequence_length`` (default the pipeline's: SD3 256, Flux 512; at
+            most 512 and the tokenizer's ``model_max_length``).
 
     Raises:
         CheckpointError: one line saying what is wrong (or which flag to pass).
@@ -155,7 +159,7 @@ def load_checkpoint(
     loaded.info.setdefault("file_size", _size(p))
     loaded = conditioning.attach(
         loaded, class_label, guidance_scale, label_seed, str(p), inspect_only=inspect_only,
-        prompt=prompt, time_ids=time_ids,
+        prompt=prompt, time_ids=time_ids, max_sequence_length=max_sequence_length,
     )  # fmt: skip
     if inspect_only:
         return loaded

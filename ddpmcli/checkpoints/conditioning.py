@@ -297,6 +297,8 @@ class TextConditioning:
     default_guidance: float = 1.0
     set_time_ids: Callable[[object], None] | None = None
     """An SDXL-style model's setter of its added time ids (None: the model has none)."""
+    set_sequence_length: Callable[[int], None] | None = None
+    """An SD3/Flux model's setter of the T5 tokens it reads (None: the model reads no T5)."""
     shown: dict[str, object] = field(default_factory=dict)
     """Further ``info`` fields of the family (an SDXL's time ids, a Flux's guidance input)."""
     _cache: dict[tuple[str | None, str, str], Prompt] = field(default_factory=dict, repr=False)
@@ -384,6 +386,27 @@ def check_unconditional(class_label: object, guidance_scale: float | None, where
         )
 
 
+def _text_options(
+    text: TextConditioning | None, where: str, time_ids: object, max_sequence_length: int | None
+) -> None:
+    """Apply SDXL's time ids and SD3/Flux's T5 token count; either given to a model without
+    them is an error."""
+    if time_ids is not None:
+        if text is None or text.set_time_ids is None:
+            raise CheckpointError.naming(
+                f"{verbatim(where)}: {{time_ids}} given, but the model is not SDXL-style"
+            )
+        text.set_time_ids(time_ids)
+    if max_sequence_length is not None:
+        if text is None or text.set_sequence_length is None:
+            raise CheckpointError.naming(
+                f"{verbatim(where)}: {{max_sequence_length}} given, but the model reads no T5 "
+                "prompt encoding (SD3 and Flux pipelines do)"
+            )
+        text.set_sequence_length(max_sequence_length)
+        text.shown["max_sequence_length"] = max_sequence_length
+
+
 def attach(
     loaded: LoadedModel,
     class_label: str | int | None,
@@ -394,10 +417,12 @@ def attach(
     inspect_only: bool = False,
     prompt: str | None = None,
     time_ids: object = None,
+    max_sequence_length: int | None = None,
 ) -> LoadedModel:
     """``loaded`` with its conditioning built from the loader's options.
 
     ``time_ids``: an SDXL-style model's added time ids (:mod:`.sdxl`), default from its data shape.
+    ``max_sequence_length``: the T5 tokens an SD3/Flux model reads (default its pipeline's).
 
     A text-conditional loader gives the model a :class:`TextConditioning`, which takes
     ``prompt`` (default empty). A loader marks a class-conditional model with
@@ -408,12 +433,7 @@ def attach(
     if prompt is not None and not isinstance(prompt, str):  # the tokenizer's error blamed the shape
         raise ParameterError(f"{{prompt}} must be a string, got {verbatim(repr(prompt))}")
     text = loaded.conditioning if isinstance(loaded.conditioning, TextConditioning) else None
-    if time_ids is not None:
-        if text is None or text.set_time_ids is None:
-            raise CheckpointError.naming(
-                f"{verbatim(where)}: {{time_ids}} given, but the model is not SDXL-style"
-            )
-        text.set_time_ids(time_ids)
+    _text_options(text, where, time_ids, max_sequence_length)
     if text is not None:
         if class_label is not None:
             raise CheckpointError.naming(

@@ -38,12 +38,16 @@ from ddpmcli.checkpoints import text_encoders
 from ddpmcli.checkpoints.conditioning import Prompt, TextConditioning
 from ddpmcli.checkpoints.first_call import CheckedOnFirstCall
 from ddpmcli.checkpoints.meta import _Meta
-from ddpmcli.errors import CheckpointError, DdpmError
+from ddpmcli.errors import CheckpointError, DdpmError, ParameterError
 
 FLOW_CLASSES = ("SD3Transformer2DModel", "FluxTransformer2DModel")
 SD3_T5_TOKENS = 256
 FLUX_T5_TOKENS = 512
-"""T5 tokens the pipelines read by default (their ``max_sequence_length``)."""
+"""T5 tokens the pipelines read by default (their ``max_sequence_length``: 256 in
+``StableDiffusion3Pipeline``, 512 in ``FluxPipeline``, dev and schnell alike; schnell's model
+card passes 256)."""
+MAX_T5_SEQUENCE = 512
+"""The longest ``max_sequence_length`` diffusers' SD3 and Flux pipelines accept."""
 FLUX_GUIDANCE = 3.5
 """FluxPipeline's default ``guidance_scale`` (embedded guidance of Flux-dev)."""
 MAX_WIDTH = 1 << 14
@@ -192,6 +196,7 @@ def sd3_text(p: Path, net_config: Mapping[str, Any], where: str) -> TextConditio
         clips.append((tokenizer, module, text_encoders.clip_length(tokenizer, positions)))
     t5 = _t5(p, "text_encoder_3", "tokenizer_3", where)
     joint = int(net_config.get("joint_attention_dim", 4096))
+    tokens = T5Tokens(SD3_T5_TOKENS, None if t5 is None else t5[0])
 
     def encode(prompt: str) -> Prompt:
         states, pooled = [], []
@@ -203,15 +208,15 @@ def sd3_text(p: Path, net_config: Mapping[str, Any], where: str) -> TextConditio
             states.append(out.hidden_states[-2])
         clip = torch.cat(states, dim=-1).float()
         if t5 is None:
-            long = torch.zeros(1, SD3_T5_TOKENS, joint)
+            long = torch.zeros(1, tokens.count, joint)
         else:
-            long = t5[1](text_encoders.token_ids(t5[0], prompt, SD3_T5_TOKENS))[0].float()
+            long = t5[1](text_encoders.token_ids(t5[0], prompt, tokens.count))[0].float()
         clip = torch.nn.functional.pad(clip, (0, long.shape[-1] - clip.shape[-1]))
         return {"states": torch.cat([clip, long], dim=-2), "pooled": torch.cat(pooled, dim=-1)}
 
     text = TextConditioning(
         encode, count_tokens=functools.partial(text_encoders.token_count, clips[0][0]),
-        max_tokens=clips[0][2],
+        max_tokens=clips[0][2], set_sequence_length=tokens.set,
     )  # fmt: skip
     text.shown["text_encoders"] = "CLIP-L, CLIP-G" + (", T5" if t5 is not None else " (no T5)")
     return text
@@ -227,22 +232,46 @@ def flux_text(p: Path, net_config: Mapping[str, Any], where: str) -> TextConditi
     t5 = _t5(p, "text_encoder_2", "tokenizer_2", where)
     if t5 is None:
         raise CheckpointError(f"{p}: a Flux pipeline needs text_encoder_2/ and tokenizer_2/ (T5)")
+    tokens = T5Tokens(FLUX_T5_TOKENS, t5[0])
 
     def encode(prompt: str) -> Prompt:
         pooled = clip(text_encoders.token_ids(tokenizer, prompt, length)).pooler_output
-        states = t5[1](text_encoders.token_ids(t5[0], prompt, FLUX_T5_TOKENS))[0]
+        states = t5[1](text_encoders.token_ids(t5[0], prompt, tokens.count))[0]
         return {"states": states.float(), "pooled": pooled.float()}
 
     embedded = bool(net_config.get("guidance_embeds", False))
     text = TextConditioning(
         encode, count_tokens=functools.partial(text_encoders.token_count, tokenizer),
         max_tokens=length, guidance="embedded" if embedded else "classifier-free",
-        default_guidance=FLUX_GUIDANCE if embedded else 1.0,
+        default_guidance=FLUX_GUIDANCE if embedded else 1.0, set_sequence_length=tokens.set,
     )  # fmt: skip
     text.shown["text_encoders"] = "CLIP-L, T5"
     if not embedded:
         text.shown["guidance"] = "classifier-free (no guidance embedding: the pipeline's true CFG)"
     return text
+
+
+class T5Tokens:
+    """The T5 token count a pipeline's prompt encoding reads (diffusers' ``max_sequence_length``):
+    the family's default until :meth:`set`, which checks a count against the limit before any
+    encoder call allocates for it."""
+
+    def __init__(self, default: int, tokenizer: Any) -> None:
+        self.count = default
+        own = getattr(tokenizer, "model_max_length", None)
+        self.limit = MAX_T5_SEQUENCE
+        if isinstance(own, int) and not isinstance(own, bool) and own >= 1:
+            self.limit = min(MAX_T5_SEQUENCE, own)
+
+    def set(self, value: int) -> None:
+        """Read ``value`` T5 tokens (1 .. the tokenizer's ``model_max_length``, at most 512 as
+        diffusers' pipelines allow)."""
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= self.limit:
+            raise ParameterError(
+                f"{{max_sequence_length}} {value!r}: the T5 prompt encoding reads 1 to "
+                f"{self.limit} tokens (diffusers' pipelines allow at most {MAX_T5_SEQUENCE})"
+            )
+        self.count = value
 
 
 def _need(p: Path, enc: str, tok: str) -> None:

@@ -19,6 +19,7 @@ from ddpmcli import limits
 from ddpmcli.cli.common import (
     NUM_SAMPLES_FLAGS,
     EvalDataOpt,
+    MaxSequenceLengthOpt,
     ModelOpt,
     PromptOpt,
     SeedOpt,
@@ -75,6 +76,7 @@ class CheckpointFlags:
     trust_program: TrustOpt = False
     model_factory: ModelOpt = None
     prompt: PromptOpt = None
+    max_sequence_length: MaxSequenceLengthOpt = None
     threads: ThreadsOpt = None
 
 
@@ -167,7 +169,7 @@ def check_checkpoint(
     model = ModelFlags(
         kind=flags.kind, timesteps=flags.timesteps, prediction_type=prediction_type,
         data_shape=c.data_shape, data_range=c.data_range, trust_program=c.trust_program,
-        model_factory=c.model_factory, prompt=c.prompt,
+        model_factory=c.model_factory, prompt=c.prompt, max_sequence_length=c.max_sequence_length,
     ).load(path, data=c.data, seed=c.seed)  # fmt: skip
     use_threads(c.threads, model, current())
     # --n 10**9 built the data set first (8 GB, the bug handler under a memory cap)

@@ -270,6 +270,16 @@ TimeIdsOpt = Annotated[
         rich_help_panel=PANEL_CONDITIONING,
     ),
 ]
+MaxSequenceLengthOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--max-sequence-length",
+        metavar="N",
+        help="T5 tokens an SD3 or Flux model's prompt encoding reads, as diffusers' "
+        "max_sequence_length; default the pipeline's (SD3 256, Flux 512); at most 512.",
+        rich_help_panel=PANEL_CONDITIONING,
+    ),
+]
 DecodeOpt = Annotated[
     bool,
     typer.Option(
@@ -284,15 +294,17 @@ DecodeOpt = Annotated[
 def conditioning_options(
     class_label: str | None, guidance_scale: float | None, seed: int = 0,
     prompt: str | None = None, time_ids: str | None = None,
+    max_sequence_length: int | None = None,
 ) -> dict[str, Any]:  # fmt: skip
-    """--class-label, --guidance-scale, --prompt, --time-ids (and --seed for random labels) as
-    keyword arguments for `checkpoints.load_checkpoint`."""
+    """--class-label, --guidance-scale, --prompt, --time-ids, --max-sequence-length (and --seed
+    for random labels) as keyword arguments for `checkpoints.load_checkpoint`."""
     return {
         "class_label": class_label,
         "guidance_scale": guidance_scale,
         "label_seed": seed,
         "prompt": prompt,
         **({"time_ids": time_ids} if time_ids is not None else {}),
+        **({} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}),
     }
 
 

@@ -26,6 +26,7 @@ from ddpmcli.cli.common import (
     FormatOpt,
     GuidanceOpt,
     LearnedOpt,
+    MaxSequenceLengthOpt,
     MetaKindOpt,
     MetaTimestepsOpt,
     ModelOpt,
@@ -118,6 +119,7 @@ class ModelFlags:
     guidance_scale: GuidanceOpt = None
     prompt: PromptOpt = None
     time_ids: TimeIdsOpt = None
+    max_sequence_length: MaxSequenceLengthOpt = None
 
     def load(
         self,
@@ -149,7 +151,8 @@ class ModelFlags:
             ),
             **data_load_options(checkpoint, data, self.data_shape, self.data_range),
             **conditioning_options(
-                self.class_label, self.guidance_scale, seed, self.prompt, self.time_ids
+                self.class_label, self.guidance_scale, seed, self.prompt, self.time_ids,
+                self.max_sequence_length,
             ),
             model=self.model_factory, device=resolve_device(device),
             dtype=None if dtype is None else resolve_dtype(dtype),
