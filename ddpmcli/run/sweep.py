@@ -485,14 +485,9 @@ def _setup(
 
 
 def path_columns(schedule: Any) -> tuple[str, ...]:
-    """The path's own columns a sweep's rows add after ``t``: ``alpha_t`` and ``sigma_t`` of a
-    non-VP path (on VP they are sqrt(alpha_bar) and sqrt(1 - alpha_bar), which the alpha_bar
-    column already gives, so none)."""
+    """The columns rows add after ``t``: a non-VP path's own ``alpha_t``, ``sigma_t`` (on VP the
+    alpha_bar column gives them)."""
     return () if schedule.path == "vp" else ("alpha_t", "sigma_t")
-
-
-def _path_columns(schedule: Any, ts: Tensor) -> dict[str, list[float]]:
-    return {name: getattr(schedule, name)[ts].tolist() for name in path_columns(schedule)}
 
 
 def _result(
@@ -507,17 +502,16 @@ def _result(
     lo, hi = run.data_range
     peak = (hi - lo) ** 2
     ts_cpu = torch.tensor(ts, dtype=torch.long)
-    alpha_bar = model.schedule.alpha_bar[ts_cpu].tolist()  # the float64 originals
-    snr = model.schedule.snr[ts_cpu].tolist()
+    path = path_columns(model.schedule)
+    at = [(c, getattr(model.schedule, c)[ts_cpu].tolist()) for c in ("alpha_bar", "snr", *path)]
+    per_t = [{c: v[j] for c, v in at} for j in range(len(ts))]  # the float64 originals
     optimal = run.optimal is not None
     names = ["mse", "eps_mse", "clip_fraction"]
     names += ["optimal_mse", "optimal_eps_mse", "excess_sq"] if optimal else []
-    path = _path_columns(model.schedule, ts_cpu)  # a flow's or sigma path's own alpha_t, sigma_t
     columns = ["t", *path, *AGGREGATE_COLUMNS[1:]] + (list(OPTIMAL_COLUMNS) if optimal else [])
     rows: list[dict[str, Any]] = []
     for j, (t, mean) in enumerate(zip(ts, (got / n).tolist(), strict=True)):
-        row: dict[str, Any] = {"t": t, "alpha_bar": alpha_bar[j], "snr": snr[j]}
-        row.update({name: values[j] for name, values in path.items()})
+        row: dict[str, Any] = {"t": t, **per_t[j]}
         row.update(zip(names, mean, strict=True))
         row["psnr"] = _psnr(row["mse"], peak)
         if optimal:
@@ -531,9 +525,7 @@ def _result(
         sample_rows = []
         for p, values in enumerate(flat):
             j, i = divmod(p, n)
-            srow: dict[str, Any] = {"t": ts[j], "sample": i, "alpha_bar": alpha_bar[j]}
-            srow["snr"] = snr[j]
-            srow.update({name: values[j] for name, values in path.items()})
+            srow: dict[str, Any] = {"t": ts[j], "sample": i, **per_t[j]}
             srow.update(zip(names, values, strict=True))
             srow["psnr"] = _psnr(srow["mse"], peak)
             if optimal:
