@@ -387,6 +387,7 @@ def sample(
     eta: float = 0.0,
     spacing: SampleSpacingName | None = None,
     grid: SampleSpacingName | Sequence[float] | None = None,
+    timesteps: Sequence[int] | None = None,
     init: Tensor | None = None,
     clip: bool = True,
     dynamic_threshold: float | None = None,
@@ -412,6 +413,8 @@ def sample(
             :func:`ddpmcli.run.register_sampler`; None: a diffusers folder's own scheduler
             where ddpm has it (:func:`ddpmcli.api_sampling.own_scheduler`), else ``ddpm``.
         grid: a spacing (as ``spacing``, e.g. ``karras``) or explicit EDM sigmas, descending.
+        timesteps: an explicit list of the model's own timesteps to visit (diffusers' custom
+            ``timesteps``), instead of ``steps``/``spacing``/``grid``.
         init: the standard-normal x_T ``[n, *data_shape]`` to start from (diffusers' latents).
         solver: ``order``, ``solver_type``, ``lower_order_final``, ``euler_at_final``,
             ``final_sigmas_type``, ``corrector``, ``s_churn``/``s_tmin``/``s_tmax``/``s_noise``,
@@ -437,13 +440,17 @@ def sample(
         ParameterError: settings that cannot run (before any model call).
         NonFiniteSampleError, ModelFailure: the run failed; ``rows`` holds the steps so far.
     """
+    if timesteps is not None:
+        given = [k for k, v in (("steps", steps), ("spacing", spacing), ("grid", grid)) if v]
+        if given:
+            raise ParameterError(f"{{timesteps}} and {{{given[0]}}} cannot be used together")
     name, how, sigmas, solver, _ = resolve_sampler(model, sampler, spacing, grid, solver)
     settings = sample_settings(
         model, n, name, variance=variance, eta=eta, clip=clip,
         dynamic_threshold=dynamic_threshold, trajectory_every=trajectory_every,
         trajectory_samples=trajectory_samples, **solver,
     )  # fmt: skip
-    sched = sampling_schedule(model, steps, how, name, sigmas)
+    sched = sampling_schedule(model, steps, how, name, sigmas, timesteps=timesteps)
     refs = _references(model, references, seed)
     if data_variance is None:
         data_variance = 1.0 if refs is None else float(refs.double().var(correction=0))
