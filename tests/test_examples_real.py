@@ -2,9 +2,16 @@
 2.3.4's own ``GaussianDiffusion``, ``Trainer`` checkpoints and ``model_predictions``, and
 openai/improved-diffusion's own ``script_util`` flags, ``UNetModel`` and diffusion.
 
-Each test skips when its package is not importable. Neither is a dependency of ddpm:
-denoising-diffusion-pytorch pulls torchvision, accelerate, scipy and pytorch-fid (a torchvision
-matching the installed torch is not always on offer), and improved-diffusion is not on PyPI
+denoising-diffusion-pytorch runs in CI: the README's test command installs it with ``--no-deps``
+and the ``examples-check`` extra brings what its modules import (einops, ema-pytorch, accelerate;
+scipy, tqdm and pillow come with the other extras). Its torchvision is left out: the torchvision
+that pairs with the pinned CPU torch 2.13.0 (0.28.0) is on PyPI only as a CUDA build, which cannot
+import beside a CPU torch ("operator torchvision::nms does not exist"), and a newer one replaces
+torch. Where torchvision is not installed, the package is imported over a stand-in for the two
+transforms modules it imports at its top (see ``_torchvision_stand_in``); pytorch-fid is imported
+only for FID, which these tests turn off.
+
+improved-diffusion is not on PyPI: its tests skip unless ``improved_diffusion`` is importable
 (``pip install -e`` a clone of github.com/openai/improved-diffusion, or put it on PYTHONPATH).
 """
 
@@ -42,9 +49,73 @@ def _example(name: str) -> ModuleType:
 # lucidrains/denoising-diffusion-pytorch
 
 
+def _torchvision_stand_in() -> dict[str, ModuleType]:
+    """torchvision as far as denoising_diffusion_pytorch uses it here: its main module imports
+    ``transforms`` and ``utils`` (``save_image``, for samples, which these tests never take); its
+    image ``Dataset`` composes ``Lambda``, ``Resize``, ``CenterCrop`` and ``ToTensor`` (and
+    ``RandomHorizontalFlip`` with ``augment_horizontal_flip``, off here). The images here are
+    already the model's size, so Resize and CenterCrop only check that. Checked once beside
+    torchvision 0.28.0: the package's Dataset gave bit-identical tensors for RGB, L and mixed
+    folders of 8x8 PNGs through either, image size 8 or (8, 8)."""
+    import numpy as np
+
+    def compose(steps: list[Any]) -> Any:
+        def run(image: Any) -> Any:
+            for step in steps:
+                image = step(image)
+            return image
+
+        return run
+
+    def same_size(size: int | tuple[int, int]) -> Any:
+        height, width = (size, size) if isinstance(size, int) else size
+
+        def check(image: Any) -> Any:  # PIL's size is (width, height)
+            if image.size != (width, height):
+                raise ValueError(f"the stand-in takes {width}x{height} images, not {image.size}")
+            return image
+
+        return check
+
+    def to_tensor() -> Any:
+        def convert(image: Any) -> torch.Tensor:
+            array = np.array(image, dtype=np.uint8)
+            array = array[:, :, None] if array.ndim == 2 else array
+            return torch.from_numpy(array).permute(2, 0, 1).float().div(255)
+
+        return convert
+
+    transforms = ModuleType("torchvision.transforms")
+    transforms.__dict__.update(
+        Compose=compose, Lambda=lambda fn: fn, Resize=same_size, CenterCrop=same_size,
+        ToTensor=to_tensor,
+    )  # fmt: skip
+    utils = ModuleType("torchvision.utils")
+    package = ModuleType("torchvision")
+    package.__dict__.update(transforms=transforms, utils=utils)
+    return {
+        "torchvision": package,
+        "torchvision.transforms": transforms,
+        "torchvision.utils": utils,
+    }
+
+
 @pytest.fixture(scope="module")
 def ddp() -> Any:
-    return pytest.importorskip("denoising_diffusion_pytorch")
+    if importlib.util.find_spec("denoising_diffusion_pytorch") is None:
+        pytest.skip(
+            "denoising-diffusion-pytorch is not installed (pip install -e '.[examples-check]' "
+            "and pip install --no-deps denoising-diffusion-pytorch==2.3.4)"
+        )
+    if importlib.util.find_spec("torchvision") is not None:
+        try:
+            return importlib.import_module("denoising_diffusion_pytorch")
+        except RuntimeError as exc:  # a CUDA torchvision beside a CPU torch
+            pytest.skip(f"torchvision does not import beside this torch: {exc}")
+    with pytest.MonkeyPatch.context() as patch:  # the stand-in only while the package imports
+        for name, module in _torchvision_stand_in().items():
+            patch.setitem(sys.modules, name, module)
+        return importlib.import_module("denoising_diffusion_pytorch")
 
 
 def _diffusion(ddp: Any, schedule: str, timesteps: int = 1000) -> Any:
@@ -96,7 +167,7 @@ def test_custom_betas_are_taken_as_stored(ddp) -> None:
 @pytest.fixture(scope="module")
 def trainer_checkpoint(ddp: Any, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
     """``Trainer.save`` after one step on 100 8x8 images (its minimum), sigmoid schedule,
-    T = 100, pred_v (the package's defaults)."""
+    T = 100, pred_v (the package's defaults), without the horizontal flip augmentation."""
     import numpy as np
     from PIL import Image
 
@@ -110,6 +181,7 @@ def trainer_checkpoint(ddp: Any, tmp_path_factory: pytest.TempPathFactory) -> tu
     trainer = ddp.Trainer(
         gd, str(images), train_batch_size=16, train_num_steps=1, results_folder=str(root),
         calculate_fid=False, amp=False, save_and_sample_every=10**9,
+        augment_horizontal_flip=False,
     )  # fmt: skip
     trainer.train()
     trainer.save(1)
@@ -154,9 +226,18 @@ MODEL_FLAGS = (
 DIFFUSION_FLAGS = "--diffusion_steps 50 --noise_schedule cosine"
 
 
+IMPROVED_DIFFUSION_ABSENT = (
+    "improved-diffusion is not installed, and no package registry has it: openai publishes it "
+    "only as a GitHub repository (pip install -e a clone, or put it on PYTHONPATH); PyPI's "
+    "improved-diffusion-for-SMLM is a fork with other defaults and a changed GaussianDiffusion"
+)
+
+
 @pytest.fixture(scope="module")
 def script_util() -> Any:
-    return pytest.importorskip("improved_diffusion.script_util")
+    if importlib.util.find_spec("improved_diffusion") is None:
+        pytest.skip(IMPROVED_DIFFUSION_ABSENT)
+    return importlib.import_module("improved_diffusion.script_util")
 
 
 def test_flags_are_typed_as_the_package_types_them(script_util) -> None:
