@@ -309,3 +309,26 @@ def test_an_empty_churn_window_is_one_line_exit_2(cli, tmp_path, flags, words) -
     assert result.exit_code == 2, result.stderr
     assert result.stdout == ""
     assert result.stderr.startswith(words) and result.stderr.count("\n") == 1, result.stderr
+
+
+def test_dpm_form_on_the_command_line(cli, tmp_path) -> None:
+    from conftest import tiny_mlp_checkpoint
+
+    ckpt = str(tiny_mlp_checkpoint(tmp_path / "m.pt", 50))
+    base = ["sample", ckpt, "--steps", "6", "--n", "4", "--format", "csv"]
+    done = cli(*base, "--sampler", "dpmpp-3m", "--dpm-form", "exact", "--columns", "step,order")
+    assert done.exit_code == 0, done.stderr
+    # the 2S start is second order, then 3M's rule (lower_order_final below 15 steps)
+    assert [r.split(",")[1] for r in done.stdout.splitlines()[1:]] == list("223321")
+    for flags, words in (
+        (["--sampler", "dpmpp-3m", "--dpm-form", "bogus"],
+         "Error: --dpm-form 'bogus' is unknown; allowed: diffusers, exact"),
+        (["--sampler", "euler", "--dpm-form", "exact"],
+         "Error: --dpm-form does not apply to --sampler euler"),
+        (["--sampler", "dpmpp-2m-sde", "--dpm-form", "exact"],
+         "Error: --dpm-form exact is for the ODE solvers dpmpp-2m and dpmpp-3m"),
+    ):  # fmt: skip
+        result = cli(*base, *flags)
+        assert result.exit_code == 2 and result.stdout == "", result.stderr
+        errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+        assert len(errors) == 1 and errors[0].startswith(words.rstrip("\n")), result.stderr

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -57,6 +58,15 @@ CorrectorOpt = Annotated[
     bool | None,
     _solver_option("--corrector/--no-corrector", help="unipc: the UniC corrector (default on)."),
 ]
+DpmFormOpt = Annotated[
+    str | None,
+    _solver_option(
+        "--dpm-form",
+        help="dpmpp-2m/-3m at order 3: diffusers (default: its update digit for digit, second "
+        "order in fact) or exact (the Taylor third-order term and a DPM-Solver++(2S) first step, "
+        "one more model call: third order).",
+    ),
+]
 ChurnOpt = Annotated[
     float | None,
     _solver_option("--s-churn", help="euler, heun: Karras et al. 2022's churn (default 0)."),
@@ -94,10 +104,23 @@ SigmasOpt = Annotated[
 ]
 
 
+SOLVER_PARAMS = (
+    "order", "solver_type", "lower_order_final", "euler_at_final", "final_sigmas", "corrector",
+    "s_churn", "s_tmin", "s_tmax", "s_noise", "stochastic", "dpm_form",
+)  # fmt: skip
+"""The parameter names of the solver options above, as a command takes them."""
+
+
 def solver_flags(**given: Any) -> dict[str, Any]:
     """The library's solver options of the flags that were given (None: not given)."""
     names = {"final_sigmas": "final_sigmas_type"}
     return {names.get(k, k): v for k, v in given.items() if v is not None}
+
+
+def solver_flags_of(params: Mapping[str, Any]) -> dict[str, Any]:
+    """:func:`solver_flags` of a command's parsed parameters (typer's ``ctx.params``), those of
+    :data:`SOLVER_PARAMS` it has."""
+    return solver_flags(**{k: params[k] for k in SOLVER_PARAMS if k in params})
 
 
 def parse_sigmas(text: str | None) -> list[float] | None:
