@@ -83,10 +83,14 @@ def sampling_schedule(
     sampler: str = "ddpm",
     sigmas: Sequence[float] | None = None,
     whole: bool | None = None,
+    timesteps: Sequence[int] | None = None,
 ) -> core.Schedule:
     """The schedule :func:`ddpmcli.sample` runs: the model's, respaced to ``steps`` (a count or
-    a section string such as ``ddim50``; None: all T) as :func:`sampling_spacing` says, or a
-    sigma grid (:func:`solver_schedule`)."""
+    a section string such as ``ddim50``; None: all T) as :func:`sampling_spacing` says, a sigma
+    grid (:func:`solver_schedule`), or the model's own entries at explicit ``timesteps`` (which
+    then replace the others)."""
+    if timesteps is not None:
+        return timestep_grid(model.schedule, timesteps)
     how, offset = sampling_spacing(model, spacing)
     return solver_schedule(model, steps, how, offset, sampler, sigmas, whole)
 
@@ -147,6 +151,28 @@ def solver_schedule(
         count = _count(steps, spacing)
         return sigma_grid(model.schedule, count, spacing, whole_timesteps=whole)
     return respaced_schedule(model.schedule, steps, spacing, offset)
+
+
+def timestep_grid(schedule: core.Schedule, timesteps: Sequence[int]) -> core.Schedule:
+    """``schedule`` at an explicit list of its own timesteps (diffusers' custom ``timesteps``; any
+    order, run from the largest down): whole numbers in 0..T-1, each once."""
+    values = list(timesteps)
+    if not values:
+        raise ParameterError("{timesteps}: give at least one timestep")
+    for v in values:
+        if isinstance(v, bool) or not float(v).is_integer():
+            raise ParameterError(f"{{timesteps}} must be whole numbers, got {v!r}")
+    ints = [int(v) for v in values]
+    big_t = schedule.num_steps
+    outside = [t for t in ints if not 0 <= t < big_t]
+    if outside:
+        raise ParameterError(f"{{timesteps}} {outside[0]} is outside the model's 0..{big_t - 1}")
+    repeated = sorted({t for t in ints if ints.count(t) > 1})
+    if repeated:
+        raise ParameterError(
+            f"{{timesteps}} repeats t = {repeated[0]}; each step needs its own noise level"
+        )
+    return core.respace(schedule, ints)
 
 
 def _count(steps: int | str | None, spacing: str) -> int:

@@ -43,6 +43,7 @@ from ddpmcli.cli.option_groups import (
     table_options,
 )
 from ddpmcli.cli.solver_options import (
+    PANEL_SOLVER,
     ChurnOpt,
     CorrectorOpt,
     DpmFormOpt,
@@ -69,7 +70,41 @@ if TYPE_CHECKING:
 
 PANEL_SAMPLER = "Sampler"
 _sampler_option = in_panel(PANEL_SAMPLER)  # an option of the Sampler panel of the help
-_FLAGS = {"final_sigmas_type": "--final-sigmas", "final_sigma": "--final-sigmas"}
+_FLAGS = {
+    "final_sigmas_type": "--final-sigmas",
+    "final_sigma": "--final-sigmas",
+    "timesteps": "--timestep-list",
+}
+TimestepListOpt = Annotated[
+    str | None,
+    in_panel(PANEL_SOLVER)(
+        "--timestep-list",
+        metavar="T1,T2,...",
+        help="Visit exactly these training timesteps (0-based, distinct, any order: run from the "
+        "largest down; diffusers' custom timesteps) instead of --steps/--spacing/--sigmas.",
+    ),
+]
+
+
+def _parse_timesteps(text: str | None, **others: str | None) -> list[int] | None:
+    """``--timestep-list 999,500,0`` as ints (a usage error naming the flag otherwise, or one of
+    ``others``, the grid flags it replaces, given too)."""
+    reject_conflicts(
+        ("--sigmas", others["sigmas"] is not None), ("--steps", others["steps"] is not None)
+    )
+    for flag, value in others.items():
+        reject_conflicts(("--timestep-list", text is not None), (f"--{flag}", value is not None))
+    if text is None:
+        return None
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"--timestep-list {text!r}: give comma-separated whole numbers") from None
+    if not values:
+        raise UsageError("--timestep-list: give at least one timestep")
+    return values
+
+
 SAVE_SUFFIXES = (".npz", ".png")
 SUMMARY_COLUMNS = (
     "sampler",
@@ -251,6 +286,7 @@ def sample(
     dpm_form: DpmFormOpt = None,
     init: InitOpt = None,
     sigmas: SigmasOpt = None,
+    timestep_list: TimestepListOpt = None,
 ) -> None:
     """Sample from a checkpoint and show every step: one row per step.
 
@@ -285,7 +321,7 @@ def sample(
     ranks, run_device = join_ranks(device)
     solver = solver_flags_of(ctx.params)  # --order ... --dpm-form (cli/solver_options.py)
     grid, x_init = parse_sigmas(sigmas), read_init(init)
-    reject_conflicts(("--sigmas", grid is not None), ("--steps", steps is not None))
+    at = _parse_timesteps(timestep_list, steps=steps, sigmas=sigmas, spacing=spacing)
     model = model_flags.load(checkpoint, run_device, dtype, data=reference, seed=seed)
     use_threads(threads, model, ranks)
     limits.check_run_sizes(model.data_shape, n=n, batch_size=batch_size, one_batch_default=True)
@@ -297,7 +333,7 @@ def sample(
             model, n, name, variance=variance, eta=eta, clip=clip,
             dynamic_threshold=threshold, trajectory_every=trajectory_every, **solver,
         )  # fmt: skip
-        schedule = api.sampling_schedule(model, steps, how, name, grid)
+        schedule = api.sampling_schedule(model, steps, how, name, grid, timesteps=at)
     if steps is not None and steps.strip().isdigit():  # the warning check gives (issue 20)
         warn_respacing(schedule, api.sampling_spacing(model, how)[0])
     if said and not table.quiet:
@@ -310,11 +346,10 @@ def sample(
         with progress(n * schedule.num_steps, "sampling", table.quiet) as bar, as_flags(**_FLAGS):
             run = api.sample(
                 model, n, steps, name, seed=seed, variance=variance, eta=eta,
-                grid=grid if grid is not None else how,  # type: ignore[arg-type]
-                clip=clip,
-                dynamic_threshold=threshold, batch_size=batch_size, references=reference,
-                trajectory_every=trajectory_every, observers=[progress_observer(bar)],
-                ranks=ranks, init=x_init, **solver,
+                grid=grid if grid is not None or at is not None else how,  # type: ignore[arg-type]
+                timesteps=at, clip=clip, dynamic_threshold=threshold, batch_size=batch_size,
+                references=reference, trajectory_every=trajectory_every, ranks=ranks,
+                observers=[progress_observer(bar)], init=x_init, **solver,
             )  # fmt: skip
     except RunError as exc:  # NaN/Inf or the model's own failure: the rows so far, then the error
         if not summary and exc.rows:
