@@ -108,6 +108,10 @@ def check(
     sched = model.schedule
     used, offset = sampling_spacing(model, spacing)
     count = probe_steps(sched.num_steps) if steps is None else steps
+    if steps is None and 0 < offset and sched.num_steps - offset < count:
+        # as many steps as T with a steps_offset would call t = T (a T = 20 SDXL folder,
+        # leading spacing, offset 1, was a usage error); the default grid stays inside
+        count = max(1, sched.num_steps - offset)
     limits.check_count(count, "steps")
     respaced = core.respaced(sched, min(count, sched.num_steps), used, offset)
     # precision: float32, and the dtype the model runs in when it is narrower

@@ -149,15 +149,16 @@ def test_cli_trained_flow_model(cli, trained) -> None:
     assert "fit model timestep 1000 s, not the declared s" in row["message"]
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux"])
-def test_cli_flow_pipelines_raise_no_probe_alarm(cli, tmp_path, family) -> None:
-    """Random-weight SD3 and Flux folders (saved by diffusers' own pipelines): every probe is
-    info, the timestep-convention probe included (it runs on their flow path)."""
+@pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])
+def test_cli_text_pipelines_raise_no_probe_alarm(cli, tmp_path, family) -> None:
+    """Random-weight SDXL, SD3 and Flux folders (saved by diffusers' own pipelines): every probe
+    is info, the timestep-convention probe included (on SD3's and Flux's flow path)."""
     pytest.importorskip("diffusers")
     pytest.importorskip("transformers")
     import pipeline_folders as pf
 
-    folder = pf.sd3_folder(tmp_path) if family == "sd3" else pf.flux_folder(tmp_path)
+    build = {"sdxl": pf.sdxl_folder, "sd3": pf.sd3_folder, "flux": pf.flux_folder}[family]
+    folder = build(tmp_path)
     result = cli("check", str(folder), "--n", "4", "--format", "json", "--threads", "1")
     rows = json.loads(result.stdout)
     probes = [r for r in rows if r["numbers"]]
