@@ -332,3 +332,68 @@ def test_dpm_form_on_the_command_line(cli, tmp_path) -> None:
         assert result.exit_code == 2 and result.stdout == "", result.stderr
         errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
         assert len(errors) == 1 and errors[0].startswith(words.rstrip("\n")), result.stderr
+
+
+# ---- the SDE variant: weak order, from the exact output distribution -------------------------
+
+
+def _sde_moments(monkeypatch, steps: int, **options) -> tuple[float, float]:
+    """(|mean - exact|, |variance - exact|) of dpmpp-2m-sde's output on the Gaussian oracle,
+    from x_T ~ N(0, 1) at sigma_max to sigma_min, both computed exactly. The run is affine in
+    x_T and in the step noise z_k (x0_hat is affine in x), so with sample 0 at x_T = 0, z = 0,
+    sample k with z_k = 1 at step k only, and the last sample at x_T = 1 without noise, the
+    output is c + a x_T + sum_k b_k z_k: mean c, variance a^2 + sum b_k^2. The exact map is the
+    true reverse conditional q(x_s | x_t) of the forward process (what the reverse SDE with the
+    exact score generates) applied to N(0, 1)."""
+    import ddpmcli.run.samplers as loop_module
+
+    run = sigma_grid(_train(), steps, "karras")
+    sig, ts = run.sigma.tolist(), run.model_timestep.tolist()
+
+    def predict(x, t):
+        k = min(range(len(ts)), key=lambda j: abs(ts[j] - float(t[0])))
+        a, s = 1 / math.sqrt(1 + sig[k] ** 2), sig[k] / math.sqrt(1 + sig[k] ** 2)
+        return MU + a * S * S / (a * a * S * S + s * s) * (x - a * MU), None
+
+    n, drawn = steps + 2, [0]
+
+    def unit_noise(shape, gen, dev, dtype):  # block 0 is x_T (replaced by init)
+        z = torch.zeros(shape, dtype=dtype, device=dev)
+        if 1 <= drawn[0] <= steps:
+            z[drawn[0]] = 1.0
+        drawn[0] += 1
+        return z
+
+    monkeypatch.setattr(loop_module, "randn", unit_noise)
+    last: dict[str, torch.Tensor] = {}
+
+    def keep(event) -> None:
+        if "x_next" in event.tensors:
+            last["x"] = event.tensors["x_next"]
+
+    init = torch.zeros(n, 1, dtype=F64)
+    init[-1] = 1.0
+    settings = SampleSettings(sampler="dpmpp-2m-sde", clip=False, final_sigma=sig[0], **options)
+    sample(predict, run, "sample", (1,), n=n, settings=settings, init=init, model_dtype=F64,
+           observers=[keep])  # fmt: skip
+    y = last["x"][:, 0]
+    c, a, b = float(y[0]), float(y[-1] - y[0]), y[1:-1] - y[0]
+    mean, var = c, a * a + float((b * b).sum())
+    (a_t, s_t), (a_s, s_s) = [(1 / math.sqrt(1 + v * v), v / math.sqrt(1 + v * v))
+                              for v in (sig[-1], sig[0])]  # fmt: skip
+    var_s, var_t = a_s**2 * S * S + s_s**2, a_t**2 * S * S + s_t**2
+    gain = (a_t / a_s) * var_s / var_t  # Cov(x_s, x_t)/Var(x_t)
+    mean_exact = a_s * MU - gain * a_t * MU
+    var_exact = gain * gain + var_s - gain * gain * var_t
+    return abs(mean - mean_exact), abs(var - var_exact)
+
+
+@pytest.mark.parametrize(
+    ("options", "want"),
+    [({}, 2), ({"solver_type": "heun"}, 2), ({"order": 1}, 1)],  # measured 2.09, 2.17, 0.91
+)
+def test_sde_variant_weak_order_on_the_gaussian_oracle(monkeypatch, options, want) -> None:
+    moments = [_sde_moments(monkeypatch, n, **options) for n in (16, 32, 64)]
+    assert all(mean < 1e-12 for mean, _ in moments)  # the mean is exact (affine x0_hat)
+    slope = math.log2(moments[1][1] / moments[2][1])
+    assert abs(slope - want) < 0.3, moments
