@@ -417,8 +417,10 @@ def sample(
             ``timesteps``), instead of ``steps``/``spacing``/``grid``.
         init: the standard-normal x_T ``[n, *data_shape]`` to start from (diffusers' latents).
         solver: ``order``, ``solver_type``, ``lower_order_final``, ``euler_at_final``,
-            ``final_sigmas_type``, ``corrector``, ``s_churn``/``s_tmin``/``s_tmax``/``s_noise``,
-            ``stochastic`` (:mod:`ddpmcli.api_sampling`).
+            ``final_sigmas_type``, ``corrector``, ``s_churn``/``s_tmin``/``s_tmax``/``s_noise``
+            (Karras et al. 2022 Algorithm 2), ``stochastic``, ``dpm_form`` (``diffusers`` or
+            ``exact``: a third-order DPM-Solver++(3M), :mod:`ddpmcli.run.dpm_solver`)
+            (:mod:`ddpmcli.api_sampling`).
         seed: same seed, same samples (whatever ``batch_size``).
         variance: the ancestral variance (``fixed_small``, ``fixed_large``, ``learned_range``;
             default: the checkpoint's declared one, else ``fixed_small``).
