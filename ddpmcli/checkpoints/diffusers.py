@@ -23,7 +23,7 @@ from ddpmcli import core, limits, models
 from ddpmcli.checkpoints import flow_pipelines, sdxl, text_encoders
 from ddpmcli.checkpoints.conditioning import TextConditioning
 from ddpmcli.checkpoints.latent import LATENT_BOUND, LatentSpace
-from ddpmcli.checkpoints.loaded import Denoiser, LoadedModel, load_state, loaded_model
+from ddpmcli.checkpoints.loaded import Denoiser, LoadedModel, build_loaded, loaded_model
 from ddpmcli.checkpoints.meta import _finish, _merge, _Meta, check_data_shape
 from ddpmcli.checkpoints.sizes import count_on_meta
 from ddpmcli.checkpoints.text_encoders import config_count as _config_count
@@ -338,17 +338,12 @@ def _build(
         cls = getattr(diffusers, class_name)
         what = f"{net_dir / 'config.json'}: the {class_name} it describes"
         count_on_meta(lambda: cls.from_config(config), what)  # before anything is allocated
-        try:
-            net = cls.from_config(config)
-        except Exception as exc:
-            raise CheckpointError(
-                f"{net_dir / 'config.json'}: bad {class_name} config ({one_line(exc)})"
-            ) from None
-        state = _read_diffusers_weights(net_dir)
-        dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
-        if len(dtypes) == 1:
-            net = net.to(dtype=next(iter(dtypes)))
-        load_state(net, state, where)
+        # built without random initial weights, then given the file's tensors: one copy of
+        # the weights at the peak of the load, not two
+        net = build_loaded(
+            lambda: cls.from_config(config), lambda _: _read_diffusers_weights(net_dir), where,
+            bad_config=f"{net_dir / 'config.json'}: bad {class_name} config",
+        )  # fmt: skip
     net.eval().requires_grad_(False)  # inference only: no autograd graph, no grad memory
     return net
 

@@ -3,8 +3,10 @@ dict, moving a module, and the load-time output check."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable, Mapping
+import itertools
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,7 +18,7 @@ from ddpmcli.checkpoints.conditioning import Conditioning, TextConditioning
 from ddpmcli.checkpoints.guard import model_call
 from ddpmcli.checkpoints.latent import LatentSpace
 from ddpmcli.checkpoints.unpickler import one_line
-from ddpmcli.errors import CheckpointError, verbatim
+from ddpmcli.errors import CheckpointError, DdpmError, verbatim
 from ddpmcli.models import placed
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]
@@ -126,7 +128,12 @@ def loaded_model(
 
 
 def load_state(module: nn.Module, state: Mapping[str, Any], where: str) -> None:
-    own = module.state_dict()
+    """``state`` into ``module``: the same keys and shapes, dense tensors with data, or one
+    CheckpointError line. A module built with its parameters on the meta device
+    (:func:`build_loaded`) takes the state's tensors as its own, each cast to the module's dtype
+    where it differs; every other module takes them where it can (:func:`_can_assign`), else
+    copies them."""
+    own = module.state_dict(keep_vars=True)
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     if missing or unexpected:
@@ -151,9 +158,136 @@ def load_state(module: nn.Module, state: Mapping[str, Any], where: str) -> None:
                 f"{where}: state dict entry {key!r} is {where_kind} tensor; weights must be "
                 "dense tensors with data"
             )
-    assign = _can_assign(own, state)
+    on_meta = any(v.device.type == "meta" for v in own.values())
+    assign = True if on_meta else _can_assign(own, state)
+    if on_meta:
+        state = _in_dtypes(own, state)
     del own  # so that each replaced parameter is freed as soon as it is replaced
     module.load_state_dict(dict(state), strict=True, assign=assign)
+
+
+def _in_dtypes(own: Mapping[str, Tensor], state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``state`` with each value in its module entry's dtype (what copying into the entry
+    would do), a value that two keys share (tied weights) cast once and still shared."""
+    cast: dict[int, Tensor] = {}
+    out = {}
+    for key, value in state.items():
+        want = own[key].dtype
+        if value.dtype != want:
+            if id(value) not in cast:
+                cast[id(value)] = value.to(want)
+            value = cast[id(value)]
+        out[key] = value
+    return out
+
+
+def stored_dtype(state: Mapping[str, Tensor]) -> torch.dtype | None:
+    """The one floating dtype every floating value of ``state`` has, None if they differ."""
+    dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
+    return next(iter(dtypes)) if len(dtypes) == 1 else None
+
+
+@contextlib.contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Inside, every parameter a module registers becomes a meta-device parameter of its shape
+    and dtype: a constructor allocates no weights, and its random initialisation of them does
+    nothing. Buffers are computed for real (a non-persistent buffer such as CLIP's
+    ``position_ids`` is in no weights file: only the constructor gives its values)."""
+    from torch.nn.modules import module as torch_module
+
+    def to_meta(parent: nn.Module, name: str, param: Tensor | None) -> Tensor | None:
+        if param is None or param.device.type == "meta":
+            return None
+        return nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    # torch documents the hook's return value as the replacing parameter; its annotation
+    # says None
+    handle = torch_module.register_module_parameter_registration_hook(to_meta)  # type: ignore[arg-type]
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def build_loaded(
+    build: Callable[[], nn.Module],
+    read_state: Callable[[nn.Module], Mapping[str, Tensor]],
+    where: str,
+    *,
+    bad_config: str,
+    dtype: Callable[[Mapping[str, Tensor]], torch.dtype | None] = stored_dtype,
+) -> nn.Module:
+    """``build()`` holding the weights ``read_state(module)`` gives, one copy of them in memory.
+
+    The module is built with its parameters on the meta device (:func:`parameters_on_meta`):
+    no random initial weights are allocated or computed. It is cast to ``dtype(state)`` (None:
+    as built) and takes the state's tensors as its own (:func:`load_state`: missing,
+    unexpected or misshapen keys are one error line, as for every format). A constructor that
+    cannot run so (one that computes with its parameters) is run for real instead; a tensor
+    left on the meta device after loading (a buffer the constructor derived from a parameter
+    and no file stores) is recomputed by a real build given the loaded weights. Never is a
+    meta tensor kept. A constructor's error is ``CheckpointError("{bad_config} (why)")``."""
+    try:
+        with parameters_on_meta():
+            module = build()
+    except Exception:  # noqa: BLE001 - needs real parameters: built for real below
+        return _load_real(build, read_state, where, bad_config, dtype)
+    state = read_state(module)
+    want = dtype(state)
+    if want is not None:
+        module.to(dtype=want)
+    load_state(module, state, where)
+    del state
+    if not left_on_meta(module):
+        return module
+    loaded = module.state_dict()  # the weights just loaded, taken by a real build
+    del module
+    return _load_real(build, lambda _: loaded, where, bad_config, dtype)
+
+
+def _load_real(
+    build: Callable[[], nn.Module],
+    read_state: Callable[[nn.Module], Mapping[str, Tensor]],
+    where: str,
+    bad_config: str,
+    dtype: Callable[[Mapping[str, Tensor]], torch.dtype | None],
+) -> nn.Module:
+    """``build()`` for real (random initial weights), then the state loaded into it."""
+    try:
+        module = build()
+    except DdpmError:
+        raise
+    except Exception as exc:
+        raise CheckpointError(f"{bad_config} ({one_line(exc)})") from None
+    state = read_state(module)
+    want = dtype(state)
+    if want is not None:
+        module.to(dtype=want)
+    load_state(module, state, where)
+    left = left_on_meta(module)
+    if left:
+        raise CheckpointError(
+            f"{where}: {left[0]!r} is on the meta device after loading (no data): the "
+            "architecture does not compute it and the weights do not hold it"
+        )
+    return module
+
+
+def left_on_meta(module: nn.Module) -> list[str]:
+    """The names of ``module``'s parameters, buffers and tensor attributes (a value a
+    constructor kept outside both) that have no data (meta device)."""
+    attributes = (
+        (f"{prefix}.{key}".lstrip("."), value)
+        for prefix, sub in module.named_modules(remove_duplicate=False)
+        for key, value in vars(sub).items()
+        if isinstance(value, Tensor)
+    )
+    named = itertools.chain(
+        module.named_parameters(remove_duplicate=False),
+        module.named_buffers(remove_duplicate=False),
+        attributes,
+    )
+    return [name for name, value in named if value.device.type == "meta"]
 
 
 def _can_assign(own: Mapping[str, Tensor], state: Mapping[str, Tensor]) -> bool:

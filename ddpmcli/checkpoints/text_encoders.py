@@ -19,10 +19,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from ddpmcli import limits
-from ddpmcli.checkpoints.loaded import load_state
+from ddpmcli.checkpoints.loaded import build_loaded, stored_dtype
 from ddpmcli.checkpoints.sizes import count_on_meta
 from ddpmcli.checkpoints.unpickler import one_line, safe_torch_load
 from ddpmcli.errors import CheckpointError
@@ -238,19 +239,17 @@ def clip_text_encoder(enc_dir: Path, where: str, *, projection: bool) -> tuple[n
         lambda: getattr(transformers, name)(transformers.CLIPTextConfig.from_dict(config)),
         f"{enc_dir / 'config.json'}: the text encoder it describes",
     )
-    try:
-        encoder = getattr(transformers, name)(transformers.CLIPTextConfig.from_dict(config))
-    except Exception as exc:
-        raise CheckpointError(f"{enc_dir}: bad {name} config ({one_line(exc)})") from None
-    _load(encoder, enc_dir, where)
+    encoder = build_loaded(
+        lambda: getattr(transformers, name)(transformers.CLIPTextConfig.from_dict(config)),
+        functools.partial(_text_state, enc_dir=enc_dir), where,
+        bad_config=f"{enc_dir}: bad {name} config", dtype=lambda state: torch.float32,
+    )  # fmt: skip
     return encoder.float().eval().requires_grad_(False), positions
 
 
 def t5_text_encoder(enc_dir: Path, where: str) -> nn.Module:
     """The ``T5EncoderModel`` saved in ``enc_dir``, inference only: float32, or bfloat16 when
     stored so (float16 is upcast: T5 overflows in it)."""
-    import torch
-
     transformers = import_transformers()
     config = read_config(enc_dir / "config.json")
     limits.check_allocation(
@@ -261,30 +260,30 @@ def t5_text_encoder(enc_dir: Path, where: str) -> nn.Module:
         lambda: transformers.T5EncoderModel(transformers.T5Config.from_dict(config)),
         f"{enc_dir / 'config.json'}: the text encoder it describes",
     )
-    try:
-        encoder = transformers.T5EncoderModel(transformers.T5Config.from_dict(config))
-    except Exception as exc:
-        raise CheckpointError(f"{enc_dir}: bad T5EncoderModel config ({one_line(exc)})") from None
-    _load(encoder, enc_dir, where)
-    stored = next(iter(encoder.parameters())).dtype
-    dtype = torch.bfloat16 if stored == torch.bfloat16 else torch.float32
-    return encoder.to(dtype).eval().requires_grad_(False)
+
+    def t5_dtype(state: Mapping[str, Tensor]) -> torch.dtype:
+        return torch.bfloat16 if stored_dtype(state) == torch.bfloat16 else torch.float32
+
+    encoder = build_loaded(
+        lambda: transformers.T5EncoderModel(transformers.T5Config.from_dict(config)),
+        functools.partial(_text_state, enc_dir=enc_dir), where,
+        bad_config=f"{enc_dir}: bad T5EncoderModel config", dtype=t5_dtype,
+    )  # fmt: skip
+    return encoder.eval().requires_grad_(False)
 
 
-def _load(encoder: nn.Module, enc_dir: Path, where: str) -> None:
-    """The folder's weights into ``encoder`` (their dtype kept where they all share one);
-    ``position_ids`` buffers that older files store and the class no longer has are skipped,
-    and a T5 encoder's tied ``encoder.embed_tokens`` is its ``shared`` table."""
+def _text_state(encoder: nn.Module, enc_dir: Path) -> dict[str, Tensor]:
+    """The folder's weights for ``encoder`` (built by :func:`.loaded.build_loaded`, which
+    casts and loads them): ``position_ids`` buffers that older files store and the class no
+    longer has are skipped, and a T5 encoder's tied ``encoder.embed_tokens`` is its ``shared``
+    table."""
     state = read_text_weights(enc_dir)
     own = set(encoder.state_dict())
     state = {k: v for k, v in state.items() if k in own or "position_ids" not in k}
     if "encoder.embed_tokens.weight" in own and "encoder.embed_tokens.weight" not in state:
         if "shared.weight" in state:
             state["encoder.embed_tokens.weight"] = state["shared.weight"]
-    dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
-    if len(dtypes) == 1:
-        encoder.to(dtype=next(iter(dtypes)))
-    load_state(encoder, state, where)
+    return state
 
 
 def read_text_weights(enc_dir: Path) -> dict[str, Tensor]:
