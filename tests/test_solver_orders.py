@@ -397,3 +397,19 @@ def test_sde_variant_weak_order_on_the_gaussian_oracle(monkeypatch, options, wan
     assert all(mean < 1e-12 for mean, _ in moments)  # the mean is exact (affine x0_hat)
     slope = math.log2(moments[1][1] / moments[2][1])
     assert abs(slope - want) < 0.3, moments
+
+
+def test_off_grid_timestep_on_the_training_table_is_diffusers_sigma_to_t() -> None:
+    """On a run of all T entries, the churned point's timestep is diffusers' ``_sigma_to_t``
+    (core.grids.sigma_to_timestep, checked against diffusers in tests/test_grids.py), and so
+    k-diffusion's DiscreteSchedule.sigma_to_t, clamped outside the table alike."""
+    from ddpmcli.core import grids
+    from ddpmcli.run.off_grid import timestep_at
+    from ddpmcli.run.solver_grid import model_timesteps, path_grid
+
+    train = _train()
+    grid, model_t = path_grid(train), model_timesteps(train)
+    table = train.sigma.to(F64)
+    for s in (0.001, 0.0292, 0.05, 0.3, 1.0, 3.7, 14.0, 14.6, 20.0):
+        want = float(grids.sigma_to_timestep(torch.tensor([s], dtype=F64), table)[0])
+        assert abs(timestep_at(s, grid, model_t) - want) < 1e-11, s
