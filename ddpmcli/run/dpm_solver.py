@@ -88,7 +88,8 @@ def _order_of(settings: SampleSettings) -> int:
 
 
 def dpm_order(i: int, num: int, settings: SampleSettings) -> int:
-    """The order the step at index ``i`` of ``num`` uses (diffusers' rule, see the module)."""
+    """The order the step at index ``i`` of ``num`` uses (diffusers' rule, see the module; with
+    ``dpm_form`` exact at order 3 the first step is the second-order 2S start)."""
     order = _order_of(settings)
     k = num - 1 - i  # steps taken before this one
     final = i == 0 and (

@@ -28,13 +28,16 @@ __all__ = ["timestep_at", "x0_at"]
 def timestep_at(edm_sigma: float, grid: PathGrid, model_t: Sequence[float]) -> float:
     """The model timestep at EDM sigma ``edm_sigma`` on ``grid`` (entry 0 the least noisy),
     whose entries the model takes at ``model_t``: linear in log sigma, clamped at the ends."""
-    sigmas = [grid.edm_sigma(i) if grid.alpha[i] > 0 else math.inf for i in range(len(model_t))]
-    k = bisect.bisect_right(sigmas, edm_sigma)
+
+    def sigma(i: int) -> float:  # increasing in i; inf where alpha = 0 (a flow's s = 1)
+        return grid.edm_sigma(i) if grid.alpha[i] > 0 else math.inf
+
+    k = bisect.bisect_right(range(len(model_t)), edm_sigma, key=sigma)  # O(log N) a call
     if k == 0:
         return model_t[0]
-    if k >= len(sigmas) or not math.isfinite(sigmas[k]):
+    if k >= len(model_t) or not math.isfinite(sigma(k)):
         return model_t[k - 1]
-    lo, hi = math.log(sigmas[k - 1]), math.log(sigmas[k])
+    lo, hi = math.log(sigma(k - 1)), math.log(sigma(k))
     w = (math.log(edm_sigma) - lo) / (hi - lo)
     return model_t[k - 1] + w * (model_t[k] - model_t[k - 1])
 
