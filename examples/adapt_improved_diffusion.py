@@ -20,9 +20,10 @@ projects' READMEs use::
   schedule scales its ends by 1000/T (``scale_to_timesteps``), its cosine one is Nichol and
   Dhariwal's with the 0.999 cap, both exactly ddpm's;
 - ``--predict_xstart True``: an x0 (``sample``) prediction, else epsilon;
-- without ``--learn_sigma``, the variance its trainer's bound (``calc_bpd_loop``) and sampler
-  use: ``fixed_large`` (beta), or ``fixed_small`` with ``--sigma_small True``; declared as the
-  metadata ``variance``, the default of ``ddpm sample --variance`` and ``ddpm nll --variance``;
+- the variance its trainer's bound (``calc_bpd_loop``) and sampler use: ``learned_range`` with
+  ``--learn_sigma True``, else ``fixed_large`` (beta), or ``fixed_small`` with
+  ``--sigma_small True``; declared as the metadata ``variance``, the default of
+  ``ddpm sample --variance`` and ``ddpm nll --variance``;
 - ``--rescale_timesteps``: improved-diffusion (default True) feeds the network ``t * 1000 / T``
   as a float; guided-diffusion's default is False. ddpm hands the network integer model
   timesteps, so the adapter wraps it in :class:`RescaledTimesteps` when the flag is on;
@@ -241,7 +242,10 @@ def adapt(
         "data_shape": [int(settings.get("in_channels", 3)), size, size],
         "data_range": [-1.0, 1.0],
     }
-    if not settings["learn_sigma"]:  # the variance its own bound and sampler use
+    # the variance its own bound and sampler use (create_gaussian_diffusion's model_var_type)
+    if settings["learn_sigma"]:
+        metadata["variance"] = "learned_range"
+    else:
         metadata["variance"] = "fixed_small" if settings.get("sigma_small") else "fixed_large"
     if classes is not None:
         metadata["num_classes"], metadata["null_label"] = classes

@@ -302,38 +302,41 @@ class Net(nn.Conv2d):  # called net(x, t), as improved-diffusion's UNetModel is
 
 
 def make(path, load_weights):
-    net = Net(3, 3, 1)
+    weights = load_weights(path)
+    net = Net(3, weights["weight"].shape[0], 1)  # 6 outputs with a learned variance
     settings = ex.settings_from_env()
     settings["image_size"] = 8
-    return ex.adapt(net, load_weights(path), settings)
+    return ex.adapt(net, weights, settings)
 """
 
 
 @pytest.mark.parametrize(
     ("flags", "declared"),
-    [("", "fixed_large"), ("--sigma_small True", "fixed_small"), ("--learn_sigma True", None)],
+    [
+        ("", "fixed_large"),
+        ("--sigma_small True", "fixed_small"),
+        ("--learn_sigma True", "learned_range"),
+    ],
 )
 def test_adapter_declares_the_trainers_variance(flags, declared, tmp_path, monkeypatch) -> None:
-    """improved-diffusion evaluates a model without learned sigma with fixed_large (its
-    ``sigma_small`` False default; fixed_small with it): the adapter declares it, and sample's
-    and nll's default variance is then that one (an explicit variance still wins)."""
+    """improved-diffusion evaluates a model with the variance create_gaussian_diffusion gives it:
+    learned_range with learn_sigma, else fixed_large (its ``sigma_small`` False default;
+    fixed_small with it): the adapter declares it, and sample's and nll's default variance is
+    then that one (an explicit variance still wins)."""
     monkeypatch.setenv("MODEL_FLAGS", flags)
     monkeypatch.setenv("DIFFUSION_FLAGS", "--diffusion_steps 20")
     (tmp_path / "fac.py").write_text(
         FACTORY.format(path=str(EXAMPLES / "adapt_improved_diffusion.py"))
     )
     torch.manual_seed(0)
-    width = 6 if declared is None else 3
+    width = 6 if declared == "learned_range" else 3
     torch.save(torch.nn.Conv2d(3, width, 1).state_dict(), tmp_path / "w.pt")
-    if declared is None:
-        pytest.skip("a learned variance declares none (its default stays fixed_small)")
     model = ddpmcli.load(tmp_path / "w.pt", model=f"{tmp_path / 'fac.py'}:make")
     assert model.info.get("variance") == declared
     x0 = torch.rand(2, 3, 8, 8) * 2 - 1
-    rows = {
-        v: ddpmcli.nll(model, x0, t=[1, 7], variance=v).rows for v in ("fixed_small", "fixed_large")
-    }
-    assert rows["fixed_small"] != rows["fixed_large"]
+    kinds = ("fixed_small", "fixed_large") + (("learned_range",) if width == 6 else ())
+    rows = {v: ddpmcli.nll(model, x0, t=[1, 7], variance=v).rows for v in kinds}
+    assert all(rows[v] != rows[declared] for v in kinds if v != declared)
     assert ddpmcli.nll(model, x0, t=[1, 7]).rows == rows[declared]
     settings = ddpmcli.api.sample_settings(model, 2)
     assert settings.variance == declared
@@ -360,16 +363,17 @@ def test_cli_nll_default_is_the_declared_variance(tmp_path, monkeypatch, cli) ->
     assert json.loads(default.stdout) != json.loads(runs["fixed_small"].stdout)
 
 
-def test_package_bound_uses_fixed_large(script_util) -> None:
+def test_package_variances_are_the_ones_declared(script_util) -> None:
     """The fact the adapter encodes, from the package itself."""
     gd = pytest.importorskip("improved_diffusion.gaussian_diffusion")
-    for sigma_small, kind in (
-        (False, gd.ModelVarType.FIXED_LARGE),
-        (True, gd.ModelVarType.FIXED_SMALL),
+    for learn_sigma, sigma_small, kind in (
+        (False, False, gd.ModelVarType.FIXED_LARGE),
+        (False, True, gd.ModelVarType.FIXED_SMALL),
+        (True, False, gd.ModelVarType.LEARNED_RANGE),
     ):
-        args = {**script_util.model_and_diffusion_defaults(), "sigma_small": sigma_small}
+        args = {"learn_sigma": learn_sigma, "sigma_small": sigma_small}
         diffusion = script_util.create_gaussian_diffusion(
-            steps=10, learn_sigma=False, sigma_small=sigma_small, noise_schedule="cosine",
+            steps=10, learn_sigma=learn_sigma, sigma_small=sigma_small, noise_schedule="cosine",
             use_kl=False, predict_xstart=False, rescale_timesteps=True,
             rescale_learned_sigmas=True, timestep_respacing="",
         )  # fmt: skip

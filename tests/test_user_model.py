@@ -411,7 +411,9 @@ def test_iddpm_numbers_equal_the_native_program(
         cli("sample", "--model", _factory(zoo, "iddpm"), zoo["iddpm"], *sample),
         cli("sample", "--trust-program", zoo["iddpm_ts"], *sample),
     )
-    nll = ("--data", zoo["data"], "--n", "2", "--t-random", "4", "-f", "json")
+    # the adapter declares learned_range (--learn_sigma True); a program's default is fixed_small
+    nll = ("--data", zoo["data"], "--n", "2", "--t-random", "4", "--variance", "learned_range")
+    nll += ("-f", "json")
     _same_rows(
         cli("nll", "--model", _factory(zoo, "iddpm"), zoo["iddpm"], *nll),
         cli("nll", "--trust-program", zoo["iddpm_ts"], *nll),
