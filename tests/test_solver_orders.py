@@ -275,6 +275,51 @@ def test_churn_is_karras_algorithm_2_as_k_diffusion(monkeypatch, name, k_name, c
         assert float((plain - theirs).abs().max()) > 1e-3
 
 
+@pytest.mark.parametrize(("path", "kind"), [("flow", "flow"), ("ve", "epsilon")])
+@pytest.mark.parametrize("name", ["euler", "heun"])
+def test_churn_off_vp_is_k_diffusions(monkeypatch, path, kind, name) -> None:
+    """The same on a flow (velocity model, timestep 1000 s) and a sigma-space path (epsilon
+    model, timestep ln(sigma)/4): Karras' variables x' = x/alpha, sigma' = sigma/alpha, the
+    model at each point in the path's own coordinates."""
+    from ddpmcli.core import grids, ode_path
+    from ddpmcli.run.noise import generator, randn
+    from ddpmcli.run.off_grid import timestep_at
+    from ddpmcli.run.solver_grid import grid_schedule, path_grid, path_point
+
+    kd = _k_diffusion_sampling(monkeypatch)
+    steps, n, dim = 8, 4, 2
+    churn = {"s_churn": 4.0, "s_tmin": 0.1, "s_tmax": 30.0}
+    sig = grids.karras_sigmas(steps, 0.05, 20.0).to(F64)
+    ts = 1000 * sig / (1 + sig) if path == "flow" else torch.log(sig) / 4
+    run = grid_schedule(core.make_schedule(path, 1000), sig, ts)
+    grid, model_t = path_grid(run), [float(v) for v in run.model_timestep]
+    gen = generator(torch.device("cpu"), 0)
+    blocks = [randn((n, dim), gen, torch.device("cpu"), F64) for _ in range(steps + 1)]
+    last: dict[str, torch.Tensor] = {}
+
+    def keep(event) -> None:
+        if "x_next" in event.tensors:
+            last["x"] = event.tensors["x_next"]
+
+    settings = SampleSettings(sampler=name, clip=False, **churn)
+    sample(lambda x, t: (_eps_model(x, t), None), run, kind, (dim,), n=n, settings=settings,
+           model_dtype=F64, observers=[keep])  # fmt: skip
+
+    def denoiser(xk: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        s = float(sigma[0])
+        alpha, sig_t = (torch.tensor(v, dtype=F64) for v in path_point(path, s))
+        t = torch.full((xk.shape[0],), timestep_at(s, grid, model_t), dtype=torch.float32)
+        out = _eps_model(alpha * xk, t)
+        return ode_path.prediction_to_x0_eps(out, alpha * xk, alpha, sig_t, kind)[0]
+
+    monkeypatch.setattr(kd, "torch", _SameNoise(blocks[1:]))
+    sigmas = torch.tensor([*reversed([grid.edm_sigma(i) for i in range(steps)]), 0.0], dtype=F64)
+    x_k = blocks[0] * math.sqrt(1 + float(sigmas[0]) ** 2)  # x_T ~ N(0, (alpha^2 + sigma^2) I)
+    k_sampler = {"euler": kd.sample_euler, "heun": kd.sample_heun}[name]
+    theirs = k_sampler(denoiser, x_k, sigmas, disable=True, **churn)
+    assert float((last["x"] - theirs).abs().max()) < 1e-12 * float(theirs.abs().max())
+
+
 # ---- a churn that never applies --------------------------------------------------------------
 
 
