@@ -123,6 +123,27 @@ class _Loop:
     grid: PathGrid | None = None
     states: dict[int, Any] = field(default_factory=dict)  # the step's state per batch start
     model_t: tuple[float, ...] = ()  # the model's timestep per index (float grids)
+    constants: dict[Any, Tensor] = field(default_factory=dict)  # see _indices, _sample_indices
+
+
+def _indices(loop: _Loop, n: int, dev: torch.device) -> Tensor:
+    """A ``(N, n)`` int64 table whose row ``i`` is index ``i`` for ``n`` samples (an expanded
+    view: no memory), made once per run and batch size: ``table[i]`` is one view per step where
+    ``arange(N)[i].expand(n)`` was three operations (the loop's fixed cost is per operation)."""
+    key = ("indices", n)
+    if key not in loop.constants:
+        num = loop.sched.num_steps
+        loop.constants[key] = torch.arange(num, device=dev).unsqueeze(1).expand(num, n)
+    return loop.constants[key]
+
+
+def _sample_indices(loop: _Loop, lo: int, hi: int, dev: torch.device) -> Tensor:
+    """The global sample indices ``lo .. hi-1`` of a batch, made once per run (every step of a
+    run has the same batches)."""
+    key = ("samples", lo, hi)
+    if key not in loop.constants:
+        loop.constants[key] = torch.arange(lo, hi, device=dev)
+    return loop.constants[key]
 
 
 def _t_vector(loop: _Loop, i: int | float, n: int, dev: torch.device) -> Tensor:
@@ -146,16 +167,15 @@ def _model_x0(
     (output, var values, raw x0_hat), in x's dtype; ``where`` = (the step, the batch's global
     sample indices)."""
     t_event = round(loop.model_t[i])
+    x_in = xb if xb.dtype == loop.model_dtype else xb.to(loop.model_dtype)  # (to: the same)
     out, var_values = call_model(
-        loop.predict, xb.to(loop.model_dtype), t_vec, step=where[0], t=(t_event, t_event),
-        sample_index=where[1],
-    )  # fmt: skip
-    out = out.to(xb.dtype)
+        loop.predict, x_in, t_vec, step=where[0], t=(t_event, t_event), sample_index=where[1]
+    )
+    out = out if out.dtype == xb.dtype else out.to(xb.dtype)
     if at is not None:
         x0 = off_grid.x0_at(out, xb, loop.sched.path, at, loop.kind)
         return out, None if var_values is None else var_values.to(xb.dtype), x0
-    t_idx = torch.arange(loop.sched.num_steps, device=xb.device)[i].expand(xb.shape[0])
-    x0 = loop.sched.predict_x0(out, xb, t_idx, loop.kind)
+    x0 = loop.sched.predict_x0(out, xb, _indices(loop, xb.shape[0], xb.device)[i], loop.kind)
     return out, None if var_values is None else var_values.to(xb.dtype), x0
 
 
@@ -166,24 +186,27 @@ def _one_step(
     tensors for the observers."""
     n = x.shape[0]
     dev = x.device
-    t_idx = torch.arange(loop.sched.num_steps, device=dev)[i].expand(n)  # a view: no kernel
+    t_idx = _indices(loop, n, dev)[i]  # a view: no kernel
     t_vec = _t_vector(loop, i, n, dev)
     raws, used, nexts, var_sums, bad = [], [], [], [], []
+    whole = n <= loop.batch  # one batch: x itself, no slicing views (one op each per step)
     for start in range(0, n, loop.batch):
         sl = slice(start, min(start + loop.batch, n))
-        xb, tb = x[sl], t_idx[sl]
-        where = (step, torch.arange(first + sl.start, first + sl.stop, device=dev))
-        nb = noise[sl] if noise is not None else None
+        xb, tb, t_b = (x, t_idx, t_vec) if whole else (x[sl], t_idx[sl], t_vec[sl])
+        where = (step, _sample_indices(loop, first + sl.start, first + sl.stop, dev))
+        nb = noise if whole or noise is None else noise[sl]
         moved = None
         if loop.sampler.perturb is not None and loop.grid is not None:
             moved = loop.sampler.perturb(xb, nb, i, loop.grid, loop.settings)
         if moved is None:
-            out, var_values, x0 = _model_x0(loop, xb, i, t_vec[sl], where)
+            out, var_values, x0 = _model_x0(loop, xb, i, t_b, where)
         else:  # the step moved x off the grid first (churn): the model is called there
             xb, at = moved
             t_at = _t_vector(loop, at, xb.shape[0], dev)
             out, var_values, x0 = _model_x0(loop, xb, i, t_at, where, at)
-        bad.append(torch.isfinite(out).logical_not_().sum())  # read with the statistics: no sync
+        # NaN/Inf values of the output, read with the statistics (no sync): x - x is NaN exactly
+        # there (0 elsewhere), and counting it is two kernels where isfinite's count was five
+        bad.append(torch.count_nonzero(out - out))
         x0c = limit_x0(x0, loop.settings)
         ctx = StepContext(
             schedule=loop.sched, x=xb, t=tb, out=out, var_values=var_values,
