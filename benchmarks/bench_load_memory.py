@@ -25,9 +25,12 @@ read once (as a first forward pass reads them): safetensors maps its file, and a
 a view of that map counts in RSS (as file pages) only once read.
 
 Usage: python benchmarks/bench_load_memory.py [--repeats 3] [--folder DIR] [--cases t5,...]
+    [--before REF]
   -> benchmarks/out/load_memory.json (--record: benchmarks/results/load_memory.json)
-``--folder DIR`` keeps the built folder there (reused when it exists), so that two versions of
-ddpm can be compared on the same files.
+``--before REF`` runs every case also with the ddpmcli of git ``REF`` (``git archive`` into a
+scratch folder, put first on ``PYTHONPATH``), interleaved with this checkout's: the recorded
+figures compare the loader before this change (``--before f5b0997``) with it. ``--folder DIR``
+keeps the built folder there (reused when it exists).
 """
 
 from __future__ import annotations
@@ -162,19 +165,37 @@ def touch_all() -> int:
     return seen
 
 
-def child(case: str, folder: Path) -> dict[str, Any]:
+def child(case: str, folder: Path, version: str, source: Path) -> dict[str, Any]:
+    """One case in a fresh interpreter that imports ddpmcli from ``source``."""
     cmd = [sys.executable, __file__, "--case", case, "--folder", str(folder)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(source)}
     run = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
-    got: dict[str, Any] = json.loads(run.stdout)
+    got: dict[str, Any] = {"version": version, **json.loads(run.stdout)}
     print(json.dumps(got), file=sys.stderr, flush=True)
     return got
 
 
-def summary(case: str, runs: list[dict[str, Any]], weights: int) -> dict[str, Any]:
+def sources(before: str | None, scratch: Path) -> list[tuple[str, Path]]:
+    """``(version, source tree)`` pairs: ``git archive`` of ``before`` first when given, then
+    this checkout."""
+    here = [("this tree", ROOT)]
+    if before is None:
+        return here
+    out = scratch / "before"
+    out.mkdir()
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", before], check=True, capture_output=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(out)], input=archive, check=True)
+    return [(f"before ({before})", out), *here]
+
+
+def summary(version: str, case: str, runs: list[dict[str, Any]], weights: int) -> dict[str, Any]:
     mb = weights / 1024**2
     costs = [r["peak_mb"] - r["baseline_mb"] for r in runs]
-    row: dict[str, Any] = {"case": case, "runs": len(runs), "weights_mb": round(mb, 1)}
+    row: dict[str, Any] = {
+        "version": version, "case": case, "runs": len(runs), "weights_mb": round(mb, 1)
+    }  # fmt: skip
     for key, values in (
         ("baseline_mb", [r["baseline_mb"] for r in runs]),
         ("loaded_mb", [r["loaded_mb"] for r in runs]),
@@ -199,6 +220,9 @@ def main() -> None:
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--label", default="", help="a note stored with the figures")
+    parser.add_argument(
+        "--before", metavar="REF", help="also run the ddpmcli of git REF (git archive), interleaved"
+    )
     add_output_options(parser, NAME)
     args = parser.parse_args()
     if args.case:
@@ -211,12 +235,16 @@ def main() -> None:
             build_folder(folder)
             print(f"built {folder} in {time.perf_counter() - began:.0f} s", file=sys.stderr)
         cases = args.cases.split(",")
-        runs: dict[str, list[dict[str, Any]]] = {c: [] for c in cases}
+        versions = sources(args.before, Path(scratch))
+        runs: dict[tuple[str, str], list[dict[str, Any]]] = {
+            (v, c): [] for v, _ in versions for c in cases
+        }
         load_before = os.getloadavg()
-        for r in range(args.repeats):
+        for r in range(args.repeats):  # interleaved, the order rotated by r
             for case in cases[r % len(cases) :] + cases[: r % len(cases)]:
-                runs[case].append(child(case, folder))
-        rows = [summary(c, runs[c], weight_bytes(folder, c)) for c in cases]
+                for version, source in versions[r % 2 :] + versions[: r % 2]:
+                    runs[version, case].append(child(case, folder, version, source))
+        rows = [summary(v, c, runs[v, c], weight_bytes(folder, c)) for (v, c) in runs]
     git = subprocess.run(
         ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
     ).stdout.strip()
@@ -230,7 +258,7 @@ def main() -> None:
     out.write_text(json.dumps(result, indent=2) + "\n")
     for row in rows:
         print(
-            f"{row['case']:12s} weights {row['weights_mb']:8.1f} MB  baseline "
+            f"{row['version']:20s} {row['case']:12s} weights {row['weights_mb']:8.1f} MB  baseline "
             f"{row['baseline_mb']['median']:7.1f}  peak {row['peak_mb']['median']:7.1f}  "
             f"cost/weights {row['cost_over_weights']['median']:.2f} "
             f"({row['cost_over_weights']['min']:.2f}-{row['cost_over_weights']['max']:.2f})  "
