@@ -178,11 +178,13 @@ def trainer_checkpoint(ddp: Any, tmp_path_factory: pytest.TempPathFactory) -> tu
     for i in range(100):
         Image.fromarray((gen.random((8, 8, 3)) * 255).astype("uint8")).save(images / f"{i}.png")
     gd = _diffusion(ddp, "sigmoid", 100)
-    trainer = ddp.Trainer(
-        gd, str(images), train_batch_size=16, train_num_steps=1, results_folder=str(root),
-        calculate_fid=False, amp=False, save_and_sample_every=10**9,
-        augment_horizontal_flip=False,
-    )  # fmt: skip
+    with pytest.MonkeyPatch.context() as patch:  # its DataLoader's num_workers=cpu_count(): load
+        patch.setattr(sys.modules[ddp.Trainer.__module__], "cpu_count", lambda: 0)  # in-process
+        trainer = ddp.Trainer(
+            gd, str(images), train_batch_size=16, train_num_steps=1, results_folder=str(root),
+            calculate_fid=False, amp=False, save_and_sample_every=10**9,
+            augment_horizontal_flip=False,
+        )  # fmt: skip
     trainer.train()
     trainer.save(1)
     return root / "model-1.pt", trainer
