@@ -58,6 +58,7 @@ from ddpmcli.cli.solver_options import (
     StochasticOpt,
     TmaxOpt,
     TminOpt,
+    parse_list,
     parse_sigmas,
     read_init,
     solver_flags_of,
@@ -94,15 +95,7 @@ def _parse_timesteps(text: str | None, **others: str | None) -> list[int] | None
     )
     for flag, value in others.items():
         reject_conflicts(("--timestep-list", text is not None), (f"--{flag}", value is not None))
-    if text is None:
-        return None
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise UsageError(f"--timestep-list {text!r}: give comma-separated whole numbers") from None
-    if not values:
-        raise UsageError("--timestep-list: give at least one timestep")
-    return values
+    return parse_list(text, "--timestep-list", int, "whole numbers", "timestep")
 
 
 SAVE_SUFFIXES = (".npz", ".png")

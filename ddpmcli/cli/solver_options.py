@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -125,14 +125,22 @@ def solver_flags_of(params: Mapping[str, Any]) -> dict[str, Any]:
 
 def parse_sigmas(text: str | None) -> list[float] | None:
     """``--sigmas 14.6,3,0.5`` as floats (a usage error naming the flag otherwise)."""
+    return parse_list(text, "--sigmas", float, "numbers", "sigma")
+
+
+def parse_list(
+    text: str | None, flag: str, cast: Callable[[str], Any], kind: str, one: str
+) -> list[Any] | None:
+    """A comma-separated ``flag`` value, each item through ``cast`` (``kind``: what they must be;
+    ``one``: what one of them is called), or one usage error naming the flag."""
     if text is None:
         return None
     try:
-        values = [float(v) for v in text.split(",") if v.strip()]
+        values = [cast(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise UsageError(f"--sigmas {text!r}: give comma-separated numbers") from None
+        raise UsageError(f"{flag} {text!r}: give comma-separated {kind}") from None
     if not values:
-        raise UsageError("--sigmas: give at least one sigma")
+        raise UsageError(f"{flag}: give at least one {one}")
     return values
 
 
