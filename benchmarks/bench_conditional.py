@@ -11,6 +11,16 @@
     the VAE encode calls are counted (one per group of images, none per t). Peak RSS of two
     (n, T) sizes, each in a fresh subprocess, shows memory flat in samples x timesteps.
 
+(c) with ``--text``: a text-conditioned flow transformer at DiT-S/2's size (an
+    ``SD3Transformer2DModel``: width 384 = 6 heads x 64, 12 layers, patch 2, on 4x32x32 latents;
+    MM-DiT blocks carry a text branch too, so about twice DiT-S/2's parameters; tiny CLIP-L,
+    CLIP-G and T5 encoders, T5 read at SD3's 256 tokens): :func:`ddpmcli.api.reconstruct` of n
+    images at k timesteps with a prompt and classifier-free guidance (scale 3), against the
+    forward passes alone (replayed with the very keyword inputs recorded from the run) plus one
+    VAE encode; the text-encoder calls are counted (once per encoder and prompt, the empty
+    prompt included, on the first run; none after) and so are the transformer calls (guidance
+    is one batched call of both halves).
+
 For each, the run's own work is also timed directly with a denoiser that costs nothing (returns
 zeros of the right shape; labels, guidance, formulas and metrics still run): a figure that load on
 a shared machine barely moves (median of ``--repeats`` runs).
@@ -127,6 +137,28 @@ def build_dit_folder(root: Path, size: str = "tiny") -> Path:
     DDPMScheduler(num_train_timesteps=1000, variance_type="learned_range").save_pretrained(
         root / "scheduler"
     )
+    return root
+
+
+def build_sd3_folder(root: Path) -> Path:
+    """An SD3 pipeline folder (tests/pipeline_folders.py's tiny one: VAE, CLIP-L, CLIP-G, T5,
+    FlowMatchEuler shift 3) whose transformer is replaced by one at DiT-S/2's size."""
+    from diffusers import SD3Transformer2DModel
+
+    sys.path.insert(0, str(ROOT.parent / "tests"))
+    import pipeline_folders as pf
+
+    pf.sd3_folder(root)
+    torch.manual_seed(0)
+    net = SD3Transformer2DModel(
+        sample_size=32, patch_size=2, in_channels=4, out_channels=4, num_layers=12,
+        attention_head_dim=64, num_attention_heads=6, joint_attention_dim=32,
+        caption_projection_dim=384, pooled_projection_dim=16, pos_embed_max_size=32,
+    )  # fmt: skip
+    with torch.no_grad():  # diffusers zero-initialises the output layers
+        for p in net.parameters():
+            p.normal_(0.0, 0.05)
+    net.save_pretrained(root / "transformer", safe_serialization=True)
     return root
 
 
@@ -360,6 +392,106 @@ def bench_reconstruct(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
     }
 
 
+KwCall = dict[str, Any]
+"""One keyword-only forward pass (SD3's transformer), its tensors cloned."""
+
+
+def recorded_kw_calls(net: torch.nn.Module, run: Callable[[], object]) -> list[KwCall]:
+    calls: list[KwCall] = []
+
+    def hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        calls.append({k: v.clone() if isinstance(v, Tensor) else v for k, v in kwargs.items()})
+
+    handle = net.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        run()
+    finally:
+        handle.remove()
+    return calls
+
+
+TEXT_ENCODERS = ("CLIPTextModelWithProjection", "T5EncoderModel")
+
+
+def counting_text_encoders(counts: list[str]) -> Any:
+    """A global forward pre-hook that appends the class name of every text-encoder call to
+    ``counts`` (its handle)."""
+
+    def hook(module: torch.nn.Module, _: Any) -> None:
+        if type(module).__name__ in TEXT_ENCODERS:
+            counts.append(type(module).__name__)
+
+    return torch.nn.modules.module.register_module_forward_pre_hook(hook)
+
+
+def bench_text_flow(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
+    model = load_checkpoint(folder, prompt="a cat on a mat", guidance_scale=3.0)
+    latent, text = model.latent, model.conditioning
+    if latent is None or text is None:
+        raise SystemExit(f"{folder}: not a text-conditioned latent model")
+    net = model.denoiser.net  # type: ignore[attr-defined]
+    n, k = args.n_text, args.k_text
+    ts = spread(model.schedule.num_steps, k)
+    x = images(n, 64)  # the tiny VAE halves: 4x32x32 latents
+
+    def run() -> object:
+        return api.reconstruct(model, x, t=ts, seed=0)
+
+    text_calls: list[str] = []
+    handle = counting_text_encoders(text_calls)
+    try:
+        calls = recorded_kw_calls(net, run)
+        first_run_text_calls = len(text_calls)
+        run()
+        later_run_text_calls = len(text_calls) - first_run_text_calls
+    finally:
+        handle.remove()
+
+    def forward_only() -> None:
+        with torch.inference_mode():
+            for kw in calls:
+                net(**kw)
+
+    cases: dict[str, Callable[[], object]] = {
+        "reconstruct": run,
+        "forward only": forward_only,
+        "vae encode": lambda: latent.encode(x),
+    }
+    runs = interleaved(cases, args.repeats)
+    median = {name: statistics.median(v) for name, v in runs.items()}
+    latents = latent.encode(x)
+
+    def free(*_: Any, **kw: Any) -> tuple[Tensor]:
+        return (torch.zeros_like(kw["hidden_states"]),)
+
+    own = []
+    for _ in range(2 * args.repeats):
+        net.forward = free
+        try:
+            own.append(timed(lambda: api.reconstruct(model, latents, t=ts, seed=0)))
+        finally:
+            del net.forward
+    return {
+        "model": "SD3Transformer2DModel 6 heads x 64, 12 layers, patch 2, on 4x32x32 latents; "
+        "tiny CLIP-L, CLIP-G, T5 (256 tokens); AutoencoderKL [8, 16] 3x64x64",
+        "parameters": {"transformer": parameters(net), "vae": parameters(latent.vae)},
+        "n_images": n,
+        "timesteps": k,
+        "guidance_scale": 3.0,
+        "text_encoder_calls_first_run": first_run_text_calls,
+        "text_encoder_calls_later_runs": later_run_text_calls,
+        "model_calls": len(calls),
+        "call_batches": sorted({int(kw["hidden_states"].shape[0]) for kw in calls}),
+        "tokens_per_call": int(calls[0]["encoder_hidden_states"].shape[1]),
+        "forward_only_s": median["forward only"],
+        "vae_encode_s": median["vae encode"],
+        "reconstruct_s": median["reconstruct"],
+        **paired_overhead(runs, "reconstruct", ("forward only", "vae encode")),
+        **own_work_pct(own, median["forward only"]),
+        "runs": runs,
+    }
+
+
 def spread_text(r: dict[str, Any]) -> str:
     """``+1.2% (-0.5 .. +3.0, best +1.0)``: median, spread and best-time overhead."""
     return (
@@ -436,6 +568,10 @@ def main() -> None:
         "--dit-size", choices=list(DIT_SIZES), default="tiny",
         help="s2: only the DiT reconstruct, at DiT-S/2's size (8 images x 4 t; minutes)",
     )  # fmt: skip
+    parser.add_argument(
+        "--text", action="store_true",
+        help="only (c): reconstruct with a prompt and CFG on an SD3 transformer of DiT-S/2's size",
+    )  # fmt: skip
     parser.add_argument("--_child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.out = output_path(args, "conditional.json")
@@ -456,6 +592,9 @@ def main() -> None:
     if big:
         args.n_rec, args.k_rec, args.memory_sizes = 8, 4, []
         args.repeats = min(args.repeats, 2)
+    args.n_text, args.k_text = (2, 2) if quick else (4, 4)
+    if args.text:
+        args.repeats = min(args.repeats, 3)
     load_before = os.getloadavg()
     print(
         f"conditional/latent benchmark, cpu x{os.cpu_count()}, torch {torch.__version__}, "
@@ -466,6 +605,9 @@ def main() -> None:
 
     dlogging.set_verbosity_error()
     start = time.perf_counter()
+    if args.text:
+        text_main(args, load_before, start)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         dit_dir = build_dit_folder(Path(tmp) / "dit", args.dit_size)
         s = {} if big else bench_sample(args, build_unet_folder(Path(tmp) / "cc", args.channels))
@@ -500,6 +642,18 @@ def main() -> None:
         )
         memory = bench_memory(args, dit_dir)
     entry: dict[str, Any] = {
+        **run_facts(args, load_before, start),
+        "sample_class_conditional_unet": s,
+        "reconstruct_dit": r,
+        "memory_dit_reconstruct": memory,
+    }
+    key = f"cpu-threads{args.threads}" + ("-quick" if quick else "") + ("-dit-s2" if big else "")
+    write_entry(args, key, entry)
+
+
+def run_facts(args: argparse.Namespace, load_before: tuple[float, ...], start: float) -> dict:
+    """What every entry records about the run: machine, versions, timing, command, load."""
+    return {
         "device": platform.processor() or "cpu",
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
@@ -513,16 +667,33 @@ def main() -> None:
         "loadavg_after": list(os.getloadavg()),
         "seconds_total": time.perf_counter() - start,
         "overhead_target_pct": 5.0,
-        "sample_class_conditional_unet": s,
-        "reconstruct_dit": r,
-        "memory_dit_reconstruct": memory,
+        **({"note": args.note} if args.note else {}),
     }
-    if args.note:
-        entry["note"] = args.note
+
+
+def text_main(args: argparse.Namespace, load_before: tuple[float, ...], start: float) -> None:
+    """(c) alone: the text-conditioned SD3 transformer at DiT-S/2's size."""
+    with tempfile.TemporaryDirectory() as tmp:
+        r = bench_text_flow(args, build_sd3_folder(Path(tmp) / "sd3"))
+    print(
+        f"(c) SD3 transformer {r['parameters']['transformer']} params: reconstruct "
+        f"{r['n_images']} images x {r['timesteps']} t, prompt, CFG 3; text encoder calls "
+        f"{r['text_encoder_calls_first_run']} (first run), {r['text_encoder_calls_later_runs']} "
+        f"(later); {r['model_calls']} model calls of batch {r['call_batches']} "
+        f"({r['tokens_per_call']} text tokens); forward only {r['forward_only_s']:.3f} s + encode "
+        f"{r['vae_encode_s']:.3f} s, reconstruct {r['reconstruct_s']:.3f} s, overhead "
+        f"{spread_text(r)}; own work {r['own_work_pct']:.2f}%",
+        flush=True,
+    )
+    key = f"cpu-threads{args.threads}" + ("-quick" if args.quick else "") + "-sd3-s2-text"
+    write_entry(args, key, {**run_facts(args, load_before, start), "reconstruct_sd3_text": r})
+
+
+def write_entry(args: argparse.Namespace, key: str, entry: dict[str, Any]) -> None:
+    """``entry`` under ``key`` in the results file (other entries kept)."""
     results: dict[str, Any] = {}
     if args.out.exists():
         results = json.loads(args.out.read_text())
-    key = f"cpu-threads{args.threads}" + ("-quick" if quick else "") + ("-dit-s2" if big else "")
     results[key] = entry
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")

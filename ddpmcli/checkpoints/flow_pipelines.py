@@ -44,8 +44,8 @@ FLOW_CLASSES = ("SD3Transformer2DModel", "FluxTransformer2DModel")
 SD3_T5_TOKENS = 256
 FLUX_T5_TOKENS = 512
 """T5 tokens the pipelines read by default (their ``max_sequence_length``: 256 in
-``StableDiffusion3Pipeline``, 512 in ``FluxPipeline``, dev and schnell alike; schnell's model
-card passes 256)."""
+``StableDiffusion3Pipeline``, 512 in ``FluxPipeline``, dev and schnell alike: diffusers 0.42.1's
+pipeline has one default)."""
 MAX_T5_SEQUENCE = 512
 """The longest ``max_sequence_length`` diffusers' SD3 and Flux pipelines accept."""
 FLUX_GUIDANCE = 3.5
