@@ -12,7 +12,9 @@ weights) and each batch size, every sampler runs ``--steps`` steps of
 ``forward`` is the network alone on the same inputs, called as many times as the run calls it
 (Heun: 2N - 1). The overhead is ``own / forward`` (and, as a cross-check, ``run / forward - 1``).
 Time is this process's CPU time on ``--threads`` threads (1 by default), the median of
-``--repeats`` runs after a warm-up. Prints one JSON object per (model, batch, sampler).
+``--repeats`` runs after a warm-up. Prints one JSON object per (model, batch, sampler) and writes
+them, with the command and the machine's load average before and after, to
+benchmarks/out/samplers.json (``--record``: the tracked benchmarks/results/samplers.json).
 
     python benchmarks/bench_samplers.py --repeats 3
 
@@ -24,15 +26,30 @@ is ~0.5 ms at batch 16, below the loop's own fixed cost per step (statistics, Py
 0.5-1.2 at batch 16 and 0.18-0.45 at batch 256 for every sampler, ddim included (1.21 and 0.30):
 the new solvers add nothing over ddim's loop there, and the 5% target holds only where the model
 costs more than the loop.
+
+2026-12-07, the loop's fixed cost cut without changing a number (commit 610ca1e: index tables made
+once per run, no slice views for one batch, no no-op casts, a 2-kernel NaN count, no no-op casts
+in core.extract): per-step own cost on the MLP, min of 60 runs (20 minus 2 Karras steps),
+median of 3 interleaved rounds against the tree before it, load average 5.2-5.7 on 2 cores:
+batch 16 ddim 332 -> 248 us (-25%), dpmpp-2m 296 -> 227, dpmpp-3m 326 -> 265, unipc 439 -> 379,
+euler 301 -> 257, euler-a 295 -> 290, heun 414 -> 283, dpmpp-2m-sde 331 -> 254; batch 256
+-1% (unipc) to -19% (dpmpp-3m), ddim 331 -> 291. The MLP's forward (~0.5 ms at batch 16 on a
+quiet machine) still costs about as much as the loop: the 5% target is out of reach there for a
+Python loop of ~50 torch calls a step (measured with a TorchFunctionMode count: 62.6 -> 51.8 for
+ddim after core.extract's change).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -40,6 +57,9 @@ from ddpmcli import core, models
 from ddpmcli.run.samplers import SampleSettings, sample
 from ddpmcli.run.solver_grid import sigma_grid
 from ddpmcli.run.steps import registered
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import add_output_options, output_path  # noqa: E402  (benchmarks/)
 
 SAMPLERS = ("ddim", "dpmpp-2m", "dpmpp-3m", "unipc", "euler", "euler-a", "heun", "dpmpp-2m-sde")
 
@@ -54,7 +74,9 @@ def _clock(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
-def _case(name: str, shape: tuple[int, ...], batch: int, args: argparse.Namespace) -> None:
+def _case(
+    name: str, shape: tuple[int, ...], batch: int, args: argparse.Namespace
+) -> list[dict[str, Any]]:
     torch.manual_seed(0)
     arch = "mlp" if len(shape) == 1 else "unet"
     net = models.build_model(arch, models.default_hparams(arch, shape)).eval()
@@ -69,6 +91,7 @@ def _case(name: str, shape: tuple[int, ...], batch: int, args: argparse.Namespac
 
     x = torch.randn(batch, *shape)
     t = torch.full((batch,), 500.0)
+    rows = []
     for sampler in SAMPLERS:
         settings = SampleSettings(sampler=sampler, clip=False)
         calls = registered(sampler).evaluations
@@ -86,12 +109,14 @@ def _case(name: str, shape: tuple[int, ...], batch: int, args: argparse.Namespac
         full = _clock(run, args.repeats)
         own = _clock(lambda: run(free), args.repeats)
         fwd = _clock(forward, args.repeats)
-        print(json.dumps({
+        rows.append({
             "model": name, "batch": batch, "sampler": sampler, "steps": args.steps, "nfe": nfe,
             "run_s": round(full, 4), "own_s": round(own, 4), "forward_s": round(fwd, 4),
             "own_over_forward": round(own / fwd, 4), "run_over_forward_minus_1":
             round(full / fwd - 1, 4),
-        }), flush=True)  # fmt: skip
+        })  # fmt: skip
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
 
 
 def main() -> None:
@@ -101,12 +126,25 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batches", default="16,256")
     parser.add_argument("--models", default="mlp,unet")
+    add_output_options(parser, "samplers.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     shapes = {"mlp": (2,), "unet": (3, 32, 32)}
+    load_before = os.getloadavg()
+    rows = []
     for name in args.models.split(","):
         for batch in (int(b) for b in args.batches.split(",")):
-            _case(name, shapes[name], batch, args)
+            rows += _case(name, shapes[name], batch, args)
+    out = {
+        "command": "python benchmarks/bench_samplers.py " + " ".join(sys.argv[1:]),
+        "machine": f"{os.cpu_count()} CPUs, {args.threads} torch thread(s), process CPU time, "
+        "median of repeats",
+        "load_average_1_5_15": {"before": load_before, "after": os.getloadavg()},
+        "rows": rows,
+    }
+    path = output_path(args, "samplers.json")
+    path.write_text(json.dumps(out, indent=1) + "\n")
+    print(f"wrote {path}", file=sys.stderr)
 
 
 if __name__ == "__main__":
