@@ -33,8 +33,10 @@ in core.extract): per-step own cost on the MLP, min of 60 runs (20 minus 2 Karra
 median of 3 interleaved rounds against the tree before it, load average 5.2-5.7 on 2 cores:
 batch 16 ddim 332 -> 248 us (-25%), dpmpp-2m 296 -> 227, dpmpp-3m 326 -> 265, unipc 439 -> 379,
 euler 301 -> 257, euler-a 295 -> 290, heun 414 -> 283, dpmpp-2m-sde 331 -> 254; batch 256
--1% (unipc) to -19% (dpmpp-3m), ddim 331 -> 291. The MLP's forward (~0.5 ms at batch 16 on a
-quiet machine) still costs about as much as the loop: the 5% target is out of reach there for a
+ddim 331 -> 291, dpmpp-2m 298 -> 262, dpmpp-3m 333 -> 270, unipc 439 -> 434, euler 301 -> 266,
+euler-a 341 -> 288, heun 426 -> 362, dpmpp-2m-sde 486 -> 274 (its base rounds scatter). The
+MLP's forward (~0.5 ms at batch 16 on a quiet machine) still costs about as much as the loop:
+the 5% target is out of reach there for a
 Python loop of ~50 torch calls a step (measured with a TorchFunctionMode count: 62.6 -> 51.8 for
 ddim after core.extract's change).
 """
