@@ -280,6 +280,8 @@ def step_sweep(
     reference_steps: int = 500,
     batch_size: int | None = None,
     ranks: Any = None,
+    denoiser: Any = "checkpoint",
+    data: Any = None,
 ) -> SweepResult:
     """How many steps: one row per (sampler, steps) from the same x_T against a reference
     (:func:`ddpmcli.run.step_sweep.step_sweep`; the numbers of `ddpm steps`), every sampler on
@@ -290,20 +292,38 @@ def step_sweep(
     ``reference_sampler`` at ``reference_steps`` steps, checked by halving. On a latent model
     ``rms_error_range`` is None: its samples are latents, whose range is not the data's.
     ``ranks``: a torchrun process group (the CLI's): each run steps this rank's share of the
-    samples and gathers them, so every rank builds the one-process rows; None: one process."""
+    samples and gathers them, so every rank builds the one-process rows; None: one process.
+    ``denoiser``: ``checkpoint`` (the model's network), or ``optimal`` (or an
+    :class:`~ddpmcli.run.OptimalDenoiser`): every run, the reference included, samples the
+    Bayes-optimal denoiser of ``data`` (a built-in Gaussian mixture such as ``gmm``, a data
+    file, or by default the checkpoint's reference samples: a finite set) in float64 on the
+    model's schedule, so the rows measure the samplers' error alone against a converged solve of
+    that exact ODE (its remaining error printed); ``data_distance`` is then to those data."""
     from ddpmcli.api import sample_settings
-    from ddpmcli.run.step_sweep import check_lists
+    from ddpmcli.run.step_sweep import check_lists, optimal_model
     from ddpmcli.run.step_sweep import step_sweep as sweep
 
     check_lists(samplers, steps)
     for name in (*samplers, reference_sampler):
         sample_settings(model, n, name, clip=clip)  # unknown names: one error, before any run
     how = sampling_spacing(model, spacing)[0]
+
+    def grid(name: str, count: int) -> core.Schedule:
+        # fractional timesteps for all: one grid whatever the sampler, no repeats at many steps
+        return sampling_schedule(model, count, how, name, whole=False)
+
+    predict: Any = model.predict
+    schedule_for: Any = grid
+    kind, dtype, points = model.prediction_type, model.dtype, None
+    exact_model = _optimal_denoiser(model, denoiser, data, seed)
+    if exact_model is not None:
+        optimal, points = exact_model
+        predict, schedule_for = optimal_model(optimal.to(model.device), grid)
+        kind, dtype = "sample", torch.float64
     result = sweep(
-        model.predict,
-        # fractional timesteps for all: one grid whatever the sampler, and no repeats at many steps
-        lambda name, count: sampling_schedule(model, count, how, name, whole=False),
-        model.prediction_type,
+        predict,
+        schedule_for,
+        kind,
         model.data_shape,
         samplers=samplers,
         steps=steps,
@@ -313,12 +333,32 @@ def step_sweep(
         exact=exact,
         reference_sampler=reference_sampler,
         reference_steps=reference_steps,
-        data=model.reference_samples,
+        data=model.reference_samples if points is None else points,
         data_range=None if model.latent is not None else model.data_range,
         run_options={
-            "device": model.device, "model_dtype": model.dtype, "batch_size": batch_size,
+            "device": model.device, "model_dtype": dtype, "batch_size": batch_size,
             "ranks": ranks,
         },
     )  # fmt: skip
     result.spacing = how
     return result
+
+
+def _optimal_denoiser(model: LoadedModel, denoiser: Any, data: Any, seed: int) -> Any:
+    """(the optimal denoiser, its data points or None) of :func:`step_sweep`'s ``denoiser``, or
+    None for the checkpoint's own network."""
+    from ddpmcli.choices import SWEEP_DENOISERS
+    from ddpmcli.run import OptimalDenoiser, reconstruction_data
+
+    if isinstance(denoiser, OptimalDenoiser):
+        return denoiser, None
+    if denoiser not in SWEEP_DENOISERS:
+        raise ParameterError(
+            f"{{denoiser}} {denoiser!r} is unknown; allowed: {', '.join(SWEEP_DENOISERS)}"
+        )
+    if denoiser == "checkpoint":
+        if data is not None:
+            raise ParameterError("{data} is the optimal denoiser's data: give {denoiser} optimal")
+        return None
+    picked = reconstruction_data(model, data, n=None, seed=seed, compare_optimal=True)
+    return picked.optimal, picked.x0

@@ -45,6 +45,11 @@ SampleSpacingName = Literal[
 SAMPLE_SPACINGS: tuple[str, ...] = get_args(SampleSpacingName)
 """What `ddpm sample --spacing` takes: the respacings and the sigma grids."""
 
+SweepDenoiserName = Literal["checkpoint", "optimal"]
+SWEEP_DENOISERS: tuple[str, ...] = get_args(SweepDenoiserName)
+"""What `ddpm steps --denoiser` samples: the checkpoint's network, or the Bayes-optimal denoiser
+of its data (the samplers' error alone, against a float64 converged solve of that exact ODE)."""
+
 SamplerName = Literal[
     "ddpm", "ddim", "dpmpp-2m", "dpmpp-3m", "dpmpp-2m-sde", "flow-euler", "euler", "euler-a",
     "heun", "unipc",

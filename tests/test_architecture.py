@@ -84,6 +84,7 @@ OPTION_CHOICES = {
     "method": "NLL_METHODS",
     "probe-kind": "PROBE_KINDS",
     "dequantization": "DEQUANTIZATIONS",
+    "denoiser": "SWEEP_DENOISERS",
 }
 
 

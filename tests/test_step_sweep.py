@@ -205,3 +205,74 @@ def test_a_latent_model_has_no_range_error(tmp_path: Path) -> None:
     [p], [q] = pixel.rows, latent.rows
     assert p["rms_error_range"] == pytest.approx(p["rms_error"] / 2)  # data range [-1, 1]
     assert q["rms_error_range"] is None and q["rms_error"] == p["rms_error"]
+
+
+def _points_oracle(points: torch.Tensor, state: dict):
+    """E[x0 | x_t] of the uniform distribution on ``points`` at the run's grid entry named by the
+    timestep, written here from its definition: softmax_i(-|x_t - alpha x_i|^2 / (2 sigma^2))."""
+
+    def predict(x, t):
+        sched = state["current"]
+        k = int(torch.argmin((sched.model_timestep - float(t[0])).abs()))
+        a, s = float(sched.alpha_t[k]), float(sched.sigma_t[k])
+        d2 = ((x.double()[:, None, :] - a * points[None]) ** 2).sum(-1)
+        return torch.softmax(-d2 / (2 * s * s), dim=1) @ points, None
+
+    return predict
+
+
+def test_the_optimal_denoiser_mode_is_the_exact_denoisers_sweep(tmp_path: Path) -> None:
+    """denoiser='optimal' samples E[x0 | x_t] of the reference samples (a finite set) in float64
+    on the model's grid: its rows equal a sweep of the same denoiser written independently here,
+    and its converged reference is converged (halving moves it by < 1e-6)."""
+    from conftest import tiny_mlp_checkpoint
+
+    import ddpmcli
+    from ddpmcli.api_sampling import sampling_schedule
+    from ddpmcli.api_sampling import step_sweep as api_sweep
+
+    model = ddpmcli.load(tiny_mlp_checkpoint(tmp_path / "m.pt", timesteps=40, references=8))
+    kw = {"n": 16, "seed": 5, "reference_steps": 64, "spacing": "karras"}
+    got = api_sweep(model, ["ddim", "dpmpp-2m"], [4, 8], denoiser="optimal", **kw)
+    state: dict = {}
+
+    def schedule_for(name, count):
+        state["current"] = sampling_schedule(model, count, "karras", name, whole=False)
+        return state["current"]
+
+    points = model.reference_samples.double()
+    want = step_sweep(
+        _points_oracle(points, state), schedule_for, "sample", (2,),
+        samplers=["ddim", "dpmpp-2m"], steps=[4, 8],
+        settings_for=lambda name: SampleSettings(sampler=name, clip=False), n=16, seed=5,
+        reference_steps=64, data=points, run_options={"model_dtype": torch.float64},
+    )  # fmt: skip
+    assert got.reference.remaining_error is not None and got.reference.remaining_error < 1e-6
+    torch.testing.assert_close(got.reference.samples, want.reference.samples, rtol=0, atol=1e-6)
+    for a, b in zip(got.rows, want.rows, strict=True):
+        assert a["sampler"] == b["sampler"] and a["nfe"] == b["nfe"]
+        assert a["rms_error"] == pytest.approx(b["rms_error"], rel=1e-6, abs=1e-9)
+        assert a["data_distance"] == pytest.approx(b["data_distance"], rel=1e-6, abs=1e-9)
+
+
+def test_ddpm_steps_denoiser_optimal(cli, tmp_path: Path) -> None:
+    from conftest import tiny_mlp_checkpoint
+
+    ckpt = tiny_mlp_checkpoint(tmp_path / "m.pt", timesteps=40, references=8)
+    base = ["steps", str(ckpt), "--steps", "4,8", "--n", "8", "--reference-steps", "32"]
+    done = cli(*base, "--denoiser", "optimal", "--sampler", "dpmpp-2m", "--format", "csv")
+    assert done.exit_code == 0, done.stderr
+    assert len(done.stdout.splitlines()) == 3
+    assert "denoiser: the Bayes-optimal denoiser of the checkpoint's reference samples" in (
+        done.stderr
+    )
+    moons = cli(*base, "--denoiser", "optimal", "--data", "moons")
+    assert moons.exit_code == 2 and moons.stderr.startswith(
+        "Error: --denoiser optimal: the built-in set 'moons' is neither"
+    ), moons.stderr
+    alone = cli(*base, "--data", "gmm")
+    assert alone.exit_code == 2
+    assert (
+        alone.stderr.strip()
+        == "Error: --data is the optimal denoiser's data: give --denoiser optimal"
+    )

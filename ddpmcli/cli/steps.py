@@ -13,11 +13,12 @@ from typing import Annotated, Any
 import typer
 
 from ddpmcli import limits
-from ddpmcli.choices import DtypeName, SampleSpacingName
+from ddpmcli.choices import DtypeName, SampleSpacingName, SweepDenoiserName
 from ddpmcli.cli.common import (
     NUM_SAMPLES_FLAGS,
     CheckpointArg,
     DeviceOpt,
+    EvalDataOpt,
     SeedOpt,
     ThreadsOpt,
     as_flags,
@@ -90,6 +91,15 @@ def steps(
             "--reference-steps", min=2, help="Steps of the converged unipc reference (halved once)."
         ),
     ] = 500,
+    denoiser: Annotated[
+        SweepDenoiserName,
+        typer.Option(
+            "--denoiser",
+            help="What the samplers run: the checkpoint's network, or the Bayes-optimal "
+            "denoiser of --data (exact E[x0|x_t], float64): the samplers' error alone.",
+        ),
+    ] = "checkpoint",
+    data: EvalDataOpt = None,
     n: Annotated[int, typer.Option(*NUM_SAMPLES_FLAGS, min=2, help="Samples per run.")] = 256,
     seed: SeedOpt = 0,
     clip: Annotated[bool, typer.Option("--clip/--no-clip", help="Clip x0_hat.")] = False,
@@ -114,11 +124,16 @@ def steps(
     reference is a converged unipc run at --reference-steps, checked by halving (its remaining
     error goes to stderr). The empirical order of each sampler (slope over its two largest
     counts) goes to stderr and to the --plot legend; with --target, the cheapest (sampler,
-    steps) under it.
+    steps) under it. With --denoiser optimal every run, the reference included, samples the
+    exact optimal denoiser of the data (--data: a data file or gmm; default the checkpoint's
+    reference samples) on the checkpoint's schedule, in float64: the rows are then the
+    samplers' own error, against a converged solve of that exact ODE.
 
     Examples:
 
       ddpm steps ckpt.pt --sampler ddim,dpmpp-2m,unipc --steps 5,10,20,50 --target 0.01 --plot
+
+      ddpm steps ckpt.pt --denoiser optimal --sampler ddim,dpmpp-2m,unipc --steps 5,10,20
     """
     table.check()
     names, counts = _names(sampler), _counts(steps)
@@ -134,10 +149,12 @@ def steps(
     model = model_flags.load(checkpoint, run_device, dtype, seed=seed)
     use_threads(threads, model, ranks)
     limits.check_run_sizes(model.data_shape, n=n, batch_size=batch_size, one_batch_default=True)
-    with as_flags(samplers="--sampler"):
+    flags = {"samplers": "--sampler", "compare_optimal": "--denoiser optimal", "source": "--data"}
+    with as_flags(**flags):
         result = step_sweep(
             model, names, counts, n=n, seed=seed, spacing=spacing, clip=clip,
             reference_steps=reference_steps, batch_size=batch_size, ranks=ranks,
+            denoiser=denoiser, data=data,
         )  # fmt: skip
     title = f"steps {checkpoint.name} ({result.spacing})"
     table.emit(result.rows, select_columns(table.columns, list(SWEEP_COLUMNS)), title)
@@ -145,6 +162,9 @@ def steps(
         if spacing is None:  # say which grid the default picked, as sample says its sampler
             note(f"spacing {result.spacing} (sample's default for this checkpoint; --spacing "
                  "overrides)")  # fmt: skip
+        if denoiser == "optimal":
+            of = data or "the checkpoint's reference samples"
+            note(f"denoiser: the Bayes-optimal denoiser of {of} (exact E[x0|x_t], float64)")
         note(result.reference.describe())
         if result.orders:  # one count per sampler has no slope: no empty line
             note(", ".join(f"{k} order {v:.2f}" for k, v in result.orders.items()))

@@ -47,6 +47,7 @@ __all__ = [
     "check_lists",
     "empirical_orders",
     "max_gap",
+    "optimal_model",
     "step_sweep",
 ]
 
@@ -99,6 +100,32 @@ class SweepResult:
     orders: dict[str, float] = field(default_factory=dict)
     spacing: str | None = None
     """The grid rule the runs used, where the caller said (``ddpmcli.api_sampling``)."""
+
+
+def optimal_model(
+    denoiser: Any, schedule_for: Callable[[str, int], core.Schedule]
+) -> tuple[PredictFn, Callable[[str, int], core.Schedule]]:
+    """A Bayes-optimal denoiser (:class:`ddpmcli.run.OptimalDenoiser`) as the sweep's model:
+    ``(predict, schedule_for)`` where ``predict`` gives E[x0 | x_t] (prediction type
+    ``sample``, float64) at the entry of the run's own schedule that the call's timestep names
+    (the nearest ``model_timestep``: a sigma grid's timesteps are fractional), and
+    ``schedule_for`` is ``schedule_for`` remembering each run's schedule for it. Calls off the
+    grid (Karras churn) are not supported: the sweep runs none."""
+    current: list[core.Schedule] = []
+
+    def schedule(name: str, count: int) -> core.Schedule:
+        current[:] = [schedule_for(name, count)]
+        return current[0]
+
+    def predict(x: Tensor, t: Tensor) -> tuple[Tensor, Tensor | None]:
+        if current[0].alpha_bar.device != x.device:
+            current[0] = current[0].to(x.device)
+        sched = current[0]
+        k = int(torch.argmin((sched.model_timestep - float(t.reshape(-1)[0])).abs()))
+        index = torch.full((x.shape[0],), k, dtype=torch.long, device=x.device)
+        return denoiser.predict_x0(x.double(), index, sched).to(x.dtype), None
+
+    return predict, schedule
 
 
 def max_gap(schedule: core.Schedule, settings: SampleSettings) -> float:
