@@ -239,3 +239,15 @@ def test_sigma_space_conventions(points) -> None:
     assert "fit model timestep sigma, as the schedule" in next(
         r["message"] for r in rows if r["code"] == "timestep_convention_fit"
     )
+
+
+def test_a_malformed_path_spec_is_one_short_line(cli, trained, tmp_path) -> None:
+    """A stored path schedule without its kind: the error showed the whole spec (every per-t
+    array, tens of kB on one line)."""
+    stored = torch.load(trained["declared_s"], weights_only=True)
+    del stored["schedule"]["kind"]
+    torch.save(stored, tmp_path / "nokind.pt")
+    r = cli("check", str(tmp_path / "nokind.pt"))
+    assert r.exit_code == 1 and r.stdout == ""
+    assert r.stderr.count("\n") == 1 and len(r.stderr) < 600, len(r.stderr)
+    assert "malformed schedule spec" in r.stderr and "'path', 'sigma_t'" in r.stderr

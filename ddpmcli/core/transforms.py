@@ -290,5 +290,7 @@ def schedule_from_spec(spec: Mapping[str, Any]) -> Schedule:
             else:
                 raise ScheduleError(f"unknown schedule transform {step[0]!r}")
     except (KeyError, IndexError, TypeError, ValueError) as exc:
-        raise ScheduleError(f"malformed schedule spec {dict(spec)!r}: {exc!r}") from None
+        shown = repr(dict(spec))  # a path spec holds every per-t array: one line, not 50 kB
+        shown = shown if len(shown) <= 200 else f"{shown[:200]}... (keys {sorted(map(str, spec))})"
+        raise ScheduleError(f"malformed schedule spec {shown}: {exc!r}") from None
     return schedule
