@@ -6,7 +6,9 @@ conventions (s in [0, 1] as Flux's transformer takes it, the reversed 1 - s, the
 c_noise) and must flag a model that takes another one, with no false alarm on correct ones.
 Two kinds of model: the exact Bayes denoiser of a finite set as a flow network taking 1000 s or
 s (fast, deterministic), and a tiny MLP trained by ddpm's own trainer, saved as trained and
-saved declaring s (a planted misconfiguration).
+saved declaring s (a planted misconfiguration). A sigma-space path (EDM's c_noise against sigma),
+random SDXL/SD3/Flux folders (no alarm), and the small defects found around them: -T without
+--kind on a checkpoint, an epsilon model's NaN x0 at s = 1, a malformed path spec's error line.
 """
 
 from __future__ import annotations
