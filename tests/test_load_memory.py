@@ -54,7 +54,7 @@ def _state(dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
 
 def _build(state: dict[str, Tensor], **kwargs: Any) -> nn.Module:
     return loaded.build_loaded(
-        lambda: _Net(**kwargs), lambda _: state, "ckpt", bad_config="ckpt: bad config"
+        lambda: _Net(**kwargs), lambda _, __: state, "ckpt", bad_config="ckpt: bad config"
     )
 
 
@@ -83,6 +83,23 @@ def test_one_dtype_kept_mixed_dtypes_cast_to_the_modules_tied_values_cast_once()
     torch.testing.assert_close(net.lin.weight, mixed["lin.weight"].float(), rtol=0, atol=0)
 
 
+def test_weights_to_be_cast_are_read_again_each_in_memory_of_its_own() -> None:
+    calls: list[bool] = []
+
+    def read(module: nn.Module, own_memory: bool) -> dict[str, Tensor]:
+        calls.append(own_memory)
+        return mixed
+
+    mixed = _state(torch.float16)
+    mixed["lin.bias"] = mixed["lin.bias"].float()  # mixed dtypes: the module stays float32
+    loaded.build_loaded(_Net, read, "ckpt", bad_config="bad")
+    assert calls == [False, True]  # views of a mapped file would all stay until the last cast
+    calls.clear()
+    mixed = _state(torch.float16)  # one dtype: kept, nothing cast, the file's views taken
+    loaded.build_loaded(_Net, read, "ckpt", bad_config="bad")
+    assert calls == [False]
+
+
 def test_a_buffer_derived_from_a_parameter_is_recomputed_by_a_real_build() -> None:
     _Net.devices.clear()
     state = _state()
@@ -107,7 +124,7 @@ def test_keys_shapes_and_bad_configs_are_refused_as_before() -> None:
     with pytest.raises(CheckpointError, match=r"'lin.bias' has shape \[3\], the model wants \[2\]"):
         _build({**state, "lin.bias": torch.zeros(3)})
     with pytest.raises(CheckpointError, match=r"^ckpt: bad config \(no\)$"):
-        loaded.build_loaded(_raises, lambda _: state, "ckpt", bad_config="ckpt: bad config")
+        loaded.build_loaded(_raises, lambda _, __: state, "ckpt", bad_config="ckpt: bad config")
 
 
 def _raises() -> nn.Module:
@@ -124,7 +141,7 @@ class _MetaOnly(nn.Module):
 def test_a_tensor_nothing_computes_is_refused() -> None:
     state = {"lin.weight": torch.zeros(2, 2), "lin.bias": torch.zeros(2)}
     with pytest.raises(CheckpointError, match=r"'ghost' is on the meta device after loading"):
-        loaded.build_loaded(_MetaOnly, lambda _: state, "ckpt", bad_config="bad")
+        loaded.build_loaded(_MetaOnly, lambda _, __: state, "ckpt", bad_config="bad")
 
 
 # ---------------------------------------------------------------------------------------------

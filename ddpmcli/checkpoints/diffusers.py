@@ -23,7 +23,13 @@ from ddpmcli import core, limits, models
 from ddpmcli.checkpoints import flow_pipelines, sdxl, text_encoders
 from ddpmcli.checkpoints.conditioning import TextConditioning
 from ddpmcli.checkpoints.latent import LATENT_BOUND, LatentSpace
-from ddpmcli.checkpoints.loaded import Denoiser, LoadedModel, build_loaded, loaded_model
+from ddpmcli.checkpoints.loaded import (
+    Denoiser,
+    LoadedModel,
+    build_loaded,
+    loaded_model,
+    read_backend,
+)
 from ddpmcli.checkpoints.meta import _finish, _merge, _Meta, check_data_shape
 from ddpmcli.checkpoints.sizes import count_on_meta
 from ddpmcli.checkpoints.text_encoders import config_count as _config_count
@@ -116,7 +122,9 @@ def _weight_file(unet_dir: Path, name: Any) -> Path:
     return limits.check_regular_file(unet_dir / text, "weights file", error=CheckpointError)
 
 
-def _read_diffusers_weights(unet_dir: Path) -> dict[str, Tensor]:
+def _read_diffusers_weights(unet_dir: Path, own_memory: bool = False) -> dict[str, Tensor]:
+    """The folder's weights: one file or the shards an index names; safetensors as views of the
+    mapped file, or with ``own_memory`` each tensor read into memory of its own."""
     index = [
         unet_dir / f"diffusion_pytorch_model.{ext}.index.json" for ext in ("safetensors", "bin")
     ]
@@ -147,7 +155,7 @@ def _read_diffusers_weights(unet_dir: Path) -> dict[str, Tensor]:
                     f"reading {f.name} needs safetensors: {DIFFUSERS_HINT}"
                 ) from None
             try:
-                state.update(load_file(str(f), device="cpu"))
+                state.update(load_file(str(f), device="cpu", **read_backend(own_memory)))
             except Exception as exc:  # safetensors raises its own SafetensorError
                 raise CheckpointError(
                     f"{f}: truncated or corrupt safetensors file ({one_line(exc)})"
@@ -341,7 +349,8 @@ def _build(
         # built without random initial weights, then given the file's tensors: one copy of
         # the weights at the peak of the load, not two
         net = build_loaded(
-            lambda: cls.from_config(config), lambda _: _read_diffusers_weights(net_dir), where,
+            lambda: cls.from_config(config),
+            lambda _, own_memory: _read_diffusers_weights(net_dir, own_memory), where,
             bad_config=f"{net_dir / 'config.json'}: bad {class_name} config",
         )  # fmt: skip
     net.eval().requires_grad_(False)  # inference only: no autograd graph, no grad memory

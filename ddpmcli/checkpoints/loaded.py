@@ -161,24 +161,39 @@ def load_state(module: nn.Module, state: Mapping[str, Any], where: str) -> None:
     on_meta = any(v.device.type == "meta" for v in own.values())
     assign = True if on_meta else _can_assign(own, state)
     if on_meta:
-        state = _in_dtypes(own, state)
+        state = dict(state)
+        _to_dtypes(own, state)
     del own  # so that each replaced parameter is freed as soon as it is replaced
     module.load_state_dict(dict(state), strict=True, assign=assign)
 
 
-def _in_dtypes(own: Mapping[str, Tensor], state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """``state`` with each value in its module entry's dtype (what copying into the entry
-    would do), a value that two keys share (tied weights) cast once and still shared."""
-    cast: dict[int, Tensor] = {}
-    out = {}
-    for key, value in state.items():
-        want = own[key].dtype
-        if value.dtype != want:
-            if id(value) not in cast:
-                cast[id(value)] = value.to(want)
-            value = cast[id(value)]
-        out[key] = value
-    return out
+def _to_dtypes(own: Mapping[str, Tensor], state: dict[str, Tensor]) -> None:
+    """Each value of ``state`` replaced, in place, by itself in its module entry's dtype where
+    they differ (what copying into the entry would do); a value that two keys share (tied
+    weights) is cast once and stays shared. A source is dropped as soon as it is cast: where
+    nothing else holds it, its memory is freed before the next value is cast."""
+    groups: dict[tuple[int, torch.dtype], list[str]] = {}
+    for key, value in state.items():  # ids taken while every value is alive: unique
+        if key in own:  # (a key the module lacks is load_state's error)
+            groups.setdefault((id(value), own[key].dtype), []).append(key)
+    for (_, want), keys in groups.items():
+        if state[keys[0]].dtype != want:
+            cast = state[keys[0]].to(want)
+            for key in keys:
+                state[key] = cast
+
+
+def read_backend(own_memory: bool) -> dict[str, str]:
+    """``safetensors.torch.load_file``'s keywords: with ``own_memory`` each tensor read into
+    memory of its own (its ``pread`` backend, safetensors 0.8), else views of the mapped file
+    (its default); ``{}`` where the installed safetensors has no such choice."""
+    import inspect
+
+    from safetensors.torch import load_file
+
+    if not own_memory or "backend" not in inspect.signature(load_file).parameters:
+        return {}
+    return {"backend": "pread"}
 
 
 def stored_dtype(state: Mapping[str, Tensor]) -> torch.dtype | None:
@@ -211,13 +226,15 @@ def parameters_on_meta() -> Iterator[None]:
 
 def build_loaded(
     build: Callable[[], nn.Module],
-    read_state: Callable[[nn.Module], Mapping[str, Tensor]],
+    read_state: Callable[[nn.Module, bool], Mapping[str, Tensor]],
     where: str,
     *,
     bad_config: str,
     dtype: Callable[[Mapping[str, Tensor]], torch.dtype | None] = stored_dtype,
 ) -> nn.Module:
-    """``build()`` holding the weights ``read_state(module)`` gives, one copy of them in memory.
+    """``build()`` holding the weights ``read_state(module, own_memory)`` gives, one copy of
+    them in memory (``own_memory``: each tensor in memory of its own, not a view of a mapped
+    file; asked for when the weights are to be cast).
 
     The module is built with its parameters on the meta device (:func:`parameters_on_meta`):
     no random initial weights are allocated or computed. It is cast to ``dtype(state)`` (None:
@@ -232,22 +249,30 @@ def build_loaded(
             module = build()
     except Exception:  # noqa: BLE001 - needs real parameters: built for real below
         return _load_real(build, read_state, where, bad_config, dtype)
-    state = read_state(module)
+    state = dict(read_state(module, False))
     want = dtype(state)
     if want is not None:
         module.to(dtype=want)
+    own = module.state_dict(keep_vars=True)
+    if any(v.dtype != own[k].dtype for k, v in state.items() if k in own):
+        # to be cast: read again, each tensor in memory of its own (views of one mapped file
+        # stay in memory until the last is dropped), so that each is freed once cast
+        del state
+        state = dict(read_state(module, True))
+    _to_dtypes(own, state)
+    del own
     load_state(module, state, where)
     del state
     if not left_on_meta(module):
         return module
     loaded = module.state_dict()  # the weights just loaded, taken by a real build
     del module
-    return _load_real(build, lambda _: loaded, where, bad_config, dtype)
+    return _load_real(build, lambda _, __: loaded, where, bad_config, dtype)
 
 
 def _load_real(
     build: Callable[[], nn.Module],
-    read_state: Callable[[nn.Module], Mapping[str, Tensor]],
+    read_state: Callable[[nn.Module, bool], Mapping[str, Tensor]],
     where: str,
     bad_config: str,
     dtype: Callable[[Mapping[str, Tensor]], torch.dtype | None],
@@ -259,7 +284,7 @@ def _load_real(
         raise
     except Exception as exc:
         raise CheckpointError(f"{bad_config} ({one_line(exc)})") from None
-    state = read_state(module)
+    state = read_state(module, False)
     want = dtype(state)
     if want is not None:
         module.to(dtype=want)
