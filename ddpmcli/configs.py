@@ -471,6 +471,12 @@ def _kind_built(request: ScheduleRequest, kind: str | None) -> BuiltSchedule:
     timesteps = 1000 if request.timesteps is None else request.timesteps
     limits.check_timesteps(timesteps, "{timesteps}", error=ParameterError)
     params = dict(request.params)
+    for name in set(params) & {"zero_terminal_snr", "logsnr_shift"}:
+        # make_schedule's own keywords: as a kind parameter the name reached it twice (TypeError)
+        raise ParameterError(
+            f"{name} is not a parameter of schedule {kind or 'linear'} but a transform of any "
+            f"schedule: use {{{name}}}"
+        )
     tokens = scheduler_classes.image_tokens(request)
     if tokens is not None or request.mu is not None:
         params.update(scheduler_classes.kind_shift(kind or "linear", request.mu, tokens, params))
