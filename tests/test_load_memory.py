@@ -123,6 +123,8 @@ def test_keys_shapes_and_bad_configs_are_refused_as_before() -> None:
         _build({**state, "extra": torch.zeros(1)})
     with pytest.raises(CheckpointError, match=r"'lin.bias' has shape \[3\], the model wants \[2\]"):
         _build({**state, "lin.bias": torch.zeros(3)})
+    with pytest.raises(CheckpointError, match=r"'lin.bias' has shape int, the model wants \[2\]"):
+        _build({**state, "lin.bias": 3})  # type: ignore[dict-item]
     with pytest.raises(CheckpointError, match=r"^ckpt: bad config \(no\)$"):
         loaded.build_loaded(_raises, lambda _, __: state, "ckpt", bad_config="ckpt: bad config")
 

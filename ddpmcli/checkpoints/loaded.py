@@ -174,7 +174,7 @@ def _to_dtypes(own: Mapping[str, Tensor], state: dict[str, Tensor]) -> None:
     nothing else holds it, its memory is freed before the next value is cast."""
     groups: dict[tuple[int, torch.dtype], list[str]] = {}
     for key, value in state.items():  # ids taken while every value is alive: unique
-        if key in own:  # (a key the module lacks is load_state's error)
+        if key in own and isinstance(value, Tensor):  # (anything else: load_state's error)
             groups.setdefault((id(value), own[key].dtype), []).append(key)
     for (_, want), keys in groups.items():
         if state[keys[0]].dtype != want:
@@ -198,7 +198,7 @@ def read_backend(own_memory: bool) -> dict[str, str]:
 
 def stored_dtype(state: Mapping[str, Tensor]) -> torch.dtype | None:
     """The one floating dtype every floating value of ``state`` has, None if they differ."""
-    dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
+    dtypes = {v.dtype for v in state.values() if isinstance(v, Tensor) and v.is_floating_point()}
     return next(iter(dtypes)) if len(dtypes) == 1 else None
 
 
@@ -254,7 +254,7 @@ def build_loaded(
     if want is not None:
         module.to(dtype=want)
     own = module.state_dict(keep_vars=True)
-    if any(v.dtype != own[k].dtype for k, v in state.items() if k in own):
+    if any(isinstance(v, Tensor) and v.dtype != own[k].dtype for k, v in state.items() if k in own):
         # to be cast: read again, each tensor in memory of its own (views of one mapped file
         # stay in memory until the last is dropped), so that each is freed once cast
         del state
