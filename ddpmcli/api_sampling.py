@@ -19,7 +19,7 @@ from ddpmcli.checkpoints import LoadedModel
 from ddpmcli.choices import DEFAULT_SPACING, SIGMA_SPACINGS, SPACINGS
 from ddpmcli.errors import ParameterError
 from ddpmcli.run.samplers import respaced_schedule
-from ddpmcli.run.solver_grid import grid_schedule, sigma_grid
+from ddpmcli.run.solver_grid import grid_schedule, sigma_grid, table_timesteps
 from ddpmcli.run.step_sweep import SweepResult
 
 __all__ = [
@@ -195,7 +195,7 @@ def _timesteps_of(train: core.Schedule, sigmas: torch.Tensor, whole: bool) -> to
             f"{{sigmas}} {outside[0]:g} is outside the model's sigma range [{lo:.6g}, {hi:.6g}]"
         )
     ts = grids.sigma_to_timestep(sigmas, table)
-    return torch.round(ts) if whole else ts
+    return table_timesteps(train, torch.round(ts) if whole else ts)
 
 
 # diffusers' scheduler classes ddpm has, and the sampler each is

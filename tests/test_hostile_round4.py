@@ -8,6 +8,7 @@ in one ``Error:`` line (never the bug hint) with the right exit status.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -50,3 +51,62 @@ def test_hostile_round4_cases(tmp_path: Path) -> None:
         except AssertionError as exc:
             raise AssertionError(f"{argv}: {exc}") from None
     assert not (tmp_path / "z.pt").exists()
+
+
+class _Recorder(torch.nn.Module):
+    """Returns zeros and keeps the timestep of every call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[float] = []
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        self.seen.append(float(t.flatten()[0]))
+        return torch.zeros_like(x)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "heun", "dpmpp-2m"])
+@pytest.mark.parametrize("kind", ["edm_sigma", "ve", "flow"])
+def test_explicit_sigmas_call_the_model_with_its_own_timestep(kind: str, sampler: str) -> None:
+    """`sample --sigmas` off VP called the model with the training table's *index* (769.0 for
+    sigma 20 on edm_sigma, whose network takes c_noise = ln(sigma)/4 = 0.749; 951.4 on a flow
+    that takes 1000 s = 952.4): the model timestep is now interpolated on the table's own model
+    timesteps, in log sigma between neighbours as the index is (exact for c_noise)."""
+    import ddpmcli
+
+    net = _Recorder()
+    model = ddpmcli.wrap(
+        net, schedule=ddpmcli.schedule(kind), data_shape=(2,),
+        prediction_type="flow" if kind == "flow" else "epsilon",
+    )  # fmt: skip
+    sigmas = [20.0, 2.0, 0.5]
+    net.seen.clear()  # (wrap's own check call)
+    ddpmcli.sample(model, n=2, sampler=sampler, grid=sigmas)
+    exact = {  # each path's own timestep of an EDM sigma (sigma_t/alpha_t)
+        "edm_sigma": lambda s: math.log(s) / 4,
+        "ve": lambda s: s,
+        "flow": lambda s: 1000 * s / (1 + s),
+    }[kind]
+    want = [exact(s) for s in sigmas]
+    seen = sorted(set(net.seen), reverse=True)
+    if sampler == "dpmpp-2m":  # whole table indices, as diffusers' multistep schedulers round
+        table = [float(v) for v in model.schedule.model_timestep]
+        want = [min(table, key=lambda v, w=w: abs(v - w)) for w in want]
+        assert seen == pytest.approx(want, abs=1e-6)
+    else:
+        # float32 as the model takes it; ve and flow: linear in log sigma between table entries
+        tol = 1e-6 if kind == "edm_sigma" else 2e-4
+        assert seen == pytest.approx(want, rel=tol, abs=1e-12)
+
+
+def test_karras_grid_on_edm_sigma_calls_the_model_with_c_noise() -> None:
+    import ddpmcli
+
+    net = _Recorder()
+    model = ddpmcli.wrap(
+        net, schedule=ddpmcli.schedule("edm_sigma"), prediction_type="epsilon", data_shape=(2,)
+    )
+    net.seen.clear()
+    run = ddpmcli.sample(model, n=2, sampler="euler", steps=4, spacing="karras")
+    sigmas = run.schedule.sigma.flip(0).tolist()
+    assert net.seen == pytest.approx([math.log(s) / 4 for s in sigmas], rel=1e-6)

@@ -28,6 +28,7 @@ __all__ = [
     "path_schedule",
     "solver_options_unused",
     "step_grid",
+    "table_timesteps",
 ]
 
 
@@ -233,4 +234,21 @@ def sigma_grid(
     ts = grids.sigma_to_timestep(sig, table)
     if whole_timesteps:
         ts = torch.round(ts)
-    return grid_schedule(train, sig, ts, name=f"{train.name}@{spacing}{steps}")
+    return grid_schedule(
+        train, sig, table_timesteps(train, ts), name=f"{train.name}@{spacing}{steps}"
+    )
+
+
+def table_timesteps(train: core.Schedule, index: torch.Tensor) -> torch.Tensor:
+    """The model timesteps at the (fractional) ``index`` of ``train``'s table, as
+    :func:`ddpmcli.core.grids.sigma_to_timestep` gives it: linear between the two neighbouring
+    entries' model timesteps (so linear in log sigma, as the index is). A model called with its
+    index (VP) gets ``index`` itself; a flow its ``1000 s``, ``edm_sigma`` its c_noise, ``ve`` its
+    sigma (the index was passed as the timestep there: 769 where c_noise is 0.75)."""
+    own = torch.tensor(model_timesteps(train), dtype=torch.float64)
+    if torch.equal(own, torch.arange(own.numel(), dtype=torch.float64)):
+        return index  # (the same digits as before)
+    idx = index.to(torch.float64)
+    low = torch.floor(idx).clamp(0, own.numel() - 2).to(torch.long)
+    frac = idx - low
+    return (1 - frac) * own[low] + frac * own[low + 1]
