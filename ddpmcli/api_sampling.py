@@ -26,6 +26,7 @@ __all__ = [
     "FINAL_SIGMAS_TYPES",
     "MULTISTEP",
     "own_scheduler",
+    "parse_sampler_spec",
     "resolve_sampler",
     "sampling_schedule",
     "sampling_spacing",
@@ -64,6 +65,52 @@ def solver_options(model: LoadedModel, options: Mapping[str, Any]) -> dict[str, 
         elif value is not None or name in ("order", "solver_type"):
             out[name] = value
     return out
+
+
+_OPTION_TYPES: dict[str, Any] = {
+    "order": int, "s_churn": float, "s_tmin": float, "s_tmax": float, "s_noise": float,
+    "lower_order_final": bool, "euler_at_final": bool, "corrector": bool, "stochastic": bool,
+}  # fmt: skip
+_OPTION_ALIASES = {"final_sigmas": "final_sigmas_type"}
+_TRUE, _FALSE = ("true", "on", "yes", "1"), ("false", "off", "no", "0")
+
+
+def parse_sampler_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``NAME[:OPTION=VALUE...]`` (``dpmpp-3m:dpm-form=exact``, ``euler:s-churn=1:s-tmax=5``) as
+    (sampler name, solver options): one sampler with its own options, so a sweep can put variants
+    of one solver side by side. Options are :func:`solver_options`' names (``-`` or ``_``);
+    values are typed as the library takes them (bool: true/false/on/off)."""
+    name, *parts = spec.split(":")
+    options: dict[str, Any] = {}
+    for part in parts:
+        key, eq, text = part.partition("=")
+        key = key.strip().replace("-", "_")
+        key = _OPTION_ALIASES.get(key, key)
+        if not eq or key not in _OPTION_NAMES:
+            raise ParameterError(
+                f"{{samplers}} {spec!r}: {part!r} is not OPTION=VALUE with an option of "
+                f"{', '.join(_OPTION_NAMES)}"
+            )
+        if key in options:
+            raise ParameterError(f"{{samplers}} {spec!r} gives {key} twice")
+        options[key] = _typed(spec, key, text.strip())
+    return name.strip(), options
+
+
+def _typed(spec: str, key: str, text: str) -> Any:
+    kind = _OPTION_TYPES.get(key, str)
+    if kind is str:
+        return text
+    if kind is bool:
+        if text.lower() in _TRUE + _FALSE:
+            return text.lower() in _TRUE
+    else:
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    what = {int: "a whole number", float: "a number", bool: "true or false"}[kind]
+    raise ParameterError(f"{{samplers}} {spec!r}: {key}={text!r} must be {what}")
 
 
 def sampling_spacing(model: LoadedModel, spacing: str | None = None) -> tuple[str, int]:
@@ -285,7 +332,9 @@ def step_sweep(
 ) -> SweepResult:
     """How many steps: one row per (sampler, steps) from the same x_T against a reference
     (:func:`ddpmcli.run.step_sweep.step_sweep`; the numbers of `ddpm steps`), every sampler on
-    one grid rule and the one loaded model (no reloading). ``spacing``: as
+    one grid rule and the one loaded model (no reloading). A sampler may carry its own solver
+    options (:func:`parse_sampler_spec`: ``dpmpp-3m:dpm-form=exact``, ``unipc:order=3``); the
+    rows name it as given. ``spacing``: as
     :func:`ddpmcli.sample` takes it (None: :func:`sampling_spacing`'s rule, the checkpoint's own
     timestep spacing, else trailing); the result's ``spacing`` says which ran. ``exact``:
     ``x_T -> samples`` where the exact solution is known; else a converged run of
@@ -304,13 +353,19 @@ def step_sweep(
     from ddpmcli.run.step_sweep import step_sweep as sweep
 
     check_lists(samplers, steps)
-    for name in (*samplers, reference_sampler):
-        sample_settings(model, n, name, clip=clip)  # unknown names: one error, before any run
+    specs = {spec: parse_sampler_spec(spec) for spec in (*samplers, reference_sampler)}
+
+    def settings_for(spec: str) -> Any:
+        name, options = specs[spec]
+        return sample_settings(model, n, name, clip=clip, **options)
+
+    for spec in specs:
+        settings_for(spec)  # unknown names and options: one error, before any run
     how = sampling_spacing(model, spacing)[0]
 
-    def grid(name: str, count: int) -> core.Schedule:
+    def grid(spec: str, count: int) -> core.Schedule:
         # fractional timesteps for all: one grid whatever the sampler, no repeats at many steps
-        return sampling_schedule(model, count, how, name, whole=False)
+        return sampling_schedule(model, count, how, specs[spec][0], whole=False)
 
     predict: Any = model.predict
     schedule_for: Any = grid
@@ -327,7 +382,7 @@ def step_sweep(
         model.data_shape,
         samplers=samplers,
         steps=steps,
-        settings_for=lambda name: sample_settings(model, n, name, clip=clip),
+        settings_for=settings_for,
         n=n,
         seed=seed,
         exact=exact,

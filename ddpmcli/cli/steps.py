@@ -42,7 +42,8 @@ def _names(text: str) -> list[str]:
     from ddpmcli.choices import SAMPLERS
 
     names = [v.strip() for v in text.split(",") if v.strip()]
-    for name in names:
+    for spec in names:
+        name = spec.split(":")[0].strip()  # options after a colon: dpmpp-3m:dpm-form=exact
         if name not in SAMPLERS:
             raise UsageError(f"--sampler {name!r} is unknown; allowed: {', '.join(SAMPLERS)}")
     if not names:
@@ -67,7 +68,13 @@ def _counts(text: str) -> list[int]:
 def steps(
     checkpoint: CheckpointArg,
     sampler: Annotated[
-        str, typer.Option("--sampler", help="Samplers to compare, comma-separated.")
+        str,
+        typer.Option(
+            "--sampler",
+            help="Samplers to compare, comma-separated; each may carry solver options after "
+            "colons, NAME:OPTION=VALUE (dpmpp-3m:dpm-form=exact, unipc:order=3:corrector=off, "
+            "euler:s-churn=1), to compare variants side by side.",
+        ),
     ] = "ddim,dpmpp-2m,unipc",
     steps: Annotated[
         str, typer.Option("--steps", help="Step counts, comma-separated.")

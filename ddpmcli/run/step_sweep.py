@@ -251,7 +251,7 @@ def _row(
     width: float | None,
 ) -> dict[str, Any]:
     samples, sched, settings, wall = runner.run(name, count)
-    sampler = registered(name)
+    sampler = registered(settings.sampler)  # name may carry options: dpmpp-3m:dpm-form=exact
     nfe = sampler.evaluations(sched.num_steps, settings) if sampler.evaluations else sched.num_steps
     rms = _rms(samples, reference.samples)
     vectors = len(runner.data_shape) == 1 and runner.n >= 2
