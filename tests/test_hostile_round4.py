@@ -39,11 +39,20 @@ CASES: list[tuple[list[str], int, list[str]]] = [
     (["check", "--kind", "cosine", "--param", "logsnr_shift=1"], 2, ["--logsnr-shift"]),
     (["train", "--data", "moons", "--steps", "2", "--param", "zero_terminal_snr=1", "--out",
       "z.pt"], 2, ["--zero-terminal-snr"]),
+    # an epsilon reading of a path from alpha_t = 0: x_t became NaN at step 0, exit 1, with the
+    # advice "Try the float32 dtype, clipping, or fewer steps"
+    (["sample", "flow.pt", "--n", "4", "--prediction-type", "epsilon", "--steps", "3"], 2,
+     ["epsilon model cannot be sampled", "alpha_t = 0", "--spacing leading"]),
+    (["sample", "vp.pt", "--n", "4", "--kind", "flow", "--steps", "3", "--sampler", "unipc"], 2,
+     ["alpha_t = 0"]),
+    (["steps", "flow.pt", "--n", "4", "--prediction-type", "epsilon", "--steps", "2",
+      "--sampler", "ddim"], 2, ["alpha_t = 0"]),
 ]  # fmt: skip
 
 
 def test_hostile_round4_cases(tmp_path: Path) -> None:
     _native(tmp_path / "vp.pt", "linear", "epsilon")
+    _native(tmp_path / "flow.pt", "flow", "flow")
     rows = run_capped([argv for argv, _, _ in CASES], tmp_path)
     for (argv, code, fragments), row in zip(CASES, rows, strict=True):
         try:
@@ -110,3 +119,19 @@ def test_karras_grid_on_edm_sigma_calls_the_model_with_c_noise() -> None:
     run = ddpmcli.sample(model, n=2, sampler="euler", steps=4, spacing="karras")
     sigmas = run.schedule.sigma.flip(0).tolist()
     assert net.seen == pytest.approx([math.log(s) / 4 for s in sigmas], rel=1e-6)
+
+
+def test_epsilon_from_alpha_zero_is_refused_before_any_model_call() -> None:
+    import ddpmcli
+    from ddpmcli.errors import ParameterError
+
+    net = _Recorder()
+    model = ddpmcli.wrap(
+        net, schedule=ddpmcli.schedule("flow"), prediction_type="epsilon", data_shape=(2,)
+    )
+    net.seen.clear()
+    with pytest.raises(ParameterError, match="alpha_t = 0"):
+        ddpmcli.sample(model, n=2, steps=3, sampler="dpmpp-2m")
+    assert net.seen == []
+    run = ddpmcli.sample(model, n=2, timesteps=[998, 500])  # below s = 1: it runs
+    assert bool(torch.isfinite(run.samples).all())

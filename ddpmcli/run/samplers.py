@@ -49,7 +49,7 @@ from ddpmcli.run.observers import (
     TrajectoryRecorder,
     finite_check,
 )
-from ddpmcli.run.solver_grid import PathGrid, model_timesteps, path_grid
+from ddpmcli.run.solver_grid import PathGrid, check_x0_defined, model_timesteps, path_grid
 from ddpmcli.run.steps import (
     DEFAULT_THRESHOLD_PERCENTILE,
     Sampler,
@@ -327,6 +327,8 @@ def sample(
         grid=path_grid(schedule, settings.final_sigma), model_t=model_timesteps(schedule),
     )  # fmt: skip
     num = schedule.num_steps
+    if loop.grid is not None:
+        check_x0_defined(loop.grid, loop.kind)
     if sampler.check_grid is not None and loop.grid is not None:
         sampler.check_grid(loop.grid, settings)
     stats = StepStatistics(schedule, variances, float(data_variance), settings.data_range)

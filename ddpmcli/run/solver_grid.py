@@ -22,6 +22,7 @@ from ddpmcli.run.events import ParameterError
 
 __all__ = [
     "PathGrid",
+    "check_x0_defined",
     "model_timesteps",
     "path_grid",
     "path_point",
@@ -252,3 +253,18 @@ def table_timesteps(train: core.Schedule, index: torch.Tensor) -> torch.Tensor:
     low = torch.floor(idx).clamp(0, own.numel() - 2).to(torch.long)
     frac = idx - low
     return (1 - frac) * own[low] + frac * own[low + 1]
+
+
+def check_x0_defined(grid: PathGrid, prediction_type: str) -> None:
+    """An epsilon model cannot be sampled from a point where alpha_t = 0 (a flow's s = 1, a
+    zero terminal SNR): x0 = (x_t - sigma_t eps)/alpha_t is 0/0 there. A ParameterError before
+    any model call (the run's first step turned x_t into NaN, blamed on the dtype)."""
+    if prediction_type != "epsilon":
+        return
+    if any(a == 0 for a in grid.alpha):
+        raise ParameterError(
+            "an epsilon model cannot be sampled from where alpha_t = 0 (the grid starts at pure "
+            "noise: a flow's s = 1 or a zero terminal SNR): x0 = (x_t - sigma_t eps)/alpha_t is "
+            "undefined there; start below it ({spacing} leading, or an explicit grid) or "
+            "sample a v or flow model"
+        )
