@@ -47,6 +47,9 @@ CASES: list[tuple[list[str], int, list[str]]] = [
      ["alpha_t = 0"]),
     (["steps", "flow.pt", "--n", "4", "--prediction-type", "epsilon", "--steps", "2",
       "--sampler", "ddim"], 2, ["alpha_t = 0"]),
+    # the bound's NaN there blamed the model ("the model returned NaN/Inf there")
+    (["nll", "flow.pt", "--n", "4", "--prediction-type", "epsilon", "--data", "moons"], 1,
+     ["at t = 999 (alpha_t = 0 there", "epsilon model is undefined"]),
 ]  # fmt: skip
 
 

@@ -373,9 +373,12 @@ def _bound_result(
     num, selected, timesteps = setup.sched.num_steps, setup.selected, setup.model_ts
     rows: list[dict[str, Any]] = []
     bad: list[int] = []
+    undefined = False  # the first bad t is an epsilon model's alpha_t = 0 (x0 = (x_t - eps)/0)
     for j, i in enumerate(selected):
         mean = float(sums[0, j] / n)
         if not math.isfinite(mean):
+            if not bad:
+                undefined = setup.kind == "epsilon" and float(setup.sched.alpha_t[i]) == 0
             bad.append(timesteps[i])
             continue
         var = max(float(sums[1, j] / n) - mean**2, 0.0)
@@ -395,8 +398,14 @@ def _bound_result(
     if bad:
         raise NonFiniteError(
             f"the bound's term is NaN/Inf at {len(bad)} of {len(selected)} timestep(s), first "
-            f"at t = {bad[0]} (the model returned NaN/Inf there"
-            f"{wider_dtype_hint(setup.model_dtype)})",
+            f"at t = {bad[0]} ("
+            + (
+                "alpha_t = 0 there: x0 = (x_t - sigma_t eps)/alpha_t of an epsilon model is "
+                "undefined; a v or flow model rebuilds x0 at every t"
+                if undefined
+                else f"the model returned NaN/Inf there{wider_dtype_hint(setup.model_dtype)}"
+            )
+            + ")",
             rows,
             None,
             bad[0],
