@@ -8,14 +8,16 @@ built with diffusers' and transformers' own classes and saved with their own ``s
 
 - ``text_encoder_2/``: a ``T5EncoderModel`` of ~187M parameters (d_model 1024, 12 layers, 16
   heads x 64, gated d_ff 2816, T5's 32128-token vocabulary), stored in bfloat16 as Flux's T5 is
-  (ddpm keeps bfloat16);
+  (ddpm keeps bfloat16); ``t5_fp16/``: the same T5 saved in float16, as SD3's
+  ``text_encoder_3`` ships (ddpm upcasts it to float32: twice its bytes on disk at best);
 - ``transformer/``: a ``FluxTransformer2DModel`` of ~160M parameters (768 wide, 4 double and 8
   single blocks, joint attention 1024 wide, guidance embedding), stored in float32;
 - tiny CLIP, VAE, tokenizers and the scheduler (tests/pipeline_folders.py's), a few MB.
 
 Cases, each in a fresh interpreter (its peak RSS, ``VmHWM``, its own), after importing torch,
 ddpmcli's loaders and the model classes (the baseline, ``VmHWM`` before the load):
-``t5`` (``text_encoders.t5_text_encoder``), ``transformer`` (the transformer, as the folder loader
+``t5`` (``text_encoders.t5_text_encoder``), ``t5-fp16`` (the same on ``t5_fp16/``),
+``transformer`` (the transformer, as the folder loader
 builds it) and ``pipeline`` (``load_checkpoint(folder, inspect_only=True)``: everything ddpm
 loads for ``ddpm info``, the VAE and both text encoders included). Reported per case: the
 weights' bytes on disk, the baseline, the peak, ``(peak - baseline) / weights`` (1.0 is one copy
@@ -51,9 +53,10 @@ from _results import add_output_options, output_path  # noqa: E402  (benchmarks/
 
 ROOT = Path(__file__).resolve().parent.parent
 NAME = "load_memory.json"
-CASES = ("t5", "transformer", "pipeline")
+CASES = ("t5", "t5-fp16", "transformer", "pipeline")
 WEIGHTS = {
     "t5": ("text_encoder_2",),
+    "t5-fp16": ("t5_fp16",),
     "transformer": ("transformer",),
     "pipeline": ("transformer", "text_encoder", "text_encoder_2", "vae"),
 }
@@ -98,6 +101,16 @@ def build_folder(root: Path) -> Path:
     return root
 
 
+def build_t5_fp16(root: Path) -> None:
+    """``t5_fp16/``: the folder's T5 saved in float16 (as SD3's ``text_encoder_3`` ships),
+    which ddpm upcasts to float32 (T5 overflows in float16): twice the bytes on disk."""
+    import torch
+    import transformers
+
+    t5 = transformers.T5EncoderModel.from_pretrained(root / "text_encoder_2")
+    t5.to(torch.float16).save_pretrained(root / "t5_fp16")
+
+
 def weight_bytes(folder: Path, case: str) -> int:
     return sum(
         f.stat().st_size for sub in WEIGHTS[case] for f in (folder / sub).glob("*.safetensors")
@@ -126,8 +139,9 @@ def run_case(case: str, folder: Path) -> dict[str, Any]:
         getattr(transformers, name)
     baseline = status_mb("VmHWM")
     began = time.perf_counter()
-    if case == "t5":
-        kept: Any = text_encoders.t5_text_encoder(folder / "text_encoder_2", str(folder))
+    if case in ("t5", "t5-fp16"):
+        enc_dir = folder / ("text_encoder_2" if case == "t5" else "t5_fp16")
+        kept: Any = text_encoders.t5_text_encoder(enc_dir, str(folder))
     elif case == "transformer":
         net_dir = folder / "transformer"
         config = json.loads((net_dir / "config.json").read_text())
@@ -234,6 +248,8 @@ def main() -> None:
             began = time.perf_counter()
             build_folder(folder)
             print(f"built {folder} in {time.perf_counter() - began:.0f} s", file=sys.stderr)
+        if not (folder / "t5_fp16" / "config.json").is_file():
+            build_t5_fp16(folder)
         cases = args.cases.split(",")
         versions = sources(args.before, Path(scratch))
         runs: dict[tuple[str, str], list[dict[str, Any]]] = {
