@@ -203,7 +203,14 @@ def solver_schedule(
 def timestep_grid(schedule: core.Schedule, timesteps: Sequence[int]) -> core.Schedule:
     """``schedule`` at an explicit list of its own timesteps (diffusers' custom ``timesteps``; any
     order, run from the largest down): whole numbers in 0..T-1, each once."""
-    values = list(timesteps)
+    try:  # (a str, a number: not a list of timesteps; "999,0" was read char by char)
+        values = None if isinstance(timesteps, str | bytes) else list(timesteps)
+    except TypeError:
+        values = None
+    if values is None:
+        raise ParameterError(
+            f"{{timesteps}} must be a list of whole numbers (the model's own), got {timesteps!r}"
+        )
     if not values:
         raise ParameterError("{timesteps}: give at least one timestep")
     for v in values:

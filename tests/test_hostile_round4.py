@@ -138,3 +138,22 @@ def test_epsilon_from_alpha_zero_is_refused_before_any_model_call() -> None:
     assert net.seen == []
     run = ddpmcli.sample(model, n=2, timesteps=[998, 500])  # below s = 1: it runs
     assert bool(torch.isfinite(run.samples).all())
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"timesteps": "999,0"}, {"timesteps": 999}, {"sampler": "heun", "s_churn": "1"},
+     {"sampler": "heun", "s_churn": True}, {"sampler": "euler", "s_noise": "1"}],
+)  # fmt: skip
+def test_library_wrong_types_are_parameter_errors(options: dict[str, object]) -> None:
+    """sample(timesteps="999,0") read the string char by char (ValueError), timesteps=999 was a
+    TypeError, s_churn="1" a TypeError inside math.isnan, s_churn=True ran as 1."""
+    import ddpmcli
+    from ddpmcli.errors import ParameterError
+
+    model = ddpmcli.wrap(
+        _Recorder(), schedule=ddpmcli.schedule("linear", 10), prediction_type="epsilon",
+        data_shape=(2,),
+    )  # fmt: skip
+    with pytest.raises(ParameterError):
+        ddpmcli.sample(model, n=2, **options)  # type: ignore[arg-type]

@@ -51,6 +51,9 @@ def _check_churn(settings: SampleSettings) -> None:
     solver_options_unused(settings, _CHURN)
     for name in _CHURN:
         value = getattr(settings, name)
+        if isinstance(value, bool | str) or not isinstance(value, int | float):
+            # a str reached math.isnan (TypeError); a bool was taken as 0/1
+            raise ParameterError(f"{{{name}}} must be a finite number >= 0, got {value!r}")
         if math.isnan(value) or value < 0 or (name != "s_tmax" and math.isinf(value)):
             raise ParameterError(f"{{{name}}} must be a finite number >= 0, got {value}")
     _check_order(settings)
