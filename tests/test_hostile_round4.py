@@ -47,6 +47,12 @@ CASES: list[tuple[list[str], int, list[str]]] = [
      ["alpha_t = 0"]),
     (["steps", "flow.pt", "--n", "4", "--prediction-type", "epsilon", "--steps", "2",
       "--sampler", "ddim"], 2, ["alpha_t = 0"]),
+    # a log-SNR shift that saturates float64 (alpha_bar exactly 1 or 0) printed beta 0, log_snr
+    # inf and NaN posterior columns with exit 0 (and train wrote a model on it)
+    (["schedule", "--logsnr-shift", "1000"], 2, ["log-SNR shift 1000", "beta[0] = 0.0"]),
+    (["schedule", "--logsnr-shift", "-1000"], 2, ["alpha_bar zero before the last step"]),
+    (["train", "--data", "moons", "--steps", "2", "--logsnr-shift", "-1000", "--out", "z.pt"],
+     2, ["log-SNR shift -1000"]),
     # the bound's NaN there blamed the model ("the model returned NaN/Inf there")
     (["nll", "flow.pt", "--n", "4", "--prediction-type", "epsilon", "--data", "moons"], 1,
      ["at t = 999 (alpha_t = 0 there", "epsilon model is undefined"]),

@@ -116,6 +116,9 @@ def shift_logsnr(schedule: Schedule, shift: float) -> Schedule:
     if schedule.path != "vp":
         return _shift_path_logsnr(schedule, shift)
     parts = _parts_from_logsnr(schedule.log_snr + shift)
+    # a shift that saturates float64 (alpha_bar exactly 1 or 0: beta 0 or 1) printed inf/NaN
+    # columns with exit 0
+    _validate(parts, ScheduleParameterError, f"log-SNR shift {shift:g} of {schedule.name}")
     return _assemble(
         f"{schedule.name}{shift:+g}logsnr",
         _with_transform(schedule, ["logsnr_shift", float(shift)]),
