@@ -53,6 +53,11 @@ CASES: list[tuple[list[str], int, list[str]]] = [
     (["schedule", "--logsnr-shift", "-1000"], 2, ["alpha_bar zero before the last step"]),
     (["train", "--data", "moons", "--steps", "2", "--logsnr-shift", "-1000", "--out", "z.pt"],
      2, ["log-SNR shift -1000"]),
+    # a churn window or noise scale without --s-churn ran without a word (no churn to shape)
+    (["sample", "vp.pt", "--n", "4", "--steps", "3", "--sampler", "heun", "--s-tmin", "5",
+      "--s-tmax", "1"], 2, ["--s-tmin shapes the churn, which is off"]),
+    (["sample", "vp.pt", "--n", "4", "--steps", "3", "--sampler", "euler", "--s-noise", "0"], 2,
+     ["--s-noise shapes the churn"]),
     # the bound's NaN there blamed the model ("the model returned NaN/Inf there")
     (["nll", "flow.pt", "--n", "4", "--prediction-type", "epsilon", "--data", "moons"], 1,
      ["at t = 999 (alpha_t = 0 there", "epsilon model is undefined"]),

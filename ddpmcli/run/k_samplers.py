@@ -59,7 +59,16 @@ def _check_churn(settings: SampleSettings) -> None:
     _check_order(settings)
 
 
+_NO_CHURN = {"s_tmin": 0.0, "s_tmax": math.inf, "s_noise": 1.0}
+
+
 def _check_order(settings: SampleSettings) -> None:
+    for name, default in _NO_CHURN.items():  # as a window with no churn: without a word
+        if settings.s_churn == 0 and getattr(settings, name) != default:
+            raise ParameterError(
+                f"{{{name}}} shapes the churn, which is off ({{s_churn}} 0): add {{s_churn}} "
+                f"or drop {{{name}}}"
+            )
     if settings.s_churn > 0 and settings.s_tmin > settings.s_tmax:
         raise ParameterError(
             f"{{s_churn}} {settings.s_churn:g} churns where {{s_tmin}} <= sigma <= {{s_tmax}}, an "
