@@ -373,12 +373,12 @@ def _bound_result(
     num, selected, timesteps = setup.sched.num_steps, setup.selected, setup.model_ts
     rows: list[dict[str, Any]] = []
     bad: list[int] = []
-    undefined = False  # the first bad t is an epsilon model's alpha_t = 0 (x0 = (x_t - eps)/0)
+    cause = ""
     for j, i in enumerate(selected):
         mean = float(sums[0, j] / n)
         if not math.isfinite(mean):
             if not bad:
-                undefined = setup.kind == "epsilon" and float(setup.sched.alpha_t[i]) == 0
+                cause = _nonfinite_cause(setup, i)
             bad.append(timesteps[i])
             continue
         var = max(float(sums[1, j] / n) - mean**2, 0.0)
@@ -398,14 +398,7 @@ def _bound_result(
     if bad:
         raise NonFiniteError(
             f"the bound's term is NaN/Inf at {len(bad)} of {len(selected)} timestep(s), first "
-            f"at t = {bad[0]} ("
-            + (
-                "alpha_t = 0 there: x0 = (x_t - sigma_t eps)/alpha_t of an epsilon model is "
-                "undefined; a v or flow model rebuilds x0 at every t"
-                if undefined
-                else f"the model returned NaN/Inf there{wider_dtype_hint(setup.model_dtype)}"
-            )
-            + ")",
+            f"at t = {bad[0]} ({cause})",
             rows,
             None,
             bad[0],
@@ -432,6 +425,17 @@ def _bound_result(
         decoder=setup.decoder,
         per_sample_total=totals if covered else None,
     )
+
+
+def _nonfinite_cause(setup: _BoundSetup, i: int) -> str:
+    """Why the term at index ``i`` is NaN/Inf: an epsilon model where alpha_t = 0 (x0 = (x_t -
+    sigma_t eps)/0: the model's output was finite), else the model's output."""
+    if setup.kind == "epsilon" and float(setup.sched.alpha_t[i]) == 0:
+        return (
+            "alpha_t = 0 there: x0 = (x_t - sigma_t eps)/alpha_t of an epsilon model is "
+            "undefined; a v or flow model rebuilds x0 at every t"
+        )
+    return f"the model returned NaN/Inf there{wider_dtype_hint(setup.model_dtype)}"
 
 
 def _summary_row(term: str, values: Tensor, t: int | None) -> dict[str, Any]:
