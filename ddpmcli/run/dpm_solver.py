@@ -206,6 +206,13 @@ def check_dpm(settings: SampleSettings) -> None:
         raise ParameterError(
             "{dpm_form} exact is for the ODE solvers dpmpp-2m and dpmpp-3m, not dpmpp-2m-sde"
         )
+    if settings.dpm_form == "exact" and _order_of(settings) != 3:
+        # the forms differ only in the third-order term: exact at order 1 or 2 would change
+        # nothing, and a flag that changes nothing is refused like the others
+        raise ParameterError(
+            f"{{dpm_form}} exact changes only the third-order update; {settings.sampler} runs "
+            f"order {_order_of(settings)} here (drop it, or run order 3)"
+        )
     if not (math.isfinite(settings.final_sigma) and settings.final_sigma >= 0):
         raise ParameterError(f"{{final_sigma}} must be finite and >= 0, got {settings.final_sigma}")
 
