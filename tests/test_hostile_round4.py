@@ -18,13 +18,13 @@ torch = pytest.importorskip("torch")
 from capped import assert_one_line, run_capped  # noqa: E402
 
 
-def _native(path: Path, kind: str, prediction_type: str) -> Path:
+def _native(path: Path, kind: str, prediction_type: str, timesteps: int = 1000) -> Path:
     from ddpmcli import checkpoints, core, models
 
     base = models.default_hparams("mlp", (2,))
     checkpoints.save_native_checkpoint(
         path, models.build_model("mlp", base), architecture="mlp", hparams=base,
-        schedule=core.make_schedule(kind, 1000), prediction_type=prediction_type,
+        schedule=core.make_schedule(kind, timesteps), prediction_type=prediction_type,
         data_shape=(2,),
     )  # fmt: skip
     return path
@@ -58,6 +58,9 @@ CASES: list[tuple[list[str], int, list[str]]] = [
       "--s-tmax", "1"], 2, ["--s-tmin shapes the churn, which is off"]),
     (["sample", "vp.pt", "--n", "4", "--steps", "3", "--sampler", "euler", "--s-noise", "0"], 2,
      ["--s-noise shapes the churn"]),
+    # the ODE likelihood of a one-timestep schedule named a flag never given: "--t-eps None"
+    (["nll", "t1.pt", "--n", "4", "--data", "moons", "--method", "ode"], 2,
+     ["has one timestep"]),
     # the bound's NaN there blamed the model ("the model returned NaN/Inf there")
     (["nll", "flow.pt", "--n", "4", "--prediction-type", "epsilon", "--data", "moons"], 1,
      ["at t = 999 (alpha_t = 0 there", "epsilon model is undefined"]),
@@ -67,6 +70,7 @@ CASES: list[tuple[list[str], int, list[str]]] = [
 def test_hostile_round4_cases(tmp_path: Path) -> None:
     _native(tmp_path / "vp.pt", "linear", "epsilon")
     _native(tmp_path / "flow.pt", "flow", "flow")
+    _native(tmp_path / "t1.pt", "flow", "flow", timesteps=1)
     rows = run_capped([argv for argv, _, _ in CASES], tmp_path)
     for (argv, code, fragments), row in zip(CASES, rows, strict=True):
         try:

@@ -351,9 +351,11 @@ def ode_likelihood(
     kind = _prediction_kind(prediction_type)
     rho0 = float(geometry.rho[0]) if s.t_eps is None else geometry.rho_at_timestep(s.t_eps)
     rho1 = float(geometry.rho[-1])
-    if not rho0 < rho1:
+    if not rho0 < rho1:  # (t_eps None: a one-entry schedule; it said "--t-eps None")
         raise ParameterError(
-            f"{{t_eps}} {s.t_eps} leaves nothing to integrate (it is the last entry)"
+            "the schedule has one timestep: the ODE has nothing to integrate (use the bound)"
+            if s.t_eps is None
+            else f"{{t_eps}} {s.t_eps} leaves nothing to integrate (it is the last entry)"
         )
     if rho1 >= 1.0 and kind == "epsilon":
         raise ParameterError(
