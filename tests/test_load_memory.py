@@ -86,9 +86,9 @@ def test_one_dtype_kept_mixed_dtypes_cast_to_the_modules_tied_values_cast_once()
 def test_weights_to_be_cast_are_read_again_each_in_memory_of_its_own() -> None:
     calls: list[bool] = []
 
-    def read(module: nn.Module, own_memory: bool) -> dict[str, Tensor]:
-        calls.append(own_memory)
-        return mixed
+    def read(module: nn.Module, cast: loaded.Cast | None) -> dict[str, Tensor]:
+        calls.append(cast is not None)
+        return mixed if cast is None else {k: cast(k, v) for k, v in mixed.items()}
 
     mixed = _state(torch.float16)
     mixed["lin.bias"] = mixed["lin.bias"].float()  # mixed dtypes: the module stays float32

@@ -24,11 +24,12 @@ from ddpmcli.checkpoints import flow_pipelines, sdxl, text_encoders
 from ddpmcli.checkpoints.conditioning import TextConditioning
 from ddpmcli.checkpoints.latent import LATENT_BOUND, LatentSpace
 from ddpmcli.checkpoints.loaded import (
+    Cast,
     Denoiser,
     LoadedModel,
     build_loaded,
     loaded_model,
-    read_backend,
+    read_safetensors,
 )
 from ddpmcli.checkpoints.meta import _finish, _merge, _Meta, check_data_shape
 from ddpmcli.checkpoints.sizes import count_on_meta
@@ -122,9 +123,9 @@ def _weight_file(unet_dir: Path, name: Any) -> Path:
     return limits.check_regular_file(unet_dir / text, "weights file", error=CheckpointError)
 
 
-def _read_diffusers_weights(unet_dir: Path, own_memory: bool = False) -> dict[str, Tensor]:
+def _read_diffusers_weights(unet_dir: Path, cast: Cast | None = None) -> dict[str, Tensor]:
     """The folder's weights: one file or the shards an index names; safetensors as views of the
-    mapped file, or with ``own_memory`` each tensor read into memory of its own."""
+    mapped file, or each cast as it is read (:func:`.loaded.read_safetensors`)."""
     index = [
         unet_dir / f"diffusion_pytorch_model.{ext}.index.json" for ext in ("safetensors", "bin")
     ]
@@ -149,13 +150,13 @@ def _read_diffusers_weights(unet_dir: Path, own_memory: bool = False) -> dict[st
     for f in files:
         if f.suffix == ".safetensors":
             try:
-                from safetensors.torch import load_file
+                import safetensors  # noqa: F401
             except ImportError:
                 raise CheckpointError(
                     f"reading {f.name} needs safetensors: {DIFFUSERS_HINT}"
                 ) from None
             try:
-                state.update(load_file(str(f), device="cpu", **read_backend(own_memory)))
+                state.update(read_safetensors(str(f), cast))
             except Exception as exc:  # safetensors raises its own SafetensorError
                 raise CheckpointError(
                     f"{f}: truncated or corrupt safetensors file ({one_line(exc)})"
@@ -350,7 +351,7 @@ def _build(
         # the weights at the peak of the load, not two
         net = build_loaded(
             lambda: cls.from_config(config),
-            lambda _, own_memory: _read_diffusers_weights(net_dir, own_memory), where,
+            lambda _, cast: _read_diffusers_weights(net_dir, cast), where,
             bad_config=f"{net_dir / 'config.json'}: bad {class_name} config",
         )  # fmt: skip
     net.eval().requires_grad_(False)  # inference only: no autograd graph, no grad memory

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import itertools
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -183,17 +184,34 @@ def _to_dtypes(own: Mapping[str, Tensor], state: dict[str, Tensor]) -> None:
                 state[key] = cast
 
 
-def read_backend(own_memory: bool) -> dict[str, str]:
-    """``safetensors.torch.load_file``'s keywords: with ``own_memory`` each tensor read into
-    memory of its own (its ``pread`` backend, safetensors 0.8), else views of the mapped file
-    (its default); ``{}`` where the installed safetensors has no such choice."""
+Cast = Callable[[str, Tensor], Tensor]
+"""``cast(key, tensor)``: a weight as read, in the dtype its module entry has."""
+
+
+def read_safetensors(path: str, cast: Cast | None) -> dict[str, Tensor]:
+    """A safetensors file's tensors. ``cast`` None: views of the mapped file (nothing is read
+    until used, nothing copied). Else each is read into memory of its own (safetensors'
+    ``pread`` backend, 0.8 on; views before) and given to ``cast`` before the next is read, so
+    that each source is freed once cast: the peak is the cast weights and one source."""
     import inspect
 
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
-    if not own_memory or "backend" not in inspect.signature(load_file).parameters:
-        return {}
-    return {"backend": "pread"}
+    if cast is None:
+        return dict(load_file(path, device="cpu"))
+    own = "backend" in inspect.signature(load_file).parameters
+    with safe_open(
+        path, framework="pt", device="cpu", **({"backend": "pread"} if own else {})
+    ) as f:
+        return {key: cast(key, f.get_tensor(key)) for key in f.keys()}
+
+
+def _cast_to(own: Mapping[str, Tensor], key: str, value: Tensor) -> Tensor:
+    """``value`` in the dtype of ``own[key]`` (as it is where ``key`` is not there)."""
+    if key in own and isinstance(value, Tensor) and value.dtype != own[key].dtype:
+        return value.to(own[key].dtype)
+    return value
 
 
 def stored_dtype(state: Mapping[str, Tensor]) -> torch.dtype | None:
@@ -226,15 +244,15 @@ def parameters_on_meta() -> Iterator[None]:
 
 def build_loaded(
     build: Callable[[], nn.Module],
-    read_state: Callable[[nn.Module, bool], Mapping[str, Tensor]],
+    read_state: Callable[[nn.Module, Cast | None], Mapping[str, Tensor]],
     where: str,
     *,
     bad_config: str,
     dtype: Callable[[Mapping[str, Tensor]], torch.dtype | None] = stored_dtype,
 ) -> nn.Module:
-    """``build()`` holding the weights ``read_state(module, own_memory)`` gives, one copy of
-    them in memory (``own_memory``: each tensor in memory of its own, not a view of a mapped
-    file; asked for when the weights are to be cast).
+    """``build()`` holding the weights ``read_state(module, cast)`` gives, one copy of them in
+    memory (``cast`` None: as stored, views of a mapped file where they are safetensors; else
+    each weight passed through ``cast`` as it is read: :func:`read_safetensors`).
 
     The module is built with its parameters on the meta device (:func:`parameters_on_meta`):
     no random initial weights are allocated or computed. It is cast to ``dtype(state)`` (None:
@@ -249,16 +267,16 @@ def build_loaded(
             module = build()
     except Exception:  # noqa: BLE001 - needs real parameters: built for real below
         return _load_real(build, read_state, where, bad_config, dtype)
-    state = dict(read_state(module, False))
+    state = dict(read_state(module, None))
     want = dtype(state)
     if want is not None:
         module.to(dtype=want)
     own = module.state_dict(keep_vars=True)
     if any(isinstance(v, Tensor) and v.dtype != own[k].dtype for k, v in state.items() if k in own):
-        # to be cast: read again, each tensor in memory of its own (views of one mapped file
-        # stay in memory until the last is dropped), so that each is freed once cast
+        # to be cast: read again, each tensor cast as it is read (views of one mapped file
+        # would all stay in memory until the last is dropped)
         del state
-        state = dict(read_state(module, True))
+        state = dict(read_state(module, functools.partial(_cast_to, own)))
     _to_dtypes(own, state)
     del own
     load_state(module, state, where)
@@ -272,7 +290,7 @@ def build_loaded(
 
 def _load_real(
     build: Callable[[], nn.Module],
-    read_state: Callable[[nn.Module, bool], Mapping[str, Tensor]],
+    read_state: Callable[[nn.Module, Cast | None], Mapping[str, Tensor]],
     where: str,
     bad_config: str,
     dtype: Callable[[Mapping[str, Tensor]], torch.dtype | None],
@@ -284,7 +302,7 @@ def _load_real(
         raise
     except Exception as exc:
         raise CheckpointError(f"{bad_config} ({one_line(exc)})") from None
-    state = read_state(module, False)
+    state = read_state(module, None)
     want = dtype(state)
     if want is not None:
         module.to(dtype=want)

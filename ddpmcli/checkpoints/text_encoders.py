@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ddpmcli import limits
-from ddpmcli.checkpoints.loaded import build_loaded, read_backend, stored_dtype
+from ddpmcli.checkpoints.loaded import Cast, build_loaded, read_safetensors, stored_dtype
 from ddpmcli.checkpoints.sizes import count_on_meta
 from ddpmcli.checkpoints.unpickler import one_line, safe_torch_load
 from ddpmcli.errors import CheckpointError
@@ -272,12 +272,12 @@ def t5_text_encoder(enc_dir: Path, where: str) -> nn.Module:
     return encoder.eval().requires_grad_(False)
 
 
-def _text_state(encoder: nn.Module, own_memory: bool, enc_dir: Path) -> dict[str, Tensor]:
+def _text_state(encoder: nn.Module, cast: Cast | None, enc_dir: Path) -> dict[str, Tensor]:
     """The folder's weights for ``encoder`` (built by :func:`.loaded.build_loaded`, which
     casts and loads them): ``position_ids`` buffers that older files store and the class no
     longer has are skipped, and a T5 encoder's tied ``encoder.embed_tokens`` is its ``shared``
     table."""
-    state = read_text_weights(enc_dir, own_memory=own_memory)
+    state = read_text_weights(enc_dir, cast=cast)
     own = set(encoder.state_dict())
     state = {k: v for k, v in state.items() if k in own or "position_ids" not in k}
     if "encoder.embed_tokens.weight" in own and "encoder.embed_tokens.weight" not in state:
@@ -286,10 +286,10 @@ def _text_state(encoder: nn.Module, own_memory: bool, enc_dir: Path) -> dict[str
     return state
 
 
-def read_text_weights(enc_dir: Path, *, own_memory: bool = False) -> dict[str, Tensor]:
+def read_text_weights(enc_dir: Path, *, cast: Cast | None = None) -> dict[str, Tensor]:
     """``model.safetensors`` (or shards named by ``model.safetensors.index.json``), else
     ``pytorch_model.bin`` through the safe loader. Safetensors are views of the mapped file,
-    or with ``own_memory`` each read into memory of its own."""
+    or each cast as it is read (:func:`.loaded.read_safetensors`)."""
     index = enc_dir / "model.safetensors.index.json"
     if index.is_file():
         weight_map = read_config(index).get("weight_map")
@@ -299,11 +299,11 @@ def read_text_weights(enc_dir: Path, *, own_memory: bool = False) -> dict[str, T
         for name in sorted({str(v) for v in weight_map.values()}):
             if not name or Path(name).name != name or name in (".", ".."):
                 raise CheckpointError(f"{index}: names {name!r}, not a file in the folder")
-            state.update(_safetensors(enc_dir / name, own_memory))
+            state.update(_safetensors(enc_dir / name, cast))
         return state
     safe = enc_dir / "model.safetensors"
     if safe.exists():
-        return _safetensors(safe, own_memory)
+        return _safetensors(safe, cast)
     binary = enc_dir / "pytorch_model.bin"
     if not binary.is_file():
         raise CheckpointError(f"{enc_dir}: no weights (model.safetensors or pytorch_model.bin)")
@@ -313,12 +313,10 @@ def read_text_weights(enc_dir: Path, *, own_memory: bool = False) -> dict[str, T
     return dict(loaded)
 
 
-def _safetensors(path: Path, own_memory: bool) -> dict[str, Tensor]:
-    from safetensors.torch import load_file
-
+def _safetensors(path: Path, cast: Cast | None) -> dict[str, Tensor]:
     limits.check_regular_file(path, "weights file", error=CheckpointError)
     try:
-        return dict(load_file(str(path), device="cpu", **read_backend(own_memory)))
+        return read_safetensors(str(path), cast)
     except Exception as exc:  # safetensors raises its own SafetensorError
         raise CheckpointError(
             f"{path}: truncated or corrupt safetensors file ({one_line(exc)})"
