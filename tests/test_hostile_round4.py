@@ -58,6 +58,9 @@ CASES: list[tuple[list[str], int, list[str]]] = [
       "--s-tmax", "1"], 2, ["--s-tmin shapes the churn, which is off"]),
     (["sample", "vp.pt", "--n", "4", "--steps", "3", "--sampler", "euler", "--s-noise", "0"], 2,
      ["--s-noise shapes the churn"]),
+    # a churned heun from a flow's s = 1 was refused as a churn window "from inf to inf"
+    (["sample", "t1.pt", "--n", "4", "--sampler", "heun", "--s-churn", "1"], 2,
+     ["alpha_t = 0 (a flow at s = 1)"]),
     # the ODE likelihood of a one-timestep schedule named a flag never given: "--t-eps None"
     (["nll", "t1.pt", "--n", "4", "--data", "moons", "--method", "ode"], 2,
      ["has one timestep"]),
@@ -172,3 +175,18 @@ def test_library_wrong_types_are_parameter_errors(options: dict[str, object]) ->
     )  # fmt: skip
     with pytest.raises(ParameterError):
         ddpmcli.sample(model, n=2, **options)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("sampler", ["euler", "heun"])
+def test_k_samplers_from_alpha_zero_refused_before_any_model_call(sampler: str) -> None:
+    import ddpmcli
+    from ddpmcli.errors import ParameterError
+
+    net = _Recorder()
+    model = ddpmcli.wrap(
+        net, schedule=ddpmcli.schedule("flow"), prediction_type="flow", data_shape=(2,)
+    )
+    net.seen.clear()
+    with pytest.raises(ParameterError, match="alpha_t = 0"):
+        ddpmcli.sample(model, n=2, steps=3, sampler=sampler)
+    assert net.seen == []

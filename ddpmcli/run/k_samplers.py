@@ -78,7 +78,11 @@ def _check_order(settings: SampleSettings) -> None:
 
 
 def _check_window(grid: PathGrid, settings: SampleSettings) -> None:
-    """A churn that no sigma of the run's grid falls under is a usage error, not a no-op."""
+    """A churn that no sigma of the run's grid falls under is a usage error, not a no-op. A grid
+    from alpha_t = 0 is refused first, before any model call (with a churn it was called a
+    window 'from inf to inf')."""
+    for i in range(grid.num_steps):
+        _k_sigma(grid, i)
     if settings.s_churn == 0:
         return
     _check_order(settings)
