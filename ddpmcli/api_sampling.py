@@ -25,6 +25,7 @@ from ddpmcli.run.step_sweep import SweepResult
 __all__ = [
     "FINAL_SIGMAS_TYPES",
     "MULTISTEP",
+    "SOLVER_OPTION_NAMES",
     "own_scheduler",
     "parse_sampler_spec",
     "resolve_sampler",
@@ -43,6 +44,8 @@ _OPTION_NAMES = (
     "order", "solver_type", "lower_order_final", "euler_at_final", "final_sigmas_type",
     "corrector", "s_churn", "s_tmin", "s_tmax", "s_noise", "stochastic", "dpm_form",
 )  # fmt: skip
+SOLVER_OPTION_NAMES = _OPTION_NAMES
+"""The library's solver options (:func:`solver_options`), as a sampler spec names them."""
 
 
 def solver_options(model: LoadedModel, options: Mapping[str, Any]) -> dict[str, Any]:
@@ -331,7 +334,7 @@ def step_sweep(
     clip: bool = False,
     exact: Any = None,
     reference_sampler: str = "unipc",
-    reference_steps: int = 500,
+    reference_steps: int | None = None,
     batch_size: int | None = None,
     ranks: Any = None,
     denoiser: Any = "checkpoint",
@@ -345,7 +348,8 @@ def step_sweep(
     :func:`ddpmcli.sample` takes it (None: :func:`sampling_spacing`'s rule, the checkpoint's own
     timestep spacing, else trailing); the result's ``spacing`` says which ran. ``exact``:
     ``x_T -> samples`` where the exact solution is known; else a converged run of
-    ``reference_sampler`` at ``reference_steps`` steps, checked by halving. On a latent model
+    ``reference_sampler`` at ``reference_steps`` steps (None: 500, at most T on a table
+    spacing; more than every count of ``steps``), checked by halving. On a latent model
     ``rms_error_range`` is None: its samples are latents, whose range is not the data's.
     ``ranks``: a torchrun process group (the CLI's): each run steps this rank's share of the
     samples and gathers them, so every rank builds the one-process rows; None: one process.
@@ -361,6 +365,7 @@ def step_sweep(
 
     check_lists(samplers, steps)
     specs = {spec: parse_sampler_spec(spec) for spec in (*samplers, reference_sampler)}
+    _same_runs(samplers, specs)
 
     def settings_for(spec: str) -> Any:
         name, options = specs[spec]
@@ -369,6 +374,8 @@ def step_sweep(
     for spec in specs:
         settings_for(spec)  # unknown names and options: one error, before any run
     how = sampling_spacing(model, spacing)[0]
+    if exact is None:
+        reference_steps = _reference_steps(model, how, steps, reference_steps)
 
     def grid(spec: str, count: int) -> core.Schedule:
         # fractional timesteps for all: one grid whatever the sampler, no repeats at many steps
@@ -394,7 +401,7 @@ def step_sweep(
         seed=seed,
         exact=exact,
         reference_sampler=reference_sampler,
-        reference_steps=reference_steps,
+        reference_steps=reference_steps or 0,
         data=model.reference_samples if points is None else points,
         data_range=None if model.latent is not None else model.data_range,
         run_options={
@@ -404,6 +411,38 @@ def step_sweep(
     )  # fmt: skip
     result.spacing = how
     return result
+
+
+def _same_runs(samplers: Sequence[str], specs: Mapping[str, tuple[str, dict[str, Any]]]) -> None:
+    """Two entries that are one run (``heun:s_churn=1`` and ``heun:s-churn=1.0``) are refused,
+    as a repeated name is: the same rows twice."""
+    seen: dict[Any, str] = {}
+    for spec in samplers:
+        name, options = specs[spec]
+        key = (name, tuple(sorted(options.items())))
+        if key in seen:
+            raise ParameterError(
+                f"{{samplers}} lists {seen[key]!r} and {spec!r}, the same run; give it once"
+            )
+        seen[key] = spec
+
+
+def _reference_steps(model: LoadedModel, how: str, steps: Sequence[int], given: int | None) -> int:
+    """The converged reference's step count: ``given``, else 500 (at most T on a table
+    spacing); finer than every run it judges, and one the spacing can make."""
+    big_t, table = model.schedule.num_steps, how not in SIGMA_SPACINGS
+    count = given if given is not None else (min(500, big_t) if table else 500)
+    if table and count > big_t:
+        raise ParameterError(
+            f"{{reference_steps}} {count} is more than the model's T = {big_t} training "
+            f"timesteps, the most {{spacing}} {how} can make (fewer, or a sigma spacing: karras)"
+        )
+    if count <= max(steps):
+        raise ParameterError(
+            f"{{reference_steps}} {count} must exceed every {{steps}} count (the reference "
+            f"judges them; the largest is {max(steps)})"
+        )
+    return count
 
 
 def _optimal_denoiser(model: LoadedModel, denoiser: Any, data: Any, seed: int) -> Any:

@@ -16,7 +16,7 @@ def test_two_ranks_print_one_process_sweep(cli, tmp_path: Path) -> None:
     # 9 samples: ranks of 5 and 4; float64 so only the sums' order differs; euler-a draws noise
     args = [
         "steps", str(ckpt), "--sampler", "ddim,euler-a", "--steps", "2,4", "--num-samples", "9",
-        "--reference-steps", "4", "--dtype", "float64", "--seed", "3", "-f", "csv",
+        "--reference-steps", "6", "--dtype", "float64", "--seed", "3", "-f", "csv",
     ]  # fmt: skip
     one, two = cli(*args), _ddpm(args, tmp_path, ranks=2)  # one process: in this one
     assert one.exit_code == 0, one.stderr
@@ -26,7 +26,7 @@ def test_two_ranks_print_one_process_sweep(cli, tmp_path: Path) -> None:
     assert len(strip) == 4 and [r["sampler"] for r in strip] == ["ddim"] * 2 + ["euler-a"] * 2
     _same_rows(strip, again, rel=1e-9)
     assert two.stdout.count("\n") == one.stdout.count("\n")  # rank 1 printed no rows
-    assert two.stderr.count("reference: unipc at 4 steps") == 1, two.stderr  # nor notes
+    assert two.stderr.count("reference: unipc at 6 steps") == 1, two.stderr  # nor notes
 
 
 @pytest.fixture(autouse=True)

@@ -4,6 +4,7 @@ spec's row is the run ``ddpmcli.sample`` gives with those options from the same 
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -103,3 +104,37 @@ def test_steps_command_takes_specs(cli, tmp_path: Path) -> None:  # type: ignore
         bad = cli(*base, "--sampler", spec)
         lines = bad.stderr.strip().splitlines()
         assert bad.exit_code == 2 and len(lines) == 1 and fragment in lines[0], bad.stderr
+
+
+def test_the_reference_is_finer_than_every_run_and_within_reach(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The converged reference judges the runs: at most as many steps as a run it judged itself
+    coarser (it printed 'halving the steps changes it by 14.8 RMS'); its default count, 500,
+    fails a T = 3 model's table spacing, where the line named --steps, a flag the user gave right;
+    two spellings of one run rerun it."""
+    from conftest import tiny_mlp_checkpoint
+
+    small = str(tiny_mlp_checkpoint(tmp_path / "t3.pt", timesteps=3, references=8))
+    big = str(tiny_mlp_checkpoint(tmp_path / "m.pt", timesteps=40, references=8))
+    ok = cli("steps", small, "--sampler", "ddim", "--steps", "1,2", "--n", "4", "-f", "json")
+    assert ok.exit_code == 0, ok.stderr
+    assert "reference: unipc at 3 steps" in ok.stderr  # min(500, T) on trailing spacing
+    one_step = json.loads(ok.stdout)[0]
+    assert one_step["steps"] == 1 and one_step["max_log_snr_gap"] is None  # no gap but onto data
+    base = ["steps", big, "--n", "4", "--steps", "2,5"]
+    for args, line in (
+        (["--reference-steps", "5"],
+         "Error: --reference-steps 5 must exceed every --steps count (the reference judges them; "
+         "the largest is 5)"),
+        (["--reference-steps", "41"],
+         "Error: --reference-steps 41 is more than the model's T = 40 training timesteps, the "
+         "most --spacing trailing can make (fewer, or a sigma spacing: karras)"),
+        (["--sampler", "heun:s_churn=1,heun:s-churn=1.0"],
+         "Error: --sampler lists 'heun:s_churn=1' and 'heun:s-churn=1.0', the same run; give it "
+         "once"),
+        (["--sampler", "heun:s_churn=nan"],
+         "Error: the sampler option s_churn must be a finite number >= 0, got nan"),
+    ):  # fmt: skip
+        done = cli(*base, *args)
+        assert done.exit_code == 2 and done.stderr.strip() == line, done.stderr
+    sigma = cli(*base, "--sampler", "ddim", "--spacing", "karras", "--reference-steps", "41")
+    assert sigma.exit_code == 0, sigma.stderr  # a sigma grid is not bound by T

@@ -60,6 +60,7 @@ def _counts(text: str) -> list[int]:
         ) from None
     if not counts or min(counts) < 1:
         raise UsageError(f"--steps {text!r}: every count must be >= 1")
+    limits.check_timesteps(max(counts), "--steps")  # before any grid (or check) is built
     return counts
 
 
@@ -93,11 +94,14 @@ def steps(
         typer.Option("--target", help="RMS error to reach: the cheapest row under it is named."),
     ] = None,
     reference_steps: Annotated[
-        int,
+        int | None,
         typer.Option(
-            "--reference-steps", min=2, help="Steps of the converged unipc reference (halved once)."
+            "--reference-steps",
+            min=2,
+            help="Steps of the converged unipc reference (halved once), more than every --steps "
+            "count. Default: 500, at most T on a table spacing.",
         ),
-    ] = 500,
+    ] = None,
     denoiser: Annotated[
         SweepDenoiserName,
         typer.Option(
@@ -146,7 +150,7 @@ def steps(
     names, counts = _names(sampler), _counts(steps)
     _check_target(target, reference_steps)
     plot_path = table.plot_path("steps")
-    from ddpmcli.api_sampling import step_sweep
+    from ddpmcli.api_sampling import SOLVER_OPTION_NAMES, step_sweep
     from ddpmcli.run.step_sweep import SWEEP_COLUMNS, cheapest, check_lists
 
     with as_flags(samplers="--sampler"):  # a repeated entry: refused before the model loads
@@ -157,6 +161,8 @@ def steps(
     use_threads(threads, model, ranks)
     limits.check_run_sizes(model.data_shape, n=n, batch_size=batch_size, one_batch_default=True)
     flags = {"samplers": "--sampler", "compare_optimal": "--denoiser optimal", "source": "--data"}
+    # a sampler's own options (heun:s_churn=1) are not flags of steps: name them as options
+    flags.update({k: f"the sampler option {k}" for k in SOLVER_OPTION_NAMES + ("final_sigma",)})
     with as_flags(**flags):
         result = step_sweep(
             model, names, counts, n=n, seed=seed, spacing=spacing, clip=clip,
@@ -181,12 +187,12 @@ def steps(
         _plot(result, plot_path, title, target, table.quiet)
 
 
-def _check_target(target: float | None, reference_steps: int) -> None:
+def _check_target(target: float | None, reference_steps: int | None) -> None:
     # --target nan/-1/inf ran the whole sweep and then answered nonsense; a reference count
     # past the limit was refused as '--steps must be ...', naming the wrong flag
     if target is not None and not (math.isfinite(target) and target > 0):
         raise UsageError(f"--target must be a finite RMS error > 0, got {target}")
-    if reference_steps > limits.MAX_TIMESTEPS:
+    if reference_steps is not None and reference_steps > limits.MAX_TIMESTEPS:
         raise UsageError(
             f"--reference-steps must be between 2 and {limits.MAX_TIMESTEPS}, got {reference_steps}"
         )

@@ -128,14 +128,14 @@ def optimal_model(
     return predict, schedule
 
 
-def max_gap(schedule: core.Schedule, settings: SampleSettings) -> float:
+def max_gap(schedule: core.Schedule, settings: SampleSettings) -> float | None:
     """The largest step in lambda = log(alpha/sigma) of a run of ``schedule`` (the last step
-    onto clean data, an infinite gap, left out; a one-step grid: nan)."""
+    onto clean data, an infinite gap, left out; a one-step grid has no other: None)."""
     grid = path_grid(schedule, settings.final_sigma)
     # only the last step (index 0) onto data is left out: a flow's first step from s = 1 is an
     # infinite gap too, and dropping it printed nan for a 2-step flow grid
     gaps = [grid.gap(i) for i in range(grid.num_steps) if i > 0 or math.isfinite(grid.gap(i))]
-    return max(gaps) if gaps else math.nan
+    return max(gaps) if gaps else None
 
 
 def _rms(a: Tensor, b: Tensor) -> float:
