@@ -113,6 +113,11 @@ def check_terminal_snr(schedule: Schedule) -> list[Finding]:
         f"{value}: x_T keeps a trace of x0 that sampling from pure noise never has "
         "(Lin et al. 2024)"
     )
+    if leak > SIGNAL_LEAK_THRESHOLD and schedule.path != "vp":
+        # zero terminal SNR is a VP transform (refused off VP): the hint named a flag that fails
+        fix = "a larger sigma_max lowers it" if schedule.path == "ve" else "s = 1 removes it"
+        hint = f"{message}; {fix}"
+        return [Finding("warning", "nonzero_terminal_snr", t, hint)]
     if leak > SIGNAL_LEAK_THRESHOLD:
         hint = message + "; see {zero_terminal_snr}"
         return [Finding.naming("warning", "nonzero_terminal_snr", t, hint)]

@@ -190,3 +190,16 @@ def test_k_samplers_from_alpha_zero_refused_before_any_model_call(sampler: str) 
     with pytest.raises(ParameterError, match="alpha_t = 0"):
         ddpmcli.sample(model, n=2, steps=3, sampler=sampler)
     assert net.seen == []
+
+
+@pytest.mark.parametrize("kind", ["edm_sigma", "ve"])
+def test_terminal_snr_hint_off_vp_names_no_vp_transform(kind: str) -> None:
+    """`check --kind edm_sigma` advised 'see --zero-terminal-snr', which is refused off VP
+    ('zero terminal SNR applies to VP schedules')."""
+    from ddpmcli import checks, core
+
+    [finding] = checks.check_terminal_snr(core.make_schedule(kind, 1000))
+    assert finding.severity == "warning"
+    assert "zero_terminal_snr" not in finding.message and "sigma_max" in finding.message
+    [vp] = checks.check_terminal_snr(core.make_schedule("linear", 100))
+    assert vp.message.endswith("; see zero_terminal_snr")
