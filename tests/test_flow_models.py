@@ -218,6 +218,11 @@ def test_a_sigma_space_model_is_called_with_c_noise() -> None:
     )  # fmt: skip
     for row in r.rows:
         assert row["mse"] == pytest.approx(row["optimal_mse"], rel=1e-5, abs=1e-12), row
+    # sample's t is what the model is called with: c_noise itself, not rounded to 1, 0, -1
+    run = ddpmcli.sample(model, 4, 5, "heun", spacing="trailing", clip=False)
+    called = [float(v) for v in run.schedule.model_timestep.flip(0)]
+    assert [row["t"] for row in run.rows] == called
+    assert len({round(v) for v in called}) < len(called)  # rounding would merge some
 
 
 def test_train_on_a_flow_path_defaults_to_flow_prediction(tmp_path: Path, cli) -> None:  # type: ignore[no-untyped-def]

@@ -383,11 +383,18 @@ class _Job:
         return lambda: randn(shape, gen, dev, dtype)
 
 
+def _shown_timesteps(model_t: Sequence[float]) -> list[Any]:
+    """The ``t`` of each step's row: what the model is called with, a whole number where it is
+    one (VP tables), else the float itself (a flow's 1000 s, EDM's c_noise = ln(sigma)/4, a VP
+    model on a sigma grid), which rounding turned into 1, 1, 0, 0, -1 on an EDM grid."""
+    return [round(v) if float(v).is_integer() else v for v in model_t]
+
+
 def _run(job: _Job) -> SampleRun:
     """The generic loop: noise, step, emit; from the last index down to 0."""
     loop, stats, recorder, watchers, n = job.loop, job.stats, job.recorder, job.watchers, job.n
     num = job.schedule.num_steps
-    timesteps = [round(v) for v in loop.model_t]  # the model's (rounded where fractional)
+    timesteps = _shown_timesteps(loop.model_t)
     draw = job.noise()
     uses_noise = loop.sampler.uses_noise(loop.settings)
     at_zero = loop.sampler.noise_at_zero is not None and loop.sampler.noise_at_zero(loop.settings)
@@ -421,7 +428,7 @@ def _run_ranks(job: _Job, ranks: Ranks) -> SampleRun:
     assembled in sample order."""
     loop, stats, recorder, n = job.loop, job.stats, job.recorder, job.n
     num = job.schedule.num_steps
-    timesteps = [round(v) for v in loop.model_t]  # the model's (rounded where fractional)
+    timesteps = _shown_timesteps(loop.model_t)
     draw = job.noise()
     lo, hi = ranks.share(n)
     uses_noise = loop.sampler.uses_noise(loop.settings)
