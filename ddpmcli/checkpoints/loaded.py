@@ -191,8 +191,9 @@ Cast = Callable[[str, Tensor], Tensor]
 def read_safetensors(path: str, cast: Cast | None) -> dict[str, Tensor]:
     """A safetensors file's tensors. ``cast`` None: views of the mapped file (nothing is read
     until used, nothing copied). Else each is read into memory of its own (safetensors'
-    ``pread`` backend, 0.8 on; views before) and given to ``cast`` before the next is read, so
-    that each source is freed once cast: the peak is the cast weights and one source."""
+    ``pread`` backend, where the installed version has it) and given to ``cast`` before the
+    next is read, so that each source is freed once cast: the peak is the cast weights and one
+    source."""
     import inspect
 
     from safetensors import safe_open
