@@ -203,3 +203,15 @@ def test_terminal_snr_hint_off_vp_names_no_vp_transform(kind: str) -> None:
     assert "zero_terminal_snr" not in finding.message and "sigma_max" in finding.message
     [vp] = checks.check_terminal_snr(core.make_schedule("linear", 100))
     assert vp.message.endswith("; see zero_terminal_snr")
+
+
+def test_train_from_a_v_config_trains_v(tmp_path: Path) -> None:
+    """`train --from sd2-v` (a DDIMScheduler config with prediction_type v_prediction) trained
+    and declared epsilon: without --prediction-type, the config's own is trained."""
+    import ddpmcli
+
+    argv = ["train", "--data", "moons", "--n", "64", "--steps", "2", "--from", "sd2-v", "--out"]
+    rows = run_capped([[*argv, "v.pt"], [*argv, "e.pt", "--prediction-type", "epsilon"]], tmp_path)
+    assert [status for status, _, _ in rows] == [0, 0], rows
+    assert ddpmcli.load(tmp_path / "v.pt").prediction_type == "v_prediction"
+    assert ddpmcli.load(tmp_path / "e.pt").prediction_type == "epsilon"  # the flag wins

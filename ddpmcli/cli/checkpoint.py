@@ -353,7 +353,10 @@ def train(
     refuse_overwrite(out, force)
     if not 0.0 <= ema < 1.0:
         raise UsageError(f"--ema {ema}: decay must lie in [0, 1) (0 turns EMA off)")
-    schedule = build_schedule(flags.request()).schedule
+    built = build_schedule(flags.request())
+    schedule, config = built.schedule, built.config
+    if prediction_type is None and config is not None and "prediction_type" in config.raw:
+        prediction_type = config.prediction_type  # --from sd2-v trained epsilon, its config v
     prediction_type = _training_prediction(schedule, prediction_type)
     recorded = parse_range(data_range_opt)
     x, refs, data_range = _training_data(data, data_shape, n, references, width, batch_size, seed)
