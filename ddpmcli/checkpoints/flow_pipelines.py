@@ -122,7 +122,23 @@ def transformer_parameters(class_name: str, config: Mapping[str, Any], where: Pa
         total += positions * positions * width + joint * caption + patch * patch * channels * width
     else:
         total += 15 * width * width * count("num_single_layers", 38, 256)
+        _check_rope_axes(config, where, width // heads)
     return total
+
+
+def _check_rope_axes(config: Mapping[str, Any], where: Path, head_dim: int) -> None:
+    """Flux's rotary embedding splits each head over its three position axes: the axes' sizes
+    must be even and add up to the head dimension (a wrong split failed inside the first call,
+    reported as a wrong data shape)."""
+    axes = config.get("axes_dims_rope", [16, 56, 56])
+    ints = isinstance(axes, list) and all(
+        isinstance(a, int) and not isinstance(a, bool) and a > 0 and a % 2 == 0 for a in axes
+    )
+    if not ints or len(axes) != 3 or sum(axes) != head_dim:
+        raise CheckpointError(
+            f"{where}: axes_dims_rope must be three positive even sizes adding up to "
+            f"attention_head_dim {head_dim}, got {axes!r}"
+        )
 
 
 def flow_data_shape(

@@ -59,6 +59,16 @@ def config_count(
     return value
 
 
+def config_epsilon(config: Mapping[str, Any], where: Path, name: str, default: float) -> float:
+    """``config[name]`` (``default`` when absent), a layer norm's epsilon: a finite number in
+    (0, 1) (NaN loaded and stopped the first sample step with NaN)."""
+    value = config.get(name, default)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok or not 0.0 < float(value) < 1.0:  # NaN fails the comparison too
+        raise CheckpointError(f"{where}: {name} must be a number in (0, 1), got {value!r}")
+    return float(value)
+
+
 def import_transformers() -> Any:
     """``transformers``, or one line saying which extra installs it."""
     try:
@@ -206,6 +216,7 @@ def clip_parameters(config: Mapping[str, Any], where: Path) -> tuple[int, int]:
     inner = count("intermediate_size", 2048, 4 * MAX_WIDTH)
     positions = count("max_position_embeddings", 77, 4096)
     projection = count("projection_dim", 512, MAX_WIDTH)
+    config_epsilon(config, where, "layer_norm_eps", 1e-5)
     # per layer: attention 4 d^2, feed-forward 2 d x inner; the embedding tables; the projection
     weights = (vocab + positions) * width + layers * (4 * width * width + 2 * width * inner)
     return weights + width * projection, positions
@@ -220,6 +231,9 @@ def t5_parameters(config: Mapping[str, Any], where: Path) -> int:
     layers = count("num_layers", 6, 256)
     vocab = count("vocab_size", 32128, MAX_VOCAB)
     count("relative_attention_num_buckets", 32, 4096)
+    # a distance of 0 or below failed inside the first call: "math domain error" (log of it)
+    count("relative_attention_max_distance", 128, 1 << 20)
+    config_epsilon(config, where, "layer_norm_epsilon", 1e-6)
     # per layer: attention 4 d x inner, gated feed-forward 3 d x d_ff; the embedding table
     return vocab * width + layers * (4 * width * inner + 3 * width * feed)
 
