@@ -132,7 +132,7 @@ def load_checkpoint(
             of the data shape, no crop.
         max_sequence_length: the T5 tokens an SD3 or Flux model's prompt encoding reads, as
             diffusers' ``max_sequence_length`` (default the pipeline's: SD3 256, Flux 512; at
-            most 512 and the tokenizer's ``model_max_length``).
+            most 512, as the pipelines allow).
 
     Raises:
         CheckpointError: one line saying what is wrong (or which flag to pass).

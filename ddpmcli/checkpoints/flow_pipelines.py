@@ -273,15 +273,14 @@ class T5Tokens:
     encoder call allocates for it."""
 
     def __init__(self, default: int, tokenizer: Any) -> None:
+        # the tokenizer's model_max_length is not a bound: the pipelines pass max_length
+        # themselves and T5's relative positions read any length (a folder whose tokenizer said
+        # 4 read the default 256 and refused 100, two answers to one question)
         self.count = default
-        own = getattr(tokenizer, "model_max_length", None)
         self.limit = MAX_T5_SEQUENCE
-        if isinstance(own, int) and not isinstance(own, bool) and own >= 1:
-            self.limit = min(MAX_T5_SEQUENCE, own)
 
     def set(self, value: int) -> None:
-        """Read ``value`` T5 tokens (1 .. the tokenizer's ``model_max_length``, at most 512 as
-        diffusers' pipelines allow)."""
+        """Read ``value`` T5 tokens (1 .. 512, as diffusers' pipelines allow)."""
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= self.limit:
             raise ParameterError(
                 f"{{max_sequence_length}} {value!r}: the T5 prompt encoding reads 1 to "
