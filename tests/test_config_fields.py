@@ -61,3 +61,20 @@ def test_a_bad_field_is_one_line_at_load(flux, tmp_path, member, field, value, w
 
 def test_the_saved_fields_pass(flux) -> None:
     load_checkpoint(flux, prompt="a cat")  # diffusers' and transformers' own defaults
+
+
+def test_a_listed_t5_that_is_missing_is_an_error(tmp_path: Path) -> None:
+    """model_index.json lists text_encoder_3 but the folder lost it: diffusers' from_pretrained
+    fails; ddpm loaded it as 'CLIP-L, CLIP-G (no T5)' without a word. Saved without T5 (the
+    index says [null, null]) it still loads."""
+    sd3 = pf.sd3_folder(tmp_path / "sd3")
+    shutil.rmtree(sd3 / "text_encoder_3")
+    with pytest.raises(CheckpointError) as caught:
+        load_checkpoint(sd3, prompt="a cat")
+    assert "model_index.json lists text_encoder_3, but text_encoder_3/config.json is missing" in (
+        str(caught.value)
+    )
+    without = pf.sd3_folder(tmp_path / "sd3_no_t5", t5=False)
+    index = json.loads((without / "model_index.json").read_text())
+    assert index.get("text_encoder_3") in (None, [None, None])
+    load_checkpoint(without, prompt="a cat")

@@ -294,9 +294,27 @@ def _need(p: Path, enc: str, tok: str) -> None:
         raise CheckpointError(f"{p}: the pipeline needs {enc}/ and {tok}/ folders")
 
 
+def _listed(p: Path, name: str) -> bool:
+    """Whether the folder's ``model_index.json`` names a component ``name`` (not ``[null,
+    null]``); a missing or unreadable index lists nothing (the loader reads it elsewhere)."""
+    try:
+        index = text_encoders.read_config(p / "model_index.json")
+    except CheckpointError:
+        return False
+    entry = index.get(name)
+    return isinstance(entry, list) and any(v is not None for v in entry)
+
+
 def _t5(p: Path, enc: str, tok: str, where: str) -> tuple[Any, Any] | None:
-    """``(tokenizer, encoder)`` of the folder's T5, or None when it has none."""
+    """``(tokenizer, encoder)`` of the folder's T5, or None when it has none (and its
+    ``model_index.json`` does not list one: a listed encoder that is missing is an error, as in
+    diffusers' ``from_pretrained``, not a quiet load without T5)."""
     if not (p / enc / "config.json").is_file():
+        if _listed(p, enc):
+            raise CheckpointError(
+                f"{p}: model_index.json lists {enc}, but {enc}/config.json is missing (remove "
+                f"the entry, or set it to [null, null], to load without T5)"
+            )
         return None
     _need(p, enc, tok)
     return text_encoders.load_tokenizer(p / tok, "t5"), text_encoders.t5_text_encoder(
