@@ -5,7 +5,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from typer.testing import CliRunner, Result
@@ -120,4 +120,21 @@ def tiny_mlp_checkpoint(path: Path, timesteps: int, references: int = 0, seed: i
         path, models.build_model("mlp", hp), architecture="mlp", hparams=hp,
         schedule=core.make_schedule("linear", timesteps), prediction_type="epsilon",
         data_shape=(2,), reference_samples=refs,
+    )  # fmt: skip
+
+
+def shrink_model(timesteps: int) -> Any:
+    """A wrapped epsilon model of 3-D data, ``0.3 x + 1e-4 t`` on a cosine schedule of
+    ``timesteps``: cheap, deterministic, and different at every t (so a grid shows in the run)."""
+    import torch
+
+    import ddpmcli
+
+    class Shrink(torch.nn.Module):
+        def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return 0.3 * x + 1e-4 * t.to(x.dtype)[:, None]
+
+    return ddpmcli.wrap(
+        Shrink(), schedule=ddpmcli.schedule("cosine", timesteps), prediction_type="epsilon",
+        data_shape=(3,), data_range=(-1.0, 1.0),
     )  # fmt: skip

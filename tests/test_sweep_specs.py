@@ -12,21 +12,15 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from conftest import shrink_model  # noqa: E402
+
 import ddpmcli  # noqa: E402
 from ddpmcli.api_sampling import parse_sampler_spec, step_sweep  # noqa: E402
 from ddpmcli.errors import ParameterError  # noqa: E402
 
 
-class _Shrink(torch.nn.Module):
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return 0.3 * x + 1e-4 * t.to(x.dtype)[:, None]
-
-
 def _model() -> ddpmcli.LoadedModel:
-    return ddpmcli.wrap(
-        _Shrink(), schedule=ddpmcli.schedule("cosine", 200), prediction_type="epsilon",
-        data_shape=(3,), data_range=(-1.0, 1.0),
-    )  # fmt: skip
+    return shrink_model(200)
 
 
 def test_parse_sampler_spec() -> None:

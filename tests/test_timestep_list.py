@@ -11,21 +11,15 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from conftest import shrink_model  # noqa: E402
+
 import ddpmcli  # noqa: E402
 from ddpmcli import core  # noqa: E402
 from ddpmcli.errors import ParameterError  # noqa: E402
 
 
-class _Shrink(torch.nn.Module):
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return 0.3 * x + 1e-4 * t.to(x.dtype)[:, None]
-
-
 def _model() -> ddpmcli.LoadedModel:
-    return ddpmcli.wrap(
-        _Shrink(), schedule=ddpmcli.schedule("cosine", 100), prediction_type="epsilon",
-        data_shape=(3,),
-    )  # fmt: skip
+    return shrink_model(100)
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "dpmpp-2m", "unipc", "ddpm"])
