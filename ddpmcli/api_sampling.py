@@ -151,11 +151,14 @@ def resolve_sampler(
     spacing: str | None,
     grid: str | Sequence[float] | None,
     solver: Mapping[str, Any],
+    *,
+    timesteps: bool = False,
 ) -> tuple[str, str | None, list[float] | None, dict[str, Any], str | None]:
     """(sampler, spacing, explicit sigmas, solver options, note) of :func:`ddpmcli.sample`'s
     arguments: ``grid`` is a spacing or a list of sigmas; with no ``sampler``, a diffusers
     folder's own scheduler (and its spacing and options) where ddpm has it, with a note saying
-    so, else ``ddpm``."""
+    so, else ``ddpm``. ``timesteps``: an explicit list of timesteps decides the grid (the note
+    then names no spacing, as with a given ``spacing`` or list of sigmas)."""
     sigmas: list[float] | None = None
     if grid is not None:
         if spacing is not None:
@@ -170,6 +173,9 @@ def resolve_sampler(
     if own is None:
         return "ddpm", spacing, sigmas, dict(solver), None
     name, options, own_spacing, words = own
+    if own_spacing and (spacing is not None or sigmas is not None or timesteps):
+        # the user's grid is run, not the folder's: the note named its spacing all the same
+        words, own_spacing = words.replace(f" --spacing {own_spacing}", ""), None
     note: str | None = f"sampling with the folder's own scheduler: {words} (--sampler overrides)"
     if name == "ddpm" and not options and own_spacing is None:
         note = None  # what sample always did: nothing to say

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -215,3 +216,27 @@ def test_train_from_a_v_config_trains_v(tmp_path: Path) -> None:
     assert [status for status, _, _ in rows] == [0, 0], rows
     assert ddpmcli.load(tmp_path / "v.pt").prediction_type == "v_prediction"
     assert ddpmcli.load(tmp_path / "e.pt").prediction_type == "epsilon"  # the flag wins
+
+
+def test_own_scheduler_note_names_no_spacing_the_user_replaced(tmp_path: Path) -> None:
+    """A folder whose scheduler is DPM-Solver with Karras sigmas, sampled with --spacing trailing,
+    --sigmas or --timestep-list, ran the user's grid while stderr said '--spacing karras'."""
+    import json
+    from types import SimpleNamespace
+
+    from ddpmcli.api_sampling import resolve_sampler
+
+    config = tmp_path / "scheduler_config.json"
+    config.write_text(
+        json.dumps({"_class_name": "DPMSolverMultistepScheduler", "use_karras_sigmas": True})
+    )
+    model: Any = SimpleNamespace(info={"scheduler_config": str(config)})
+    own = resolve_sampler(model, None, None, None, {})
+    assert own[:2] == ("dpmpp-2m", "karras") and "--spacing karras" in str(own[4])
+    for spacing, grid, listed in [
+        ("trailing", None, False),
+        (None, [1.0], False),
+        (None, None, True),
+    ]:
+        name, how, _, _, said = resolve_sampler(model, None, spacing, grid, {}, timesteps=listed)
+        assert name == "dpmpp-2m" and how == spacing and "--spacing" not in str(said), said

@@ -321,7 +321,9 @@ def sample(
     threshold = percentile if dynamic_threshold else None
     # the library's final_sigmas_type/final_sigma are the flag --final-sigmas (not -type, -sigma)
     with as_flags(**_FLAGS):  # settings that cannot run are refused before any data is read
-        name, how, grid, solver, said = resolve_sampler(model, sampler, spacing, grid, solver)
+        name, how, grid, solver, said = resolve_sampler(
+            model, sampler, spacing, grid, solver, timesteps=at is not None
+        )
         settings = api.sample_settings(
             model, n, name, variance=variance, eta=eta, clip=clip,
             dynamic_threshold=threshold, trajectory_every=trajectory_every, **solver,
