@@ -240,3 +240,31 @@ def test_own_scheduler_note_names_no_spacing_the_user_replaced(tmp_path: Path) -
     ]:
         name, how, _, _, said = resolve_sampler(model, None, spacing, grid, {}, timesteps=listed)
         assert name == "dpmpp-2m" and how == spacing and "--spacing" not in str(said), said
+
+
+def test_trajectory_titles_round_a_float_timestep(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Off VP the rows' t is the unrounded model timestep (c2e8828): the trajectory panels of
+    `sample --plot` titled 't = 1.0955066586684705'."""
+    from matplotlib.axes import Axes
+
+    import ddpmcli
+    from ddpmcli.plotting.sample import plot_sampling
+
+    titles: list[str] = []
+    original = Axes.set_title
+
+    def record(self: Any, label: str, *args: Any, **kwargs: Any) -> Any:
+        titles.append(label)
+        return original(self, label, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "set_title", record)
+    model = ddpmcli.wrap(
+        _Recorder(), schedule=ddpmcli.schedule("edm_sigma"), prediction_type="epsilon",
+        data_shape=(2,),
+    )  # fmt: skip
+    run = ddpmcli.sample(model, n=4, steps=3, sampler="euler", trajectory_every=1)
+    plot_sampling(run, tmp_path / "s.png")
+    assert any("t = 1.09551" in title for title in titles), titles
+    assert not any("1.0955066" in title for title in titles), titles

@@ -110,7 +110,7 @@ def _draw(
                 ax = fig.add_subplot(strip[r, c])
                 _show(ax, unit[r])
                 if r == 0:
-                    ax.set_title(f"t = {frame.t}")
+                    ax.set_title(f"t = {frame.t:.6g}")
             continue
         ax = fig.add_subplot(strip[0, c])
         if reference is not None:
@@ -118,7 +118,7 @@ def _draw(
             ax.scatter(ref[:, 0], ref[:, 1], s=1, c="0.8", lw=0)
         pts = frame.x0.reshape(frame.x0.shape[0], -1)[:, :2].numpy()
         ax.scatter(pts[:, 0], pts[:, 1], s=1, c="C0", lw=0)
-        ax.set_title(rf"$\hat x_0$, t = {frame.t}")
+        ax.set_title(rf"$\hat x_0$, t = {frame.t:.6g}")
         ax.set(xticks=[], yticks=[], xlim=(lo - pad, hi + pad), ylim=(lo - pad, hi + pad))
         ax.set_aspect("equal")
     _stat_panels(fig, outer[1].subgridspec(2, 2), rows, data_range)
