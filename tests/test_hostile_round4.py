@@ -268,3 +268,19 @@ def test_trajectory_titles_round_a_float_timestep(
     plot_sampling(run, tmp_path / "s.png")
     assert any("t = 1.09551" in title for title in titles), titles
     assert not any("1.0955066" in title for title in titles), titles
+
+
+def test_nan_line_shows_the_float_timestep() -> None:
+    """The NaN error line printed int(t): EDM's c_noise 1.0955 as 't = 1'."""
+    import ddpmcli
+    from ddpmcli.run.observers import NonFiniteSampleError
+
+    class Bad(_Recorder):
+        def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return torch.full_like(x, float("nan")) if float(t.flatten()[0]) > 1 else x
+
+    model = ddpmcli.wrap(
+        Bad(), schedule=ddpmcli.schedule("edm_sigma"), prediction_type="epsilon", data_shape=(2,)
+    )
+    with pytest.raises(NonFiniteSampleError, match=r"at step 0 of 3 \(t = 1\.09551\)"):
+        ddpmcli.sample(model, n=2, steps=3, sampler="ddim")

@@ -154,7 +154,8 @@ class StepStatistics:
             step, t = int(row["step"]), int(row["t"])
             raise NonFiniteSampleError(
                 f"the model returned NaN/Inf ({int(values[-1])} values) at step {step} of "
-                f"{self.num_steps} (t = {t}); stopped there ({len(self.rows)} rows kept)",
+                f"{self.num_steps} (t = {t_text(row['t'])}); stopped there ({len(self.rows)} "
+                "rows kept)",
                 list(self.rows),
                 step,
                 t,
@@ -232,14 +233,21 @@ def finite_check(rows: list[dict[str, Any]], num_steps: int) -> Observer:
             return
         step, t = int(row["step"]), int(row["t"])
         raise NonFiniteSampleError(
-            f"x_t became NaN/Inf at step {step} of {num_steps} (t = {t}); stopped there "
-            f"({len(rows)} rows kept). Try the float32 dtype, clipping, or fewer steps",
+            f"x_t became NaN/Inf at step {step} of {num_steps} (t = {t_text(row['t'])}); "
+            f"stopped there ({len(rows)} rows kept). Try the float32 dtype, clipping, or fewer "
+            "steps",
             rows,
             step,
             t,
         )
 
     return observe
+
+
+def t_text(t: Any) -> str:
+    """A row's t as a message shows it: whole as is, a float model timestep (c_noise, 1000 s
+    off the table) to 6 significant digits."""
+    return str(t) if isinstance(t, int) else f"{t:.6g}"
 
 
 class NonFiniteSampleError(NonFiniteError):
