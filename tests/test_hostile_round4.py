@@ -284,3 +284,22 @@ def test_nan_line_shows_the_float_timestep() -> None:
     )
     with pytest.raises(NonFiniteSampleError, match=r"at step 0 of 3 \(t = 1\.09551\)"):
         ddpmcli.sample(model, n=2, steps=3, sampler="ddim")
+
+
+def test_model_failure_line_shows_the_float_timestep() -> None:
+    """A model that raised off VP: 'the model failed at step 0 (t = 1.0955066586684705)'."""
+    import ddpmcli
+    from ddpmcli.run.events import ModelFailure
+
+    class Raises(_Recorder):
+        def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            if float(t.flatten()[0]) > 1:
+                raise ValueError("boom")
+            return x
+
+    model = ddpmcli.wrap(
+        Raises(), schedule=ddpmcli.schedule("edm_sigma"), prediction_type="epsilon",
+        data_shape=(2,),
+    )  # fmt: skip
+    with pytest.raises(ModelFailure, match=r"step 0 \(t = 1\.09551\)"):
+        ddpmcli.sample(model, n=2, steps=3, sampler="ddim")

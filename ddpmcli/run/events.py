@@ -119,8 +119,9 @@ class ModelFailure(RunError):
 def where_text(step: int | None, t: tuple[int, int] | None) -> str:
     """``step 3 (t = 960)``, ``t = 10``, ``t = 10..20``: where a unit of work ran."""
     parts = []
-    if t is not None:
-        parts.append(f"t = {t[0]}" if t[0] == t[1] else f"t = {t[0]}..{t[1]}")
+    if t is not None:  # (a float model timestep off VP: 6 digits, not 1.0955066586684705)
+        a, b = (v if isinstance(v, int) else f"{v:.6g}" for v in t)
+        parts.append(f"t = {a}" if t[0] == t[1] else f"t = {a}..{b}")
     if step is not None:
         return f"step {step}" + (f" ({parts[0]})" if parts else "")
     return parts[0] if parts else "start"

@@ -166,7 +166,7 @@ def _model_x0(
     """One model call on batch ``xb`` at index ``i`` (or off the grid at EDM sigma ``at``):
     (output, var values, raw x0_hat), in x's dtype; ``where`` = (the step, the batch's global
     sample indices)."""
-    t_event = round(loop.model_t[i])
+    t_event = _shown_timesteps((loop.model_t[i],))[0]  # (as the row shows it: c_noise unrounded)
     x_in = xb if xb.dtype == loop.model_dtype else xb.to(loop.model_dtype)  # (to: the same)
     out, var_values = call_model(
         loop.predict, x_in, t_vec, step=where[0], t=(t_event, t_event), sample_index=where[1]
