@@ -303,3 +303,18 @@ def test_model_failure_line_shows_the_float_timestep() -> None:
     )  # fmt: skip
     with pytest.raises(ModelFailure, match=r"step 0 \(t = 1\.09551\)"):
         ddpmcli.sample(model, n=2, steps=3, sampler="ddim")
+
+
+def test_karras_rows_show_the_whole_timestep_at_sigma_max() -> None:
+    """The first row of a Karras run on a VP model said t = 998.9999999999999 (sigma_max an ulp
+    below the table's after the rho power); within float64 rounding of 999 it is 999."""
+    import ddpmcli
+
+    model = ddpmcli.wrap(
+        _Recorder(), schedule=ddpmcli.schedule("linear"), prediction_type="epsilon",
+        data_shape=(2,),
+    )  # fmt: skip
+    run = ddpmcli.sample(model, n=2, steps=3, spacing="karras", sampler="euler")
+    shown = [row["t"] for row in run.rows]
+    assert shown[0] == 999 and isinstance(shown[0], int) and shown[-1] == 0
+    assert not float(shown[1]).is_integer()  # an interpolated timestep stays a float

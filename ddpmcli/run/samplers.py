@@ -387,7 +387,9 @@ def _shown_timesteps(model_t: Sequence[float]) -> list[Any]:
     """The ``t`` of each step's row: what the model is called with, a whole number where it is
     one (VP tables), else the float itself (a flow's 1000 s, EDM's c_noise = ln(sigma)/4, a VP
     model on a sigma grid), which rounding turned into 1, 1, 0, 0, -1 on an EDM grid."""
-    return [round(v) if float(v).is_integer() else v for v in model_t]
+    # within float64 rounding of a whole number, that number: Karras' sigma_max comes back from
+    # the rho power an ulp below the table's, and the row said t = 998.9999999999999 for 999
+    return [round(v) if abs(v - round(v)) <= 1e-9 * max(1.0, abs(v)) else v for v in model_t]
 
 
 def _run(job: _Job) -> SampleRun:
