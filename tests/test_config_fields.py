@@ -49,6 +49,8 @@ def _edited(flux: Path, tmp_path: Path, member: str, field: str, value: object) 
          "axes_dims_rope must be three positive even sizes adding up to attention_head_dim 8, "
          "got [1, 1, 1]"),
         ("transformer", "axes_dims_rope", [2, 2, 2], "adding up to attention_head_dim 8"),
+        ("transformer", "guidance_embeds", "yes",
+         "guidance_embeds must be true or false, got 'yes'"),
     ],
 )  # fmt: skip
 def test_a_bad_field_is_one_line_at_load(flux, tmp_path, member, field, value, words) -> None:

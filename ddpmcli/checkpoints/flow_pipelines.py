@@ -123,6 +123,11 @@ def transformer_parameters(class_name: str, config: Mapping[str, Any], where: Pa
     else:
         total += 15 * width * width * count("num_single_layers", 38, 256)
         _check_rope_axes(config, where, width // heads)
+        guidance = config.get("guidance_embeds", False)
+        if not isinstance(guidance, bool):  # "yes" and "false" alike would build the embedder
+            raise CheckpointError(
+                f"{where}: guidance_embeds must be true or false, got {guidance!r}"
+            )
     return total
 
 
@@ -255,7 +260,7 @@ def flux_text(p: Path, net_config: Mapping[str, Any], where: str) -> TextConditi
         states = t5[1](text_encoders.token_ids(t5[0], prompt, tokens.count))[0]
         return {"states": states.float(), "pooled": pooled.float()}
 
-    embedded = bool(net_config.get("guidance_embeds", False))
+    embedded = bool(net_config.get("guidance_embeds", False))  # a bool: transformer_parameters
     text = TextConditioning(
         encode, count_tokens=functools.partial(text_encoders.token_count, tokenizer),
         max_tokens=length, guidance="embedded" if embedded else "classifier-free",
