@@ -9,6 +9,7 @@ command.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -65,6 +66,11 @@ def solver_options(model: LoadedModel, options: Mapping[str, Any]) -> dict[str, 
                     f"{{final_sigmas_type}} {value!r} is unknown; allowed: zero, sigma_min"
                 )
             out["final_sigma"] = float(model.schedule.sigma[0]) if value == "sigma_min" else 0.0
+            if not math.isfinite(out["final_sigma"]):  # a flow trained with -T 1: s = 1 only
+                raise ParameterError(
+                    "{final_sigmas_type} sigma_min: the model's smallest training sigma is "
+                    f"{out['final_sigma']} (its only timestep is pure noise); use zero"
+                )
         elif value is not None or name in ("order", "solver_type"):
             out[name] = value
     return out

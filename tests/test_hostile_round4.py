@@ -68,6 +68,9 @@ CASES: list[tuple[list[str], int, list[str]]] = [
     # the bound's NaN there blamed the model ("the model returned NaN/Inf there")
     (["nll", "flow.pt", "--n", "4", "--prediction-type", "epsilon", "--data", "moons"], 1,
      ["at t = 999 (alpha_t = 0 there", "epsilon model is undefined"]),
+    # the final sigma of a one-timestep flow is inf: "final_sigma ... got inf", never typed
+    (["sample", "t1.pt", "--n", "4", "--sampler", "dpmpp-2m", "--final-sigmas", "sigma_min"], 2,
+     ["--final-sigmas sigma_min: the model's smallest training sigma is inf"]),
 ]  # fmt: skip
 
 
