@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import sys
+import types
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -138,3 +142,28 @@ def shrink_model(timesteps: int) -> Any:
         Shrink(), schedule=ddpmcli.schedule("cosine", timesteps), prediction_type="epsilon",
         data_shape=(3,), data_range=(-1.0, 1.0),
     )  # fmt: skip
+
+
+def k_diffusion_sampling(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
+    """k_diffusion.sampling alone: the package's __init__ imports its training stack (wandb,
+    torchvision, clean-fid, kornia, ...), so the package is stubbed and its utils module replaced
+    by the one helper log_likelihood uses (append_dims); sampling.py itself needs torchdiffeq,
+    torchsde, scipy and tqdm."""
+    spec = importlib.util.find_spec("k_diffusion")
+    if spec is None or spec.submodule_search_locations is None:
+        pytest.skip("k-diffusion is not installed (pip install --no-deps k-diffusion)")
+    for dep in ("torchdiffeq", "torchsde", "scipy", "tqdm"):
+        if importlib.util.find_spec(dep) is None:
+            pytest.skip(f"k_diffusion.sampling needs {dep}, which is not installed")
+    package = types.ModuleType("k_diffusion")
+    package.__path__ = list(spec.submodule_search_locations)
+    utils = types.ModuleType("k_diffusion.utils")
+    utils.append_dims = lambda x, n: x[(...,) + (None,) * (n - x.ndim)]  # type: ignore[attr-defined]
+    package.utils = utils  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "k_diffusion", package)
+    monkeypatch.setitem(sys.modules, "k_diffusion.utils", utils)
+    monkeypatch.delitem(sys.modules, "k_diffusion.sampling", raising=False)
+    try:
+        return importlib.import_module("k_diffusion.sampling")
+    except ImportError as exc:  # pragma: no cover - depends on the installed versions
+        pytest.skip(f"k_diffusion.sampling does not import: {exc}")

@@ -6,19 +6,17 @@ divergence against Hutchinson, the path conversions against the core's, k-diffus
 from __future__ import annotations
 
 import csv
-import importlib
-import importlib.util
 import io
 import json
 import math
 import os
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import k_diffusion_sampling as _k_diffusion_sampling
 from conftest import tiny_mlp_checkpoint
 from torch import Tensor
 
@@ -243,31 +241,6 @@ def test_a_solve_at_its_cap_is_a_row_that_says_so() -> None:
 
 # ---------------------------------------------------------------------------------------------
 # k-diffusion's own log_likelihood on the same network and data
-
-
-def _k_diffusion_sampling(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
-    """k_diffusion.sampling alone: the package's __init__ imports its training stack (wandb,
-    torchvision, clean-fid, kornia, ...), so the package is stubbed and its utils module replaced
-    by the one helper log_likelihood uses (append_dims); sampling.py itself needs torchdiffeq,
-    torchsde, scipy and tqdm."""
-    spec = importlib.util.find_spec("k_diffusion")
-    if spec is None or spec.submodule_search_locations is None:
-        pytest.skip("k-diffusion is not installed (pip install --no-deps k-diffusion)")
-    for dep in ("torchdiffeq", "torchsde", "scipy", "tqdm"):
-        if importlib.util.find_spec(dep) is None:
-            pytest.skip(f"k_diffusion.sampling needs {dep}, which is not installed")
-    package = types.ModuleType("k_diffusion")
-    package.__path__ = list(spec.submodule_search_locations)
-    utils = types.ModuleType("k_diffusion.utils")
-    utils.append_dims = lambda x, n: x[(...,) + (None,) * (n - x.ndim)]  # type: ignore[attr-defined]
-    package.utils = utils  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "k_diffusion", package)
-    monkeypatch.setitem(sys.modules, "k_diffusion.utils", utils)
-    monkeypatch.delitem(sys.modules, "k_diffusion.sampling", raising=False)
-    try:
-        return importlib.import_module("k_diffusion.sampling")
-    except ImportError as exc:  # pragma: no cover - depends on the installed versions
-        pytest.skip(f"k_diffusion.sampling does not import: {exc}")
 
 
 def test_k_diffusion_log_likelihood_agrees(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -10,14 +10,11 @@ observer), not from the float32 samples.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import math
-import sys
-import types
 
 import pytest
 import torch
+from conftest import k_diffusion_sampling as _k_diffusion_sampling
 
 from ddpmcli import core
 from ddpmcli.run.samplers import SampleSettings, sample
@@ -179,29 +176,6 @@ def test_singlestep_start_is_second_order() -> None:
 
 
 # ---- Karras et al. 2022 Algorithm 2 (churn) against k-diffusion ------------------------------
-
-
-def _k_diffusion_sampling(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
-    """k_diffusion.sampling without the package's __init__ (which imports its training stack):
-    a stub package whose utils module carries the one helper sampling.py needs here."""
-    spec = importlib.util.find_spec("k_diffusion")
-    if spec is None or spec.submodule_search_locations is None:
-        pytest.skip("k-diffusion is not installed (pip install --no-deps k-diffusion)")
-    for dep in ("torchdiffeq", "torchsde", "scipy", "tqdm"):
-        if importlib.util.find_spec(dep) is None:
-            pytest.skip(f"k_diffusion.sampling needs {dep}, which is not installed")
-    package = types.ModuleType("k_diffusion")
-    package.__path__ = list(spec.submodule_search_locations)
-    utils = types.ModuleType("k_diffusion.utils")
-    utils.append_dims = lambda x, n: x[(...,) + (None,) * (n - x.ndim)]  # type: ignore[attr-defined]
-    package.utils = utils  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "k_diffusion", package)
-    monkeypatch.setitem(sys.modules, "k_diffusion.utils", utils)
-    monkeypatch.delitem(sys.modules, "k_diffusion.sampling", raising=False)
-    try:
-        return importlib.import_module("k_diffusion.sampling")
-    except ImportError as exc:  # pragma: no cover - depends on the installed versions
-        pytest.skip(f"k_diffusion.sampling does not import: {exc}")
 
 
 class _SameNoise:
