@@ -198,6 +198,29 @@ def _eps_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return (0.5 * torch.tanh(x.double()) * torch.cos(tt / 400) + 0.1 * x.double() + 0.05).to(x)
 
 
+def _our_churned_run(
+    run: core.Schedule, name: str, churn: dict, kind: str, *, n: int, dim: int
+) -> tuple:
+    """(grid, model timesteps, the run's noise blocks, final x) of our ``name`` with ``churn`` on
+    ``run``, float64, seed 0: block 0 is x_T, block k the noise of step k (for k-diffusion)."""
+    from ddpmcli.run.noise import generator, randn
+    from ddpmcli.run.solver_grid import path_grid
+
+    grid, model_t = path_grid(run), [float(v) for v in run.model_timestep]
+    gen = generator(torch.device("cpu"), 0)
+    blocks = [randn((n, dim), gen, torch.device("cpu"), F64) for _ in range(run.num_steps + 1)]
+    last: dict[str, torch.Tensor] = {}
+
+    def keep(event) -> None:
+        if "x_next" in event.tensors:
+            last["x"] = event.tensors["x_next"]
+
+    settings = SampleSettings(sampler=name, clip=False, **churn)
+    sample(lambda x, t: (_eps_model(x, t), None), run, kind, (dim,), n=n, settings=settings,
+           model_dtype=F64, observers=[keep])  # fmt: skip
+    return grid, model_t, blocks, last["x"]
+
+
 @pytest.mark.parametrize(
     ("name", "k_name", "churn"),
     [("euler", "sample_euler", {"s_churn": 3.0, "s_tmin": 0.2, "s_tmax": 8.0, "s_noise": 1.003}),
@@ -210,25 +233,12 @@ def test_churn_is_karras_algorithm_2_as_k_diffusion(monkeypatch, name, k_name, c
     rounding. The denoiser at a churned sigma_hat is the model at off_grid.timestep_at's
     timestep (our rule for a point between grid points; k-diffusion's own wrapper would use the
     training table), so what is compared is the algorithm."""
-    from ddpmcli.run.noise import generator, randn
     from ddpmcli.run.off_grid import timestep_at
-    from ddpmcli.run.solver_grid import path_grid
 
     kd = _k_diffusion_sampling(monkeypatch)
-    steps, n, dim = 10, 5, 3
+    steps = 10
     run = sigma_grid(_train(), steps, "karras")
-    grid, model_t = path_grid(run), [float(v) for v in run.model_timestep]
-    gen = generator(torch.device("cpu"), 0)
-    blocks = [randn((n, dim), gen, torch.device("cpu"), F64) for _ in range(steps + 1)]
-    last: dict[str, torch.Tensor] = {}
-
-    def keep(event) -> None:
-        if "x_next" in event.tensors:
-            last["x"] = event.tensors["x_next"]
-
-    settings = SampleSettings(sampler=name, clip=False, **churn)
-    sample(lambda x, t: (_eps_model(x, t), None), run, "epsilon", (dim,), n=n,
-           settings=settings, model_dtype=F64, observers=[keep])  # fmt: skip
+    grid, model_t, blocks, ours = _our_churned_run(run, name, churn, "epsilon", n=5, dim=3)
 
     def denoiser(xk: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         s = float(sigma[0])
@@ -241,7 +251,7 @@ def test_churn_is_karras_algorithm_2_as_k_diffusion(monkeypatch, name, k_name, c
     sigmas = torch.tensor([*reversed([grid.edm_sigma(i) for i in range(steps)]), 0.0], dtype=F64)
     x_k = blocks[0] * math.sqrt(1 + float(sigmas[0]) ** 2)  # x_T in Karras' variables
     theirs = getattr(kd, k_name)(denoiser, x_k, sigmas, disable=True, **churn)
-    assert float((last["x"] - theirs).abs().max()) < 1e-12 * float(theirs.abs().max())
+    assert float((ours - theirs).abs().max()) < 1e-12 * float(theirs.abs().max())
     if churn.get("s_churn", 0) > 0:  # and the churn did something: not the unchurned run
         monkeypatch.setattr(kd, "torch", _SameNoise(blocks[1:]))
         plain = getattr(kd, k_name)(denoiser, x_k, sigmas, disable=True)
@@ -255,28 +265,16 @@ def test_churn_off_vp_is_k_diffusions(monkeypatch, path, kind, name) -> None:
     model, timestep ln(sigma)/4): Karras' variables x' = x/alpha, sigma' = sigma/alpha, the
     model at each point in the path's own coordinates."""
     from ddpmcli.core import grids, ode_path
-    from ddpmcli.run.noise import generator, randn
     from ddpmcli.run.off_grid import timestep_at
-    from ddpmcli.run.solver_grid import grid_schedule, path_grid, path_point
+    from ddpmcli.run.solver_grid import grid_schedule, path_point
 
     kd = _k_diffusion_sampling(monkeypatch)
-    steps, n, dim = 8, 4, 2
+    steps = 8
     churn = {"s_churn": 4.0, "s_tmin": 0.1, "s_tmax": 30.0}
     sig = grids.karras_sigmas(steps, 0.05, 20.0).to(F64)
     ts = 1000 * sig / (1 + sig) if path == "flow" else torch.log(sig) / 4
     run = grid_schedule(core.make_schedule(path, 1000), sig, ts)
-    grid, model_t = path_grid(run), [float(v) for v in run.model_timestep]
-    gen = generator(torch.device("cpu"), 0)
-    blocks = [randn((n, dim), gen, torch.device("cpu"), F64) for _ in range(steps + 1)]
-    last: dict[str, torch.Tensor] = {}
-
-    def keep(event) -> None:
-        if "x_next" in event.tensors:
-            last["x"] = event.tensors["x_next"]
-
-    settings = SampleSettings(sampler=name, clip=False, **churn)
-    sample(lambda x, t: (_eps_model(x, t), None), run, kind, (dim,), n=n, settings=settings,
-           model_dtype=F64, observers=[keep])  # fmt: skip
+    grid, model_t, blocks, ours = _our_churned_run(run, name, churn, kind, n=4, dim=2)
 
     def denoiser(xk: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         s = float(sigma[0])
@@ -290,7 +288,7 @@ def test_churn_off_vp_is_k_diffusions(monkeypatch, path, kind, name) -> None:
     x_k = blocks[0] * math.sqrt(1 + float(sigmas[0]) ** 2)  # x_T ~ N(0, (alpha^2 + sigma^2) I)
     k_sampler = {"euler": kd.sample_euler, "heun": kd.sample_heun}[name]
     theirs = k_sampler(denoiser, x_k, sigmas, disable=True, **churn)
-    assert float((last["x"] - theirs).abs().max()) < 1e-12 * float(theirs.abs().max())
+    assert float((ours - theirs).abs().max()) < 1e-12 * float(theirs.abs().max())
 
 
 # ---- a churn that never applies --------------------------------------------------------------
