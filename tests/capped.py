@@ -67,3 +67,15 @@ def assert_one_line(row: tuple[int, str, float], code: int, *fragments: str) -> 
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
     assert seconds < TIME_LIMIT, (seconds, lines[0])
+
+
+def assert_cases(
+    cases: list[tuple[list[str], int, list[str]]], rows: list[tuple[int, str, float]]
+) -> None:
+    """:func:`assert_one_line` for each (argv, exit status, fragments) case and its row, the
+    argv named in the failure."""
+    for (argv, code, fragments), row in zip(cases, rows, strict=True):
+        try:
+            assert_one_line(row, code, *fragments)
+        except AssertionError as exc:
+            raise AssertionError(f"{argv}: {exc}") from None

@@ -16,7 +16,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from capped import assert_one_line, run_capped  # noqa: E402
+from capped import assert_cases, run_capped  # noqa: E402
 
 
 def _native(path: Path, kind: str, prediction_type: str, timesteps: int = 1000) -> Path:
@@ -79,11 +79,7 @@ def test_hostile_round4_cases(tmp_path: Path) -> None:
     _native(tmp_path / "flow.pt", "flow", "flow")
     _native(tmp_path / "t1.pt", "flow", "flow", timesteps=1)
     rows = run_capped([argv for argv, _, _ in CASES], tmp_path)
-    for (argv, code, fragments), row in zip(CASES, rows, strict=True):
-        try:
-            assert_one_line(row, code, *fragments)
-        except AssertionError as exc:
-            raise AssertionError(f"{argv}: {exc}") from None
+    assert_cases(CASES, rows)
     assert not (tmp_path / "z.pt").exists()
 
 
