@@ -167,3 +167,19 @@ def k_diffusion_sampling(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
         return importlib.import_module("k_diffusion.sampling")
     except ImportError as exc:  # pragma: no cover - depends on the installed versions
         pytest.skip(f"k_diffusion.sampling does not import: {exc}")
+
+
+@pytest.fixture(scope="session")
+def flow_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny SD3 (with and without T5), Flux-dev and schnell-style Flux (no guidance embedding)
+    folders saved by diffusers' own pipelines, built once for every test file that reads them
+    (read-only: a test that edits one copies it first)."""
+    import pipeline_folders as pf
+
+    mk = tmp_path_factory.mktemp
+    return {
+        "sd3": pf.sd3_folder(mk("sd3")),
+        "sd3-no-t5": pf.sd3_folder(mk("sd3_no_t5"), t5=False),
+        "flux-dev": pf.flux_folder(mk("flux")),
+        "flux-schnell": pf.flux_folder(mk("schnell"), guidance=False),
+    }

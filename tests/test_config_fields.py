@@ -22,9 +22,9 @@ from ddpmcli.checkpoints import load_checkpoint  # noqa: E402
 from ddpmcli.errors import CheckpointError  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def flux(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return pf.flux_folder(tmp_path_factory.mktemp("flux"))
+@pytest.fixture
+def flux(flow_folders: dict[str, Path]) -> Path:
+    return flow_folders["flux-dev"]  # read-only: _edited copies it
 
 
 def _edited(flux: Path, tmp_path: Path, member: str, field: str, value: object) -> Path:
@@ -65,7 +65,7 @@ def test_the_saved_fields_pass(flux) -> None:
     load_checkpoint(flux, prompt="a cat")  # diffusers' and transformers' own defaults
 
 
-def test_a_listed_t5_that_is_missing_is_an_error(tmp_path: Path) -> None:
+def test_a_listed_t5_that_is_missing_is_an_error(tmp_path: Path, flow_folders) -> None:
     """model_index.json lists text_encoder_3 but the folder lost it: diffusers' from_pretrained
     fails; ddpm loaded it as 'CLIP-L, CLIP-G (no T5)' without a word. Saved without T5 (the
     index says [null, null]) it still loads."""
@@ -76,7 +76,7 @@ def test_a_listed_t5_that_is_missing_is_an_error(tmp_path: Path) -> None:
     assert "model_index.json lists text_encoder_3, but text_encoder_3/config.json is missing" in (
         str(caught.value)
     )
-    without = pf.sd3_folder(tmp_path / "sd3_no_t5", t5=False)
+    without = flow_folders["sd3-no-t5"]
     index = json.loads((without / "model_index.json").read_text())
     assert index.get("text_encoder_3") in (None, [None, None])
     load_checkpoint(without, prompt="a cat")

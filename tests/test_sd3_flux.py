@@ -24,19 +24,11 @@ diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 pytestmark = [pytest.mark.diffusers, pytest.mark.usefixtures("one_thread")]
 
-import pipeline_folders as pf  # noqa: E402 (tests/ is on sys.path)
 
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """SD3 (with and without T5), Flux-dev and a schnell-style Flux (no guidance embedding)."""
-    mk = tmp_path_factory.mktemp
-    return {
-        "sd3": pf.sd3_folder(mk("sd3")),
-        "sd3-no-t5": pf.sd3_folder(mk("sd3_no_t5"), t5=False),
-        "flux-dev": pf.flux_folder(mk("flux")),
-        "flux-schnell": pf.flux_folder(mk("schnell"), guidance=False),
-    }
+@pytest.fixture
+def folders(flow_folders: dict[str, Path]) -> dict[str, Path]:
+    """SD3 (with and without T5), Flux-dev and a schnell-style Flux (conftest.flow_folders)."""
+    return flow_folders
 
 
 @pytest.fixture(scope="module")

@@ -26,14 +26,9 @@ import pipeline_folders as pf  # noqa: E402 (tests/ is on sys.path)
 PROMPT = "a cat on a mat"
 
 
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    mk = tmp_path_factory.mktemp
-    return {
-        "sd3": pf.sd3_folder(mk("sd3")),
-        "sd3-no-t5": pf.sd3_folder(mk("sd3_no_t5"), t5=False),
-        "flux": pf.flux_folder(mk("flux")),
-    }
+@pytest.fixture
+def folders(flow_folders: dict[str, Path]) -> dict[str, Path]:
+    return {**flow_folders, "flux": flow_folders["flux-dev"]}  # conftest.flow_folders
 
 
 def _ours(folder: Path, length: int | None) -> dict[str, torch.Tensor]:
