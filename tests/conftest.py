@@ -183,3 +183,13 @@ def flow_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "flux-dev": pf.flux_folder(mk("flux")),
         "flux-schnell": pf.flux_folder(mk("schnell"), guidance=False),
     }
+
+
+def write_images(path: Path, n: int) -> Path:
+    """``n`` random 3x8x8 images in [-1, 1] (seed 1) as a .npy at ``path``."""
+    import numpy as np
+    import torch
+
+    gen = torch.Generator().manual_seed(1)
+    np.save(path, (torch.rand((n, 3, 8, 8), generator=gen) * 2 - 1).numpy())
+    return path

@@ -4,6 +4,7 @@ pytest >= 9.2's ``approx`` refuses a mapping that holds strings, and result rows
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -33,3 +34,10 @@ def as_json_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
         for row in rows
     ]
+
+
+def json_rows(result: Any) -> list[dict[str, Any]]:
+    """The rows a successful ``--format json`` CLI run printed (its stderr shown if it failed)."""
+    assert result.exit_code == 0, result.stderr
+    rows: list[dict[str, Any]] = json.loads(result.stdout)
+    return rows

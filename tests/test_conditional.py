@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import write_images
+from rowcheck import json_rows
 from torch import Tensor
 from typer.testing import Result
 
@@ -64,18 +66,7 @@ def cc_unet_no_null(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "x.npy"
-    gen = torch.Generator().manual_seed(1)
-    import numpy as np
-
-    np.save(path, (torch.rand((6, 3, 8, 8), generator=gen) * 2 - 1).numpy())
-    return path
-
-
-def _json(result: Result) -> list[dict[str, Any]]:
-    assert result.exit_code == 0, result.stderr
-    rows: list[dict[str, Any]] = json.loads(result.stdout)
-    return rows
+    return write_images(tmp_path_factory.mktemp("data") / "x.npy", 6)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,7 +199,7 @@ def test_default_label_is_null_and_a_model_without_one_needs_a_label(
 
 
 def test_cli_info_shows_classes(cli: Callable[..., Result], cc_unet: Path) -> None:
-    (row,) = _json(cli("info", str(cc_unet), "--format", "json", "--class-label", "random"))
+    (row,) = json_rows(cli("info", str(cc_unet), "--format", "json", "--class-label", "random"))
     assert row["num_classes"] == CLASSES and row["null_label"] == CLASSES
     assert row["class_label"] == "random" and row["architecture"] == "UNet2DModel"
 
@@ -217,20 +208,21 @@ def test_cli_reconstruct_sample_nll_with_labels_and_guidance(
     cli: Callable[..., Result], cc_unet: Path, data_file: Path
 ) -> None:
     common = ["--format", "json", "-q"]
-    rec = _json(cli("reconstruct", str(cc_unet), "--data", str(data_file), "--t", "0,10,19",
+    rec = json_rows(cli("reconstruct", str(cc_unet), "--data", str(data_file), "--t", "0,10,19",
                     "--class-label", "0-3", *common))  # fmt: skip
     assert [r["t"] for r in rec] == [0, 10, 19]
-    rec_b = _json(cli("reconstruct", str(cc_unet), "--data", str(data_file), "--t", "0,10,19",
+    rec_b = json_rows(cli("reconstruct", str(cc_unet), "--data", str(data_file), "--t", "0,10,19",
                       "--class-label", "0-3", "--batch-size", "2", *common))  # fmt: skip
     for a, b in zip(rec, rec_b, strict=True):
         assert a["mse"] == pytest.approx(b["mse"], rel=1e-5)
     args = ["sample", str(cc_unet), "--steps", "3", "-n", "4", "--class-label", "random", *common]
-    plain = _json(cli(*args))
-    one = _json(cli(*args, "--guidance-scale", "1"))
-    guided = _json(cli(*args, "--guidance-scale", "4"))
+    plain = json_rows(cli(*args))
+    one = json_rows(cli(*args, "--guidance-scale", "1"))
+    guided = json_rows(cli(*args, "--guidance-scale", "4"))
     assert [r["x0_std"] for r in one] == [r["x0_std"] for r in plain]
     assert [r["x0_std"] for r in guided] != [r["x0_std"] for r in plain]
-    nll = _json(cli("nll", str(cc_unet), "--data", str(data_file), "--class-label", "1", *common))
+    args = ("nll", str(cc_unet), "--data", str(data_file), "--class-label", "1", *common)
+    nll = json_rows(cli(*args))
     assert nll[-1]["term"] == "total" and nll[-1]["bits_per_dim"] > 0
 
 
@@ -349,12 +341,12 @@ def test_vae_encodes_once_per_image(dit: Path, data_file: Path) -> None:
 def test_cli_dit_info_reconstruct_sample_nll(
     cli: Callable[..., Result], dit: Path, data_file: Path, tmp_path: Path
 ) -> None:
-    (row,) = _json(cli("info", str(dit), "--format", "json"))
+    (row,) = json_rows(cli("info", str(dit), "--format", "json"))
     assert row["architecture"] == "DiTTransformer2DModel" and row["learned_variance"] is True
     assert row["data_shape"] == "4x4x4" and row["latent_shape"] == "4x4x4"
     assert row["vae"] == "AutoencoderKL 3x8x8 scaling_factor 0.18215"
     common = ["--class-label", "0-4", "--format", "json", "-q"]
-    rec = _json(cli("reconstruct", str(dit), "--data", str(data_file), "--t", "0,19", *common))
+    rec = json_rows(cli("reconstruct", str(dit), "--data", str(data_file), "--t", "0,19", *common))
     assert list(rec[0]) == [
         "t", "alpha_bar", "snr", "mse_latent", "psnr_latent", "eps_mse_latent",
         "clip_fraction_latent",
@@ -362,15 +354,15 @@ def test_cli_dit_info_reconstruct_sample_nll(
     assert rec[0]["psnr_latent"] is None and 0 < rec[0]["mse_latent"] < rec[1]["mse_latent"]
     save = tmp_path / "s.npz"
     args = ["sample", str(dit), "--steps", "3", "-n", "3", "--variance", "learned_range", *common]
-    plain = _json(cli(*args, "--save", str(save)))
+    plain = json_rows(cli(*args, "--save", str(save)))
     import numpy as np
 
     with np.load(save) as saved:  # decoded images, in the VAE's range
         assert saved["samples"].shape == (3, 3, 8, 8)
         assert saved["data_range"].tolist() == [-1.0, 1.0]
-    guided = _json(cli(*args, "--guidance-scale", "4"))
+    guided = json_rows(cli(*args, "--guidance-scale", "4"))
     assert [r["x0_std"] for r in guided] != [r["x0_std"] for r in plain]
-    nll = _json(cli("nll", str(dit), "--data", str(data_file), *common))
+    nll = json_rows(cli("nll", str(dit), "--data", str(data_file), *common))
     assert nll[0]["term"] == "decoder_continuous" and nll[-1]["term"] == "total"
     assert "bits_per_dim_latent" in nll[-1] and "x0_mse_latent" in nll[0]
 
@@ -382,9 +374,9 @@ def test_cli_decode_is_the_image_error_of_the_decoded_x0_hat(
 
     args = ["reconstruct", str(dit), "--data", str(data_file), "--t", "0,10", "--class-label",
             "2", "--format", "json", "-q", "--decode"]  # fmt: skip
-    rows = _json(cli(*args))
+    rows = json_rows(cli(*args))
     assert [list(r)[-2:] for r in rows] == [["mse_image", "psnr_image"]] * 2
-    again = _json(cli(*args, "--batch-size", "3"))
+    again = json_rows(cli(*args, "--batch-size", "3"))
     assert again[1]["mse_image"] == pytest.approx(rows[1]["mse_image"], rel=1e-5)
     # by hand: the sweep's noise for (seed 0, sample i), x0_hat at t = 10, decoded
     import numpy as np
@@ -490,16 +482,16 @@ def test_sd_prompt_encoded_once_and_guided_in_one_call(sd: Path) -> None:
 def test_cli_sd_info_reconstruct_sample_nll(
     cli: Callable[..., Result], sd: Path, data_file: Path
 ) -> None:
-    (row,) = _json(cli("info", str(sd), "--format", "json", "--prompt", "a dog"))
+    (row,) = json_rows(cli("info", str(sd), "--format", "json", "--prompt", "a dog"))
     assert row["architecture"] == "UNet2DConditionModel" and row["prompt"] == "a dog"
     assert row["latent_shape"] == "4x4x4"
     common = ["--prompt", "a dog", "--format", "json", "-q"]
-    rec = _json(cli("reconstruct", str(sd), "--data", str(data_file), "--t", "0,19", *common))
+    rec = json_rows(cli("reconstruct", str(sd), "--data", str(data_file), "--t", "0,19", *common))
     assert rec[0]["mse_latent"] < rec[1]["mse_latent"]
     args = ["sample", str(sd), "--steps", "2", "-n", "2", *common]
-    plain, guided = _json(cli(*args)), _json(cli(*args, "--guidance-scale", "5"))
+    plain, guided = json_rows(cli(*args)), json_rows(cli(*args, "--guidance-scale", "5"))
     assert [r["x0_std"] for r in guided] != [r["x0_std"] for r in plain]
-    nll = _json(cli("nll", str(sd), "--data", str(data_file), *common))
+    nll = json_rows(cli("nll", str(sd), "--data", str(data_file), *common))
     assert nll[-1]["term"] == "total"
     bad = cli("sample", str(sd), "--steps", "2", "-n", "2", "-q", "--class-label", "1")
     assert bad.exit_code == 1

@@ -5,7 +5,6 @@ test_conditional's fixtures."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from ddpmcli.errors import DataError, ParameterError
 
 pytest.importorskip("diffusers")
 import test_conditional  # noqa: E402  (its tiny pipelines, as fixtures here too)
-from rowcheck import as_json_rows, assert_row_close  # noqa: E402
+from rowcheck import as_json_rows, assert_row_close, json_rows  # noqa: E402
 
 dit, sd, data_file = test_conditional.dit, test_conditional.sd, test_conditional.data_file
 
@@ -37,12 +36,6 @@ def cli_one_thread(monkeypatch: pytest.MonkeyPatch) -> None:
 
 LATENT_COLUMNS = ["t", "alpha_bar", "snr", "mse_latent", "psnr_latent", "eps_mse_latent",
                   "clip_fraction_latent"]  # fmt: skip
-
-
-def _json(result: Result) -> list[dict[str, Any]]:
-    assert result.exit_code == 0, result.stderr
-    rows: list[dict[str, Any]] = json.loads(result.stdout)
-    return rows
 
 
 @pytest.fixture
@@ -63,11 +56,11 @@ def test_reconstruct_cli_rows_equal_api_rows_with_and_without_decode(
             "1", "--batch-size", "4", "--format", "json", "-q"]  # fmt: skip
     model = ddpmcli.load(dit, class_label="1")
     plain = ddpmcli.reconstruct(model, str(data_file), t=[0, 10, 19], batch_size=4)
-    assert _json(cli(*args)) == plain.rows
+    assert json_rows(cli(*args)) == plain.rows
     assert list(plain.rows[0]) == plain.columns == LATENT_COLUMNS
     assert plain.rows[0]["psnr_latent"] is None and plain.rows[2]["mse_latent"] > 0
     decoded = ddpmcli.reconstruct(model, str(data_file), t=[0, 10, 19], batch_size=4, decode=True)
-    assert _json(cli(*args, "--decode")) == decoded.rows
+    assert json_rows(cli(*args, "--decode")) == decoded.rows
     assert decoded.columns == [*LATENT_COLUMNS, "mse_image", "psnr_image"]
     assert list(decoded.rows[0]) == decoded.columns
     for row, base in zip(decoded.rows, plain.rows, strict=True):  # decode only adds columns
@@ -90,7 +83,7 @@ def test_per_sample_rows_and_the_plot_use_the_latent_names(
     assert list(result.sample_rows[0]) == result.sample_columns
     per = cli("reconstruct", str(dit), "--data", str(data_file), "--t", "5,15", "--class-label",
               "2", "--per-sample", "--batch-size", "6", "-f", "json", "-q")  # fmt: skip
-    assert _json(per) == result.sample_rows
+    assert json_rows(per) == result.sample_rows
     plot = tmp_path / "rec.png"
     drawn = cli("reconstruct", str(dit), "--data", str(data_file), "--t", "5,15", "--class-label",
                 "2", "--plot", str(plot), "-f", "csv")  # fmt: skip
@@ -102,8 +95,8 @@ def test_latent_shaped_data_are_taken_as_latents(
     cli: Callable[..., Result], dit: Path, data_file: Path, latents_file: Path
 ) -> None:
     args = ["--t", "0,19", "--class-label", "3", "--batch-size", "6", "-f", "json", "-q"]
-    from_images = _json(cli("reconstruct", str(dit), "--data", str(data_file), *args))
-    from_latents = _json(cli("reconstruct", str(dit), "--data", str(latents_file), *args))
+    from_images = json_rows(cli("reconstruct", str(dit), "--data", str(data_file), *args))
+    from_latents = json_rows(cli("reconstruct", str(dit), "--data", str(latents_file), *args))
     # the fixture encodes all images as one batch, the command in chunks of 6: a float32
     # convolution's last bits follow the batch (seen: 1.5e-7 relative in mse_latent)
     assert len(from_latents) == len(from_images)
@@ -143,14 +136,14 @@ def test_nll_cli_rows_equal_api_rows_named_in_latent_space(
     cli: Callable[..., Result], dit: Path, data_file: Path
 ) -> None:
     args = ["--class-label", "4", "-n", "3", "--t-random", "4", "--batch-size", "8"]
-    rows = _json(cli("nll", str(dit), "--data", str(data_file), *args, "-f", "json", "-q"))
+    rows = json_rows(cli("nll", str(dit), "--data", str(data_file), *args, "-f", "json", "-q"))
     model = ddpmcli.load(dit, class_label="4")
     result = ddpmcli.nll(model, str(data_file), n=3, t_random=4, batch_size=8)
     assert rows == result.rows
     assert rows[-1]["term"] == "total_estimate"
     assert rows[-1]["bits_per_dim_latent"] == result.total_bpd
     assert "x0_mse_latent" in rows[1] and "bits_per_dim" not in rows[-1]
-    per = _json(cli("nll", str(dit), "--data", str(data_file), *args, "--per-sample", "-f",
+    per = json_rows(cli("nll", str(dit), "--data", str(data_file), *args, "--per-sample", "-f",
                     "json", "-q"))  # fmt: skip
     assert result.per_sample_total is not None
     assert per == [{"sample": i, "bits_per_dim_latent": v}
@@ -162,7 +155,7 @@ def test_sample_references_are_encoded_and_compared_in_latent_space(
 ) -> None:
     args = ["--class-label", "1", "--steps", "3", "-n", "2", "-f", "json"]
     shown = cli("sample", str(dit), "--references", str(data_file), *args)
-    rows = _json(shown)
+    rows = json_rows(shown)
     # the folder's scheduler samples with leading spacing: the one warning about it comes first
     warning, note = shown.stderr.splitlines()
     assert warning.startswith("Warning: leading spacing with 3 steps never visits t = 19")
@@ -178,14 +171,14 @@ def test_sample_references_are_encoded_and_compared_in_latent_space(
     ab = float(model.schedule.alpha_bar[rows[0]["t"]])
     assert rows[0]["xt_std_expected"] == pytest.approx((ab * variance + 1 - ab) ** 0.5)
     # latents as given (file or tensor), images as a tensor: the same rows
-    as_latents = _json(cli("sample", str(dit), "--references", str(latents_file), *args, "-q"))
+    as_latents = json_rows(cli("sample", str(dit), "--references", str(latents_file), *args, "-q"))
     assert as_latents == rows
     images = torch.from_numpy(np.load(data_file))
     assert as_json_rows(ddpmcli.sample(model, n=2, steps=3, references=images).rows) == rows
     assert as_json_rows(ddpmcli.sample(model, n=2, steps=3, references=latents).rows) == rows
     # without references, var(data) = 1: a different expectation, and the note says so
     bare = cli("sample", str(dit), *args)
-    assert _json(bare)[0]["xt_std_expected"] != rows[0]["xt_std_expected"]
+    assert json_rows(bare)[0]["xt_std_expected"] != rows[0]["xt_std_expected"]
     assert bare.stderr.splitlines()[-1] == (
         "xt_std_expected assumes var(data) = 1 (no reference samples)"
     )
@@ -199,7 +192,7 @@ def test_sd_pipeline_decode_cli_equals_api(
             "--batch-size", "6", "--decode", "-f", "json", "-q"]  # fmt: skip
     model = ddpmcli.load(sd, prompt="a cat")
     api = ddpmcli.reconstruct(model, str(data_file), t=[3, 17], batch_size=6, decode=True)
-    assert _json(cli(*args)) == api.rows
+    assert json_rows(cli(*args)) == api.rows
     assert api.columns[-2:] == ["mse_image", "psnr_image"] and "mse_latent" in api.columns
 
 

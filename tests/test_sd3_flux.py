@@ -15,6 +15,8 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import write_images
+from rowcheck import json_rows
 from torch import Tensor
 from typer.testing import Result
 
@@ -33,17 +35,7 @@ def folders(flow_folders: dict[str, Path]) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import numpy as np
-
-    path = tmp_path_factory.mktemp("data") / "x.npy"
-    gen = torch.Generator().manual_seed(1)
-    np.save(path, (torch.rand((4, 3, 8, 8), generator=gen) * 2 - 1).numpy())
-    return path
-
-
-def _json(result: Result) -> list[dict[str, Any]]:
-    assert result.exit_code == 0, result.stderr
-    return list(json.loads(result.stdout))
+    return write_images(tmp_path_factory.mktemp("data") / "x.npy", 4)
 
 
 def _rows(a: Tensor, b: int) -> Tensor:
@@ -134,13 +126,13 @@ def test_schedule_is_the_scheduler_configs_shift_at_the_resolution(
 
 
 def test_info_says_which_guidance(cli: Callable[..., Result], folders: dict[str, Path]) -> None:
-    (dev,) = _json(cli("info", str(folders["flux-dev"]), "--format", "json"))
+    (dev,) = json_rows(cli("info", str(folders["flux-dev"]), "--format", "json"))
     assert dev["architecture"] == "FluxTransformer2DModel" and dev["guidance_scale"] == 3.5
     assert dev["guidance"].startswith("embedded") and dev["prediction_type"] == "flow"
     assert dev["vae"] == "AutoencoderKL 3x8x8 scaling_factor 0.3611 shift_factor 0.1159"
-    (schnell,) = _json(cli("info", str(folders["flux-schnell"]), "--format", "json"))
+    (schnell,) = json_rows(cli("info", str(folders["flux-schnell"]), "--format", "json"))
     assert schnell["guidance"].startswith("classifier-free") and schnell["guidance_scale"] == 1.0
-    (sd3,) = _json(cli("info", str(folders["sd3-no-t5"]), "--format", "json"))
+    (sd3,) = json_rows(cli("info", str(folders["sd3-no-t5"]), "--format", "json"))
     assert sd3["architecture"] == "SD3Transformer2DModel" and sd3["latent_shape"] == "4x4x4"
     assert sd3["text_encoders"] == "CLIP-L, CLIP-G (no T5)"
 
@@ -152,20 +144,20 @@ def test_cli_reconstruct_sample_nll(
 ) -> None:  # fmt: skip
     folder = str(folders[case])
     common = ["--prompt", "a dog", "--format", "json", "-q"]
-    rec = _json(cli("reconstruct", folder, "--data", str(data_file), "--t", "0,999", *common))
+    rec = json_rows(cli("reconstruct", folder, "--data", str(data_file), "--t", "0,999", *common))
     assert 0 < rec[0]["mse_latent"] < rec[1]["mse_latent"]
     save = tmp_path / "s.npz"
     args = ["sample", folder, "--steps", "2", "-n", "2", *common]
-    guided = _json(cli(*args, "--guidance-scale", "5", "--save", str(save)))
+    guided = json_rows(cli(*args, "--guidance-scale", "5", "--save", str(save)))
     import numpy as np
 
     with np.load(save) as saved:  # decoded images
         assert saved["samples"].shape == (2, 3, 8, 8)
-    assert [r["x0_std"] for r in _json(cli(*args, "--guidance-scale", "2"))] != [
+    assert [r["x0_std"] for r in json_rows(cli(*args, "--guidance-scale", "2"))] != [
         r["x0_std"] for r in guided
     ]
     # 8 of the 1000 timesteps, weighted (the full bound is 1000 calls of the tiny transformer)
-    nll = _json(cli("nll", folder, "--data", str(data_file), "--t-random", "8", *common))
+    nll = json_rows(cli("nll", folder, "--data", str(data_file), "--t-random", "8", *common))
     assert nll[-1]["term"] == "total_estimate" and nll[-1]["bits_per_dim_latent"] > 0
 
 
@@ -211,7 +203,7 @@ def test_cli_takes_the_resolution_from_the_data(
     np.save(data, (torch.rand((2, 3, 16, 16), generator=gen) * 2 - 1).numpy())
     common = ["--prompt", "a dog", "--format", "json", "-q"]
     args = ["reconstruct", str(folders["flux-dev"]), "--t", "0", *common]
-    rows = _json(cli(*args, "--data", str(data)))
+    rows = json_rows(cli(*args, "--data", str(data)))
     # 8x8 latents (16 tokens) shift less than 4x4 ones would: alpha_bar at t = 0 says which mu
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 

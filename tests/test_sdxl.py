@@ -5,7 +5,6 @@ model output checked against the pipeline's own denoiser call."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,8 @@ pytest.importorskip("transformers")
 pytestmark = [pytest.mark.diffusers, pytest.mark.usefixtures("one_thread")]
 
 import pipeline_folders as pf  # noqa: E402 (tests/ is on sys.path)
+from conftest import write_images  # noqa: E402
+from rowcheck import json_rows  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -36,17 +37,7 @@ def refiner(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import numpy as np
-
-    path = tmp_path_factory.mktemp("data") / "x.npy"
-    gen = torch.Generator().manual_seed(1)
-    np.save(path, (torch.rand((4, 3, 8, 8), generator=gen) * 2 - 1).numpy())
-    return path
-
-
-def _json(result: Result) -> list[dict[str, Any]]:
-    assert result.exit_code == 0, result.stderr
-    return list(json.loads(result.stdout))
+    return write_images(tmp_path_factory.mktemp("data") / "x.npy", 4)
 
 
 def _pipeline_output(
@@ -144,24 +135,24 @@ def test_time_ids_default_from_the_data_shape_and_overridable(sdxl: Path, refine
 def test_cli_info_reconstruct_sample_nll(
     cli: Callable[..., Result], sdxl: Path, data_file: Path, tmp_path: Path
 ) -> None:
-    (row,) = _json(cli("info", str(sdxl), "--format", "json", "--prompt", "a dog"))
+    (row,) = json_rows(cli("info", str(sdxl), "--format", "json", "--prompt", "a dog"))
     assert row["architecture"] == "UNet2DConditionModel (SDXL-style)"
     assert row["prompt"] == "a dog" and row["latent_shape"] == "4x4x4"
     assert row["time_ids"] == "8,8,0,0,8,8"
     common = ["--prompt", "a dog", "--format", "json", "-q"]
-    rec = _json(cli("reconstruct", str(sdxl), "--data", str(data_file), "--t", "0,19", *common))
+    rec = json_rows(cli("reconstruct", str(sdxl), "--data", str(data_file), "--t", "0,19", *common))
     assert 0 < rec[0]["mse_latent"] < rec[1]["mse_latent"]
     save = tmp_path / "s.npz"
     args = ["sample", str(sdxl), "--steps", "2", "-n", "2", *common]
-    guided = _json(cli(*args, "--guidance-scale", "5", "--save", str(save)))
+    guided = json_rows(cli(*args, "--guidance-scale", "5", "--save", str(save)))
     import numpy as np
 
     with np.load(save) as saved:  # decoded images
         assert saved["samples"].shape == (2, 3, 8, 8)
-    assert [r["x0_std"] for r in _json(cli(*args))] != [r["x0_std"] for r in guided]
-    nll = _json(cli("nll", str(sdxl), "--data", str(data_file), *common))
+    assert [r["x0_std"] for r in json_rows(cli(*args))] != [r["x0_std"] for r in guided]
+    nll = json_rows(cli("nll", str(sdxl), "--data", str(data_file), *common))
     assert nll[-1]["term"] == "total"
-    moved = _json(cli("info", str(sdxl), "--format", "json", "--time-ids", "16,16,0,0,16,16"))
+    moved = json_rows(cli("info", str(sdxl), "--format", "json", "--time-ids", "16,16,0,0,16,16"))
     assert moved[0]["time_ids"] == "16,16,0,0,16,16"
     bad = cli("info", str(sdxl), "--time-ids", "1,2")
     assert bad.exit_code == 2 and bad.stderr.startswith("Error: --time-ids must be 6 numbers")
