@@ -185,12 +185,19 @@ def recorded_calls(net: torch.nn.Module, run: Callable[[], object]) -> list[Call
             (int(args[0].shape[0]), args[1].clone(), None if labels is None else labels.clone())
         )
 
+    _while_hooked(net, hook, run)
+    return calls
+
+
+def _while_hooked(
+    net: torch.nn.Module, hook: Callable[..., None], run: Callable[[], object]
+) -> None:
+    """``run()`` with ``hook`` as a forward pre-hook (with kwargs) on ``net``, removed after."""
     handle = net.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         run()
     finally:
         handle.remove()
-    return calls
 
 
 def replay(net: Any, calls: list[Call], shape: tuple[int, ...]) -> Callable[[], None]:
@@ -402,11 +409,7 @@ def recorded_kw_calls(net: torch.nn.Module, run: Callable[[], object]) -> list[K
     def hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         calls.append({k: v.clone() if isinstance(v, Tensor) else v for k, v in kwargs.items()})
 
-    handle = net.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        run()
-    finally:
-        handle.remove()
+    _while_hooked(net, hook, run)
     return calls
 
 
